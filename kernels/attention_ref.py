@@ -1,0 +1,171 @@
+"""Reference (PyTorch) store + attention over packed pages and residual pages.
+
+For each request of a batch, with ``start`` tokens already cached and ``n``
+after this step (``Q`` = ``KvcompConfig.quantized_prefix_len``):
+
+1. attention of the step's queries over
+   packed ``[0, Q(start))`` + residual ``[Q(start), start)`` + fresh ``[start, n)``
+   (causal, GQA, float32 accumulation);
+2. hand-over: tokens ``[Q(start), Q(n))`` are quantized into the packed pages,
+   read from the residual pages where older than ``start``, else from the
+   fresh K/V (so handover needs no extra copy);
+3. the fresh tokens are written, unquantized, into the residual pages.
+
+This is the CPU implementation and the oracle for the Triton kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvcomp.kernels import packing
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.layout import PageLayout
+
+
+@dataclass
+class BatchView:
+    """Per-step inputs, host-side lists where the reference loops over them."""
+
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    block_table: torch.Tensor  # [num_reqs, max_blocks] packed group
+    residual_block_table: torch.Tensor | None  # [num_reqs, max_blocks_r]
+    residual_slot_mapping: torch.Tensor | None  # [num_tokens]
+    residual_block_size: int
+
+
+def gather_residual(
+    residual_cache: torch.Tensor, block_row: torch.Tensor, bs_r: int, lo: int, hi: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V of positions [lo, hi) from residual pages [nb, 2, H, bs_r, D]."""
+    pos = torch.arange(lo, hi, device=block_row.device)
+    blocks = block_row[pos // bs_r].long()
+    offs = pos % bs_r
+    k = residual_cache[blocks, 0, :, offs, :]
+    v = residual_cache[blocks, 1, :, offs, :]
+    return k, v
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int
+) -> torch.Tensor:
+    """Causal GQA attention of queries at positions [start, start+Tq) over
+    keys at positions [0, Tk). q [Tq, Hq, D], k/v [Tk, H, D] -> [Tq, Hq, D]."""
+    Tq, Hq, D = q.shape
+    Tk, H, _ = k.shape
+    rep = Hq // H
+    qf = q.float().view(Tq, H, rep, D)
+    scores = torch.einsum("qhrd,khd->hrqk", qf, k.float()) * scale
+    qpos = torch.arange(start, start + Tq, device=q.device)
+    kpos = torch.arange(Tk, device=q.device)
+    mask = kpos.unsqueeze(0) > qpos.unsqueeze(1)  # [Tq, Tk]
+    scores.masked_fill_(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hrqk,khd->qhrd", probs, v.float())
+    return out.reshape(Tq, Hq, D)
+
+
+def _handover(
+    packed_cache: torch.Tensor,
+    layout: PageLayout,
+    cfg: KvcompConfig,
+    block_row: torch.Tensor,
+    k_src: torch.Tensor,
+    v_src: torch.Tensor,
+    lo: int,
+) -> None:
+    """Quantize tokens at positions [lo, lo + len(k_src)) into packed pages."""
+    T = k_src.shape[0]
+    if T == 0:
+        return
+    bs = layout.block_size
+    pos = torch.arange(lo, lo + T, device=block_row.device)
+    blocks = block_row[pos // bs].long()
+    slots = pos % bs
+    if cfg.k_bits < 16 and cfg.key_axis == "channel":
+        G = cfg.group_size
+        assert lo % G == 0 and T % G == 0, "per-channel key groups must be whole"
+        gpos = pos[::G]
+        packing.store_key_groups_per_channel(
+            packed_cache,
+            layout,
+            k_src.reshape(T // G, G, *k_src.shape[1:]),
+            block_row[gpos // bs].long(),
+            (gpos % bs) // G,
+        )
+    else:
+        packing.store_per_token(packed_cache, layout, "k", k_src, blocks, slots)
+    packing.store_per_token(packed_cache, layout, "v", v_src, blocks, slots)
+
+
+def kvcomp_step_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    output: torch.Tensor,
+    packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None,
+    layout: PageLayout,
+    cfg: KvcompConfig,
+    scale: float,
+    batch: BatchView,
+) -> None:
+    """One attention layer's step for a whole batch (see module docstring)."""
+    model_dtype = residual_cache.dtype if residual_cache is not None else query.dtype
+    bs = layout.block_size
+    for i in range(len(batch.seq_lens)):
+        qs, qe = batch.query_start_loc[i], batch.query_start_loc[i + 1]
+        if qe == qs:
+            continue
+        n = batch.seq_lens[i]
+        start = n - (qe - qs)
+        q_old, q_new = cfg.quantized_prefix_len(start), cfg.quantized_prefix_len(n)
+        row = batch.block_table[i]
+        k_new, v_new = key[qs:qe], value[qs:qe]
+
+        parts_k, parts_v = [], []
+        if q_old > 0:
+            nblk = -(-q_old // bs)
+            kp, vp = packing.dequantize_pages(packed_cache, layout, row[:nblk].long(), model_dtype)
+            parts_k.append(kp[:q_old])
+            parts_v.append(vp[:q_old])
+        k_res = v_res = None
+        if start > q_old:
+            assert residual_cache is not None
+            k_res, v_res = gather_residual(
+                residual_cache,
+                batch.residual_block_table[i],
+                batch.residual_block_size,
+                q_old,
+                start,
+            )
+            parts_k.append(k_res.float())
+            parts_v.append(v_res.float())
+        parts_k.append(k_new.float())
+        parts_v.append(v_new.float())
+        out = attend(query[qs:qe], torch.cat(parts_k), torch.cat(parts_v), scale, start)
+        output[qs:qe] = out.to(output.dtype)
+
+        if q_new > q_old:
+            old_hi = min(q_new, start)
+            ks, vs = [], []
+            if old_hi > q_old:
+                ks.append(k_res[: old_hi - q_old])
+                vs.append(v_res[: old_hi - q_old])
+            if q_new > start:
+                ks.append(k_new[: q_new - start])
+                vs.append(v_new[: q_new - start])
+            _handover(packed_cache, layout, cfg, row, torch.cat(ks), torch.cat(vs), q_old)
+
+    if residual_cache is not None and batch.residual_slot_mapping is not None:
+        T = key.shape[0]
+        slots = batch.residual_slot_mapping[:T].long()
+        keep = slots >= 0
+        if bool(keep.any()):
+            bs_r = batch.residual_block_size
+            b, o = slots[keep] // bs_r, slots[keep] % bs_r
+            residual_cache[b, 0, :, o, :] = key[:T][keep].to(residual_cache.dtype)
+            residual_cache[b, 1, :, o, :] = value[:T][keep].to(residual_cache.dtype)

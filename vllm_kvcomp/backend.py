@@ -1,0 +1,276 @@
+"""The KVCOMP attention backend: Backend, MetadataBuilder and Impl.
+
+The packed pages of each attention layer are one uint8 tensor
+``(num_blocks, num_kv_heads, head_page_bytes)`` (``layout.PageLayout``); the
+full-precision residual of the recent tokens lives in a virtual sub-layer
+``<layer>.kvcomp_residual`` with its own KV cache group
+(``KvcompResidualBackend``, ``residual_layer.KvcompResidualCache``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+
+from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference
+from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, current_config
+from vllm_kvcomp.layout import PageLayout
+
+BACKEND_NAME = "KVCOMP"
+RESIDUAL_SUFFIX = ".kvcomp_residual"
+
+
+@lru_cache(maxsize=None)
+def _layout(cfg: KvcompConfig, block_size: int, head_size: int, dtype_bytes: int) -> PageLayout:
+    return PageLayout(cfg, block_size, head_size, dtype_bytes)
+
+
+def _model_dtype() -> torch.dtype:
+    from vllm.config import get_current_vllm_config_or_none
+
+    vc = get_current_vllm_config_or_none()
+    if vc is not None and vc.model_config is not None:
+        return vc.model_config.dtype
+    return torch.bfloat16
+
+
+# --------------------------------------------------------------------------
+# metadata
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class KvcompMetadata:
+    num_actual_tokens: int
+    num_reqs: int
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_size: int
+
+
+class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
+    # The CPU reference path loops over requests on the host; CUDA graphs
+    # come with the Triton decode kernels.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> KvcompMetadata:
+        cam = common_attn_metadata
+        num_reqs = cam.num_reqs
+        return KvcompMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            num_reqs=num_reqs,
+            query_start_loc_cpu=cam.query_start_loc_cpu[: num_reqs + 1].tolist(),
+            seq_lens_cpu=cam.seq_lens.cpu()[:num_reqs].tolist(),
+            block_table=cam.block_table_tensor[:num_reqs],
+            slot_mapping=cam.slot_mapping,
+            block_size=self.kv_cache_spec.block_size,
+        )
+
+
+# --------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------
+
+
+class KvcompBackend(AttentionBackend):
+    accept_output_buffer: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+    # Quantize-on-write and attention share one pass over the batch.
+    forward_includes_kv_cache_update: ClassVar[bool] = True
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["KvcompImpl"]:
+        return KvcompImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KvcompMetadataBuilder]:
+        return KvcompMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        cfg = current_config()
+        if cfg.block_size is not None:
+            return cfg.block_size
+        return max(default_block_size, cfg.key_token_align, 16)
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        layout = _layout(current_config(), block_size, head_size, _model_dtype().itemsize)
+        return (num_blocks, num_kv_heads, layout.head_page_bytes)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size % 8 == 0
+
+    @classmethod
+    def is_mla(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+
+class KvcompResidualBackend(KvcompBackend):
+    """Backend of the ``<layer>.kvcomp_residual`` sub-layers: model-dtype
+    pages ``(num_blocks, 2, num_kv_heads, block_size, head_size)``, padded to
+    the packed page size by a strided view (see ``spec.KvcompResidualSpec``)."""
+
+    @staticmethod
+    def get_impl_cls():
+        raise RuntimeError("residual sub-layers are driven by their parent layer")
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        return (num_blocks, 2, num_kv_heads, block_size, head_size)
+
+
+# --------------------------------------------------------------------------
+# impl
+# --------------------------------------------------------------------------
+
+
+class KvcompImpl(AttentionImpl[KvcompMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra,
+    ) -> None:
+        unsupported = []
+        if alibi_slopes is not None:
+            unsupported.append("ALiBi")
+        if sliding_window is not None:
+            unsupported.append("sliding-window attention")
+        if logits_soft_cap:
+            unsupported.append("logits soft-capping")
+        if attn_type != AttentionType.DECODER:
+            unsupported.append(f"attention type {attn_type!r}")
+        if kv_sharing_target_layer_name is not None:
+            unsupported.append("cross-layer KV sharing")
+        if kv_cache_dtype != "auto":
+            unsupported.append(f"--kv-cache-dtype {kv_cache_dtype} (kvcomp quantizes itself)")
+        if unsupported:
+            raise KvcompConfigError(
+                "the KVCOMP backend does not support " + ", ".join(unsupported) + " yet"
+            )
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.config = current_config()
+        self.layer_name: str | None = None
+
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: KvcompMetadata | None,
+        output: torch.Tensor | None = None,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        assert output is not None
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by KVCOMP")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        n = attn_metadata.num_actual_tokens
+        cfg = self.config
+        layout = _layout(cfg, attn_metadata.block_size, self.head_size, query.dtype.itemsize)
+
+        residual_cache = None
+        res_meta = None
+        if cfg.needs_residual_cache:
+            ctx = get_forward_context()
+            res_name = layer.layer_name + RESIDUAL_SUFFIX
+            residual_cache = ctx.no_compile_layers[res_name].kv_cache
+            md = ctx.attn_metadata
+            res_meta = md[res_name] if isinstance(md, dict) else None
+
+        batch = BatchView(
+            query_start_loc=attn_metadata.query_start_loc_cpu,
+            seq_lens=attn_metadata.seq_lens_cpu,
+            block_table=attn_metadata.block_table,
+            residual_block_table=res_meta.block_table if res_meta else None,
+            residual_slot_mapping=res_meta.slot_mapping if res_meta else None,
+            residual_block_size=res_meta.block_size if res_meta else 1,
+        )
+        kvcomp_step_reference(
+            query[:n],
+            key[:n],
+            value[:n],
+            output[:n],
+            kv_cache,
+            residual_cache,
+            layout,
+            cfg,
+            self.scale,
+            batch,
+        )
+        return output

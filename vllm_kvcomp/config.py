@@ -1,0 +1,158 @@
+"""Settings of the KVCOMP backend, read from ``additional_config["kvcomp"]``.
+
+Every process (API server, engine core, workers) parses the same dict, so a
+bad value fails in process 0 at start-up (see ``validate_vllm_config``) before
+any memory is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_BITS = (2, 4, 8, 16)
+KEY_AXES = ("channel", "token")
+VALUE_AXES = ("token",)
+
+
+class KvcompConfigError(ValueError):
+    """Raised for any invalid kvcomp setting or unsupported model feature."""
+
+
+@dataclass(frozen=True)
+class KvcompConfig:
+    """Quantization settings of the compressed KV cache.
+
+    k_bits / v_bits: code width of keys / values; 16 stores them unquantized.
+    group_size: tokens per key group when ``key_axis == "channel"`` (KIVI keeps
+        one scale/zero per channel per group of tokens), and channels per group
+        for per-token quantization (values, and keys when ``key_axis ==
+        "token"``), capped at head_size.
+    residual_tokens: how many of the most recent tokens stay in full precision
+        (KIVI's residual). They live in a second, sliding KV cache group whose
+        pages come from vLLM's block pool, so they are counted in the budget.
+    key_axis: "channel" (KIVI) or "token" (per-token, QServe/KVQuant style).
+    value_axis: only "token" (KIVI; per-channel values gain nothing).
+    block_size: tokens per packed page; must be a multiple of group_size for
+        per-channel keys. ``None`` keeps vLLM's block size when it fits.
+    """
+
+    k_bits: int = 4
+    v_bits: int = 4
+    group_size: int = 128
+    residual_tokens: int = 128
+    key_axis: str = "channel"
+    value_axis: str = "token"
+    block_size: int | None = None
+
+    # ------------------------------------------------------------------ derive
+    @property
+    def key_token_align(self) -> int:
+        """Tokens are handed from the residual to the packed pages in multiples
+        of this: per-channel keys need whole token groups."""
+        if self.k_bits < 16 and self.key_axis == "channel":
+            return self.group_size
+        return 1
+
+    @property
+    def needs_residual_cache(self) -> bool:
+        return self.residual_tokens > 0 or self.key_token_align > 1
+
+    @property
+    def residual_window(self) -> int:
+        """Upper bound of tokens held in full precision per request."""
+        return self.residual_tokens + self.key_token_align - 1
+
+    def quantized_prefix_len(self, num_tokens: int) -> int:
+        """Q(n): with n tokens in the sequence, positions [0, Q) are read from
+        the packed pages and [Q, n) from the full-precision residual pages."""
+        align = self.key_token_align
+        return max(0, num_tokens - self.residual_tokens) // align * align
+
+    def value_group(self, head_size: int) -> int:
+        return min(self.group_size, head_size)
+
+    def key_channel_group(self, head_size: int) -> int:
+        return min(self.group_size, head_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ parse
+    @classmethod
+    def from_dict(cls, raw: Any) -> "KvcompConfig":
+        if raw is None:
+            return cls()
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise KvcompConfigError(f"kvcomp settings are not valid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise KvcompConfigError(
+                f"additional_config['kvcomp'] must be a dict, got {type(raw).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise KvcompConfigError(
+                f"unknown kvcomp setting(s) {unknown}; known settings: {sorted(known)}"
+            )
+        cfg = cls(**raw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for name in ("k_bits", "v_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or v not in SUPPORTED_BITS:
+                raise KvcompConfigError(
+                    f"kvcomp {name}={v!r} is not supported; choose one of {SUPPORTED_BITS}"
+                )
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 8 or g & (g - 1):
+            raise KvcompConfigError(
+                f"kvcomp group_size={g!r} must be a power of two >= 8"
+            )
+        r = self.residual_tokens
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise KvcompConfigError(
+                f"kvcomp residual_tokens={r!r} must be an integer >= 0"
+            )
+        if self.key_axis not in KEY_AXES:
+            raise KvcompConfigError(
+                f"kvcomp key_axis={self.key_axis!r} is not supported; choose one of {KEY_AXES}"
+            )
+        if self.value_axis not in VALUE_AXES:
+            raise KvcompConfigError(
+                f"kvcomp value_axis={self.value_axis!r} is not supported; "
+                f"choose one of {VALUE_AXES} (values are quantized per token, as in KIVI)"
+            )
+        b = self.block_size
+        if b is not None:
+            if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+                raise KvcompConfigError(f"kvcomp block_size={b!r} must be a positive integer")
+            if b % self.key_token_align:
+                raise KvcompConfigError(
+                    f"kvcomp block_size={b} must be a multiple of group_size="
+                    f"{self.group_size} when keys are quantized per channel"
+                )
+
+
+def config_from_vllm_config(vllm_config: Any) -> KvcompConfig:
+    """Parse (and validate) the kvcomp settings carried by a VllmConfig."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if not isinstance(extra, dict):
+        return KvcompConfig()
+    return KvcompConfig.from_dict(extra.get("kvcomp"))
+
+
+def current_config() -> KvcompConfig:
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None:
+        return KvcompConfig()
+    return config_from_vllm_config(vllm_config)

@@ -1,0 +1,84 @@
+"""Virtual sub-layer that owns one layer's full-precision residual pages.
+
+vLLM maps each layer name to exactly one KV cache spec, so the residual window
+of layer ``L`` is declared by a module registered as ``L.kvcomp_residual`` in
+the static forward context (the pattern vLLM uses for its own side caches).
+vLLM then gives it a KV cache group, a block table and a slot mapping; the
+parent layer's impl reads them from the forward context.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+from vllm_kvcomp.backend import RESIDUAL_SUFFIX, KvcompResidualBackend
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.layout import PageLayout, residual_block_size
+from vllm_kvcomp.spec import KvcompResidualSpec, KvcompSpec
+
+
+def packed_spec(
+    cfg: KvcompConfig, block_size: int, num_kv_heads: int, head_size: int, model_dtype: torch.dtype
+) -> KvcompSpec:
+    return KvcompSpec(
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        dtype=torch.uint8,
+        k_bits=cfg.k_bits,
+        v_bits=cfg.v_bits,
+        group_size=cfg.group_size,
+        key_axis=cfg.key_axis,
+        residual_tokens=cfg.residual_tokens,
+        model_dtype=model_dtype,
+    )
+
+
+def residual_spec(packed: KvcompSpec) -> KvcompResidualSpec:
+    layout: PageLayout = packed.layout
+    cfg = layout.config
+    return KvcompResidualSpec(
+        block_size=residual_block_size(layout),
+        num_kv_heads=packed.num_kv_heads,
+        head_size=packed.head_size,
+        dtype=packed.model_dtype,
+        sliding_window=cfg.residual_tokens + cfg.key_token_align,
+        residual_tokens=cfg.residual_tokens,
+        token_align=cfg.key_token_align,
+        page_size_padded=packed.page_size_bytes,
+    )
+
+
+class KvcompResidualCache(torch.nn.Module, AttentionLayerBase):
+    def __init__(self, parent: torch.nn.Module, cfg: KvcompConfig) -> None:
+        super().__init__()
+        self.parent_name = parent.layer_name
+        self.layer_name = parent.layer_name + RESIDUAL_SUFFIX
+        self.num_kv_heads = parent.num_kv_heads
+        self.head_size = parent.head_size
+        self.model_dtype = parent.kv_cache_torch_dtype
+        self.config = cfg
+        self.kv_cache = torch.tensor([])
+        self.impl = None
+        ctx = get_current_vllm_config().compilation_config.static_forward_context
+        if self.layer_name in ctx:
+            raise ValueError(f"Duplicate layer name: {self.layer_name}")
+        ctx[self.layer_name] = self
+
+    def get_attn_backend(self):
+        return KvcompResidualBackend
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KvcompResidualSpec:
+        packed = packed_spec(
+            self.config,
+            vllm_config.cache_config.block_size,
+            self.num_kv_heads,
+            self.head_size,
+            self.model_dtype,
+        )
+        return residual_spec(packed)
+
+    def forward(self):  # never called: the parent layer drives this cache
+        raise RuntimeError("KvcompResidualCache has no forward")

@@ -1,0 +1,191 @@
+"""KV cache specs and block managers of the KVCOMP backend.
+
+Two groups per model:
+
+* ``KvcompSpec`` (one per attention layer): the packed pages. It is a
+  ``FullAttentionSpec`` so the scheduler, prefix caching and preemption treat
+  it as ordinary full attention; only its page size differs.
+* ``KvcompResidualSpec`` (one per virtual sub-layer ``<layer>.kvcomp_residual``):
+  the full-precision window of the most recent tokens. Its manager keeps only
+  the blocks that cover ``[Q(n), n)`` and hands everything older back to the
+  pool, so its per-request footprint is bounded by the window, not the prompt.
+
+Later head splits (streaming heads) and eviction plug in the same way: one more
+spec/manager pair over the same page format, registered here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from typing_extensions import Self
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import (
+    FullAttentionManager,
+    SlidingWindowManager,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.layout import PageLayout
+
+
+@dataclass(frozen=True, kw_only=True)
+class KvcompSpec(FullAttentionSpec):
+    """Packed K/V pages; ``dtype`` is uint8 and the page is bytes."""
+
+    k_bits: int = 16
+    v_bits: int = 16
+    group_size: int = 128
+    key_axis: str = "channel"
+    residual_tokens: int = 0
+    model_dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def kvcomp_config(self) -> KvcompConfig:
+        return KvcompConfig(
+            k_bits=self.k_bits,
+            v_bits=self.v_bits,
+            group_size=self.group_size,
+            key_axis=self.key_axis,
+            residual_tokens=self.residual_tokens,
+        )
+
+    @property
+    def layout(self) -> PageLayout:
+        return PageLayout(
+            self.kvcomp_config,
+            self.block_size,
+            self.head_size,
+            self.model_dtype.itemsize,
+        )
+
+    @property
+    def real_page_size_bytes(self) -> int:
+        return self.layout.page_bytes(self.num_kv_heads)
+
+    @classmethod
+    def merge(cls, specs: list[Self]) -> Self:
+        merged = super().merge(specs)
+        fields = ("k_bits", "v_bits", "group_size", "key_axis", "residual_tokens", "model_dtype")
+        for f in fields:
+            assert all(getattr(s, f) == getattr(specs[0], f) for s in specs), (
+                f"all KVCOMP layers of a KV cache group must share {f}"
+            )
+        return replace(merged, **{f: getattr(specs[0], f) for f in fields})
+
+
+@dataclass(frozen=True, kw_only=True)
+class KvcompResidualSpec(SlidingWindowSpec):
+    """Full-precision (model dtype) K and V of the most recent tokens.
+
+    ``sliding_window = residual_tokens + token_align`` covers the longest span
+    ``n - Q(n)`` plus one, which is what a prefix-cache hit must find cached.
+    The page is padded to the packed page size (``page_size_padded``)."""
+
+    residual_tokens: int = 0
+    token_align: int = 1
+
+    def quantized_prefix_len(self, num_tokens: int) -> int:
+        a = self.token_align
+        return max(0, num_tokens - self.residual_tokens) // a * a
+
+    def max_admission_blocks_per_request(
+        self, max_in_flight_tokens: int, max_model_len: int
+    ) -> int:
+        # While a step hands tokens over, it still reads the old window
+        # [Q(start), start) and writes the new one [Q(end), end): at most two
+        # windows of blocks are held, however long the chunk is.
+        per_window = cdiv(self.residual_tokens + self.token_align - 1, self.block_size) + 1
+        return min(2 * per_window, cdiv(max_model_len, self.block_size))
+
+    def is_uniform_with_collection(self, kv_cache_specs) -> bool:
+        return all(
+            isinstance(s, KvcompResidualSpec) and s == self for s in kv_cache_specs.values()
+        )
+
+    @classmethod
+    def merge(cls, specs: list[Self]) -> Self:
+        assert all(s == specs[0] for s in specs), (
+            "all KVCOMP residual layers of a group must be identical"
+        )
+        return specs[0]
+
+
+class KvcompResidualManager(SlidingWindowManager):
+    """Holds, per request, only the residual blocks covering ``[Q(n), n)``.
+
+    Blocks whose tokens are all below ``Q(num_tokens)`` at allocation time
+    are never taken from the pool (they are ``null_block`` placeholders): the
+    worker packs those tokens straight from the fresh K/V of the step.
+    """
+
+    kv_cache_spec: KvcompResidualSpec
+
+    def _first_live_block(self, num_tokens: int) -> int:
+        return self.kv_cache_spec.quantized_prefix_len(num_tokens) // self.block_size
+
+    def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
+        return self.kv_cache_spec.quantized_prefix_len(num_computed_tokens)
+
+    def get_num_blocks_to_allocate(
+        self,
+        request_id,
+        num_tokens,
+        new_computed_blocks,
+        total_computed_tokens,
+        num_local_computed_tokens,
+        num_tokens_main_model,
+        apply_admission_cap: bool = False,
+    ) -> int:
+        if request_id in self.num_cached_block:
+            assert len(new_computed_blocks) == 0
+            held = len(self.req_to_blocks.get(request_id, ()))
+            required = cdiv(num_tokens, self.block_size)
+            return max(0, required - max(held, self._first_live_block(num_tokens)))
+        # New or resumed request: the window-based count of the parent is an
+        # upper bound of what allocate_new_blocks takes below.
+        return super().get_num_blocks_to_allocate(
+            request_id,
+            num_tokens,
+            new_computed_blocks,
+            total_computed_tokens,
+            num_local_computed_tokens,
+            num_tokens_main_model,
+            apply_admission_cap,
+        )
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        req_blocks = self.req_to_blocks[request_id]
+        required = cdiv(num_tokens, self.block_size)
+        first_live = min(self._first_live_block(num_tokens), required)
+        if len(req_blocks) < first_live:
+            req_blocks.extend([self._null_block] * (first_live - len(req_blocks)))
+        num_new = required - len(req_blocks)
+        if num_new <= 0:
+            return []
+        new_blocks = self.block_pool.get_new_blocks(num_new)
+        req_blocks.extend(new_blocks)
+        return new_blocks
+
+
+_REGISTERED = False
+
+
+def register_specs() -> None:
+    """Register both specs with vLLM's registry; safe to call many times."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        KvcompSpec, FullAttentionManager, uniform_type_base_spec=FullAttentionSpec
+    )
+    KVCacheSpecRegistry.register(
+        KvcompResidualSpec,
+        KvcompResidualManager,
+        uniform_type_base_spec=KvcompResidualSpec,
+    )
+    _REGISTERED = True

@@ -1,0 +1,97 @@
+"""Start-up checks, run in process 0 while vLLM builds its config.
+
+Everything that KVCOMP cannot serve correctly yet is refused here with a
+message that names it; nothing is silently computed differently.
+"""
+
+from __future__ import annotations
+
+from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, config_from_vllm_config
+
+
+def kvcomp_selected(vllm_config) -> bool:
+    from vllm_kvcomp.backend import BACKEND_NAME
+
+    attn = getattr(vllm_config, "attention_config", None)
+    backend = getattr(attn, "backend", None)
+    if backend is not None and getattr(backend, "name", None) == BACKEND_NAME:
+        return True
+    per_kind = getattr(attn, "backend_per_kind", None) or {}
+    return any(getattr(b, "name", b) == BACKEND_NAME for b in per_kind.values())
+
+
+def _sliding_window_layers(hf_config) -> str | None:
+    sw = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    if any("sliding" in str(t) for t in layer_types):
+        return "sliding-window attention layers (layer_types)"
+    use_sw = getattr(hf_config, "use_sliding_window", True)
+    if sw is not None and use_sw and not layer_types:
+        return f"sliding-window attention (sliding_window={sw})"
+    if getattr(hf_config, "attention_chunk_size", None):
+        return "chunked local attention"
+    return None
+
+
+def validate_vllm_config(vllm_config) -> KvcompConfig:
+    cfg = config_from_vllm_config(vllm_config)
+    problems: list[str] = []
+    mc = vllm_config.model_config
+    if mc is not None:
+        hf = mc.hf_text_config
+        if mc.use_mla:
+            problems.append("MLA attention (e.g. DeepSeek-V2/V3)")
+        if mc.is_encoder_decoder:
+            problems.append("encoder-decoder models")
+        if getattr(mc, "is_hybrid", False) or getattr(mc, "has_noops", False):
+            problems.append("hybrid models with non-attention (e.g. Mamba) layers")
+        sw = _sliding_window_layers(hf)
+        if sw:
+            problems.append(sw)
+        if getattr(hf, "model_type", "") in ("gemma2", "gemma3", "gemma3_text", "cohere2"):
+            problems.append(f"model type {hf.model_type} (interleaved sliding-window layers)")
+        if getattr(mc, "is_attention_free", False):
+            problems.append("attention-free models")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding")
+    pc = vllm_config.parallel_config
+    if pc.tensor_parallel_size > 1:
+        problems.append(f"tensor parallelism (tensor_parallel_size={pc.tensor_parallel_size})")
+    if pc.pipeline_parallel_size > 1:
+        problems.append(f"pipeline parallelism (pipeline_parallel_size={pc.pipeline_parallel_size})")
+    if getattr(pc, "decode_context_parallel_size", 1) > 1:
+        problems.append("decode context parallelism")
+    cc = vllm_config.cache_config
+    if cc.cache_dtype not in ("auto", None):
+        problems.append(
+            f"--kv-cache-dtype {cc.cache_dtype} (KVCOMP quantizes the cache itself; "
+            "set k_bits/v_bits in --additional-config instead)"
+        )
+    if vllm_config.kv_transfer_config is not None:
+        problems.append("KV transfer connectors")
+    if problems:
+        raise KvcompConfigError(
+            "the KVCOMP attention backend does not support: " + "; ".join(problems)
+        )
+
+    align = cfg.key_token_align
+    if cfg.block_size is not None:
+        if cc.user_specified_block_size and cc.block_size != cfg.block_size:
+            raise KvcompConfigError(
+                f"--block-size {cc.block_size} conflicts with kvcomp block_size={cfg.block_size}"
+            )
+        cc.block_size = cfg.block_size
+    elif cc.block_size % align:
+        if cc.user_specified_block_size:
+            raise KvcompConfigError(
+                f"--block-size {cc.block_size} must be a multiple of kvcomp group_size="
+                f"{cfg.group_size} (keys are quantized per channel in token groups)"
+            )
+        cc.block_size = (cc.block_size // align + 1) * align
+    if cfg.needs_residual_cache and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        raise KvcompConfigError(
+            "kvcomp's full-precision residual window needs vLLM's hybrid KV cache "
+            "manager; remove --disable-hybrid-kv-cache-manager, or set residual_tokens=0 "
+            "with key_axis='token'"
+        )
+    return cfg
