@@ -1,4 +1,4 @@
-"""Generate with KVCOMP on a generated tiny Llama (CPU), for each KV setting."""
+"""Generate with KVCOMP on a generated tiny Llama (CPU); argv[1] = bits for K and V (default 4)."""
 import os
 import sys
 
