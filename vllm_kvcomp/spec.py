@@ -158,17 +158,27 @@ class KvcompResidualManager(SlidingWindowManager):
         )
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        # A prefix hit on a partly filled block: let the parent redirect it to
+        # a private copy first (that path never touches the window logic).
+        cow_blocks = []
+        if request_id in self._partial_hit_reqs:
+            cow_blocks = super().allocate_new_blocks(request_id, 0, 0)
         req_blocks = self.req_to_blocks[request_id]
+        prev_len = len(req_blocks)
         required = cdiv(num_tokens, self.block_size)
         first_live = min(self._first_live_block(num_tokens), required)
-        if len(req_blocks) < first_live:
-            req_blocks.extend([self._null_block] * (first_live - len(req_blocks)))
+        if prev_len < first_live:
+            req_blocks.extend([self._null_block] * (first_live - prev_len))
         num_new = required - len(req_blocks)
-        if num_new <= 0:
-            return []
-        new_blocks = self.block_pool.get_new_blocks(num_new)
-        req_blocks.extend(new_blocks)
-        return new_blocks
+        if num_new > 0:
+            new_blocks = self.block_pool.get_new_blocks(num_new)
+            req_blocks.extend(new_blocks)
+            if self._record_new_block_ids:
+                self.new_block_ids.extend(b.block_id for b in new_blocks)
+        # The worker appends what we return to its block-table row, so the
+        # null placeholders must be returned too or every later position
+        # would shift.
+        return cow_blocks + req_blocks[prev_len:]
 
 
 _REGISTERED = False

@@ -1,0 +1,33 @@
+"""Helpers shared by the end-to-end tests: fresh-process engines, prompts."""
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+KV_SIZE_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+
+
+def run_engine(spec: dict, timeout: int = 1200) -> dict:
+    """Run tests/engine_runner.py on ``spec``; return its RESULT plus the KV
+    capacity vLLM logged (``kv_cache_tokens``)."""
+    out = subprocess.run([sys.executable, str(HERE / "engine_runner.py"), json.dumps(spec)],
+                         capture_output=True, text=True, timeout=timeout)
+    text = out.stdout + out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, text[-4000:]
+    result = json.loads(lines[-1][7:])
+    m = KV_SIZE_RE.search(text)
+    result["kv_cache_tokens"] = int(m.group(1).replace(",", "")) if m else None
+    return result
+
+
+def token_prompts(lengths, seed, vocab=400, shared_prefix=0, offset=3):
+    """Random token-id prompts; the first ``shared_prefix`` tokens are common
+    to all of them (so later requests hit the prefix cache)."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(offset, vocab) for _ in range(shared_prefix)]
+    return [{"prompt_token_ids": prefix + [rng.randrange(offset, vocab) for _ in range(n)]}
+            for n in lengths]

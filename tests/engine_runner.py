@@ -1,0 +1,61 @@
+"""Run one vLLM engine in a fresh process and print its results as JSON.
+
+Engines do not free cleanly inside one process, so every comparison in the
+end-to-end tests starts its own. argv[1] is a JSON spec:
+
+    {"model": dir, "backend": "kvcomp" | "CPU_ATTN" | ..., "kvcomp": {...},
+     "engine": {extra LLM kwargs}, "prompts": [str | {"prompt_token_ids": [...]}],
+     "max_tokens": int, "logprobs": bool, "prompt_logprobs": bool}
+
+The last stdout line starting with ``RESULT `` holds token ids, logprobs of
+the chosen tokens, prompt logprobs, and the engine's preemption and
+prefix-cache counters.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def _counter(metrics, name):
+    return sum(getattr(m, "value", 0) for m in metrics if m.name == name)
+
+
+def _chosen_logprob(step_logprobs, token_id):
+    return None if step_logprobs is None else step_logprobs[token_id].logprob
+
+
+def main(spec):
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(max_model_len=4096, enforce_eager=True, seed=0, dtype="float32",
+                  disable_log_stats=False)
+    kwargs.update(spec.get("engine", {}))
+    if spec.get("kvcomp") is not None:
+        kwargs["additional_config"] = {"kvcomp": spec["kvcomp"]}
+    llm = LLM(spec["model"], attention_backend=spec["backend"], **kwargs)
+    params = SamplingParams(
+        max_tokens=spec.get("max_tokens", 16), temperature=0,
+        logprobs=1 if spec.get("logprobs") else None,
+        prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
+    )
+    outs = llm.generate(spec["prompts"], params)
+    result = {"tokens": [], "logprobs": [], "prompt_logprobs": []}
+    for o in outs:
+        c = o.outputs[0]
+        result["tokens"].append(list(c.token_ids))
+        if c.logprobs is not None:
+            result["logprobs"].append(
+                [_chosen_logprob(lp, t) for lp, t in zip(c.logprobs, c.token_ids)])
+        if o.prompt_logprobs is not None:
+            result["prompt_logprobs"].append(
+                [_chosen_logprob(lp, t) for lp, t in zip(o.prompt_logprobs, o.prompt_token_ids)])
+    metrics = llm.get_metrics()
+    result["preemptions"] = _counter(metrics, "vllm:num_preemptions")
+    result["prefix_cache_hits"] = _counter(metrics, "vllm:prefix_cache_hits")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
