@@ -36,7 +36,7 @@ def main(spec):
         kwargs["additional_config"] = {"kvcomp": spec["kvcomp"]}
     llm = LLM(spec["model"], attention_backend=spec["backend"], **kwargs)
     params = SamplingParams(
-        max_tokens=spec.get("max_tokens", 16), temperature=0,
+        max_tokens=spec.get("max_tokens", 16), temperature=0, ignore_eos=True,
         logprobs=1 if spec.get("logprobs") else None,
         prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
     )

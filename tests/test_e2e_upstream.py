@@ -1,23 +1,27 @@
-"""KVCOMP at 16 bits must generate exactly what upstream CPU_ATTN generates."""
-import json
-import subprocess
-import sys
-from pathlib import Path
+"""KVCOMP against upstream vLLM (CPU_ATTN) on a float32 tiny Llama, end to end.
+
+One workload exercises vLLM's machinery: chunked prefill (256-token budget,
+prompts up to ~900 tokens so every quantized group is handed over across
+chunk boundaries), prefix-cache hits (three prompts share a 600-token prefix)
+and preemption (a pool too small for four running requests). Every run is a
+fresh engine process (``engine_runner.py``), ~1 minute each on 2 cores.
+"""
+import math
 
 import pytest
 
+from e2e_util import run_engine, token_prompts
 from vllm_kvcomp.tiny_model import make_tiny_llama
 
-HERE = Path(__file__).parent
-
-
-def _generate(model, backend, kv, dtype="float32"):
-    out = subprocess.run(
-        [sys.executable, str(HERE / "run_generate.py"), model, backend, json.dumps(kv), dtype],
-        capture_output=True, text=True, timeout=900)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    assert lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1][7:])
+PROMPTS = token_prompts([40, 170, 90], seed=1, shared_prefix=600) + token_prompts([900, 5, 300], seed=2)
+MAX_TOKENS = 24
+ENGINE = dict(max_model_len=1024, max_num_batched_tokens=256, enable_chunked_prefill=True,
+              enable_prefix_caching=True, max_num_seqs=4)
+# Pools sized so that the four running requests do not fit: vLLM must preempt.
+# kvcomp needs more blocks than CPU_ATTN for the same tokens because its
+# residual window is a second group of blocks in the same pool.
+CPU_ATTN_BLOCKS = 9
+KVCOMP16_BLOCKS = 15
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +29,65 @@ def model(tmp_path_factory):
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
 
 
-def test_k16v16_matches_cpu_attn(model):
-    ours = _generate(model, "kvcomp", {"k_bits": 16, "v_bits": 16, "residual_tokens": 0})
-    upstream = _generate(model, "CPU_ATTN", {})
-    assert all(len(t) == 16 for t in ours)
-    assert ours == upstream
+def _run(model, backend, kv=None, blocks=None, **extra):
+    engine = dict(ENGINE)
+    if blocks is not None:
+        engine["num_gpu_blocks_override"] = blocks
+    return run_engine(dict(model=model, backend=backend, kvcomp=kv, engine=engine,
+                           prompts=PROMPTS, max_tokens=MAX_TOKENS, **extra))
+
+
+@pytest.fixture(scope="module")
+def upstream(model):
+    return _run(model, "CPU_ATTN", blocks=CPU_ATTN_BLOCKS)
+
+
+@pytest.fixture(scope="module")
+def upstream_logprobs(model):
+    return _run(model, "CPU_ATTN", logprobs=True, prompt_logprobs=True)
+
+
+def test_k16v16_token_identical_with_chunking_prefix_hits_preemption(model, upstream):
+    ours = _run(model, "kvcomp", {"k_bits": 16, "v_bits": 16}, blocks=KVCOMP16_BLOCKS)
+    # The workload must really have exercised the machinery in both runs.
+    for run in (ours, upstream):
+        assert run["preemptions"] >= 1, run["preemptions"]
+        assert run["prefix_cache_hits"] >= 512, run["prefix_cache_hits"]
+    assert ours["tokens"] == upstream["tokens"]
+
+
+def _max_gap(a, b):
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)
+               if x is not None and y is not None)
+
+
+def _mean_gap(a, b):
+    gaps = [abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)
+            if x is not None and y is not None]
+    return sum(gaps) / len(gaps)
+
+
+def test_k8v8_logprobs_close(model, upstream_logprobs):
+    ours = _run(model, "kvcomp", {"k_bits": 8, "v_bits": 8}, logprobs=True, prompt_logprobs=True)
+    # Teacher-forced prompt logprobs: every position past the first 256
+    # tokens attends over 8-bit pages (chunks after the first read them).
+    # 8-bit min/max codes carry <= 0.2% of a group's range of error per
+    # element; through 4 layers that moved logprobs by well under 0.05 nats
+    # when measured (see the issue note), so 0.1 max / 0.02 mean is tight
+    # enough to catch a layout or scale bug (those give errors of > 1 nat).
+    assert _max_gap(ours["prompt_logprobs"], upstream_logprobs["prompt_logprobs"]) < 0.1
+    assert _mean_gap(ours["prompt_logprobs"], upstream_logprobs["prompt_logprobs"]) < 0.02
+    # Decode: compare the chosen tokens' logprobs up to the first divergence.
+    for ta, tb, la, lb in zip(ours["tokens"], upstream_logprobs["tokens"],
+                              ours["logprobs"], upstream_logprobs["logprobs"]):
+        for x, y, p, q in zip(ta, tb, la, lb):
+            if x != y:
+                break
+            assert abs(p - q) < 0.1
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_low_bits_complete_every_request(model, bits):
+    ours = _run(model, "kvcomp", {"k_bits": bits, "v_bits": bits}, logprobs=True)
+    assert [len(t) for t in ours["tokens"]] == [MAX_TOKENS] * len(PROMPTS)
+    assert all(math.isfinite(x) for lp in ours["logprobs"] for x in lp)

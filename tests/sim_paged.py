@@ -1,0 +1,58 @@
+"""A stand-in for vLLM's block manager and worker block tables, for driving
+the reference step (and the Triton kernels) without an engine.
+
+It allocates packed blocks for ``[0, n)`` and residual blocks only for the
+live window ``[Q(n), n)`` (older entries are the null block 0, as
+``KvcompResidualManager`` does), in shuffled order so that a kernel that
+ignores the block table fails.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.kernels.attention_ref import BatchView
+from vllm_kvcomp.layout import PageLayout, residual_block_size
+
+
+class SimPagedCache:
+    def __init__(self, cfg: KvcompConfig, block_size: int, num_kv_heads: int, head_size: int,
+                 num_reqs: int, max_len: int, dtype=torch.float32, seed: int = 0):
+        self.cfg = cfg
+        self.layout = PageLayout(cfg, block_size, head_size, dtype.itemsize)
+        self.bs = block_size
+        self.bs_r = residual_block_size(self.layout)
+        max_blocks = -(-max_len // block_size)
+        max_blocks_r = -(-max_len // self.bs_r)
+        rng = random.Random(seed)
+        ids = list(range(1, num_reqs * max_blocks + 1))
+        rng.shuffle(ids)
+        self.block_table = torch.tensor(ids, dtype=torch.int32).view(num_reqs, max_blocks)
+        self.packed = torch.zeros(num_reqs * max_blocks + 1, num_kv_heads,
+                                  self.layout.head_page_bytes, dtype=torch.uint8)
+        ids_r = list(range(1, num_reqs * max_blocks_r + 1))
+        rng.shuffle(ids_r)
+        self._pool_r = torch.tensor(ids_r, dtype=torch.int32).view(num_reqs, max_blocks_r)
+        self.residual_table = torch.zeros(num_reqs, max_blocks_r, dtype=torch.int32)
+        self.residual = torch.zeros(num_reqs * max_blocks_r + 1, 2, num_kv_heads, self.bs_r,
+                                    head_size, dtype=dtype) if cfg.needs_residual_cache else None
+
+    def batch(self, starts: list[int], ends: list[int]) -> BatchView:
+        """Metadata of one step where request i goes from ``starts[i]`` to
+        ``ends[i]`` cached tokens (its fresh tokens are in that order)."""
+        qsl, slots = [0], []
+        for i, (s, e) in enumerate(zip(starts, ends)):
+            qsl.append(qsl[-1] + e - s)
+            first_live = self.cfg.quantized_prefix_len(e) // self.bs_r
+            for b in range(first_live, -(-e // self.bs_r)):
+                self.residual_table[i, b] = self._pool_r[i, b]
+            for p in range(s, e):
+                blk = int(self.residual_table[i, p // self.bs_r])  # 0 = null block
+                slots.append(blk * self.bs_r + p % self.bs_r)
+        return BatchView(
+            query_start_loc=qsl, seq_lens=list(ends), block_table=self.block_table,
+            residual_block_table=self.residual_table.clone(),
+            residual_slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            residual_block_size=self.bs_r)
