@@ -1,0 +1,99 @@
+"""Every start-up refusal, checked through vLLM's own config path (vLLM
+wraps our KvcompConfigError, a ValueError, in its pydantic ValidationError,
+also a ValueError, keeping our message).
+
+``EngineArgs.create_engine_config()`` is what ``LLM(...)`` and ``vllm serve``
+run in process 0 before any engine process or KV memory exists; our checks
+hook into it (``patches/platform_hooks.py``), so these tests need no engine.
+"""
+import json
+import os
+
+import pytest
+
+import vllm_kvcomp
+from vllm_kvcomp.config import KvcompConfigError
+from vllm_kvcomp.tiny_model import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    vllm_kvcomp.register()
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
+
+
+def _variant(llama, tmp_path, **config_changes):
+    """A copy of the tiny Llama's config (weights are not read here) with
+    ``config_changes`` applied, e.g. another architecture."""
+    d = tmp_path / "variant"
+    d.mkdir()
+    for f in os.listdir(llama):
+        if f != "config.json":
+            os.symlink(os.path.join(llama, f), d / f)
+    with open(os.path.join(llama, "config.json")) as fh:
+        cfg = json.load(fh)
+    cfg.update(config_changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def _engine_config(model, kvcomp=None, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=model, attention_backend="kvcomp", max_model_len=2048,
+                      additional_config={"kvcomp": kvcomp or {}}, **kwargs)
+    return args.create_engine_config()
+
+
+@pytest.mark.parametrize("kvcomp, message", [
+    ({"k_bits": 3}, "k_bits=3"),
+    ({"v_bits": 1}, "v_bits=1"),
+    ({"k_bitz": 4}, "unknown kvcomp setting"),
+    ({"group_size": 100}, "group_size=100"),
+    ({"residual_tokens": "many"}, "residual_tokens"),
+])
+def test_bad_settings_fail_at_startup(llama, kvcomp, message):
+    with pytest.raises(ValueError, match=message):
+        _engine_config(llama, kvcomp)
+
+
+def test_good_settings_pass_and_set_block_size(llama):
+    vc = _engine_config(llama, {"k_bits": 2, "v_bits": 4, "group_size": 64})
+    assert vc.cache_config.block_size % 64 == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kv_cache_dtype="fp8"), "kv-cache-dtype fp8"),
+    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                              "prompt_lookup_max": 3}), "speculative decoding"),
+    (dict(block_size=96), "block-size 96"),
+])
+def test_unsupported_engine_options_are_named(llama, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _engine_config(llama, **kwargs)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64),
+     "sliding-window attention"),
+    (dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", sliding_window=64,
+          query_pre_attn_scalar=128), "sliding-window|gemma2"),
+])
+def test_unsupported_models_are_named(llama, tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        _engine_config(_variant(llama, tmp_path, **changes))
+
+
+def test_mla_model_is_named(llama, tmp_path):
+    model = _variant(llama, tmp_path, architectures=["DeepseekV2ForCausalLM"],
+                     model_type="deepseek_v2", kv_lora_rank=64, q_lora_rank=None,
+                     qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                     n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                     first_k_dense_replace=4, moe_layer_freq=1)
+    with pytest.raises(ValueError, match="MLA"):
+        _engine_config(model)
+
+
+def test_tensor_parallel_is_named(llama):
+    with pytest.raises(ValueError, match="tensor parallel"):
+        _engine_config(llama, tensor_parallel_size=2)
