@@ -56,20 +56,39 @@ def _model_dtype() -> torch.dtype:
 class KvcompMetadata:
     num_actual_tokens: int
     num_reqs: int
-    query_start_loc_cpu: list[int]
-    seq_lens_cpu: list[int]
+    # Device tensors: what the Triton kernels read (CUDA-graph safe).
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     block_size: int
+    max_query_len: int
+    max_seq_len: int
+    # Host lists for the CPU reference path only (None on GPU: a .tolist()
+    # there would sync the device every step).
+    query_start_loc_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
 
 
 class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
-    # The CPU reference path loops over requests on the host; CUDA graphs
-    # come with the Triton decode kernels.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Decode-only batches are captured whole (the decode kernel's grid depends
+    # on the batch size alone); mixed batches run eagerly between graph pieces.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    )
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.on_cpu = torch.device(device).type == "cpu"
+        self.max_model_len = vllm_config.model_config.max_model_len
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            return AttentionCGSupport.NEVER
+        return cls._cudagraph_support
 
     def build(
         self,
@@ -79,15 +98,28 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
     ) -> KvcompMetadata:
         cam = common_attn_metadata
         num_reqs = cam.num_reqs
-        return KvcompMetadata(
+        md = KvcompMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             num_reqs=num_reqs,
-            query_start_loc_cpu=cam.query_start_loc_cpu[: num_reqs + 1].tolist(),
-            seq_lens_cpu=cam.seq_lens.cpu()[:num_reqs].tolist(),
+            query_start_loc=cam.query_start_loc[: num_reqs + 1],
+            seq_lens=cam.seq_lens[:num_reqs],
             block_table=cam.block_table_tensor[:num_reqs],
             slot_mapping=cam.slot_mapping,
             block_size=self.kv_cache_spec.block_size,
+            max_query_len=cam.max_query_len,
+            max_seq_len=cam.max_seq_len,
         )
+        if self.on_cpu:
+            md.query_start_loc_cpu = cam.query_start_loc_cpu[: num_reqs + 1].tolist()
+            md.seq_lens_cpu = cam.seq_lens_cpu[:num_reqs].tolist()
+        return md
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata):
+        # Captured decode graphs are replayed for any context length: size
+        # the decode kernel's split-K for the longest one.
+        md = self.build(0, common_attn_metadata)
+        md.max_seq_len = self.max_model_len
+        return md
 
 
 # --------------------------------------------------------------------------
@@ -253,6 +285,11 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             md = ctx.attn_metadata
             res_meta = md[res_name] if isinstance(md, dict) else None
 
+        if query.is_cuda:
+            self._forward_triton(query, key, value, output, kv_cache, residual_cache,
+                                 attn_metadata, res_meta, layout)
+            return output
+
         batch = BatchView(
             query_start_loc=attn_metadata.query_start_loc_cpu,
             seq_lens=attn_metadata.seq_lens_cpu,
@@ -274,3 +311,41 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             batch,
         )
         return output
+
+    def _forward_triton(self, query, key, value, output, packed_cache, residual_cache,
+                        md: KvcompMetadata, res_md: KvcompMetadata | None, layout) -> None:
+        """GPU path: one store launch (hand-over + residual write), then
+        attention straight from the packed pages.
+
+        Storing first is equivalent to the reference's attend-then-store: the
+        store writes packed positions [Q(start), Q(n)) and residual slots of
+        the fresh tokens, while attention reads packed [0, Q(start)),
+        residual [Q(start), start) and the fresh K/V from registers."""
+        from vllm_kvcomp.kernels.triton_prefill import kvcomp_prefill_attention
+        from vllm_kvcomp.kernels.triton_store import kvcomp_store
+
+        cfg = self.config
+        bs_r = res_md.block_size if res_md is not None else 1
+        res_table = res_md.block_table if res_md is not None else None
+        kvcomp_store(
+            key, value, packed_cache, residual_cache, md.block_table, res_table,
+            res_md.slot_mapping if res_md is not None else None,
+            md.query_start_loc, md.seq_lens, layout, cfg, bs_r, md.max_query_len,
+        )
+        q = query.view(-1, self.num_heads, self.head_size)
+        out = output.view(-1, self.num_heads, self.head_size)
+        if md.max_query_len == 1:
+            from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
+
+            num_reqs = md.num_reqs
+            kvcomp_decode_attention(
+                q[:num_reqs], key[:num_reqs], value[:num_reqs], packed_cache, residual_cache,
+                md.block_table, res_table, md.seq_lens, layout, cfg, self.scale, bs_r,
+                md.max_seq_len, out=out[:num_reqs],
+            )
+            return
+        kvcomp_prefill_attention(
+            q, key, value, packed_cache, residual_cache, md.block_table, res_table,
+            md.query_start_loc, md.seq_lens, layout, cfg, self.scale, bs_r,
+            md.max_query_len, out,
+        )
