@@ -1,5 +1,6 @@
 """Helpers shared by the end-to-end tests: fresh-process engines, prompts."""
 import json
+import os
 import random
 import re
 import subprocess
@@ -10,11 +11,16 @@ HERE = Path(__file__).parent
 KV_SIZE_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
 
 
-def run_engine(spec: dict, timeout: int = 1200) -> dict:
-    """Run tests/engine_runner.py on ``spec``; return its RESULT plus the KV
-    capacity vLLM logged (``kv_cache_tokens``)."""
+def run_engine(spec: dict, timeout: int = 1200, env: dict | None = None) -> dict:
+    """Run tests/engine_runner.py on ``spec`` (with extra environment
+    variables ``env``); return its RESULT plus the KV capacity vLLM logged
+    (``kv_cache_tokens``)."""
+    # Engines run as a user's would: the interpreter switch that conftest
+    # sets for the in-process kernel tests is passed on only when asked for.
+    base_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(HERE / "engine_runner.py"), json.dumps(spec)],
-                         capture_output=True, text=True, timeout=timeout)
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**base_env, **(env or {})})
     text = out.stdout + out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     assert out.returncode == 0 and lines, text[-4000:]
