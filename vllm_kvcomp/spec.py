@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from typing_extensions import Self
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import (
     FullAttentionManager,
     SlidingWindowManager,
@@ -129,6 +130,48 @@ class KvcompResidualManager(SlidingWindowManager):
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         return self.kv_cache_spec.quantized_prefix_len(num_computed_tokens)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+                               kv_cache_spec, drop_eagle_block, alignment_tokens,
+                               dcp_world_size=1, pcp_world_size=1):
+        """Longest hit ``h`` whose residual blocks ``[Q(h), h)`` are all cached.
+
+        The parent asks for a fixed run of ``sliding_window - 1`` tokens, but
+        what a hit needs here depends on ``h``: ``Q`` moves in steps of the
+        key group, and blocks below ``Q`` at allocation time were never taken
+        from the pool (null placeholders), so a fixed run longer than
+        ``h - Q(h)`` misses hits that are really there."""
+        assert not drop_eagle_block, "KVCOMP does not support speculative decoding"
+        assert dcp_world_size == 1 and pcp_world_size == 1
+        spec = kv_cache_spec
+        bs = spec.block_size
+        assert alignment_tokens % bs == 0
+        block_hashes = resolve_block_hashes(
+            block_hashes, block_pool.hash_block_size, bs,
+            supports_fine_grained_hash_lookup=cls.supports_fine_grained_hash_lookup,
+            alignment_tokens=alignment_tokens,
+        )
+        lookup: dict[int, list] = {}
+
+        def cached(i):
+            if i not in lookup:
+                lookup[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
+            return lookup[i]
+
+        for num_blocks in range(max_length // bs, 0, -1):
+            h = num_blocks * bs
+            if h % alignment_tokens:
+                continue
+            first = spec.quantized_prefix_len(h) // bs
+            if all(cached(i) for i in range(first, num_blocks)):
+                computed = tuple([block_pool.null_block] * num_blocks
+                                 for _ in kv_cache_group_ids)
+                for i in range(first, num_blocks):
+                    for blocks, blk in zip(computed, cached(i)):
+                        blocks[i] = blk
+                return computed, h
+        return tuple([] for _ in kv_cache_group_ids), 0
 
     def get_num_blocks_to_allocate(
         self,
