@@ -29,7 +29,12 @@ from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, current_config
 from vllm_kvcomp.layout import PageLayout
 
+import os
+
 BACKEND_NAME = "KVCOMP"
+# Runs the GPU path (Triton store / prefill / decode) on CPU tensors too, for
+# testing the backend's kernel wiring under TRITON_INTERPRET=1 in CI.
+FORCE_TRITON = os.environ.get("KVCOMP_FORCE_TRITON", "0") == "1"
 RESIDUAL_SUFFIX = ".kvcomp_residual"
 
 
@@ -285,7 +290,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             md = ctx.attn_metadata
             res_meta = md[res_name] if isinstance(md, dict) else None
 
-        if query.is_cuda:
+        if query.is_cuda or FORCE_TRITON:
             self._forward_triton(query, key, value, output, kv_cache, residual_cache,
                                  attn_metadata, res_meta, layout)
             return output
@@ -325,6 +330,8 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         from vllm_kvcomp.kernels.triton_store import kvcomp_store
 
         cfg = self.config
+        key = key.view(-1, self.num_kv_heads, self.head_size)
+        value = value.view(-1, self.num_kv_heads, self.head_size)
         bs_r = res_md.block_size if res_md is not None else 1
         res_table = res_md.block_table if res_md is not None else None
         kvcomp_store(

@@ -1,0 +1,948 @@
+"""Triton decode attention that reads the packed pages directly.
+
+One query token per request (``n = seq_lens[i]`` tokens after the step, the
+query at position ``start = n - 1``, ``Q = cfg.quantized_prefix_len``) attends,
+with GQA (query head ``hq`` reads KV head ``hq // (Hq / H)``), over
+
+* packed ``[0, Q(start))``: codes and fp16 (scale, min) read from the pages
+  through ``block_table`` and dequantized in registers; no model-dtype copy of
+  the cache is ever written,
+* residual ``[Q(start), start)``: the full-precision residual pages
+  ``[nb_r, 2, H, bs_r, D]`` through ``residual_block_table``,
+* the fresh token itself: ``key_new[i]`` / ``value_new[i]``,
+
+exactly as ``attention_ref.kvcomp_step_reference`` does for a decode step (it
+writes no cache: ``triton_store.kvcomp_store`` does the hand-over and the
+residual write). ``decode_attention_reference`` below is the same thing in
+plain PyTorch.
+
+API::
+
+    kvcomp_decode_attention(query [B, Hq, D], key_new [B, H, D], value_new [B, H, D],
+                            packed_cache uint8 [nb, H, head_page_bytes],
+                            residual_cache [nb_r, 2, H, bs_r, D] | None,
+                            block_table int32 [B, maxb],
+                            residual_block_table int32 [B, maxb_r] | None,
+                            seq_lens int32 [B], layout, cfg, scale,
+                            residual_block_size, max_seq_len,
+                            num_splits=None, out=None, **tuning) -> out [B, Hq, D]
+
+``max_seq_len`` (a Python int bounding ``seq_lens``) only sizes the split
+count; every range is computed on the device from ``seq_lens``, so a wrong
+bound costs speed, never correctness, and the launch has no host sync
+(CUDA-graph friendly). Requests with ``seq_lens[i] <= 0`` (graph padding)
+get a zero output. ``decode_attention_reference`` takes the same arguments.
+
+Design (flash-decoding):
+
+* Grid ``(B, H, num_splits)``. A program owns one KV head of one request and
+  a contiguous share of its packed tiles (``BLOCK_N`` = 128 tokens of one
+  page by default; tiles, not pages, are split, so short contexts spread
+  too), and handles the ``rep = Hq / H`` query heads of that KV head at once
+  as the M dimension of ``tl.dot`` (M = next power of two of rep; Triton pads
+  it to the tensor-core tile), so each page byte is read once per step.
+  Codes and (scale, min) words are loaded with asynchronous copies that
+  Triton pipelines ``num_stages`` deep.
+* The residual window and the fresh token (at most ``R + G`` tokens, in
+  tiles of ``BLOCK_R``) are dealt round-robin to the same splits.
+* With more than one split, each program writes its normalised partial output
+  and log-sum-exp (base 2) to fp32 scratch and a second small kernel
+  (grid ``(B, Hq)``) merges them; with one split the first kernel writes the
+  output and the second is not launched. ``decode_num_splits`` picks the
+  split count from B * H, the SM count and ``max_seq_len``.
+* Dequantization is folded into the dots wherever the parameters are
+  constant along the contracted dimension, so codes go into ``tl.dot`` as
+  small integers and no ``code * scale + min`` tile is ever formed:
+    - per-channel keys (KIVI; one (s, m) per channel per token group, tiles
+      never straddle a group): ``q.k_t = sum_c (q_c s_c) code_tc + sum_c q_c m_c``,
+      i.e. scale the query once per tile and add one bias per query head;
+    - per-token keys with one channel group: ``q.k_t = s_t (q.code_t) + m_t sum(q)``;
+    - values (per token, one channel group): ``p.V = (p * s) @ codes + (p.m)``.
+  Channel groups smaller than the head (``group_size < head_size``) fall back
+  to dequantizing the tile in registers (fp32), then the dot.
+* Codes are never shuffled back into channel order: a packed row is read as
+  8- or 16-bit elements holding ``PH`` codes each, and the kernel works on
+  each *phase* j (channels ``PH*w + j``) as a tensor of its own. Keys meet a
+  query loaded in the same phase order (the score is a sum of PH dots);
+  values feed PH output accumulators, stored back strided.
+* On the GPU a code becomes a bf16 / fp16 dot operand by OR-ing it into the
+  mantissa of 128.0 / 1024.0 (``_unpack_asm``: one LOP3, plus one shift per
+  phase, per pair of codes, in inline PTX); the constant offset is removed
+  through the per-row bias (``MAGIC * sum(other operand)``). 8-bit codes in
+  bf16 models (above 127) use a plain conversion.
+
+Measured on one H100 (``benchmarks/bench_decode_kernel.py``, Llama-3.1-8B
+attention shape, CUDA-graph replays): k4v4 at batch 32 x 32K context reads
+its 1.17 GB in 476 us, 2.45 TB/s (81 % of the device's 3.02 TB/s copy
+bandwidth; 2.9x bf16 SDPA over a bf16 cache). k2v2 is bound by the unpacking
+work, not memory (~45 %, about the same time as k4v4).
+
+Matmul precision: fp32 models (and everything under ``TRITON_INTERPRET=1``,
+whose bf16 ``tl.dot`` is broken) use IEEE fp32 dots. fp16/bf16 models feed
+the dots in the model dtype (codes are exact there; the query times the key
+scale and the probabilities times the value scale are rounded once, like the
+bf16 P of flash attention), accumulating in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.kernels import attention_ref, packing
+from vllm_kvcomp.kernels.triton_store import check_alignment, layout_constexprs
+from vllm_kvcomp.layout import PageLayout
+
+# --------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _pick(j: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7):
+    if j == 0:
+        return x0
+    elif j == 1:
+        return x1
+    elif j == 2:
+        return x2
+    elif j == 3:
+        return x3
+    elif j == 4:
+        return x4
+    elif j == 5:
+        return x5
+    elif j == 6:
+        return x6
+    else:
+        return x7
+
+
+@triton.jit
+def _split_phases(x, PH: tl.constexpr):
+    """[N, PH * W] -> the PH tensors [N, W] of columns PH*w + j (8 returned,
+    the unused ones repeated), by reshapes and splits in registers."""
+    N: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1] // PH
+    if PH == 1:
+        return x, x, x, x, x, x, x, x
+    elif PH == 2:
+        a, b = tl.split(tl.reshape(x, [N, W, 2]))
+        return a, b, a, b, a, b, a, b
+    elif PH == 4:
+        e, o = tl.split(tl.reshape(x, [N, W, 2, 2]))  # column 4w + 2*j1 + j0
+        p0, p2 = tl.split(e)
+        p1, p3 = tl.split(o)
+        return p0, p1, p2, p3, p0, p1, p2, p3
+    else:
+        e, o = tl.split(tl.reshape(x, [N, W, 2, 2, 2]))  # 8w + 4*j2 + 2*j1 + j0
+        e0, e1 = tl.split(e)
+        o0, o1 = tl.split(o)
+        p0, p4 = tl.split(e0)
+        p2, p6 = tl.split(e1)
+        p1, p5 = tl.split(o0)
+        p3, p7 = tl.split(o1)
+        return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _operand(x, IEEE: tl.constexpr, DT: tl.constexpr):
+    """x as a dot operand: fp32 (IEEE dots) or the model dtype."""
+    if IEEE:
+        return x.to(tl.float32)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
+    """a @ b with fp32 accumulation; operands in DT (model dtype) or fp32."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _phase(x, j: tl.constexpr, BITS: tl.constexpr, PH: tl.constexpr):
+    """int32 codes of phase j of (zero-extended) int32 elements."""
+    if PH == 1:
+        return x
+    elif j == 0:
+        return x & ((1 << BITS) - 1)
+    elif j == PH - 1:
+        return x >> (BITS * j)
+    else:
+        return (x >> (BITS * j)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _codes_operand(code, CVT: tl.constexpr, DT: tl.constexpr):
+    """int32 codes -> dot operand. CVT 0: exact conversion. CVT 1: OR the code
+    into the mantissa of fp16 1024.0 (the operand is then ``1024 + code``
+    and the caller subtracts ``1024 * sum(other operand)``); the portable
+    form of ``_unpack_asm``, kept so the CPU tests cover that bookkeeping."""
+    if CVT == 1:
+        return (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        return code.to(DT)
+
+
+# The bf16/fp16 mantissa trick on 4 packed bytes at once (PTX): PRMT spreads
+# bytes (0, 1) and (2, 3) into the two 16-bit halves of a word, then one LOP3
+# per phase and pair of codes does ``(x >> shift) & mask | MAGIC``: about one
+# instruction per code, against ~2 plus packing when Triton unpacks bytes
+# element by element. Output j holds phase j of the 4 input bytes.
+_ASM_SPREAD = """
+.reg .b32 t<4>;
+prmt.b32 t0, $IN, 0, 0x4140;
+prmt.b32 t1, $IN, 0, 0x4342;
+"""
+_ASM4 = tl.constexpr("{" + _ASM_SPREAD.replace("$IN", "$4") + """
+lop3.b32 $0, t0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, MAGIC, 0xEA;
+shr.b32 t2, t0, 4;
+shr.b32 t3, t1, 4;
+lop3.b32 $2, t2, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $3, t3, 0x000F000F, MAGIC, 0xEA;
+}""")
+_ASM2 = tl.constexpr("{" + _ASM_SPREAD.replace("$IN", "$8") + "".join(f"""
+shr.b32 t2, t0, {2 * j};
+shr.b32 t3, t1, {2 * j};
+lop3.b32 ${2 * j}, t2, 0x00030003, MAGIC, 0xEA;
+lop3.b32 ${2 * j + 1}, t3, 0x00030003, MAGIC, 0xEA;""" for j in range(4)) + "\n}")
+_ASM8 = tl.constexpr("{" + _ASM_SPREAD.replace("$IN", "$2") + """
+or.b32 $0, t0, MAGIC;
+or.b32 $1, t1, MAGIC;
+}""")
+
+
+# 16-bit elements (two per register, from the two halves): no spreading,
+# one SHF + one LOP3 per phase and pair of codes
+def _asm16(bits, magic):
+    """4 16-bit elements in two registers -> 16/bits phases, each two
+    registers (two bf16/fp16 pairs): the pair of registers an mma fragment
+    takes, so no register moves are needed between the unpack and the dot."""
+    nout = 16 // bits
+    mask = {2: "0x00030003", 4: "0x000F000F", 8: "0x00FF00FF"}[bits]
+    body = []
+    for i in range(2):
+        src = f"${2 * nout + i}"
+        body.append(f"lop3.b32 ${i}, {src}, {mask}, {magic}, 0xEA;")
+        for j in range(1, nout):
+            body.append(f"shr.b32 t0, {src}, {bits * j};")
+            body.append(f"lop3.b32 ${2 * j + i}, t0, {mask}, {magic}, 0xEA;")
+    return tl.constexpr("{\n.reg .b32 t0;\n" + "\n".join(body) + "\n}")
+
+
+_ASM16 = {(bits, magic): _asm16(bits, m)
+          for bits in (2, 4, 8) for magic, m in (("bf16", "0x43004300"),
+                                                 ("fp16", "0x64006400"))}
+_ASM16_2_BF16 = _ASM16[(2, "bf16")]
+_ASM16_4_BF16 = _ASM16[(4, "bf16")]
+_ASM16_2_FP16 = _ASM16[(2, "fp16")]
+_ASM16_4_FP16 = _ASM16[(4, "fp16")]
+_ASM16_8_FP16 = _ASM16[(8, "fp16")]
+_ASM4_BF16 = tl.constexpr(_ASM4.value.replace("MAGIC", "0x43004300"))
+_ASM4_FP16 = tl.constexpr(_ASM4.value.replace("MAGIC", "0x64006400"))
+_ASM2_BF16 = tl.constexpr(_ASM2.value.replace("MAGIC", "0x43004300"))
+_ASM2_FP16 = tl.constexpr(_ASM2.value.replace("MAGIC", "0x64006400"))
+_ASM8_FP16 = tl.constexpr(_ASM8.value.replace("MAGIC", "0x64006400"))
+
+
+@triton.jit
+def _unpack_asm(x, BITS: tl.constexpr, EW: tl.constexpr, DT: tl.constexpr):
+    """uint8 / uint16 (EW) packed codes -> their EW/BITS phases as DT
+    ``MAGIC + code`` (GPU only; bf16: 2/4-bit codes, MAGIC 128; fp16: MAGIC
+    1024). Returns 8 tensors, the unused ones repeated."""
+    if EW == 16:
+        if DT == tl.bfloat16:
+            if BITS == 4:
+                c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                    _ASM16_4_BF16, "=r," * 8 + "r,r", [x], dtype=(tl.bfloat16,) * 4,
+                    is_pure=True, pack=4)
+                return c0, c1, c2, c3, c0, c1, c2, c3
+            else:
+                return tl.inline_asm_elementwise(
+                    _ASM16_2_BF16, "=r," * 16 + "r,r", [x],
+                    dtype=(tl.bfloat16,) * 8, is_pure=True, pack=4)
+        else:
+            if BITS == 4:
+                c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                    _ASM16_4_FP16, "=r," * 8 + "r,r", [x], dtype=(tl.float16,) * 4,
+                    is_pure=True, pack=4)
+                return c0, c1, c2, c3, c0, c1, c2, c3
+            elif BITS == 2:
+                return tl.inline_asm_elementwise(
+                    _ASM16_2_FP16, "=r," * 16 + "r,r", [x],
+                    dtype=(tl.float16,) * 8, is_pure=True, pack=4)
+            else:
+                c0, c1 = tl.inline_asm_elementwise(
+                    _ASM16_8_FP16, "=r,=r,=r,=r,r,r", [x], dtype=(tl.float16,) * 2,
+                    is_pure=True, pack=4)
+                return c0, c1, c0, c1, c0, c1, c0, c1
+    elif DT == tl.bfloat16:
+        if BITS == 4:
+            c0, c1 = tl.inline_asm_elementwise(
+                _ASM4_BF16, "=r,=r,=r,=r,r", [x], dtype=(tl.bfloat16, tl.bfloat16),
+                is_pure=True, pack=4)
+            return c0, c1, c0, c1, c0, c1, c0, c1
+        else:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                _ASM2_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True,
+                pack=4)
+            return c0, c1, c2, c3, c0, c1, c2, c3
+    else:
+        if BITS == 4:
+            c0, c1 = tl.inline_asm_elementwise(
+                _ASM4_FP16, "=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16),
+                is_pure=True, pack=4)
+            return c0, c1, c0, c1, c0, c1, c0, c1
+        elif BITS == 2:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                _ASM2_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+            return c0, c1, c2, c3, c0, c1, c2, c3
+        else:
+            c0 = tl.inline_asm_elementwise(_ASM8_FP16, "=r,=r,r", [x], dtype=tl.float16,
+                                           is_pure=True, pack=4)
+            return c0, c0, c0, c0, c0, c0, c0, c0
+
+
+@triton.jit
+def _load_elems(cache_ptr, row0, slot, valid, ROW: tl.constexpr, RP: tl.constexpr,
+                EW: tl.constexpr):
+    """[BLOCK_N, RP] packed code rows of ``slot`` as uint8 or uint16 (EW)
+    elements (vector loads); a row is ROW bytes."""
+    jb = tl.arange(0, RP)
+    NE: tl.constexpr = ROW * 8 // EW
+    if RP == NE:
+        m = valid[:, None]
+    else:
+        m = valid[:, None] & (jb < NE)[None, :]
+    if EW == 16:
+        ep = cache_ptr.to(tl.pointer_type(tl.uint16))
+        return tl.load(ep + row0 // 2 + slot[:, None] * NE + jb[None, :], mask=m, other=0)
+    else:
+        return tl.load(cache_ptr + row0 + slot[:, None] * ROW + jb[None, :], mask=m, other=0)
+
+
+@triton.jit
+def _load_raw(cache_ptr, row0, slot, valid, d, ROW: tl.constexpr, D: tl.constexpr,
+              MODEL_DTYPE: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] unquantized rows (a 16-bit region), model dtype."""
+    ES: tl.constexpr = MODEL_DTYPE.primitive_bitwidth // 8
+    ep = cache_ptr.to(tl.pointer_type(MODEL_DTYPE))
+    rows = row0 // ES + slot * (ROW // ES)
+    if d.shape[0] == D:
+        m = valid[:, None]
+    else:
+        m = valid[:, None] & (d < D)[None, :]
+    return tl.load(ep + rows[:, None] + d[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _params(wp, idx, mask):
+    """fp32 (scale, min) of the fp16 pairs number ``idx``: each pair is read
+    as one 32-bit word (half the loads, and wide enough for Triton to
+    pipeline them with asynchronous copies like the codes)."""
+    w = tl.load(wp + idx, mask=mask, other=0)
+    sc = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    mn = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return sc, mn
+
+
+@triton.jit
+def _dequant(code, wp, pbase, slot, valid, ch, chm, PER_CHANNEL: tl.constexpr,
+             G: tl.constexpr, GC: tl.constexpr, NG: tl.constexpr, D: tl.constexpr):
+    """Fallback ``code * scale + min`` (fp32) of channels ``ch`` for layouts the
+    folded dots do not cover (several key groups in a tile, several channel
+    groups in a token); params are gathered per element (L1 hits)."""
+    if PER_CHANNEL:
+        idx = (slot // G)[:, None] * D + ch[None, :]
+    else:
+        idx = slot[:, None] * NG + (ch // GC)[None, :]
+    sc, mn = _params(wp, pbase + idx, valid[:, None] & chm[None, :])
+    return code.to(tl.float32) * sc + mn
+
+
+@triton.jit
+def _softmax_step(s, mask, m_i, l_i):
+    """Online-softmax bookkeeping for one tile of base-2 scores."""
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _kvcomp_decode_kernel(
+    q_ptr, stride_qb, stride_qh,
+    kn_ptr, stride_knb, stride_knh,
+    vn_ptr, stride_vnb, stride_vnh,
+    o_ptr, stride_ob, stride_oh,
+    part_o_ptr, part_lse_ptr,
+    cache_ptr, stride_cb, stride_ch,
+    res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt,
+    bt_ptr, stride_bt, rbt_ptr, stride_rbt,
+    seq_lens_ptr, qk_scale,
+    D: tl.constexpr, BS: tl.constexpr, BS_R: tl.constexpr,
+    R: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+    K_GC: tl.constexpr, K_NG: tl.constexpr, V_GC: tl.constexpr, V_NG: tl.constexpr,
+    K_CODES_OFF: tl.constexpr, K_PARAMS_OFF: tl.constexpr, K_ROW: tl.constexpr,
+    V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
+    K_EW: tl.constexpr, V_EW: tl.constexpr, K_PH: tl.constexpr, V_PH: tl.constexpr,
+    CVT_K: tl.constexpr, CVT_V: tl.constexpr, K_MAGIC: tl.constexpr, V_MAGIC: tl.constexpr,
+    REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    H = tl.num_programs(1)
+    # a runtime value, so each split count does not compile a new kernel
+    NUM_SPLITS = tl.num_programs(2)
+    n = tl.load(seq_lens_ptr + i)
+    start = n - 1
+    q_old = tl.maximum(start - R, 0) // ALIGN * ALIGN
+    MODEL_DTYPE: tl.constexpr = kn_ptr.dtype.element_ty
+    # dot operand dtype (the interpreter also mis-converts ints to bf16)
+    OP_DT: tl.constexpr = tl.float32 if IEEE else MODEL_DTYPE
+    K_FOLD_CH: tl.constexpr = KEY_CHANNEL and BLOCK_N <= G
+    K_FOLD_TOK: tl.constexpr = (not KEY_CHANNEL) and K_NG == 1
+    K_ASM: tl.constexpr = CVT_K == 3 and (K_FOLD_CH or K_FOLD_TOK)
+    V_ASM: tl.constexpr = CVT_V == 3 and V_NG == 1
+    # phase widths: valid (K_W) and padded to a power of two (K_RP)
+    K_RP: tl.constexpr = BLOCK_D // K_PH
+    K_W: tl.constexpr = D // K_PH
+    V_RP: tl.constexpr = BLOCK_D // V_PH
+    V_W: tl.constexpr = D // V_PH
+
+    r = tl.arange(0, REP_P)
+    row_ok = r < REP
+    hq = h * REP + r
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    kb = tl.arange(0, K_RP)
+    kbm = kb < K_W
+    vb = tl.arange(0, V_RP)
+    vbm = vb < V_W
+    i64 = i.to(tl.int64)
+    q_row = q_ptr + i64 * stride_qb + hq[:, None] * stride_qh
+    qn = tl.load(q_row + d[None, :], mask=row_ok[:, None] & dm[None, :],
+                 other=0.0).to(tl.float32)
+    qsum = tl.sum(qn, axis=1)
+    # the query in the key codes' phase order (phase j: channels K_PH*w + j)
+    qm = row_ok[:, None] & kbm[None, :]
+    q0 = tl.load(q_row + (kb * K_PH)[None, :], mask=qm, other=0.0).to(tl.float32)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    q4 = q0
+    q5 = q0
+    q6 = q0
+    q7 = q0
+    if K_PH > 1:
+        q1 = tl.load(q_row + (kb * K_PH + 1)[None, :], mask=qm, other=0.0).to(tl.float32)
+    if K_PH > 2:
+        q2 = tl.load(q_row + (kb * K_PH + 2)[None, :], mask=qm, other=0.0).to(tl.float32)
+        q3 = tl.load(q_row + (kb * K_PH + 3)[None, :], mask=qm, other=0.0).to(tl.float32)
+    if K_PH > 4:
+        q4 = tl.load(q_row + (kb * K_PH + 4)[None, :], mask=qm, other=0.0).to(tl.float32)
+        q5 = tl.load(q_row + (kb * K_PH + 5)[None, :], mask=qm, other=0.0).to(tl.float32)
+        q6 = tl.load(q_row + (kb * K_PH + 6)[None, :], mask=qm, other=0.0).to(tl.float32)
+        q7 = tl.load(q_row + (kb * K_PH + 7)[None, :], mask=qm, other=0.0).to(tl.float32)
+
+    # finite start: rows that see nothing (padding heads, empty splits) stay NaN-free
+    m_i = tl.full([REP_P], -1.0e30, tl.float32)
+    l_i = tl.zeros([REP_P], tl.float32)
+    # the output in the value codes' phase order (phase j: channels V_PH*w + j)
+    acc0 = tl.zeros([REP_P, V_RP], tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    acc4 = acc0
+    acc5 = acc0
+    acc6 = acc0
+    acc7 = acc0
+    # (scale, min) fp16 pairs as 32-bit words (regions are 4-byte aligned)
+    wp = cache_ptr.to(tl.pointer_type(tl.int32))
+
+    # 1. this split's share of the packed tiles of [0, Q(start))
+    n_tiles = tl.cdiv(q_old, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    lo = sp * per_split * BLOCK_N
+    hi = tl.minimum(lo + per_split * BLOCK_N, q_old)
+    nn = tl.arange(0, BLOCK_N)
+    bt_row = bt_ptr + i64 * stride_bt
+    for n0 in range(lo, hi, BLOCK_N):
+        valid = n0 + nn < q_old
+        blk = tl.load(bt_row + n0 // BS).to(tl.int64)
+        page_off = blk * stride_cb + h * stride_ch
+        s0 = n0 % BS
+        slot = s0 + nn
+
+        # ---- scores q.k of the tile
+        if K_BITS == 16:
+            k = _load_raw(cache_ptr, page_off + K_CODES_OFF, slot, valid, d, K_ROW, D,
+                          MODEL_DTYPE)
+            s = _mm(qn, tl.trans(k), IEEE, MODEL_DTYPE)
+        else:
+            kraw = _load_elems(cache_ptr, page_off + K_CODES_OFF, slot, valid, K_ROW, K_RP,
+                               K_EW)
+            if K_ASM:
+                k0, k1, k2, k3, k4, k5, k6, k7 = _unpack_asm(kraw, K_BITS, K_EW, MODEL_DTYPE)
+            else:
+                kint = kraw.to(tl.int32)
+            pbase = (page_off + K_PARAMS_OFF) // 4
+            s = tl.zeros([REP_P, BLOCK_N], tl.float32)
+            # per-row constants, summed over channels once after the phases
+            corr = tl.zeros([REP_P, K_RP], tl.float32)
+            for j in tl.static_range(K_PH):
+                qj = _pick(j, q0, q1, q2, q3, q4, q5, q6, q7)
+                ch = kb * K_PH + j
+                if K_ASM:
+                    kop = _pick(j, k0, k1, k2, k3, k4, k5, k6, k7)
+                else:
+                    code = _phase(kint, j, K_BITS, K_PH)
+                    if K_FOLD_CH or K_FOLD_TOK:
+                        kop = _codes_operand(code, CVT_K, OP_DT)
+                if K_FOLD_CH:
+                    # q.k = sum_c (q_c s_c) code_c + sum_c q_c m_c: the tile is
+                    # inside one key group, so fold its scales into the query
+                    sc, mn = _params(wp, pbase + (s0 // G) * D + ch, kbm)
+                    a = _operand(qj * sc[None, :], IEEE, MODEL_DTYPE)
+                    s += _mm(a, tl.trans(kop), IEEE, MODEL_DTYPE)
+                    corr += qj * mn[None, :]
+                    if K_MAGIC != 0.0:
+                        corr -= K_MAGIC * a.to(tl.float32)
+                elif K_FOLD_TOK:
+                    a = _operand(qj, IEEE, MODEL_DTYPE)
+                    s += _mm(a, tl.trans(kop), IEEE, MODEL_DTYPE)
+                    if K_MAGIC != 0.0:
+                        corr -= K_MAGIC * a.to(tl.float32)
+                else:
+                    x = _dequant(code, wp, pbase, slot, valid, ch, kbm, KEY_CHANNEL, G, K_GC,
+                                 K_NG, D)
+                    s += _mm(qj, tl.trans(x), IEEE, MODEL_DTYPE)
+            if K_FOLD_CH:
+                s = s + tl.sum(corr, axis=1)[:, None]
+            elif K_FOLD_TOK:
+                # q.k_t = s_t (q.code_t) + m_t sum(q)
+                sc, mn = _params(wp, pbase + slot, valid)
+                s = (s + tl.sum(corr, axis=1)[:, None]) * sc[None, :] + \
+                    qsum[:, None] * mn[None, :]
+        p, alpha, m_i, l_i = _softmax_step(s * qk_scale, valid[None, :], m_i, l_i)
+
+        # ---- p @ V of the tile, per phase
+        if V_BITS == 16:
+            v = _load_raw(cache_ptr, page_off + V_CODES_OFF, slot, valid, d, V_ROW, D,
+                          MODEL_DTYPE)
+            acc0 = acc0 * alpha[:, None] + _mm(p, v, IEEE, MODEL_DTYPE)
+        else:
+            vraw = _load_elems(cache_ptr, page_off + V_CODES_OFF, slot, valid, V_ROW, V_RP,
+                               V_EW)
+            if V_ASM:
+                v0, v1, v2, v3, v4, v5, v6, v7 = _unpack_asm(vraw, V_BITS, V_EW, MODEL_DTYPE)
+            else:
+                vint = vraw.to(tl.int32)
+            pbase = (page_off + V_PARAMS_OFF) // 4
+            if V_NG == 1:
+                # sum_t p_t (s_t code_t + m_t) = (p * s) @ code + p.m
+                sc, mn = _params(wp, pbase + slot, valid)
+                a = _operand(p * sc[None, :], IEEE, MODEL_DTYPE)
+                if V_MAGIC != 0.0:
+                    vbias = tl.sum(p * mn[None, :] - V_MAGIC * a.to(tl.float32), axis=1)
+                else:
+                    vbias = tl.sum(p * mn[None, :], axis=1)
+            for j in tl.static_range(V_PH):
+                if V_ASM:
+                    pv = _mm(a, _pick(j, v0, v1, v2, v3, v4, v5, v6, v7), IEEE,
+                             MODEL_DTYPE) + vbias[:, None]
+                elif V_NG == 1:
+                    code = _phase(vint, j, V_BITS, V_PH)
+                    pv = _mm(a, _codes_operand(code, CVT_V, OP_DT), IEEE,
+                             MODEL_DTYPE) + vbias[:, None]
+                else:
+                    code = _phase(vint, j, V_BITS, V_PH)
+                    x = _dequant(code, wp, pbase, slot, valid, vb * V_PH + j, vbm, False, 1,
+                                 V_GC, V_NG, D)
+                    pv = _mm(p, x, IEEE, MODEL_DTYPE)
+                if j == 0:
+                    acc0 = acc0 * alpha[:, None] + pv
+                elif j == 1:
+                    acc1 = acc1 * alpha[:, None] + pv
+                elif j == 2:
+                    acc2 = acc2 * alpha[:, None] + pv
+                elif j == 3:
+                    acc3 = acc3 * alpha[:, None] + pv
+                elif j == 4:
+                    acc4 = acc4 * alpha[:, None] + pv
+                elif j == 5:
+                    acc5 = acc5 * alpha[:, None] + pv
+                elif j == 6:
+                    acc6 = acc6 * alpha[:, None] + pv
+                else:
+                    acc7 = acc7 * alpha[:, None] + pv
+
+    # 2. residual [Q(start), start) + the fresh token at `start`, in tiles of
+    # BLOCK_R dealt round-robin to the splits: the window is up to R + G
+    # tokens whatever the context, and one program walking it alone would
+    # add its latency to every step
+    kn = tl.load(kn_ptr + i64 * stride_knb + h * stride_knh + d, mask=dm, other=0.0)
+    vn = tl.load(vn_ptr + i64 * stride_vnb + h * stride_vnh + d, mask=dm, other=0.0)
+    rr = tl.arange(0, BLOCK_R)
+    rbt_row = rbt_ptr + i64 * stride_rbt
+    for n0 in range(q_old + sp * BLOCK_R, start + 1, NUM_SPLITS * BLOCK_R):
+        pos = n0 + rr
+        is_new = (pos == start)[:, None]
+        if HAS_RESIDUAL:
+            in_res = pos < start
+            rb = tl.load(rbt_row + pos // BS_R, mask=in_res, other=0).to(tl.int64)
+            off = rb * stride_rb + h * stride_rh + (pos % BS_R) * stride_rt
+            mk = in_res[:, None] & dm[None, :]
+            k = tl.load(res_ptr + off[:, None] + d[None, :], mask=mk, other=0.0)
+            v = tl.load(res_ptr + stride_rkv + off[:, None] + d[None, :], mask=mk, other=0.0)
+            k = tl.where(is_new, kn[None, :].to(k.dtype), k)
+            v = tl.where(is_new, vn[None, :].to(v.dtype), v)
+        else:
+            zero = tl.zeros([BLOCK_R, BLOCK_D], MODEL_DTYPE)
+            k = tl.where(is_new, kn[None, :], zero)
+            v = tl.where(is_new, vn[None, :], zero)
+        s = _mm(qn, tl.trans(k), IEEE, MODEL_DTYPE) * qk_scale
+        p, alpha, m_i, l_i = _softmax_step(s, (pos <= start)[None, :], m_i, l_i)
+        # the rows are read in channel order (coalesced), then cut into the
+        # value phases in registers
+        v0, v1, v2, v3, v4, v5, v6, v7 = _split_phases(v, V_PH)
+        for j in tl.static_range(V_PH):
+            pv = _mm(p, _pick(j, v0, v1, v2, v3, v4, v5, v6, v7), IEEE, MODEL_DTYPE)
+            if j == 0:
+                acc0 = acc0 * alpha[:, None] + pv
+            elif j == 1:
+                acc1 = acc1 * alpha[:, None] + pv
+            elif j == 2:
+                acc2 = acc2 * alpha[:, None] + pv
+            elif j == 3:
+                acc3 = acc3 * alpha[:, None] + pv
+            elif j == 4:
+                acc4 = acc4 * alpha[:, None] + pv
+            elif j == 5:
+                acc5 = acc5 * alpha[:, None] + pv
+            elif j == 6:
+                acc6 = acc6 * alpha[:, None] + pv
+            else:
+                acc7 = acc7 * alpha[:, None] + pv
+
+    # partials are normalised, so the merge needs no separate m and l
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    part = (i64 * (H * REP) + hq) * NUM_SPLITS + sp
+    for j in tl.static_range(V_PH):
+        out = _pick(j, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7) / l_safe[:, None]
+        ch = vb * V_PH + j
+        m = row_ok[:, None] & vbm[None, :]
+        if SPLIT:
+            tl.store(part_o_ptr + part[:, None] * BLOCK_D + ch[None, :], out, mask=m)
+        else:
+            tl.store(o_ptr + i64 * stride_ob + hq[:, None] * stride_oh + ch[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=m)
+    if SPLIT:
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), -1.0e30)
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _kvcomp_decode_merge_kernel(
+    part_o_ptr, part_lse_ptr, o_ptr, stride_ob, stride_oh,
+    NUM_SPLITS, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge the splits' partials of one (request, query head), base-2 LSE."""
+    i = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1)
+    Hq = tl.num_programs(1)
+    s = tl.arange(0, BLOCK_S)
+    sm = s < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D)
+    part = (i * Hq + hq) * NUM_SPLITS + s
+    lse = tl.load(part_lse_ptr + part, mask=sm, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))
+    o = tl.load(part_o_ptr + part[:, None] * BLOCK_D + d[None, :], mask=sm[:, None],
+                other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(o_ptr + i * stride_ob + hq * stride_oh + d, out.to(o_ptr.dtype.element_ty),
+             mask=d < D)
+
+
+# --------------------------------------------------------------------------
+# host wrapper
+# --------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def code_conversion(bits: int, dtype: torch.dtype, ieee: bool) -> int:
+    """How codes become dot operands: 0 exact int->float conversion; 1 the
+    fp16 mantissa trick in Triton ops (``_codes_operand``, 1024 + code; fp16
+    models or IEEE fp32 dots, i.e. the CPU tests); 3 the mantissa trick in
+    inline PTX (``_unpack_asm``; GPU only, the default there: 128 + code for
+    bf16, up to 4-bit codes, 1024 + code for fp16)."""
+    if ieee or dtype not in (torch.float16, torch.bfloat16) or (
+            bits >= 8 and dtype == torch.bfloat16):
+        return 0
+    return 3
+
+
+def _magic(cvt: int, dtype: torch.dtype) -> float:
+    """The offset the mantissa trick adds to every code."""
+    if cvt == 0:
+        return 0.0
+    if cvt == 1 or (cvt == 3 and dtype == torch.float16):
+        return 1024.0
+    return 128.0
+
+
+def decode_tiles(layout: PageLayout, block_n: int = 128) -> int:
+    """BLOCK_N: packed tokens per inner step. A power of two <= ``block_n``
+    dividing the block size (tiles never straddle pages) and, for per-channel
+    keys, <= group_size (a tile lies in one key group, so its scales fold into
+    the query); at least 16 for ``tl.dot``."""
+    cfg = layout.config
+    bn = 1 << (max(block_n, 1).bit_length() - 1)
+    while layout.block_size % bn:
+        bn //= 2
+    if cfg.k_bits < 16 and cfg.key_axis == "channel" and cfg.group_size >= 16:
+        bn = min(bn, cfg.group_size)
+    if bn < 16:
+        raise NotImplementedError(
+            f"the Triton decode kernel needs a block size divisible by 16, "
+            f"got {layout.block_size}")
+    return bn
+
+
+def decode_num_splits(
+    num_reqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    cfg: KvcompConfig,
+    block_n: int,
+    num_sms: int = 132,
+    programs_per_sm: int = 8,
+    min_tiles_per_split: int = 2,
+    max_splits: int = 64,
+) -> int:
+    """Splits per (request, KV head): enough programs to fill the GPU
+    (``programs_per_sm`` per SM keeps several tile loads in flight per SM),
+    but at least ``min_tiles_per_split`` tiles of work each (packed tiles plus
+    the residual window), so the partial writes and the merge stay small next
+    to the page reads. Python ints only: the same answer at capture and
+    replay of a CUDA graph."""
+    packed = cfg.quantized_prefix_len(max(max_seq_len - 1, 0))
+    tiles = triton.cdiv(packed, block_n) + triton.cdiv(
+        min(cfg.residual_window, max_seq_len) + 1, block_n)
+    want = triton.cdiv(programs_per_sm * num_sms, max(1, num_reqs * num_kv_heads))
+    cap = triton.cdiv(tiles, min_tiles_per_split)
+    return max(1, min(want, cap, max_splits))
+
+
+def kvcomp_decode_attention(
+    query: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None,
+    block_table: torch.Tensor,
+    residual_block_table: torch.Tensor | None,
+    seq_lens: torch.Tensor,
+    layout: PageLayout,
+    cfg: KvcompConfig,
+    scale: float,
+    residual_block_size: int,
+    max_seq_len: int,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int = 128,
+    block_r: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    code_cvt: int | None = None,
+    rep_m: int | None = None,
+    elem_bits: int | None = None,
+) -> torch.Tensor:
+    """Decode attention of one query token per request; returns ``out``
+    [B, Hq, D] in the query dtype (see the module docstring).
+
+    query [B, Hq, D], key_new / value_new [B, H, D] (channel stride 1, any
+    row/head strides), packed_cache uint8 [nb, H, head_page_bytes],
+    residual_cache [nb_r, 2, H, bs_r, D] (strided view allowed) or None when
+    the config keeps no residual window, int32 block tables and seq_lens on
+    the device. ``num_splits`` overrides ``decode_num_splits``; the other
+    keywords are tuning knobs (``code_cvt``: see ``code_conversion``).
+    """
+    assert layout.config == cfg
+    B, Hq, D = query.shape
+    H = key_new.shape[1]
+    assert D == layout.head_size and Hq % H == 0
+    assert key_new.shape == (B, H, D) and value_new.shape == (B, H, D)
+    assert query.stride(-1) == 1 and key_new.stride(-1) == 1 and value_new.stride(-1) == 1
+    assert key_new.dtype == value_new.dtype
+    assert key_new.element_size() == layout.model_dtype_bytes
+    assert packed_cache.dtype == torch.uint8 and packed_cache.stride(-1) == 1
+    assert packed_cache.shape[1] == H and packed_cache.shape[2] == layout.head_page_bytes
+    check_alignment(layout, key_new.element_size(), packed_cache)
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.stride(-1) == 1
+    if B == 0:
+        return out
+    has_res = residual_cache is not None
+    if cfg.needs_residual_cache:
+        assert has_res, "this config keeps a residual window: residual_cache is required"
+    if has_res:
+        assert residual_cache.stride(-1) == 1 and residual_cache.dtype == key_new.dtype
+        res, rs = residual_cache, residual_cache.stride()[:4]
+        rbt = residual_block_table
+    else:
+        res, rs, rbt = key_new, (0, 0, 0, 0), block_table
+
+    rep = Hq // H
+    # Triton pads small M to the tensor-core tile itself; padding here to 16
+    # would make every softmax / scaling op on the score tile 16 / rep times
+    # wider (and cost registers)
+    rep_p = triton.next_power_of_2(rep) if rep_m is None else rep_m
+    bn = decode_tiles(layout, block_n)
+    br = max(16, triton.next_power_of_2(block_r))
+    if num_splits is None:
+        sms = _num_sms(query.device.index or 0) if query.is_cuda else 132
+        num_splits = decode_num_splits(B, H, max_seq_len, cfg, bn, num_sms=sms)
+    num_splits = max(1, int(num_splits))
+    # The interpreter's bf16 tl.dot is wrong (numpy has no bf16): fp32 dots
+    # there, so CPU tests do not cover the bf16 tensor-core path.
+    ieee = query.dtype == torch.float32 or _interpreted()
+    consts = layout_constexprs(layout)
+    block_d = consts["BLOCK_D"]
+    for which, bits in (("K", cfg.k_bits), ("V", cfg.v_bits)):
+        cvt = code_conversion(bits, query.dtype, ieee) if code_cvt is None else code_cvt
+        assert cvt == 0 or (cvt == 1 and (ieee or query.dtype == torch.float16)) or (
+            cvt == 3 and not ieee and query.dtype == torch.bfloat16 and bits <= 4) or (
+            cvt == 3 and not ieee and query.dtype == torch.float16), (cvt, bits, query.dtype)
+        # codes read as 16-bit elements (4 / 2 phases) for 4- and 8-bit rows:
+        # two codes per 32-bit op and ldmatrix-friendly; 2-bit rows stay
+        # bytes (8 phases of 16-bit elements would make too many small dots)
+        ew = 16 if 4 <= bits < 16 and D * bits >= 256 else 8
+        if elem_bits is not None and bits < 16:
+            ew = elem_bits
+        consts[f"{which}_EW"] = ew
+        consts[f"{which}_PH"] = ew // bits if bits < 16 else 1
+        consts[f"CVT_{which}"] = cvt if bits < 16 else 0
+        consts[f"{which}_MAGIC"] = _magic(consts[f"CVT_{which}"], query.dtype)
+    if num_splits > 1:
+        part_o = torch.empty(B, Hq, num_splits, block_d, dtype=torch.float32,
+                             device=query.device)
+        part_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=query.device)
+    else:
+        part_o = part_lse = out  # unused
+    _kvcomp_decode_kernel[(B, H, num_splits)](
+        query, query.stride(0), query.stride(1),
+        key_new, key_new.stride(0), key_new.stride(1),
+        value_new, value_new.stride(0), value_new.stride(1),
+        out, out.stride(0), out.stride(1),
+        part_o, part_lse,
+        packed_cache, packed_cache.stride(0), packed_cache.stride(1),
+        res, *rs,
+        block_table, block_table.stride(0), rbt, rbt.stride(0),
+        seq_lens, float(scale) * math.log2(math.e),
+        BS_R=residual_block_size if has_res else 1,
+        R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
+        REP=rep, REP_P=rep_p, BLOCK_N=bn, BLOCK_R=br, SPLIT=num_splits > 1,
+        HAS_RESIDUAL=has_res, IEEE=ieee,
+        num_warps=num_warps, num_stages=num_stages,
+        **consts,
+    )
+    if num_splits > 1:
+        _kvcomp_decode_merge_kernel[(B, Hq)](
+            part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
+            D=D, BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
+# PyTorch reference
+# --------------------------------------------------------------------------
+
+
+def decode_attention_reference(
+    query: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None,
+    block_table: torch.Tensor,
+    residual_block_table: torch.Tensor | None,
+    seq_lens,
+    layout: PageLayout,
+    cfg: KvcompConfig,
+    scale: float,
+    residual_block_size: int,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The attention half of ``attention_ref.kvcomp_step_reference`` for a
+    decode batch (same pieces: ``packing.dequantize_pages``,
+    ``gather_residual``, ``attend``); ``max_seq_len``/``num_splits`` are
+    ignored. A request with ``seq_lens[i] <= 0`` gets zeros."""
+    if out is None:
+        out = torch.empty_like(query)
+    model_dtype = key_new.dtype
+    bs = layout.block_size
+    for i, n in enumerate(int(x) for x in seq_lens):
+        if n <= 0:
+            out[i] = 0
+            continue
+        start = n - 1
+        q_old = cfg.quantized_prefix_len(start)
+        parts_k, parts_v = [], []
+        if q_old > 0:
+            nblk = -(-q_old // bs)
+            kp, vp = packing.dequantize_pages(
+                packed_cache, layout, block_table[i, :nblk].long(), model_dtype)
+            parts_k.append(kp[:q_old])
+            parts_v.append(vp[:q_old])
+        if start > q_old:
+            kr, vr = attention_ref.gather_residual(
+                residual_cache, residual_block_table[i], residual_block_size, q_old, start)
+            parts_k.append(kr.float())
+            parts_v.append(vr.float())
+        parts_k.append(key_new[i: i + 1].float())
+        parts_v.append(value_new[i: i + 1].float())
+        o = attention_ref.attend(query[i: i + 1], torch.cat(parts_k), torch.cat(parts_v),
+                                 scale, start)
+        out[i] = o[0].to(out.dtype)
+    return out
+
+
+__all__ = [
+    "decode_attention_reference",
+    "decode_num_splits",
+    "decode_tiles",
+    "kvcomp_decode_attention",
+]

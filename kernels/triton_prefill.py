@@ -1,0 +1,434 @@
+"""Triton attention for chunked prefill over packed pages + residual + fresh.
+
+For each request ``i`` (``qs, qe = query_start_loc[i], [i + 1]``,
+``n = seq_lens[i]``, ``start = n - (qe - qs)``, ``Q = cfg.quantized_prefix_len``)
+the fresh queries attend, causally and with GQA (query head ``hq`` reads KV
+head ``hq // (Hq / H)``), over
+
+* packed ``[0, Q(start))``: read from the packed pages through the block
+  table and dequantized in registers (no model-dtype copy of the cache),
+* residual ``[Q(start), start)``: full-precision residual pages,
+* fresh ``[start, n)``: the step's own ``key`` / ``value`` rows, causal,
+
+with an online softmax (flash-attention style) in float32. It does not write
+any cache: the store kernel (``triton_store.kvcomp_store``) hands over
+``[Q(start), Q(n))`` and writes the residual, and since those regions are
+disjoint from what is read here the two launches may run in either order
+(the residual write after this one if blocks can be re-used within a step, as
+in the reference).
+
+Grid ``(num_reqs, cdiv(max_query_len, BLOCK_T), H)``: a program takes
+``BLOCK_T`` query tokens of one request and all ``Hq / H`` query heads that
+share KV head ``h`` (rows = token x head, padded to a power of two), so every
+K/V tile is loaded and dequantized once for the whole GQA group. Programs past
+a request's query length exit at once. Only Python ints size the grid.
+
+Matmul precision: float32 models use IEEE fp32 dots; fp16/bf16 models cast the
+dequantized K/V tiles and the probabilities to the model dtype for the tensor
+cores, accumulating in float32 (tolerance ~1e-2 relative, as for bf16 KV).
+Under ``TRITON_INTERPRET=1`` all dots are fp32 (the interpreter's bf16
+``tl.dot`` is broken), so that path is only exercised on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.kernels import attention_ref, packing
+from vllm_kvcomp.kernels.triton_store import check_alignment, layout_constexprs
+from vllm_kvcomp.layout import PageLayout
+
+# --------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _unpack(byte, BITS: tl.constexpr):
+    """[N, B] int32 bytes -> [N, B * 8 / BITS] codes, channel 8/BITS*j + i at
+    bits [i*BITS, (i+1)*BITS) of byte j (little-endian, ``packing``)."""
+    if BITS == 8:
+        return byte
+    elif BITS == 4:
+        return tl.interleave(byte & 15, byte >> 4)
+    else:
+        return tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3),
+                             tl.interleave((byte >> 2) & 3, byte >> 6))
+
+
+@triton.jit
+def _load_page_tile(
+    cache_ptr, page_off, s0, valid, d, MODEL_DTYPE: tl.constexpr,
+    BITS: tl.constexpr, CODES_OFF: tl.constexpr, PARAMS_OFF: tl.constexpr,
+    ROW: tl.constexpr, PER_CHANNEL: tl.constexpr, G: tl.constexpr,
+    GC: tl.constexpr, NG: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_D] keys or values of slots [s0, s0 + BLOCK_N) of one
+    head's page at byte ``page_off`` (s0 a multiple of BLOCK_N, which divides
+    the block size; BLOCK_N and G powers of two, so a tile holds whole key
+    groups or lies inside one): raw model dtype at 16 bits, else ``code *
+    scale + min`` in float32. Codes are read as packed rows (vector loads) and
+    unpacked in registers; params are read once per group / token."""
+    BLOCK_D: tl.constexpr = d.shape[0]
+    slot = s0 + tl.arange(0, BLOCK_N)
+    dm = d < D
+    if BITS == 16:
+        ES: tl.constexpr = MODEL_DTYPE.primitive_bitwidth // 8
+        ep = cache_ptr.to(tl.pointer_type(MODEL_DTYPE))
+        rows = (page_off + CODES_OFF) // ES + slot * (ROW // ES)
+        x = tl.load(ep + rows[:, None] + d[None, :], mask=valid[:, None] & dm[None, :],
+                    other=0.0)
+    else:
+        PB: tl.constexpr = 8 // BITS
+        NBY: tl.constexpr = BLOCK_D // PB
+        jb = tl.arange(0, NBY)
+        rows = page_off + CODES_OFF + slot * ROW
+        byte = tl.load(cache_ptr + rows[:, None] + jb[None, :],
+                       mask=valid[:, None] & (jb < ROW)[None, :], other=0)
+        code = _unpack(byte.to(tl.int32), BITS).to(tl.float32)  # [N, BLOCK_D]
+        fp = cache_ptr.to(tl.pointer_type(tl.float16))
+        pbase = (page_off + PARAMS_OFF) // 2
+        if PER_CHANNEL:
+            if BLOCK_N <= G:  # one group: one (scale, min) row for the tile
+                p_ptr = fp + pbase + (s0 // G) * (D * 2) + d * 2
+                sc = tl.load(p_ptr, mask=dm, other=0.0).to(tl.float32)
+                mn = tl.load(p_ptr + 1, mask=dm, other=0.0).to(tl.float32)
+                x = code * sc[None, :] + mn[None, :]
+            else:
+                NGT: tl.constexpr = BLOCK_N // G
+                gr = s0 // G + tl.arange(0, NGT)
+                p_ptr = fp + pbase + gr[:, None] * (D * 2) + d[None, :] * 2
+                sc = tl.load(p_ptr, mask=dm[None, :], other=0.0).to(tl.float32)
+                mn = tl.load(p_ptr + 1, mask=dm[None, :], other=0.0).to(tl.float32)
+                sc = tl.reshape(tl.broadcast_to(sc[:, None, :], (NGT, G, BLOCK_D)),
+                                (BLOCK_N, BLOCK_D))
+                mn = tl.reshape(tl.broadcast_to(mn[:, None, :], (NGT, G, BLOCK_D)),
+                                (BLOCK_N, BLOCK_D))
+                x = code * sc + mn
+        else:
+            if NG == 1:  # one group per token
+                p_ptr = fp + pbase + slot * 2
+                sc = tl.load(p_ptr, mask=valid, other=0.0).to(tl.float32)
+                mn = tl.load(p_ptr + 1, mask=valid, other=0.0).to(tl.float32)
+                x = code * sc[:, None] + mn[:, None]
+            elif NG * GC == BLOCK_D:  # power-of-two head size: expand by reshape
+                gi = tl.arange(0, NG)
+                p_ptr = fp + pbase + (slot[:, None] * NG + gi[None, :]) * 2
+                sc = tl.load(p_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
+                mn = tl.load(p_ptr + 1, mask=valid[:, None], other=0.0).to(tl.float32)
+                sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, NG, GC)),
+                                (BLOCK_N, BLOCK_D))
+                mn = tl.reshape(tl.broadcast_to(mn[:, :, None], (BLOCK_N, NG, GC)),
+                                (BLOCK_N, BLOCK_D))
+                x = code * sc + mn
+            else:  # other head sizes: gather each channel's group (L1 hits)
+                m = valid[:, None] & dm[None, :]
+                p_ptr = fp + pbase + (slot[:, None] * NG + (d // GC)[None, :]) * 2
+                sc = tl.load(p_ptr, mask=m, other=0.0).to(tl.float32)
+                mn = tl.load(p_ptr + 1, mask=m, other=0.0).to(tl.float32)
+                x = code * sc + mn
+    return x
+
+
+@triton.jit
+def _attend_block(q, k, v, mask, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+    """Online-softmax update with one K/V tile; scores in log2 units."""
+    k = k.to(q.dtype)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(mask, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _kvcomp_prefill_kernel(
+    q_ptr, stride_qt, stride_qh,
+    k_ptr, stride_kt, stride_kh,
+    v_ptr, stride_vt, stride_vh,
+    o_ptr, stride_ot, stride_oh,
+    cache_ptr, stride_cb, stride_ch,
+    res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt,
+    bt_ptr, stride_bt, rbt_ptr, stride_rbt,
+    qsl_ptr, seq_lens_ptr, qk_scale,
+    D: tl.constexpr, BS: tl.constexpr, BS_R: tl.constexpr,
+    R: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+    K_GC: tl.constexpr, K_NG: tl.constexpr, V_GC: tl.constexpr, V_NG: tl.constexpr,
+    K_CODES_OFF: tl.constexpr, K_PARAMS_OFF: tl.constexpr, K_ROW: tl.constexpr,
+    V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
+    REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    i = tl.program_id(0)
+    tile = tl.program_id(1)
+    h = tl.program_id(2)
+    qs = tl.load(qsl_ptr + i)
+    qe = tl.load(qsl_ptr + i + 1)
+    q_len = qe - qs
+    t0 = tile * BLOCK_T
+    if t0 >= q_len:
+        return
+    n = tl.load(seq_lens_ptr + i)
+    start = n - q_len
+    q_old = tl.maximum(start - R, 0) // ALIGN * ALIGN
+    MODEL_DTYPE: tl.constexpr = k_ptr.dtype.element_ty
+
+    ROWS: tl.constexpr = BLOCK_T * REP_P
+    r = tl.arange(0, ROWS)
+    tq = t0 + r // REP_P  # query token index within the request
+    hr = r % REP_P
+    row_ok = (tq < q_len) & (hr < REP)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    hq = h * REP + hr
+    q_off = (qs + tq).to(tl.int64) * stride_qt + hq * stride_qh
+    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & dm[None, :],
+                other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([ROWS], -1.0e30, tl.float32)  # finite: padded rows stay NaN-free
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    nn = tl.arange(0, BLOCK_N)
+
+    # 1. packed prefix [0, Q(start)): tiles of BLOCK_N slots of one page
+    bt_row = bt_ptr + i.to(tl.int64) * stride_bt
+    for n0 in range(0, q_old, BLOCK_N):
+        valid = n0 + nn < q_old
+        blk = tl.load(bt_row + n0 // BS).to(tl.int64)
+        page_off = blk * stride_cb + h * stride_ch
+        s0 = n0 % BS
+        k = _load_page_tile(cache_ptr, page_off, s0, valid, d, MODEL_DTYPE,
+                            K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW, KEY_CHANNEL, G,
+                            K_GC, K_NG, D, BLOCK_N)
+        v = _load_page_tile(cache_ptr, page_off, s0, valid, d, MODEL_DTYPE,
+                            V_BITS, V_CODES_OFF, V_PARAMS_OFF, V_ROW, False, G,
+                            V_GC, V_NG, D, BLOCK_N)
+        m_i, l_i, acc = _attend_block(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, IEEE)
+
+    # 2. residual [Q(start), start)
+    if HAS_RESIDUAL:
+        rbt_row = rbt_ptr + i.to(tl.int64) * stride_rbt
+        for n0 in range(q_old, start, BLOCK_N):
+            pos = n0 + nn
+            valid = pos < start
+            rb = tl.load(rbt_row + pos // BS_R, mask=valid, other=0).to(tl.int64)
+            off = rb * stride_rb + h * stride_rh + (pos % BS_R) * stride_rt
+            mk = valid[:, None] & dm[None, :]
+            k = tl.load(res_ptr + off[:, None] + d[None, :], mask=mk, other=0.0)
+            v = tl.load(res_ptr + stride_rkv + off[:, None] + d[None, :], mask=mk, other=0.0)
+            m_i, l_i, acc = _attend_block(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale,
+                                          IEEE)
+
+    # 3. fresh [start, n), causal
+    hi = tl.minimum(q_len, t0 + BLOCK_T)
+    for n0 in range(0, hi, BLOCK_N):
+        j = n0 + nn
+        valid = j < q_len
+        jt = (qs + j).to(tl.int64)
+        mk = valid[:, None] & dm[None, :]
+        k = tl.load(k_ptr + (jt * stride_kt + h * stride_kh)[:, None] + d[None, :],
+                    mask=mk, other=0.0)
+        v = tl.load(v_ptr + (jt * stride_vt + h * stride_vh)[:, None] + d[None, :],
+                    mask=mk, other=0.0)
+        causal = valid[None, :] & (j[None, :] <= tq[:, None])
+        m_i, l_i, acc = _attend_block(q, k, v, causal, m_i, l_i, acc, qk_scale, IEEE)
+
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_i[:, None]
+    o_off = (qs + tq).to(tl.int64) * stride_ot + hq * stride_oh
+    tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dm[None, :])
+
+
+# --------------------------------------------------------------------------
+# host wrapper
+# --------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def prefill_tiles(num_q_per_kv: int, max_query_len: int, block_rows: int = 64) -> tuple[int, int]:
+    """(BLOCK_T, REP_P): query tokens per program and padded GQA group; rows
+    BLOCK_T * REP_P stay >= 16 (tensor-core minimum) and ~``block_rows``."""
+    rep_p = triton.next_power_of_2(num_q_per_kv)
+    bt = max(1, block_rows // rep_p)
+    bt = min(bt, triton.next_power_of_2(max(1, max_query_len)))
+    bt = max(bt, triton.cdiv(16, rep_p))
+    return bt, rep_p
+
+
+def kvcomp_prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None,
+    block_table: torch.Tensor,
+    residual_block_table: torch.Tensor | None,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    layout: PageLayout,
+    cfg: KvcompConfig,
+    scale: float,
+    residual_block_size: int,
+    max_query_len: int,
+    out: torch.Tensor,
+    block_n: int = 64,
+    block_rows: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention (1) for all requests of a batch; writes ``out`` [T, Hq, D].
+
+    query [T, Hq, D], key/value [T, H, D] (fresh rows, channel stride 1, any
+    row/head strides), packed_cache uint8 [nb, H, head_page_bytes],
+    residual_cache [nb_r, 2, H, bs_r, D] (strided view allowed) or None when
+    the config keeps no residual window, int32 block tables / query_start_loc
+    [B + 1] / seq_lens [B] on the device. ``max_query_len`` (Python int) must
+    bound every request's fresh-token count: it sizes the grid.
+    """
+    assert layout.config == cfg
+    num_reqs = seq_lens.shape[0]
+    T, Hq, D = query.shape
+    H = key.shape[1]
+    assert D == layout.head_size and Hq % H == 0
+    assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+    assert out.stride(-1) == 1
+    assert key.dtype == value.dtype and key.element_size() == layout.model_dtype_bytes
+    assert packed_cache.dtype == torch.uint8 and packed_cache.stride(-1) == 1
+    assert packed_cache.shape[1] == H and packed_cache.shape[2] == layout.head_page_bytes
+    check_alignment(layout, key.element_size(), packed_cache)
+    if num_reqs == 0 or max_query_len <= 0:
+        return out
+    has_res = residual_cache is not None
+    if cfg.needs_residual_cache:
+        assert has_res, "this config keeps a residual window: residual_cache is required"
+    if has_res:
+        assert residual_cache.stride(-1) == 1
+        res, rs = residual_cache, residual_cache.stride()[:4]
+        rbt = residual_block_table
+    else:
+        res, rs, rbt = key, (0, 0, 0, 0), block_table
+    rep = Hq // H
+    block_t, rep_p = prefill_tiles(rep, max_query_len, block_rows)
+    # packed tiles must not straddle pages: largest power of two <= block_n
+    # dividing the block size (>= 16 for tl.dot)
+    bs = layout.block_size
+    block_n = 1 << (block_n.bit_length() - 1)
+    while bs % block_n:
+        block_n //= 2
+    if block_n < 16:
+        raise NotImplementedError(
+            f"the Triton prefill kernel needs a block size divisible by 16, got {bs}")
+    # The interpreter's bf16 tl.dot is wrong (numpy has no bf16): do fp32
+    # dots there, so CPU tests do not cover the bf16 tensor-core path.
+    ieee = query.dtype == torch.float32 or _interpreted()
+    if not ieee:
+        assert query.dtype == key.dtype, "fp16/bf16 dots need one dtype for Q and K/V"
+    grid = (num_reqs, triton.cdiv(max_query_len, block_t), H)
+    _kvcomp_prefill_kernel[grid](
+        query, query.stride(0), query.stride(1),
+        key, key.stride(0), key.stride(1),
+        value, value.stride(0), value.stride(1),
+        out, out.stride(0), out.stride(1),
+        packed_cache, packed_cache.stride(0), packed_cache.stride(1),
+        res, *rs,
+        block_table, block_table.stride(0), rbt, rbt.stride(0),
+        query_start_loc, seq_lens, float(scale) * math.log2(math.e),
+        BS_R=residual_block_size if has_res else 1,
+        R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
+        REP=rep, REP_P=rep_p, BLOCK_T=block_t, BLOCK_N=block_n,
+        HAS_RESIDUAL=has_res, IEEE=ieee,
+        num_warps=num_warps, num_stages=num_stages,
+        **layout_constexprs(layout),
+    )
+    return out
+
+
+# --------------------------------------------------------------------------
+# PyTorch reference
+# --------------------------------------------------------------------------
+
+
+def prefill_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None,
+    block_table: torch.Tensor,
+    residual_block_table: torch.Tensor | None,
+    query_start_loc,
+    seq_lens,
+    layout: PageLayout,
+    cfg: KvcompConfig,
+    scale: float,
+    residual_block_size: int,
+    max_query_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The attention half of ``attention_ref.kvcomp_step_reference`` (same
+    pieces: ``packing.dequantize_pages``, ``gather_residual``, ``attend``);
+    writes nothing but ``out``."""
+    if out is None:
+        out = torch.empty_like(query)
+    model_dtype = key.dtype
+    bs = layout.block_size
+    qsl = [int(x) for x in query_start_loc]
+    lens = [int(x) for x in seq_lens]
+    for i in range(len(lens)):
+        qs, qe = qsl[i], qsl[i + 1]
+        if qe == qs:
+            continue
+        n = lens[i]
+        start = n - (qe - qs)
+        q_old = cfg.quantized_prefix_len(start)
+        parts_k, parts_v = [], []
+        if q_old > 0:
+            nblk = -(-q_old // bs)
+            kp, vp = packing.dequantize_pages(
+                packed_cache, layout, block_table[i, :nblk].long(), model_dtype
+            )
+            parts_k.append(kp[:q_old])
+            parts_v.append(vp[:q_old])
+        if start > q_old:
+            kr, vr = attention_ref.gather_residual(
+                residual_cache, residual_block_table[i], residual_block_size, q_old, start
+            )
+            parts_k.append(kr.float())
+            parts_v.append(vr.float())
+        parts_k.append(key[qs:qe].float())
+        parts_v.append(value[qs:qe].float())
+        o = attention_ref.attend(query[qs:qe], torch.cat(parts_k), torch.cat(parts_v), scale,
+                                 start)
+        out[qs:qe] = o.to(out.dtype)
+    return out
+
+
+__all__ = [
+    "kvcomp_prefill_attention",
+    "prefill_attention_reference",
+    "prefill_tiles",
+]

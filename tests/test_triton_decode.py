@@ -1,0 +1,333 @@
+"""Triton decode attention over packed pages (``triton_decode``) against its
+PyTorch reference, which is itself checked against the decode step of
+``attention_ref.kvcomp_step_reference``.
+
+Histories are written with the reference writers (``packing``): packed pages
+for ``[0, Q(start))``, residual pages for ``[Q(start), start)``, in shuffled
+block ids, for batches of requests of different lengths (not multiples of the
+group or block size; some with ``Q(start) = 0``, i.e. residual and fresh
+token only; one of length 1). Every kernel case runs with one split (the
+kernel writes the output) and with several (partials + merge kernel).
+
+Runs on CPU under ``TRITON_INTERPRET=1`` (set here when there is no GPU).
+Tolerances: float32 models atol = rtol = 2e-3 (IEEE fp32 dots; ~1e-6 seen in
+the interpreter), bf16 models atol = rtol = 2e-2 (output rounded to bf16; on a
+GPU the dots take bf16 operands). The interpreter runs every dot in fp32 (its
+bf16 ``tl.dot`` is broken), so the tensor-core path is only covered on a GPU.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+from vllm_kvcomp.config import KvcompConfig  # noqa: E402
+from vllm_kvcomp.kernels import packing  # noqa: E402
+from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference  # noqa: E402
+from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
+    decode_attention_reference,
+    decode_num_splits,
+    decode_tiles,
+    kvcomp_decode_attention,
+)
+from vllm_kvcomp.layout import PageLayout  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+# The interpreter turns a 1-element array into a loop bound (numpy warns).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
+
+BITS_AXES = [((16, 16), "channel"), ((8, 8), "channel"), ((4, 4), "channel"),
+             ((2, 2), "channel"), ((4, 2), "channel"), ((8, 8), "token"),
+             ((4, 4), "token"), ((2, 2), "token"), ((4, 2), "token")]
+BITS_AXES_IDS = [f"k{b[0]}v{b[1]}-{a}" for b, a in BITS_AXES]
+
+
+class DecodeBatch:
+    """A decode step of ``len(lens)`` requests (``lens[i]`` tokens after the
+    step) whose histories were stored by the reference writers."""
+
+    def __init__(self, cfg, lens, H=2, D=64, rep=4, dtype=torch.float32, block_size=32,
+                 bs_r=16, seed=0, pad_residual=False):
+        self.cfg, self.lens, self.dtype = cfg, list(lens), dtype
+        self.layout = layout = PageLayout(cfg, block_size, D, dtype.itemsize)
+        self.bs_r, self.scale = bs_r, D ** -0.5
+        B, bs = len(lens), block_size
+        rng = random.Random(seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        maxb = max(1, -(-max(lens) // bs))
+        maxb_r = max(1, -(-max(lens) // bs_r))
+        ids = list(range(1, B * maxb + 1))
+        rng.shuffle(ids)
+        self.block_table = torch.tensor(ids, dtype=torch.int32).view(B, maxb)
+        self.packed = torch.zeros(B * maxb + 1, H, layout.head_page_bytes, dtype=torch.uint8)
+        ids_r = list(range(1, B * maxb_r + 1))
+        rng.shuffle(ids_r)
+        self.residual_table = torch.tensor(ids_r, dtype=torch.int32).view(B, maxb_r)
+        self.residual = None
+        if cfg.needs_residual_cache:
+            shape = (B * maxb_r + 1, 2, H, bs_r, D)
+            if pad_residual:
+                # vLLM hands the residual group a strided view padded to the
+                # packed page size.
+                inner = shape[1] * shape[2] * shape[3] * shape[4]
+                buf = torch.zeros(shape[0], inner + 40, dtype=dtype)
+                self.residual = buf[:, :inner].view(shape)
+            else:
+                self.residual = torch.zeros(shape, dtype=dtype)
+        self.K, self.V = [], []
+        for i, n in enumerate(lens):
+            k = torch.randn(max(n, 0), H, D, generator=g)
+            k[..., :3] *= 6  # a few large channels, as real keys have (KIVI)
+            self.K.append(k.to(dtype))
+            self.V.append(torch.randn(max(n, 0), H, D, generator=g).to(dtype))
+            if n > 0:
+                self._store_history(i, n - 1)
+        self.query = (2 * torch.randn(B, H * rep, D, generator=g)).to(dtype)
+        zero = torch.zeros(H, D, dtype=dtype)
+        self.key_new = torch.stack([k[-1] if len(k) else zero for k in self.K])
+        self.value_new = torch.stack([v[-1] if len(v) else zero for v in self.V])
+        self.seq_lens = torch.tensor(lens, dtype=torch.int32)
+
+    def _store_history(self, i, start):
+        cfg, layout, bs = self.cfg, self.layout, self.layout.block_size
+        K, V = self.K[i][:start], self.V[i][:start]
+        Q = cfg.quantized_prefix_len(start)
+        row = self.block_table[i]
+        pos = torch.arange(Q)
+        if Q:
+            if cfg.k_bits < 16 and cfg.key_axis == "channel":
+                G = cfg.group_size
+                gpos = pos[::G]
+                packing.store_key_groups_per_channel(
+                    self.packed, layout, K[:Q].reshape(Q // G, G, *K.shape[1:]),
+                    row[gpos // bs].long(), (gpos % bs) // G)
+            else:
+                packing.store_per_token(self.packed, layout, "k", K[:Q], row[pos // bs].long(),
+                                        pos % bs)
+            packing.store_per_token(self.packed, layout, "v", V[:Q], row[pos // bs].long(),
+                                    pos % bs)
+        if start > Q:
+            pos = torch.arange(Q, start)
+            blk = self.residual_table[i][pos // self.bs_r].long()
+            off = pos % self.bs_r
+            self.residual[blk, 0, :, off, :] = K[Q:]
+            self.residual[blk, 1, :, off, :] = V[Q:]
+
+    def args(self, device="cpu"):
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return (to(self.query), to(self.key_new), to(self.value_new), to(self.packed),
+                to(self.residual), to(self.block_table), to(self.residual_table),
+                to(self.seq_lens), self.layout, self.cfg, self.scale, self.bs_r)
+
+    def reference(self):
+        return decode_attention_reference(*self.args())
+
+    def triton(self, num_splits=None, max_seq_len=None, **kw):
+        args = self.args(DEVICE)
+        packed_before = args[3].clone()
+        out = kvcomp_decode_attention(*args, max_seq_len or max(self.lens),
+                                      num_splits=num_splits, **kw)
+        assert torch.equal(args[3], packed_before), "decode must not write the cache"
+        return out.cpu()
+
+
+def check(batch: DecodeBatch, splits=(1, 3), **kw):
+    ref = batch.reference()
+    tol = TOL[batch.dtype]
+    for s in splits:
+        out = batch.triton(num_splits=s, **kw)
+        assert out.dtype == batch.dtype
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol,
+                                   msg=lambda m: f"num_splits={s}: {m}")
+
+
+def lens_for(cfg: KvcompConfig) -> list[int]:
+    """Lengths around the interesting boundaries: only the fresh token, only
+    residual (Q(start) = 0), a Q that is not a block multiple, and longer."""
+    G, R = cfg.group_size, cfg.residual_tokens
+    return [1, R + 1, R + G + 7, R + 3 * G + 1, R + 4 * G + 13]
+
+
+# ---------------------------------------------------------------- oracle
+
+
+def test_reference_matches_step_reference():
+    """decode_attention_reference is the attention of kvcomp_step_reference."""
+    cfg = KvcompConfig(k_bits=4, v_bits=2, group_size=16, residual_tokens=8)
+    b = DecodeBatch(cfg, lens_for(cfg))
+    B = len(b.lens)
+    out = torch.empty_like(b.query)
+    batch = BatchView(query_start_loc=list(range(B + 1)), seq_lens=b.lens,
+                      block_table=b.block_table, residual_block_table=b.residual_table,
+                      residual_slot_mapping=None, residual_block_size=b.bs_r)
+    kvcomp_step_reference(b.query, b.key_new, b.value_new, out, b.packed.clone(),
+                          b.residual, b.layout, cfg, b.scale, batch)
+    torch.testing.assert_close(b.reference(), out, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- kernel
+
+
+@pytest.mark.parametrize("bits,axis", BITS_AXES, ids=BITS_AXES_IDS)
+def test_bits_and_key_axis(bits, axis):
+    """Every code width, per-channel and per-token keys, with channel groups
+    smaller than the head (values / per-token keys dequantized in registers)."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16, residual_tokens=8,
+                       key_axis=axis)
+    check(DecodeBatch(cfg, lens_for(cfg), seed=sum(bits)))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("rep", [1, 4, 8])
+def test_head_dim_and_gqa(D, rep):
+    """group_size == head_size: the folded paths (scale in the query for keys,
+    in the probabilities for values), one tile per key group."""
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=D, residual_tokens=16)
+    check(DecodeBatch(cfg, [3, 2 * D + 20, 3 * D + 17], D=D, rep=rep, block_size=2 * D,
+                      seed=D + rep))
+
+
+@pytest.mark.parametrize("bits,axis", [((4, 4), "token"), ((2, 2), "token"),
+                                       ((8, 2), "channel"), ((2, 8), "channel")],
+                         ids=["k4v4-token", "k2v2-token", "k8v2-channel", "k2v8-channel"])
+def test_folded_paths(bits, axis):
+    """group_size == head_size with other widths; per-token keys take the
+    per-column scale path."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=64, residual_tokens=16,
+                       key_axis=axis)
+    check(DecodeBatch(cfg, [2, 150, 211], D=64, rep=2, block_size=64, seed=7))
+
+
+@pytest.mark.parametrize("bits,axis", [((4, 4), "channel"), ((4, 4), "token"),
+                                       ((16, 16), "channel"), ((2, 4), "token")],
+                         ids=["k4v4-channel", "k4v4-token", "k16v16", "k2v4-token"])
+def test_no_residual_tokens(bits, axis):
+    """residual_tokens = 0: per-channel keys still keep a partial group in the
+    residual pages; per-token and 16-bit configs have no residual cache."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16, residual_tokens=0,
+                       key_axis=axis)
+    b = DecodeBatch(cfg, [1, 2, 17, 40, 70], seed=3)
+    assert (b.residual is None) == (not cfg.needs_residual_cache)
+    check(b)
+
+
+@pytest.mark.parametrize("bits,axis,G", [((4, 4), "channel", 64), ((2, 8), "token", 64),
+                                         ((8, 2), "channel", 16)],
+                         ids=["k4v4-channel", "k2v8-token", "k8v2-channel-g16"])
+def test_mantissa_code_conversion(bits, axis, G):
+    """code_cvt=1: codes enter the dots as fp16 ``1024 + code`` and the offset
+    is taken out through the per-row bias (the GPU's fp16/bf16 fast path; here
+    exercised with fp32 dots)."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=G, residual_tokens=16,
+                       key_axis=axis)
+    check(DecodeBatch(cfg, [2, 150], D=64, rep=2, block_size=64, seed=19), code_cvt=1)
+
+
+@pytest.mark.parametrize("bits,D,elem", [((4, 4), 64, 8), ((4, 4), 64, 16), ((8, 8), 64, 8),
+                                         ((8, 2), 64, 16), ((2, 2), 128, 16)],
+                         ids=["k4v4-e8", "k4v4-e16", "k8v8-e8", "k8v2-e16", "k2v2-d128-e16"])
+def test_code_element_width(bits, D, elem):
+    """Codes read as bytes or as 16-bit elements (phases: channels
+    ``(elem / bits) * w + j``), whatever the default for the width is."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=D, residual_tokens=16)
+    check(DecodeBatch(cfg, [3, 2 * D + 5], D=D, rep=2, block_size=D, seed=23), elem_bits=elem)
+
+
+@pytest.mark.parametrize("bits,axis,D,elem", [((4, 4), "channel", 64, None),
+                                              ((8, 2), "token", 64, None),
+                                              ((8, 4), "channel", 64, 8),
+                                              ((2, 2), "token", 128, 16)],
+                         ids=["k4v4-channel", "k8v2-token", "k8v4-e8", "k2v2-d128-e16"])
+def test_fp16(bits, axis, D, elem):
+    """fp16 models: on a GPU, codes enter fp16 dots as 1024 + code (8-bit
+    codes too), through every PTX unpacking variant for fp16."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=D, residual_tokens=16,
+                       key_axis=axis)
+    check(DecodeBatch(cfg, [1, D + 26, 3 * D + 11], D=D, rep=4, block_size=D,
+                      dtype=torch.float16, seed=29), elem_bits=elem)
+
+
+def test_small_key_groups():
+    """group_size 8 < the 16-token tile: several key groups per tile, keys
+    dequantized in registers."""
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=8, residual_tokens=4)
+    check(DecodeBatch(cfg, [1, 12, 45, 90], seed=5))
+
+
+@pytest.mark.parametrize("bits,axis,D,elem", [((4, 4), "channel", 64, None),
+                                              ((2, 2), "token", 64, None),
+                                              ((16, 16), "channel", 64, None),
+                                              ((4, 2), "channel", 64, 8),
+                                              ((2, 2), "channel", 128, 16)],
+                         ids=["k4v4-channel", "k2v2-token", "k16v16", "k4v2-e8",
+                              "k2v2-d128-e16"])
+def test_bf16(bits, axis, D, elem):
+    """bf16 models; on a GPU every PTX unpacking variant for bf16 (bytes and
+    16-bit elements, 2 and 4 bits) runs here."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=D, residual_tokens=16,
+                       key_axis=axis)
+    check(DecodeBatch(cfg, [1, D + 26, 3 * D + 11], D=D, rep=4, block_size=D,
+                      dtype=torch.bfloat16, seed=11), elem_bits=elem)
+
+
+def test_more_splits_than_tiles_and_padding():
+    """Empty splits, a request of length 0 (CUDA-graph padding: zeros), the
+    default split heuristic, and a loose max_seq_len bound."""
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=8)
+    b = DecodeBatch(cfg, [0, 30, 75], seed=13)
+    ref = b.reference()
+    assert torch.equal(ref[0], torch.zeros_like(ref[0]))
+    for s in (1, 4, None):
+        out = b.triton(num_splits=s, max_seq_len=128)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_strided_inputs():
+    """q / k / v as column slices of one qkv projection, a strided output and
+    a padded residual view, as vLLM passes them."""
+    cfg = KvcompConfig(k_bits=4, v_bits=2, group_size=16, residual_tokens=8)
+    b = DecodeBatch(cfg, [5, 60, 101], rep=2, pad_residual=True, seed=17)
+    ref = b.reference()
+    B, Hq, D = b.query.shape
+    H = b.key_new.shape[1]
+    qkv = torch.zeros(B, Hq + 2 * H + 1, D, dtype=b.dtype)
+    qkv[:, :Hq], qkv[:, Hq: Hq + H], qkv[:, Hq + H: Hq + 2 * H] = b.query, b.key_new, b.value_new
+    qkv = qkv.to(DEVICE)
+    args = list(b.args(DEVICE))
+    args[0], args[1], args[2] = qkv[:, :Hq], qkv[:, Hq: Hq + H], qkv[:, Hq + H: Hq + 2 * H]
+    for s in (1, 2):
+        out_buf = torch.full((B, Hq, D + 8), float("nan"), device=DEVICE)
+        out = kvcomp_decode_attention(*args, 128, num_splits=s, out=out_buf[:, :, :D])
+        assert out.data_ptr() == out_buf.data_ptr()
+        torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+        assert torch.isnan(out_buf[:, :, D:]).all()
+
+
+# ---------------------------------------------------------------- host logic
+
+
+def test_split_heuristic():
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=128, residual_tokens=128)
+    layout = PageLayout(cfg, 128, 128)
+    bn = decode_tiles(layout)
+    assert bn == 128
+    # nothing packed yet: one split
+    assert decode_num_splits(1, 8, 200, cfg, bn) == 1
+    # one request: spread over the GPU, bounded by the tiles
+    s1 = decode_num_splits(1, 8, 1024, cfg, bn)
+    assert 1 < s1 <= 64
+    # big batch at long context: few splits, since B * H already fills it
+    assert decode_num_splits(64, 8, 32768, cfg, bn, programs_per_sm=4) == 2
+    assert decode_num_splits(256, 8, 32768, cfg, bn, programs_per_sm=4) == 1
+    assert decode_num_splits(1, 8, 131072, cfg, bn) == 64
+    # tiles never straddle a key group or a page
+    assert decode_tiles(PageLayout(KvcompConfig(group_size=32, block_size=64), 64, 128)) == 32
+    assert decode_tiles(PageLayout(KvcompConfig(k_bits=16, v_bits=16), 48, 128)) == 16

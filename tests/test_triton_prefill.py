@@ -1,0 +1,189 @@
+"""Triton chunked-prefill attention over packed pages + residual + fresh
+tokens against its PyTorch reference (the attention half of
+``kvcomp_step_reference``), on mixed batches through simulated paged blocks.
+
+Runs on CPU under ``TRITON_INTERPRET=1`` (set here when there is no GPU).
+Tolerances: float32 models atol = rtol = 2e-3 (IEEE fp32 dots; measured
+~1e-6 in the interpreter), fp16/bf16 models atol = rtol = 2e-2 (outputs are
+rounded to the model dtype; on a GPU the dots take bf16/fp16 K/V tiles). Note
+that the interpreter runs every dot in fp32 (its bf16 ``tl.dot`` is broken),
+so the half-precision tensor-core path is only exercised on a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+from sim_paged import SimPagedCache  # noqa: E402
+from test_triton_store import BITS_AXES, BITS_AXES_IDS, DEVICE, Step, mixed_plans  # noqa: E402
+from vllm_kvcomp.config import KvcompConfig  # noqa: E402
+from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference  # noqa: E402
+from vllm_kvcomp.kernels.triton_prefill import (  # noqa: E402
+    kvcomp_prefill_attention,
+    prefill_attention_reference,
+)
+from vllm_kvcomp.kernels.triton_store import kvcomp_store  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
+
+TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def reference_out(step: Step) -> torch.Tensor:
+    b = step.batch
+    return prefill_attention_reference(
+        step.query, step.key, step.value, step.sim.packed, step.sim.residual, b.block_table,
+        b.residual_block_table, b.query_start_loc, b.seq_lens, step.layout, step.cfg,
+        step.scale, step.bs_r)
+
+
+def triton_out(step: Step, max_query_len=None, block_n=32, **kw) -> torch.Tensor:
+    d = step.dev()
+    out = torch.full_like(d["query"], float("nan")).contiguous()
+    kvcomp_prefill_attention(
+        d["query"], d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
+        d["residual_block_table"], d["query_start_loc"], d["seq_lens"], step.layout, step.cfg,
+        step.scale, step.bs_r, max_query_len or step.max_query_len, out, block_n=block_n, **kw)
+    # Attention reads the caches only.
+    assert torch.equal(d["packed"].cpu(), step.sim.packed)
+    return out.cpu()
+
+
+def check(step: Step, **kw):
+    ref = reference_out(step)
+    out = triton_out(step, **kw)
+    assert not out.isnan().any()
+    tol = TOL[step.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    return (out.float() - ref.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("residual", [0, 24])
+@pytest.mark.parametrize("bits, key_axis", BITS_AXES, ids=BITS_AXES_IDS)
+def test_prefill_matches_reference_mixed_batch(bits, key_axis, residual):
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16,
+                       residual_tokens=residual, key_axis=key_axis)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=64, rep=4, seed=sum(bits) + residual)
+    # Packed prefix, residual and fresh parts are all present in the batch.
+    assert any(cfg.quantized_prefix_len(s) > 0 for s, _ in step.plans)
+    assert any(s > cfg.quantized_prefix_len(s) for s, _ in step.plans) or residual == 0
+    check(step)
+
+
+@pytest.mark.parametrize(
+    "D, rep, dtype",
+    [(64, 1, torch.float32), (64, 8, torch.float32), (64, 3, torch.float32),
+     (128, 1, torch.bfloat16), (128, 4, torch.float32), (128, 8, torch.bfloat16),
+     (128, 4, torch.float16), (96, 4, torch.float32)],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
+def test_prefill_head_dims_gqa_ratios_dtypes(D, rep, dtype):
+    cfg = KvcompConfig(k_bits=4, v_bits=2, group_size=32, residual_tokens=24)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=D, rep=rep, dtype=dtype, seed=D + rep)
+    check(step)
+
+
+@pytest.mark.parametrize(
+    "bits, key_axis, D, group, block, block_n",
+    [((4, 4), "token", 96, 32, 32, 32),    # 3 channel groups: gathered params
+     ((2, 4), "channel", 64, 64, 64, 32),  # group >= head size; tile inside a group
+     ((4, 2), "channel", 64, 16, 64, 64),  # tile of 4 key groups
+     ((8, 2), "token", 128, 128, 32, 16)],  # one param per token
+    ids=["d96-tok", "g64-ch-tile32", "g16-ch-tile64", "d128-g128-tok-tile16"],
+)
+def test_prefill_param_layouts_and_tiles(bits, key_axis, D, group, block, block_n):
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=group, residual_tokens=24,
+                       key_axis=key_axis)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=D, rep=2, seed=D + group, block_size=block)
+    check(step, block_n=block_n)
+
+
+@pytest.mark.parametrize("key_axis", ["channel", "token"])
+def test_prefill_kernel_on_decode_only_batch(key_axis):
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=24,
+                       key_axis=key_axis)
+    plans = [(24 + 16 * k - 1, 1) for k in (1, 2, 3)] + [(50, 1), (5, 1)]
+    step = Step(cfg, plans, H=2, D=64, rep=4, seed=23)
+    check(step)
+
+
+def test_prefill_strided_qkv_padded_residual_and_oversized_grid():
+    cfg = KvcompConfig(k_bits=8, v_bits=4, group_size=16, residual_tokens=24, key_axis="token")
+    step = Step(cfg, mixed_plans(cfg), H=2, D=64, rep=2, seed=29, strided=True,
+                pad_residual=True)
+    check(step, max_query_len=step.max_query_len + 40, block_rows=32)
+
+
+def test_prefill_reference_equals_full_reference_step():
+    """The oracle used here computes what kvcomp_step_reference outputs."""
+    cfg = KvcompConfig(k_bits=2, v_bits=4, group_size=16, residual_tokens=24)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=64, rep=4, seed=31)
+    full = torch.empty_like(step.query)
+    kvcomp_step_reference(step.query, step.key, step.value, full, step.sim.packed.clone(),
+                          step.sim.residual.clone(), step.layout, cfg, step.scale, step.batch)
+    torch.testing.assert_close(reference_out(step), full, atol=0, rtol=0)
+
+
+def test_prefill_detects_wrong_nibble_order():
+    """The comparison is not vacuous: swapping the nibbles of the packed
+    values the kernel reads moves the output far beyond the tolerance."""
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=0)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=64, rep=4, seed=37)
+    ref = reference_out(step)
+    from vllm_kvcomp.kernels import packing
+
+    for which in ("k", "v"):
+        codes = packing._code_view(step.sim.packed, step.layout, which)
+        codes.copy_((codes >> 4) | (codes << 4))
+    out = triton_out(step)
+    assert (out - ref).abs().max() > 20 * TOL[torch.float32]
+
+
+def test_triton_steps_reproduce_reference_steps():
+    """Several batch steps (chunked prefill, then decodes crossing group
+    boundaries) run with the Triton prefill + store kernels give the outputs
+    and caches of the reference step."""
+    cfg = KvcompConfig(k_bits=4, v_bits=2, group_size=16, residual_tokens=8)
+    H, rep, D = 2, 4, 64
+    chunks = [[37, 30, 1, 1, 1, 1], [5, 20, 1, 40, 1, 1]]
+    total = [sum(c) for c in chunks]
+    g = torch.Generator().manual_seed(41)
+    K = [torch.randn(T, H, D, generator=g) for T in total]
+    V = [torch.randn(T, H, D, generator=g) for T in total]
+    Qh = [2 * torch.randn(T, H * rep, D, generator=g) for T in total]
+    sims = [SimPagedCache(cfg, 32, H, D, 2, max(total), seed=43) for _ in range(2)]
+    done = [0, 0]
+    for step in range(len(chunks[0])):
+        starts = list(done)
+        ends = [s + c[step] for s, c in zip(starts, chunks)]
+        sl = lambda xs: torch.cat([x[s:e] for x, s, e in zip(xs, starts, ends)])  # noqa: E731
+        q, k, v = sl(Qh), sl(K), sl(V)
+        ba, bb = sims[0].batch(starts, ends), sims[1].batch(starts, ends)
+        ref = torch.empty_like(q)
+        kvcomp_step_reference(q, k, v, ref, sims[0].packed, sims[0].residual, sims[0].layout,
+                              cfg, D ** -0.5, ba)
+        s = sims[1]
+        dev = lambda t: t.to(DEVICE)  # noqa: E731
+        qsl = torch.tensor(bb.query_start_loc, dtype=torch.int32, device=DEVICE)
+        lens = torch.tensor(bb.seq_lens, dtype=torch.int32, device=DEVICE)
+        packed, residual = dev(s.packed), dev(s.residual)
+        mql = max(e - s_ for s_, e in zip(starts, ends))
+        out = torch.empty_like(dev(q))
+        kvcomp_prefill_attention(dev(q), dev(k), dev(v), packed, residual, dev(bb.block_table),
+                                 dev(bb.residual_block_table), qsl, lens, s.layout, cfg,
+                                 D ** -0.5, s.bs_r, mql, out, block_n=32)
+        kvcomp_store(dev(k), dev(v), packed, residual, dev(bb.block_table),
+                     dev(bb.residual_block_table), dev(bb.residual_slot_mapping), qsl, lens,
+                     s.layout, cfg, s.bs_r, mql)
+        s.packed.copy_(packed.cpu())
+        s.residual.copy_(residual.cpu())
+        torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)
+        done = ends
+    assert torch.equal(sims[0].packed, sims[1].packed)
+    assert torch.equal(sims[0].residual[1:], sims[1].residual[1:])
