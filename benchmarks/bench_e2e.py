@@ -10,7 +10,17 @@ Workloads (prompt tokens are random ids; ignore_eos so every request runs
 to its full output length):
     W1: 256 requests x 4096 prompt x 256 output (prefill-heavy)
     W2: 512 requests x 1024 prompt x 2048 output (decode-heavy)
+    W1q / W2q: the same shapes scaled down for a 30-minute GPU session
+        (64 x 4096 x 256 and 128 x 1024 x 1024); give them a proportionally
+        smaller ``--kv-gib`` so the bf16 cache binds concurrency the way the
+        full workloads do on a whole H100.
 Reports KV capacity (vLLM's log line), output tok/s, TTFT and TPOT p50/p99.
+
+``--kv-gib`` gives every format the same KV cache memory (vLLM's
+``kv_cache_memory_bytes``), so capacity differences come from the format
+alone. ``--fast-start`` skips torch.compile (``mode=0``) and captures full
+CUDA graphs for decode batches only (``FULL_DECODE_ONLY``), the same for
+every setting; it cuts start-up from ~4 to ~1 minute.
 """
 from __future__ import annotations
 
@@ -35,7 +45,8 @@ SETTINGS = {
     "kvcomp_k16v16": {"attention_backend": "kvcomp",
                       "additional_config": {"kvcomp": {"k_bits": 16, "v_bits": 16}}},
 }
-WORKLOADS = {"W1": (256, 4096, 256), "W2": (512, 1024, 2048), "tiny": (8, 300, 16)}
+WORKLOADS = {"W1": (256, 4096, 256), "W2": (512, 1024, 2048),
+             "W1q": (64, 4096, 256), "W2q": (128, 1024, 1024), "tiny": (8, 300, 16)}
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
@@ -61,50 +72,62 @@ def _pct(xs, q):
 
 
 def run_one(args):
+    """One engine (one setting) runs every workload in ``args.workload``
+    (comma-separated) in turn: engine start-up is paid once."""
     from vllm import LLM, SamplingParams
 
     import random
 
-    n, prompt_len, out_len = WORKLOADS[args.workload]
+    workloads = args.workload.split(",")
+    max_len = max(WORKLOADS[w][1] + WORKLOADS[w][2] for w in workloads) + 16
     kwargs = dict(SETTINGS[args.setting])
+    if args.kv_gib:
+        kwargs["kv_cache_memory_bytes"] = int(args.kv_gib * (1 << 30))
+    if args.fast_start:
+        kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
     llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True,
-              max_model_len=prompt_len + out_len + 16, gpu_memory_utilization=args.gpu_mem,
+              max_model_len=max_len, gpu_memory_utilization=args.gpu_mem,
               disable_log_stats=False, seed=0, enforce_eager=args.eager, **kwargs)
     rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(1000, 120000) for _ in range(prompt_len)]}
-               for _ in range(n)]
-    params = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0,
-                            detokenize=False)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - t0
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    ttft, tpot = [], []
-    for o in outs:
-        m = o.metrics
-        if m is None:
-            continue
-        ttft.append(m.first_token_latency)
-        if m.num_generation_tokens > 1:
-            tpot.append((m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1))
-    res = dict(setting=args.setting, workload=args.workload, requests=n, prompt_len=prompt_len,
-               output_len=out_len, elapsed_s=elapsed, output_tok_s=out_tokens / elapsed,
-               total_tok_s=(out_tokens + n * prompt_len) / elapsed,
-               ttft_p50=_pct(ttft, 0.5), ttft_p99=_pct(ttft, 0.99),
-               tpot_p50=_pct(tpot, 0.5), tpot_p99=_pct(tpot, 0.99),
-               completed=sum(len(o.outputs[0].token_ids) == out_len for o in outs))
-    print("RESULT " + json.dumps(res), flush=True)
+    warm = [{"prompt_token_ids": [rng.randrange(1000, 120000) for _ in range(64)]}] * 2
+    llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))
+    for w in workloads:
+        n, prompt_len, out_len = WORKLOADS[w]
+        prompts = [{"prompt_token_ids": [rng.randrange(1000, 120000) for _ in range(prompt_len)]}
+                   for _ in range(n)]
+        params = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0,
+                                detokenize=False)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - t0
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        ttft, tpot = [], []
+        for o in outs:
+            m = o.metrics
+            if m is None:
+                continue
+            ttft.append(m.first_token_latency)
+            if m.num_generation_tokens > 1:
+                tpot.append((m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1))
+        res = dict(setting=args.setting, workload=w, requests=n, prompt_len=prompt_len,
+                   output_len=out_len, elapsed_s=elapsed, output_tok_s=out_tokens / elapsed,
+                   total_tok_s=(out_tokens + n * prompt_len) / elapsed,
+                   ttft_p50=_pct(ttft, 0.5), ttft_p99=_pct(ttft, 0.99),
+                   tpot_p50=_pct(tpot, 0.5), tpot_p99=_pct(tpot, 0.99),
+                   completed=sum(len(o.outputs[0].token_ids) == out_len for o in outs))
+        print("RESULT " + json.dumps(res), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/tmp/llama8b-shape")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
-    ap.add_argument("--workload", default="W1", choices=list(WORKLOADS))
+    ap.add_argument("--workload", default="W1", help="comma-separated: " + ",".join(WORKLOADS))
     ap.add_argument("--settings", default="bf16,kvcomp_k4v4")
     ap.add_argument("--gpu-mem", type=float, default=0.9)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--kv-gib", type=float, default=None)
+    ap.add_argument("--fast-start", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--setting", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=1200)
@@ -121,32 +144,49 @@ def main():
                "--workload", args.workload, "--gpu-mem", str(args.gpu_mem)]
         if args.eager:
             cmd.append("--eager")
+        if args.fast_start:
+            cmd.append("--fast-start")
+        if args.kv_gib:
+            cmd += ["--kv-gib", str(args.kv_gib)]
         t = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             log = p.stdout + p.stderr
         except subprocess.TimeoutExpired as e:
             log, p = (e.stdout or b"").decode() + (e.stderr or b"").decode(), None
-        lines = [l for l in log.splitlines() if l.startswith("RESULT ")]
         m = KV_TOKENS.search(log)
-        row = json.loads(lines[-1][7:]) if lines else {"setting": s, "error": log[-1500:]}
-        row["kv_cache_tokens"] = int(m.group(1).replace(",", "")) if m else None
-        row["wall_s"] = time.time() - t
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
-        if "error" in row:
-            print(row["error"][-1500:], flush=True)
-    base = next((r for r in rows if r.get("setting") == "bf16" and "output_tok_s" in r), None)
-    print(f"\n{device}, workload {args.workload}, {time.strftime('%Y-%m-%d')}")
-    print("| setting | KV tokens | output tok/s | vs bf16 | TTFT p50/p99 s | TPOT p50/p99 ms |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        if "output_tok_s" not in r:
-            print(f"| {r['setting']} | {r.get('kv_cache_tokens')} | failed | | | |")
-            continue
-        rel = f"{r['output_tok_s'] / base['output_tok_s']:.2f}x" if base else ""
-        print(f"| {r['setting']} | {r['kv_cache_tokens']:,} | {r['output_tok_s']:.0f} | {rel} | "
-              f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | {1e3 * r['tpot_p50']:.1f}/{1e3 * r['tpot_p99']:.1f} |")
+        kv_tokens = int(m.group(1).replace(",", "")) if m else None
+        done = {}
+        for line in log.splitlines():
+            if line.startswith("RESULT "):
+                r = json.loads(line[7:])
+                done[r["workload"]] = r
+        for w in args.workload.split(","):
+            row = done.get(w, {"setting": s, "workload": w, "error": log[-1500:]})
+            row["kv_cache_tokens"] = kv_tokens
+            row["wall_s"] = time.time() - t
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+        if len(done) < len(args.workload.split(",")):
+            print(log[-2500:], flush=True)
+    for w in args.workload.split(","):
+        base = next((r for r in rows if r.get("setting") == "bf16" and r["workload"] == w
+                     and "output_tok_s" in r), None)
+        print(f"\n{device}, workload {w} {WORKLOADS[w]} (requests, prompt, output), "
+              f"kv_gib={args.kv_gib}, fast_start={args.fast_start}, {time.strftime('%Y-%m-%d')}")
+        print("| setting | KV tokens | output tok/s | vs bf16 | TTFT p50/p99 s | TPOT p50/p99 ms | done |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["workload"] != w:
+                continue
+            if "output_tok_s" not in r:
+                print(f"| {r['setting']} | {r.get('kv_cache_tokens')} | failed | | | | |")
+                continue
+            rel = f"{r['output_tok_s'] / base['output_tok_s']:.2f}x" if base else ""
+            kvt = f"{r['kv_cache_tokens']:,}" if r["kv_cache_tokens"] else "?"
+            print(f"| {r['setting']} | {kvt} | {r['output_tok_s']:.0f} | {rel} | "
+                  f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | "
+                  f"{1e3 * r['tpot_p50']:.1f}/{1e3 * r['tpot_p99']:.1f} | {r['completed']}/{r['requests']} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=device, date=time.strftime("%Y-%m-%d"), workload=args.workload,

@@ -37,17 +37,24 @@ def main(spec):
     llm = LLM(spec["model"], attention_backend=spec["backend"], **kwargs)
     params = SamplingParams(
         max_tokens=spec.get("max_tokens", 16), temperature=0, ignore_eos=True,
-        logprobs=1 if spec.get("logprobs") else None,
+        logprobs=int(spec["logprobs"]) if spec.get("logprobs") else None,
         prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
     )
     outs = llm.generate(spec["prompts"], params)
-    result = {"tokens": [], "logprobs": [], "prompt_logprobs": []}
+    result = {"tokens": [], "logprobs": [], "prompt_logprobs": [], "top2_margin": []}
     for o in outs:
         c = o.outputs[0]
         result["tokens"].append(list(c.token_ids))
         if c.logprobs is not None:
             result["logprobs"].append(
                 [_chosen_logprob(lp, t) for lp, t in zip(c.logprobs, c.token_ids)])
+            if int(spec["logprobs"]) >= 2:
+                # Gap between the two most likely tokens at each step: how
+                # near a tie a greedy choice was.
+                result["top2_margin"].append([
+                    (lambda v: v[0] - v[1] if len(v) > 1 else None)(
+                        sorted((x.logprob for x in lp.values()), reverse=True))
+                    for lp in c.logprobs])
         if o.prompt_logprobs is not None:
             result["prompt_logprobs"].append(
                 [_chosen_logprob(lp, t) for lp, t in zip(o.prompt_logprobs, o.prompt_token_ids)])
