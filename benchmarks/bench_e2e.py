@@ -118,6 +118,13 @@ def run_one(args):
         print("RESULT " + json.dumps(res), flush=True)
 
 
+def _save(args, device, rows):
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=device, date=time.strftime("%Y-%m-%d"), workload=args.workload,
+                           command=" ".join(sys.argv), rows=rows), f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/tmp/llama8b-shape")
@@ -169,6 +176,7 @@ def main():
             print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
         if len(done) < len(args.workload.split(",")):
             print(log[-2500:], flush=True)
+        _save(args, device, rows)  # after every setting: a killed run keeps what it measured
     for w in args.workload.split(","):
         base = next((r for r in rows if r.get("setting") == "bf16" and r["workload"] == w
                      and "output_tok_s" in r), None)
@@ -187,10 +195,7 @@ def main():
             print(f"| {r['setting']} | {kvt} | {r['output_tok_s']:.0f} | {rel} | "
                   f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | "
                   f"{1e3 * r['tpot_p50']:.1f}/{1e3 * r['tpot_p99']:.1f} | {r['completed']}/{r['requests']} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=device, date=time.strftime("%Y-%m-%d"), workload=args.workload,
-                           command=" ".join(sys.argv), rows=rows), f, indent=1)
+    _save(args, device, rows)
 
 
 if __name__ == "__main__":
