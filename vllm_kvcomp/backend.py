@@ -25,6 +25,8 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
 from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, current_config
 from vllm_kvcomp.layout import PageLayout
@@ -69,6 +71,10 @@ class KvcompMetadata:
     block_size: int
     max_query_len: int
     max_seq_len: int
+    # The batch is reordered decodes first (reorder_batch_threshold = 1):
+    # requests [0, num_decodes) have one query token each and go to the
+    # split-K decode kernel, the rest to the prefill kernel.
+    num_decodes: int = 0
     # Host lists for the CPU reference path only (None on GPU: a .tolist()
     # there would sync the device every step).
     query_start_loc_cpu: list[int] | None = None
@@ -84,6 +90,10 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Decodes first: in mixed steps (chunked prefill beside running
+        # requests) each decode still gets the split-K decode kernel instead
+        # of one program walking its whole context in the prefill kernel.
+        self._init_reorder_batch_threshold(1)
         self.on_cpu = torch.device(device).type == "cpu"
         self.max_model_len = vllm_config.model_config.max_model_len
 
@@ -113,6 +123,7 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
             block_size=self.kv_cache_spec.block_size,
             max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len,
+            num_decodes=split_decodes_and_prefills(cam, decode_threshold=1)[0],
         )
         if self.on_cpu:
             md.query_start_loc_cpu = cam.query_start_loc_cpu[: num_reqs + 1].tolist()
@@ -341,18 +352,24 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         )
         q = query.view(-1, self.num_heads, self.head_size)
         out = output.view(-1, self.num_heads, self.head_size)
-        if md.max_query_len == 1:
+        # A decode-only batch (the CUDA-graph case) takes all num_reqs rows,
+        # padding included; a mixed one its leading decode requests.
+        nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
+        if nd > 0:
             from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
 
-            num_reqs = md.num_reqs
             kvcomp_decode_attention(
-                q[:num_reqs], key[:num_reqs], value[:num_reqs], packed_cache, residual_cache,
-                md.block_table, res_table, md.seq_lens, layout, cfg, self.scale, bs_r,
-                md.max_seq_len, out=out[:num_reqs],
+                q[:nd], key[:nd], value[:nd], packed_cache, residual_cache,
+                md.block_table[:nd], res_table[:nd] if res_table is not None else None,
+                md.seq_lens[:nd], layout, cfg, self.scale, bs_r, md.max_seq_len, out=out[:nd],
             )
+        if nd == md.num_reqs:
             return
+        # query_start_loc holds absolute row offsets, so the prefill kernel
+        # takes the tail of every per-request tensor and the whole q/k/v/out.
         kvcomp_prefill_attention(
-            q, key, value, packed_cache, residual_cache, md.block_table, res_table,
-            md.query_start_loc, md.seq_lens, layout, cfg, self.scale, bs_r,
+            q, key, value, packed_cache, residual_cache, md.block_table[nd:],
+            res_table[nd:] if res_table is not None else None,
+            md.query_start_loc[nd:], md.seq_lens[nd:], layout, cfg, self.scale, bs_r,
             md.max_query_len, out,
         )
