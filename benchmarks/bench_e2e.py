@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -156,11 +157,16 @@ def main():
         if args.kv_gib:
             cmd += ["--kv-gib", str(args.kv_gib)]
         t = time.time()
+        # Own process group: on timeout the engine core and workers it spawned
+        # die with it (an orphaned engine keeps its GPU memory, and every later
+        # setting then fails to start).
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            log = p.stdout + p.stderr
-        except subprocess.TimeoutExpired as e:
-            log, p = (e.stdout or b"").decode() + (e.stderr or b"").decode(), None
+            log = p.communicate(timeout=args.timeout)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            log = p.communicate()[0] + f"\n[timed out after {args.timeout} s]"
         m = KV_TOKENS.search(log)
         kv_tokens = int(m.group(1).replace(",", "")) if m else None
         done = {}
