@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -96,7 +95,7 @@ import triton.language as tl
 
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref, packing
-from vllm_kvcomp.kernels.triton_store import check_alignment, layout_constexprs
+from vllm_kvcomp.kernels.triton_store import check_alignment, interpreted, layout_constexprs
 from vllm_kvcomp.layout import PageLayout
 
 # --------------------------------------------------------------------------
@@ -688,9 +687,6 @@ def _kvcomp_decode_merge_kernel(
 # --------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
@@ -834,7 +830,7 @@ def kvcomp_decode_attention(
     num_splits = max(1, int(num_splits))
     # The interpreter's bf16 tl.dot is wrong (numpy has no bf16): fp32 dots
     # there, so CPU tests do not cover the bf16 tensor-core path.
-    ieee = query.dtype == torch.float32 or _interpreted()
+    ieee = query.dtype == torch.float32 or interpreted()
     consts = layout_constexprs(layout)
     block_d = consts["BLOCK_D"]
     for which, bits in (("K", cfg.k_bits), ("V", cfg.v_bits)):

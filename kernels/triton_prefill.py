@@ -33,7 +33,6 @@ Under ``TRITON_INTERPRET=1`` all dots are fp32 (the interpreter's bf16
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -41,7 +40,7 @@ import triton.language as tl
 
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref, packing
-from vllm_kvcomp.kernels.triton_store import check_alignment, layout_constexprs
+from vllm_kvcomp.kernels.triton_store import check_alignment, interpreted, layout_constexprs
 from vllm_kvcomp.layout import PageLayout
 
 # --------------------------------------------------------------------------
@@ -265,9 +264,6 @@ def _kvcomp_prefill_kernel(
 # --------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def prefill_tiles(num_q_per_kv: int, max_query_len: int, block_rows: int = 64) -> tuple[int, int]:
     """(BLOCK_T, REP_P): query tokens per program and padded GQA group; rows
@@ -344,7 +340,7 @@ def kvcomp_prefill_attention(
             f"the Triton prefill kernel needs a block size divisible by 16, got {bs}")
     # The interpreter's bf16 tl.dot is wrong (numpy has no bf16): do fp32
     # dots there, so CPU tests do not cover the bf16 tensor-core path.
-    ieee = query.dtype == torch.float32 or _interpreted()
+    ieee = query.dtype == torch.float32 or interpreted()
     if not ieee:
         assert query.dtype == key.dtype, "fp16/bf16 dots need one dtype for Q and K/V"
     grid = (num_reqs, triton.cdiv(max_query_len, block_t), H)

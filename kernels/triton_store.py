@@ -42,6 +42,8 @@ the GPU's approximate ``/`` does not move ties.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -551,3 +553,9 @@ __all__ = [
     "store_grid_bound",
     "store_reference",
 ]
+
+
+def interpreted() -> bool:
+    """Whether Triton runs under its CPU interpreter (fp32 dots there: the
+    interpreter's bf16 ``tl.dot`` is wrong)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -9,6 +9,7 @@ full-precision residual of the recent tokens lives in a virtual sub-layer
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
@@ -30,8 +31,6 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, current_config
 from vllm_kvcomp.layout import PageLayout
-
-import os
 
 BACKEND_NAME = "KVCOMP"
 # Runs the GPU path (Triton store / prefill / decode) on CPU tensors too, for
