@@ -1,38 +1,84 @@
-"""Microbenchmark of the packed-page decode attention kernel (GPU).
+"""Microbenchmark of the packed-page decode attention kernel (GPU), with
+vLLM's own decode paths as baselines at the same shapes.
 
     python benchmarks/bench_decode_kernel.py --out decode_kernel.json
+    python benchmarks/bench_decode_kernel.py --check   # baselines vs an fp32 reference only
 
 At Llama-3.1-8B's attention shape (Hq=32, H=8, D=128; packed block 128,
 group 128, residual 128) for k4v4 / k2v2 (per-channel keys, KIVI) and
 k16v16 (bf16 pages through the same kernel), batch x context in
 {1, 8, 32, 64} x {1K .. 128K} (combinations whose cache exceeds
 ``--max-cache-gib`` are skipped), it reports per call: microseconds (median of
-``triton.testing.do_bench``, L2 flushed between calls), the bytes the kernel
-must move (packed pages of ``[0, Q)``, the residual window, queries, fresh
-K/V, output), the achieved GB/s and its share of the device's copy bandwidth
-(measured here: bytes read + written by a large device-to-device copy).
-For comparison it times a bf16 decode over an equivalent bf16 cache:
-flash-attn's paged ``flash_attn_with_kvcache`` (``vllm.vllm_flash_attn`` or
-``flash_attn``) if importable, and torch SDPA over a contiguous cache.
-Prints a markdown table; ``--out`` writes JSON.
+CUDA-graph replays, or with ``--timing eager`` of ``triton.testing.do_bench``,
+L2 flushed between calls), the bytes the kernel must move (packed pages of
+``[0, Q)``, the residual window, queries, fresh K/V, output), the achieved
+GB/s and its share of the device's copy bandwidth (measured here: bytes read +
+written by a large device-to-device copy).
+
+Baselines (``--baselines``, default all; each one isolated: a failed import or
+launch is recorded as ``failed: <reason>`` in its cells and the run goes on;
+they run after all of our rows, and the JSON is rewritten after every step):
+
+  sdpa      torch SDPA over a contiguous bf16 cache [B, H, L, D] (GQA).
+  fa3_bf16  vLLM's FlashAttention backend on Hopper: ``vllm.vllm_flash_attn.
+            flash_attn_varlen_func(fa_version=3)`` over the paged bf16 cache
+            [num_blocks, H, 16, 2*D] (NHD), AOT scheduler metadata and
+            ``num_splits`` = 32 as under full CUDA graphs. 512 B/token/head.
+  fa3_fp8   the same with kv_cache_dtype=fp8: fp8_e4m3 cache and query, unit
+            k/v/q descales (vLLM's default scales). 256 B/token/head.
+  int4      kv_cache_dtype=int4_per_token_head through ``TritonAttentionImpl``:
+            ``do_kv_cache_update`` fills the cache, ``forward`` is timed
+            (unified_attention -> unified_attention_int4, incl. the RHT of q
+            and the inverse RHT of the output). D/2 codes + fp32 scale (with
+            the zero-point in its low bits) for K and for V: 136 B/token/head.
+  tq_k3v4,  turboquant_k3v4_nc / turboquant_4bit_nc through
+  tq_4bit   ``TurboQuantAttentionImpl`` (store: triton_turboquant_store;
+            timed forward: triton_turboquant_decode_attention, 32 KV splits).
+            Key codes + fp16 norm, 4-bit value codes + fp16 scale and zero:
+            118 / 134 B/token/head. Its stage-1 grid is (B, Hq, splits), so
+            each KV byte is requested once per query head of the group (L2
+            may absorb the repeats); the bytes counted are the cache's.
+
+The baselines' caches use vLLM's default block size 16 (``--baseline-block-
+size``), every request's K/V already stored; only the attention call is timed
+(upstream stores the step's own token in a separate op). Their "bytes moved"
+is the KV cache of all tokens (incl. scales) + query + output.
+
+``--check`` compares each baseline's output (bf16) with an fp32 attention over
+the K/V the kernel reads (the dequantized cache; also reported: the error
+against the K/V before quantization), tolerances in ``CHECK_TOL``. On a GPU it
+uses the Llama shape and lengths 1000 / 4113 / 37 (the full run does the same
+check first and stores it in the JSON); on CPU a tiny shape under
+``TRITON_INTERPRET=1`` (FlashAttention skipped). ``--configs ''`` runs the
+baselines only.
+
+Prints a markdown table: our rows with the baselines' microseconds beside
+them, then one row per baseline with its own bytes, GB/s and % of copy
+bandwidth. ``--out`` writes JSON (``rows``, ``baselines``, ``info``).
 
 ``--smoke`` runs a tiny shape on CPU under ``TRITON_INTERPRET=1`` (checked
-against the PyTorch reference) so the script can be tested without a GPU.
+against the PyTorch reference, baselines included) so the script can be tested
+without a GPU.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+
+if "--check" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 
 def _import_kernels():
@@ -149,55 +195,538 @@ def cache_gib(cfg, B, ctx, H, D, block_size, es=2) -> float:
 
 
 # ---------------------------------------------------------------- baselines
+#
+# Each baseline builds its cache in the layout and dtype vLLM 0.26 allocates
+# for that ``kv_cache_dtype`` (the backend's ``get_kv_cache_shape`` and
+# ``get_kv_cache_stride_order``, as the model runner does), fills it (the
+# quantized formats through upstream's own store op, i.e. the backend's
+# ``do_kv_cache_update``) and times the decode call the backend issues for a
+# batch of single-token decodes under full CUDA graphs. Only the attention
+# call is timed: the store of the step's new token is a separate op upstream.
+
+VLLM_BLOCK_SIZE = 16  # vLLM's default block size (CacheConfig.DEFAULT_BLOCK_SIZE)
 
 
-def _flash_attn_fn():
-    for name in ("vllm.vllm_flash_attn", "flash_attn"):
-        try:
-            mod = __import__(name, fromlist=["flash_attn_with_kvcache"])
-            return name, mod.flash_attn_with_kvcache
-        except Exception:  # noqa: BLE001 - any import failure means "not here"
-            continue
-    return None, None
+def _upstream_triton_ready():
+    """vLLM hands ``triton`` / ``tl`` placeholders to its kernel modules when
+    it finds no GPU driver (``vllm.triton_utils``), so on a CPU box its
+    ``@triton.jit`` kernels are plain functions. Under ``TRITON_INTERPRET=1``
+    point it at the real triton and drop the upstream modules that were
+    already imported with the placeholders (and those that imported names
+    from them), so that the kernels run in the interpreter. No-op on a GPU."""
+    import vllm.triton_utils as vtu
+
+    if vtu.HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import triton.language as tl
+    import triton.language.extra.libdevice as tldevice
+    from vllm.triton_utils import importing
+
+    fake = (importing.TritonPlaceholder, importing.TritonLanguagePlaceholder)
+    vtu.triton, vtu.tl, vtu.tldevice = triton, tl, tldevice
+    vtu.HAS_TRITON = importing.HAS_TRITON = True
+    mods = {n: getattr(m, "__dict__", {}) for n, m in list(sys.modules.items())
+            if n.startswith("vllm.") and not n.startswith("vllm.triton_utils")}
+    stale = {n for n, d in mods.items() if any(isinstance(v, fake) for v in d.values())}
+    grew = True
+    while grew:
+        more = {n for n, d in mods.items() if n not in stale and any(
+            getattr(v, "__module__", None) in stale for v in d.values() if callable(v))}
+        stale |= more
+        grew = bool(more)
+    for n in stale:
+        sys.modules.pop(n, None)
 
 
-def bench_bf16_baselines(B, ctx, Hq, H, D, dtype, device, timer):
-    """us of a bf16 decode over a bf16 cache of the same length: paged
-    flash-attn (block 256, which every flash-attn 2 build accepts) and torch
-    SDPA (contiguous cache, GQA)."""
-    res = {}
-    g = torch.Generator(device=device).manual_seed(1)
-    q = torch.randn(B, Hq, D, device=device, generator=g).to(dtype)
-    name, fa = _flash_attn_fn()
-    if fa is not None:
-        try:
-            bs = 256
-            nblk = -(-ctx // bs)
-            k = torch.randn(B * nblk, bs, H, D, device=device, generator=g).to(dtype)
-            v = torch.randn_like(k)
-            bt = (torch.randperm(B * nblk, device=device, generator=g)
-                  .to(torch.int32).view(B, nblk))
-            lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
-            q4 = q.unsqueeze(1)
-            fn = lambda: fa(q4, k, v, cache_seqlens=lens, block_table=bt,  # noqa: E731
-                            softmax_scale=D ** -0.5, causal=True)
-            fn()
-            res["flash_attn"] = (name, timer(fn))
-            del k, v
-        except Exception as e:  # noqa: BLE001
-            res["flash_attn"] = (name, f"failed: {type(e).__name__}: {e}"[:120])
+_VLLM_CONFIG = None
+
+
+def _vllm_config():
+    """A default ``VllmConfig`` (what a serving process would hold for these
+    knobs: full-cudagraph decode, NHD cache layout, split counts)."""
+    global _VLLM_CONFIG
+    if _VLLM_CONFIG is None:
+        from vllm.config import VllmConfig
+
+        _VLLM_CONFIG = VllmConfig()
+    return _VLLM_CONFIG
+
+
+def _vllm_kv_cache(backend, num_blocks, block_size, H, D, cache_dtype_str, dtype, device):
+    """The layer's KV cache as vLLM's model runner shapes it: logical
+    ``get_kv_cache_shape`` over physical ``get_kv_cache_stride_order`` (NHD for
+    FlashAttention / Triton; TurboQuant has none, so identity). Returns the
+    logical view the backend receives and the physical (contiguous) tensor."""
+    from vllm.config import set_current_vllm_config
+
+    shape = backend.get_kv_cache_shape(num_blocks, block_size, H, D,
+                                       cache_dtype_str=cache_dtype_str)
     try:
-        k = torch.randn(B, H, ctx, D, device=device, generator=g).to(dtype)
-        v = torch.randn_like(k)
-        q4 = q.unsqueeze(2)
-        fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-            q4, k, v, enable_gqa=True)
-        fn()
-        res["sdpa"] = ("torch.sdpa", timer(fn))
-        del k, v
-    except Exception as e:  # noqa: BLE001
-        res["sdpa"] = ("torch.sdpa", f"failed: {type(e).__name__}: {e}"[:120])
+        with set_current_vllm_config(_vllm_config()):
+            order = tuple(backend.get_kv_cache_stride_order())
+    except (AttributeError, NotImplementedError):
+        order = tuple(range(len(shape)))
+    phys = torch.zeros([shape[i] for i in order], dtype=dtype, device=device)
+    return phys.permute([order.index(i) for i in range(len(order))]), phys
+
+
+def _cudagraph_seq_threshold(H):
+    """TritonAttentionMetadataBuilder's 2D/3D switch under full CUDA graphs:
+    the default capture size closest to ``128 // H`` (16 for H = 8)."""
+    from vllm.v1.attention.backends.triton_attn import MIN_LAUNCH_GRID_SIZE_2D
+
+    sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, 513, 16))
+    thr = MIN_LAUNCH_GRID_SIZE_2D // H
+    return min(sizes, key=lambda x: abs(x - thr))
+
+
+def attention_reference(q, ks, vs, scale):
+    """fp32 attention of each request's query heads (``q``: [B, Hq, D]) over
+    its own K/V (``ks[b]``, ``vs[b]``: [L_b, H, D]), GQA head h -> h // (Hq/H)."""
+    out = []
+    for b in range(q.shape[0]):
+        k, v = ks[b].float(), vs[b].float()
+        H, D = k.shape[1], k.shape[2]
+        qb = q[b].float().view(H, -1, D)
+        p = (torch.einsum("hgd,thd->hgt", qb, k) * scale).softmax(-1)
+        out.append(torch.einsum("hgt,thd->hgd", p, v).reshape(-1, D))
+    return torch.stack(out)
+
+
+class _Decode:
+    """One baseline at one shape: requests of lengths ``lens`` (each a single
+    decode token whose K/V are already in the cache), shuffled block table.
+    ``run()`` is the timed call; ``bytes`` what it must move (KV of every
+    token incl. scales, query, output); with ``keep_kv`` the random K/V are
+    kept (``self.kv``) for the check."""
+
+    kv_cache_dtype = "auto"
+    call = ""
+
+    def __init__(self, B, lens, Hq, H, D, dtype, device, block_size=VLLM_BLOCK_SIZE,
+                 seed=0, keep_kv=False):
+        self.B, self.lens, self.Hq, self.H, self.D = B, list(lens), Hq, H, D
+        self.dtype, self.device, self.bs = dtype, device, block_size
+        self.scale = D ** -0.5
+        self.g = torch.Generator(device=device).manual_seed(seed)
+        self.keep_kv, self.kv = keep_kv, []
+        nblk = [-(-n // block_size) for n in self.lens]
+        self.num_blocks = sum(nblk)
+        perm = torch.randperm(self.num_blocks, device=device, generator=self.g).to(torch.int32)
+        self.block_table = torch.zeros(B, max(nblk), dtype=torch.int32, device=device)
+        for b, off in enumerate([0] + list(itertools.accumulate(nblk))[:-1]):
+            self.block_table[b, :nblk[b]] = perm[off: off + nblk[b]]
+        self.seq_lens = torch.tensor(self.lens, dtype=torch.int32, device=device)
+        self.cu_q = torch.arange(B + 1, dtype=torch.int32, device=device)
+        self.query = self._randn(B, Hq, D)
+        self.key_new, self.value_new = self._randn(B, H, D), self._randn(B, H, D)
+        self.out = torch.empty(B, Hq, D, dtype=dtype, device=device)
+        self.build()
+        es = dtype.itemsize
+        self.bytes_per_token_head = self.token_head_bytes()
+        self.bytes = {"kv": sum(self.lens) * H * self.bytes_per_token_head,
+                      "qo": B * Hq * D * (self.query_bytes() + es)}
+        self.bytes["total"] = self.bytes["kv"] + self.bytes["qo"]
+
+    def _randn(self, *shape):
+        return torch.randn(*shape, device=self.device, generator=self.g).to(self.dtype)
+
+    def slots(self, b, t):
+        return (self.block_table[b, t // self.bs].long() * self.bs + t % self.bs)
+
+    def fill_through_impl(self, backend):
+        """Allocate ``backend``'s uint8 KV cache and fill it with upstream's
+        own store (``self.impl.do_kv_cache_update``)."""
+        self.layer = types.SimpleNamespace()
+        self.kv_cache, _ = _vllm_kv_cache(backend, self.num_blocks, self.bs, self.H, self.D,
+                                          self.kv_cache_dtype, torch.uint8, self.device)
+        self.fill_by_store(lambda k, v, slots: self.impl.do_kv_cache_update(
+            self.layer, k, v, self.kv_cache, slots))
+
+    def fill_by_store(self, store, chunk=1 << 16):
+        """Random K/V through ``store(k, v, slot_mapping)`` in prefill-sized chunks."""
+        for b, n in enumerate(self.lens):
+            ks, vs = [], []
+            for t0 in range(0, n, chunk):
+                t = torch.arange(t0, min(n, t0 + chunk), device=self.device)
+                k, v = self._randn(len(t), self.H, self.D), self._randn(len(t), self.H, self.D)
+                store(k, v, self.slots(b, t))
+                if self.keep_kv:
+                    ks.append(k)
+                    vs.append(v)
+            if self.keep_kv:
+                self.kv.append((torch.cat(ks), torch.cat(vs)))
+
+    def gather(self, paged, b):
+        """Request ``b``'s tokens of a ``[num_blocks, block_size, H, X]`` view."""
+        t = torch.arange(self.lens[b], device=self.device)
+        return paged[self.block_table[b, t // self.bs].long(), t % self.bs]
+
+    def query_bytes(self):
+        return self.dtype.itemsize
+
+    def build(self):
+        raise NotImplementedError
+
+    def token_head_bytes(self):
+        raise NotImplementedError
+
+    def run(self):
+        raise NotImplementedError
+
+    def dequantized(self):
+        """(query, [K_b], [V_b]) as the kernel sees them, in fp32."""
+        raise NotImplementedError
+
+
+class SdpaDecode(_Decode):
+    """torch SDPA over a contiguous bf16 cache [B, H, L, D] (GQA), all
+    requests at one length."""
+
+    call = "torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)"
+
+    def build(self):
+        assert len(set(self.lens)) == 1, "SDPA baseline: one length for all requests"
+        self.k = self._randn(self.B, self.H, self.lens[0], self.D)
+        self.v = self._randn(self.B, self.H, self.lens[0], self.D)
+        self.q4 = self.query.unsqueeze(2)
+
+    def token_head_bytes(self):
+        return 2 * self.D * self.dtype.itemsize
+
+    def run(self):
+        return torch.nn.functional.scaled_dot_product_attention(
+            self.q4, self.k, self.v, enable_gqa=True).squeeze(2)
+
+    def dequantized(self):
+        return (self.query.float(), [k.transpose(0, 1) for k in self.k],
+                [v.transpose(0, 1) for v in self.v])
+
+
+class FA3Decode(_Decode):
+    """vLLM's FlashAttention backend on Hopper: ``flash_attn_varlen_func``
+    (``fa_version=3``) over the paged cache [num_blocks, H, 16, 2*D] (NHD),
+    AOT ``scheduler_metadata`` and ``num_splits`` = the full-cudagraph cap
+    (``flash_attn_max_num_splits_for_cuda_graph``), unit descales as the
+    backend passes them. ``fp8``: kv_cache_dtype=fp8, an fp8_e4m3 cache and
+    query (static per-tensor scales, 1.0 by default)."""
+
+    fp8 = False
+
+    def build(self):
+        from vllm.platforms import current_platform
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+        from vllm.vllm_flash_attn import flash_attn_varlen_func, get_scheduler_metadata
+
+        self.kv_cache_dtype = "fp8" if self.fp8 else "auto"
+        store_dtype = torch.uint8 if self.fp8 else self.dtype
+        self.kv_cache, phys = _vllm_kv_cache(FlashAttentionBackend, self.num_blocks, self.bs,
+                                             self.H, self.D, self.kv_cache_dtype, store_dtype,
+                                             self.device)
+        step = max(1, (1 << 28) // phys[0].numel())
+        for i in range(0, phys.shape[0], step):  # random K/V (scale 1.0: cache = fp8(k))
+            x = torch.randn(phys[i: i + step].shape, device=self.device, generator=self.g)
+            phys[i: i + step] = (x.to(current_platform.fp8_dtype()).view(torch.uint8)
+                                 if self.fp8 else x.to(self.dtype))
+        key_cache, value_cache = self.kv_cache.transpose(1, 2).split(self.D, dim=-1)
+        self.q_in = self.query
+        qkv_dtype = self.dtype
+        if self.fp8:
+            qkv_dtype = current_platform.fp8_dtype()
+            key_cache, value_cache = key_cache.view(qkv_dtype), value_cache.view(qkv_dtype)
+            self.q_in = self.query.to(qkv_dtype)  # the layer's static query quant, scale 1
+        self.key_cache, self.value_cache = key_cache, value_cache
+        splits = _vllm_config().attention_config.flash_attn_max_num_splits_for_cuda_graph
+        sched = get_scheduler_metadata(
+            batch_size=self.B, max_seqlen_q=1, max_seqlen_k=max(self.lens),
+            num_heads_q=self.Hq, num_heads_kv=self.H, headdim=self.D,
+            cache_seqlens=self.seq_lens, qkv_dtype=qkv_dtype, cu_seqlens_q=self.cu_q,
+            page_size=self.bs, causal=True, window_size=(-1, -1), num_splits=splits)
+        one = torch.ones((), dtype=torch.float32, device=self.device).expand(self.B, self.H)
+        self.kwargs = dict(
+            q=self.q_in, k=key_cache, v=value_cache, out=self.out, cu_seqlens_q=self.cu_q,
+            max_seqlen_q=1, seqused_k=self.seq_lens, max_seqlen_k=max(self.lens),
+            softmax_scale=self.scale, causal=True, alibi_slopes=None, window_size=[-1, -1],
+            block_table=self.block_table, softcap=0, scheduler_metadata=sched, fa_version=3,
+            q_descale=one, k_descale=one, v_descale=one, num_splits=splits, s_aux=None)
+        self.fn = flash_attn_varlen_func
+        self.call = (f"vllm.vllm_flash_attn.flash_attn_varlen_func(fa_version=3, "
+                     f"num_splits={splits}, scheduler_metadata, block_size={self.bs})")
+
+    def token_head_bytes(self):
+        return self.kv_cache.shape[-1] * self.kv_cache.element_size()
+
+    def query_bytes(self):
+        return self.q_in.element_size()
+
+    def run(self):
+        return self.fn(**self.kwargs)
+
+    def dequantized(self):  # fp8: descales are 1.0; gathered as bytes (no fp8 indexing)
+        def read(cache, b):
+            if not self.fp8:
+                return self.gather(cache, b).float()
+            return self.gather(cache.view(torch.uint8), b).view(cache.dtype).float()
+
+        return (self.q_in.float(), [read(self.key_cache, b) for b in range(self.B)],
+                [read(self.value_cache, b) for b in range(self.B)])
+
+
+class FA3Fp8Decode(FA3Decode):
+    fp8 = True
+
+
+class Int4Decode(_Decode):
+    """vLLM's TritonAttention backend, kv_cache_dtype=int4_per_token_head:
+    ``TritonAttentionImpl.do_kv_cache_update`` (RHT + asymmetric int4, the
+    zero-point in the fp32 scale's low mantissa bits, scale inline after each
+    head's codes) and ``TritonAttentionImpl.forward`` (``unified_attention``
+    -> ``unified_attention_int4``: RHT of q, packed kernel, 3D split-softmax
+    below the cudagraph threshold, inverse RHT of the output)."""
+
+    kv_cache_dtype = "int4_per_token_head"
+
+    def build(self):
+        _upstream_triton_ready()
+        from vllm.v1.attention.backends.triton_attn import (
+            NUM_PAR_SOFTMAX_SEGMENTS,
+            TritonAttentionBackend,
+            TritonAttentionImpl,
+            TritonAttentionMetadata,
+        )
+
+        self.impl = TritonAttentionImpl(self.Hq, self.D, self.scale, self.H, None, None,
+                                        self.kv_cache_dtype)
+        self.fill_through_impl(TritonAttentionBackend)
+        thr, seg = _cudagraph_seq_threshold(self.H), NUM_PAR_SOFTMAX_SEGMENTS
+        dp = triton.next_power_of_2(self.D)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.meta = TritonAttentionMetadata(
+            num_actual_tokens=self.B, max_query_len=1, query_start_loc=self.cu_q,
+            max_seq_len=max(self.lens), seq_lens=self.seq_lens, block_table=self.block_table,
+            slot_mapping=self.slots(torch.arange(self.B, device=self.device),
+                                    self.seq_lens.long() - 1),
+            seq_threshold_3D=thr, num_par_softmax_segments=seg,
+            softmax_segm_output=torch.empty(thr, self.Hq, seg, dp, **f32),
+            softmax_segm_max=torch.empty(thr, self.Hq, seg, **f32),
+            softmax_segm_expsum=torch.empty(thr, self.Hq, seg, **f32),
+            causal=True, use_cascade=False, common_prefix_len=0, cu_prefix_query_lens=None,
+            prefix_kv_lens=None, suffix_kv_lens=None)
+        self.call = (f"TritonAttentionImpl.forward -> unified_attention(kv_quant_mode="
+                     f"INT4_PER_TOKEN_HEAD, seq_threshold_3D={thr}, block_size={self.bs})")
+
+    def token_head_bytes(self):  # K codes D/2 + fp32 scale, the same for V
+        return self.kv_cache.shape[-1] * self.kv_cache.element_size()
+
+    def run(self):
+        return self.impl.forward(self.layer, self.query, self.key_new, self.value_new,
+                                 self.kv_cache, self.meta, self.out)
+
+    def dequantized(self):
+        from vllm.v1.attention.ops.int4_per_token_head import _get_rht_signs
+
+        key_cache, value_cache = self.impl._pth_key_value_caches(self.kv_cache)
+        D = self.D
+        hadamard = torch.ones(1, 1, device=self.device)
+        while hadamard.shape[0] < D:
+            hadamard = torch.cat([torch.cat([hadamard, hadamard], 1),
+                                  torch.cat([hadamard, -hadamard], 1)])
+        signs = _get_rht_signs(D, 0, self.device)
+
+        def dequant(codes, scales):
+            x = torch.stack([codes & 0xF, codes >> 4], -1).flatten(-2).float()
+            bits = scales.contiguous().view(torch.int32)
+            zp, s = (bits & 0xF).float(), (bits & -16).view(torch.float32)
+            x_rot = (x - zp[..., None]) * s[..., None]  # the RHT-rotated vector
+            return (x_rot @ hadamard) * signs / D  # H D1 x = y  =>  x = D1 H y / D
+
+        ks, vs = [], []
+        for b in range(self.B):
+            ks.append(dequant(self.gather(key_cache, b)[..., : D // 2],
+                              self.gather(self.impl._k_scale_cache, b)))
+            vs.append(dequant(self.gather(value_cache, b)[..., : D // 2],
+                              self.gather(self.impl._v_scale_cache, b)))
+        return self.query.float(), ks, vs
+
+
+class TurboQuantDecode(_Decode):
+    """vLLM's TurboQuant backend: ``TurboQuantAttentionImpl.do_kv_cache_update``
+    (``triton_turboquant_store``: Hadamard-rotated, Lloyd-Max coded keys + fp16
+    norm, 4-bit uniform values + fp16 scale/zero, one slot per token and head
+    in a [num_blocks, H, 16, slot] uint8 cache) and ``forward`` on a pure
+    decode batch (``triton_turboquant_decode_attention``: q @ Pi^T, split-KV
+    stage 1 with NUM_KV_SPLITS = ``tq_max_kv_splits_for_cuda_graph``, stage 2),
+    scratch from vLLM's workspace manager as in serving."""
+
+    def build(self):
+        _upstream_triton_ready()
+        from vllm.config import set_current_vllm_config
+        from vllm.v1.attention.backends.turboquant_attn import (
+            TurboQuantAttentionBackend,
+            TurboQuantAttentionImpl,
+            TurboQuantMetadata,
+        )
+        from vllm.v1.worker.workspace import (
+            init_workspace_manager,
+            is_workspace_manager_initialized,
+        )
+
+        if not is_workspace_manager_initialized():
+            init_workspace_manager(torch.device(self.device))
+        with set_current_vllm_config(_vllm_config()):
+            self.impl = TurboQuantAttentionImpl(self.Hq, self.D, self.scale, self.H, None,
+                                                None, self.kv_cache_dtype)
+        self.fill_through_impl(TurboQuantAttentionBackend)
+        self.meta = TurboQuantMetadata(
+            seq_lens=self.seq_lens,
+            slot_mapping=self.slots(torch.arange(self.B, device=self.device),
+                                    self.seq_lens.long() - 1),
+            block_table=self.block_table, query_start_loc=self.cu_q,
+            num_actual_tokens=self.B, max_query_len=1, max_seq_len=max(self.lens),
+            is_prefill=False, num_decodes=self.B, num_decode_tokens=self.B)
+        self.call = (f"TurboQuantAttentionImpl.forward -> triton_turboquant_decode_attention("
+                     f"max_num_kv_splits={self.impl.max_num_kv_splits}, block_size={self.bs})")
+
+    def token_head_bytes(self):  # key codes + fp16 norm, value codes + fp16 scale, zero
+        return self.kv_cache.shape[-1] * self.kv_cache.element_size()
+
+    def run(self):
+        return self.impl.forward(self.layer, self.query, self.key_new, self.value_new,
+                                 self.kv_cache, self.meta, self.out)
+
+    def dequantized(self):
+        cfg, D, dev = self.impl.tq_config, self.D, self.device
+        assert not cfg.key_fp8 and cfg.value_quant_bits == 4, cfg
+        slots = self.kv_cache.transpose(1, 2)  # [num_blocks, block_size, H, slot]
+        mse_bytes, kps = -(-D * cfg.key_mse_bits // 8), cfg.key_packed_size
+        bit = torch.arange(D, device=dev) * cfg.key_mse_bits
+        lo_byte, hi_byte = bit // 8, torch.clamp(bit // 8 + 1, max=mse_bytes - 1)
+
+        def fp16_at(x, off):
+            return x[..., off: off + 2].contiguous().view(torch.float16)[..., 0].float()
+
+        ks, vs = [], []
+        for b in range(self.B):
+            s = self.gather(slots, b).long()
+            stream = s[..., lo_byte] | (s[..., hi_byte] << 8)  # little-endian bit stream
+            idx = (stream >> (bit % 8)) & ((1 << cfg.key_mse_bits) - 1)
+            c = self.layer._tq_centroids[idx]
+            if cfg.norm_correction:
+                c = c / c.norm(dim=-1, keepdim=True)
+            ks.append(fp16_at(s.to(torch.uint8), mse_bytes)[..., None]
+                      * (c @ self.layer._tq_Pi))  # y = x^ Pi^T  =>  x^ = y Pi
+            codes = s[..., kps: kps + D // 2]
+            v = torch.stack([codes & 0xF, codes >> 4], -1).flatten(-2).float()
+            u8 = s.to(torch.uint8)
+            vs.append(v * fp16_at(u8, kps + D // 2)[..., None]
+                      + fp16_at(u8, kps + D // 2 + 2)[..., None])
+        return self.query.float(), ks, vs
+
+
+class TQk3v4Decode(TurboQuantDecode):
+    kv_cache_dtype = "turboquant_k3v4_nc"
+
+
+class TQ4bitDecode(TurboQuantDecode):
+    kv_cache_dtype = "turboquant_4bit_nc"
+
+
+# name -> (class, label in the table)
+BASELINES = {
+    "sdpa": (SdpaDecode, "torch SDPA bf16"),
+    "fa3_bf16": (FA3Decode, "vLLM FA3 bf16"),
+    "fa3_fp8": (FA3Fp8Decode, "vLLM FA3 fp8"),
+    "int4": (Int4Decode, "vLLM int4_per_token_head"),
+    "tq_k3v4": (TQk3v4Decode, "vLLM turboquant_k3v4_nc"),
+    "tq_4bit": (TQ4bitDecode, "vLLM turboquant_4bit_nc"),
+}
+# Max |out - reference| allowed by --check (bf16 output, reference in fp32 over
+# the K/V the kernel reads: the dequantized cache; the quantization error
+# itself, vs the K/V before the store, is ~0.1 at the check shapes). int4
+# rounds its rotated query and rotated output to bf16 on the way; FA3 fp8
+# rounds the softmax probabilities to e4m3 for the PV product.
+CHECK_TOL = {"sdpa": 1e-2, "fa3_bf16": 1e-2, "fa3_fp8": 8e-2, "int4": 2e-2,
+             "tq_k3v4": 1e-2, "tq_4bit": 1e-2}
+
+
+def _failed(e):
+    msg = f"failed: {type(e).__name__}: {e}"
+    return msg.replace("\n", " ").replace("|", "/")[:160]  # one markdown table cell
+
+
+def check_baselines(names, device, dtype=torch.bfloat16, Hq=4, H=2, D=128, lens=(40, 70),
+                    block_size=VLLM_BLOCK_SIZE, tamper=None):
+    """Each baseline's output against ``attention_reference`` over the K/V it
+    reads (its dequantized cache), and for information against the K/V before
+    quantization. ``tamper(baseline)`` runs between fill and call (tests use
+    it to make sure a wrong call fails). Returns one dict per baseline."""
+    res = []
+    for name in names:
+        r = dict(baseline=name, tol=CHECK_TOL[name])
+        res.append(r)
+        if name.startswith("fa3") and device != "cuda":
+            r.update(ok=None, skipped="FlashAttention 3 needs a CUDA device")
+            continue
+        if name == "sdpa" and len(set(lens)) > 1:
+            lens_b = [max(lens)] * len(lens)
+        else:
+            lens_b = list(lens)
+        try:
+            bl = BASELINES[name][0](len(lens_b), lens_b, Hq, H, D, dtype, device, block_size,
+                                    keep_kv=True)
+            if tamper is not None:
+                tamper(bl)
+            out = bl.run().float()
+            q, ks, vs = bl.dequantized()
+            ref = attention_reference(q, ks, vs, bl.scale)
+            r["max_err"] = (out - ref).abs().max().item()
+            r["ref_max"] = ref.abs().max().item()
+            if bl.kv:
+                raw = attention_reference(bl.query.float(), *zip(*bl.kv), bl.scale)
+                r["max_err_unquantized"] = (out - raw).abs().max().item()
+            r["ok"] = bool(torch.isfinite(out).all()) and r["max_err"] <= r["tol"]
+        except Exception as e:  # noqa: BLE001 - record and go on
+            r["failed"] = _failed(e)
+            r["ok"] = False
     return res
+
+
+def print_check(res):
+    print("| baseline | max abs err vs dequantized-cache ref | tol | max abs err vs "
+          "unquantized K/V | max abs ref | ok |")
+    print("|---|---|---|---|---|---|")
+    for r in res:
+        if "skipped" in r or "failed" in r:
+            print(f"| {r['baseline']} | {r.get('skipped') or r['failed']} | | | | "
+                  f"{'-' if 'skipped' in r else 'NO'} |")
+            continue
+        unq = r.get("max_err_unquantized")
+        print(f"| {r['baseline']} | {r['max_err']:.2e} | {r['tol']:.0e} | "
+              f"{'-' if unq is None else f'{unq:.2e}'} | {r['ref_max']:.3f} | "
+              f"{'ok' if r['ok'] else 'NO'} |")
+
+
+def bench_baseline(name, B, ctx, Hq, H, D, dtype, device, block_size, timer, copy_gbs):
+    """One baseline at batch B x context ctx; ``us`` is a float or ``failed: ...``."""
+    cls, label = BASELINES[name]
+    rec = dict(baseline=name, label=label, batch=B, context=ctx, block_size=block_size)
+    bl = None
+    try:
+        bl = cls(B, [ctx] * B, Hq, H, D, dtype, device, block_size)
+        rec.update(kv_cache_dtype=bl.kv_cache_dtype, call=bl.call,
+                   bytes_per_token_head=bl.bytes_per_token_head, bytes=bl.bytes)
+        out = bl.run()
+        if not bool(torch.isfinite(out).all()):
+            raise FloatingPointError("non-finite output")
+        us = timer(bl.run)
+        gbs = bl.bytes["total"] / (us * 1e-6) / 1e9
+        rec.update(us=us, GBps=gbs, pct_copy_bw=100 * gbs / copy_gbs)
+    except Exception as e:  # noqa: BLE001 - a broken baseline must not cost our rows
+        rec["us"] = _failed(e)
+    del bl
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rec
 
 
 def copy_bandwidth(device, nbytes=2 * GiB, timer=None) -> float:
@@ -241,6 +770,9 @@ def main(argv=None):
     ap.add_argument("--out", help="write results as JSON here")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shape on CPU (TRITON_INTERPRET=1), checked against the reference")
+    ap.add_argument("--check", action="store_true",
+                    help="only check the baselines' outputs against an fp32 reference on the "
+                         "K/V they read (GPU: Llama shape; CPU: tiny shape, interpreter)")
     ap.add_argument("--configs", default="k4v4,k2v2,k16v16")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--contexts", default="1024,4096,16384,32768,65536,131072")
@@ -249,7 +781,11 @@ def main(argv=None):
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=3)
-    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--baselines", default=",".join(BASELINES),
+                    help=f"comma list of {', '.join(BASELINES)} (default: all)")
+    ap.add_argument("--baseline-block-size", type=int, default=VLLM_BLOCK_SIZE,
+                    help="vLLM block size of the baselines' paged caches")
+    ap.add_argument("--no-baselines", action="store_true", help="same as --baselines ''")
     ap.add_argument("--sweep", action="store_true",
                     help="tuning grid (block_n x num_warps x num_stages x splits) at the "
                          "first batch / context of the lists, per config")
@@ -258,6 +794,27 @@ def main(argv=None):
     ap.add_argument("--warmup-ms", type=float, default=10)
     ap.add_argument("--rep-ms", type=float, default=40)
     a = ap.parse_args(argv)
+    names = [] if a.no_baselines else [n for n in a.baselines.split(",") if n]
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        ap.error(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
+
+    if a.check:
+        cuda = torch.cuda.is_available()
+        shape = dict(Hq=32, H=8, D=128, lens=(1000, 4113, 37)) if cuda else \
+            dict(Hq=4, H=2, D=128, lens=(40, 70))
+        res = check_baselines(names, "cuda" if cuda else "cpu",
+                              block_size=a.baseline_block_size, **shape)
+        print(f"# baseline check on {torch.cuda.get_device_name() if cuda else 'cpu'}"
+              f" (bf16, {shape}, block {a.baseline_block_size})\n")
+        print_check(res)
+        if a.out:
+            Path(a.out).write_text(json.dumps({"check": res, "shape": shape}, indent=1,
+                                              default=str))
+        bad = [r["baseline"] for r in res if not r["ok"] and "skipped" not in r]
+        if bad:
+            sys.exit(f"check failed: {bad}")
+        return res
 
     if a.smoke:
         device, dtype = "cpu", torch.float32
@@ -265,7 +822,7 @@ def main(argv=None):
         batches, contexts = [2], [150]
     else:
         if not torch.cuda.is_available():
-            sys.exit("needs a CUDA device (or --smoke for a CPU check)")
+            sys.exit("needs a CUDA device (or --smoke / --check for a CPU check)")
         device, dtype = "cuda", torch.bfloat16
         Hq, H, D, bs, G, R = 32, 8, 128, 128, 128, 128
         batches = [int(x) for x in a.batches.split(",")]
@@ -288,17 +845,19 @@ def main(argv=None):
         return sweep(a, device, dtype, timer, copy_gbs, info, batches[0], contexts[0],
                      (Hq, H, D, bs, G, R))
 
-    rows, baselines = [], {}
+    def save():
+        if a.out:
+            Path(a.out).write_text(json.dumps(
+                {"info": info, "rows": rows, "baselines": base_rows}, indent=1, default=str))
+
+    # Our kernel first: a baseline that breaks (even the CUDA context) must
+    # not cost these rows. The JSON is written when they are done and again
+    # after every baseline.
+    rows, base_rows = [], []
     t_start = time.time()
     for B in batches:
         for ctx in contexts:
-            if device == "cuda" and not a.no_baselines:
-                if cache_gib(KvcompConfig(k_bits=16, v_bits=16), B, ctx, H, D, bs) <= \
-                        a.max_cache_gib:
-                    baselines[(B, ctx)] = bench_bf16_baselines(B, ctx, Hq, H, D, dtype,
-                                                               device, timer)
-                    torch.cuda.empty_cache()
-            for name in a.configs.split(","):
+            for name in [n for n in a.configs.split(",") if n]:  # '': baselines only
                 cfg = KvcompConfig(group_size=G, residual_tokens=R, block_size=bs,
                                    **CONFIGS[name])
                 if cache_gib(cfg, B, ctx, H, D, bs) > a.max_cache_gib:
@@ -317,35 +876,74 @@ def main(argv=None):
                     assert torch.isfinite(out).all(), f"{name}: non-finite output"
                 us = timer(lambda: p.run(a.num_splits, **kw))
                 gbs = p.bytes["total"] / (us * 1e-6) / 1e9
-                row = dict(config=name, batch=B, context=ctx, num_splits=splits,
-                           us=us, bytes=p.bytes, GBps=gbs, pct_copy_bw=100 * gbs / copy_gbs,
-                           cache_GiB=cache_gib(cfg, B, ctx, H, D, bs))
-                base = baselines.get((B, ctx), {})
-                for key, (bname, val) in base.items():
-                    row[f"{key}_us"] = val
-                rows.append(row)
+                rows.append(dict(config=name, batch=B, context=ctx, num_splits=splits,
+                                 us=us, bytes=p.bytes, GBps=gbs,
+                                 pct_copy_bw=100 * gbs / copy_gbs,
+                                 cache_GiB=cache_gib(cfg, B, ctx, H, D, bs)))
                 del p
                 if device == "cuda":
                     torch.cuda.empty_cache()
+    save()
+
+    if names and (device == "cuda" or a.smoke):  # smoke: the interpreter, bf16 too
+        info["baseline_check"] = check_baselines(
+            names, device, Hq=Hq, H=H, D=D, block_size=a.baseline_block_size,
+            lens=(1000, 4113, 37) if device == "cuda" else (40, 70))
+        print("# baselines checked against an fp32 reference on the K/V they read\n")
+        print_check(info["baseline_check"])
+        print()
+        save()
+        for B in batches:
+            for ctx in contexts:
+                if cache_gib(KvcompConfig(k_bits=16, v_bits=16), B, ctx, H, D, bs) > \
+                        a.max_cache_gib:
+                    continue  # every baseline's cache is at most bf16's
+                for name in names:
+                    base_rows.append(bench_baseline(name, B, ctx, Hq, H, D, torch.bfloat16,
+                                                    device, a.baseline_block_size, timer,
+                                                    copy_gbs))
+                    save()
+    for r in rows:
+        for b in base_rows:
+            if (b["batch"], b["context"]) == (r["batch"], r["context"]):
+                r[f"{b['baseline']}_us"] = b["us"]
 
     def fmt(v):
+        if isinstance(v, str) and v.startswith("failed"):
+            return "failed"
         return f"{v:.1f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
+    extra = [n for n in BASELINES if n not in ("fa3_bf16", "sdpa")]
     print("| config | batch | context | splits | us | MB moved | GB/s | % copy BW "
-          "| bf16 flash-attn us | bf16 SDPA us | speedup vs best bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        fa, sd = r.get("flash_attn_us"), r.get("sdpa_us")
-        best = min([x for x in (fa, sd) if isinstance(x, float)], default=None)
-        sp = f"{best / r['us']:.2f}x" if best else "-"
-        print(f"| {r['config']} | {r['batch']} | {r['context']} | {r['num_splits']} "
-              f"| {r['us']:.1f} | {r['bytes']['total'] / 1e6:.1f} | {r['GBps']:.0f} "
-              f"| {r['pct_copy_bw']:.1f} | {fmt(fa)} | {fmt(sd)} | {sp} |")
+          "| bf16 flash-attn (FA3) us | bf16 SDPA us | speedup vs best bf16 | "
+          + " | ".join(f"{BASELINES[n][1].removeprefix('vLLM ')} us" for n in extra) + " |")
+    print("|---" * (11 + len(extra)) + "|")
+    dash = " | -" * len(extra)
+    for B in batches:
+        for ctx in contexts:
+            for r in rows:
+                if (r["batch"], r["context"]) != (B, ctx):
+                    continue
+                fa, sd = r.get("fa3_bf16_us"), r.get("sdpa_us")
+                best = min([x for x in (fa, sd) if isinstance(x, float)], default=None)
+                sp = f"{best / r['us']:.2f}x" if best else "-"
+                print(f"| {r['config']} | {B} | {ctx} | {r['num_splits']} "
+                      f"| {r['us']:.1f} | {r['bytes']['total'] / 1e6:.1f} | {r['GBps']:.0f} "
+                      f"| {r['pct_copy_bw']:.1f} | {fmt(fa)} | {fmt(sd)} | {sp} | "
+                      + " | ".join(fmt(r.get(f"{n}_us")) for n in extra) + " |")
+            for b in base_rows:
+                if (b["batch"], b["context"]) != (B, ctx):
+                    continue
+                if isinstance(b["us"], float):
+                    print(f"| {b['label']} | {B} | {ctx} | - | {b['us']:.1f} "
+                          f"| {b['bytes']['total'] / 1e6:.1f} | {b['GBps']:.0f} "
+                          f"| {b['pct_copy_bw']:.1f} | - | - | -{dash} |")
+                else:
+                    print(f"| {b['label']} | {B} | {ctx} | - | {b['us']} | - | - | - "
+                          f"| - | - | -{dash} |")
     info["wall_s"] = time.time() - t_start
-    print(f"\n{len(rows)} rows in {info['wall_s']:.0f} s")
-    if a.out:
-        Path(a.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1,
-                                          default=str))
+    print(f"\n{len(rows)} rows + {len(base_rows)} baseline rows in {info['wall_s']:.0f} s")
+    save()
     return rows
 
 

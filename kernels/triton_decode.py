@@ -67,8 +67,9 @@ Design (flash-decoding):
   values feed PH output accumulators, stored back strided.
 * On the GPU a code becomes a bf16 / fp16 dot operand by OR-ing it into the
   mantissa of 128.0 / 1024.0 (``_unpack_asm``: one LOP3, plus one shift per
-  phase, per pair of codes, in inline PTX); the constant offset is removed
-  through the per-row bias (``MAGIC * sum(other operand)``). 8-bit codes in
+  phase, per pair of codes, in inline PTX). bf16 removes the offset in
+  registers (``_unbias8``, exact); fp16 removes it through the per-row bias
+  (``MAGIC * sum(other operand)``), which saves the subtraction. 8-bit codes in
   bf16 models (above 127) use a plain conversion.
 
 Measured on one H100 (``benchmarks/bench_decode_kernel.py``, Llama-3.1-8B
@@ -316,6 +317,22 @@ def _unpack_asm(x, BITS: tl.constexpr, EW: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _unbias(c, MAGIC: tl.constexpr):
+    return (c - MAGIC).to(c.dtype)
+
+
+@triton.jit
+def _unbias8(c0, c1, c2, c3, c4, c5, c6, c7, MAGIC: tl.constexpr):
+    """``MAGIC + code`` -> ``code``, exactly, in the operand dtype. For bf16
+    the offset (128) is removed here rather than through the row bias: with
+    2-bit codes the biased dot is ~85x larger than the wanted one, and
+    Hopper's tensor-core accumulation lost enough low bits of it to put a few
+    outputs 0.03 off (k2v2, head_dim 128, on the H100, 2026-11-23)."""
+    return (_unbias(c0, MAGIC), _unbias(c1, MAGIC), _unbias(c2, MAGIC), _unbias(c3, MAGIC),
+            _unbias(c4, MAGIC), _unbias(c5, MAGIC), _unbias(c6, MAGIC), _unbias(c7, MAGIC))
+
+
+@triton.jit
 def _load_elems(cache_ptr, row0, slot, valid, ROW: tl.constexpr, RP: tl.constexpr,
                 EW: tl.constexpr):
     """[BLOCK_N, RP] packed code rows of ``slot`` as uint8 or uint16 (EW)
@@ -402,7 +419,7 @@ def _kvcomp_decode_kernel(
     V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
     K_EW: tl.constexpr, V_EW: tl.constexpr, K_PH: tl.constexpr, V_PH: tl.constexpr,
     CVT_K: tl.constexpr, CVT_V: tl.constexpr, K_MAGIC: tl.constexpr, V_MAGIC: tl.constexpr,
-    REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_UNBIAS: tl.constexpr, V_UNBIAS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -502,6 +519,9 @@ def _kvcomp_decode_kernel(
                                K_EW)
             if K_ASM:
                 k0, k1, k2, k3, k4, k5, k6, k7 = _unpack_asm(kraw, K_BITS, K_EW, MODEL_DTYPE)
+                if K_UNBIAS != 0.0:
+                    k0, k1, k2, k3, k4, k5, k6, k7 = _unbias8(k0, k1, k2, k3, k4, k5, k6, k7,
+                                                              K_UNBIAS)
             else:
                 kint = kraw.to(tl.int32)
             pbase = (page_off + K_PARAMS_OFF) // 4
@@ -517,6 +537,8 @@ def _kvcomp_decode_kernel(
                     code = _phase(kint, j, K_BITS, K_PH)
                     if K_FOLD_CH or K_FOLD_TOK:
                         kop = _codes_operand(code, CVT_K, OP_DT)
+                        if K_UNBIAS != 0.0:
+                            kop = _unbias(kop, K_UNBIAS)
                 if K_FOLD_CH:
                     # q.k = sum_c (q_c s_c) code_c + sum_c q_c m_c: the tile is
                     # inside one key group, so fold its scales into the query
@@ -554,6 +576,9 @@ def _kvcomp_decode_kernel(
                                V_EW)
             if V_ASM:
                 v0, v1, v2, v3, v4, v5, v6, v7 = _unpack_asm(vraw, V_BITS, V_EW, MODEL_DTYPE)
+                if V_UNBIAS != 0.0:
+                    v0, v1, v2, v3, v4, v5, v6, v7 = _unbias8(v0, v1, v2, v3, v4, v5, v6, v7,
+                                                              V_UNBIAS)
             else:
                 vint = vraw.to(tl.int32)
             pbase = (page_off + V_PARAMS_OFF) // 4
@@ -571,8 +596,10 @@ def _kvcomp_decode_kernel(
                              MODEL_DTYPE) + vbias[:, None]
                 elif V_NG == 1:
                     code = _phase(vint, j, V_BITS, V_PH)
-                    pv = _mm(a, _codes_operand(code, CVT_V, OP_DT), IEEE,
-                             MODEL_DTYPE) + vbias[:, None]
+                    vop = _codes_operand(code, CVT_V, OP_DT)
+                    if V_UNBIAS != 0.0:
+                        vop = _unbias(vop, V_UNBIAS)
+                    pv = _mm(a, vop, IEEE, MODEL_DTYPE) + vbias[:, None]
                 else:
                     code = _phase(vint, j, V_BITS, V_PH)
                     x = _dequant(code, wp, pbase, slot, valid, vb * V_PH + j, vbm, False, 1,
@@ -778,6 +805,7 @@ def kvcomp_decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     code_cvt: int | None = None,
+    unbias_codes: bool | None = None,
     rep_m: int | None = None,
     elem_bits: int | None = None,
 ) -> torch.Tensor:
@@ -847,7 +875,13 @@ def kvcomp_decode_attention(
         consts[f"{which}_EW"] = ew
         consts[f"{which}_PH"] = ew // bits if bits < 16 else 1
         consts[f"CVT_{which}"] = cvt if bits < 16 else 0
-        consts[f"{which}_MAGIC"] = _magic(consts[f"CVT_{which}"], query.dtype)
+        magic = _magic(consts[f"CVT_{which}"], query.dtype)
+        # bf16 codes drop their offset in registers (exact) by default; fp16
+        # keeps the cheaper row-bias form, which measured exact enough
+        unbias = unbias_codes if unbias_codes is not None else query.dtype == torch.bfloat16
+        consts[f"{which}_UNBIAS"] = magic if (unbias and consts[f"CVT_{which}"] in (1, 3)) \
+            else 0.0
+        consts[f"{which}_MAGIC"] = magic - consts[f"{which}_UNBIAS"]
     if num_splits > 1:
         part_o = torch.empty(B, Hq, num_splits, block_d, dtype=torch.float32,
                              device=query.device)

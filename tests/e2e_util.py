@@ -4,6 +4,7 @@ import os
 import random
 import re
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -18,9 +19,12 @@ def run_engine(spec: dict, timeout: int = 1200, env: dict | None = None) -> dict
     # Engines run as a user's would: the interpreter switch that conftest
     # sets for the in-process kernel tests is passed on only when asked for.
     base_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(HERE / "engine_runner.py"), json.dumps(spec)],
-                         capture_output=True, text=True, timeout=timeout,
-                         env={**base_env, **(env or {})})
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(spec, f)
+        f.flush()
+        out = subprocess.run([sys.executable, str(HERE / "engine_runner.py"), "@" + f.name],
+                             capture_output=True, text=True, timeout=timeout,
+                             env={**base_env, **(env or {})})
     text = out.stdout + out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     assert out.returncode == 0 and lines, text[-4000:]

@@ -12,6 +12,7 @@ the chosen tokens, prompt logprobs, and the engine's preemption and
 prefix-cache counters.
 """
 import json
+from pathlib import Path
 import os
 import sys
 
@@ -65,4 +66,6 @@ def main(spec):
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    arg = sys.argv[1]
+    # a long spec (thousands of prompt tokens) comes as @file: argv has a size limit
+    main(json.loads(Path(arg[1:]).read_text() if arg.startswith("@") else arg))

@@ -230,6 +230,18 @@ def test_mantissa_code_conversion(bits, axis, G):
     check(DecodeBatch(cfg, [2, 150], D=64, rep=2, block_size=64, seed=19), code_cvt=1)
 
 
+@pytest.mark.parametrize("bits,axis", [((4, 4), "channel"), ((2, 2), "token")],
+                         ids=["k4v4-channel", "k2v2-token"])
+def test_mantissa_codes_unbiased_in_registers(bits, axis):
+    """code_cvt=1 with ``unbias_codes``: the offset is subtracted from the
+    operands before the dots (the bf16 GPU default) instead of through the
+    row bias; the same answer either way."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=64, residual_tokens=16,
+                       key_axis=axis)
+    check(DecodeBatch(cfg, [2, 150], D=64, rep=2, block_size=64, seed=29), code_cvt=1,
+          unbias_codes=True)
+
+
 @pytest.mark.parametrize("bits,D,elem", [((4, 4), 64, 8), ((4, 4), 64, 16), ((8, 8), 64, 8),
                                          ((8, 2), 64, 16), ((2, 2), 128, 16)],
                          ids=["k4v4-e8", "k4v4-e16", "k8v8-e8", "k8v2-e16", "k2v2-d128-e16"])
