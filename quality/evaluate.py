@@ -233,8 +233,10 @@ def run_setting(name: str, setting: dict, args, max_len: int, tasks_path: str) -
                     "kv_cache_tokens": kv_tokens_logged(log)}
     if setting.get("gpu_only") and args.device == "cpu" and not args.try_all:
         return {"status": "skipped",
-                "reason": "needs CUDA: vLLM's CPU attention backend implements no "
-                          f"{setting['kv_cache_dtype']} KV cache (Triton kernels)"}
+                "reason": f"needs CUDA: {setting['kv_cache_dtype']} is implemented by "
+                          "Triton kernels; on vLLM 0.26's CPU platform int4_per_token_head "
+                          "fails at KV cache allocation and turboquant_* are silently "
+                          "ignored (--try-all shows both)"}
     spec = {"model": args.model, "tasks": tasks_path, "result": raw,
             "engine": engine_kwargs(setting, args, max_len)}
     spec_path = os.path.join(args.out, "logs", f"{name}.spec.json")
@@ -265,6 +267,25 @@ def run_setting(name: str, setting: dict, args, max_len: int, tasks_path: str) -
 
 
 # ---------------------------------------------------------------- metrics
+def silently_unapplied(setting: dict, run: dict, base: dict | None) -> str | None:
+    """Why a compressed setting's engine ran, in fact, at full precision, or
+    None. vLLM 0.26's CPU platform accepts ``kv_cache_dtype=turboquant_*``
+    and then stores the KV cache in the model dtype without a word (seen
+    2026-11-23): same logged capacity as the baseline, logprobs identical to
+    it. Such a row must not be reported as a result of that format."""
+    if base is None or setting.get("bits", 16) >= 16 or "metrics" not in run:
+        return None
+    same_capacity = run.get("kv_cache_tokens") is not None and \
+        run.get("kv_cache_tokens") == base.get("kv_cache_tokens")
+    gaps = [e.get("mean_abs_dlogprob") for e in run["metrics"]["ppl"].values()]
+    identical = bool(gaps) and all(g == 0.0 for g in gaps)
+    if same_capacity and identical:
+        return ("the engine ran but did not apply this KV format: logged KV capacity equals "
+                "the baseline's and every prompt logprob is identical to it (vLLM on this "
+                "platform ignores the setting silently)")
+    return None
+
+
 def summarize(name: str, run: dict, work: dict, base: dict | None) -> dict:
     raw = run["raw"]
     out = {"engine_start_s": raw.get("engine_start_s"), "kv_cache_tokens": run.get("kv_cache_tokens"),
@@ -555,6 +576,9 @@ def main(argv=None) -> dict:
     for name, r in results.items():
         if r["status"] == "ok":
             r["metrics"] = summarize(name, r, work, base if name != "baseline" else None)
+            why = silently_unapplied(catalog[name], r, base)
+            if why:
+                r["status"], r["reason"] = "not applied", why
     for r in results.values():
         r.pop("raw", None)
 

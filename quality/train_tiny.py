@@ -96,13 +96,14 @@ def load_stream(tok, path: str) -> np.ndarray:
 MIN_EXAMPLE = 256
 
 
-def synth_context(data_dir, stream) -> dict:
-    """What the synthetic-row builder needs: encoder, haystack over ``stream``."""
+def synth_context(data_dir, stream, copy_max_seg=None) -> dict:
+    """What the synthetic-row builder needs: encoder, haystack over ``stream``,
+    the longest copy-drill segment (None: half the example)."""
     tok = load_tokenizer(data_dir)
     return {"encode": lambda s: tok(s, add_special_tokens=False)["input_ids"],
             "hay": tasks.Haystack(stream.tolist(), tasks.sentence_end_ids(tok.get_vocab())),
             "stream": stream, "bos": tok.bos_token_id, "eos": tok.eos_token_id,
-            "vocab": len(tok)}
+            "vocab": len(tok), "copy_max_seg": copy_max_seg or (1 << 30)}
 
 
 ANSWER, COPY = 1, 2  # target codes of synthetic-row tokens (0: no loss)
@@ -112,7 +113,7 @@ def copy_drill(ctx, rng, length):
     """``<s>`` + a segment of random tokens repeated to fill ``length``; every
     token after the first copy is a COPY target. Repeated random tokens are
     the quickest way to grow induction (copy) heads, which retrieval needs."""
-    k = rng.randint(8, max(8, (length - 1) // 2))
+    k = rng.randint(8, max(8, min(ctx["copy_max_seg"], (length - 1) // 2)))
     seg = [rng.randrange(2, ctx["vocab"]) for _ in range(k)]
     reps = max(2, (length - 1) // k)
     return [ctx["bos"]] + seg * reps, [0] * (1 + k) + [COPY] * (k * (reps - 1))
@@ -165,25 +166,26 @@ def synthetic_row_from(ctx, index, seed, seq_len, copy_share=0.0):
 _W = {}
 
 
-def _init_worker(data_dir, stream):
-    _W["ctx"] = synth_context(data_dir, stream)
+def _init_worker(data_dir, stream, copy_max_seg):
+    _W["ctx"] = synth_context(data_dir, stream, copy_max_seg)
 
 
 def synthetic_row(args):
     return synthetic_row_from(_W["ctx"], *args)
 
 
-def synthetic_rows(data_dir, stream, count, seed, seq_len, procs, copy_share=0.0):
+def synthetic_rows(data_dir, stream, count, seed, seq_len, procs, copy_share=0.0,
+                   copy_max_seg=None):
     """Iterator over ``count`` synthetic rows, in order. With ``procs`` > 1 a
     fork pool builds them ahead while the caller trains (start it before CUDA
     is initialised); call ``.close()`` on the result when done."""
     jobs = [(i, seed, seq_len, copy_share) for i in range(count)]
     if procs <= 1:
-        ctx = synth_context(data_dir, stream)
+        ctx = synth_context(data_dir, stream, copy_max_seg)
         return _RowIter((synthetic_row_from(ctx, *j) for j in jobs), None)
     from multiprocessing import get_context
 
-    pool = get_context("fork").Pool(procs, _init_worker, (data_dir, stream))
+    pool = get_context("fork").Pool(procs, _init_worker, (data_dir, stream, copy_max_seg))
     return _RowIter(pool.imap(synthetic_row, jobs, chunksize=8), pool)
 
 
@@ -246,7 +248,8 @@ def objective(model, torch, batch, target, n_text, weights=(1.0, 0.0)):
     return parts[0] + weights[0] * parts[1] + weights[1] * parts[2], *parts
 
 
-def validation_set(data_dir, held, seq_len, n_text, n_syn, seed, copy_share=0.0):
+def validation_set(data_dir, held, seq_len, n_text, n_syn, seed, copy_share=0.0,
+                   copy_max_seg=None):
     """Held-out rows for early stopping: ``n_text`` text windows taken from
     the end of the held-out stream, ``n_syn`` synthetic rows whose haystack is
     held-out text."""
@@ -255,7 +258,7 @@ def validation_set(data_dir, held, seq_len, n_text, n_syn, seed, copy_share=0.0)
     bos = load_tokenizer(data_dir).bos_token_id
     tail = held[len(held) // 2:].tolist()
     text = tasks.text_windows(tail, seq_len + 1, n_text, bos_id=bos)
-    ctx = synth_context(data_dir, held)
+    ctx = synth_context(data_dir, held, copy_max_seg)
     rows = [synthetic_row_from(ctx, i, seed + 7919, seq_len, copy_share) for i in range(n_syn)]
     ids = [torch.tensor(r, dtype=torch.long) for r in text] + \
           [torch.from_numpy(r.astype(np.int64)) for r, _ in rows]
@@ -367,6 +370,14 @@ def main(argv=None):
     ap.add_argument("--copy-share", type=float, default=0.4,
                     help="share of synthetic examples that are copy drills (repeated random "
                          "tokens, loss on the repeats)")
+    ap.add_argument("--copy-max-seg", type=int, default=None,
+                    help="longest copy-drill segment (default: half the example). Short "
+                         "segments in short rows grow induction heads within a few hundred "
+                         "steps where 8..L/2 segments in 256-1024-token rows did not start in "
+                         "1500 (CPU, 2026-11-23): use them for a first, induction phase")
+    ap.add_argument("--stop-copy-below", type=float, default=None,
+                    help="stop (and keep these weights) once the held-out copy loss is below "
+                         "this: ends an induction phase as soon as copying works")
     ap.add_argument("--copy-weight", type=float, default=1.0,
                     help="weight of the mean copy-drill loss")
     ap.add_argument("--attn-dropout", type=float, default=0.0,
@@ -380,6 +391,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--init", metavar="DIR",
+                    help="start from the weights of a model saved by this script (e.g. a "
+                         "short-row phase before a long-row phase); its shape is used")
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="bf16 autocast on CPU too (about 2x faster on CPUs with bf16 "
+                         "matmul; weights and optimizer stay fp32)")
     ap.add_argument("--max-seconds", type=float, default=200.0,
                     help="stop training past this wall time since start (model still "
                          "evaluated and saved: add ~45 s on an H100)")
@@ -421,7 +438,8 @@ def main(argv=None):
     np.random.seed(args.seed)
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
+        return torch.autocast("cuda" if on_gpu else "cpu", dtype=torch.bfloat16,
+                              enabled=on_gpu or args.cpu_bf16)
 
     tok = load_tokenizer(args.data)
     train = load_stream(tok, os.path.join(args.data, "train.jsonl.gz"))
@@ -434,16 +452,30 @@ def main(argv=None):
     passes = n_text * args.steps * (args.seq_len + 1) / len(train)
     weights = (args.retrieval_weight, args.copy_weight)
     syn = synthetic_rows(args.data, train, n_syn * args.steps, args.seed, args.seq_len,
-                         args.procs, args.copy_share)  # built ahead by a pool, before CUDA starts
+                         args.procs, args.copy_share, args.copy_max_seg)  # built ahead by a pool, before CUDA starts
     val = validation_set(args.data, held, args.seq_len, val_text, val_syn, args.seed,
-                         args.copy_share) \
+                         args.copy_share, args.copy_max_seg) \
         if args.eval_every > 0 else None
     print(f"data: train {len(train)} tokens, held-out {len(held)}; per step {n_text} text rows "
           f"({passes:.2f} passes over the text in {args.steps} steps) + {n_syn} synthetic rows "
           f"(copy drills {args.copy_share:.0%} + retrieval; loss on copies and answers only) "
           f"({time.time() - t0:.1f}s)", flush=True)
 
-    model = make_model(tok, shape, args.seq_len, args.attn_dropout).to(device)
+    if args.init:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(args.init, torch_dtype=torch.float32,
+                                                 attn_implementation="sdpa").to(device)
+        shape = {k: getattr(model.config, k) for k in MODEL}
+        model.config.max_position_embeddings = max(model.config.max_position_embeddings,
+                                                   2 * args.seq_len)
+        with open(os.path.join(args.init, "train_log.json")) as f:
+            init_record = json.load(f)
+        print(f"init: {args.init} ({init_record.get('steps_done')} steps, held-out ppl "
+              f"{init_record.get('heldout_ppl', float('nan')):.2f})", flush=True)
+    else:
+        init_record = None
+        model = make_model(tok, shape, args.seq_len, args.attn_dropout).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters {shape}", flush=True)
     if args.compile:
@@ -501,6 +533,11 @@ def main(argv=None):
             vlog.append({"step": step, "loss": v, "text": vt, "answers": vs, "copy": vc})
             print(f"  held-out @ step {step}: loss {v:.4f} (text {vt:.4f} = ppl "
                   f"{math.exp(vt):.1f}, answers {vs:.4f}, copy {vc:.4f})", flush=True)
+            if args.stop_copy_below is not None and vc < args.stop_copy_below:
+                best.update(loss=v, step=step, state=None)
+                stop_reason = f"held-out copy loss {vc:.3f} < {args.stop_copy_below}"
+                print(f"stop: {stop_reason}", flush=True)
+                break
             if v < best["loss"]:
                 best.update(loss=v, step=step,
                             state={k: t.detach().to("cpu", copy=True)
@@ -548,7 +585,12 @@ def main(argv=None):
               "torch": torch.__version__, "final_train_loss": final_loss,
               "final_train_text_loss": final_text, "final_train_answer_loss": final_answers,
               "heldout_ppl": ppl, "passkey_grid": grid, "passkey_accuracy": acc,
-              "corpus": meta, "log": log, "command": " ".join(sys.argv)}
+              "corpus": meta, "log": log, "command": " ".join(sys.argv),
+              "init": None if init_record is None else
+              {k: init_record.get(k) for k in ("args", "steps_done", "stop_reason", "best_step",
+                                               "heldout_ppl", "passkey_accuracy",
+                                               "passkey_grid", "train_seconds", "validation",
+                                               "init")}}
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump(record, f, indent=1)
     if args.export_parts:
