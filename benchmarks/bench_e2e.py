@@ -14,6 +14,7 @@ to its full output length):
         (64 x 4096 x 256 and 128 x 1024 x 1024); give them a proportionally
         smaller ``--kv-gib`` so the bf16 cache binds concurrency the way the
         full workloads do on a whole H100.
+    W1p: W1's prompts with one output token (its prefill time alone)
 Reports KV capacity (vLLM's log line), output tok/s, TTFT and TPOT p50/p99.
 
 ``--kv-gib`` gives every format the same KV cache memory (vLLM's
@@ -47,7 +48,9 @@ SETTINGS = {
                       "additional_config": {"kvcomp": {"k_bits": 16, "v_bits": 16}}},
 }
 WORKLOADS = {"W1": (256, 4096, 256), "W2": (512, 1024, 2048),
-             "W1q": (64, 4096, 256), "W2q": (128, 1024, 1024), "tiny": (8, 300, 16)}
+             "W1q": (64, 4096, 256), "W2q": (128, 1024, 1024), "tiny": (8, 300, 16),
+             # W1's prefill alone (one output token): the part no KV format can shorten
+             "W1p": (256, 4096, 1)}
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
@@ -84,8 +87,15 @@ def run_one(args):
     kwargs = dict(SETTINGS[args.setting])
     if args.kv_gib:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_gib * (1 << 30))
+    if args.max_num_seqs:
+        kwargs["max_num_seqs"] = args.max_num_seqs
     if args.fast_start:
         kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    if args.capture_sizes:
+        # the same short list for every setting: vLLM pads a decode batch to
+        # the next size, and a long list costs minutes of capture per engine
+        sizes = [int(x) for x in args.capture_sizes.split(",")]
+        kwargs.setdefault("compilation_config", {})["cudagraph_capture_sizes"] = sizes
     llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True,
               max_model_len=max_len, gpu_memory_utilization=args.gpu_mem,
               disable_log_stats=False, seed=0, enforce_eager=args.eager, **kwargs)
@@ -119,6 +129,10 @@ def run_one(args):
         print("RESULT " + json.dumps(res), flush=True)
 
 
+def _ms(seconds):
+    return "-" if seconds is None else f"{1e3 * seconds:.1f}"  # no TPOT with one output token
+
+
 def _save(args, device, rows):
     if args.out:
         with open(args.out, "w") as f:
@@ -136,6 +150,12 @@ def main():
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--kv-gib", type=float, default=None)
     ap.add_argument("--fast-start", action="store_true")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="vLLM max_num_seqs for every setting (default vLLM's 256); W2 has 512 "
+                         "requests, so 512 lets a format whose capacity fits them all run them "
+                         "all at once")
+    ap.add_argument("--capture-sizes", default=None,
+                    help="CUDA-graph capture sizes for every setting, e.g. 1,2,4,8,16,32,64,128,256")
     ap.add_argument("--out", default=None)
     ap.add_argument("--setting", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=1200)
@@ -156,6 +176,10 @@ def main():
             cmd.append("--fast-start")
         if args.kv_gib:
             cmd += ["--kv-gib", str(args.kv_gib)]
+        if args.max_num_seqs:
+            cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+        if args.capture_sizes:
+            cmd += ["--capture-sizes", args.capture_sizes]
         t = time.time()
         # Own process group: on timeout the engine core and workers it spawned
         # die with it (an orphaned engine keeps its GPU memory, and every later
@@ -200,7 +224,7 @@ def main():
             kvt = f"{r['kv_cache_tokens']:,}" if r["kv_cache_tokens"] else "?"
             print(f"| {r['setting']} | {kvt} | {r['output_tok_s']:.0f} | {rel} | "
                   f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | "
-                  f"{1e3 * r['tpot_p50']:.1f}/{1e3 * r['tpot_p99']:.1f} | {r['completed']}/{r['requests']} |")
+                  f"{_ms(r['tpot_p50'])}/{_ms(r['tpot_p99'])} | {r['completed']}/{r['requests']} |")
     _save(args, device, rows)
 
 

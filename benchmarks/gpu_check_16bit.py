@@ -32,11 +32,13 @@ def prompts(model, n, length):
     tok = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
     with gzip.open(ROOT / "quality" / "data" / "heldout.jsonl.gz", "rt") as f:
         docs = [json.loads(l)["text"] for l in f]
+    bos = tok.token_to_id("<s>")
+    bos = 0 if bos is None else bos
     out = []
     for d in docs:
         ids = tok.encode(d).ids
         if len(ids) >= length:
-            out.append({"prompt_token_ids": [1] + ids[: length - 1]})
+            out.append({"prompt_token_ids": [bos] + ids[: length - 1]})
         if len(out) == n:
             break
     return out
@@ -49,13 +51,20 @@ def main():
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--settings", default=",".join(k for k in SETTINGS if k != "FLASH_ATTN"),
+                    help="kvcomp settings to compare with FLASH_ATTN")
     args = ap.parse_args()
+    wanted = ["FLASH_ATTN"] + [s for s in args.settings.split(",") if s]
+    unknown = [s for s in wanted if s not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     ps = prompts(args.model, args.requests, args.prompt_len)
     engine = dict(dtype="bfloat16", enforce_eager=False, max_model_len=4096,
                   enable_chunked_prefill=True, max_num_batched_tokens=512,
                   gpu_memory_utilization=0.5)
     runs = {}
-    for name, kv in SETTINGS.items():
+    for name in wanted:
+        kv = SETTINGS[name]
         backend = "FLASH_ATTN" if kv is None else "kvcomp"
         runs[name] = run_engine(dict(model=args.model, backend=backend, kvcomp=kv, engine=engine,
                                      prompts=ps, max_tokens=args.max_tokens, logprobs=2,

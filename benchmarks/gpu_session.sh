@@ -1,37 +1,44 @@
 #!/usr/bin/env bash
 # GPU session stages, run on the device machine from the repo root after the
 # vLLM kit is in /tmp/site (see ../shared/gpu/make-kit.sh). Results go to $OUT.
-#   bash benchmarks/gpu_session.sh kernels   # install, kernel tests, smoke e2e, train model, decode bench
+#   bash benchmarks/gpu_session.sh kernels   # install, kernel tests, baseline check, 16-bit check, decode bench
+#   bash benchmarks/gpu_session.sh train     # (re)train the quality model on the GPU instead of the CPU one
 #   bash benchmarks/gpu_session.sh e2e SETTINGS TAG [WORKLOADS] [ARGS]  # side by side for SETTINGS
-#   bash benchmarks/gpu_session.sh check16   # kvcomp vs FLASH_ATTN on the trained model
+#   bash benchmarks/gpu_session.sh check16   # kvcomp vs FLASH_ATTN on the trained model (QMODEL=dir)
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/session.log"; date -u | tee -a "$OUT/session.log"
 case "$1" in
 kernels)
-  # At most 8 files come back: model parts (4), train.log, session.log, decode_kernel.{json,md}.
-  bash scripts/install_gpu_device.sh 2>&1 | tee -a "$OUT/session.log" || exit 1
-  python3 -m quality.train_tiny --out /tmp/tiny_trained --max-seconds 270 \
-      --export-parts "$OUT/model_parts" > "$OUT/train.log" 2>&1 &
-  train=$!
+  # install, kernel tests, baseline check, the 16-bit check, then the decode table (its JSON
+  # is rewritten after every row, so a run cut at BENCH_S seconds keeps what it measured)
+  bash scripts/install_gpu_device.sh 2>&1 | tail -3 | tee -a "$OUT/session.log" || exit 1
   python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_store.py tests/test_triton_prefill.py \
       tests/test_triton_decode.py 2>&1 | tail -15 | tee -a "$OUT/session.log"
-  python3 benchmarks/bench_e2e.py --model /tmp/l4 --layers 4 --workload tiny --fast-start --kv-gib 4 \
-      --gpu-mem 0.45 --settings bf16,kvcomp_k16v16,kvcomp_k4v4,kvcomp_k2v2 --timeout 240 2>&1 \
-      | tail -12 | tee -a "$OUT/session.log"
-  wait $train; tail -25 "$OUT/train.log"
-  python3 benchmarks/bench_decode_kernel.py --batches 1,8,32,64 --contexts 1024,8192,32768,131072 \
-      --configs k4v4,k2v2,k16v16 --out "$OUT/decode_kernel.json" 2>&1 | tail -40 | tee "$OUT/decode_kernel.md"
+  # upstream decode baselines called correctly? (fp32 reference on their dequantized caches)
+  python3 benchmarks/bench_decode_kernel.py --check --out "$OUT/baseline_check.json" 2>&1 \
+      | tail -8 | tee -a "$OUT/session.log"
+  python3 benchmarks/gpu_check_16bit.py --model ${QMODEL:-quality/models/sotu-llama-3.7m} \
+      --out "$OUT/check16.json" > "$OUT/check16.log" 2>&1; tail -8 "$OUT/check16.log"
+  timeout ${BENCH_S:-300} python3 benchmarks/bench_decode_kernel.py --batches ${BENCH_B:-1,8,32,64} \
+      --contexts ${BENCH_CTX:-1024,8192,32768,131072} --configs k4v4,k2v2,k16v16 \
+      --out "$OUT/decode_kernel.json" > "$OUT/decode_kernel.md" 2>&1
+  tail -30 "$OUT/decode_kernel.md"
+  ;;
+train)
+  python3 -m quality.train_tiny --out /tmp/tiny_trained --max-seconds 270 \
+      --export-parts "$OUT/model_parts" > "$OUT/train.log" 2>&1
+  tail -25 "$OUT/train.log"
   ;;
 e2e)
   # e2e SETTINGS TAG [WORKLOADS] [more bench_e2e.py args, e.g. --kv-gib 12]
   python3 benchmarks/bench_e2e.py --model /tmp/l32 --workload "${4:-W1,W2q}" --fast-start \
-      --settings "$2" --timeout "${E2E_TIMEOUT:-400}" --out "$OUT/e2e_$3.json" "${@:5}" 2>&1 \
+      --capture-sizes ${CAPTURE:-1,2,4,8,16,32,64,128,192,256} --settings "$2" --timeout "${E2E_TIMEOUT:-400}" --out "$OUT/e2e_$3.json" "${@:5}" 2>&1 \
       | tee "$OUT/e2e_$3.md"  # streamed: a call killed at its limit still returns the rows so far
   ;;
 check16)
-  python3 benchmarks/gpu_check_16bit.py --model /tmp/tiny_trained --out "$OUT/check16.json" 2>&1 \
+  python3 benchmarks/gpu_check_16bit.py --model ${QMODEL:-quality/models/sotu-llama-3.7m} --out "$OUT/check16.json" 2>&1 \
       | tail -8 | tee "$OUT/check16.log"
   ;;
 esac
