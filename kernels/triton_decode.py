@@ -71,6 +71,10 @@ Design (flash-decoding):
   registers (``_unbias8``, exact); fp16 removes it through the per-row bias
   (``MAGIC * sum(other operand)``), which saves the subtraction. 8-bit codes in
   bf16 models (above 127) use a plain conversion.
+* Per-channel key scales are folded into the query (``q_c * s_c``); in bf16
+  that product goes in as two operands, its bf16 value and its rounding
+  error (``K_SPLIT_FOLD``), since one bf16 operand put 2-bit outputs 0.03
+  off on keys with large-scale channels (H100 test_bf16, 2026-11-23).
 
 Measured on one H100 (``benchmarks/bench_decode_kernel.py``, Llama-3.1-8B
 attention shape, CUDA-graph replays): k4v4 at batch 32 x 32K context reads
@@ -419,7 +423,8 @@ def _kvcomp_decode_kernel(
     V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
     K_EW: tl.constexpr, V_EW: tl.constexpr, K_PH: tl.constexpr, V_PH: tl.constexpr,
     CVT_K: tl.constexpr, CVT_V: tl.constexpr, K_MAGIC: tl.constexpr, V_MAGIC: tl.constexpr,
-    K_UNBIAS: tl.constexpr, V_UNBIAS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_UNBIAS: tl.constexpr, V_UNBIAS: tl.constexpr, K_SPLIT_FOLD: tl.constexpr,
+    REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -543,11 +548,20 @@ def _kvcomp_decode_kernel(
                     # q.k = sum_c (q_c s_c) code_c + sum_c q_c m_c: the tile is
                     # inside one key group, so fold its scales into the query
                     sc, mn = _params(wp, pbase + (s0 // G) * D + ch, kbm)
-                    a = _operand(qj * sc[None, :], IEEE, MODEL_DTYPE)
+                    qs = qj * sc[None, :]
+                    a = _operand(qs, IEEE, MODEL_DTYPE)
                     s += _mm(a, tl.trans(kop), IEEE, MODEL_DTYPE)
+                    if K_SPLIT_FOLD:
+                        # the rounding error of q*s as a second operand: a bf16
+                        # q*s is off by up to 2^-9 relative, and on a large-scale
+                        # (outlier) key channel that moved 2-bit outputs 0.03
+                        a_lo = _operand(qs - a.to(tl.float32), IEEE, MODEL_DTYPE)
+                        s += _mm(a_lo, tl.trans(kop), IEEE, MODEL_DTYPE)
                     corr += qj * mn[None, :]
                     if K_MAGIC != 0.0:
                         corr -= K_MAGIC * a.to(tl.float32)
+                        if K_SPLIT_FOLD:
+                            corr -= K_MAGIC * a_lo.to(tl.float32)
                 elif K_FOLD_TOK:
                     a = _operand(qj, IEEE, MODEL_DTYPE)
                     s += _mm(a, tl.trans(kop), IEEE, MODEL_DTYPE)
@@ -806,6 +820,7 @@ def kvcomp_decode_attention(
     num_stages: int = 3,
     code_cvt: int | None = None,
     unbias_codes: bool | None = None,
+    split_key_fold: bool | None = None,
     rep_m: int | None = None,
     elem_bits: int | None = None,
 ) -> torch.Tensor:
@@ -902,6 +917,11 @@ def kvcomp_decode_attention(
         R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
         REP=rep, REP_P=rep_p, BLOCK_N=bn, BLOCK_R=br, SPLIT=num_splits > 1,
         HAS_RESIDUAL=has_res, IEEE=ieee,
+        # bf16 folds q*key_scale as hi + lo operands (one more MMA per phase,
+        # the tensor cores are idle in decode); fp16's 3 extra mantissa bits
+        # and fp32 dots need no split
+        K_SPLIT_FOLD=(not ieee and query.dtype == torch.bfloat16) if split_key_fold is None
+        else bool(split_key_fold),
         num_warps=num_warps, num_stages=num_stages,
         **consts,
     )
