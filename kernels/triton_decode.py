@@ -67,9 +67,9 @@ Design (flash-decoding):
   values feed PH output accumulators, stored back strided.
 * On the GPU a code becomes a bf16 / fp16 dot operand by OR-ing it into the
   mantissa of 128.0 / 1024.0 (``_unpack_asm``: one LOP3, plus one shift per
-  phase, per pair of codes, in inline PTX). bf16 removes the offset in
-  registers (``_unbias8``, exact); fp16 removes it through the per-row bias
-  (``MAGIC * sum(other operand)``), which saves the subtraction. 8-bit codes in
+  phase, per pair of codes, in inline PTX); the constant offset is removed
+  through the per-row bias (``MAGIC * sum(other operand)``), or with
+  ``unbias_codes`` in registers (``_unbias8``). 8-bit codes in
   bf16 models (above 127) use a plain conversion.
 * Per-channel key scales are folded into the query (``q_c * s_c``); in bf16
   that product goes in as two operands, its bf16 value and its rounding
@@ -327,11 +327,10 @@ def _unbias(c, MAGIC: tl.constexpr):
 
 @triton.jit
 def _unbias8(c0, c1, c2, c3, c4, c5, c6, c7, MAGIC: tl.constexpr):
-    """``MAGIC + code`` -> ``code``, exactly, in the operand dtype. For bf16
-    the offset (128) is removed here rather than through the row bias: with
-    2-bit codes the biased dot is ~85x larger than the wanted one, and
-    Hopper's tensor-core accumulation lost enough low bits of it to put a few
-    outputs 0.03 off (k2v2, head_dim 128, on the H100, 2026-11-23)."""
+    """``MAGIC + code`` -> ``code``, exactly, in the operand dtype (the
+    ``unbias_codes`` option). Kept as a check on the row-bias form: with 2-bit
+    codes the biased dot is ~85x the wanted one, yet on the H100 removing the
+    offset here changed no bf16 output (2026-11-23)."""
     return (_unbias(c0, MAGIC), _unbias(c1, MAGIC), _unbias(c2, MAGIC), _unbias(c3, MAGIC),
             _unbias(c4, MAGIC), _unbias(c5, MAGIC), _unbias(c6, MAGIC), _unbias(c7, MAGIC))
 
@@ -891,9 +890,12 @@ def kvcomp_decode_attention(
         consts[f"{which}_PH"] = ew // bits if bits < 16 else 1
         consts[f"CVT_{which}"] = cvt if bits < 16 else 0
         magic = _magic(consts[f"CVT_{which}"], query.dtype)
-        # bf16 codes drop their offset in registers (exact) by default; fp16
-        # keeps the cheaper row-bias form, which measured exact enough
-        unbias = unbias_codes if unbias_codes is not None else query.dtype == torch.bfloat16
+        # by default the offset leaves through the row bias (fp32, exact enough):
+        # subtracting it in registers (``unbias_codes``) changed no output on the
+        # H100 (k2v2 bf16 worst error 0.0293 either way) and costs ALU work in
+        # the unpacking-bound 2-bit kernel (k2v2 32K x 32 took 465 us without it
+        # on one H100, 490 us with it on another)
+        unbias = bool(unbias_codes)
         consts[f"{which}_UNBIAS"] = magic if (unbias and consts[f"CVT_{which}"] in (1, 3)) \
             else 0.0
         consts[f"{which}_MAGIC"] = magic - consts[f"{which}_UNBIAS"]

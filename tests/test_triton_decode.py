@@ -234,8 +234,8 @@ def test_mantissa_code_conversion(bits, axis, G):
                          ids=["k4v4-channel", "k2v2-token"])
 def test_mantissa_codes_unbiased_in_registers(bits, axis):
     """code_cvt=1 with ``unbias_codes``: the offset is subtracted from the
-    operands before the dots (the bf16 GPU default) instead of through the
-    row bias; the same answer either way."""
+    operands before the dots instead of through the row bias; the same answer
+    either way."""
     cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=64, residual_tokens=16,
                        key_axis=axis)
     check(DecodeBatch(cfg, [2, 150], D=64, rep=2, block_size=64, seed=29), code_cvt=1,
