@@ -96,12 +96,16 @@ def run_one(args):
         # the next size, and a long list costs minutes of capture per engine
         sizes = [int(x) for x in args.capture_sizes.split(",")]
         kwargs.setdefault("compilation_config", {})["cudagraph_capture_sizes"] = sizes
+    t_start = time.perf_counter()
     llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True,
               max_model_len=max_len, gpu_memory_utilization=args.gpu_mem,
               disable_log_stats=False, seed=0, enforce_eager=args.eager, **kwargs)
     rng = random.Random(0)
     warm = [{"prompt_token_ids": [rng.randrange(1000, 120000) for _ in range(64)]}] * 2
     llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))
+    # engine start-up (load, profile, KV allocation, graph capture, warm-up): what a
+    # GPU session must budget per setting before any workload runs
+    startup_s = time.perf_counter() - t_start
     for w in workloads:
         n, prompt_len, out_len = WORKLOADS[w]
         prompts = [{"prompt_token_ids": [rng.randrange(1000, 120000) for _ in range(prompt_len)]}
@@ -120,7 +124,8 @@ def run_one(args):
             ttft.append(m.first_token_latency)
             if m.num_generation_tokens > 1:
                 tpot.append((m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1))
-        res = dict(setting=args.setting, workload=w, requests=n, prompt_len=prompt_len,
+        res = dict(setting=args.setting, workload=w, startup_s=startup_s, requests=n,
+                   prompt_len=prompt_len,
                    output_len=out_len, elapsed_s=elapsed, output_tok_s=out_tokens / elapsed,
                    total_tok_s=(out_tokens + n * prompt_len) / elapsed,
                    ttft_p50=_pct(ttft, 0.5), ttft_p99=_pct(ttft, 0.99),
