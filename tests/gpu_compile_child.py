@@ -1,0 +1,136 @@
+"""Child process of ``test_gpu_compile.py``: compiles the Triton kernels for
+sm_90 on a CPU box. Runs without ``TRITON_INTERPRET`` (under it ``@triton.jit``
+builds interpreter functions, which ``triton.compile`` cannot take).
+
+    python tests/gpu_compile_child.py '<json list of cases>'   # prints RESULT <json>
+"""
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import vllm_kvcomp.kernels.triton_decode as triton_decode  # noqa: E402
+import vllm_kvcomp.kernels.triton_prefill as triton_prefill  # noqa: E402
+import vllm_kvcomp.kernels.triton_store as triton_store  # noqa: E402
+from vllm_kvcomp.config import KvcompConfig  # noqa: E402
+
+SM90 = GPUTarget("cuda", 90, 32)
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
+        torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def captured_launches(*modules):
+    """Within: every ``kernel[grid](...)`` of these modules records its call
+    instead of running, and the launchers take their GPU branches."""
+    calls, saved = [], []
+
+    class Grab:
+        def __init__(self, jit):
+            self.jit = jit
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append((self.jit, args, kw))
+
+    for m in modules:
+        for name, obj in list(vars(m).items()):
+            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
+                saved.append((m, name, obj))
+                setattr(m, name, Grab(obj))
+        if hasattr(m, "interpreted"):
+            saved.append((m, "interpreted", m.interpreted))
+            m.interpreted = lambda: False
+    try:
+        yield calls
+    finally:
+        for m, name, obj in saved:
+            setattr(m, name, obj)
+
+
+def compile_sm90(jit, args, kw):
+    vals = dict(zip(jit.arg_names, args), **kw)
+    options = {k: vals.pop(k) for k in ("num_warps", "num_stages") if k in vals}
+    signature, constexprs = {}, {}
+    for p in jit.params:
+        v = vals[p.name]
+        if p.is_constexpr or v is None:
+            signature[p.name] = "constexpr"
+            constexprs[(p.num,)] = v
+        elif isinstance(v, torch.Tensor):
+            signature[p.name] = _PTR[v.dtype]
+        elif isinstance(v, bool):
+            signature[p.name] = "i1"
+        elif isinstance(v, int):
+            signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        elif isinstance(v, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{jit.fn.__name__}: argument {p.name} of type {type(v)}")
+    return triton.compile(ASTSource(jit, signature, constexprs), target=SM90, options=options)
+
+
+def summary(jit, kernel) -> dict:
+    ptx = kernel.asm["ptx"]
+    return {"kernel": jit.fn.__name__, "cubin_bytes": len(kernel.asm["cubin"]),
+            "mma": ptx.count("mma.sync") + ptx.count("wgmma.mma_async"),
+            "inline_lop3": ptx.count("lop3.b32")}
+
+
+def decode_case(c) -> list:
+    from test_triton_decode import DecodeBatch
+
+    D, dtype = c["D"], DTYPES[c["dtype"]]
+    cfg = KvcompConfig(k_bits=c["bits"][0], v_bits=c["bits"][1], group_size=D,
+                       residual_tokens=16, key_axis=c["axis"])
+    b = DecodeBatch(cfg, [1, D + 26, 3 * D + 11], H=2, D=D, rep=4, block_size=D,
+                    dtype=dtype, seed=11)
+    with captured_launches(triton_decode, triton_store) as calls:
+        triton_decode.kvcomp_decode_attention(*b.args("cpu"), max(b.lens), num_splits=3,
+                                              **c.get("kw", {}))
+    return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
+
+
+def prefill_store_case(c) -> list:
+    from test_triton_prefill import mixed_plans
+    from test_triton_store import Step
+
+    cfg = KvcompConfig(k_bits=c["bits"][0], v_bits=c["bits"][1], group_size=32,
+                       residual_tokens=32)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=c["D"], rep=4, dtype=DTYPES[c["dtype"]], seed=5)
+    d = step.dev()
+    with captured_launches(triton_prefill, triton_store) as calls:
+        triton_prefill.kvcomp_prefill_attention(
+            d["query"], d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
+            d["residual_block_table"], d["query_start_loc"], d["seq_lens"], step.layout, cfg,
+            step.scale, step.bs_r, step.max_query_len, torch.empty_like(d["query"]))
+        triton_store.kvcomp_store(
+            d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
+            d["residual_block_table"], d["residual_slot_mapping"], d["query_start_loc"],
+            d["seq_lens"], step.layout, cfg, step.bs_r, step.max_query_len)
+    return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
+
+
+def main(cases):
+    out = {}
+    for c in cases:
+        fn = decode_case if c["what"] == "decode" else prefill_store_case
+        try:
+            out[c["id"]] = fn(c)
+        except Exception as e:  # reported per case; the test names it
+            out[c["id"]] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
