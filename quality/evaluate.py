@@ -215,6 +215,17 @@ def engine_kwargs(setting: dict, args, max_len: int) -> dict:
     return kw
 
 
+def failure_reason(text: str) -> str:
+    """The line of a failed run's log that says why. vLLM's engine ends with
+    a generic "Engine core initialization failed. See root cause above": the
+    worker's own error ("Worker failed with error '...'") is preferred."""
+    lines = [l for l in text.splitlines() if l.strip()]
+    root = [l for l in lines if "failed with error" in l]
+    err = [l for l in lines if re.search(r"Error|error:|Exception|not supported", l)]
+    line = (root or err or lines or ["no output"])[-1]
+    return line.strip()[-400:]
+
+
 def kv_tokens_logged(log: str) -> int | None:
     """The KV capacity vLLM logged at start-up ("KV cache size: N tokens")."""
     if not os.path.exists(log):
@@ -257,11 +268,8 @@ def run_setting(name: str, setting: dict, args, max_len: int, tasks_path: str) -
         text = f.read()
     kv_tokens = kv_tokens_logged(log)
     if rc != 0 or not os.path.exists(raw):
-        lines = [l for l in text.splitlines() if l.strip()]
-        err = [l for l in lines if re.search(r"Error|error:|Exception|not supported", l)]
         return {"status": "failed", "returncode": rc, "wall_s": wall,
-                "reason": (err[-1] if err else (lines[-1] if lines else "no output"))[-400:],
-                "log": os.path.relpath(log, args.out)}
+                "reason": failure_reason(text), "log": os.path.relpath(log, args.out)}
     with open(raw) as f:
         return {"status": "ok", "raw": json.load(f), "wall_s": wall, "kv_cache_tokens": kv_tokens}
 

@@ -316,3 +316,14 @@ def test_silently_unapplied_format_is_flagged():
     assert evaluate.silently_unapplied({"bits": 4}, bigger, base) is None
     assert evaluate.silently_unapplied({"bits": 16}, same, base) is None
     assert evaluate.silently_unapplied({"bits": 4}, same, None) is None
+
+
+def test_failure_reason_prefers_the_root_cause():
+    log = ("INFO starting\n"
+           "(EngineCore pid=1) RuntimeError: Worker failed with error 'shape [3, 2] is invalid', "
+           "please check the stack trace above for the root cause\n"
+           "    raise RuntimeError(\n"
+           "RuntimeError: Engine core initialization failed. See root cause above.\n")
+    assert "shape [3, 2] is invalid" in evaluate.failure_reason(log)
+    assert evaluate.failure_reason("ValueError: bad bits\nexit\n") == "ValueError: bad bits"
+    assert evaluate.failure_reason("") == "no output"
