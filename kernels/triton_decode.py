@@ -68,9 +68,9 @@ Design (flash-decoding):
 * On the GPU a code becomes a bf16 / fp16 dot operand by OR-ing it into the
   mantissa of 128.0 / 1024.0 (``_unpack_asm``: one LOP3, plus one shift per
   phase, per pair of codes, in inline PTX); the constant offset is removed
-  through the per-row bias (``MAGIC * sum(other operand)``), or with
-  ``unbias_codes`` in registers (``_unbias8``). 8-bit codes in
-  bf16 models (above 127) use a plain conversion.
+  through the per-row bias (``MAGIC * sum(other operand)``). 8-bit codes in
+  bf16 models (above 127) use a plain conversion. (Subtracting the offset in
+  registers instead was tried on the H100, 2026-11-23: no bf16 output changed.)
 * Per-channel key scales are folded into the query (``q_c * s_c``); in bf16
   that product goes in as two operands, its bf16 value and its rounding
   error (``K_SPLIT_FOLD``), since one bf16 operand put 2-bit outputs 0.03
@@ -321,21 +321,6 @@ def _unpack_asm(x, BITS: tl.constexpr, EW: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _unbias(c, MAGIC: tl.constexpr):
-    return (c - MAGIC).to(c.dtype)
-
-
-@triton.jit
-def _unbias8(c0, c1, c2, c3, c4, c5, c6, c7, MAGIC: tl.constexpr):
-    """``MAGIC + code`` -> ``code``, exactly, in the operand dtype (the
-    ``unbias_codes`` option). Kept as a check on the row-bias form: with 2-bit
-    codes the biased dot is ~85x the wanted one, yet on the H100 removing the
-    offset here changed no bf16 output (2026-11-23)."""
-    return (_unbias(c0, MAGIC), _unbias(c1, MAGIC), _unbias(c2, MAGIC), _unbias(c3, MAGIC),
-            _unbias(c4, MAGIC), _unbias(c5, MAGIC), _unbias(c6, MAGIC), _unbias(c7, MAGIC))
-
-
-@triton.jit
 def _load_elems(cache_ptr, row0, slot, valid, ROW: tl.constexpr, RP: tl.constexpr,
                 EW: tl.constexpr):
     """[BLOCK_N, RP] packed code rows of ``slot`` as uint8 or uint16 (EW)
@@ -422,7 +407,7 @@ def _kvcomp_decode_kernel(
     V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
     K_EW: tl.constexpr, V_EW: tl.constexpr, K_PH: tl.constexpr, V_PH: tl.constexpr,
     CVT_K: tl.constexpr, CVT_V: tl.constexpr, K_MAGIC: tl.constexpr, V_MAGIC: tl.constexpr,
-    K_UNBIAS: tl.constexpr, V_UNBIAS: tl.constexpr, K_SPLIT_FOLD: tl.constexpr,
+    K_SPLIT_FOLD: tl.constexpr,
     REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
@@ -523,9 +508,6 @@ def _kvcomp_decode_kernel(
                                K_EW)
             if K_ASM:
                 k0, k1, k2, k3, k4, k5, k6, k7 = _unpack_asm(kraw, K_BITS, K_EW, MODEL_DTYPE)
-                if K_UNBIAS != 0.0:
-                    k0, k1, k2, k3, k4, k5, k6, k7 = _unbias8(k0, k1, k2, k3, k4, k5, k6, k7,
-                                                              K_UNBIAS)
             else:
                 kint = kraw.to(tl.int32)
             pbase = (page_off + K_PARAMS_OFF) // 4
@@ -541,8 +523,6 @@ def _kvcomp_decode_kernel(
                     code = _phase(kint, j, K_BITS, K_PH)
                     if K_FOLD_CH or K_FOLD_TOK:
                         kop = _codes_operand(code, CVT_K, OP_DT)
-                        if K_UNBIAS != 0.0:
-                            kop = _unbias(kop, K_UNBIAS)
                 if K_FOLD_CH:
                     # q.k = sum_c (q_c s_c) code_c + sum_c q_c m_c: the tile is
                     # inside one key group, so fold its scales into the query
@@ -556,11 +536,10 @@ def _kvcomp_decode_kernel(
                         # (outlier) key channel that moved 2-bit outputs 0.03
                         a_lo = _operand(qs - a.to(tl.float32), IEEE, MODEL_DTYPE)
                         s += _mm(a_lo, tl.trans(kop), IEEE, MODEL_DTYPE)
+                        a = a.to(tl.float32) + a_lo.to(tl.float32)  # for the bias below
                     corr += qj * mn[None, :]
                     if K_MAGIC != 0.0:
                         corr -= K_MAGIC * a.to(tl.float32)
-                        if K_SPLIT_FOLD:
-                            corr -= K_MAGIC * a_lo.to(tl.float32)
                 elif K_FOLD_TOK:
                     a = _operand(qj, IEEE, MODEL_DTYPE)
                     s += _mm(a, tl.trans(kop), IEEE, MODEL_DTYPE)
@@ -589,9 +568,6 @@ def _kvcomp_decode_kernel(
                                V_EW)
             if V_ASM:
                 v0, v1, v2, v3, v4, v5, v6, v7 = _unpack_asm(vraw, V_BITS, V_EW, MODEL_DTYPE)
-                if V_UNBIAS != 0.0:
-                    v0, v1, v2, v3, v4, v5, v6, v7 = _unbias8(v0, v1, v2, v3, v4, v5, v6, v7,
-                                                              V_UNBIAS)
             else:
                 vint = vraw.to(tl.int32)
             pbase = (page_off + V_PARAMS_OFF) // 4
@@ -609,10 +585,8 @@ def _kvcomp_decode_kernel(
                              MODEL_DTYPE) + vbias[:, None]
                 elif V_NG == 1:
                     code = _phase(vint, j, V_BITS, V_PH)
-                    vop = _codes_operand(code, CVT_V, OP_DT)
-                    if V_UNBIAS != 0.0:
-                        vop = _unbias(vop, V_UNBIAS)
-                    pv = _mm(a, vop, IEEE, MODEL_DTYPE) + vbias[:, None]
+                    pv = _mm(a, _codes_operand(code, CVT_V, OP_DT), IEEE,
+                             MODEL_DTYPE) + vbias[:, None]
                 else:
                     code = _phase(vint, j, V_BITS, V_PH)
                     x = _dequant(code, wp, pbase, slot, valid, vb * V_PH + j, vbm, False, 1,
@@ -818,7 +792,6 @@ def kvcomp_decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     code_cvt: int | None = None,
-    unbias_codes: bool | None = None,
     split_key_fold: bool | None = None,
     rep_m: int | None = None,
     elem_bits: int | None = None,
@@ -889,16 +862,7 @@ def kvcomp_decode_attention(
         consts[f"{which}_EW"] = ew
         consts[f"{which}_PH"] = ew // bits if bits < 16 else 1
         consts[f"CVT_{which}"] = cvt if bits < 16 else 0
-        magic = _magic(consts[f"CVT_{which}"], query.dtype)
-        # by default the offset leaves through the row bias (fp32, exact enough):
-        # subtracting it in registers (``unbias_codes``) changed no output on the
-        # H100 (k2v2 bf16 worst error 0.0293 either way) and costs ALU work in
-        # the unpacking-bound 2-bit kernel (k2v2 32K x 32 took 465 us without it
-        # on one H100, 490 us with it on another)
-        unbias = bool(unbias_codes)
-        consts[f"{which}_UNBIAS"] = magic if (unbias and consts[f"CVT_{which}"] in (1, 3)) \
-            else 0.0
-        consts[f"{which}_MAGIC"] = magic - consts[f"{which}_UNBIAS"]
+        consts[f"{which}_MAGIC"] = _magic(consts[f"CVT_{which}"], query.dtype)
     if num_splits > 1:
         part_o = torch.empty(B, Hq, num_splits, block_d, dtype=torch.float32,
                              device=query.device)
