@@ -4,12 +4,30 @@ import os
 import random
 import re
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).parent
 KV_SIZE_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+
+
+def child_result(args: list, timeout: int, env: dict | None = None) -> tuple[object, str]:
+    """Run ``python *args`` in a fresh process (environment ``env``, default
+    this one); return the JSON of the last ``RESULT <json>`` line it printed
+    and its whole output. Fails the test, with the output's tail, if it exits
+    non-zero or prints no result."""
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    text = out.stdout + out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, text[-4000:]
+    return json.loads(lines[-1][len("RESULT "):]), text
+
+
+def env_without_interpreter(**extra) -> dict:
+    """This environment without conftest's ``TRITON_INTERPRET`` switch."""
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
 
 
 def run_engine(spec: dict, timeout: int = 1200, env: dict | None = None) -> dict:
@@ -18,17 +36,11 @@ def run_engine(spec: dict, timeout: int = 1200, env: dict | None = None) -> dict
     (``kv_cache_tokens``)."""
     # Engines run as a user's would: the interpreter switch that conftest
     # sets for the in-process kernel tests is passed on only when asked for.
-    base_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(spec, f)
         f.flush()
-        out = subprocess.run([sys.executable, str(HERE / "engine_runner.py"), "@" + f.name],
-                             capture_output=True, text=True, timeout=timeout,
-                             env={**base_env, **(env or {})})
-    text = out.stdout + out.stderr
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, text[-4000:]
-    result = json.loads(lines[-1][7:])
+        result, text = child_result([str(HERE / "engine_runner.py"), "@" + f.name], timeout,
+                                    env_without_interpreter(**(env or {})))
     m = KV_SIZE_RE.search(text)
     result["kv_cache_tokens"] = int(m.group(1).replace(",", "")) if m else None
     return result

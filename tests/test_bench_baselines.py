@@ -7,13 +7,11 @@ of the decode call, issued as the backend issues it, against an fp32 attention
 over the K/V the kernel reads (the dequantized cache). Tiny shape, Triton
 interpreter on CPU (~25 s on 2 cores). A wrongly issued call must fail.
 """
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from e2e_util import child_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,6 +27,7 @@ def _check_in_child(names, tamper=None):
     test that imports vLLM."""
     code = (
         "import importlib.util, json, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"  # e2e_util
         "def load(name, path):\n"
         "    spec = importlib.util.spec_from_file_location(name, path)\n"
         "    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod); return mod\n"
@@ -37,11 +36,7 @@ def _check_in_child(names, tamper=None):
         f"tamper = getattr(tests, {tamper!r}) if {tamper!r} else None\n"
         f"res = bench.check_baselines({names!r}, {DEVICE!r}, tamper=tamper, **tests.SHAPE)\n"
         "print('RESULT ' + json.dumps(res))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return child_result(["-c", code], timeout=600)[0]
 
 
 def test_upstream_decode_matches_reference_on_its_cache():

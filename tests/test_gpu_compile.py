@@ -9,12 +9,10 @@ front end, LLVM and the bundled ``ptxas`` build the cubin. Nothing runs; one
 child process for all cases (~20 s).
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from e2e_util import child_result, env_without_interpreter
 
 HERE = Path(__file__).parent
 
@@ -41,13 +39,8 @@ def _cases():
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(HERE / "gpu_compile_child.py"),
-                           json.dumps(_cases())], capture_output=True, text=True, env=env,
-                          timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return child_result([str(HERE / "gpu_compile_child.py"), json.dumps(_cases())],
+                        timeout=900, env=env_without_interpreter())[0]
 
 
 def _kernels(compiled, case_id):
