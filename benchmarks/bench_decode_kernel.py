@@ -789,6 +789,9 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true",
                     help="tuning grid (block_n x num_warps x num_stages x splits) at the "
                          "first batch / context of the lists, per config")
+    ap.add_argument("--sweep-splits", default=None, metavar="LIST",
+                    help="with --sweep: only the split count, over this list (e.g. 1,2,3,4,6,8), "
+                         "at the default tile; shows wave quantization of the split grid")
     ap.add_argument("--timing", choices=("graph", "eager"), default="graph",
                     help="graph: CUDA-graph replays (default); eager: do_bench, L2 flushed")
     ap.add_argument("--warmup-ms", type=float, default=10)
@@ -959,14 +962,20 @@ def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
         cfg = KvcompConfig(group_size=G, residual_tokens=R, block_size=bs, **CONFIGS[name])
         p = Problem(cfg, B, ctx, Hq, H, D, bs, dtype, device)
         grid = []
-        for bn in (64, 128):
+        if a.sweep_splits:
+            auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, a.block_n), num_sms=sms)
+            print(f"| {name} | heuristic | {auto} | | | |")
+            grid = [(dict(block_n=a.block_n, num_warps=a.num_warps, num_stages=a.num_stages), int(s))
+                    for s in a.sweep_splits.split(",")]
+        for bn in (() if a.sweep_splits else (64, 128)):
             auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, bn), num_sms=sms)
             grid += [(dict(block_n=bn, num_warps=nw, num_stages=ns), auto)
                      for nw in (2, 4) for ns in (2, 3, 4)]
             grid += [(dict(block_n=bn, num_warps=4, num_stages=3), s)
                      for s in sorted({1, auto // 2, 2 * auto} - {0, auto})]
-        grid += [(dict(block_n=128, num_warps=4, num_stages=3, elem_bits=e), auto)
-                 for e in (8, 16) if cfg.k_bits < 16]
+        if not a.sweep_splits:
+            grid += [(dict(block_n=128, num_warps=4, num_stages=3, elem_bits=e), auto)
+                     for e in (8, 16) if cfg.k_bits < 16]
         for kw, splits in grid:
             try:
                 p.run(splits, **kw)

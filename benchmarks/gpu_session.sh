@@ -37,6 +37,22 @@ e2e)
       --capture-sizes ${CAPTURE:-1,2,4,8,16,32,64,128,192,256} --settings "$2" --timeout "${E2E_TIMEOUT:-400}" --out "$OUT/e2e_$3.json" "${@:5}" 2>&1 \
       | tee "$OUT/e2e_$3.md"  # streamed: a call killed at its limit still returns the rows so far
   ;;
+train2)
+  # The retrieval model of issue #4 in two phases (docs/quality.md): induction drills in short
+  # rows until copying works, then the long mixture from those weights. Writes $TRAIN_DIR/done
+  # at the end, so it can run detached (setsid) beside the kernel tests of the same call.
+  D=${TRAIN_DIR:-/tmp/train}; mkdir -p "$D"; rm -f "$D/done"
+  S=${TRAIN_SHAPE:-'{"hidden_size":256,"num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":128,"intermediate_size":768}'}
+  python3 -m quality.train_tiny --out "$D/phase0" --shape "$S" --seq-len ${P0_SEQ:-256} --batch 128 \
+      --steps ${P0_STEPS:-4000} --lr 2e-3 --warmup 50 --text-passes 0.05 --copy-share 1.0 --copy-max-seg 32 \
+      --max-seconds ${P0_S:-110} --eval-every ${P0_EVAL:-100} --patience 100 --stop-copy-below 0.3 \
+      --eval-contexts ${P0_SEQ:-256} --procs ${TRAIN_PROCS:-8} > "$D/phase0.log" 2>&1
+  python3 -m quality.train_tiny --init "$D/phase0" --out "$D/model" --seq-len ${P1_SEQ:-4096} --batch 16 \
+      --steps ${P1_STEPS:-1200} --lr 1.5e-3 --warmup 50 --text-passes 1.5 --copy-share 0.3 --copy-max-seg 256 \
+      --max-seconds ${P1_S:-200} --eval-every ${P1_EVAL:-100} --patience 4 --eval-contexts ${P1_CTX:-1024,2048,4096} \
+      --procs ${TRAIN_PROCS:-8} --export-parts "$D/parts" > "$D/phase1.log" 2>&1
+  touch "$D/done"
+  ;;
 check16)
   python3 benchmarks/gpu_check_16bit.py --model ${QMODEL:-quality/models/sotu-llama-3.7m} --out "$OUT/check16.json" 2>&1 \
       | tail -8 | tee "$OUT/check16.log"
