@@ -19,7 +19,7 @@ kernels)
   # upstream decode baselines called correctly? (fp32 reference on their dequantized caches)
   python3 benchmarks/bench_decode_kernel.py --check --out "$OUT/baseline_check.json" 2>&1 \
       | tail -8 | tee -a "$OUT/session.log"
-  python3 benchmarks/gpu_check_16bit.py --model ${QMODEL:-quality/models/sotu-llama-3.7m} \
+  python3 benchmarks/gpu_check_16bit.py --model ${QMODEL:-quality/models/sotu-llama-6m} \
       --out "$OUT/check16.json" > "$OUT/check16.log" 2>&1; tail -8 "$OUT/check16.log"
   timeout ${BENCH_S:-300} python3 benchmarks/bench_decode_kernel.py --batches ${BENCH_B:-1,8,32,64} \
       --contexts ${BENCH_CTX:-1024,8192,32768,131072} --configs k4v4,k2v2,k16v16 \
@@ -54,7 +54,7 @@ train2)
   touch "$D/done"
   ;;
 check16)
-  python3 benchmarks/gpu_check_16bit.py --model ${QMODEL:-quality/models/sotu-llama-3.7m} --out "$OUT/check16.json" 2>&1 \
+  python3 benchmarks/gpu_check_16bit.py --model ${QMODEL:-quality/models/sotu-llama-6m} --out "$OUT/check16.json" 2>&1 \
       | tail -8 | tee "$OUT/check16.log"
   ;;
 esac

@@ -68,6 +68,29 @@ def attend(
     return out.reshape(Tq, Hq, D)
 
 
+def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+    """Natural-log log-sum-exp of ``attend``'s causal scores, [Hq, Tq]: what
+    merging two partial attentions over disjoint key sets needs."""
+    Tq, Hq, D = q.shape
+    Tk, H, _ = k.shape
+    scores = torch.einsum("qhrd,khd->hrqk", q.float().view(Tq, H, Hq // H, D), k.float()) * scale
+    qpos = torch.arange(start, start + Tq, device=q.device)
+    scores.masked_fill_(torch.arange(Tk, device=q.device).unsqueeze(0) > qpos.unsqueeze(1),
+                        float("-inf"))
+    return torch.logsumexp(scores, dim=-1).reshape(Hq, Tq)
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two disjoint key sets from the two partial
+    results: outputs [T, Hq, D], LSEs [Hq, T] (natural log, -inf: empty)."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    tot = wa + wb
+    wa, wb = (wa / tot).T.unsqueeze(-1), (wb / tot).T.unsqueeze(-1)
+    return out_a.float() * wa + out_b.float() * wb
+
+
 def _handover(
     packed_cache: torch.Tensor,
     layout: PageLayout,

@@ -166,6 +166,7 @@ def _kvcomp_prefill_kernel(
     res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt,
     bt_ptr, stride_bt, rbt_ptr, stride_rbt,
     qsl_ptr, seq_lens_ptr, qk_scale,
+    lse_ptr, stride_lh, out_row_base,
     D: tl.constexpr, BS: tl.constexpr, BS_R: tl.constexpr,
     R: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
@@ -175,6 +176,7 @@ def _kvcomp_prefill_kernel(
     REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+    FRESH: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     i = tl.program_id(0)
     tile = tl.program_id(1)
@@ -238,8 +240,9 @@ def _kvcomp_prefill_kernel(
             m_i, l_i, acc = _attend_block(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale,
                                           IEEE)
 
-    # 3. fresh [start, n), causal
-    hi = tl.minimum(q_len, t0 + BLOCK_T)
+    # 3. fresh [start, n), causal (FRESH=False: the caller attends over them
+    # itself, e.g. with FlashAttention, and merges through the LSE)
+    hi = tl.minimum(q_len, t0 + BLOCK_T) if FRESH else 0
     for n0 in range(0, hi, BLOCK_N):
         j = n0 + nn
         valid = j < q_len
@@ -252,9 +255,16 @@ def _kvcomp_prefill_kernel(
         causal = valid[None, :] & (j[None, :] <= tq[:, None])
         m_i, l_i, acc = _attend_block(q, k, v, causal, m_i, l_i, acc, qk_scale, IEEE)
 
+    row = (qs + tq - out_row_base).to(tl.int64)
+    if WRITE_LSE:
+        # natural-log LSE, [Hq, T] like FlashAttention's; -inf where nothing
+        # was attended (no context), which a merge weighs as zero
+        lse = tl.where(l_i > 0.0, (m_i + tl.log2(tl.maximum(l_i, 1e-30))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(lse_ptr + hq.to(tl.int64) * stride_lh + row, lse, mask=row_ok)
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_i[:, None]
-    o_off = (qs + tq).to(tl.int64) * stride_ot + hq * stride_oh
+    o_off = row * stride_ot + hq * stride_oh
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dm[None, :])
 
@@ -295,8 +305,18 @@ def kvcomp_prefill_attention(
     block_rows: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    include_fresh: bool = True,
+    lse: torch.Tensor | None = None,
+    out_row_base: int = 0,
 ) -> torch.Tensor:
     """Attention (1) for all requests of a batch; writes ``out`` [T, Hq, D].
+
+    ``include_fresh=False`` attends over the cached context only (packed
+    pages + residual window, no fresh tokens): the partial result of a split
+    where FlashAttention takes the fresh tokens; ``lse`` [Hq, T'] (fp32,
+    token stride 1) then receives each row's natural-log LSE, -inf for rows
+    without context. ``out_row_base``: row r of the batch goes to row
+    ``r - out_row_base`` of ``out`` and ``lse`` (they may cover a tail only).
 
     query [T, Hq, D], key/value [T, H, D] (fresh rows, channel stride 1, any
     row/head strides), packed_cache uint8 [nb, H, head_page_bytes],
@@ -343,6 +363,8 @@ def kvcomp_prefill_attention(
     ieee = query.dtype == torch.float32 or interpreted()
     if not ieee:
         assert query.dtype == key.dtype, "fp16/bf16 dots need one dtype for Q and K/V"
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.stride(-1) == 1 and lse.shape[0] == Hq
     grid = (num_reqs, triton.cdiv(max_query_len, block_t), H)
     _kvcomp_prefill_kernel[grid](
         query, query.stride(0), query.stride(1),
@@ -353,13 +375,45 @@ def kvcomp_prefill_attention(
         res, *rs,
         block_table, block_table.stride(0), rbt, rbt.stride(0),
         query_start_loc, seq_lens, float(scale) * math.log2(math.e),
+        lse if lse is not None else out, lse.stride(0) if lse is not None else 0, out_row_base,
         BS_R=residual_block_size if has_res else 1,
         R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
         REP=rep, REP_P=rep_p, BLOCK_T=block_t, BLOCK_N=block_n,
-        HAS_RESIDUAL=has_res, IEEE=ieee,
+        HAS_RESIDUAL=has_res, IEEE=ieee, FRESH=include_fresh, WRITE_LSE=lse is not None,
         num_warps=num_warps, num_stages=num_stages,
         **layout_constexprs(layout),
     )
+    return out
+
+
+def prefill_with_flash_attn(
+    query, key, value, out, packed_cache, residual_cache, block_table, residual_block_table,
+    query_start_loc, seq_lens, layout: PageLayout, cfg: KvcompConfig, scale: float,
+    residual_block_size: int, max_query_len: int, row_base: int, num_tokens: int,
+    flash_attn_varlen_func, fa_version, merge_attn_states,
+) -> torch.Tensor:
+    """``kvcomp_prefill_attention`` for batch rows [row_base, num_tokens) in
+    two parts merged through their LSEs: the fresh tokens (causal, the
+    forward's own full-precision K/V) by vLLM's FlashAttention, the cached
+    context (packed pages + residual window) by the Triton kernel. Rows of
+    requests without context get LSE -inf there, so the merge keeps their
+    fresh part alone. Per-request tensors hold the prefill requests only;
+    ``query_start_loc`` is absolute (its first entry is ``row_base``)."""
+    qp = query[row_base:num_tokens]
+    cu = query_start_loc - row_base
+    fresh_out, fresh_lse = flash_attn_varlen_func(
+        q=qp, k=key[row_base:num_tokens], v=value[row_base:num_tokens], cu_seqlens_q=cu,
+        max_seqlen_q=max_query_len, cu_seqlens_k=cu, max_seqlen_k=max_query_len,
+        softmax_scale=scale, causal=True, return_softmax_lse=True, fa_version=fa_version,
+    )
+    ctx_out = torch.empty_like(qp)
+    ctx_lse = torch.empty(qp.shape[1], qp.shape[0], dtype=torch.float32, device=query.device)
+    kvcomp_prefill_attention(
+        query, key, value, packed_cache, residual_cache, block_table, residual_block_table,
+        query_start_loc, seq_lens, layout, cfg, scale, residual_block_size, max_query_len,
+        ctx_out, include_fresh=False, lse=ctx_lse, out_row_base=row_base,
+    )
+    merge_attn_states(out[row_base:num_tokens], ctx_out, ctx_lse, fresh_out, fresh_lse)
     return out
 
 
@@ -384,10 +438,14 @@ def prefill_attention_reference(
     residual_block_size: int,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
+    include_fresh: bool = True,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention half of ``attention_ref.kvcomp_step_reference`` (same
     pieces: ``packing.dequantize_pages``, ``gather_residual``, ``attend``);
-    writes nothing but ``out``."""
+    writes nothing but ``out`` (and ``lse`` [Hq, T], natural log, when
+    given). ``include_fresh=False``: the cached context only (rows without
+    context get 0 and LSE -inf), as ``kvcomp_prefill_attention``'s."""
     if out is None:
         out = torch.empty_like(query)
     model_dtype = key.dtype
@@ -415,16 +473,25 @@ def prefill_attention_reference(
             )
             parts_k.append(kr.float())
             parts_v.append(vr.float())
-        parts_k.append(key[qs:qe].float())
-        parts_v.append(value[qs:qe].float())
-        o = attention_ref.attend(query[qs:qe], torch.cat(parts_k), torch.cat(parts_v), scale,
-                                 start)
+        if include_fresh:
+            parts_k.append(key[qs:qe].float())
+            parts_v.append(value[qs:qe].float())
+        elif not parts_k:
+            out[qs:qe] = 0
+            if lse is not None:
+                lse[:, qs:qe] = float("-inf")
+            continue
+        k_all, v_all = torch.cat(parts_k), torch.cat(parts_v)
+        o = attention_ref.attend(query[qs:qe], k_all, v_all, scale, start)
         out[qs:qe] = o.to(out.dtype)
+        if lse is not None:
+            lse[:, qs:qe] = attention_ref.attention_lse(query[qs:qe], k_all, scale, start)
     return out
 
 
 __all__ = [
     "kvcomp_prefill_attention",
+    "prefill_with_flash_attn",
     "prefill_attention_reference",
     "prefill_tiles",
 ]

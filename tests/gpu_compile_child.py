@@ -114,6 +114,13 @@ def prefill_store_case(c) -> list:
             d["query"], d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
             d["residual_block_table"], d["query_start_loc"], d["seq_lens"], step.layout, cfg,
             step.scale, step.bs_r, step.max_query_len, torch.empty_like(d["query"]))
+        # the context-only pass with LSE of the FlashAttention split
+        T, Hq = d["query"].shape[:2]
+        triton_prefill.kvcomp_prefill_attention(
+            d["query"], d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
+            d["residual_block_table"], d["query_start_loc"], d["seq_lens"], step.layout, cfg,
+            step.scale, step.bs_r, step.max_query_len, torch.empty_like(d["query"]),
+            include_fresh=False, lse=torch.empty(Hq, T))
         triton_store.kvcomp_store(
             d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
             d["residual_block_table"], d["residual_slot_mapping"], d["query_start_loc"],

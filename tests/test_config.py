@@ -13,6 +13,7 @@ from vllm_kvcomp.layout import PageLayout
     ({"key_axis": "head"}, "key_axis='head'"),
     ({"value_axis": "channel"}, "value_axis='channel'"),
     ({"block_size": 96}, "multiple of group_size"),
+    ({"fresh_prefill": "flashinfer"}, "fresh_prefill='flashinfer'"),
 ])
 def test_bad_settings_are_named(raw, msg):
     with pytest.raises(KvcompConfigError, match=msg):

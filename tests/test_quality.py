@@ -230,7 +230,7 @@ K8V8_MAX_MEAN_GAP = 0.05
 MIN_MEAN_GAP = 1e-6
 
 
-TRAINED_MODEL = ROOT / "quality" / "models" / "sotu-llama-3.7m"
+TRAINED_MODEL = ROOT / "quality" / "models" / "sotu-llama-6m"
 
 
 def _model(tmp_path_factory):

@@ -23,7 +23,12 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 from sim_paged import SimPagedCache  # noqa: E402
 from test_triton_store import BITS_AXES, BITS_AXES_IDS, DEVICE, Step, mixed_plans  # noqa: E402
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
-from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference  # noqa: E402
+from vllm_kvcomp.kernels.attention_ref import (  # noqa: E402
+    attention_lse,
+    kvcomp_step_reference,
+    merge_partials,
+)
+from vllm_kvcomp.kernels import attention_ref  # noqa: E402
 from vllm_kvcomp.kernels.triton_prefill import (  # noqa: E402
     kvcomp_prefill_attention,
     prefill_attention_reference,
@@ -111,6 +116,105 @@ def test_prefill_kernel_on_decode_only_batch(key_axis):
     plans = [(24 + 16 * k - 1, 1) for k in (1, 2, 3)] + [(50, 1), (5, 1)]
     step = Step(cfg, plans, H=2, D=64, rep=4, seed=23)
     check(step)
+
+
+def _context_only(step: Step, row_base: int, **kw):
+    """The kernel's context-only mode (no fresh tokens) with LSE, writing the
+    batch's rows [row_base, T) to row 0 on of its outputs."""
+    d = step.dev()
+    T, Hq, D = d["query"].shape
+    out = torch.full((T - row_base, Hq, D), float("nan"), dtype=step.dtype, device=DEVICE)
+    lse = torch.full((Hq, T - row_base), float("nan"), device=DEVICE)
+    b = step.batch
+    first = next(i for i, q in enumerate(b.query_start_loc) if q >= row_base)
+    kvcomp_prefill_attention(
+        d["query"], d["key"], d["value"], d["packed"], d["residual"], d["block_table"][first:],
+        d["residual_block_table"][first:] if d["residual_block_table"] is not None else None,
+        d["query_start_loc"][first:], d["seq_lens"][first:], step.layout, step.cfg, step.scale,
+        step.bs_r, step.max_query_len, out, block_n=32, include_fresh=False, lse=lse,
+        out_row_base=row_base, **kw)
+    return out.cpu(), lse.cpu()
+
+
+@pytest.mark.parametrize("residual, dtype", [(24, torch.float32), (0, torch.float32),
+                                             (24, torch.bfloat16)],
+                         ids=["r24-fp32", "r0-fp32", "r24-bf16"])
+def test_prefill_context_only_with_lse_merges_to_full_attention(residual, dtype):
+    """The split GPU prefill path: this kernel over the cached context (packed
+    + residual) with its LSE, FlashAttention over the fresh tokens, merged.
+    Here a PyTorch causal attention stands in for FlashAttention; the merge of
+    the two partials must equal the one-pass reference (tolerances as above),
+    the context-only output and LSE must equal the reference's (LSE: fp32,
+    1e-3 / half-precision models 2e-2), rows without context get LSE -inf."""
+    cfg = KvcompConfig(k_bits=4, v_bits=2, group_size=16, residual_tokens=residual)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=64, rep=4, dtype=dtype, seed=41 + residual)
+    b = step.batch
+    row_base = b.query_start_loc[1]  # skip the leading decode, as the backend does
+    out, lse = _context_only(step, row_base)
+    T = step.query.shape[0]
+    ref_out = torch.zeros(T, *step.query.shape[1:], dtype=torch.float32)
+    ref_lse = torch.full((step.query.shape[1], T), float("-inf"))
+    prefill_attention_reference(
+        step.query, step.key, step.value, step.sim.packed, step.sim.residual, b.block_table,
+        b.residual_block_table, b.query_start_loc, b.seq_lens, step.layout, cfg, step.scale,
+        step.bs_r, out=ref_out, include_fresh=False, lse=ref_lse)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref_out[row_base:], atol=tol, rtol=tol)
+    ref_lse = ref_lse[:, row_base:]
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert torch.isinf(lse).any() and (~torch.isinf(lse)).any()  # both kinds of rows present
+    fin = ~torch.isinf(ref_lse)
+    lse_tol = 1e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(lse[fin], ref_lse[fin], atol=lse_tol, rtol=lse_tol)
+    # fresh part: causal attention over each request's own new tokens
+    fresh_out = torch.zeros_like(ref_out)
+    fresh_lse = torch.full_like(ref_lse, float("-inf"))
+    qsl = b.query_start_loc
+    for i in range(len(b.seq_lens)):
+        qs, qe = qsl[i], qsl[i + 1]
+        if qe == qs or qs < row_base:
+            continue
+        fresh_out[qs:qe] = attention_ref.attend(step.query[qs:qe], step.key[qs:qe],
+                                                step.value[qs:qe], step.scale, 0)
+        fresh_lse[:, qs - row_base:qe - row_base] = attention_lse(
+            step.query[qs:qe], step.key[qs:qe], step.scale, 0)
+    merged = merge_partials(out, lse, fresh_out[row_base:], fresh_lse)
+    full = reference_out(step)[row_base:]
+    torch.testing.assert_close(merged, full.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's FlashAttention needs a GPU")
+@pytest.mark.parametrize("residual, dtype", [(24, torch.bfloat16), (0, torch.float16),
+                                             (128, torch.bfloat16)],
+                         ids=["r24-bf16", "r0-fp16", "r128-bf16"])
+def test_prefill_with_flash_attn_matches_reference(residual, dtype):
+    """The GPU default for prefill rows (fresh_prefill='auto' on CUDA):
+    FlashAttention over the fresh tokens + this kernel over the context,
+    merged by vLLM's merge_attn_states; rows [row_base, T) against the
+    one-pass reference (tolerance of the half-precision models above)."""
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+    from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+    from vllm_kvcomp.kernels.triton_prefill import prefill_with_flash_attn
+
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=residual)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=128, rep=4, dtype=dtype, seed=43 + residual)
+    b = step.batch
+    row_base = b.query_start_loc[1]
+    first = 1
+    d = step.dev()
+    out = torch.full_like(d["query"], float("nan"))
+    prefill_with_flash_attn(
+        d["query"], d["key"], d["value"], out, d["packed"], d["residual"],
+        d["block_table"][first:],
+        d["residual_block_table"][first:] if d["residual_block_table"] is not None else None,
+        d["query_start_loc"][first:], d["seq_lens"][first:], step.layout, cfg, step.scale,
+        step.bs_r, step.max_query_len, row_base, b.query_start_loc[-1],
+        flash_attn_varlen_func, get_flash_attn_version(head_size=128), merge_attn_states)
+    got = out.cpu()[row_base:b.query_start_loc[-1]].float()
+    ref = reference_out(step)[row_base:b.query_start_loc[-1]].float()
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 def test_prefill_strided_qkv_padded_residual_and_oversized_grid():

@@ -269,6 +269,36 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         self.attn_type = attn_type
         self.config = current_config()
         self.layer_name: str | None = None
+        self._flash_attn = self._find_flash_attn(head_size)
+
+    def _find_flash_attn(self, head_size: int):
+        """(flash_attn_varlen_func, fa_version, merge_attn_states) when the
+        fresh tokens of prefill chunks go to vLLM's FlashAttention, else None."""
+        mode = self.config.fresh_prefill
+        if mode == "triton":
+            return None
+        from vllm.platforms import current_platform
+
+        found = None
+        if current_platform.is_cuda() and _model_dtype() in (torch.float16, torch.bfloat16):
+            try:
+                from vllm.v1.attention.backends.fa_utils import (
+                    flash_attn_varlen_func,
+                    get_flash_attn_version,
+                )
+                from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+                version = get_flash_attn_version(head_size=head_size)
+                if version is not None:
+                    found = (flash_attn_varlen_func, version, merge_attn_states)
+            except ImportError:
+                found = None
+        if found is None and mode == "flash_attn":
+            raise KvcompConfigError(
+                "kvcomp fresh_prefill='flash_attn' needs vLLM's FlashAttention (a CUDA GPU "
+                "and an fp16/bf16 model); use 'auto' or 'triton'"
+            )
+        return found
 
     def forward(
         self,
@@ -363,6 +393,16 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
                 md.seq_lens[:nd], layout, cfg, self.scale, bs_r, md.max_seq_len, out=out[:nd],
             )
         if nd == md.num_reqs:
+            return
+        if self._flash_attn is not None:
+            from vllm_kvcomp.kernels.triton_prefill import prefill_with_flash_attn
+
+            prefill_with_flash_attn(
+                q, key, value, out, packed_cache, residual_cache, md.block_table[nd:],
+                res_table[nd:] if res_table is not None else None, md.query_start_loc[nd:],
+                md.seq_lens[nd:], layout, cfg, self.scale, bs_r, md.max_query_len, nd,
+                md.num_actual_tokens, *self._flash_attn,
+            )
             return
         # query_start_loc holds absolute row offsets, so the prefill kernel
         # takes the tail of every per-request tensor and the whole q/k/v/out.

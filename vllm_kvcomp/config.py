@@ -15,6 +15,7 @@ from typing import Any
 SUPPORTED_BITS = (2, 4, 8, 16)
 KEY_AXES = ("channel", "token")
 VALUE_AXES = ("token",)
+FRESH_PREFILL = ("auto", "flash_attn", "triton")
 
 
 class KvcompConfigError(ValueError):
@@ -37,6 +38,13 @@ class KvcompConfig:
     value_axis: only "token" (KIVI; per-channel values gain nothing).
     block_size: tokens per packed page; must be a multiple of group_size for
         per-channel keys. ``None`` keeps vLLM's block size when it fits.
+    fresh_prefill: who attends over a prefill chunk's own (fresh, full
+        precision) tokens on the GPU. "flash_attn": vLLM's FlashAttention,
+        merged through the LSE with the Triton kernel's pass over the
+        compressed context; "triton": the Triton prefill kernel does both in
+        one pass; "auto" (default): flash_attn where vLLM has it (CUDA, fp16 /
+        bf16 models), else triton. Prefill is compute-bound on the fresh
+        tokens, where FlashAttention's tensor-core pipeline is the fastest.
     """
 
     k_bits: int = 4
@@ -46,6 +54,7 @@ class KvcompConfig:
     key_axis: str = "channel"
     value_axis: str = "token"
     block_size: int | None = None
+    fresh_prefill: str = "auto"
 
     # ------------------------------------------------------------------ derive
     @property
@@ -129,6 +138,11 @@ class KvcompConfig:
             raise KvcompConfigError(
                 f"kvcomp value_axis={self.value_axis!r} is not supported; "
                 f"choose one of {VALUE_AXES} (values are quantized per token, as in KIVI)"
+            )
+        if self.fresh_prefill not in FRESH_PREFILL:
+            raise KvcompConfigError(
+                f"kvcomp fresh_prefill={self.fresh_prefill!r} is not supported; "
+                f"choose one of {FRESH_PREFILL}"
             )
         b = self.block_size
         if b is not None:
