@@ -781,6 +781,8 @@ def main(argv=None):
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=3)
+    ap.add_argument("--key-fold", default=None, choices=("split", "fp16", "bf16"),
+                    help="bf16 per-channel key fold of the decode kernel (default: its default)")
     ap.add_argument("--baselines", default=",".join(BASELINES),
                     help=f"comma list of {', '.join(BASELINES)} (default: all)")
     ap.add_argument("--baseline-block-size", type=int, default=VLLM_BLOCK_SIZE,
@@ -831,7 +833,8 @@ def main(argv=None):
         batches = [int(x) for x in a.batches.split(",")]
         contexts = [int(x) for x in a.contexts.split(",")]
     timer = make_timer(device, a.warmup_ms, a.rep_ms, a.timing)
-    kw = dict(block_n=a.block_n, num_warps=a.num_warps, num_stages=a.num_stages)
+    kw = dict(block_n=a.block_n, num_warps=a.num_warps, num_stages=a.num_stages,
+              key_fold=a.key_fold)
 
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
             "shape": dict(Hq=Hq, H=H, D=D, block_size=bs, group_size=G, residual_tokens=R),
@@ -965,7 +968,8 @@ def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
         if a.sweep_splits:
             auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, a.block_n), num_sms=sms)
             print(f"| {name} | heuristic | {auto} | | | |")
-            grid = [(dict(block_n=a.block_n, num_warps=a.num_warps, num_stages=a.num_stages), int(s))
+            grid = [(dict(block_n=a.block_n, num_warps=a.num_warps, num_stages=a.num_stages,
+                          key_fold=a.key_fold), int(s))
                     for s in a.sweep_splits.split(",")]
         for bn in (() if a.sweep_splits else (64, 128)):
             auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, bn), num_sms=sms)

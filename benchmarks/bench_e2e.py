@@ -42,6 +42,10 @@ SETTINGS = {
     "turboquant_4bit_nc": {"kv_cache_dtype": "turboquant_4bit_nc"},
     "kvcomp_k4v4": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 4, "v_bits": 4}}},
+    # k4v4 with the Triton kernel over the fresh prefill tokens too (the
+    # default hands them to FlashAttention): the A/B of that split
+    "kvcomp_k4v4_triton_prefill": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "fresh_prefill": "triton"}}},
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
     "kvcomp_k16v16": {"attention_backend": "kvcomp",

@@ -407,7 +407,7 @@ def _kvcomp_decode_kernel(
     V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
     K_EW: tl.constexpr, V_EW: tl.constexpr, K_PH: tl.constexpr, V_PH: tl.constexpr,
     CVT_K: tl.constexpr, CVT_V: tl.constexpr, K_MAGIC: tl.constexpr, V_MAGIC: tl.constexpr,
-    K_SPLIT_FOLD: tl.constexpr,
+    K_SPLIT_FOLD: tl.constexpr, K_FP16_FOLD: tl.constexpr,
     REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
@@ -428,6 +428,9 @@ def _kvcomp_decode_kernel(
     K_FOLD_TOK: tl.constexpr = (not KEY_CHANNEL) and K_NG == 1
     K_ASM: tl.constexpr = CVT_K == 3 and (K_FOLD_CH or K_FOLD_TOK)
     V_ASM: tl.constexpr = CVT_V == 3 and V_NG == 1
+    # per-channel key dots in fp16 (K_FP16_FOLD): q*key_scale keeps 3 more
+    # mantissa bits than in bf16, the codes are exact either way
+    K_DT: tl.constexpr = tl.float16 if (K_FP16_FOLD and K_FOLD_CH) else MODEL_DTYPE
     # phase widths: valid (K_W) and padded to a power of two (K_RP)
     K_RP: tl.constexpr = BLOCK_D // K_PH
     K_W: tl.constexpr = D // K_PH
@@ -507,7 +510,7 @@ def _kvcomp_decode_kernel(
             kraw = _load_elems(cache_ptr, page_off + K_CODES_OFF, slot, valid, K_ROW, K_RP,
                                K_EW)
             if K_ASM:
-                k0, k1, k2, k3, k4, k5, k6, k7 = _unpack_asm(kraw, K_BITS, K_EW, MODEL_DTYPE)
+                k0, k1, k2, k3, k4, k5, k6, k7 = _unpack_asm(kraw, K_BITS, K_EW, K_DT)
             else:
                 kint = kraw.to(tl.int32)
             pbase = (page_off + K_PARAMS_OFF) // 4
@@ -528,8 +531,8 @@ def _kvcomp_decode_kernel(
                     # inside one key group, so fold its scales into the query
                     sc, mn = _params(wp, pbase + (s0 // G) * D + ch, kbm)
                     qs = qj * sc[None, :]
-                    a = _operand(qs, IEEE, MODEL_DTYPE)
-                    s += _mm(a, tl.trans(kop), IEEE, MODEL_DTYPE)
+                    a = _operand(qs, IEEE, K_DT)
+                    s += _mm(a, tl.trans(kop), IEEE, K_DT)
                     if K_SPLIT_FOLD:
                         # the rounding error of q*s as a second operand: a bf16
                         # q*s is off by up to 2^-9 relative, and on a large-scale
@@ -728,6 +731,11 @@ def _magic(cvt: int, dtype: torch.dtype) -> float:
     return 128.0
 
 
+# How bf16 decode folds per-channel key scales into the query (see
+# kvcomp_decode_attention's key_fold).
+KEY_FOLD_DEFAULT = "split"
+
+
 def decode_tiles(layout: PageLayout, block_n: int = 128) -> int:
     """BLOCK_N: packed tokens per inner step. A power of two <= ``block_n``
     dividing the block size (tiles never straddle pages) and, for per-channel
@@ -792,7 +800,7 @@ def kvcomp_decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     code_cvt: int | None = None,
-    split_key_fold: bool | None = None,
+    key_fold: str | None = None,
     rep_m: int | None = None,
     elem_bits: int | None = None,
 ) -> torch.Tensor:
@@ -848,6 +856,17 @@ def kvcomp_decode_attention(
     ieee = query.dtype == torch.float32 or interpreted()
     consts = layout_constexprs(layout)
     block_d = consts["BLOCK_D"]
+    # bf16 per-channel keys: q*key_scale as one bf16 operand ("bf16"), as hi +
+    # lo bf16 operands ("split", one more MMA per phase), or in fp16 with fp16
+    # codes ("fp16"); fp16 models and fp32 dots need none of this
+    if key_fold is None:
+        key_fold = KEY_FOLD_DEFAULT
+    if key_fold not in ("split", "fp16", "bf16"):
+        raise ValueError(f"key_fold={key_fold!r}: choose 'split', 'fp16' or 'bf16'")
+    fold = key_fold if (not ieee and query.dtype == torch.bfloat16) else "bf16"
+    # the fold exists only where a tile lies in one key group (per-channel keys)
+    fp16_keys = (fold == "fp16" and cfg.key_axis == "channel" and cfg.k_bits < 16
+                 and bn <= cfg.group_size)
     for which, bits in (("K", cfg.k_bits), ("V", cfg.v_bits)):
         cvt = code_conversion(bits, query.dtype, ieee) if code_cvt is None else code_cvt
         assert cvt == 0 or (cvt == 1 and (ieee or query.dtype == torch.float16)) or (
@@ -862,7 +881,8 @@ def kvcomp_decode_attention(
         consts[f"{which}_EW"] = ew
         consts[f"{which}_PH"] = ew // bits if bits < 16 else 1
         consts[f"CVT_{which}"] = cvt if bits < 16 else 0
-        consts[f"{which}_MAGIC"] = _magic(consts[f"CVT_{which}"], query.dtype)
+        consts[f"{which}_MAGIC"] = _magic(
+            consts[f"CVT_{which}"], torch.float16 if which == "K" and fp16_keys else query.dtype)
     if num_splits > 1:
         part_o = torch.empty(B, Hq, num_splits, block_d, dtype=torch.float32,
                              device=query.device)
@@ -886,8 +906,7 @@ def kvcomp_decode_attention(
         # bf16 folds q*key_scale as hi + lo operands (one more MMA per phase,
         # the tensor cores are idle in decode); fp16's 3 extra mantissa bits
         # and fp32 dots need no split
-        K_SPLIT_FOLD=(not ieee and query.dtype == torch.bfloat16) if split_key_fold is None
-        else bool(split_key_fold),
+        K_SPLIT_FOLD=fold == "split", K_FP16_FOLD=fp16_keys,
         num_warps=num_warps, num_stages=num_stages,
         **consts,
     )

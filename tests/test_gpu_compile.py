@@ -31,7 +31,11 @@ def _cases():
     cases = [dict(id="decode-" + i, what="decode", bits=b, axis=a, D=D, dtype=t,
                   kw={"elem_bits": e}) for i, (b, a, D, e, t) in zip(DECODE_IDS, DECODE)]
     cases.append(dict(id="decode-no-split-fold", what="decode", bits=(4, 4), axis="channel",
-                      D=128, dtype="bf16", kw={"split_key_fold": False}))
+                      D=128, dtype="bf16", kw={"key_fold": "bf16"}))
+    cases.append(dict(id="decode-fp16-fold", what="decode", bits=(4, 4), axis="channel",
+                      D=128, dtype="bf16", kw={"key_fold": "fp16"}))
+    cases.append(dict(id="decode-split-fold", what="decode", bits=(4, 4), axis="channel",
+                      D=128, dtype="bf16", kw={"key_fold": "split"}))
     cases += [dict(id="prefill-store-" + i, what="prefill_store", bits=b, D=D, dtype=t)
               for i, (b, D, t) in zip(PREFILL_STORE_IDS, PREFILL_STORE)]
     return cases
@@ -61,12 +65,16 @@ def test_decode_compiles_for_sm90(compiled, case):
         assert main["inline_lop3"] > 0, main
 
 
-def test_split_key_fold_adds_the_lo_dots(compiled):
+def test_key_folds_mma_counts(compiled):
     """bf16 per-channel keys: the hi + lo query-scale operands are one more
-    dot per key phase, and only where asked for."""
-    with_split = _kernels(compiled, "decode-" + DECODE_IDS[0])["_kvcomp_decode_kernel"]["mma"]
-    without = _kernels(compiled, "decode-no-split-fold")["_kvcomp_decode_kernel"]["mma"]
-    assert with_split > without
+    dot per key phase, and only where asked for; the fp16 fold costs no
+    extra dot (its key dots are fp16 MMAs instead of bf16 ones)."""
+    def mma(case):
+        return _kernels(compiled, case)["_kvcomp_decode_kernel"]["mma"]
+
+    split, plain, fp16 = mma("decode-split-fold"), mma("decode-no-split-fold"), \
+        mma("decode-fp16-fold")
+    assert split > plain and fp16 == plain, (split, plain, fp16)
 
 
 @pytest.mark.parametrize("case", PREFILL_STORE_IDS)

@@ -230,17 +230,19 @@ def test_mantissa_code_conversion(bits, axis, G):
     check(DecodeBatch(cfg, [2, 150], D=64, rep=2, block_size=64, seed=19), code_cvt=1)
 
 
+@pytest.mark.parametrize("key_fold", ["split", "fp16", "bf16"])
 @pytest.mark.parametrize("bits", [(2, 2), (4, 2)], ids=["k2v2", "k4v2"])
-def test_split_key_fold(bits):
-    """The hi + lo query-scale operands of bf16 GPU decode (``split_key_fold``,
-    on by default there). Under the interpreter's fp32 dots the lo part is
-    zero, so this checks the code path and its bookkeeping, not the gain;
-    the gain (bf16 outputs 0.038 -> 7e-5 off at 2 bits on keys with outlier
-    channels, in a PyTorch model of the fold) is the GPU test_bf16's."""
+def test_key_fold(bits, key_fold):
+    """The ways bf16 GPU decode folds per-channel key scales into the query
+    (``key_fold``): hi + lo bf16 operands, fp16 operands (fp16 codes, magic
+    1024), one bf16 operand. Under the interpreter's fp32 dots they coincide,
+    so this checks the code paths and their bookkeeping, not the gain; the
+    gain (bf16 outputs 0.038 -> 7e-5 off at 2 bits on keys with outlier
+    channels, in a PyTorch model of the split fold) is the GPU test_bf16's."""
     cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=64, residual_tokens=16)
     batch = DecodeBatch(cfg, [2, 150, 211], D=64, rep=2, block_size=64, seed=31)
-    check(batch, split_key_fold=True)
-    check(batch, split_key_fold=True, code_cvt=1)  # with the offset's row bias
+    check(batch, key_fold=key_fold)
+    check(batch, key_fold=key_fold, code_cvt=1)  # with the offset's row bias
 
 
 @pytest.mark.parametrize("bits,D,elem", [((4, 4), 64, 8), ((4, 4), 64, 16), ((8, 8), 64, 8),
@@ -281,13 +283,15 @@ def test_small_key_groups():
                                               ((2, 2), "channel", 128, 16)],
                          ids=["k4v4-channel", "k2v2-token", "k16v16", "k4v2-e8",
                               "k2v2-d128-e16"])
-def test_bf16(bits, axis, D, elem):
+@pytest.mark.parametrize("key_fold", ["split", "fp16"])
+def test_bf16(bits, axis, D, elem, key_fold):
     """bf16 models; on a GPU every PTX unpacking variant for bf16 (bytes and
-    16-bit elements, 2 and 4 bits) runs here."""
+    16-bit elements, 2 and 4 bits) runs here, with both accurate key folds
+    (hi + lo bf16 operands; fp16 operands and fp16 codes)."""
     cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=D, residual_tokens=16,
                        key_axis=axis)
     check(DecodeBatch(cfg, [1, D + 26, 3 * D + 11], D=D, rep=4, block_size=D,
-                      dtype=torch.bfloat16, seed=11), elem_bits=elem)
+                      dtype=torch.bfloat16, seed=11), elem_bits=elem, key_fold=key_fold)
 
 
 def test_more_splits_than_tiles_and_padding():
