@@ -37,6 +37,18 @@ e2e)
       --capture-sizes ${CAPTURE:-1,2,4,8,16,32,64,128,192,256} --settings "$2" --timeout "${E2E_TIMEOUT:-400}" --out "$OUT/e2e_$3.json" "${@:5}" 2>&1 \
       | tee "$OUT/e2e_$3.md"  # streamed: a call killed at its limit still returns the rows so far
   ;;
+verify2)
+  # the FlashAttention prefill split and the key folds: GPU tests, then decode at 32 x 32K
+  # and 64 x 32K for each key fold (the W1 A/B is the e2e stage with kvcomp_k4v4_triton_prefill)
+  bash scripts/install_gpu_device.sh 2>&1 | tail -3 | tee -a "$OUT/session.log" || exit 1
+  python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_triton_decode.py tests/test_triton_prefill.py \
+      2>&1 | tail -15 | tee -a "$OUT/session.log"
+  for f in split fp16 bf16; do
+    python3 benchmarks/bench_decode_kernel.py --batches 32,64 --contexts 32768 --configs k4v4,k2v2 \
+        --no-baselines --key-fold $f --out "$OUT/decode_fold_$f.json" > "$OUT/decode_fold_$f.md" 2>&1
+    grep -E "^\| k" "$OUT/decode_fold_$f.md" | sed "s/^/$f /"
+  done
+  ;;
 train2)
   # The retrieval model of issue #4 in two phases (docs/quality.md): induction drills in short
   # rows until copying works, then the long mixture from those weights. Writes $TRAIN_DIR/done
