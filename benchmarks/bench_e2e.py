@@ -42,10 +42,12 @@ SETTINGS = {
     "turboquant_4bit_nc": {"kv_cache_dtype": "turboquant_4bit_nc"},
     "kvcomp_k4v4": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 4, "v_bits": 4}}},
-    # k4v4 with the Triton kernel over the fresh prefill tokens too (the
-    # default hands them to FlashAttention): the A/B of that split
-    "kvcomp_k4v4_triton_prefill": {"attention_backend": "kvcomp", "additional_config": {
-        "kvcomp": {"k_bits": 4, "v_bits": 4, "fresh_prefill": "triton"}}},
+    # k4v4 with FlashAttention over the fresh prefill tokens (the default
+    # Triton kernel does them in its one pass): the A/B of that split
+    "kvcomp_k4v4_fa_prefill": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "fresh_prefill": "flash_attn"}}},
+    # (2026-11-23, H200: the split's run was named kvcomp_k4v4 when it was the
+    # default and the one-pass run kvcomp_k4v4_triton_prefill)
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
     "kvcomp_k16v16": {"attention_backend": "kvcomp",

@@ -188,7 +188,7 @@ def test_prefill_context_only_with_lse_merges_to_full_attention(residual, dtype)
                                              (128, torch.bfloat16)],
                          ids=["r24-bf16", "r0-fp16", "r128-bf16"])
 def test_prefill_with_flash_attn_matches_reference(residual, dtype):
-    """The GPU default for prefill rows (fresh_prefill='auto' on CUDA):
+    """fresh_prefill='flash_attn' (or 'auto' on CUDA) for prefill rows:
     FlashAttention over the fresh tokens + this kernel over the context,
     merged by vLLM's merge_attn_states; rows [row_base, T) against the
     one-pass reference (tolerance of the half-precision models above)."""

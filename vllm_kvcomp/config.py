@@ -41,10 +41,11 @@ class KvcompConfig:
     fresh_prefill: who attends over a prefill chunk's own (fresh, full
         precision) tokens on the GPU. "flash_attn": vLLM's FlashAttention,
         merged through the LSE with the Triton kernel's pass over the
-        compressed context; "triton": the Triton prefill kernel does both in
-        one pass; "auto" (default): flash_attn where vLLM has it (CUDA, fp16 /
-        bf16 models), else triton. Prefill is compute-bound on the fresh
-        tokens, where FlashAttention's tensor-core pipeline is the fastest.
+        compressed context; "triton" (default): the Triton prefill kernel does
+        both in one pass; "auto": flash_attn where vLLM has it (CUDA, fp16 /
+        bf16 models), else triton. Measured on W1 (H200, 2026-11-23) the split
+        gained nothing (1740 vs 1768 output tok/s): the one-pass kernel stays
+        the default.
     """
 
     k_bits: int = 4
@@ -54,7 +55,7 @@ class KvcompConfig:
     key_axis: str = "channel"
     value_axis: str = "token"
     block_size: int | None = None
-    fresh_prefill: str = "auto"
+    fresh_prefill: str = "triton"
 
     # ------------------------------------------------------------------ derive
     @property
