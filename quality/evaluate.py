@@ -48,9 +48,11 @@ KV_SIZE_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
 
 
 # ---------------------------------------------------------------- settings
-def _kvcomp(k, v, residual=128, axis="channel"):
-    return {"kvcomp": {"k_bits": k, "v_bits": v, "residual_tokens": residual, "key_axis": axis},
-            "bits": (k + v) / 2}
+def _kvcomp(k, v, residual=128, axis="channel", group=None):
+    kv = {"k_bits": k, "v_bits": v, "residual_tokens": residual, "key_axis": axis}
+    if group is not None:
+        kv["group_size"] = group
+    return {"kvcomp": kv, "bits": (k + v) / 2}
 
 
 def all_settings() -> dict:
@@ -70,12 +72,19 @@ def all_settings() -> dict:
         for r in (128, 0):
             for axis in ("channel", "token"):
                 s[f"kvcomp_k{b}v{b}_r{r}_{axis}"] = _kvcomp(b, b, r, axis)
+                # smaller quantization groups (default 128): KIVI's 2-bit
+                # default is 32 (keys: 32 tokens per channel; values: 32
+                # channels per token), at the cost of more scales per token
+                for g in (32, 64):
+                    s[f"kvcomp_k{b}v{b}_r{r}_{axis}_g{g}"] = _kvcomp(b, b, r, axis, g)
     return s
 
 
 QUICK_SETTINGS = ("baseline", "kvcomp_k4v4_r128_channel")
 ALIASES = {"kvcomp_k4v4": "kvcomp_k4v4_r128_channel", "kvcomp_k8v8": "kvcomp_k8v8_r128_channel",
-           "kvcomp_k2v2": "kvcomp_k2v2_r128_channel", "bf16": "baseline"}
+           "kvcomp_k2v2": "kvcomp_k2v2_r128_channel", "bf16": "baseline",
+           # KIVI-2's defaults: group 32, residual 128, per-channel keys
+           "kvcomp_k2v2_kivi": "kvcomp_k2v2_r128_channel_g32"}
 
 
 def select_settings(names: str | None, quick: bool) -> list:
