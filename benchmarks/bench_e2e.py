@@ -56,7 +56,9 @@ SETTINGS = {
 WORKLOADS = {"W1": (256, 4096, 256), "W2": (512, 1024, 2048),
              "W1q": (64, 4096, 256), "W2q": (128, 1024, 1024), "tiny": (8, 300, 16),
              # W1's prefill alone (one output token): the part no KV format can shorten
-             "W1p": (256, 4096, 1)}
+             "W1p": (256, 4096, 1),
+             # a slice of W1p to profile (a few 16K-token prefill steps)
+             "W1ps": (16, 4096, 1)}
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
@@ -97,6 +99,13 @@ def run_one(args):
         kwargs["max_num_seqs"] = args.max_num_seqs
     if args.fast_start:
         kwargs["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    if args.profile:
+        # vLLM's torch profiler over a window of engine steps; on stop it writes
+        # profiler_out_0.txt (ops by self CUDA time), small enough to bring back
+        kwargs["profiler_config"] = {
+            "profiler": "torch", "torch_profiler_dir": os.path.join(args.profile, args.setting),
+            "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True,
+            "delay_iterations": args.profile_delay, "max_iterations": args.profile_iters}
     if args.capture_sizes:
         # the same short list for every setting: vLLM pads a decode batch to
         # the next size, and a long list costs minutes of capture per engine
@@ -118,9 +127,13 @@ def run_one(args):
                    for _ in range(n)]
         params = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0,
                                 detokenize=False)
+        if args.profile:
+            llm.start_profile()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - t0
+        if args.profile:
+            llm.stop_profile()
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         ttft, tpot = [], []
         for o in outs:
@@ -168,6 +181,14 @@ def main():
     ap.add_argument("--capture-sizes", default=None,
                     help="CUDA-graph capture sizes for every setting, e.g. 1,2,4,8,16,32,64,128,256")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="torch-profile engine steps of each setting into DIR/<setting> "
+                         "(profiler_out_0.txt: ops by self CUDA time); throughput numbers of a "
+                         "profiled run are not comparable with unprofiled ones")
+    ap.add_argument("--profile-delay", type=int, default=0,
+                    help="engine steps to skip before the profiled window")
+    ap.add_argument("--profile-iters", type=int, default=20,
+                    help="engine steps in the profiled window")
     ap.add_argument("--setting", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=1200)
     args = ap.parse_args()
@@ -191,6 +212,9 @@ def main():
             cmd += ["--max-num-seqs", str(args.max_num_seqs)]
         if args.capture_sizes:
             cmd += ["--capture-sizes", args.capture_sizes]
+        if args.profile:
+            cmd += ["--profile", args.profile, "--profile-delay", str(args.profile_delay),
+                    "--profile-iters", str(args.profile_iters)]
         t = time.time()
         # Own process group: on timeout the engine core and workers it spawned
         # die with it (an orphaned engine keeps its GPU memory, and every later
