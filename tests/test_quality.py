@@ -163,8 +163,13 @@ def test_settings_and_engine_kwargs():
     for name in ("baseline", "fp8", "int4_per_token_head", "turboquant_k3v4_nc",
                  "turboquant_4bit_nc"):
         assert name in s
-    assert sum(n.startswith("kvcomp_") for n in s) == 12
+    # bits {8,4,2} x residual {128,0} x key axis {channel,token} x group {default,32,64}
+    assert sum(n.startswith("kvcomp_") for n in s) == 36
     assert evaluate.select_settings("kvcomp_k8v8", False) == ["baseline", "kvcomp_k8v8_r128_channel"]
+    assert evaluate.select_settings("kvcomp_k2v2_kivi", False) == [
+        "baseline", "kvcomp_k2v2_r128_channel_g32"]
+    assert s["kvcomp_k2v2_r128_channel_g32"]["kvcomp"]["group_size"] == 32
+    assert "group_size" not in s["kvcomp_k2v2_r128_channel"]["kvcomp"]
     assert evaluate.select_settings(None, True) == list(evaluate.QUICK_SETTINGS)
     with pytest.raises(SystemExit):
         evaluate.select_settings("nope", False)
