@@ -87,6 +87,22 @@ ALIASES = {"kvcomp_k4v4": "kvcomp_k4v4_r128_channel", "kvcomp_k8v8": "kvcomp_k8v
            "kvcomp_k2v2_kivi": "kvcomp_k2v2_r128_channel_g32"}
 
 
+KVCOMP_NAME_RE = re.compile(r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?")
+
+
+def settings_for(names) -> dict:
+    """The catalogue plus any other kvcomp combination named in the same
+    grammar, e.g. ``kvcomp_k2v4_r128_channel_g32`` (bits are checked by the
+    backend at engine start, like a user's)."""
+    cat = all_settings()
+    for n in names:
+        m = KVCOMP_NAME_RE.fullmatch(n)
+        if n not in cat and m:
+            k, v, r, axis, g = m.groups()
+            cat[n] = _kvcomp(int(k), int(v), int(r), axis, int(g) if g else None)
+    return cat
+
+
 def select_settings(names: str | None, quick: bool) -> list:
     known = all_settings()
     if not names:
@@ -94,8 +110,9 @@ def select_settings(names: str | None, quick: bool) -> list:
     out = []
     for n in names.split(","):
         n = ALIASES.get(n.strip(), n.strip())
-        if n not in known:
-            raise SystemExit(f"unknown setting {n!r}; known: {', '.join(known)}")
+        if n not in known and not KVCOMP_NAME_RE.fullmatch(n):
+            raise SystemExit(f"unknown setting {n!r}; known: {', '.join(known)}, or "
+                             "kvcomp_k<bits>v<bits>_r<residual>_<channel|token>[_g<group>]")
         out.append(n)
     if "baseline" not in out:
         out.insert(0, "baseline")  # agreement is measured against it
@@ -572,7 +589,7 @@ def main(argv=None) -> dict:
     max_len = max(p["ppl_lengths"] + p["passkey_contexts"] + [p["gen_context"]]) + \
         max(p["gen_tokens"], 16) + 16
     names = select_settings(args.settings, args.quick)
-    catalog = all_settings()
+    catalog = settings_for(names)
     catalog["baseline"]["bits"] = 32 if args.dtype == "float32" else 16  # KV in model dtype
     print(f"{len(names)} settings on {args.device}, {args.jobs} at a time: {', '.join(names)}",
           flush=True)

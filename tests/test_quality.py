@@ -170,6 +170,12 @@ def test_settings_and_engine_kwargs():
         "baseline", "kvcomp_k2v2_r128_channel_g32"]
     assert s["kvcomp_k2v2_r128_channel_g32"]["kvcomp"]["group_size"] == 32
     assert "group_size" not in s["kvcomp_k2v2_r128_channel"]["kvcomp"]
+    # other combinations by name, in the same grammar
+    assert evaluate.select_settings("kvcomp_k2v4_r64_token_g32", False)[1] == \
+        "kvcomp_k2v4_r64_token_g32"
+    mixed = evaluate.settings_for(["kvcomp_k2v4_r64_token_g32"])["kvcomp_k2v4_r64_token_g32"]
+    assert mixed == {"kvcomp": {"k_bits": 2, "v_bits": 4, "residual_tokens": 64,
+                                "key_axis": "token", "group_size": 32}, "bits": 3.0}
     assert evaluate.select_settings(None, True) == list(evaluate.QUICK_SETTINGS)
     with pytest.raises(SystemExit):
         evaluate.select_settings("nope", False)
