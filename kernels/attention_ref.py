@@ -49,21 +49,26 @@ def gather_residual(
     return k, v
 
 
+def _causal_scores(q: torch.Tensor, k: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+    """Scaled GQA scores [H, rep, Tq, Tk] of queries at positions [start,
+    start+Tq) over keys at [0, Tk), -inf above the causal diagonal."""
+    Tq, Hq, D = q.shape
+    Tk, H, _ = k.shape
+    qf = q.float().view(Tq, H, Hq // H, D)
+    scores = torch.einsum("qhrd,khd->hrqk", qf, k.float()) * scale
+    qpos = torch.arange(start, start + Tq, device=q.device)
+    kpos = torch.arange(Tk, device=q.device)
+    scores.masked_fill_(kpos.unsqueeze(0) > qpos.unsqueeze(1), float("-inf"))
+    return scores
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int
 ) -> torch.Tensor:
     """Causal GQA attention of queries at positions [start, start+Tq) over
     keys at positions [0, Tk). q [Tq, Hq, D], k/v [Tk, H, D] -> [Tq, Hq, D]."""
     Tq, Hq, D = q.shape
-    Tk, H, _ = k.shape
-    rep = Hq // H
-    qf = q.float().view(Tq, H, rep, D)
-    scores = torch.einsum("qhrd,khd->hrqk", qf, k.float()) * scale
-    qpos = torch.arange(start, start + Tq, device=q.device)
-    kpos = torch.arange(Tk, device=q.device)
-    mask = kpos.unsqueeze(0) > qpos.unsqueeze(1)  # [Tq, Tk]
-    scores.masked_fill_(mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(_causal_scores(q, k, scale, start), dim=-1)
     out = torch.einsum("hrqk,khd->qhrd", probs, v.float())
     return out.reshape(Tq, Hq, D)
 
@@ -71,13 +76,8 @@ def attend(
 def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float, start: int) -> torch.Tensor:
     """Natural-log log-sum-exp of ``attend``'s causal scores, [Hq, Tq]: what
     merging two partial attentions over disjoint key sets needs."""
-    Tq, Hq, D = q.shape
-    Tk, H, _ = k.shape
-    scores = torch.einsum("qhrd,khd->hrqk", q.float().view(Tq, H, Hq // H, D), k.float()) * scale
-    qpos = torch.arange(start, start + Tq, device=q.device)
-    scores.masked_fill_(torch.arange(Tk, device=q.device).unsqueeze(0) > qpos.unsqueeze(1),
-                        float("-inf"))
-    return torch.logsumexp(scores, dim=-1).reshape(Hq, Tq)
+    Tq, Hq, _ = q.shape
+    return torch.logsumexp(_causal_scores(q, k, scale, start), dim=-1).reshape(Hq, Tq)
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):

@@ -908,9 +908,6 @@ def kvcomp_decode_attention(
         R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
         REP=rep, REP_P=rep_p, BLOCK_N=bn, BLOCK_R=br, SPLIT=num_splits > 1,
         HAS_RESIDUAL=has_res, IEEE=ieee,
-        # bf16 folds q*key_scale as hi + lo operands (one more MMA per phase,
-        # the tensor cores are idle in decode); fp16's 3 extra mantissa bits
-        # and fp32 dots need no split
         K_SPLIT_FOLD=fold == "split", K_FP16_FOLD=fp16_keys,
         num_warps=num_warps, num_stages=num_stages,
         **consts,

@@ -292,7 +292,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
                 if version is not None:
                     found = (flash_attn_varlen_func, version, merge_attn_states)
             except ImportError:
-                found = None
+                pass
         if found is None and mode == "flash_attn":
             raise KvcompConfigError(
                 "kvcomp fresh_prefill='flash_attn' needs vLLM's FlashAttention (a CUDA GPU "
