@@ -81,7 +81,7 @@ if has w1up; then
 fi
 if has quality; then
   python3 -m quality.evaluate --model quality/models/sotu-llama-6m --out "$RES/quality" --device gpu \
-      --settings baseline,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,kvcomp_k8v8_r128_channel,kvcomp_k4v4_r128_channel,kvcomp_k4v4_r0_channel,kvcomp_k4v4_r128_token,kvcomp_k2v2_r128_channel,kvcomp_k2v2_kivi,kvcomp_k2v2_r0_channel,kvcomp_k2v2_r128_token \
+      --settings "${QUALITY_SETTINGS:-baseline,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,kvcomp_k8v8_r128_channel,kvcomp_k4v4_r128_channel,kvcomp_k4v4_r0_channel,kvcomp_k4v4_r128_token,kvcomp_k2v2_r128_channel,kvcomp_k2v2_kivi,kvcomp_k2v2_r0_channel,kvcomp_k2v2_r128_token,kvcomp_k4v4_r128_channel_g32,kvcomp_k4v2_r128_channel_g32,kvcomp_k2v4_r128_channel_g32}" \
       --resume > "$RES/quality.log" 2>&1
   rm -rf "$RES/quality/raw" "$RES/quality/logs"
   log "quality grid done"

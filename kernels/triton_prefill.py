@@ -33,6 +33,7 @@ Under ``TRITON_INTERPRET=1`` all dots are fp32 (the interpreter's bf16
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -136,14 +137,20 @@ def _load_page_tile(
 
 
 @triton.jit
-def _attend_block(q, k, v, mask, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
-    """Online-softmax update with one K/V tile; scores in log2 units."""
+def _attend_block(q, k, v, mask, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """Online-softmax update with one K/V tile; scores in log2 units.
+    ``MASKED=False``: every (row, key) pair of the tile is attended (``mask``
+    is ignored), which saves the select on the bulk of a long prefill."""
     k = k.to(q.dtype)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(mask, s * qk_scale, float("-inf"))
+    if MASKED:
+        s = tl.where(mask, s * qk_scale, float("-inf"))
+    else:
+        s = s * qk_scale
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -224,7 +231,8 @@ def _kvcomp_prefill_kernel(
         v = _load_page_tile(cache_ptr, page_off, s0, valid, d, MODEL_DTYPE,
                             V_BITS, V_CODES_OFF, V_PARAMS_OFF, V_ROW, False, G,
                             V_GC, V_NG, D, BLOCK_N)
-        m_i, l_i, acc = _attend_block(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, IEEE)
+        m_i, l_i, acc = _attend_block(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, IEEE,
+                                      True)
 
     # 2. residual [Q(start), start)
     if HAS_RESIDUAL:
@@ -238,22 +246,36 @@ def _kvcomp_prefill_kernel(
             k = tl.load(res_ptr + off[:, None] + d[None, :], mask=mk, other=0.0)
             v = tl.load(res_ptr + stride_rkv + off[:, None] + d[None, :], mask=mk, other=0.0)
             m_i, l_i, acc = _attend_block(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale,
-                                          IEEE)
+                                          IEEE, True)
 
     # 3. fresh [start, n), causal (FRESH=False: the caller attends over them
     # itself, e.g. with FlashAttention, and merges through the LSE)
-    hi = tl.minimum(q_len, t0 + BLOCK_T) if FRESH else 0
-    for n0 in range(0, hi, BLOCK_N):
-        j = n0 + nn
-        valid = j < q_len
-        jt = (qs + j).to(tl.int64)
-        mk = valid[:, None] & dm[None, :]
-        k = tl.load(k_ptr + (jt * stride_kt + h * stride_kh)[:, None] + d[None, :],
-                    mask=mk, other=0.0)
-        v = tl.load(v_ptr + (jt * stride_vt + h * stride_vh)[:, None] + d[None, :],
-                    mask=mk, other=0.0)
-        causal = valid[None, :] & (j[None, :] <= tq[:, None])
-        m_i, l_i, acc = _attend_block(q, k, v, causal, m_i, l_i, acc, qk_scale, IEEE)
+    if FRESH:
+        # (a) whole tiles before the program's first query token: every key
+        # j < t0 <= tq is visible to every row and j < q_len, so neither the
+        # causal select nor row masks on the loads (only the channel mask)
+        lo = t0 // BLOCK_N * BLOCK_N
+        for n0 in range(0, lo, BLOCK_N):
+            jt = (qs + n0 + nn).to(tl.int64)
+            k = tl.load(k_ptr + (jt * stride_kt + h * stride_kh)[:, None] + d[None, :],
+                        mask=dm[None, :], other=0.0)
+            v = tl.load(v_ptr + (jt * stride_vt + h * stride_vh)[:, None] + d[None, :],
+                        mask=dm[None, :], other=0.0)
+            m_i, l_i, acc = _attend_block(q, k, v, None, m_i, l_i, acc, qk_scale, IEEE, False)
+        # (b) the diagonal tile(s) [lo, t0 + BLOCK_T): causal and length masks
+        hi = tl.minimum(q_len, t0 + BLOCK_T)
+        for n0 in range(lo, hi, BLOCK_N):
+            j = n0 + nn
+            valid = j < q_len
+            jt = (qs + j).to(tl.int64)
+            mk = valid[:, None] & dm[None, :]
+            k = tl.load(k_ptr + (jt * stride_kt + h * stride_kh)[:, None] + d[None, :],
+                        mask=mk, other=0.0)
+            v = tl.load(v_ptr + (jt * stride_vt + h * stride_vh)[:, None] + d[None, :],
+                        mask=mk, other=0.0)
+            causal = valid[None, :] & (j[None, :] <= tq[:, None])
+            m_i, l_i, acc = _attend_block(q, k, v, causal, m_i, l_i, acc, qk_scale, IEEE,
+                                          True)
 
     row = (qs + tq - out_row_base).to(tl.int64)
     if WRITE_LSE:
@@ -273,6 +295,43 @@ def _kvcomp_prefill_kernel(
 # host wrapper
 # --------------------------------------------------------------------------
 
+PREFILL_LAUNCH_ENV = "KVCOMP_PREFILL_LAUNCH"
+# Measured on an H200 (2026-11-30, benchmarks/results/2026-11-30-h200-s5): of the
+# 16 configs of ``bench_prefill_kernel.py --quick`` this one has the lowest summed
+# time over the three prefill shapes (4 x 4096 fresh: 1405 vs 1606 us for the
+# former 64/64/4/2), and W1 end to end ran with it.
+_BUILTIN_LAUNCH = {"block_rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
+# fp32 models (IEEE dots, twice the registers per element) keep the small tiles.
+_FP32_LAUNCH_CAP = {"block_rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+
+
+def parse_prefill_launch(spec: str, var: str = PREFILL_LAUNCH_ENV) -> dict[str, int]:
+    """``"block_rows=128,block_n=64,num_warps=8,num_stages=3"`` (any subset of
+    those keys; empty: none) -> dict of ints. ``block_rows``, ``block_n`` and
+    ``num_warps`` must be powers of two (tile shapes / warp counts), and
+    ``num_stages`` >= 1; anything else raises a ValueError naming ``var``."""
+    launch = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, sep, val = (x.strip() for x in item.partition("="))
+        if not sep or key not in _BUILTIN_LAUNCH:
+            raise ValueError(f"{var}: expected {'|'.join(_BUILTIN_LAUNCH)}=<int>, got {item!r}")
+        try:
+            n = int(val)
+        except ValueError:
+            raise ValueError(f"{var}: {key} must be an integer, got {val!r}") from None
+        if key == "num_stages" and n < 1:
+            raise ValueError(f"{var}: num_stages must be >= 1, got {n}")
+        if key != "num_stages" and (n < 1 or n & (n - 1)):
+            raise ValueError(f"{var}: {key} must be a power of two, got {n}")
+        launch[key] = n
+    return launch
+
+
+# Launch defaults of kvcomp_prefill_attention: the built-in ones, overridden
+# by the environment (read once, here) so a config tuned on the target GPU
+# (benchmarks/bench_prefill_kernel.py prints one) needs no code change.
+PREFILL_LAUNCH = {**_BUILTIN_LAUNCH,
+                  **parse_prefill_launch(os.environ.get(PREFILL_LAUNCH_ENV, ""))}
 
 
 def prefill_tiles(num_q_per_kv: int, max_query_len: int, block_rows: int = 64) -> tuple[int, int]:
@@ -301,10 +360,10 @@ def kvcomp_prefill_attention(
     residual_block_size: int,
     max_query_len: int,
     out: torch.Tensor,
-    block_n: int = 64,
-    block_rows: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    block_n: int | None = None,
+    block_rows: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     include_fresh: bool = True,
     lse: torch.Tensor | None = None,
     out_row_base: int = 0,
@@ -324,6 +383,8 @@ def kvcomp_prefill_attention(
     the config keeps no residual window, int32 block tables / query_start_loc
     [B + 1] / seq_lens [B] on the device. ``max_query_len`` (Python int) must
     bound every request's fresh-token count: it sizes the grid.
+    ``block_n`` / ``block_rows`` / ``num_warps`` / ``num_stages``: None takes
+    ``PREFILL_LAUNCH`` (built-in defaults or ``KVCOMP_PREFILL_LAUNCH``).
     """
     assert layout.config == cfg
     num_reqs = seq_lens.shape[0]
@@ -347,6 +408,13 @@ def kvcomp_prefill_attention(
         rbt = residual_block_table
     else:
         res, rs, rbt = key, (0, 0, 0, 0), block_table
+    launch = PREFILL_LAUNCH
+    if query.dtype == torch.float32:
+        launch = {k: min(v, _FP32_LAUNCH_CAP[k]) for k, v in launch.items()}
+    block_n = launch["block_n"] if block_n is None else block_n
+    block_rows = launch["block_rows"] if block_rows is None else block_rows
+    num_warps = launch["num_warps"] if num_warps is None else num_warps
+    num_stages = launch["num_stages"] if num_stages is None else num_stages
     rep = Hq // H
     block_t, rep_p = prefill_tiles(rep, max_query_len, block_rows)
     # packed tiles must not straddle pages: largest power of two <= block_n
@@ -494,4 +562,6 @@ __all__ = [
     "prefill_with_flash_attn",
     "prefill_attention_reference",
     "prefill_tiles",
+    "parse_prefill_launch",
+    "PREFILL_LAUNCH",
 ]

@@ -320,6 +320,28 @@ def silently_unapplied(setting: dict, run: dict, base: dict | None) -> str | Non
     return None
 
 
+def turboquant_boundary_covers_model(setting: dict, model_dir: str) -> str | None:
+    """Why a TurboQuant row quantized no layer at all, or None. vLLM 0.26 keeps
+    the first and last ``min(2, L // 2)`` attention layers of a dense model in
+    the model dtype for TurboQuant ("boundary protection",
+    ``TurboQuantConfig.get_boundary_skip_layers``, applied in
+    ``EngineArgs.create_engine_config`` with no way to turn it off), so on a
+    model of 4 layers or fewer every layer stays unquantized (seen on the H200
+    2026-11-30: capacity of the baseline, logprobs within bf16 noise)."""
+    if not str(setting.get("kv_cache_dtype", "")).startswith("turboquant_"):
+        return None
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            layers = int(json.load(f)["num_hidden_layers"])
+    except (OSError, KeyError, ValueError):
+        return None
+    if layers > 4:
+        return None
+    return (f"vLLM's TurboQuant keeps the first and last {min(2, layers // 2)} layers in the "
+            f"model dtype (boundary protection, not configurable), i.e. all {layers} layers of "
+            "this model: nothing was quantized")
+
+
 def summarize(name: str, run: dict, work: dict, base: dict | None) -> dict:
     raw = run["raw"]
     out = {"engine_start_s": raw.get("engine_start_s"), "kv_cache_tokens": run.get("kv_cache_tokens"),
@@ -529,6 +551,24 @@ def git_commit() -> str | None:
         return None
 
 
+def rerender(out: str, model_dir: str | None) -> dict:
+    """Rewrite ``out``'s results.md and plots from its results.json after
+    re-applying the checks that need no raw logprobs (the recorded rows keep
+    their metrics; a row found not applied says why instead)."""
+    with open(os.path.join(out, "results.json")) as f:
+        report = json.load(f)
+    model_dir = model_dir or report["meta"]["model"]
+    for name, r in report["results"].items():
+        why = turboquant_boundary_covers_model(report["settings"].get(name, {}), model_dir)
+        if r["status"] == "ok" and why:
+            r["status"], r["reason"] = "not applied", why
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    write_markdown(os.path.join(out, "results.md"), report)
+    write_plots(out, report)
+    return report
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="KV-cache quality harness (see module doc)")
     ap.add_argument("--model", required=False)
@@ -549,11 +589,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--try-all", action="store_true", help="also try GPU-only settings on CPU")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per setting")
     ap.add_argument("--plan", help="JSON overriding plan entries, e.g. '{\"ppl_lengths\": [768]}'")
+    ap.add_argument("--rerender", metavar="DIR",
+                    help="re-apply the status checks to DIR/results.json (e.g. one recorded on "
+                         "a GPU) with --model's config, and rewrite its results.md and plots")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.worker)
         return {}
+    if args.rerender:
+        return rerender(args.rerender, args.model)
     if args.list:
         for n, s in all_settings().items():
             print(n, json.dumps(s))
@@ -610,7 +655,8 @@ def main(argv=None) -> dict:
     for name, r in results.items():
         if r["status"] == "ok":
             r["metrics"] = summarize(name, r, work, base if name != "baseline" else None)
-            why = silently_unapplied(catalog[name], r, base)
+            why = (silently_unapplied(catalog[name], r, base)
+                   or turboquant_boundary_covers_model(catalog[name], args.model))
             if why:
                 r["status"], r["reason"] = "not applied", why
     for r in results.values():

@@ -342,6 +342,20 @@ def test_silently_unapplied_format_is_flagged():
     assert evaluate.silently_unapplied({"bits": 4}, same, None) is None
 
 
+@pytest.mark.parametrize("layers, flagged", [(2, True), (4, True), (5, False), (32, False)])
+def test_turboquant_boundary_protection_flags_shallow_models(tmp_path, layers, flagged):
+    """vLLM keeps TurboQuant's first and last 2 layers unquantized: on a model
+    of <= 4 layers a TurboQuant row measured nothing and must say so; other
+    formats and deeper models are left alone."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    tq = {"kv_cache_dtype": "turboquant_k3v4_nc", "bits": 3.5}
+    why = evaluate.turboquant_boundary_covers_model(tq, str(tmp_path))
+    assert bool(why) == flagged
+    if flagged:
+        assert f"all {layers} layers" in why
+    assert evaluate.turboquant_boundary_covers_model({"kv_cache_dtype": "fp8"}, str(tmp_path)) is None
+
+
 def test_failure_reason_prefers_the_root_cause():
     log = ("INFO starting\n"
            "(EngineCore pid=1) RuntimeError: Worker failed with error 'shape [3, 2] is invalid', "

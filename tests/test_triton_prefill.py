@@ -109,6 +109,21 @@ def test_prefill_param_layouts_and_tiles(bits, key_axis, D, group, block, block_
     check(step, block_n=block_n)
 
 
+@pytest.mark.parametrize("block_rows, block_n", [(64, 32), (128, 64)])
+def test_prefill_long_fresh_chunks_tuned_launch(block_rows, block_n):
+    """Fresh chunks of several key tiles, so every program past the first
+    tiles takes the unmasked fresh loop before its masked diagonal tile(s)
+    (BLOCK_N both below and above BLOCK_T), at a bench-tuned style launch."""
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=24)
+    G, R = cfg.group_size, cfg.residual_tokens
+    plans = [(R + 3 * G - 1, 1), (0, 150), (70, 131), (5, 1), (0, 0)]
+    step = Step(cfg, plans, H=2, D=64, rep=4, seed=47, block_size=64)
+    block_t = block_rows // 4  # query tokens per program (GQA group of 4)
+    last_t0 = (max(q for _, q in plans) - 1) // block_t * block_t
+    assert last_t0 // block_n >= 2  # its program has >= 2 unmasked fresh tiles
+    check(step, block_rows=block_rows, block_n=block_n, num_warps=8, num_stages=3)
+
+
 @pytest.mark.parametrize("key_axis", ["channel", "token"])
 def test_prefill_kernel_on_decode_only_batch(key_axis):
     cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=24,
