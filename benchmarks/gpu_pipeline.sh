@@ -6,6 +6,9 @@
 #   start:  cp .gpukit/p4/* /tmp/kit/ && bash /tmp/kit/install.sh && \
 #           setsid nohup bash benchmarks/gpu_pipeline.sh > /tmp/pipeline.out 2>&1 < /dev/null &
 #   poll:   bash benchmarks/gpu_pipeline.sh poll 570    # waits, then packs /tmp/res into $OUT
+# Poll back to back: the device tool gives a machine back 30 s after a call ends, and the
+# detached job dies with it (2026-11-30: a quality grid lost that way). Every call re-sends the
+# working tree and the job imports vllm_kvcomp from it, so edit no kernel while a job runs.
 # PLAN (steps in order = priority: whatever the machine's lifetime cuts off is last):
 #   tests     kernel tests + upstream-baseline check
 #   train     the retrieval model of issue #4 (gpu_session.sh train2), beside the tests
