@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.config import PREFILL_LAUNCH_ENV, KvcompConfig, parse_prefill_launch
 from vllm_kvcomp.kernels import attention_ref, packing
 from vllm_kvcomp.kernels.triton_store import check_alignment, interpreted, layout_constexprs
 from vllm_kvcomp.layout import PageLayout
@@ -295,7 +295,6 @@ def _kvcomp_prefill_kernel(
 # host wrapper
 # --------------------------------------------------------------------------
 
-PREFILL_LAUNCH_ENV = "KVCOMP_PREFILL_LAUNCH"
 # Measured on an H200 (2026-11-30, benchmarks/results/2026-11-30-h200-s5): of the
 # 16 configs of ``bench_prefill_kernel.py --quick`` this one has the lowest summed
 # time over the three prefill shapes (4 x 4096 fresh: 1405 vs 1606 us for the
@@ -303,28 +302,6 @@ PREFILL_LAUNCH_ENV = "KVCOMP_PREFILL_LAUNCH"
 _BUILTIN_LAUNCH = {"block_rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}
 # fp32 models (IEEE dots, twice the registers per element) keep the small tiles.
 _FP32_LAUNCH_CAP = {"block_rows": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
-
-
-def parse_prefill_launch(spec: str, var: str = PREFILL_LAUNCH_ENV) -> dict[str, int]:
-    """``"block_rows=128,block_n=64,num_warps=8,num_stages=3"`` (any subset of
-    those keys; empty: none) -> dict of ints. ``block_rows``, ``block_n`` and
-    ``num_warps`` must be powers of two (tile shapes / warp counts), and
-    ``num_stages`` >= 1; anything else raises a ValueError naming ``var``."""
-    launch = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        key, sep, val = (x.strip() for x in item.partition("="))
-        if not sep or key not in _BUILTIN_LAUNCH:
-            raise ValueError(f"{var}: expected {'|'.join(_BUILTIN_LAUNCH)}=<int>, got {item!r}")
-        try:
-            n = int(val)
-        except ValueError:
-            raise ValueError(f"{var}: {key} must be an integer, got {val!r}") from None
-        if key == "num_stages" and n < 1:
-            raise ValueError(f"{var}: num_stages must be >= 1, got {n}")
-        if key != "num_stages" and (n < 1 or n & (n - 1)):
-            raise ValueError(f"{var}: {key} must be a power of two, got {n}")
-        launch[key] = n
-    return launch
 
 
 # Launch defaults of kvcomp_prefill_attention: the built-in ones, overridden

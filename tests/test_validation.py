@@ -57,6 +57,14 @@ def test_bad_settings_fail_at_startup(llama, kvcomp, message):
         _engine_config(llama, kvcomp)
 
 
+def test_bad_prefill_launch_env_fails_at_startup(llama, monkeypatch):
+    monkeypatch.setenv("KVCOMP_PREFILL_LAUNCH", "block_rows=100")
+    with pytest.raises(ValueError, match="KVCOMP_PREFILL_LAUNCH: block_rows must be a power"):
+        _engine_config(llama)
+    monkeypatch.setenv("KVCOMP_PREFILL_LAUNCH", "block_rows=128,num_stages=3")
+    _engine_config(llama)
+
+
 def test_good_settings_pass_and_set_block_size(llama):
     vc = _engine_config(llama, {"k_bits": 2, "v_bits": 4, "group_size": 64})
     assert vc.cache_config.block_size % 64 == 0

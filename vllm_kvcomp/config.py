@@ -18,6 +18,35 @@ VALUE_AXES = ("token",)
 FRESH_PREFILL = ("auto", "flash_attn", "triton")
 
 
+# Launch parameters of the Triton prefill kernel (kernels/triton_prefill.py),
+# overridable from the environment for a GPU the built-in ones were not tuned
+# on; parsed here, without Triton, so a bad value stops start-up.
+PREFILL_LAUNCH_ENV = "KVCOMP_PREFILL_LAUNCH"
+PREFILL_LAUNCH_KEYS = ("block_rows", "block_n", "num_warps", "num_stages")
+
+
+def parse_prefill_launch(spec: str, var: str = PREFILL_LAUNCH_ENV) -> dict[str, int]:
+    """``"block_rows=128,block_n=64,num_warps=8,num_stages=3"`` (any subset of
+    those keys; empty: none) -> dict of ints. ``block_rows``, ``block_n`` and
+    ``num_warps`` must be powers of two (tile shapes / warp counts), and
+    ``num_stages`` >= 1; anything else raises a ValueError naming ``var``."""
+    launch = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, sep, val = (x.strip() for x in item.partition("="))
+        if not sep or key not in PREFILL_LAUNCH_KEYS:
+            raise ValueError(f"{var}: expected {'|'.join(PREFILL_LAUNCH_KEYS)}=<int>, got {item!r}")
+        try:
+            n = int(val)
+        except ValueError:
+            raise ValueError(f"{var}: {key} must be an integer, got {val!r}") from None
+        if key == "num_stages" and n < 1:
+            raise ValueError(f"{var}: num_stages must be >= 1, got {n}")
+        if key != "num_stages" and (n < 1 or n & (n - 1)):
+            raise ValueError(f"{var}: {key} must be a power of two, got {n}")
+        launch[key] = n
+    return launch
+
+
 class KvcompConfigError(ValueError):
     """Raised for any invalid kvcomp setting or unsupported model feature."""
 

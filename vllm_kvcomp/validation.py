@@ -6,7 +6,15 @@ message that names it; nothing is silently computed differently.
 
 from __future__ import annotations
 
-from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, config_from_vllm_config
+import os
+
+from vllm_kvcomp.config import (
+    PREFILL_LAUNCH_ENV,
+    KvcompConfig,
+    KvcompConfigError,
+    config_from_vllm_config,
+    parse_prefill_launch,
+)
 
 
 def kvcomp_selected(vllm_config) -> bool:
@@ -35,6 +43,11 @@ def _sliding_window_layers(hf_config) -> str | None:
 
 def validate_vllm_config(vllm_config) -> KvcompConfig:
     cfg = config_from_vllm_config(vllm_config)
+    try:
+        # the kernel module reads it only at the first prefill, mid-serving
+        parse_prefill_launch(os.environ.get(PREFILL_LAUNCH_ENV, ""))
+    except ValueError as e:
+        raise KvcompConfigError(str(e)) from None
     problems: list[str] = []
     mc = vllm_config.model_config
     if mc is not None:
