@@ -49,7 +49,6 @@ kernel's output against the PyTorch reference.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import os
@@ -64,25 +63,10 @@ if "--smoke" in sys.argv:
 import torch  # noqa: E402
 
 
-def _import_kernels():
-    """The kernels are installed as ``vllm_kvcomp.kernels``; on a bare GPU box
-    (no ``pip install``) map the repo's ``kernels/`` onto that name."""
-    try:
-        import vllm_kvcomp.kernels  # noqa: F401
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        sys.path.insert(0, str(root))
-        import vllm_kvcomp  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path in tests
+from _kernels_import import import_kernels  # noqa: E402
 
-        spec = importlib.util.spec_from_file_location(
-            "vllm_kvcomp.kernels", root / "kernels" / "__init__.py",
-            submodule_search_locations=[str(root / "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["vllm_kvcomp.kernels"] = mod
-        spec.loader.exec_module(mod)
-
-
-_import_kernels()
+import_kernels()
 import triton  # noqa: E402
 
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
