@@ -18,7 +18,15 @@
 #             for every format, e.g. 54.3 = an H100's, so that an H200 run is comparable)
 #   w1up      W1 for fp8 / int4_per_token_head / turboquant_k3v4_nc / turboquant_4bit_nc
 #   quality   the quality grid of issue #4 on the trained model
+#   train8    an 8-layer variant of that model (TRAIN_SHAPE), beside the tests: vLLM keeps
+#             TurboQuant's first and last 2 layers in bf16, all 4 layers of the 4-layer model
+#   quality8  the grid with the upstream 3-4 bit formats on the 8-layer model
+#   w1ab      W1 in one run: bf16, fp8, kvcomp k4v4 (Triton prefill) and k4v4 with
+#             fresh_prefill="flash_attn" (the prefill A/B, against the new Triton kernel)
+#   w2up      W2 for fp8 / int4_per_token_head / TurboQuant (KV_GIB as for w1w2)
 # 2026-11-23 (H200, s4) ran: PLAN="tests train decode w1w2 w1up" (decode was a split sweep then)
+# 2026-11-30 (H200, s5) ran: PLAN="profile quality", then benchmarks/gpu_stage2.sh
+# next: PLAN="tests train8 w1ab quality8 w1w2 w2up" with KV_GIB=54.3
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
@@ -46,6 +54,10 @@ train_pid=
 if has train; then
   TRAIN_DIR=/tmp/train OUT="$RES" bash benchmarks/gpu_session.sh train2 > "$RES/train2.out" 2>&1 &
   train_pid=$!
+elif has train8; then
+  TRAIN_DIR=/tmp/train TRAIN_SHAPE='{"hidden_size":256,"num_hidden_layers":8,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":128,"intermediate_size":768}' \
+      P1_S=${P1_S:-450} OUT="$RES" bash benchmarks/gpu_session.sh train2 > "$RES/train2.out" 2>&1 &
+  train_pid=$!
 fi
 if has tests; then
   python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_store.py tests/test_triton_prefill.py \
@@ -72,6 +84,19 @@ if has profile; then
   rm -f "$RES"/prof/*/*.json.gz  # the traces are too big to bring back; the tables stay
   log "profile done"
 fi
+if has w1ab; then
+  python3 benchmarks/bench_e2e.py --model /tmp/l32 --fast-start --max-num-seqs 512 --capture-sizes $CAP \
+      --workload W1 --settings bf16,kvcomp_k4v4,kvcomp_k4v4_fa_prefill,fp8 --timeout 400 \
+      --out "$RES/e2e_w1_ab.json" > "$RES/e2e_w1_ab.md" 2>&1
+  log "e2e W1 A/B done"
+fi
+if has quality8 && [ -f /tmp/train/model/config.json ]; then
+  python3 -m quality.evaluate --model /tmp/train/model --out "$RES/quality8" --device gpu \
+      --settings baseline,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,kvcomp_k4v4,kvcomp_k2v2_kivi,kvcomp_k4v2_r128_channel_g32 \
+      > "$RES/quality8.log" 2>&1
+  rm -rf "$RES/quality8/raw" "$RES/quality8/logs"
+  log "quality grid (8 layers) done"
+fi
 if has w1w2; then
   $E2E --workload W1,W2 --settings bf16,kvcomp_k4v4,kvcomp_k2v2 --timeout ${W12_TIMEOUT:-540} \
       --out "$RES/e2e_w1w2.json" > "$RES/e2e_w1w2.md" 2>&1
@@ -81,6 +106,11 @@ if has w1up; then
   $E2E --workload W1 --settings fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc \
       --timeout ${W1_TIMEOUT:-450} --out "$RES/e2e_w1_upstream.json" > "$RES/e2e_w1_upstream.md" 2>&1
   log "e2e W1 upstream formats done"
+fi
+if has w2up; then
+  $E2E --workload W2 --settings fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc \
+      --timeout ${W2_TIMEOUT:-600} --out "$RES/e2e_w2_upstream.json" > "$RES/e2e_w2_upstream.md" 2>&1
+  log "e2e W2 upstream formats done"
 fi
 if has quality; then
   python3 -m quality.evaluate --model quality/models/sotu-llama-6m --out "$RES/quality" --device gpu \
