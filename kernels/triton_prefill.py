@@ -397,12 +397,14 @@ def kvcomp_prefill_attention(
     # packed tiles must not straddle pages: largest power of two <= block_n
     # dividing the block size (>= 16 for tl.dot)
     bs = layout.block_size
+    asked = block_n
     block_n = 1 << (block_n.bit_length() - 1)
     while bs % block_n:
         block_n //= 2
     if block_n < 16:
         raise NotImplementedError(
-            f"the Triton prefill kernel needs a block size divisible by 16, got {bs}")
+            f"the Triton prefill kernel needs key tiles of >= 16 tokens dividing the block "
+            f"size (tl.dot); block_n={asked} with block size {bs} gives {block_n}")
     # The interpreter's bf16 tl.dot is wrong (numpy has no bf16): do fp32
     # dots there, so CPU tests do not cover the bf16 tensor-core path.
     ieee = query.dtype == torch.float32 or interpreted()
