@@ -6,6 +6,7 @@ pool. ``KvcompResidualManager.find_longest_cache_hit`` is checked here
 against that definition over random sets of cached blocks, with a stand-in
 block pool (the manager only calls ``get_cached_block``).
 """
+import math
 import random
 
 import pytest
@@ -32,10 +33,11 @@ class _Pool:
         return [_Block(100 + block_hash)] * len(group_ids) if block_hash in self.cached else None
 
 
-def _spec(residual_tokens, token_align, bs):
+def _spec(residual_tokens, token_align, bs, concurrent_steps=1):
     return KvcompResidualSpec(block_size=bs, num_kv_heads=2, head_size=64, dtype=None,
                               sliding_window=residual_tokens + token_align,
-                              residual_tokens=residual_tokens, token_align=token_align)
+                              residual_tokens=residual_tokens, token_align=token_align,
+                              concurrent_steps=concurrent_steps)
 
 
 def _expected(spec, cached, max_length, alignment):
@@ -80,3 +82,58 @@ def test_longest_hit_matches_definition(residual, align, bs):
         live = range(spec.quantized_prefix_len(h) // bs, h // bs)
         for i, blk in enumerate(blocks[0]):
             assert blk.is_null == (i not in live)
+
+
+@pytest.mark.parametrize("residual,align,bs", [(128, 128, 32), (128, 128, 16), (128, 32, 32),
+                                                (128, 1, 16), (0, 64, 16), (40, 8, 8),
+                                                (24, 12, 8), (32, 32, 64), (100, 48, 32)])
+def test_admission_cap_bounds_the_blocks_a_step_holds(residual, align, bs):
+    """A step over tokens [start, end) holds the residual blocks covering the
+    old window [Q(start), start) (still read) and the new one [Q(end), end)
+    (written); the per-request cap that vLLM's admission and capacity log use
+    must bound that for every chunking (exhaustively over one period of the
+    key groups and blocks, chunks of 1 token up to far beyond a window), and
+    be what some chunking really holds."""
+    spec = _spec(residual, align, bs)
+    q = spec.quantized_prefix_len
+    cap = spec.max_admission_blocks_per_request(0, 1 << 20)
+
+    def blocks(lo, hi):  # block indices covering tokens [lo, hi)
+        return range(lo // bs, -(-hi // bs)) if hi > lo else range(0)
+
+    period = math.lcm(align, bs)
+    base = (residual // period + 2) * period  # past the first window: Q(start) > 0
+    worst = 0
+    for start in range(base, base + period):
+        old = blocks(q(start), start)
+        for end in range(start + 1, start + residual + 3 * align + 2 * bs):
+            new = blocks(q(end), end)
+            shared = max(0, min(old.stop, new.stop) - max(old.start, new.start))
+            worst = max(worst, len(old) + len(new) - shared)
+    assert worst == cap
+
+
+@pytest.mark.parametrize("residual,align,bs", [(128, 128, 32), (128, 1, 16), (24, 12, 8),
+                                                (40, 8, 8)])
+def test_admission_cap_covers_an_unsettled_step(residual, align, bs):
+    """With async scheduling (vLLM's max_concurrent_batches = 2) a request's
+    next step [s1, end) is scheduled while its step [s0, s1) still runs: the
+    window that one reads, [Q(s0), s0), is held too. Random chunkings."""
+    spec = _spec(residual, align, bs, concurrent_steps=2)
+    q = spec.quantized_prefix_len
+    cap = spec.max_admission_blocks_per_request(0, 1 << 20)
+    assert cap > _spec(residual, align, bs).max_admission_blocks_per_request(0, 1 << 20)
+    rng = random.Random(residual + align + bs)
+    window = residual + align
+    worst = 0
+    for _ in range(20000):
+        s0 = rng.randrange(window, 50 * window)
+        s1 = s0 + rng.choice([1, rng.randrange(1, 3 * window)])
+        end = s1 + rng.choice([1, rng.randrange(1, 3 * window)])
+        held = set()
+        for lo, hi in ((q(s0), s0), (q(s1), s1), (q(end), end)):
+            held.update(range(lo // bs, -(-hi // bs)))
+        worst = max(worst, len(held))
+    assert worst <= cap
+    assert worst >= cap - 2  # nearly reached by random chunkings
+

@@ -36,7 +36,7 @@ def packed_spec(
     )
 
 
-def residual_spec(packed: KvcompSpec) -> KvcompResidualSpec:
+def residual_spec(packed: KvcompSpec, concurrent_steps: int = 1) -> KvcompResidualSpec:
     layout: PageLayout = packed.layout
     cfg = layout.config
     return KvcompResidualSpec(
@@ -47,6 +47,7 @@ def residual_spec(packed: KvcompSpec) -> KvcompResidualSpec:
         sliding_window=cfg.residual_tokens + cfg.key_token_align,
         residual_tokens=cfg.residual_tokens,
         token_align=cfg.key_token_align,
+        concurrent_steps=concurrent_steps,
         page_size_padded=packed.page_size_bytes,
     )
 
@@ -78,7 +79,7 @@ class KvcompResidualCache(torch.nn.Module, AttentionLayerBase):
             self.head_size,
             self.model_dtype,
         )
-        return residual_spec(packed)
+        return residual_spec(packed, vllm_config.max_concurrent_batches)
 
     def forward(self):  # never called: the parent layer drives this cache
         raise RuntimeError("KvcompResidualCache has no forward")

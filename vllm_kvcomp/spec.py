@@ -16,6 +16,7 @@ spec/manager pair over the same page format, registered here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -88,6 +89,10 @@ class KvcompResidualSpec(SlidingWindowSpec):
 
     residual_tokens: int = 0
     token_align: int = 1
+    # Engine steps that can be scheduled and not yet settled at once (vLLM's
+    # max_concurrent_batches: 2 with async scheduling): each still reads the
+    # window it started from, so their windows are all held.
+    concurrent_steps: int = 1
 
     def quantized_prefix_len(self, num_tokens: int) -> int:
         a = self.token_align
@@ -96,11 +101,16 @@ class KvcompResidualSpec(SlidingWindowSpec):
     def max_admission_blocks_per_request(
         self, max_in_flight_tokens: int, max_model_len: int
     ) -> int:
-        # While a step hands tokens over, it still reads the old window
-        # [Q(start), start) and writes the new one [Q(end), end): at most two
-        # windows of blocks are held, however long the chunk is.
-        per_window = cdiv(self.residual_tokens + self.token_align - 1, self.block_size) + 1
-        return min(2 * per_window, cdiv(max_model_len, self.block_size))
+        # A step over [start, end) still reads the old window [Q(start),
+        # start) and writes the new one [Q(end), end), however long the chunk;
+        # with k steps unsettled (async scheduling), k + 1 windows are held.
+        # A window is at most R + align - 1 tokens and starts where Q (a
+        # multiple of align) falls in a block: at most bs - gcd(align, bs)
+        # slots in, none when the key groups are block-aligned.
+        bs = self.block_size
+        longest = self.residual_tokens + self.token_align - 1
+        per_window = cdiv(longest + bs - math.gcd(self.token_align, bs), bs)
+        return min((self.concurrent_steps + 1) * per_window, cdiv(max_model_len, bs))
 
     def is_uniform_with_collection(self, kv_cache_specs) -> bool:
         return all(
