@@ -14,6 +14,8 @@
 #   train     the retrieval model of issue #4 (gpu_session.sh train2), beside the tests
 #   decode    decode table with all baselines (the 80 % target shape included)
 #   profile   torch-profiler tables of W1's prefill (W1ps) for fp8 and kvcomp k4v4
+#   prefill   the prefill kernel's full launch grid (54 configs, 256-row tiles included: the
+#             compressed-context shape chunk2 may want them) against FlashAttention
 #   w1w2      W1 + W2 in one engine each for bf16 / kvcomp k4v4 / k2v2 (KV_GIB: same KV memory
 #             for every format, e.g. 54.3 = an H100's, so that an H200 run is comparable)
 #   w1up      W1 for fp8 / int4_per_token_head / turboquant_k3v4_nc / turboquant_4bit_nc
@@ -26,7 +28,7 @@
 #   w2up      W2 for fp8 / int4_per_token_head / TurboQuant (KV_GIB as for w1w2)
 # 2026-11-23 (H200, s4) ran: PLAN="tests train decode w1w2 w1up" (decode was a split sweep then)
 # 2026-11-30 (H200, s5) ran: PLAN="profile quality", then benchmarks/gpu_stage2.sh
-# next: PLAN="tests train8 w1ab quality8 w1w2 w2up" with KV_GIB=54.3
+# next: PLAN="tests train8 prefill w1ab quality8 w1w2 w2up" with KV_GIB=54.3
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
@@ -77,6 +79,11 @@ if has decode; then
   python3 benchmarks/bench_decode_kernel.py --batches 8,32,64 --contexts 8192,32768,131072 \
       --configs k4v4,k2v2,k16v16 --out "$RES/decode_kernel.json" > "$RES/decode_kernel.md" 2>&1
   log "decode table: $(grep -E '^\| k4v4 \| 32 \| 32768' "$RES/decode_kernel.md" | cut -c1-120)"
+fi
+if has prefill; then
+  python3 benchmarks/bench_prefill_kernel.py --out "$RES/prefill_kernel_full.json" \
+      > "$RES/prefill_kernel_full.log" 2>&1
+  log "prefill grid: $(tail -n 1 "$RES/prefill_kernel_full.log")"
 fi
 if has profile; then
   $E2E --workload W1ps --settings fp8,kvcomp_k4v4 --profile "$RES/prof" --profile-iters 12 \
