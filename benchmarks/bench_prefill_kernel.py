@@ -185,7 +185,8 @@ class Case:
         return kvcomp_prefill_attention(
             self.query, self.key, self.value, self.packed, self.residual, self.block_table,
             self.residual_block_table, self.query_start_loc, self.seq_lens, self.layout,
-            self.cfg, self.scale, self.bs_r, self.max_query_len, out, **launch)
+            self.cfg, self.scale, self.bs_r, self.max_query_len, out,
+            allow_smaller_launch=False, **launch)  # a config runs as named or fails
 
     def reference(self):
         return prefill_attention_reference(

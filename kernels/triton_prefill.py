@@ -32,6 +32,7 @@ Under ``TRITON_INTERPRET=1`` all dots are fp32 (the interpreter's bf16
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -43,6 +44,8 @@ from vllm_kvcomp.config import PREFILL_LAUNCH_ENV, KvcompConfig, parse_prefill_l
 from vllm_kvcomp.kernels import attention_ref, packing
 from vllm_kvcomp.kernels.triton_store import check_alignment, interpreted, layout_constexprs
 from vllm_kvcomp.layout import PageLayout
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------
 # device helpers
@@ -311,6 +314,29 @@ PREFILL_LAUNCH = {**_BUILTIN_LAUNCH,
                   **parse_prefill_launch(os.environ.get(PREFILL_LAUNCH_ENV, ""))}
 
 
+# Launches that ran for a requested one, per (request, head size, dtype,
+# bits, device): a GPU with less shared memory than the tuning GPU (or a
+# larger head) falls back once, not on every call.
+_FITTED: dict = {}
+
+
+def _smaller_launches(block_rows: int, block_n: int, num_warps: int, num_stages: int):
+    """The launch asked for, then ones that need less shared memory and
+    registers: fewer stages, narrower key tiles, fewer rows."""
+    yield block_rows, block_n, num_warps, num_stages
+    while num_stages > 2 or block_n > 32 or block_rows > 64 or num_stages > 1:
+        if num_stages > 2:
+            num_stages = 2
+        elif block_n > 32:
+            block_n //= 2
+        elif block_rows > 64:
+            block_rows //= 2
+            num_warps = min(num_warps, 4)
+        else:
+            num_stages = 1
+        yield block_rows, block_n, num_warps, num_stages
+
+
 def prefill_tiles(num_q_per_kv: int, max_query_len: int, block_rows: int = 64) -> tuple[int, int]:
     """(BLOCK_T, REP_P): query tokens per program and padded GQA group; rows
     BLOCK_T * REP_P stay >= 16 (tensor-core minimum) and ~``block_rows``."""
@@ -344,6 +370,7 @@ def kvcomp_prefill_attention(
     include_fresh: bool = True,
     lse: torch.Tensor | None = None,
     out_row_base: int = 0,
+    allow_smaller_launch: bool = True,
 ) -> torch.Tensor:
     """Attention (1) for all requests of a batch; writes ``out`` [T, Hq, D].
 
@@ -361,7 +388,9 @@ def kvcomp_prefill_attention(
     [B + 1] / seq_lens [B] on the device. ``max_query_len`` (Python int) must
     bound every request's fresh-token count: it sizes the grid.
     ``block_n`` / ``block_rows`` / ``num_warps`` / ``num_stages``: None takes
-    ``PREFILL_LAUNCH`` (built-in defaults or ``KVCOMP_PREFILL_LAUNCH``).
+    ``PREFILL_LAUNCH`` (built-in defaults or ``KVCOMP_PREFILL_LAUNCH``). A
+    launch the GPU lacks the resources for falls back to smaller ones unless
+    ``allow_smaller_launch=False`` (benchmarks: a config must run as named).
     """
     assert layout.config == cfg
     num_reqs = seq_lens.shape[0]
@@ -393,18 +422,17 @@ def kvcomp_prefill_attention(
     num_warps = launch["num_warps"] if num_warps is None else num_warps
     num_stages = launch["num_stages"] if num_stages is None else num_stages
     rep = Hq // H
-    block_t, rep_p = prefill_tiles(rep, max_query_len, block_rows)
     # packed tiles must not straddle pages: largest power of two <= block_n
     # dividing the block size (>= 16 for tl.dot)
     bs = layout.block_size
-    asked = block_n
+    asked_n = block_n
     block_n = 1 << (block_n.bit_length() - 1)
     while bs % block_n:
         block_n //= 2
     if block_n < 16:
         raise NotImplementedError(
             f"the Triton prefill kernel needs key tiles of >= 16 tokens dividing the block "
-            f"size (tl.dot); block_n={asked} with block size {bs} gives {block_n}")
+            f"size (tl.dot); block_n={asked_n} with block size {bs} gives {block_n}")
     # The interpreter's bf16 tl.dot is wrong (numpy has no bf16): do fp32
     # dots there, so CPU tests do not cover the bf16 tensor-core path.
     ieee = query.dtype == torch.float32 or interpreted()
@@ -412,8 +440,7 @@ def kvcomp_prefill_attention(
         assert query.dtype == key.dtype, "fp16/bf16 dots need one dtype for Q and K/V"
     if lse is not None:
         assert lse.dtype == torch.float32 and lse.stride(-1) == 1 and lse.shape[0] == Hq
-    grid = (num_reqs, triton.cdiv(max_query_len, block_t), H)
-    _kvcomp_prefill_kernel[grid](
+    args = (
         query, query.stride(0), query.stride(1),
         key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1),
@@ -423,14 +450,36 @@ def kvcomp_prefill_attention(
         block_table, block_table.stride(0), rbt, rbt.stride(0),
         query_start_loc, seq_lens, float(scale) * math.log2(math.e),
         lse if lse is not None else out, lse.stride(0) if lse is not None else 0, out_row_base,
+    )
+    consts = dict(
         BS_R=residual_block_size if has_res else 1,
-        R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
-        REP=rep, REP_P=rep_p, BLOCK_T=block_t, BLOCK_N=block_n,
+        R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size, REP=rep,
         HAS_RESIDUAL=has_res, IEEE=ieee, FRESH=include_fresh, WRITE_LSE=lse is not None,
-        num_warps=num_warps, num_stages=num_stages,
         **layout_constexprs(layout),
     )
-    return out
+    asked = (block_rows, block_n, num_warps, num_stages)
+    fit_key = (asked, D, query.dtype, layout.config.k_bits, layout.config.v_bits, query.device)
+    error = None
+    for block_rows, block_n, num_warps, num_stages in _smaller_launches(
+            *_FITTED.get(fit_key, asked)):
+        block_t, rep_p = prefill_tiles(rep, max_query_len, block_rows)
+        try:
+            _kvcomp_prefill_kernel[(num_reqs, triton.cdiv(max_query_len, block_t), H)](
+                *args, REP_P=rep_p, BLOCK_T=block_t, BLOCK_N=block_n,
+                num_warps=num_warps, num_stages=num_stages, **consts)
+        except triton.runtime.errors.OutOfResources as e:
+            if not allow_smaller_launch:
+                raise
+            error = e
+            continue
+        if fit_key not in _FITTED and (block_rows, block_n, num_warps, num_stages) != asked:
+            logger.warning(
+                "kvcomp prefill kernel: launch %s needs more than this GPU has (%s); using "
+                "%s for head size %d (set KVCOMP_PREFILL_LAUNCH to choose)",
+                asked, error, (block_rows, block_n, num_warps, num_stages), D)
+        _FITTED[fit_key] = (block_rows, block_n, num_warps, num_stages)
+        return out
+    raise error
 
 
 def prefill_with_flash_attn(

@@ -306,3 +306,38 @@ def test_triton_steps_reproduce_reference_steps():
         done = ends
     assert torch.equal(sims[0].packed, sims[1].packed)
     assert torch.equal(sims[0].residual[1:], sims[1].residual[1:])
+
+
+def test_prefill_falls_back_when_the_gpu_lacks_resources(monkeypatch):
+    """A launch that needs more shared memory than the GPU has (a smaller GPU
+    than the tuning one, or a larger head) is retried with smaller ones, once:
+    the launch that ran is remembered. Stand-in: the kernel raises Triton's
+    OutOfResources above 2 stages or 32-key tiles, as a launcher would."""
+    from vllm_kvcomp.kernels import triton_prefill as tp
+
+    real, tried = tp._kvcomp_prefill_kernel, []
+
+    class SmallGpu:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append((kw["BLOCK_N"], kw["num_stages"]))
+                if kw["num_stages"] > 2 or kw["BLOCK_N"] > 32:
+                    raise triton.runtime.errors.OutOfResources(1 << 18, 1 << 17, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(tp, "_kvcomp_prefill_kernel", SmallGpu())
+    monkeypatch.setattr(tp, "_FITTED", {})
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=32, residual_tokens=24)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=64, rep=4, seed=41, block_size=64)
+    launch = dict(block_rows=64, block_n=64, num_warps=4, num_stages=3)
+    check(step, **launch)
+    assert tried == [(64, 3), (64, 2), (32, 2)]
+    tried.clear()
+    check(step, **launch)  # remembered: straight to the launch that ran
+    assert tried == [(32, 2)]
+    with pytest.raises(triton.runtime.errors.OutOfResources):  # benchmarks: no fallback
+        triton_out(step, allow_smaller_launch=False, **launch)
+    assert list(tp._smaller_launches(128, 128, 8, 3)) == [
+        (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2),
+        (64, 32, 4, 1)]
