@@ -460,8 +460,8 @@ def kvcomp_prefill_attention(
     asked = (block_rows, block_n, num_warps, num_stages)
     fit_key = (asked, D, query.dtype, layout.config.k_bits, layout.config.v_bits, query.device)
     error = None
-    for block_rows, block_n, num_warps, num_stages in _smaller_launches(
-            *_FITTED.get(fit_key, asked)):
+    first = _FITTED.get(fit_key, asked) if allow_smaller_launch else asked
+    for block_rows, block_n, num_warps, num_stages in _smaller_launches(*first):
         block_t, rep_p = prefill_tiles(rep, max_query_len, block_rows)
         try:
             _kvcomp_prefill_kernel[(num_reqs, triton.cdiv(max_query_len, block_t), H)](
