@@ -324,7 +324,7 @@ def _smaller_launches(block_rows: int, block_n: int, num_warps: int, num_stages:
     """The launch asked for, then ones that need less shared memory and
     registers: fewer stages, narrower key tiles, fewer rows."""
     yield block_rows, block_n, num_warps, num_stages
-    while num_stages > 2 or block_n > 32 or block_rows > 64 or num_stages > 1:
+    while num_stages > 1 or block_n > 32 or block_rows > 64:
         if num_stages > 2:
             num_stages = 2
         elif block_n > 32:
