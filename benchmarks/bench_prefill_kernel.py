@@ -69,7 +69,7 @@ from _kernels_import import import_kernels  # noqa: E402
 import_kernels()
 import triton  # noqa: E402
 
-from vllm_kvcomp.config import KvcompConfig  # noqa: E402
+from vllm_kvcomp.config import PREFILL_LAUNCH_KEYS, KvcompConfig  # noqa: E402
 from vllm_kvcomp.kernels import triton_prefill  # noqa: E402
 from vllm_kvcomp.kernels.triton_prefill import (  # noqa: E402
     kvcomp_prefill_attention,
@@ -102,7 +102,7 @@ MAX_DIFF = 2e-2
 
 
 def launch_str(c: dict) -> str:
-    return ",".join(f"{k}={c[k]}" for k in ("block_rows", "block_n", "num_warps", "num_stages"))
+    return ",".join(f"{k}={c[k]}" for k in PREFILL_LAUNCH_KEYS)
 
 
 def causal_flops(plans, D: int, Hq: int, with_context: bool = True) -> float:

@@ -590,6 +590,5 @@ __all__ = [
     "prefill_with_flash_attn",
     "prefill_attention_reference",
     "prefill_tiles",
-    "parse_prefill_launch",
     "PREFILL_LAUNCH",
 ]

@@ -11,11 +11,8 @@ import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from vllm_kvcomp.kernels.triton_prefill import (  # noqa: E402
-    _BUILTIN_LAUNCH,
-    PREFILL_LAUNCH_ENV,
-    parse_prefill_launch,
-)
+from vllm_kvcomp.config import PREFILL_LAUNCH_ENV, parse_prefill_launch  # noqa: E402
+from vllm_kvcomp.kernels.triton_prefill import _BUILTIN_LAUNCH  # noqa: E402
 
 
 def test_parse_full_and_partial_specs():
