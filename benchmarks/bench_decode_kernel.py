@@ -958,7 +958,7 @@ def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
         for bn in (() if a.sweep_splits else (64, 128)):
             auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, bn), num_sms=sms)
             grid += [(dict(block_n=bn, num_warps=nw, num_stages=ns), auto)
-                     for nw in (2, 4) for ns in (2, 3, 4)]
+                     for nw in (2, 4, 8) for ns in (2, 3, 4, 5)]
             grid += [(dict(block_n=bn, num_warps=4, num_stages=3), s)
                      for s in sorted({1, auto // 2, 2 * auto} - {0, auto})]
         if not a.sweep_splits:

@@ -21,14 +21,19 @@
 #   w1up      W1 for fp8 / int4_per_token_head / turboquant_k3v4_nc / turboquant_4bit_nc
 #   quality   the quality grid of issue #4 on the trained model
 #   train8    an 8-layer variant of that model (TRAIN_SHAPE), beside the tests: vLLM keeps
-#             TurboQuant's first and last 2 layers in bf16, all 4 layers of the 4-layer model
+#             TurboQuant's first and last 2 layers in bf16, all 4 layers of the 4-layer model.
+#             4 KV heads x 128: int4_per_token_head's Hadamard rotation of K/V (Hadacore, 256-
+#             element chunks) reads past its buffer when a step's KV width x tokens is an odd
+#             number of chunks, as with 2 x 128 (the 4-layer model's crash; code reading only)
 #   quality8  the grid with the upstream 3-4 bit formats on the 8-layer model
 #   w1ab      W1 in one run: bf16, fp8, kvcomp k4v4 (Triton prefill) and k4v4 with
 #             fresh_prefill="flash_attn" (the prefill A/B, against the new Triton kernel)
+#   dsweep    decode launch grid at 32 x 32K (tile, warps 2/4/8, stages 2-5, splits, code
+#             element width) for k4v4 / k2v2: the 80 % target shape
 #   w2up      W2 for fp8 / int4_per_token_head / TurboQuant (KV_GIB as for w1w2)
 # 2026-11-23 (H200, s4) ran: PLAN="tests train decode w1w2 w1up" (decode was a split sweep then)
 # 2026-11-30 (H200, s5) ran: PLAN="profile quality", then benchmarks/gpu_stage2.sh
-# next: PLAN="tests train8 prefill w1ab quality8 w1w2 w2up" with KV_GIB=54.3
+# 2026-11-30 (H200, s6): PLAN="tests train8 dsweep quality8 w1ab"
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
@@ -57,7 +62,7 @@ if has train; then
   TRAIN_DIR=/tmp/train OUT="$RES" bash benchmarks/gpu_session.sh train2 > "$RES/train2.out" 2>&1 &
   train_pid=$!
 elif has train8; then
-  TRAIN_DIR=/tmp/train TRAIN_SHAPE='{"hidden_size":256,"num_hidden_layers":8,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":128,"intermediate_size":768}' \
+  TRAIN_DIR=/tmp/train TRAIN_SHAPE='{"hidden_size":256,"num_hidden_layers":8,"num_attention_heads":8,"num_key_value_heads":4,"head_dim":128,"intermediate_size":768}' \
       P1_S=${P1_S:-450} OUT="$RES" bash benchmarks/gpu_session.sh train2 > "$RES/train2.out" 2>&1 &
   train_pid=$!
 fi
@@ -79,6 +84,12 @@ if has decode; then
   python3 benchmarks/bench_decode_kernel.py --batches 8,32,64 --contexts 8192,32768,131072 \
       --configs k4v4,k2v2,k16v16 --out "$RES/decode_kernel.json" > "$RES/decode_kernel.md" 2>&1
   log "decode table: $(grep -E '^\| k4v4 \| 32 \| 32768' "$RES/decode_kernel.md" | cut -c1-120)"
+fi
+if has dsweep; then
+  python3 benchmarks/bench_decode_kernel.py --sweep --batches 32 --contexts 32768 --configs k4v4,k2v2 \
+      --no-baselines --out "$RES/decode_sweep.json" > "$RES/decode_sweep.md" 2>&1
+  log "decode sweep, best per config: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["sweep"]
+print({c: min(((x["us"], {k: v for k, v in x.items() if k not in ("config","batch","context","GBps")}) for x in r if x["config"] == c), key=lambda t: t[0]) for c in {x["config"] for x in r}})' "$RES/decode_sweep.json" 2>&1 | cut -c1-400)"
 fi
 if has prefill; then
   python3 benchmarks/bench_prefill_kernel.py --out "$RES/prefill_kernel_full.json" \
