@@ -778,6 +778,9 @@ def main(argv=None):
     ap.add_argument("--sweep-splits", default=None, metavar="LIST",
                     help="with --sweep: only the split count, over this list (e.g. 1,2,3,4,6,8), "
                          "at the default tile; shows wave quantization of the split grid")
+    ap.add_argument("--sweep-block-n", default="64,128", metavar="LIST", help="with --sweep")
+    ap.add_argument("--sweep-warps", default="2,4,8", metavar="LIST", help="with --sweep")
+    ap.add_argument("--sweep-stages", default="2,3,4,5", metavar="LIST", help="with --sweep")
     ap.add_argument("--timing", choices=("graph", "eager"), default="graph",
                     help="graph: CUDA-graph replays (default); eager: do_bench, L2 flushed")
     ap.add_argument("--warmup-ms", type=float, default=10)
@@ -937,6 +940,10 @@ def main(argv=None):
     return rows
 
 
+def _ints(csv: str) -> list[int]:
+    return [int(x) for x in csv.split(",") if x]
+
+
 def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
     """Tuning grid at one shape: tile, warps, pipeline stages, splits and
     code element width, for each config."""
@@ -955,10 +962,10 @@ def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
             grid = [(dict(block_n=a.block_n, num_warps=a.num_warps, num_stages=a.num_stages,
                           key_fold=a.key_fold), int(s))
                     for s in a.sweep_splits.split(",")]
-        for bn in (() if a.sweep_splits else (64, 128)):
+        for bn in (() if a.sweep_splits else _ints(a.sweep_block_n)):
             auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, bn), num_sms=sms)
             grid += [(dict(block_n=bn, num_warps=nw, num_stages=ns), auto)
-                     for nw in (2, 4, 8) for ns in (2, 3, 4, 5)]
+                     for nw in _ints(a.sweep_warps) for ns in _ints(a.sweep_stages)]
             grid += [(dict(block_n=bn, num_warps=4, num_stages=3), s)
                      for s in sorted({1, auto // 2, 2 * auto} - {0, auto})]
         if not a.sweep_splits:
