@@ -33,7 +33,8 @@
 #   w2up      W2 for fp8 / int4_per_token_head / TurboQuant (KV_GIB as for w1w2)
 # 2026-11-23 (H200, s4) ran: PLAN="tests train decode w1w2 w1up" (decode was a split sweep then)
 # 2026-11-30 (H200, s5) ran: PLAN="profile quality", then benchmarks/gpu_stage2.sh
-# 2026-11-30 (H200, s6): PLAN="tests train8 dsweep quality8 w1ab"
+# 2026-11-30 (H200, s6) ran: PLAN="tests train8 dsweep quality8 w1ab" (results/2026-11-30-h200-s6)
+# next: PLAN="w1w2 w1up w2up" with KV_GIB=54.3 (the seven formats with the current kernels)
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
