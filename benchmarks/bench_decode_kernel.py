@@ -765,6 +765,9 @@ def main(argv=None):
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--num-stages", type=int, default=3)
+    ap.add_argument("--warp-tiles", type=int, default=1,
+                    help="kvcomp_decode_attention's warp_tiles (1: one tile shared by all warps)")
+    ap.add_argument("--max-registers", type=int, default=0, help="register cap (maxnreg); 0: none")
     ap.add_argument("--key-fold", default=None, choices=("split", "fp16", "bf16"),
                     help="bf16 per-channel key fold of the decode kernel (default: its default)")
     ap.add_argument("--baselines", default=",".join(BASELINES),
@@ -781,6 +784,11 @@ def main(argv=None):
     ap.add_argument("--sweep-block-n", default="64,128", metavar="LIST", help="with --sweep")
     ap.add_argument("--sweep-warps", default="2,4,8", metavar="LIST", help="with --sweep")
     ap.add_argument("--sweep-stages", default="2,3,4,5", metavar="LIST", help="with --sweep")
+    ap.add_argument("--sweep-warp-tiles", default="1", metavar="LIST",
+                    help="with --sweep: warp tiles per tile (kvcomp_decode_attention's "
+                         "warp_tiles; 1 = one tile shared by all warps)")
+    ap.add_argument("--sweep-max-registers", default="", metavar="LIST",
+                    help="with --sweep: also each of these register caps for warp tiles > 1")
     ap.add_argument("--timing", choices=("graph", "eager"), default="graph",
                     help="graph: CUDA-graph replays (default); eager: do_bench, L2 flushed")
     ap.add_argument("--warmup-ms", type=float, default=10)
@@ -821,7 +829,7 @@ def main(argv=None):
         contexts = [int(x) for x in a.contexts.split(",")]
     timer = make_timer(device, a.warmup_ms, a.rep_ms, a.timing)
     kw = dict(block_n=a.block_n, num_warps=a.num_warps, num_stages=a.num_stages,
-              key_fold=a.key_fold)
+              key_fold=a.key_fold, **_wt(a.warp_tiles, a.max_registers))
 
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
             "shape": dict(Hq=Hq, H=H, D=D, block_size=bs, group_size=G, residual_tokens=R),
@@ -944,6 +952,14 @@ def _ints(csv: str) -> list[int]:
     return [int(x) for x in csv.split(",") if x]
 
 
+def _wt(warp_tiles: int, max_registers: int) -> dict:
+    """Kernel kwargs of a warp-tile variant (none for the default shared tile)."""
+    kw = {"warp_tiles": warp_tiles} if warp_tiles > 1 else {}
+    if max_registers:
+        kw["max_registers"] = max_registers
+    return kw
+
+
 def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
     """Tuning grid at one shape: tile, warps, pipeline stages, splits and
     code element width, for each config."""
@@ -960,12 +976,14 @@ def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
             auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, a.block_n), num_sms=sms)
             print(f"| {name} | heuristic | {auto} | | | |")
             grid = [(dict(block_n=a.block_n, num_warps=a.num_warps, num_stages=a.num_stages,
-                          key_fold=a.key_fold), int(s))
+                          key_fold=a.key_fold, **_wt(a.warp_tiles, a.max_registers)), int(s))
                     for s in a.sweep_splits.split(",")]
         for bn in (() if a.sweep_splits else _ints(a.sweep_block_n)):
             auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, bn), num_sms=sms)
-            grid += [(dict(block_n=bn, num_warps=nw, num_stages=ns), auto)
-                     for nw in _ints(a.sweep_warps) for ns in _ints(a.sweep_stages)]
+            grid += [(dict(block_n=bn, num_warps=nw, num_stages=ns, **_wt(wt, mr)), auto)
+                     for wt in _ints(a.sweep_warp_tiles) for nw in _ints(a.sweep_warps)
+                     for ns in _ints(a.sweep_stages)
+                     for mr in ([0] + _ints(a.sweep_max_registers) if wt > 1 else [0])]
             grid += [(dict(block_n=bn, num_warps=4, num_stages=3), s)
                      for s in sorted({1, auto // 2, 2 * auto} - {0, auto})]
         if not a.sweep_splits:

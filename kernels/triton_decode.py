@@ -43,6 +43,14 @@ Design (flash-decoding):
   it to the tensor-core tile), so each page byte is read once per step.
   Codes and (scale, min) words are loaded with asynchronous copies that
   Triton pipelines ``num_stages`` deep.
+* ``warp_tiles`` (opt-in, default 1 until measured on a GPU): instead of
+  all warps sharing each tile (cross-warp max / sum and a shared-memory
+  trip for P on every tile: 21 barriers a tile at k4v4 on sm_90), each warp
+  takes its own slice of it as the leading dimension of batched dots, with
+  its own online-softmax state, merged once after the loop (4 barriers a
+  tile; static counts of the sm_90 build, 2026-11-30). The price: every warp
+  holds a whole output row (instructions +13 %, registers 128 -> 189 at 4
+  warps). ``decode_warp_tiles`` says where it applies.
 * The residual window and the fresh token (at most ``R + G`` tokens, in
   tiles of ``BLOCK_R``) are dealt round-robin to the same splits.
 * With more than one split, each program writes its normalised partial output
@@ -60,6 +68,11 @@ Design (flash-decoding):
     - values (per token, one channel group): ``p.V = (p * s) @ codes + (p.m)``.
   Channel groups smaller than the head (``group_size < head_size``) fall back
   to dequantizing the tile in registers (fp32), then the dot.
+* Per-row constants stay out of the score and output tiles: the softmax
+  scale rides on the key scales (a few numbers a tile), the key bias of the
+  fold joins the running max and the exponent's offset, and the value bias
+  (``p.m - MAGIC * sum(p * s)``) is a running per-row sum added to the
+  output at the end.
 * Codes are never shuffled back into channel order: a packed row is read as
   8- or 16-bit elements holding ``PH`` codes each, and the kernel works on
   each *phase* j (channels ``PH*w + j``) as a tensor of its own. Keys meet a
@@ -344,6 +357,28 @@ def _load_elems(cache_ptr, row0, slot, valid, ROW: tl.constexpr, RP: tl.constexp
 
 
 @triton.jit
+def _load_elems3(cache_ptr, row0, slot, valid, ROW: tl.constexpr, RP: tl.constexpr,
+                 EW: tl.constexpr, KEYS: tl.constexpr):
+    """Warp-tile form of ``_load_elems``: ``slot`` / ``valid`` are [WT, TS];
+    returns [WT, RP, TS] (KEYS: the key dots' B operand) or [WT, TS, RP]."""
+    jb = tl.arange(0, RP)
+    NE: tl.constexpr = ROW * 8 // EW
+    if KEYS:
+        rows = slot[:, None, :]
+        cols = jb[None, :, None]
+        m = valid[:, None, :] & (cols < NE)
+    else:
+        rows = slot[:, :, None]
+        cols = jb[None, None, :]
+        m = valid[:, :, None] & (cols < NE)
+    if EW == 16:
+        ep = cache_ptr.to(tl.pointer_type(tl.uint16))
+        return tl.load(ep + row0 // 2 + rows * NE + cols, mask=m, other=0)
+    else:
+        return tl.load(cache_ptr + row0 + rows * ROW + cols, mask=m, other=0)
+
+
+@triton.jit
 def _load_raw(cache_ptr, row0, slot, valid, d, ROW: tl.constexpr, D: tl.constexpr,
               MODEL_DTYPE: tl.constexpr):
     """[BLOCK_N, BLOCK_D] unquantized rows (a 16-bit region), model dtype."""
@@ -383,12 +418,13 @@ def _dequant(code, wp, pbase, slot, valid, ch, chm, PER_CHANNEL: tl.constexpr,
 
 
 @triton.jit
-def _softmax_step(s, mask, m_i, l_i):
-    """Online-softmax bookkeeping for one tile of base-2 scores."""
+def _softmax_step(s, s_row, mask, m_i, l_i):
+    """Online-softmax bookkeeping for one tile of base-2 scores
+    ``s + s_row[:, None]``."""
     s = tl.where(mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) + s_row)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s - (m_new - s_row)[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     return p, alpha, m_new, l_i
 
@@ -415,7 +451,7 @@ def _kvcomp_decode_kernel(
     K_SPLIT_FOLD: tl.constexpr, K_FP16_FOLD: tl.constexpr,
     REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, WT: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -441,6 +477,7 @@ def _kvcomp_decode_kernel(
     K_W: tl.constexpr = D // K_PH
     V_RP: tl.constexpr = BLOCK_D // V_PH
     V_W: tl.constexpr = D // V_PH
+    TS: tl.constexpr = BLOCK_N // WT
 
     r = tl.arange(0, REP_P)
     row_ok = r < REP
@@ -480,6 +517,8 @@ def _kvcomp_decode_kernel(
     # finite start: rows that see nothing (padding heads, empty splits) stay NaN-free
     m_i = tl.full([REP_P], -1.0e30, tl.float32)
     l_i = tl.zeros([REP_P], tl.float32)
+    # the value dots' per-row bias (p.m - MAGIC * sum(p * s)), kept apart
+    vba = tl.zeros([REP_P], tl.float32)
     # the output in the value codes' phase order (phase j: channels V_PH*w + j)
     acc0 = tl.zeros([REP_P, V_RP], tl.float32)
     acc1 = acc0
@@ -499,123 +538,248 @@ def _kvcomp_decode_kernel(
     hi = tl.minimum(lo + per_split * BLOCK_N, q_old)
     nn = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + i64 * stride_bt
-    for n0 in range(lo, hi, BLOCK_N):
-        valid = n0 + nn < q_old
-        blk = tl.load(bt_row + n0 // BS).to(tl.int64)
-        page_off = blk * stride_cb + h * stride_ch
-        s0 = n0 % BS
-        slot = s0 + nn
-
-        # ---- scores q.k of the tile
-        if K_BITS == 16:
-            k = _load_raw(cache_ptr, page_off + K_CODES_OFF, slot, valid, d, K_ROW, D,
-                          MODEL_DTYPE)
-            s = _mm(qn, tl.trans(k), IEEE, MODEL_DTYPE)
-        else:
-            kraw = _load_elems(cache_ptr, page_off + K_CODES_OFF, slot, valid, K_ROW, K_RP,
-                               K_EW)
+    if WT > 1:
+        # Warp tiles: each of the WT warps owns its own TS-token slice of every
+        # tile (the leading dimension of batched dots), with its own softmax
+        # state. The scores of a slice never leave its warp, so the loop needs
+        # no cross-warp max / sum and P feeds the value dots from registers;
+        # the WT states are merged once, after the loop.
+        wi = tl.arange(0, WT)
+        ti = tl.arange(0, TS)
+        nn3 = wi[:, None] * TS + ti[None, :]
+        m3 = tl.full([WT, REP_P], -1.0e30, tl.float32)
+        l3 = tl.zeros([WT, REP_P], tl.float32)
+        vb3 = tl.zeros([WT, REP_P], tl.float32)
+        b0 = tl.zeros([WT, REP_P, V_RP], tl.float32)
+        b1 = b0
+        b2 = b0
+        b3 = b0
+        b4 = b0
+        b5 = b0
+        b6 = b0
+        b7 = b0
+        for n0 in range(lo, hi, BLOCK_N):
+            valid3 = n0 + nn3 < q_old
+            blk = tl.load(bt_row + n0 // BS).to(tl.int64)
+            page_off = blk * stride_cb + h * stride_ch
+            s0 = n0 % BS
+            slot3 = s0 + nn3
+            # keys as the B operand [WT, K_RP, TS] of the batched dots
+            kraw = _load_elems3(cache_ptr, page_off + K_CODES_OFF, slot3, valid3, K_ROW, K_RP,
+                                K_EW, True)
             if K_ASM:
                 k0, k1, k2, k3, k4, k5, k6, k7 = _unpack_asm(kraw, K_BITS, K_EW, K_DT)
             else:
                 kint = kraw.to(tl.int32)
             pbase = (page_off + K_PARAMS_OFF) // 4
-            s = tl.zeros([REP_P, BLOCK_N], tl.float32)
-            # per-row constants, summed over channels once after the phases
+            s = tl.zeros([WT, REP_P, TS], tl.float32)
             corr = tl.zeros([REP_P, K_RP], tl.float32)
             for j in tl.static_range(K_PH):
                 qj = _pick(j, q0, q1, q2, q3, q4, q5, q6, q7)
-                ch = kb * K_PH + j
                 if K_ASM:
                     kop = _pick(j, k0, k1, k2, k3, k4, k5, k6, k7)
                 else:
-                    code = _phase(kint, j, K_BITS, K_PH)
-                    if K_FOLD_CH or K_FOLD_TOK:
-                        kop = _codes_operand(code, CVT_K, OP_DT)
+                    kop = _codes_operand(_phase(kint, j, K_BITS, K_PH), CVT_K, OP_DT)
                 if K_FOLD_CH:
-                    # q.k = sum_c (q_c s_c) code_c + sum_c q_c m_c: the tile is
-                    # inside one key group, so fold its scales into the query
-                    sc, mn = _params(wp, pbase + (s0 // G) * D + ch, kbm)
-                    qs = qj * sc[None, :]
-                    a = _operand(qs, IEEE, K_DT)
-                    s += _mm(a, tl.trans(kop), IEEE, K_DT)
-                    if K_SPLIT_FOLD:
-                        # the rounding error of q*s as a second operand: a bf16
-                        # q*s is off by up to 2^-9 relative, and on a large-scale
-                        # (outlier) key channel that moved 2-bit outputs 0.03
-                        a_lo = _operand(qs - a.to(tl.float32), IEEE, MODEL_DTYPE)
-                        s += _mm(a_lo, tl.trans(kop), IEEE, MODEL_DTYPE)
-                        a = a.to(tl.float32) + a_lo.to(tl.float32)  # for the bias below
+                    sc, mn = _params(wp, pbase + (s0 // G) * D + kb * K_PH + j, kbm)
+                    a = _operand(qj * sc[None, :], IEEE, K_DT)
                     corr += qj * mn[None, :]
-                    if K_MAGIC != 0.0:
-                        corr -= K_MAGIC * a.to(tl.float32)
-                elif K_FOLD_TOK:
-                    a = _operand(qj, IEEE, MODEL_DTYPE)
-                    s += _mm(a, tl.trans(kop), IEEE, MODEL_DTYPE)
-                    if K_MAGIC != 0.0:
-                        corr -= K_MAGIC * a.to(tl.float32)
+                    s += _mm(tl.broadcast_to(a[None, :, :], [WT, REP_P, K_RP]), kop, IEEE,
+                             K_DT)
                 else:
-                    x = _dequant(code, wp, pbase, slot, valid, ch, kbm, KEY_CHANNEL, G, K_GC,
-                                 K_NG, D)
-                    s += _mm(qj, tl.trans(x), IEEE, MODEL_DTYPE)
-            if K_FOLD_CH:
-                s = s + tl.sum(corr, axis=1)[:, None]
-            elif K_FOLD_TOK:
-                # q.k_t = s_t (q.code_t) + m_t sum(q)
-                sc, mn = _params(wp, pbase + slot, valid)
-                s = (s + tl.sum(corr, axis=1)[:, None]) * sc[None, :] + \
-                    qsum[:, None] * mn[None, :]
-        p, alpha, m_i, l_i = _softmax_step(s * qk_scale, valid[None, :], m_i, l_i)
-
-        # ---- p @ V of the tile, per phase
-        if V_BITS == 16:
-            v = _load_raw(cache_ptr, page_off + V_CODES_OFF, slot, valid, d, V_ROW, D,
-                          MODEL_DTYPE)
-            acc0 = acc0 * alpha[:, None] + _mm(p, v, IEEE, MODEL_DTYPE)
-        else:
-            vraw = _load_elems(cache_ptr, page_off + V_CODES_OFF, slot, valid, V_ROW, V_RP,
-                               V_EW)
+                    a = _operand(qj, IEEE, MODEL_DTYPE)
+                    s += _mm(tl.broadcast_to(a[None, :, :], [WT, REP_P, K_RP]), kop, IEEE,
+                             MODEL_DTYPE)
+                if K_MAGIC != 0.0:
+                    corr -= K_MAGIC * a.to(tl.float32)
+            s = s + tl.sum(corr, axis=1)[None, :, None]
+            if not K_FOLD_CH:
+                sc, mn = _params(wp, pbase + slot3, valid3)
+                s = s * sc[:, None, :] + qsum[None, :, None] * mn[:, None, :]
+            s = tl.where(valid3[:, None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m3, tl.max(s, axis=2))
+            alpha = tl.exp2(m3 - m_new)
+            p = tl.exp2(s - m_new[:, :, None])
+            l3 = l3 * alpha + tl.sum(p, axis=2)
+            m3 = m_new
+            # values as the B operand [WT, TS, V_RP]: sum_t p_t (s_t code_t + m_t)
+            vraw = _load_elems3(cache_ptr, page_off + V_CODES_OFF, slot3, valid3, V_ROW, V_RP,
+                                V_EW, False)
             if V_ASM:
                 v0, v1, v2, v3, v4, v5, v6, v7 = _unpack_asm(vraw, V_BITS, V_EW, MODEL_DTYPE)
             else:
                 vint = vraw.to(tl.int32)
-            pbase = (page_off + V_PARAMS_OFF) // 4
-            if V_NG == 1:
-                # sum_t p_t (s_t code_t + m_t) = (p * s) @ code + p.m
-                sc, mn = _params(wp, pbase + slot, valid)
-                a = _operand(p * sc[None, :], IEEE, MODEL_DTYPE)
-                if V_MAGIC != 0.0:
-                    vbias = tl.sum(p * mn[None, :] - V_MAGIC * a.to(tl.float32), axis=1)
-                else:
-                    vbias = tl.sum(p * mn[None, :], axis=1)
+            sc, mn = _params(wp, (page_off + V_PARAMS_OFF) // 4 + slot3, valid3)
+            a = _operand(p * sc[:, None, :], IEEE, MODEL_DTYPE)
+            # the bias is one number per row: kept apart and added at the end
+            vb3 = vb3 * alpha + tl.sum(p * mn[:, None, :] - V_MAGIC * a.to(tl.float32), axis=2)
             for j in tl.static_range(V_PH):
                 if V_ASM:
-                    pv = _mm(a, _pick(j, v0, v1, v2, v3, v4, v5, v6, v7), IEEE,
-                             MODEL_DTYPE) + vbias[:, None]
-                elif V_NG == 1:
-                    code = _phase(vint, j, V_BITS, V_PH)
-                    pv = _mm(a, _codes_operand(code, CVT_V, OP_DT), IEEE,
-                             MODEL_DTYPE) + vbias[:, None]
+                    vop = _pick(j, v0, v1, v2, v3, v4, v5, v6, v7)
                 else:
-                    code = _phase(vint, j, V_BITS, V_PH)
-                    x = _dequant(code, wp, pbase, slot, valid, vb * V_PH + j, vbm, False, 1,
-                                 V_GC, V_NG, D)
-                    pv = _mm(p, x, IEEE, MODEL_DTYPE)
+                    vop = _codes_operand(_phase(vint, j, V_BITS, V_PH), CVT_V, OP_DT)
+                pv = _mm(a, vop, IEEE, MODEL_DTYPE)
                 if j == 0:
-                    acc0 = acc0 * alpha[:, None] + pv
+                    b0 = b0 * alpha[:, :, None] + pv
                 elif j == 1:
-                    acc1 = acc1 * alpha[:, None] + pv
+                    b1 = b1 * alpha[:, :, None] + pv
                 elif j == 2:
-                    acc2 = acc2 * alpha[:, None] + pv
+                    b2 = b2 * alpha[:, :, None] + pv
                 elif j == 3:
-                    acc3 = acc3 * alpha[:, None] + pv
+                    b3 = b3 * alpha[:, :, None] + pv
                 elif j == 4:
-                    acc4 = acc4 * alpha[:, None] + pv
+                    b4 = b4 * alpha[:, :, None] + pv
                 elif j == 5:
-                    acc5 = acc5 * alpha[:, None] + pv
+                    b5 = b5 * alpha[:, :, None] + pv
                 elif j == 6:
-                    acc6 = acc6 * alpha[:, None] + pv
+                    b6 = b6 * alpha[:, :, None] + pv
                 else:
-                    acc7 = acc7 * alpha[:, None] + pv
+                    b7 = b7 * alpha[:, :, None] + pv
+        # merge the warps' states (a slice that saw nothing has l = 0, acc = 0)
+        m_i = tl.max(m3, axis=0)
+        w3 = tl.exp2(m3 - m_i[None, :])
+        l_i = tl.sum(l3 * w3, axis=0)
+        vba = tl.sum(vb3 * w3, axis=0)
+        w3 = w3[:, :, None]
+        acc0 = tl.sum(b0 * w3, axis=0)
+        acc1 = tl.sum(b1 * w3, axis=0)
+        acc2 = tl.sum(b2 * w3, axis=0)
+        acc3 = tl.sum(b3 * w3, axis=0)
+        acc4 = tl.sum(b4 * w3, axis=0)
+        acc5 = tl.sum(b5 * w3, axis=0)
+        acc6 = tl.sum(b6 * w3, axis=0)
+        acc7 = tl.sum(b7 * w3, axis=0)
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            valid = n0 + nn < q_old
+            blk = tl.load(bt_row + n0 // BS).to(tl.int64)
+            page_off = blk * stride_cb + h * stride_ch
+            s0 = n0 % BS
+            slot = s0 + nn
+
+            # ---- scores q.k of the tile
+            s_row = tl.zeros([REP_P], tl.float32)
+            if K_BITS == 16:
+                k = _load_raw(cache_ptr, page_off + K_CODES_OFF, slot, valid, d, K_ROW, D,
+                              MODEL_DTYPE)
+                s = _mm(qn, tl.trans(k), IEEE, MODEL_DTYPE) * qk_scale
+            else:
+                kraw = _load_elems(cache_ptr, page_off + K_CODES_OFF, slot, valid, K_ROW, K_RP,
+                                   K_EW)
+                if K_ASM:
+                    k0, k1, k2, k3, k4, k5, k6, k7 = _unpack_asm(kraw, K_BITS, K_EW, K_DT)
+                else:
+                    kint = kraw.to(tl.int32)
+                pbase = (page_off + K_PARAMS_OFF) // 4
+                s = tl.zeros([REP_P, BLOCK_N], tl.float32)
+                # per-row constants, summed over channels once after the phases
+                corr = tl.zeros([REP_P, K_RP], tl.float32)
+                for j in tl.static_range(K_PH):
+                    qj = _pick(j, q0, q1, q2, q3, q4, q5, q6, q7)
+                    ch = kb * K_PH + j
+                    if K_ASM:
+                        kop = _pick(j, k0, k1, k2, k3, k4, k5, k6, k7)
+                    else:
+                        code = _phase(kint, j, K_BITS, K_PH)
+                        if K_FOLD_CH or K_FOLD_TOK:
+                            kop = _codes_operand(code, CVT_K, OP_DT)
+                    if K_FOLD_CH:
+                        # q.k = sum_c (q_c s_c) code_c + sum_c q_c m_c: the tile is
+                        # inside one key group, so fold its scales into the query
+                        sc, mn = _params(wp, pbase + (s0 // G) * D + ch, kbm)
+                        # the softmax scale rides on the key scales (a few
+                        # numbers a tile), not on every score
+                        qs = qj * (sc * qk_scale)[None, :]
+                        a = _operand(qs, IEEE, K_DT)
+                        s += _mm(a, tl.trans(kop), IEEE, K_DT)
+                        if K_SPLIT_FOLD:
+                            # the rounding error of q*s as a second operand: a bf16
+                            # q*s is off by up to 2^-9 relative, and on a large-scale
+                            # (outlier) key channel that moved 2-bit outputs 0.03
+                            a_lo = _operand(qs - a.to(tl.float32), IEEE, MODEL_DTYPE)
+                            s += _mm(a_lo, tl.trans(kop), IEEE, MODEL_DTYPE)
+                            a = a.to(tl.float32) + a_lo.to(tl.float32)  # for the bias below
+                        corr += qj * (mn * qk_scale)[None, :]
+                        if K_MAGIC != 0.0:
+                            corr -= K_MAGIC * a.to(tl.float32)
+                    elif K_FOLD_TOK:
+                        a = _operand(qj, IEEE, MODEL_DTYPE)
+                        s += _mm(a, tl.trans(kop), IEEE, MODEL_DTYPE)
+                        if K_MAGIC != 0.0:
+                            corr -= K_MAGIC * a.to(tl.float32)
+                    else:
+                        x = _dequant(code, wp, pbase, slot, valid, ch, kbm, KEY_CHANNEL, G, K_GC,
+                                     K_NG, D)
+                        s += _mm(qj, tl.trans(x), IEEE, MODEL_DTYPE)
+                if K_FOLD_CH:
+                    # the per-row constant joins the max and the exponent's
+                    # offset instead of every score
+                    s_row = tl.sum(corr, axis=1)
+                elif K_FOLD_TOK:
+                    # q.k_t = s_t (q.code_t) + m_t sum(q)
+                    sc, mn = _params(wp, pbase + slot, valid)
+                    s = (s + tl.sum(corr, axis=1)[:, None]) * (sc * qk_scale)[None, :] + \
+                        qsum[:, None] * (mn * qk_scale)[None, :]
+                else:
+                    s = s * qk_scale
+            p, alpha, m_i, l_i = _softmax_step(s, s_row, valid[None, :], m_i, l_i)
+
+            # ---- p @ V of the tile, per phase
+            if V_BITS == 16:
+                v = _load_raw(cache_ptr, page_off + V_CODES_OFF, slot, valid, d, V_ROW, D,
+                              MODEL_DTYPE)
+                acc0 = acc0 * alpha[:, None] + _mm(p, v, IEEE, MODEL_DTYPE)
+                vba = vba * alpha
+            else:
+                vraw = _load_elems(cache_ptr, page_off + V_CODES_OFF, slot, valid, V_ROW, V_RP,
+                                   V_EW)
+                if V_ASM:
+                    v0, v1, v2, v3, v4, v5, v6, v7 = _unpack_asm(vraw, V_BITS, V_EW, MODEL_DTYPE)
+                else:
+                    vint = vraw.to(tl.int32)
+                pbase = (page_off + V_PARAMS_OFF) // 4
+                if V_NG == 1:
+                    # sum_t p_t (s_t code_t + m_t) = (p * s) @ code + p.m
+                    sc, mn = _params(wp, pbase + slot, valid)
+                    a = _operand(p * sc[None, :], IEEE, MODEL_DTYPE)
+                    # one number per row: kept apart and added at the end
+                    if V_MAGIC != 0.0:
+                        vbias = tl.sum(p * mn[None, :] - V_MAGIC * a.to(tl.float32), axis=1)
+                    else:
+                        vbias = tl.sum(p * mn[None, :], axis=1)
+                    vba = vba * alpha + vbias
+                else:
+                    vba = vba * alpha
+                for j in tl.static_range(V_PH):
+                    if V_ASM:
+                        pv = _mm(a, _pick(j, v0, v1, v2, v3, v4, v5, v6, v7), IEEE,
+                                 MODEL_DTYPE)
+                    elif V_NG == 1:
+                        code = _phase(vint, j, V_BITS, V_PH)
+                        pv = _mm(a, _codes_operand(code, CVT_V, OP_DT), IEEE,
+                                 MODEL_DTYPE)
+                    else:
+                        code = _phase(vint, j, V_BITS, V_PH)
+                        x = _dequant(code, wp, pbase, slot, valid, vb * V_PH + j, vbm, False, 1,
+                                     V_GC, V_NG, D)
+                        pv = _mm(p, x, IEEE, MODEL_DTYPE)
+                    if j == 0:
+                        acc0 = acc0 * alpha[:, None] + pv
+                    elif j == 1:
+                        acc1 = acc1 * alpha[:, None] + pv
+                    elif j == 2:
+                        acc2 = acc2 * alpha[:, None] + pv
+                    elif j == 3:
+                        acc3 = acc3 * alpha[:, None] + pv
+                    elif j == 4:
+                        acc4 = acc4 * alpha[:, None] + pv
+                    elif j == 5:
+                        acc5 = acc5 * alpha[:, None] + pv
+                    elif j == 6:
+                        acc6 = acc6 * alpha[:, None] + pv
+                    else:
+                        acc7 = acc7 * alpha[:, None] + pv
+
 
     # 2. residual [Q(start), start) + the fresh token at `start`, in tiles of
     # BLOCK_R dealt round-robin to the splits: the window is up to R + G
@@ -642,7 +806,9 @@ def _kvcomp_decode_kernel(
             k = tl.where(is_new, kn[None, :], zero)
             v = tl.where(is_new, vn[None, :], zero)
         s = _mm(qn, tl.trans(k), IEEE, MODEL_DTYPE) * qk_scale
-        p, alpha, m_i, l_i = _softmax_step(s, (pos <= start)[None, :], m_i, l_i)
+        p, alpha, m_i, l_i = _softmax_step(s, tl.zeros([REP_P], tl.float32),
+                                           (pos <= start)[None, :], m_i, l_i)
+        vba = vba * alpha
         # the rows are read in channel order (coalesced), then cut into the
         # value phases in registers
         v0, v1, v2, v3, v4, v5, v6, v7 = _split_phases(v, V_PH)
@@ -669,7 +835,8 @@ def _kvcomp_decode_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     part = (i64 * (H * REP) + hq) * NUM_SPLITS + sp
     for j in tl.static_range(V_PH):
-        out = _pick(j, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7) / l_safe[:, None]
+        out = (_pick(j, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7) + vba[:, None]) / \
+            l_safe[:, None]
         ch = vb * V_PH + j
         m = row_ok[:, None] & vbm[None, :]
         if SPLIT:
@@ -759,6 +926,24 @@ def decode_tiles(layout: PageLayout, block_n: int = 128) -> int:
     return bn
 
 
+def decode_warp_tiles(cfg: KvcompConfig, consts: dict, block_n: int, warp_tiles: int) -> int:
+    """Warp tiles the packed loop uses: up to ``warp_tiles`` (a power of two)
+    slices of at least 16 tokens (the smallest dot) per tile, on the folded
+    paths only (both sides quantized, keys per channel with a tile inside one
+    group or per token in one channel group, values in one channel group);
+    1 (one tile shared by all warps) elsewhere."""
+    if warp_tiles & (warp_tiles - 1) or warp_tiles < 1:
+        raise ValueError(f"warp_tiles={warp_tiles}: must be a power of two")
+    warp_tiles = min(warp_tiles, max(1, block_n // 16))
+    if warp_tiles == 1:
+        return 1
+    keys_folded = (block_n <= cfg.group_size if cfg.key_axis == "channel"
+                   else consts["K_NG"] == 1)
+    if cfg.k_bits == 16 or cfg.v_bits == 16 or not keys_folded or consts["V_NG"] != 1:
+        return 1
+    return warp_tiles
+
+
 def decode_num_splits(
     num_reqs: int,
     num_kv_heads: int,
@@ -808,6 +993,8 @@ def kvcomp_decode_attention(
     key_fold: str | None = None,
     rep_m: int | None = None,
     elem_bits: int | None = None,
+    warp_tiles: int = 1,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per request; returns ``out``
     [B, Hq, D] in the query dtype (see the module docstring).
@@ -817,7 +1004,9 @@ def kvcomp_decode_attention(
     residual_cache [nb_r, 2, H, bs_r, D] (strided view allowed) or None when
     the config keeps no residual window, int32 block tables and seq_lens on
     the device. ``num_splits`` overrides ``decode_num_splits``; the other
-    keywords are tuning knobs (``code_cvt``: see ``code_conversion``).
+    keywords are tuning knobs (``code_cvt``: see ``code_conversion``;
+    ``warp_tiles``: see ``decode_warp_tiles``; ``max_registers``: Triton's
+    ``maxnreg``, a cap that trades spills for resident programs).
     """
     assert layout.config == cfg
     B, Hq, D = query.shape
@@ -888,6 +1077,8 @@ def kvcomp_decode_attention(
         consts[f"CVT_{which}"] = cvt if bits < 16 else 0
         consts[f"{which}_MAGIC"] = _magic(
             consts[f"CVT_{which}"], torch.float16 if which == "K" and fp16_keys else query.dtype)
+    # the hi + lo key operands of key_fold="split" exist only in the shared tile
+    wt = decode_warp_tiles(cfg, consts, bn, warp_tiles) if fold != "split" else 1
     if num_splits > 1:
         part_o = torch.empty(B, Hq, num_splits, block_d, dtype=torch.float32,
                              device=query.device)
@@ -907,9 +1098,10 @@ def kvcomp_decode_attention(
         BS_R=residual_block_size if has_res else 1,
         R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
         REP=rep, REP_P=rep_p, BLOCK_N=bn, BLOCK_R=br, SPLIT=num_splits > 1,
-        HAS_RESIDUAL=has_res, IEEE=ieee,
+        HAS_RESIDUAL=has_res, IEEE=ieee, WT=wt,
         K_SPLIT_FOLD=fold == "split", K_FP16_FOLD=fp16_keys,
         num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": max_registers} if max_registers else {}),
         **consts,
     )
     if num_splits > 1:

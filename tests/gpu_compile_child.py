@@ -7,6 +7,7 @@ builds interpreter functions, which ``triton.compile`` cannot take).
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -80,11 +81,27 @@ def compile_sm90(jit, args, kw):
     return triton.compile(ASTSource(jit, signature, constexprs), target=SM90, options=options)
 
 
+def main_loop_barriers(ptx: str) -> int:
+    """``bar.sync`` in the loop (a backward branch's body) holding the most
+    MMAs: the per-tile barriers of a kernel's main loop."""
+    lines = ptx.split("\n")
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"^(\$L__BB\d+_\d+):", line))}
+    best = (-1, 0)
+    for i, line in enumerate(lines):
+        m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = lines[labels[m.group(1)]:i]
+            best = max(best, (sum("mma.sync" in b for b in body),
+                              sum("bar.sync" in b for b in body)))
+    return best[1]
+
+
 def summary(jit, kernel) -> dict:
     ptx = kernel.asm["ptx"]
     return {"kernel": jit.fn.__name__, "cubin_bytes": len(kernel.asm["cubin"]),
             "mma": ptx.count("mma.sync") + ptx.count("wgmma.mma_async"),
-            "inline_lop3": ptx.count("lop3.b32")}
+            "inline_lop3": ptx.count("lop3.b32"), "loop_barriers": main_loop_barriers(ptx)}
 
 
 def decode_case(c) -> list:

@@ -34,8 +34,10 @@ from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
     decode_attention_reference,
     decode_num_splits,
     decode_tiles,
+    decode_warp_tiles,
     kvcomp_decode_attention,
 )
+from vllm_kvcomp.kernels.triton_store import layout_constexprs  # noqa: E402
 from vllm_kvcomp.layout import PageLayout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -348,3 +350,52 @@ def test_split_heuristic():
     # tiles never straddle a key group or a page
     assert decode_tiles(PageLayout(KvcompConfig(group_size=32, block_size=64), 64, 128)) == 32
     assert decode_tiles(PageLayout(KvcompConfig(k_bits=16, v_bits=16), 48, 128)) == 16
+
+
+# ---------------------------------------------------------------- warp tiles
+
+WARP_TILE_CASES = [((4, 4), "channel", 64, 4), ((2, 2), "channel", 64, 4),
+                   ((4, 2), "channel", 64, 1), ((8, 8), "channel", 64, 8),
+                   ((4, 4), "token", 64, 4), ((2, 4), "token", 64, 4),
+                   ((4, 4), "channel", 128, 4)]
+
+
+@pytest.mark.parametrize("warp_tiles", [2, 4])
+@pytest.mark.parametrize("bits,axis,D,rep", WARP_TILE_CASES,
+                         ids=[f"k{b[0]}v{b[1]}-{a}-d{D}-rep{r}" for b, a, D, r in WARP_TILE_CASES])
+def test_warp_tiles(bits, axis, D, rep, warp_tiles):
+    """The warp-tile packed loop (each warp its own slice of a tile, batched
+    dots, states merged after the loop) against the reference: one group and
+    one page per tile (64 tokens; 128 at D=128, where a value row must be one
+    channel group), so 2 or 4 slices of 16 to 64 tokens."""
+    G = max(64, D)
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=G, residual_tokens=16,
+                       key_axis=axis)
+    batch = DecodeBatch(cfg, lens_for(cfg), H=2, D=D, rep=rep, block_size=G, seed=21)
+    consts = layout_constexprs(batch.layout)
+    # the cases must take the warp-tile path, not fall back to the shared tile
+    assert decode_warp_tiles(cfg, consts, decode_tiles(batch.layout), warp_tiles) == warp_tiles
+    check(batch, warp_tiles=warp_tiles)
+
+
+def test_warp_tiles_fall_back_where_not_folded():
+    """Layouts the batched loop does not cover keep the shared tile; a tile
+    never gets slices below the 16 tokens of the smallest dot."""
+    def wt(cfg, block_size, want, D=64):
+        layout = PageLayout(cfg, block_size, D)
+        return decode_warp_tiles(cfg, layout_constexprs(layout), decode_tiles(layout), want)
+
+    assert wt(KvcompConfig(group_size=64), 64, 4) == 4
+    assert wt(KvcompConfig(group_size=64), 64, 8) == 4       # 16-token slices at most
+    assert wt(KvcompConfig(group_size=32), 32, 4, D=32) == 2
+    # value rows in two channel groups are not folded
+    assert wt(KvcompConfig(group_size=32), 32, 4) == 1
+    assert wt(KvcompConfig(k_bits=16, v_bits=16, group_size=64), 64, 4) == 1
+    assert wt(KvcompConfig(k_bits=4, v_bits=16, group_size=64), 64, 4) == 1
+    # per-token keys in two channel groups are not folded
+    assert wt(KvcompConfig(key_axis="token", group_size=32), 64, 4) == 1
+    with pytest.raises(ValueError, match="power of two"):
+        wt(KvcompConfig(group_size=64), 64, 3)
+    # a fallback case still computes the right thing
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=32, residual_tokens=16, key_axis="token")
+    check(DecodeBatch(cfg, lens_for(cfg), block_size=64, seed=22), splits=(2,), warp_tiles=4)
