@@ -28,13 +28,16 @@
 #   quality8  the grid with the upstream 3-4 bit formats on the 8-layer model
 #   w1ab      W1 in one run: bf16, fp8, kvcomp k4v4 (Triton prefill) and k4v4 with
 #             fresh_prefill="flash_attn" (the prefill A/B, against the new Triton kernel)
-#   dsweep    decode launch grid at 32 x 32K (tile, warps 2/4/8, stages 2-5, splits, code
-#             element width) for k4v4 / k2v2: the 80 % target shape
+#   dsweep    decode launch grid at 32 x 32K for k4v4 / k2v2 (the 80 % target shape): warps
+#             2/4, stages 2/3, warp tiles 1/2/4 (with register caps 128/160), splits, code
+#             element width (s6 ran the wider tile/warps/stages grid without warp tiles)
 #   w2up      W2 for fp8 / int4_per_token_head / TurboQuant (KV_GIB as for w1w2)
 # 2026-11-23 (H200, s4) ran: PLAN="tests train decode w1w2 w1up" (decode was a split sweep then)
 # 2026-11-30 (H200, s5) ran: PLAN="profile quality", then benchmarks/gpu_stage2.sh
 # 2026-11-30 (H200, s6) ran: PLAN="tests train8 dsweep quality8 w1ab" (results/2026-11-30-h200-s6)
-# next: PLAN="w1w2 w1up w2up" with KV_GIB=54.3 (the seven formats with the current kernels)
+# next: PLAN="tests dsweep w1w2 w1up w2up" with KV_GIB=54.3: kernel tests (warp tiles on the
+#       GPU for the first time), the warp-tile sweep, then the seven formats with the current
+#       kernels (make the sweep's winner the default first if it beats the shared tile)
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
@@ -88,7 +91,9 @@ if has decode; then
 fi
 if has dsweep; then
   python3 benchmarks/bench_decode_kernel.py --sweep --batches 32 --contexts 32768 --configs k4v4,k2v2 \
-      --no-baselines --out "$RES/decode_sweep.json" > "$RES/decode_sweep.md" 2>&1
+      --no-baselines --sweep-block-n 128 --sweep-warps 2,4 --sweep-stages 2,3 \
+      --sweep-warp-tiles 1,2,4 --sweep-max-registers 128,160 \
+      --out "$RES/decode_sweep.json" > "$RES/decode_sweep.md" 2>&1
   log "decode sweep, best per config: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["sweep"]
 print({c: min(((x["us"], {k: v for k, v in x.items() if k not in ("config","batch","context","GBps")}) for x in r if x["config"] == c), key=lambda t: t[0]) for c in {x["config"] for x in r}})' "$RES/decode_sweep.json" 2>&1 | cut -c1-400)"
 fi
