@@ -47,10 +47,14 @@ Design (flash-decoding):
   all warps sharing each tile (cross-warp max / sum and a shared-memory
   trip for P on every tile: 21 barriers a tile at k4v4 on sm_90), each warp
   takes its own slice of it as the leading dimension of batched dots, with
-  its own online-softmax state, merged once after the loop (4 barriers a
-  tile; static counts of the sm_90 build, 2026-11-30). The price: every warp
-  holds a whole output row (instructions +13 %, registers 128 -> 189 at 4
-  warps). ``decode_warp_tiles`` says where it applies.
+  its own online-softmax state, merged once after the loop. Its dots run
+  transposed (tokens / value channels as M, the query heads as N, padded to
+  8 rather than 16), which halves the MMAs. Static counts of the sm_90 build
+  (k4v4 tile, 2026-11-30): 4 warps, 4 barriers instead of 21, 721
+  instructions a warp instead of 714, 32 MMAs instead of 64, 168 registers
+  instead of 128 (``max_registers=128``: 60 B of spills); 2 warps, the same
+  instructions and registers as the shared tile with 2 warps, 4 barriers
+  instead of 20. ``decode_warp_tiles`` says where it applies.
 * The residual window and the fresh token (at most ``R + G`` tokens, in
   tiles of ``BLOCK_R``) are dealt round-robin to the same splits.
 * With more than one split, each program writes its normalised partial output
@@ -542,15 +546,17 @@ def _kvcomp_decode_kernel(
         # Warp tiles: each of the WT warps owns its own TS-token slice of every
         # tile (the leading dimension of batched dots), with its own softmax
         # state. The scores of a slice never leave its warp, so the loop needs
-        # no cross-warp max / sum and P feeds the value dots from registers;
-        # the WT states are merged once, after the loop.
+        # no cross-warp max / sum; the WT states are merged once, after the
+        # loop. The dots run transposed (tokens and value channels as M, the
+        # REP query heads as N): MMA tiles are 16 x 8, so REP = 4 pads 8
+        # columns instead of 16 rows, which halves the MMAs and accumulators.
         wi = tl.arange(0, WT)
         ti = tl.arange(0, TS)
         nn3 = wi[:, None] * TS + ti[None, :]
         m3 = tl.full([WT, REP_P], -1.0e30, tl.float32)
         l3 = tl.zeros([WT, REP_P], tl.float32)
         vb3 = tl.zeros([WT, REP_P], tl.float32)
-        b0 = tl.zeros([WT, REP_P, V_RP], tl.float32)
+        b0 = tl.zeros([WT, V_RP, REP_P], tl.float32)
         b1 = b0
         b2 = b0
         b3 = b0
@@ -564,15 +570,15 @@ def _kvcomp_decode_kernel(
             page_off = blk * stride_cb + h * stride_ch
             s0 = n0 % BS
             slot3 = s0 + nn3
-            # keys as the B operand [WT, K_RP, TS] of the batched dots
+            # keys as the A operand [WT, TS, K_RP]: s^T = codes @ (q * s)^T
             kraw = _load_elems3(cache_ptr, page_off + K_CODES_OFF, slot3, valid3, K_ROW, K_RP,
-                                K_EW, True)
+                                K_EW, False)
             if K_ASM:
                 k0, k1, k2, k3, k4, k5, k6, k7 = _unpack_asm(kraw, K_BITS, K_EW, K_DT)
             else:
                 kint = kraw.to(tl.int32)
             pbase = (page_off + K_PARAMS_OFF) // 4
-            s = tl.zeros([WT, REP_P, TS], tl.float32)
+            s = tl.zeros([WT, TS, REP_P], tl.float32)
             corr = tl.zeros([REP_P, K_RP], tl.float32)
             for j in tl.static_range(K_PH):
                 qj = _pick(j, q0, q1, q2, q3, q4, q5, q6, q7)
@@ -584,71 +590,71 @@ def _kvcomp_decode_kernel(
                     sc, mn = _params(wp, pbase + (s0 // G) * D + kb * K_PH + j, kbm)
                     a = _operand(qj * sc[None, :], IEEE, K_DT)
                     corr += qj * mn[None, :]
-                    s += _mm(tl.broadcast_to(a[None, :, :], [WT, REP_P, K_RP]), kop, IEEE,
-                             K_DT)
+                    s += _mm(kop, tl.broadcast_to(tl.trans(a)[None, :, :], [WT, K_RP, REP_P]),
+                             IEEE, K_DT)
                 else:
                     a = _operand(qj, IEEE, MODEL_DTYPE)
-                    s += _mm(tl.broadcast_to(a[None, :, :], [WT, REP_P, K_RP]), kop, IEEE,
-                             MODEL_DTYPE)
+                    s += _mm(kop, tl.broadcast_to(tl.trans(a)[None, :, :], [WT, K_RP, REP_P]),
+                             IEEE, MODEL_DTYPE)
                 if K_MAGIC != 0.0:
                     corr -= K_MAGIC * a.to(tl.float32)
-            s = s + tl.sum(corr, axis=1)[None, :, None]
+            s = s + tl.sum(corr, axis=1)[None, None, :]
             if not K_FOLD_CH:
                 sc, mn = _params(wp, pbase + slot3, valid3)
-                s = s * sc[:, None, :] + qsum[None, :, None] * mn[:, None, :]
-            s = tl.where(valid3[:, None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m3, tl.max(s, axis=2))
+                s = s * sc[:, :, None] + qsum[None, None, :] * mn[:, :, None]
+            s = tl.where(valid3[:, :, None], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m3, tl.max(s, axis=1))
             alpha = tl.exp2(m3 - m_new)
-            p = tl.exp2(s - m_new[:, :, None])
-            l3 = l3 * alpha + tl.sum(p, axis=2)
+            p = tl.exp2(s - m_new[:, None, :])
+            l3 = l3 * alpha + tl.sum(p, axis=1)
             m3 = m_new
-            # values as the B operand [WT, TS, V_RP]: sum_t p_t (s_t code_t + m_t)
+            # values as the A operand [WT, V_RP, TS]: o^T = codes^T @ (p * s)^T
             vraw = _load_elems3(cache_ptr, page_off + V_CODES_OFF, slot3, valid3, V_ROW, V_RP,
-                                V_EW, False)
+                                V_EW, True)
             if V_ASM:
                 v0, v1, v2, v3, v4, v5, v6, v7 = _unpack_asm(vraw, V_BITS, V_EW, MODEL_DTYPE)
             else:
                 vint = vraw.to(tl.int32)
             sc, mn = _params(wp, (page_off + V_PARAMS_OFF) // 4 + slot3, valid3)
-            a = _operand(p * sc[:, None, :], IEEE, MODEL_DTYPE)
-            # the bias is one number per row: kept apart and added at the end
-            vb3 = vb3 * alpha + tl.sum(p * mn[:, None, :] - V_MAGIC * a.to(tl.float32), axis=2)
+            a = _operand(p * sc[:, :, None], IEEE, MODEL_DTYPE)
+            # the bias is one number per head: kept apart and added at the end
+            vb3 = vb3 * alpha + tl.sum(p * mn[:, :, None] - V_MAGIC * a.to(tl.float32), axis=1)
             for j in tl.static_range(V_PH):
                 if V_ASM:
                     vop = _pick(j, v0, v1, v2, v3, v4, v5, v6, v7)
                 else:
                     vop = _codes_operand(_phase(vint, j, V_BITS, V_PH), CVT_V, OP_DT)
-                pv = _mm(a, vop, IEEE, MODEL_DTYPE)
+                pv = _mm(vop, a, IEEE, MODEL_DTYPE)
                 if j == 0:
-                    b0 = b0 * alpha[:, :, None] + pv
+                    b0 = b0 * alpha[:, None, :] + pv
                 elif j == 1:
-                    b1 = b1 * alpha[:, :, None] + pv
+                    b1 = b1 * alpha[:, None, :] + pv
                 elif j == 2:
-                    b2 = b2 * alpha[:, :, None] + pv
+                    b2 = b2 * alpha[:, None, :] + pv
                 elif j == 3:
-                    b3 = b3 * alpha[:, :, None] + pv
+                    b3 = b3 * alpha[:, None, :] + pv
                 elif j == 4:
-                    b4 = b4 * alpha[:, :, None] + pv
+                    b4 = b4 * alpha[:, None, :] + pv
                 elif j == 5:
-                    b5 = b5 * alpha[:, :, None] + pv
+                    b5 = b5 * alpha[:, None, :] + pv
                 elif j == 6:
-                    b6 = b6 * alpha[:, :, None] + pv
+                    b6 = b6 * alpha[:, None, :] + pv
                 else:
-                    b7 = b7 * alpha[:, :, None] + pv
+                    b7 = b7 * alpha[:, None, :] + pv
         # merge the warps' states (a slice that saw nothing has l = 0, acc = 0)
         m_i = tl.max(m3, axis=0)
         w3 = tl.exp2(m3 - m_i[None, :])
         l_i = tl.sum(l3 * w3, axis=0)
         vba = tl.sum(vb3 * w3, axis=0)
-        w3 = w3[:, :, None]
-        acc0 = tl.sum(b0 * w3, axis=0)
-        acc1 = tl.sum(b1 * w3, axis=0)
-        acc2 = tl.sum(b2 * w3, axis=0)
-        acc3 = tl.sum(b3 * w3, axis=0)
-        acc4 = tl.sum(b4 * w3, axis=0)
-        acc5 = tl.sum(b5 * w3, axis=0)
-        acc6 = tl.sum(b6 * w3, axis=0)
-        acc7 = tl.sum(b7 * w3, axis=0)
+        w3 = w3[:, None, :]
+        acc0 = tl.trans(tl.sum(b0 * w3, axis=0))
+        acc1 = tl.trans(tl.sum(b1 * w3, axis=0))
+        acc2 = tl.trans(tl.sum(b2 * w3, axis=0))
+        acc3 = tl.trans(tl.sum(b3 * w3, axis=0))
+        acc4 = tl.trans(tl.sum(b4 * w3, axis=0))
+        acc5 = tl.trans(tl.sum(b5 * w3, axis=0))
+        acc6 = tl.trans(tl.sum(b6 * w3, axis=0))
+        acc7 = tl.trans(tl.sum(b7 * w3, axis=0))
     else:
         for n0 in range(lo, hi, BLOCK_N):
             valid = n0 + nn < q_old
