@@ -115,12 +115,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.config import DECODE_LAUNCH_ENV, KvcompConfig, parse_decode_launch
 from vllm_kvcomp.kernels import attention_ref, packing
 from vllm_kvcomp.kernels.triton_store import check_alignment, interpreted, layout_constexprs
 from vllm_kvcomp.layout import PageLayout
@@ -912,6 +913,11 @@ def _magic(cvt: int, dtype: torch.dtype) -> float:
 # How bf16 decode folds per-channel key scales into the query (see
 # kvcomp_decode_attention's key_fold).
 KEY_FOLD_DEFAULT = "fp16"
+
+
+# Launch overrides for the serving path (the backend passes them on; the
+# benchmarks name their own): KVCOMP_DECODE_LAUNCH, checked at start-up.
+DECODE_LAUNCH = parse_decode_launch(os.environ.get(DECODE_LAUNCH_ENV, ""))
 
 
 def decode_tiles(layout: PageLayout, block_n: int = 128) -> int:

@@ -1,6 +1,6 @@
-"""KVCOMP_PREFILL_LAUNCH: the parser of the prefill kernel's launch override
-and the defaults ``kvcomp_prefill_attention`` takes from it (the variable is
-read once, when ``triton_prefill`` is imported: checked in a subprocess)."""
+"""KVCOMP_PREFILL_LAUNCH / KVCOMP_DECODE_LAUNCH: the parsers of the kernels'
+launch overrides and what the kernel modules take from them (each variable is
+read once, when its module is imported: checked in a subprocess)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,12 @@ import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from vllm_kvcomp.config import PREFILL_LAUNCH_ENV, parse_prefill_launch  # noqa: E402
+from vllm_kvcomp.config import (  # noqa: E402
+    DECODE_LAUNCH_ENV,
+    PREFILL_LAUNCH_ENV,
+    parse_decode_launch,
+    parse_prefill_launch,
+)
 from vllm_kvcomp.kernels.triton_prefill import _BUILTIN_LAUNCH  # noqa: E402
 
 
@@ -55,3 +60,35 @@ def test_env_overrides_module_defaults_at_import():
     bad = _import_with("block_rows=100")
     assert bad.returncode != 0 and "ValueError" in bad.stderr
     assert PREFILL_LAUNCH_ENV in bad.stderr
+
+
+# ---------------------------------------------------- KVCOMP_DECODE_LAUNCH
+
+
+def test_parse_decode_launch():
+    assert parse_decode_launch("warp_tiles=2,num_warps=2,num_stages=2,max_registers=160") == {
+        "warp_tiles": 2, "num_warps": 2, "num_stages": 2, "max_registers": 160}
+    assert parse_decode_launch("block_n=64") == {"block_n": 64}
+    assert parse_decode_launch("") == {}
+
+
+@pytest.mark.parametrize("spec, what", [
+    ("block_rows=64", "block_rows"),    # a prefill key
+    ("warp_tiles=3", "power of two"),
+    ("max_registers=0", ">= 1"),
+    ("num_splits=4", "num_splits"),     # per batch, not a launch setting
+])
+def test_parse_decode_launch_rejects_bad_specs(spec, what):
+    with pytest.raises(ValueError, match=DECODE_LAUNCH_ENV) as e:
+        parse_decode_launch(spec)
+    assert what in str(e.value)
+
+
+def test_decode_env_read_at_import():
+    code = ("from vllm_kvcomp.kernels.triton_decode import DECODE_LAUNCH as L; "
+            "print(sorted(L.items()))")
+    env = {**os.environ, DECODE_LAUNCH_ENV: "warp_tiles=2, num_warps=2", "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str([("num_warps", 2), ("warp_tiles", 2)])

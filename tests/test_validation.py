@@ -65,6 +65,14 @@ def test_bad_prefill_launch_env_fails_at_startup(llama, monkeypatch):
     _engine_config(llama)
 
 
+def test_bad_decode_launch_env_fails_at_startup(llama, monkeypatch):
+    monkeypatch.setenv("KVCOMP_DECODE_LAUNCH", "warp_tiles=3")
+    with pytest.raises(ValueError, match="KVCOMP_DECODE_LAUNCH: warp_tiles must be a power"):
+        _engine_config(llama)
+    monkeypatch.setenv("KVCOMP_DECODE_LAUNCH", "warp_tiles=2,num_warps=2")
+    _engine_config(llama)
+
+
 def test_good_settings_pass_and_set_block_size(llama):
     vc = _engine_config(llama, {"k_bits": 2, "v_bits": 4, "group_size": 64})
     assert vc.cache_config.block_size % 64 == 0

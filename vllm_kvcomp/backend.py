@@ -385,12 +385,13 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # padding included; a mixed one its leading decode requests.
         nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
         if nd > 0:
-            from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
+            from vllm_kvcomp.kernels.triton_decode import DECODE_LAUNCH, kvcomp_decode_attention
 
             kvcomp_decode_attention(
                 q[:nd], key[:nd], value[:nd], packed_cache, residual_cache,
                 md.block_table[:nd], res_table[:nd] if res_table is not None else None,
                 md.seq_lens[:nd], layout, cfg, self.scale, bs_r, md.max_seq_len, out=out[:nd],
+                **DECODE_LAUNCH,
             )
         if nd == md.num_reqs:
             return

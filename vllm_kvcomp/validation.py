@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 
 from vllm_kvcomp.config import (
+    DECODE_LAUNCH_ENV,
     PREFILL_LAUNCH_ENV,
     KvcompConfig,
     KvcompConfigError,
     config_from_vllm_config,
+    parse_decode_launch,
     parse_prefill_launch,
 )
 
@@ -44,8 +46,9 @@ def _sliding_window_layers(hf_config) -> str | None:
 def validate_vllm_config(vllm_config) -> KvcompConfig:
     cfg = config_from_vllm_config(vllm_config)
     try:
-        # the kernel module reads it only at the first prefill, mid-serving
+        # the kernel modules read them only at the first prefill / decode
         parse_prefill_launch(os.environ.get(PREFILL_LAUNCH_ENV, ""))
+        parse_decode_launch(os.environ.get(DECODE_LAUNCH_ENV, ""))
     except ValueError as e:
         raise KvcompConfigError(str(e)) from None
     problems: list[str] = []
