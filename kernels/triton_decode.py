@@ -152,6 +152,29 @@ def _pick(j: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @triton.jit
+def _acc_phase(j: tl.constexpr, pv, alpha, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The 8 phase accumulators with phase j's rescaled by ``alpha`` (already
+    broadcast to its shape) and ``pv`` added."""
+    if j == 0:
+        a0 = a0 * alpha + pv
+    elif j == 1:
+        a1 = a1 * alpha + pv
+    elif j == 2:
+        a2 = a2 * alpha + pv
+    elif j == 3:
+        a3 = a3 * alpha + pv
+    elif j == 4:
+        a4 = a4 * alpha + pv
+    elif j == 5:
+        a5 = a5 * alpha + pv
+    elif j == 6:
+        a6 = a6 * alpha + pv
+    else:
+        a7 = a7 * alpha + pv
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _split_phases(x, PH: tl.constexpr):
     """[N, PH * W] -> the PH tensors [N, W] of columns PH*w + j (8 returned,
     the unused ones repeated), by reshapes and splits in registers."""
@@ -626,22 +649,8 @@ def _kvcomp_decode_kernel(
                 else:
                     vop = _codes_operand(_phase(vint, j, V_BITS, V_PH), CVT_V, OP_DT)
                 pv = _mm(vop, a, IEEE, MODEL_DTYPE)
-                if j == 0:
-                    b0 = b0 * alpha[:, None, :] + pv
-                elif j == 1:
-                    b1 = b1 * alpha[:, None, :] + pv
-                elif j == 2:
-                    b2 = b2 * alpha[:, None, :] + pv
-                elif j == 3:
-                    b3 = b3 * alpha[:, None, :] + pv
-                elif j == 4:
-                    b4 = b4 * alpha[:, None, :] + pv
-                elif j == 5:
-                    b5 = b5 * alpha[:, None, :] + pv
-                elif j == 6:
-                    b6 = b6 * alpha[:, None, :] + pv
-                else:
-                    b7 = b7 * alpha[:, None, :] + pv
+                b0, b1, b2, b3, b4, b5, b6, b7 = _acc_phase(
+                    j, pv, alpha[:, None, :], b0, b1, b2, b3, b4, b5, b6, b7)
         # merge the warps' states (a slice that saw nothing has l = 0, acc = 0)
         m_i = tl.max(m3, axis=0)
         w3 = tl.exp2(m3 - m_i[None, :])
@@ -770,23 +779,8 @@ def _kvcomp_decode_kernel(
                         x = _dequant(code, wp, pbase, slot, valid, vb * V_PH + j, vbm, False, 1,
                                      V_GC, V_NG, D)
                         pv = _mm(p, x, IEEE, MODEL_DTYPE)
-                    if j == 0:
-                        acc0 = acc0 * alpha[:, None] + pv
-                    elif j == 1:
-                        acc1 = acc1 * alpha[:, None] + pv
-                    elif j == 2:
-                        acc2 = acc2 * alpha[:, None] + pv
-                    elif j == 3:
-                        acc3 = acc3 * alpha[:, None] + pv
-                    elif j == 4:
-                        acc4 = acc4 * alpha[:, None] + pv
-                    elif j == 5:
-                        acc5 = acc5 * alpha[:, None] + pv
-                    elif j == 6:
-                        acc6 = acc6 * alpha[:, None] + pv
-                    else:
-                        acc7 = acc7 * alpha[:, None] + pv
-
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _acc_phase(
+                        j, pv, alpha[:, None], acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
     # 2. residual [Q(start), start) + the fresh token at `start`, in tiles of
     # BLOCK_R dealt round-robin to the splits: the window is up to R + G
@@ -821,22 +815,8 @@ def _kvcomp_decode_kernel(
         v0, v1, v2, v3, v4, v5, v6, v7 = _split_phases(v, V_PH)
         for j in tl.static_range(V_PH):
             pv = _mm(p, _pick(j, v0, v1, v2, v3, v4, v5, v6, v7), IEEE, MODEL_DTYPE)
-            if j == 0:
-                acc0 = acc0 * alpha[:, None] + pv
-            elif j == 1:
-                acc1 = acc1 * alpha[:, None] + pv
-            elif j == 2:
-                acc2 = acc2 * alpha[:, None] + pv
-            elif j == 3:
-                acc3 = acc3 * alpha[:, None] + pv
-            elif j == 4:
-                acc4 = acc4 * alpha[:, None] + pv
-            elif j == 5:
-                acc5 = acc5 * alpha[:, None] + pv
-            elif j == 6:
-                acc6 = acc6 * alpha[:, None] + pv
-            else:
-                acc7 = acc7 * alpha[:, None] + pv
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _acc_phase(
+                j, pv, alpha[:, None], acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
 
     # partials are normalised, so the merge needs no separate m and l
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)

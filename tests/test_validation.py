@@ -57,19 +57,17 @@ def test_bad_settings_fail_at_startup(llama, kvcomp, message):
         _engine_config(llama, kvcomp)
 
 
-def test_bad_prefill_launch_env_fails_at_startup(llama, monkeypatch):
-    monkeypatch.setenv("KVCOMP_PREFILL_LAUNCH", "block_rows=100")
-    with pytest.raises(ValueError, match="KVCOMP_PREFILL_LAUNCH: block_rows must be a power"):
+@pytest.mark.parametrize("var, bad, message, good", [
+    ("KVCOMP_PREFILL_LAUNCH", "block_rows=100", "block_rows must be a power",
+     "block_rows=128,num_stages=3"),
+    ("KVCOMP_DECODE_LAUNCH", "warp_tiles=3", "warp_tiles must be a power",
+     "warp_tiles=2,num_warps=2"),
+])
+def test_bad_launch_env_fails_at_startup(llama, monkeypatch, var, bad, message, good):
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(ValueError, match=f"{var}: {message}"):
         _engine_config(llama)
-    monkeypatch.setenv("KVCOMP_PREFILL_LAUNCH", "block_rows=128,num_stages=3")
-    _engine_config(llama)
-
-
-def test_bad_decode_launch_env_fails_at_startup(llama, monkeypatch):
-    monkeypatch.setenv("KVCOMP_DECODE_LAUNCH", "warp_tiles=3")
-    with pytest.raises(ValueError, match="KVCOMP_DECODE_LAUNCH: warp_tiles must be a power"):
-        _engine_config(llama)
-    monkeypatch.setenv("KVCOMP_DECODE_LAUNCH", "warp_tiles=2,num_warps=2")
+    monkeypatch.setenv(var, good)
     _engine_config(llama)
 
 
