@@ -545,7 +545,8 @@ def _kvcomp_decode_kernel(
     # finite start: rows that see nothing (padding heads, empty splits) stay NaN-free
     m_i = tl.full([REP_P], -1.0e30, tl.float32)
     l_i = tl.zeros([REP_P], tl.float32)
-    # the value dots' per-row bias (p.m - MAGIC * sum(p * s)), kept apart
+    # the value dots' per-row bias (p.m - MAGIC * sum(p * s)), kept apart;
+    # nonzero only where values are folded (quantized, one channel group)
     vba = tl.zeros([REP_P], tl.float32)
     # the output in the value codes' phase order (phase j: channels V_PH*w + j)
     acc0 = tl.zeros([REP_P, V_RP], tl.float32)
@@ -745,7 +746,6 @@ def _kvcomp_decode_kernel(
                 v = _load_raw(cache_ptr, page_off + V_CODES_OFF, slot, valid, d, V_ROW, D,
                               MODEL_DTYPE)
                 acc0 = acc0 * alpha[:, None] + _mm(p, v, IEEE, MODEL_DTYPE)
-                vba = vba * alpha
             else:
                 vraw = _load_elems(cache_ptr, page_off + V_CODES_OFF, slot, valid, V_ROW, V_RP,
                                    V_EW)
@@ -764,8 +764,6 @@ def _kvcomp_decode_kernel(
                     else:
                         vbias = tl.sum(p * mn[None, :], axis=1)
                     vba = vba * alpha + vbias
-                else:
-                    vba = vba * alpha
                 for j in tl.static_range(V_PH):
                     if V_ASM:
                         pv = _mm(a, _pick(j, v0, v1, v2, v3, v4, v5, v6, v7), IEEE,
