@@ -998,7 +998,8 @@ def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
                 continue
             gbs = p.bytes["total"] / (us * 1e-6) / 1e9
             rows.append(dict(config=name, batch=B, context=ctx, num_splits=splits, us=us,
-                             GBps=gbs, pct_copy_bw=100 * gbs / copy_gbs, **kw))
+                             GBps=gbs, pct_copy_bw=100 * gbs / copy_gbs,
+                             heuristic_splits=splits == auto, **kw))
             print(f"| {name} | {kw} | {splits} | {us:.1f} | {gbs:.0f} "
                   f"| {100 * gbs / copy_gbs:.1f} |")
         del p

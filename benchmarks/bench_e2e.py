@@ -149,12 +149,53 @@ def run_one(args):
                    total_tok_s=(out_tokens + n * prompt_len) / elapsed,
                    ttft_p50=_pct(ttft, 0.5), ttft_p99=_pct(ttft, 0.99),
                    tpot_p50=_pct(tpot, 0.5), tpot_p99=_pct(tpot, 0.99),
-                   completed=sum(len(o.outputs[0].token_ids) == out_len for o in outs))
+                   completed=sum(len(o.outputs[0].token_ids) == out_len for o in outs),
+                   # which GPU of the host and which decode launch (kvcomp) ran it
+                   gpu=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                   decode_launch=os.environ.get("KVCOMP_DECODE_LAUNCH", ""))
         print("RESULT " + json.dumps(res), flush=True)
 
 
 def _ms(seconds):
     return "-" if seconds is None else f"{1e3 * seconds:.1f}"  # no TPOT with one output token
+
+
+def print_tables(rows, device, workloads, kv_gib, fast_start, date):
+    """One markdown table per workload, every setting against bf16's row."""
+    for w in workloads:
+        base = next((r for r in rows if r.get("setting") == "bf16" and r["workload"] == w
+                     and "output_tok_s" in r), None)
+        print(f"\n{device}, workload {w} {WORKLOADS[w]} (requests, prompt, output), "
+              f"kv_gib={kv_gib}, fast_start={fast_start}, {date}")
+        print("| setting | KV tokens | output tok/s | vs bf16 | TTFT p50/p99 s | TPOT p50/p99 ms | done |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["workload"] != w:
+                continue
+            if "output_tok_s" not in r:
+                print(f"| {r['setting']} | {r.get('kv_cache_tokens')} | failed | | | | |")
+                continue
+            rel = f"{r['output_tok_s'] / base['output_tok_s']:.2f}x" if base else ""
+            kvt = f"{r['kv_cache_tokens']:,}" if r["kv_cache_tokens"] else "?"
+            print(f"| {r['setting']} | {kvt} | {r['output_tok_s']:.0f} | {rel} | "
+                  f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | "
+                  f"{_ms(r['tpot_p50'])}/{_ms(r['tpot_p99'])} | {r['completed']}/{r['requests']} |")
+
+
+def merge(paths, order):
+    """Tables over the results of several runs (e.g. settings spread over the
+    GPUs of one host, one ``--out`` file each); rows in ``order`` of setting."""
+    runs = [json.load(open(p)) for p in paths]
+    rows = [r for run in runs for r in run["rows"]]
+    rank = {s: i for i, s in enumerate(order)}
+    rows.sort(key=lambda r: rank.get(r["setting"], len(rank)))
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    kv = {re.search(r"--kv-gib (\S+)", run["command"]) for run in runs}
+    kv_gib = ",".join(sorted(m.group(1) for m in kv if m)) or None
+    devices = ", ".join(sorted({run["device"] for run in runs}))
+    fast = all("--fast-start" in run["command"] for run in runs)
+    print_tables(rows, devices, workloads, kv_gib, fast,
+                 ", ".join(sorted({run["date"] for run in runs})))
 
 
 def _save(args, device, rows):
@@ -189,11 +230,16 @@ def main():
                     help="engine steps to skip before the profiled window")
     ap.add_argument("--profile-iters", type=int, default=20,
                     help="engine steps in the profiled window")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="print the tables of these --out files together (settings in "
+                         "--settings order) and exit")
     ap.add_argument("--setting", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=1200)
     args = ap.parse_args()
     if args.setting:
         return run_one(args)
+    if args.merge:
+        return merge(args.merge, args.settings.split(","))
     make_model_dir(args.model, args.layers)
     import torch
 
@@ -242,24 +288,8 @@ def main():
         if len(done) < len(args.workload.split(",")):
             print(log[-2500:], flush=True)
         _save(args, device, rows)  # after every setting: a killed run keeps what it measured
-    for w in args.workload.split(","):
-        base = next((r for r in rows if r.get("setting") == "bf16" and r["workload"] == w
-                     and "output_tok_s" in r), None)
-        print(f"\n{device}, workload {w} {WORKLOADS[w]} (requests, prompt, output), "
-              f"kv_gib={args.kv_gib}, fast_start={args.fast_start}, {time.strftime('%Y-%m-%d')}")
-        print("| setting | KV tokens | output tok/s | vs bf16 | TTFT p50/p99 s | TPOT p50/p99 ms | done |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            if r["workload"] != w:
-                continue
-            if "output_tok_s" not in r:
-                print(f"| {r['setting']} | {r.get('kv_cache_tokens')} | failed | | | | |")
-                continue
-            rel = f"{r['output_tok_s'] / base['output_tok_s']:.2f}x" if base else ""
-            kvt = f"{r['kv_cache_tokens']:,}" if r["kv_cache_tokens"] else "?"
-            print(f"| {r['setting']} | {kvt} | {r['output_tok_s']:.0f} | {rel} | "
-                  f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | "
-                  f"{_ms(r['tpot_p50'])}/{_ms(r['tpot_p99'])} | {r['completed']}/{r['requests']} |")
+    print_tables(rows, device, args.workload.split(","), args.kv_gib, args.fast_start,
+                 time.strftime("%Y-%m-%d"))
     _save(args, device, rows)
 
 

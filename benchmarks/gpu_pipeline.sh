@@ -32,10 +32,18 @@
 #             2/4, stages 2/3, warp tiles 1/2/4 (with register caps 128/160), splits, code
 #             element width (s6 ran the wider tile/warps/stages grid without warp tiles)
 #   w2up      W2 for fp8 / int4_per_token_head / TurboQuant (KV_GIB as for w1w2)
+#   dsweep2   decode launch grid (warp tiles 1/2/4 x warps 2/4 x stages 2/3) at two shapes,
+#             32 x 32K (the 80 % target) and 384 x 2K (W2's decode), for k4v4 / k2v2; then
+#             benchmarks/pick_decode_launch.py picks each config's serving launch (kept only
+#             if faster than the default at both shapes) for e2e7's kvcomp runs
+#   e2e7      the seven formats, W1 + W2 in one engine each (KV_GIB), spread over the GPUs in
+#             GPUS (e.g. "0 1" on an nvidia-h200-x2: same host, same time, identical GPUs);
+#             the first GPU joins after tests / dsweep2, kvcomp runs wait for dsweep2's pick
 # 2026-11-23 (H200, s4) ran: PLAN="tests train decode w1w2 w1up" (decode was a split sweep then)
 # 2026-11-30 (H200, s5) ran: PLAN="profile quality", then benchmarks/gpu_stage2.sh
 # 2026-11-30 (H200, s6) ran: PLAN="tests train8 dsweep quality8 w1ab" (results/2026-11-30-h200-s6)
-# next: PLAN="tests dsweep w1w2 w1up w2up" with KV_GIB=54.3: kernel tests (warp tiles on the
+# 2026-11-30 (H200 x2, s7): GPUS="0 1" PLAN="tests dsweep2 e2e7" KV_GIB=54.3
+# before s7 the plan was: PLAN="tests dsweep w1w2 w1up w2up" with KV_GIB=54.3: kernel tests (warp tiles on the
 #       GPU for the first time), the warp-tile sweep, then the seven formats with the current
 #       kernels (make the sweep's winner the default first if it beats the shared tile)
 set -uo pipefail
@@ -60,6 +68,34 @@ has() { case " $PLAN " in *" $1 "*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$RES/pipeline.log"
 bash scripts/install_gpu_device.sh >> "$RES/pipeline.log" 2>&1 || { log "install failed"; exit 1; }
 log "plan: $PLAN"
+GPUS=${GPUS:-0}
+G0=${GPUS%% *}
+export CUDA_VISIBLE_DEVICES=$G0  # every step but e2e7's other workers runs on the first GPU
+
+# e2e7: a queue of settings that each GPU's worker takes from, one engine at a time
+E2E7_SETTINGS=${E2E7_SETTINGS:-int4_per_token_head kvcomp_k4v4 kvcomp_k2v2 bf16 fp8 turboquant_k3v4_nc turboquant_4bit_nc}
+e2e7_worker() {
+  local g=$1 s L
+  while s=$(flock "$RES/.qlock" sh -c 'head -n 1 "$0"; sed -i 1d "$0"' "$RES/.queue") && [ -n "$s" ]; do
+    L=
+    case $s in
+      kvcomp_*)
+        while [ ! -f "$RES/.launch_ready" ]; do sleep 5; done
+        L=$(cat "$RES/launch_${s#kvcomp_}" 2>/dev/null);;
+    esac
+    log "e2e7: $s on GPU $g (decode launch: ${L:-default})"
+    CUDA_VISIBLE_DEVICES=$g KVCOMP_DECODE_LAUNCH=$L $E2E --model "/tmp/l32_gpu$g" --workload W1,W2 \
+        --settings "$s" --timeout "${E2E7_TIMEOUT:-900}" --out "$RES/e2e7_$s.json" > "$RES/e2e7_$s.md" 2>&1
+    log "e2e7: $s done: $(grep -c '"output_tok_s"' "$RES/e2e7_$s.json" 2>/dev/null) of 2 workloads"
+  done
+}
+e2e7_pids=
+if has e2e7; then
+  printf '%s\n' $E2E7_SETTINGS > "$RES/.queue"
+  : > "$RES/.qlock"
+  has dsweep2 || touch "$RES/.launch_ready"
+  for g in ${GPUS#"$G0"}; do e2e7_worker "$g" & e2e7_pids="$e2e7_pids $!"; done
+fi
 
 train_pid=
 if has train; then
@@ -96,6 +132,21 @@ if has dsweep; then
       --out "$RES/decode_sweep.json" > "$RES/decode_sweep.md" 2>&1
   log "decode sweep, best per config: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["sweep"]
 print({c: min(((x["us"], {k: v for k, v in x.items() if k not in ("config","batch","context","GBps")}) for x in r if x["config"] == c), key=lambda t: t[0]) for c in {x["config"] for x in r}})' "$RES/decode_sweep.json" 2>&1 | cut -c1-400)"
+fi
+if has dsweep2; then
+  for shape in "32 32768" "384 2048"; do
+    set -- $shape
+    python3 benchmarks/bench_decode_kernel.py --sweep --batches "$1" --contexts "$2" \
+        --configs k4v4,k2v2 --no-baselines --sweep-block-n 128 --sweep-warps 2,4 \
+        --sweep-stages 2,3 --sweep-warp-tiles 1,2,4 \
+        --out "$RES/dsweep_${1}x$2.json" > "$RES/dsweep_${1}x$2.md" 2>&1
+  done
+  for c in k4v4 k2v2; do
+    python3 benchmarks/pick_decode_launch.py --config "$c" "$RES"/dsweep_*.json \
+        > "$RES/launch_$c" 2>> "$RES/pick_launch.log"
+    log "decode launch for $c: '$(cat "$RES/launch_$c")'"
+  done
+  touch "$RES/.launch_ready"
 fi
 if has prefill; then
   python3 benchmarks/bench_prefill_kernel.py --out "$RES/prefill_kernel_full.json" \
@@ -142,5 +193,12 @@ if has quality; then
       --resume > "$RES/quality.log" 2>&1
   rm -rf "$RES/quality/raw" "$RES/quality/logs"
   log "quality grid done"
+fi
+if has e2e7; then
+  e2e7_worker "$G0"
+  wait $e2e7_pids
+  python3 benchmarks/bench_e2e.py --merge "$RES"/e2e7_*.json --settings "bf16,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,kvcomp_k4v4,kvcomp_k2v2" \
+      > "$RES/e2e7.md" 2>&1
+  log "e2e7 done"
 fi
 touch "$RES/ALL_DONE"
