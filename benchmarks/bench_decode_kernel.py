@@ -88,6 +88,7 @@ import triton  # noqa: E402
 
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
 from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
+    DEFAULT_LAUNCH,
     decode_attention_reference,
     decode_num_splits,
     decode_tiles,
@@ -763,10 +764,11 @@ def main(argv=None):
     ap.add_argument("--max-cache-gib", type=float, default=40.0)
     ap.add_argument("--num-splits", type=int, default=None, help="override the heuristic")
     ap.add_argument("--block-n", type=int, default=128)
-    ap.add_argument("--num-warps", type=int, default=4)
-    ap.add_argument("--num-stages", type=int, default=3)
-    ap.add_argument("--warp-tiles", type=int, default=1,
-                    help="kvcomp_decode_attention's warp_tiles (1: one tile shared by all warps)")
+    ap.add_argument("--num-warps", type=int, default=None, help="default: the kernel's")
+    ap.add_argument("--num-stages", type=int, default=None, help="default: the kernel's")
+    ap.add_argument("--warp-tiles", type=int, default=None,
+                    help="kvcomp_decode_attention's warp_tiles (1: one tile shared by all "
+                         "warps; default: the kernel's)")
     ap.add_argument("--max-registers", type=int, default=0, help="register cap (maxnreg); 0: none")
     ap.add_argument("--key-fold", default=None, choices=("split", "fp16", "bf16"),
                     help="bf16 per-channel key fold of the decode kernel (default: its default)")
@@ -952,9 +954,9 @@ def _ints(csv: str) -> list[int]:
     return [int(x) for x in csv.split(",") if x]
 
 
-def _wt(warp_tiles: int, max_registers: int) -> dict:
-    """Kernel kwargs of a warp-tile variant (none for the default shared tile)."""
-    kw = {"warp_tiles": warp_tiles} if warp_tiles > 1 else {}
+def _wt(warp_tiles: int | None, max_registers: int) -> dict:
+    """Kernel kwargs of a warp-tile variant (None: the kernel's default)."""
+    kw = {} if warp_tiles is None else {"warp_tiles": warp_tiles}
     if max_registers:
         kw["max_registers"] = max_registers
     return kw
@@ -984,10 +986,10 @@ def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
                      for wt in _ints(a.sweep_warp_tiles) for nw in _ints(a.sweep_warps)
                      for ns in _ints(a.sweep_stages)
                      for mr in ([0] + _ints(a.sweep_max_registers) if wt > 1 else [0])]
-            grid += [(dict(block_n=bn, num_warps=4, num_stages=3), s)
+            grid += [(dict(DEFAULT_LAUNCH, block_n=bn), s)
                      for s in sorted({1, auto // 2, 2 * auto} - {0, auto})]
         if not a.sweep_splits:
-            grid += [(dict(block_n=128, num_warps=4, num_stages=3, elem_bits=e), auto)
+            grid += [(dict(DEFAULT_LAUNCH, elem_bits=e), auto)
                      for e in (8, 16) if cfg.k_bits < 16]
         for kw, splits in grid:
             try:

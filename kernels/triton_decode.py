@@ -43,18 +43,19 @@ Design (flash-decoding):
   it to the tensor-core tile), so each page byte is read once per step.
   Codes and (scale, min) words are loaded with asynchronous copies that
   Triton pipelines ``num_stages`` deep.
-* ``warp_tiles`` (opt-in, default 1 until measured on a GPU): instead of
-  all warps sharing each tile (cross-warp max / sum and a shared-memory
+* Warp tiles (the default where ``decode_warp_tiles`` allows them): instead
+  of all warps sharing each tile (cross-warp max / sum and a shared-memory
   trip for P on every tile: 21 barriers a tile at k4v4 on sm_90), each warp
   takes its own slice of it as the leading dimension of batched dots, with
   its own online-softmax state, merged once after the loop. Its dots run
   transposed (tokens / value channels as M, the query heads as N, padded to
-  8 rather than 16), which halves the MMAs. Static counts of the sm_90 build
-  (k4v4 tile, 2026-11-30): 4 warps, 4 barriers instead of 21, 721
-  instructions a warp instead of 714, 32 MMAs instead of 64, 168 registers
-  instead of 128 (``max_registers=128``: 60 B of spills); 2 warps, the same
-  instructions and registers as the shared tile with 2 warps, 4 barriers
-  instead of 20. ``decode_warp_tiles`` says where it applies.
+  8 rather than 16), which halves the MMAs. Default launch (``DEFAULT_LAUNCH``):
+  2 warps, one 64-token slice each, 2 stages. Measured on an H200
+  (2026-11-30, benchmarks/results/2026-11-30-h200x2-s7): k4v4 at 32 x 32K
+  372 us (73 % of copy bandwidth) against 461 us for the former default
+  (shared tile, 4 warps, 3 stages) and 434 us for the best shared-tile
+  launch; at 384 x 2K 353 against 412 us; k2v2 likewise (369 / 339 us).
+  With 4 warps the slices are 32 tokens and the gain is gone.
 * The residual window and the fresh token (at most ``R + G`` tokens, in
   tiles of ``BLOCK_R``) are dealt round-robin to the same splits.
 * With more than one split, each program writes its normalised partial output
@@ -934,6 +935,25 @@ def decode_warp_tiles(cfg: KvcompConfig, consts: dict, block_n: int, warp_tiles:
     return warp_tiles
 
 
+# The launch the backend runs with no KVCOMP_DECODE_LAUNCH, where warp tiles
+# apply (benchmarks/pick_decode_launch.py compares sweeps against it). The
+# shared tile of the quantized configs also ran fastest with 2 warps and 2
+# stages in the same sweep; 16-bit pages keep the launch they were tuned with.
+DEFAULT_LAUNCH = {"block_n": 128, "num_warps": 2, "num_stages": 2, "warp_tiles": 2}
+SIXTEEN_BIT_LAUNCH = {"num_warps": 4, "num_stages": 3}
+
+
+def decode_warps_stages(cfg: KvcompConfig, warp_tiles: int, num_warps: int | None,
+                        num_stages: int | None) -> tuple[int, int]:
+    """(num_warps, num_stages): the caller's, else the measured default for
+    the path the launch takes (``warp_tiles`` as ``decode_warp_tiles`` gave
+    it). Warp tiles need one warp per slice at least."""
+    base = SIXTEEN_BIT_LAUNCH if cfg.k_bits == 16 and cfg.v_bits == 16 else DEFAULT_LAUNCH
+    if num_warps is None:
+        num_warps = max(base["num_warps"], warp_tiles) if warp_tiles > 1 else base["num_warps"]
+    return num_warps, base["num_stages"] if num_stages is None else num_stages
+
+
 def decode_num_splits(
     num_reqs: int,
     num_kv_heads: int,
@@ -977,13 +997,13 @@ def kvcomp_decode_attention(
     out: torch.Tensor | None = None,
     block_n: int = 128,
     block_r: int = 32,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     code_cvt: int | None = None,
     key_fold: str | None = None,
     rep_m: int | None = None,
     elem_bits: int | None = None,
-    warp_tiles: int = 1,
+    warp_tiles: int | None = None,
     max_registers: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per request; returns ``out``
@@ -1068,7 +1088,9 @@ def kvcomp_decode_attention(
         consts[f"{which}_MAGIC"] = _magic(
             consts[f"CVT_{which}"], torch.float16 if which == "K" and fp16_keys else query.dtype)
     # the hi + lo key operands of key_fold="split" exist only in the shared tile
-    wt = decode_warp_tiles(cfg, consts, bn, warp_tiles) if fold != "split" else 1
+    wt = decode_warp_tiles(cfg, consts, bn, DEFAULT_LAUNCH["warp_tiles"] if warp_tiles is None
+                           else warp_tiles) if fold != "split" else 1
+    num_warps, num_stages = decode_warps_stages(cfg, wt, num_warps, num_stages)
     if num_splits > 1:
         part_o = torch.empty(B, Hq, num_splits, block_d, dtype=torch.float32,
                              device=query.device)

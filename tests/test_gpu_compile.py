@@ -22,6 +22,8 @@ DECODE = [((4, 4), "channel", 128, None, "bf16"), ((2, 2), "channel", 128, 16, "
           ((4, 4), "channel", 128, None, "fp16"), ((2, 2), "token", 128, 16, "fp16"),
           ((8, 8), "token", 64, None, "fp16")]
 DECODE_IDS = [f"k{b[0]}v{b[1]}-{a}-d{D}-e{e}-{t}" for b, a, D, e, t in DECODE]
+# The DECODE cases take the default launch (warp tiles where they apply); the
+# key-fold cases below pin the shared tile (warp_tiles=1), the launch they compare.
 WARP_TILES = [((4, 4), "channel", "bf16"), ((2, 2), "channel", "bf16"), ((4, 4), "token", "fp16")]
 PREFILL_STORE = [((4, 4), 128, "bf16"), ((2, 2), 64, "bf16"), ((16, 16), 128, "bf16"),
                  ((4, 2), 128, "fp16")]
@@ -32,11 +34,11 @@ def _cases():
     cases = [dict(id="decode-" + i, what="decode", bits=b, axis=a, D=D, dtype=t,
                   kw={"elem_bits": e}) for i, (b, a, D, e, t) in zip(DECODE_IDS, DECODE)]
     cases.append(dict(id="decode-no-split-fold", what="decode", bits=(4, 4), axis="channel",
-                      D=128, dtype="bf16", kw={"key_fold": "bf16"}))
+                      D=128, dtype="bf16", kw={"key_fold": "bf16", "warp_tiles": 1}))
     cases.append(dict(id="decode-fp16-fold", what="decode", bits=(4, 4), axis="channel",
-                      D=128, dtype="bf16", kw={"key_fold": "fp16"}))
+                      D=128, dtype="bf16", kw={"key_fold": "fp16", "warp_tiles": 1}))
     cases.append(dict(id="decode-split-fold", what="decode", bits=(4, 4), axis="channel",
-                      D=128, dtype="bf16", kw={"key_fold": "split"}))
+                      D=128, dtype="bf16", kw={"key_fold": "split", "warp_tiles": 1}))
     for b, a, t in WARP_TILES:
         cases.append(dict(id=f"decode-warp-tiles-k{b[0]}v{b[1]}-{a}-{t}", what="decode", bits=b,
                           axis=a, D=128, dtype=t, kw={"warp_tiles": 4}))

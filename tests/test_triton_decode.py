@@ -31,10 +31,12 @@ from vllm_kvcomp.config import KvcompConfig  # noqa: E402
 from vllm_kvcomp.kernels import packing  # noqa: E402
 from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference  # noqa: E402
 from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
+    DEFAULT_LAUNCH,
     decode_attention_reference,
     decode_num_splits,
     decode_tiles,
     decode_warp_tiles,
+    decode_warps_stages,
     kvcomp_decode_attention,
 )
 from vllm_kvcomp.kernels.triton_store import layout_constexprs  # noqa: E402
@@ -360,14 +362,16 @@ WARP_TILE_CASES = [((4, 4), "channel", 64, 4), ((2, 2), "channel", 64, 4),
                    ((4, 4), "channel", 128, 4)]
 
 
-@pytest.mark.parametrize("warp_tiles", [2, 4])
+@pytest.mark.parametrize("warp_tiles", [1, 2, 4])
 @pytest.mark.parametrize("bits,axis,D,rep", WARP_TILE_CASES,
                          ids=[f"k{b[0]}v{b[1]}-{a}-d{D}-rep{r}" for b, a, D, r in WARP_TILE_CASES])
 def test_warp_tiles(bits, axis, D, rep, warp_tiles):
     """The warp-tile packed loop (each warp its own slice of a tile, batched
     dots, states merged after the loop) against the reference: one group and
     one page per tile (64 tokens; 128 at D=128, where a value row must be one
-    channel group), so 2 or 4 slices of 16 to 64 tokens."""
+    channel group), so 2 or 4 slices of 16 to 64 tokens. warp_tiles=1: the
+    shared tile on the same layouts (the default launch takes warp tiles
+    there, so the other tests no longer reach it)."""
     G = max(64, D)
     cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=G, residual_tokens=16,
                        key_axis=axis)
@@ -376,6 +380,18 @@ def test_warp_tiles(bits, axis, D, rep, warp_tiles):
     # the cases must take the warp-tile path, not fall back to the shared tile
     assert decode_warp_tiles(cfg, consts, decode_tiles(batch.layout), warp_tiles) == warp_tiles
     check(batch, warp_tiles=warp_tiles)
+
+
+def test_default_launch():
+    """Warp tiles with 2 warps and 2 stages where they apply (measured, H200,
+    2026-11-30); the caller's values win; 16-bit pages keep 4 warps, 3 stages."""
+    q = KvcompConfig(k_bits=4, v_bits=4)
+    assert DEFAULT_LAUNCH == {"block_n": 128, "num_warps": 2, "num_stages": 2, "warp_tiles": 2}
+    assert decode_warps_stages(q, 2, None, None) == (2, 2)
+    assert decode_warps_stages(q, 1, None, None) == (2, 2)   # quantized shared tile
+    assert decode_warps_stages(q, 4, None, None) == (4, 2)   # a warp per slice at least
+    assert decode_warps_stages(q, 2, 8, 3) == (8, 3)
+    assert decode_warps_stages(KvcompConfig(k_bits=16, v_bits=16), 1, None, None) == (4, 3)
 
 
 def test_warp_tiles_fall_back_where_not_folded():
