@@ -42,8 +42,13 @@
 # 2026-11-23 (H200, s4) ran: PLAN="tests train decode w1w2 w1up" (decode was a split sweep then)
 # 2026-11-30 (H200, s5) ran: PLAN="profile quality", then benchmarks/gpu_stage2.sh
 # 2026-11-30 (H200, s6) ran: PLAN="tests train8 dsweep quality8 w1ab" (results/2026-11-30-h200-s6)
-# 2026-11-30 (H200 x2, s7): GPUS="0 1" PLAN="tests dsweep2 e2e7" KV_GIB=54.3
-# before s7 the plan was: PLAN="tests dsweep w1w2 w1up w2up" with KV_GIB=54.3: kernel tests (warp tiles on the
+# 2026-11-30 (H200 x2, s7): GPUS="0 1" PLAN="tests dsweep2 e2e7" KV_GIB=54.3 E2E7_TIMEOUT=720
+#       (results/2026-11-30-h200x2-s7; warp tiles became the default decode launch after it)
+# next: GPUS="0 1" PLAN="tests dsweep2 decode e2e7" KV_GIB=54.3: the kernel tests now reach the
+#       warp tiles' bf16 / fp16 tensor-core path (first time on a GPU); dsweep2 also tries a
+#       register cap of 128 on warp tiles; decode: the 1K-128K table against FA3 / int4 /
+#       TurboQuant with the new default (last run: s4); e2e7 again once W2's capacity work
+#       (the residual window) lands: kernel tests (warp tiles on the
 #       GPU for the first time), the warp-tile sweep, then the seven formats with the current
 #       kernels (make the sweep's winner the default first if it beats the shared tile)
 set -uo pipefail
@@ -138,7 +143,7 @@ if has dsweep2; then
     set -- $shape
     python3 benchmarks/bench_decode_kernel.py --sweep --batches "$1" --contexts "$2" \
         --configs k4v4,k2v2 --no-baselines --sweep-block-n 128 --sweep-warps 2,4 \
-        --sweep-stages 2,3 --sweep-warp-tiles 1,2,4 \
+        --sweep-stages 2,3 --sweep-warp-tiles 1,2,4 --sweep-max-registers 128 \
         --out "$RES/dsweep_${1}x$2.json" > "$RES/dsweep_${1}x$2.md" 2>&1
   done
   for c in k4v4 k2v2; do

@@ -899,6 +899,77 @@ KEY_FOLD_DEFAULT = "fp16"
 DECODE_LAUNCH = parse_decode_launch(os.environ.get(DECODE_LAUNCH_ENV, ""))
 
 
+# (cfg, block_size, head_size, dtype, rep, device) -> the launch that passed
+_CHECKED_LAUNCHES: dict[tuple, dict] = {}
+
+
+def check_decode_launch(cfg: KvcompConfig, block_size: int, head_size: int,
+                        dtype: torch.dtype, rep: int, device: torch.device,
+                        launch: dict | None = None, check_on_cpu: bool = False) -> dict:
+    """The decode launch to serve with (``launch``, default ``DECODE_LAUNCH``),
+    after one comparison on this GPU against ``decode_attention_reference``
+    on a small batch of this model's page format and head shape
+    (``decode_batch.DecodeBatch``, ``decode_batch.TOL``), with one split and
+    with three. CI has no GPU and the interpreter runs only fp32 dots, so the
+    16-bit tensor-core paths are otherwise checked only by the device runs of
+    the kernel tests; a launch that fails here is replaced by the shared tile
+    (``warp_tiles=1``) with a warning, and if that fails too the engine
+    refuses to start: never silently wrong output. On CPU the launch is
+    returned unchecked (the interpreter tests cover it) unless
+    ``check_on_cpu`` (the tests of this check). Milliseconds a config and
+    process; call it outside CUDA-graph capture."""
+    from vllm_kvcomp.kernels.decode_batch import TOL, DecodeBatch, lens_for
+
+    launch = dict(DECODE_LAUNCH if launch is None else launch)
+    device = torch.device(device)
+    if device.type != "cuda" and not check_on_cpu:
+        return launch
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    key = (cfg, block_size, head_size, dtype, rep, str(device), tuple(sorted(launch.items())))
+    if key in _CHECKED_LAUNCHES:
+        return _CHECKED_LAUNCHES[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "kvcomp: the decode launch must be checked before CUDA-graph capture "
+            "(KvcompMetadataBuilder does it); this config was not")
+    batch = DecodeBatch(cfg, lens_for(cfg), H=2, D=head_size, rep=rep, dtype=dtype,
+                        block_size=block_size, seed=7)
+    ref = batch.reference().float()
+
+    def error(kw) -> float:
+        worst = 0.0
+        for splits in (1, 3):
+            out = batch.triton(num_splits=splits, device=device, **kw).float()
+            # scaled like assert_close(atol=rtol=tol): <= 1 passes
+            err = (out - ref).abs() / (TOL[dtype] * (1 + ref.abs()))
+            worst = max(worst, float(err.max()) if torch.isfinite(out).all() else math.inf)
+        return worst
+
+    tried = [launch]
+    if launch.get("warp_tiles", DEFAULT_LAUNCH["warp_tiles"]) != 1:
+        tried.append({**launch, "warp_tiles": 1})
+    errors = []
+    for kw in tried:
+        errors.append(error(kw))
+        if errors[-1] <= 1:
+            if kw is not launch:
+                import logging
+
+                logging.getLogger("vllm_kvcomp").warning(
+                    "kvcomp: the decode launch %s disagrees with the reference on %s "
+                    "(%s, head_size %d, %d query heads a KV head; error %.3g of the "
+                    "tolerance): serving with the shared tile %s instead",
+                    launch, where, dtype, head_size, rep,
+                    errors[0], kw)
+            _CHECKED_LAUNCHES[key] = kw
+            return kw
+    raise RuntimeError(
+        f"kvcomp: the decode kernel disagrees with its reference on "
+        f"{where} for {cfg} ({dtype}, head_size {head_size}, "
+        f"{rep} query heads a KV head): launches {tried}, errors {errors} of the tolerance. "
+        f"Refusing to serve wrong attention; please report this.")
+
+
 def decode_tiles(layout: PageLayout, block_n: int = 128) -> int:
     """BLOCK_N: packed tokens per inner step. A power of two <= ``block_n``
     dividing the block size (tiles never straddle pages) and, for per-channel

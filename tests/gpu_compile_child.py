@@ -105,7 +105,7 @@ def summary(jit, kernel) -> dict:
 
 
 def decode_case(c) -> list:
-    from test_triton_decode import DecodeBatch
+    from vllm_kvcomp.kernels.decode_batch import DecodeBatch
 
     D, dtype = c["D"], DTYPES[c["dtype"]]
     cfg = KvcompConfig(k_bits=c["bits"][0], v_bits=c["bits"][1], group_size=D,

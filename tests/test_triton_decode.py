@@ -18,7 +18,6 @@ bf16 ``tl.dot`` is broken), so the tensor-core path is only covered on a GPU.
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -28,11 +27,10 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
-from vllm_kvcomp.kernels import packing  # noqa: E402
 from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference  # noqa: E402
+from vllm_kvcomp.kernels.decode_batch import TOL, DecodeBatch, lens_for  # noqa: E402
 from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
     DEFAULT_LAUNCH,
-    decode_attention_reference,
     decode_num_splits,
     decode_tiles,
     decode_warp_tiles,
@@ -43,7 +41,6 @@ from vllm_kvcomp.kernels.triton_store import layout_constexprs  # noqa: E402
 from vllm_kvcomp.layout import PageLayout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 # The interpreter turns a 1-element array into a loop bound (numpy warns).
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
 
@@ -53,110 +50,14 @@ BITS_AXES = [((16, 16), "channel"), ((8, 8), "channel"), ((4, 4), "channel"),
 BITS_AXES_IDS = [f"k{b[0]}v{b[1]}-{a}" for b, a in BITS_AXES]
 
 
-class DecodeBatch:
-    """A decode step of ``len(lens)`` requests (``lens[i]`` tokens after the
-    step) whose histories were stored by the reference writers."""
-
-    def __init__(self, cfg, lens, H=2, D=64, rep=4, dtype=torch.float32, block_size=32,
-                 bs_r=16, seed=0, pad_residual=False):
-        self.cfg, self.lens, self.dtype = cfg, list(lens), dtype
-        self.layout = layout = PageLayout(cfg, block_size, D, dtype.itemsize)
-        self.bs_r, self.scale = bs_r, D ** -0.5
-        B, bs = len(lens), block_size
-        rng = random.Random(seed)
-        g = torch.Generator().manual_seed(seed + 1)
-        maxb = max(1, -(-max(lens) // bs))
-        maxb_r = max(1, -(-max(lens) // bs_r))
-        ids = list(range(1, B * maxb + 1))
-        rng.shuffle(ids)
-        self.block_table = torch.tensor(ids, dtype=torch.int32).view(B, maxb)
-        self.packed = torch.zeros(B * maxb + 1, H, layout.head_page_bytes, dtype=torch.uint8)
-        ids_r = list(range(1, B * maxb_r + 1))
-        rng.shuffle(ids_r)
-        self.residual_table = torch.tensor(ids_r, dtype=torch.int32).view(B, maxb_r)
-        self.residual = None
-        if cfg.needs_residual_cache:
-            shape = (B * maxb_r + 1, 2, H, bs_r, D)
-            if pad_residual:
-                # vLLM hands the residual group a strided view padded to the
-                # packed page size.
-                inner = shape[1] * shape[2] * shape[3] * shape[4]
-                buf = torch.zeros(shape[0], inner + 40, dtype=dtype)
-                self.residual = buf[:, :inner].view(shape)
-            else:
-                self.residual = torch.zeros(shape, dtype=dtype)
-        self.K, self.V = [], []
-        for i, n in enumerate(lens):
-            k = torch.randn(max(n, 0), H, D, generator=g)
-            k[..., :3] *= 6  # a few large channels, as real keys have (KIVI)
-            self.K.append(k.to(dtype))
-            self.V.append(torch.randn(max(n, 0), H, D, generator=g).to(dtype))
-            if n > 0:
-                self._store_history(i, n - 1)
-        self.query = (2 * torch.randn(B, H * rep, D, generator=g)).to(dtype)
-        zero = torch.zeros(H, D, dtype=dtype)
-        self.key_new = torch.stack([k[-1] if len(k) else zero for k in self.K])
-        self.value_new = torch.stack([v[-1] if len(v) else zero for v in self.V])
-        self.seq_lens = torch.tensor(lens, dtype=torch.int32)
-
-    def _store_history(self, i, start):
-        cfg, layout, bs = self.cfg, self.layout, self.layout.block_size
-        K, V = self.K[i][:start], self.V[i][:start]
-        Q = cfg.quantized_prefix_len(start)
-        row = self.block_table[i]
-        pos = torch.arange(Q)
-        if Q:
-            if cfg.k_bits < 16 and cfg.key_axis == "channel":
-                G = cfg.group_size
-                gpos = pos[::G]
-                packing.store_key_groups_per_channel(
-                    self.packed, layout, K[:Q].reshape(Q // G, G, *K.shape[1:]),
-                    row[gpos // bs].long(), (gpos % bs) // G)
-            else:
-                packing.store_per_token(self.packed, layout, "k", K[:Q], row[pos // bs].long(),
-                                        pos % bs)
-            packing.store_per_token(self.packed, layout, "v", V[:Q], row[pos // bs].long(),
-                                    pos % bs)
-        if start > Q:
-            pos = torch.arange(Q, start)
-            blk = self.residual_table[i][pos // self.bs_r].long()
-            off = pos % self.bs_r
-            self.residual[blk, 0, :, off, :] = K[Q:]
-            self.residual[blk, 1, :, off, :] = V[Q:]
-
-    def args(self, device="cpu"):
-        to = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return (to(self.query), to(self.key_new), to(self.value_new), to(self.packed),
-                to(self.residual), to(self.block_table), to(self.residual_table),
-                to(self.seq_lens), self.layout, self.cfg, self.scale, self.bs_r)
-
-    def reference(self):
-        return decode_attention_reference(*self.args())
-
-    def triton(self, num_splits=None, max_seq_len=None, **kw):
-        args = self.args(DEVICE)
-        packed_before = args[3].clone()
-        out = kvcomp_decode_attention(*args, max_seq_len or max(self.lens),
-                                      num_splits=num_splits, **kw)
-        assert torch.equal(args[3], packed_before), "decode must not write the cache"
-        return out.cpu()
-
-
 def check(batch: DecodeBatch, splits=(1, 3), **kw):
     ref = batch.reference()
     tol = TOL[batch.dtype]
     for s in splits:
-        out = batch.triton(num_splits=s, **kw)
+        out = batch.triton(num_splits=s, device=DEVICE, **kw)
         assert out.dtype == batch.dtype
         torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol,
                                    msg=lambda m: f"num_splits={s}: {m}")
-
-
-def lens_for(cfg: KvcompConfig) -> list[int]:
-    """Lengths around the interesting boundaries: only the fresh token, only
-    residual (Q(start) = 0), a Q that is not a block multiple, and longer."""
-    G, R = cfg.group_size, cfg.residual_tokens
-    return [1, R + 1, R + G + 7, R + 3 * G + 1, R + 4 * G + 13]
 
 
 # ---------------------------------------------------------------- oracle
@@ -306,7 +207,7 @@ def test_more_splits_than_tiles_and_padding():
     ref = b.reference()
     assert torch.equal(ref[0], torch.zeros_like(ref[0]))
     for s in (1, 4, None):
-        out = b.triton(num_splits=s, max_seq_len=128)
+        out = b.triton(num_splits=s, max_seq_len=128, device=DEVICE)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
 
@@ -415,3 +316,59 @@ def test_warp_tiles_fall_back_where_not_folded():
     # a fallback case still computes the right thing
     cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=32, residual_tokens=16, key_axis="token")
     check(DecodeBatch(cfg, lens_for(cfg), block_size=64, seed=22), splits=(2,), warp_tiles=4)
+
+
+# ---------------------------------------------------------------- start-up check
+# The backend checks its decode launch on the GPU before serving
+# (check_decode_launch); here the same check runs under the interpreter, with
+# the kernel wrapped so that a chosen launch returns wrong output.
+
+import vllm_kvcomp.kernels.triton_decode as triton_decode  # noqa: E402
+
+SMALL = KvcompConfig(k_bits=4, v_bits=4, group_size=32, residual_tokens=16)
+
+
+def _corrupting(monkeypatch, bad):
+    calls = []
+    real = triton_decode.kvcomp_decode_attention
+
+    def wrapped(*args, **kw):
+        calls.append(kw.get("warp_tiles"))
+        out = real(*args, **kw)
+        return out + 1.0 if bad(kw) else out
+
+    monkeypatch.setattr(triton_decode, "kvcomp_decode_attention", wrapped)
+    monkeypatch.setattr(triton_decode, "_CHECKED_LAUNCHES", {})
+    return calls
+
+
+def _check(launch):
+    return triton_decode.check_decode_launch(SMALL, 32, 64, torch.float32, 4, "cpu",
+                                             launch=launch, check_on_cpu=True)
+
+
+def test_startup_check_keeps_a_correct_launch(monkeypatch):
+    calls = _corrupting(monkeypatch, lambda kw: False)
+    assert _check(DEFAULT_LAUNCH) == DEFAULT_LAUNCH
+    assert calls == [2, 2]  # one split and three
+    _check(DEFAULT_LAUNCH)  # checked once a process
+    assert len(calls) == 2
+
+
+def test_startup_check_falls_back_to_the_shared_tile(monkeypatch, caplog):
+    calls = _corrupting(monkeypatch, lambda kw: kw.get("warp_tiles") != 1)
+    assert _check(DEFAULT_LAUNCH) == {**DEFAULT_LAUNCH, "warp_tiles": 1}
+    assert calls == [2, 2, 1, 1]
+    assert "serving with the shared tile" in caplog.text
+
+
+def test_startup_check_refuses_a_wrong_kernel(monkeypatch):
+    _corrupting(monkeypatch, lambda kw: True)
+    with pytest.raises(RuntimeError, match="Refusing to serve wrong attention"):
+        _check(DEFAULT_LAUNCH)
+
+
+def test_startup_check_is_skipped_on_cpu(monkeypatch):
+    calls = _corrupting(monkeypatch, lambda kw: True)
+    launch = triton_decode.check_decode_launch(SMALL, 32, 64, torch.float32, 4, "cpu")
+    assert launch == triton_decode.DECODE_LAUNCH and calls == []

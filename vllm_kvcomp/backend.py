@@ -95,6 +95,18 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         self._init_reorder_batch_threshold(1)
         self.on_cpu = torch.device(device).type == "cpu"
         self.max_model_len = vllm_config.model_config.max_model_len
+        from vllm_kvcomp.spec import KvcompSpec
+
+        if not self.on_cpu and isinstance(kv_cache_spec, KvcompSpec):
+            # Before CUDA-graph capture, where the Impls find it already checked.
+            from vllm_kvcomp.config import config_from_vllm_config
+            from vllm_kvcomp.kernels.triton_decode import check_decode_launch
+
+            mc, pc = vllm_config.model_config, vllm_config.parallel_config
+            check_decode_launch(
+                config_from_vllm_config(vllm_config), kv_cache_spec.block_size,
+                kv_cache_spec.head_size, mc.dtype,
+                mc.get_num_attention_heads(pc) // mc.get_num_kv_heads(pc), torch.device(device))
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
@@ -270,6 +282,9 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         self.config = current_config()
         self.layer_name: str | None = None
         self._flash_attn = self._find_flash_attn(head_size)
+        # KVCOMP_DECODE_LAUNCH over the default, once checked on this GPU
+        # (triton_decode.check_decode_launch; the metadata builder runs the check)
+        self._decode_launch: dict | None = None
 
     def _find_flash_attn(self, head_size: int):
         """(flash_attn_varlen_func, fa_version, merge_attn_states) when the
@@ -385,13 +400,20 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # padding included; a mixed one its leading decode requests.
         nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
         if nd > 0:
-            from vllm_kvcomp.kernels.triton_decode import DECODE_LAUNCH, kvcomp_decode_attention
+            from vllm_kvcomp.kernels.triton_decode import (
+                check_decode_launch,
+                kvcomp_decode_attention,
+            )
 
+            if self._decode_launch is None:
+                self._decode_launch = check_decode_launch(
+                    cfg, layout.block_size, self.head_size, q.dtype,
+                    self.num_heads // self.num_kv_heads, q.device)
             kvcomp_decode_attention(
                 q[:nd], key[:nd], value[:nd], packed_cache, residual_cache,
                 md.block_table[:nd], res_table[:nd] if res_table is not None else None,
                 md.seq_lens[:nd], layout, cfg, self.scale, bs_r, md.max_seq_len, out=out[:nd],
-                **DECODE_LAUNCH,
+                **self._decode_launch,
             )
         if nd == md.num_reqs:
             return
