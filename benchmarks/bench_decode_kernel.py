@@ -92,8 +92,10 @@ from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
     decode_attention_reference,
     decode_num_splits,
     decode_tiles,
+    decode_tiles_and_slices,
     kvcomp_decode_attention,
 )
+from vllm_kvcomp.kernels.triton_store import layout_constexprs  # noqa: E402
 from vllm_kvcomp.layout import PageLayout, residual_block_size  # noqa: E402
 
 CONFIGS = {
@@ -101,6 +103,12 @@ CONFIGS = {
     "k2v2": dict(k_bits=2, v_bits=2),
     "k16v16": dict(k_bits=16, v_bits=16),
     "k4v4-token": dict(k_bits=4, v_bits=4, key_axis="token"),
+    # KIVI's 2-bit setting (32-token key groups, 32-channel value groups): the
+    # quality-recommended k2v2; its tiles are 32 tokens and values unfolded
+    "k2v2-kivi": dict(k_bits=2, v_bits=2, group_size=32),
+    # KIVI's key groups, one value group a head: near-KIVI quality (docs/quality.md),
+    # 128-token warp tiles with one key group a slice
+    "k2v2-g32-vg128": dict(k_bits=2, v_bits=2, group_size=32, value_group_size=128),
 }
 GiB = 1 << 30
 
@@ -861,13 +869,13 @@ def main(argv=None):
     for B in batches:
         for ctx in contexts:
             for name in [n for n in a.configs.split(",") if n]:  # '': baselines only
-                cfg = KvcompConfig(group_size=G, residual_tokens=R, block_size=bs,
-                                   **CONFIGS[name])
+                cfg = KvcompConfig(**{"group_size": G, "residual_tokens": R, "block_size": bs,
+                                      **CONFIGS[name]})
                 if cache_gib(cfg, B, ctx, H, D, bs) > a.max_cache_gib:
                     continue
                 p = Problem(cfg, B, ctx, Hq, H, D, bs, dtype, device)
                 splits = a.num_splits or decode_num_splits(
-                    B, H, ctx, cfg, decode_tiles(p.layout, a.block_n),
+                    B, H, ctx, cfg, _tile(p.layout, a.block_n, a.warp_tiles),
                     num_sms=(torch.cuda.get_device_properties(0).multi_processor_count
                              if device == "cuda" else 132))
                 out = p.run(a.num_splits, **kw).clone()
@@ -954,6 +962,12 @@ def _ints(csv: str) -> list[int]:
     return [int(x) for x in csv.split(",") if x]
 
 
+def _tile(layout, block_n: int, warp_tiles: int | None) -> int:
+    """BLOCK_N the kernel runs with (warp tiles widen it past small key groups)."""
+    wt = DEFAULT_LAUNCH["warp_tiles"] if warp_tiles is None else warp_tiles
+    return decode_tiles_and_slices(layout, layout_constexprs(layout), block_n, wt)[0]
+
+
 def _wt(warp_tiles: int | None, max_registers: int) -> dict:
     """Kernel kwargs of a warp-tile variant (None: the kernel's default)."""
     kw = {} if warp_tiles is None else {"warp_tiles": warp_tiles}
@@ -971,27 +985,33 @@ def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
     print("|---|---|---|---|---|---|")
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 132
     for name in a.configs.split(","):
-        cfg = KvcompConfig(group_size=G, residual_tokens=R, block_size=bs, **CONFIGS[name])
+        cfg = KvcompConfig(**{"group_size": G, "residual_tokens": R, "block_size": bs,
+                              **CONFIGS[name]})
         p = Problem(cfg, B, ctx, Hq, H, D, bs, dtype, device)
         grid = []
         if a.sweep_splits:
-            auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, a.block_n), num_sms=sms)
+            auto = decode_num_splits(B, H, ctx, cfg, _tile(p.layout, a.block_n, a.warp_tiles),
+                                     num_sms=sms)
             print(f"| {name} | heuristic | {auto} | | | |")
             grid = [(dict(block_n=a.block_n, num_warps=a.num_warps, num_stages=a.num_stages,
-                          key_fold=a.key_fold, **_wt(a.warp_tiles, a.max_registers)), int(s))
-                    for s in a.sweep_splits.split(",")]
+                          key_fold=a.key_fold, **_wt(a.warp_tiles, a.max_registers)), int(s),
+                     int(s) == auto) for s in a.sweep_splits.split(",")]
         for bn in (() if a.sweep_splits else _ints(a.sweep_block_n)):
-            auto = decode_num_splits(B, H, ctx, cfg, decode_tiles(p.layout, bn), num_sms=sms)
-            grid += [(dict(block_n=bn, num_warps=nw, num_stages=ns, **_wt(wt, mr)), auto)
+            def auto_for(wt, bn=bn):
+                return decode_num_splits(B, H, ctx, cfg, _tile(p.layout, bn, wt), num_sms=sms)
+
+            auto = auto_for(DEFAULT_LAUNCH["warp_tiles"])
+            grid += [(dict(block_n=bn, num_warps=nw, num_stages=ns, **_wt(wt, mr)),
+                      auto_for(wt), True)
                      for wt in _ints(a.sweep_warp_tiles) for nw in _ints(a.sweep_warps)
                      for ns in _ints(a.sweep_stages)
                      for mr in ([0] + _ints(a.sweep_max_registers) if wt > 1 else [0])]
-            grid += [(dict(DEFAULT_LAUNCH, block_n=bn), s)
+            grid += [(dict(DEFAULT_LAUNCH, block_n=bn), s, False)
                      for s in sorted({1, auto // 2, 2 * auto} - {0, auto})]
         if not a.sweep_splits:
-            grid += [(dict(DEFAULT_LAUNCH, elem_bits=e), auto)
+            grid += [(dict(DEFAULT_LAUNCH, elem_bits=e), auto, True)
                      for e in (8, 16) if cfg.k_bits < 16]
-        for kw, splits in grid:
+        for kw, splits, heuristic in grid:
             try:
                 p.run(splits, **kw)
                 us = timer(lambda: p.run(splits, **kw))
@@ -1001,7 +1021,7 @@ def sweep(a, device, dtype, timer, copy_gbs, info, B, ctx, shape):
             gbs = p.bytes["total"] / (us * 1e-6) / 1e9
             rows.append(dict(config=name, batch=B, context=ctx, num_splits=splits, us=us,
                              GBps=gbs, pct_copy_bw=100 * gbs / copy_gbs,
-                             heuristic_splits=splits == auto, **kw))
+                             heuristic_splits=heuristic, **kw))
             print(f"| {name} | {kw} | {splits} | {us:.1f} | {gbs:.0f} "
                   f"| {100 * gbs / copy_gbs:.1f} |")
         del p

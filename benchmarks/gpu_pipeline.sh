@@ -47,8 +47,10 @@
 # next: GPUS="0 1" PLAN="tests dsweep2 decode e2e7" KV_GIB=54.3: the kernel tests now reach the
 #       warp tiles' bf16 / fp16 tensor-core path (first time on a GPU); dsweep2 also tries a
 #       register cap of 128 on warp tiles; decode: the 1K-128K table against FA3 / int4 /
-#       TurboQuant with the new default (last run: s4); e2e7 again once W2's capacity work
-#       (the residual window) lands: kernel tests (warp tiles on the
+#       TurboQuant with the new default (last run: s4), k2v2-kivi (group 32) and k2v2-g32-vg128
+#       (32-token key groups, one value group: 128-token warp tiles, untimed) included; e2e7
+#       also runs kvcomp_k2v2_g32_vg128 and kvcomp_k2v2_kivi, the 2-bit settings with good
+#       quality (s7's k2v2 row is group 128: +12 % perplexity on the 4-layer model): kernel tests (warp tiles on the
 #       GPU for the first time), the warp-tile sweep, then the seven formats with the current
 #       kernels (make the sweep's winner the default first if it beats the shared tile)
 set -uo pipefail
@@ -78,7 +80,7 @@ G0=${GPUS%% *}
 export CUDA_VISIBLE_DEVICES=$G0  # every step but e2e7's other workers runs on the first GPU
 
 # e2e7: a queue of settings that each GPU's worker takes from, one engine at a time
-E2E7_SETTINGS=${E2E7_SETTINGS:-int4_per_token_head kvcomp_k4v4 kvcomp_k2v2 bf16 fp8 turboquant_k3v4_nc turboquant_4bit_nc}
+E2E7_SETTINGS=${E2E7_SETTINGS:-int4_per_token_head kvcomp_k4v4 kvcomp_k2v2 kvcomp_k2v2_g32_vg128 kvcomp_k2v2_kivi bf16 fp8 turboquant_k3v4_nc turboquant_4bit_nc}
 e2e7_worker() {
   local g=$1 s L
   while s=$(flock "$RES/.qlock" sh -c 'head -n 1 "$0"; sed -i 1d "$0"' "$RES/.queue") && [ -n "$s" ]; do
@@ -86,7 +88,7 @@ e2e7_worker() {
     case $s in
       kvcomp_*)
         while [ ! -f "$RES/.launch_ready" ]; do sleep 5; done
-        L=$(cat "$RES/launch_${s#kvcomp_}" 2>/dev/null);;
+        L=$(cat "$RES/launch_$(echo "${s#kvcomp_}" | tr _ -)" 2>/dev/null);;
     esac
     log "e2e7: $s on GPU $g (decode launch: ${L:-default})"
     CUDA_VISIBLE_DEVICES=$g KVCOMP_DECODE_LAUNCH=$L $E2E --model "/tmp/l32_gpu$g" --workload W1,W2 \
@@ -127,7 +129,7 @@ fi
 # timings from here on: nothing else runs on the GPU
 if has decode; then
   python3 benchmarks/bench_decode_kernel.py --batches 8,32,64 --contexts 8192,32768,131072 \
-      --configs k4v4,k2v2,k16v16 --out "$RES/decode_kernel.json" > "$RES/decode_kernel.md" 2>&1
+      --configs k4v4,k2v2,k2v2-g32-vg128,k2v2-kivi,k16v16 --out "$RES/decode_kernel.json" > "$RES/decode_kernel.md" 2>&1
   log "decode table: $(grep -E '^\| k4v4 \| 32 \| 32768' "$RES/decode_kernel.md" | cut -c1-120)"
 fi
 if has dsweep; then
@@ -142,11 +144,11 @@ if has dsweep2; then
   for shape in "32 32768" "384 2048"; do
     set -- $shape
     python3 benchmarks/bench_decode_kernel.py --sweep --batches "$1" --contexts "$2" \
-        --configs k4v4,k2v2 --no-baselines --sweep-block-n 128 --sweep-warps 2,4 \
+        --configs k4v4,k2v2,k2v2-g32-vg128 --no-baselines --sweep-block-n 128 --sweep-warps 2,4 \
         --sweep-stages 2,3 --sweep-warp-tiles 1,2,4 --sweep-max-registers 128 \
         --out "$RES/dsweep_${1}x$2.json" > "$RES/dsweep_${1}x$2.md" 2>&1
   done
-  for c in k4v4 k2v2; do
+  for c in k4v4 k2v2 k2v2-g32-vg128; do
     python3 benchmarks/pick_decode_launch.py --config "$c" "$RES"/dsweep_*.json \
         > "$RES/launch_$c" 2>> "$RES/pick_launch.log"
     log "decode launch for $c: '$(cat "$RES/launch_$c")'"
@@ -202,7 +204,7 @@ fi
 if has e2e7; then
   e2e7_worker "$G0"
   wait $e2e7_pids
-  python3 benchmarks/bench_e2e.py --merge "$RES"/e2e7_*.json --settings "bf16,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,kvcomp_k4v4,kvcomp_k2v2" \
+  python3 benchmarks/bench_e2e.py --merge "$RES"/e2e7_*.json --settings "bf16,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,kvcomp_k4v4,kvcomp_k2v2,kvcomp_k2v2_g32_vg128,kvcomp_k2v2_kivi" \
       > "$RES/e2e7.md" 2>&1
   log "e2e7 done"
 fi

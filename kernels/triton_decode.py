@@ -55,7 +55,11 @@ Design (flash-decoding):
   372 us (73 % of copy bandwidth) against 461 us for the former default
   (shared tile, 4 warps, 3 stages) and 434 us for the best shared-tile
   launch; at 384 x 2K 353 against 412 us; k2v2 likewise (369 / 339 us).
-  With 4 warps the slices are 32 tokens and the gain is gone.
+  With 4 warps the slices are 32 tokens and the gain is gone. Key groups
+  shorter than the tile (KIVI-2's 32 tokens) no longer shrink the tile:
+  each slice lies in one group and folds that group's scales
+  (``decode_tiles_and_slices``; where values fold too, i.e.
+  ``value_group_size`` >= head size). Untimed on a GPU as of 2026-11-30.
 * The residual window and the fresh token (at most ``R + G`` tokens, in
   tiles of ``BLOCK_R``) are dealt round-robin to the same splits.
 * With more than one split, each program writes its normalised partial output
@@ -494,7 +498,12 @@ def _kvcomp_decode_kernel(
     MODEL_DTYPE: tl.constexpr = kn_ptr.dtype.element_ty
     # dot operand dtype (the interpreter also mis-converts ints to bf16)
     OP_DT: tl.constexpr = tl.float32 if IEEE else MODEL_DTYPE
-    K_FOLD_CH: tl.constexpr = KEY_CHANNEL and BLOCK_N <= G
+    TS: tl.constexpr = BLOCK_N // WT
+    # per-channel key scales fold into the query over one key group: the
+    # shared tile lies in one group; warp tiles need only each slice to, and
+    # with slices of different groups (K_SLICE_G) each slice scales its own
+    K_FOLD_CH: tl.constexpr = KEY_CHANNEL and TS <= G
+    K_SLICE_G: tl.constexpr = K_FOLD_CH and BLOCK_N > G
     K_FOLD_TOK: tl.constexpr = (not KEY_CHANNEL) and K_NG == 1
     K_ASM: tl.constexpr = CVT_K == 3 and (K_FOLD_CH or K_FOLD_TOK)
     V_ASM: tl.constexpr = CVT_V == 3 and V_NG == 1
@@ -506,7 +515,6 @@ def _kvcomp_decode_kernel(
     K_W: tl.constexpr = D // K_PH
     V_RP: tl.constexpr = BLOCK_D // V_PH
     V_W: tl.constexpr = D // V_PH
-    TS: tl.constexpr = BLOCK_N // WT
 
     r = tl.arange(0, REP_P)
     row_ok = r < REP
@@ -606,25 +614,42 @@ def _kvcomp_decode_kernel(
             pbase = (page_off + K_PARAMS_OFF) // 4
             s = tl.zeros([WT, TS, REP_P], tl.float32)
             corr = tl.zeros([REP_P, K_RP], tl.float32)
+            corr3 = tl.zeros([WT, REP_P, K_RP], tl.float32)
+            if K_SLICE_G:
+                # each slice's key group; slices past Q(start) read no params
+                kgrp = (s0 + wi * TS) // G
+                kgm = (n0 + wi * TS < q_old)[:, None] & kbm[None, :]
             for j in tl.static_range(K_PH):
                 qj = _pick(j, q0, q1, q2, q3, q4, q5, q6, q7)
                 if K_ASM:
                     kop = _pick(j, k0, k1, k2, k3, k4, k5, k6, k7)
                 else:
                     kop = _codes_operand(_phase(kint, j, K_BITS, K_PH), CVT_K, OP_DT)
-                if K_FOLD_CH:
-                    sc, mn = _params(wp, pbase + (s0 // G) * D + kb * K_PH + j, kbm)
-                    a = _operand(qj * sc[None, :], IEEE, K_DT)
-                    corr += qj * mn[None, :]
-                    s += _mm(kop, tl.broadcast_to(tl.trans(a)[None, :, :], [WT, K_RP, REP_P]),
-                             IEEE, K_DT)
+                if K_SLICE_G:
+                    sc3, mn3 = _params(wp, pbase + kgrp[:, None] * D + (kb * K_PH + j)[None, :],
+                                       kgm)
+                    a3 = _operand(qj[None, :, :] * sc3[:, None, :], IEEE, K_DT)
+                    corr3 += qj[None, :, :] * mn3[:, None, :]
+                    if K_MAGIC != 0.0:
+                        corr3 -= K_MAGIC * a3.to(tl.float32)
+                    s += _mm(kop, tl.permute(a3, (0, 2, 1)), IEEE, K_DT)
                 else:
-                    a = _operand(qj, IEEE, MODEL_DTYPE)
-                    s += _mm(kop, tl.broadcast_to(tl.trans(a)[None, :, :], [WT, K_RP, REP_P]),
-                             IEEE, MODEL_DTYPE)
-                if K_MAGIC != 0.0:
-                    corr -= K_MAGIC * a.to(tl.float32)
-            s = s + tl.sum(corr, axis=1)[None, None, :]
+                    if K_FOLD_CH:
+                        sc, mn = _params(wp, pbase + (s0 // G) * D + kb * K_PH + j, kbm)
+                        a = _operand(qj * sc[None, :], IEEE, K_DT)
+                        corr += qj * mn[None, :]
+                        s += _mm(kop, tl.broadcast_to(tl.trans(a)[None, :, :],
+                                                      [WT, K_RP, REP_P]), IEEE, K_DT)
+                    else:
+                        a = _operand(qj, IEEE, MODEL_DTYPE)
+                        s += _mm(kop, tl.broadcast_to(tl.trans(a)[None, :, :],
+                                                      [WT, K_RP, REP_P]), IEEE, MODEL_DTYPE)
+                    if K_MAGIC != 0.0:
+                        corr -= K_MAGIC * a.to(tl.float32)
+            if K_SLICE_G:
+                s = s + tl.sum(corr3, axis=2)[:, None, :]
+            else:
+                s = s + tl.sum(corr, axis=1)[None, None, :]
             if not K_FOLD_CH:
                 sc, mn = _params(wp, pbase + slot3, valid3)
                 s = s * sc[:, :, None] + qsum[None, None, :] * mn[:, :, None]
@@ -970,16 +995,17 @@ def check_decode_launch(cfg: KvcompConfig, block_size: int, head_size: int,
         f"Refusing to serve wrong attention; please report this.")
 
 
-def decode_tiles(layout: PageLayout, block_n: int = 128) -> int:
-    """BLOCK_N: packed tokens per inner step. A power of two <= ``block_n``
-    dividing the block size (tiles never straddle pages) and, for per-channel
-    keys, <= group_size (a tile lies in one key group, so its scales fold into
-    the query); at least 16 for ``tl.dot``."""
+def decode_tiles(layout: PageLayout, block_n: int = 128, key_group_cap: bool = True) -> int:
+    """BLOCK_N of the shared tile: packed tokens per inner step. A power of two
+    <= ``block_n`` dividing the block size (tiles never straddle pages) and,
+    for per-channel keys, <= group_size (a tile lies in one key group, so its
+    scales fold into the query; ``key_group_cap=False`` drops this, see
+    ``decode_tiles_and_slices``); at least 16 for ``tl.dot``."""
     cfg = layout.config
     bn = 1 << (max(block_n, 1).bit_length() - 1)
     while layout.block_size % bn:
         bn //= 2
-    if cfg.k_bits < 16 and cfg.key_axis == "channel" and cfg.group_size >= 16:
+    if key_group_cap and cfg.k_bits < 16 and cfg.key_axis == "channel" and cfg.group_size >= 16:
         bn = min(bn, cfg.group_size)
     if bn < 16:
         raise NotImplementedError(
@@ -1014,14 +1040,37 @@ DEFAULT_LAUNCH = {"block_n": 128, "num_warps": 2, "num_stages": 2, "warp_tiles":
 SIXTEEN_BIT_LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
-def decode_warps_stages(cfg: KvcompConfig, warp_tiles: int, num_warps: int | None,
+def decode_tiles_and_slices(layout: PageLayout, consts: dict, block_n: int,
+                            warp_tiles: int) -> tuple[int, int]:
+    """(BLOCK_N, warp tiles) of the packed loop. Per-channel keys in key groups
+    shorter than ``block_n`` (KIVI-2's 32 tokens) cap the shared tile at one
+    group, which makes the loop pay its fixed cost per tile 4x as often. Warp
+    tiles need only each slice in one group: there the tile widens to
+    ``block_n`` with one slice per group at most (more slices than warps: each
+    warp takes several), where values fold too (one channel group). Elsewhere
+    ``decode_tiles`` and ``decode_warp_tiles``."""
+    cfg = layout.config
+    if warp_tiles & (warp_tiles - 1) or warp_tiles < 1:
+        raise ValueError(f"warp_tiles={warp_tiles}: must be a power of two")
+    bn = decode_tiles(layout, block_n)
+    if (warp_tiles > 1 and cfg.key_axis == "channel" and cfg.k_bits < 16 and cfg.v_bits < 16
+            and consts["V_NG"] == 1):
+        wide = decode_tiles(layout, block_n, key_group_cap=False)
+        ts = min(wide // warp_tiles, cfg.group_size)
+        if wide > bn and ts >= 16:
+            return wide, wide // ts
+    return bn, decode_warp_tiles(cfg, consts, bn, warp_tiles)
+
+
+def decode_warps_stages(cfg: KvcompConfig, num_warps: int | None,
                         num_stages: int | None) -> tuple[int, int]:
-    """(num_warps, num_stages): the caller's, else the measured default for
-    the path the launch takes (``warp_tiles`` as ``decode_warp_tiles`` gave
-    it). Warp tiles need one warp per slice at least."""
+    """(num_warps, num_stages): the caller's, else the measured default of
+    the config's pages (quantized or 16-bit)."""
     base = SIXTEEN_BIT_LAUNCH if cfg.k_bits == 16 and cfg.v_bits == 16 else DEFAULT_LAUNCH
     if num_warps is None:
-        num_warps = max(base["num_warps"], warp_tiles) if warp_tiles > 1 else base["num_warps"]
+        # more slices than warps: each warp takes several (4 slices on 2 or 4
+        # warps ran within 5 % of each other, H200, 2026-11-30)
+        num_warps = base["num_warps"]
     return num_warps, base["num_stages"] if num_stages is None else num_stages
 
 
@@ -1120,12 +1169,7 @@ def kvcomp_decode_attention(
     # would make every softmax / scaling op on the score tile 16 / rep times
     # wider (and cost registers)
     rep_p = triton.next_power_of_2(rep) if rep_m is None else rep_m
-    bn = decode_tiles(layout, block_n)
     br = max(16, triton.next_power_of_2(block_r))
-    if num_splits is None:
-        sms = _num_sms(query.device.index or 0) if query.is_cuda else 132
-        num_splits = decode_num_splits(B, H, max_seq_len, cfg, bn, num_sms=sms)
-    num_splits = max(1, int(num_splits))
     # The interpreter's bf16 tl.dot is wrong (numpy has no bf16): fp32 dots
     # there, so CPU tests do not cover the bf16 tensor-core path.
     ieee = query.dtype == torch.float32 or interpreted()
@@ -1139,9 +1183,20 @@ def kvcomp_decode_attention(
     if key_fold not in ("split", "fp16", "bf16"):
         raise ValueError(f"key_fold={key_fold!r}: choose 'split', 'fp16' or 'bf16'")
     fold = key_fold if (not ieee and query.dtype == torch.bfloat16) else "bf16"
-    # the fold exists only where a tile lies in one key group (per-channel keys)
+    # the hi + lo key operands of key_fold="split" exist only in the shared tile
+    if fold == "split":
+        bn, wt = decode_tiles(layout, block_n), 1
+    else:
+        bn, wt = decode_tiles_and_slices(
+            layout, consts, block_n,
+            DEFAULT_LAUNCH["warp_tiles"] if warp_tiles is None else warp_tiles)
+    if num_splits is None:
+        sms = _num_sms(query.device.index or 0) if query.is_cuda else 132
+        num_splits = decode_num_splits(B, H, max_seq_len, cfg, bn, num_sms=sms)
+    num_splits = max(1, int(num_splits))
+    # the fold exists only where a slice lies in one key group (per-channel keys)
     fp16_keys = (fold == "fp16" and cfg.key_axis == "channel" and cfg.k_bits < 16
-                 and bn <= cfg.group_size)
+                 and bn // wt <= cfg.group_size)
     for which, bits in (("K", cfg.k_bits), ("V", cfg.v_bits)):
         cvt = code_conversion(bits, query.dtype, ieee) if code_cvt is None else code_cvt
         assert cvt == 0 or (cvt == 1 and (ieee or query.dtype == torch.float16)) or (
@@ -1158,10 +1213,7 @@ def kvcomp_decode_attention(
         consts[f"CVT_{which}"] = cvt if bits < 16 else 0
         consts[f"{which}_MAGIC"] = _magic(
             consts[f"CVT_{which}"], torch.float16 if which == "K" and fp16_keys else query.dtype)
-    # the hi + lo key operands of key_fold="split" exist only in the shared tile
-    wt = decode_warp_tiles(cfg, consts, bn, DEFAULT_LAUNCH["warp_tiles"] if warp_tiles is None
-                           else warp_tiles) if fold != "split" else 1
-    num_warps, num_stages = decode_warps_stages(cfg, wt, num_warps, num_stages)
+    num_warps, num_stages = decode_warps_stages(cfg, num_warps, num_stages)
     if num_splits > 1:
         part_o = torch.empty(B, Hq, num_splits, block_d, dtype=torch.float32,
                              device=query.device)

@@ -48,10 +48,12 @@ KV_SIZE_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
 
 
 # ---------------------------------------------------------------- settings
-def _kvcomp(k, v, residual=128, axis="channel", group=None):
+def _kvcomp(k, v, residual=128, axis="channel", group=None, value_group=None):
     kv = {"k_bits": k, "v_bits": v, "residual_tokens": residual, "key_axis": axis}
     if group is not None:
         kv["group_size"] = group
+    if value_group is not None:
+        kv["value_group_size"] = value_group
     return {"kvcomp": kv, "bits": (k + v) / 2}
 
 
@@ -87,7 +89,8 @@ ALIASES = {"kvcomp_k4v4": "kvcomp_k4v4_r128_channel", "kvcomp_k8v8": "kvcomp_k8v
            "kvcomp_k2v2_kivi": "kvcomp_k2v2_r128_channel_g32"}
 
 
-KVCOMP_NAME_RE = re.compile(r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?")
+KVCOMP_NAME_RE = re.compile(
+    r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?(?:_vg(\d+))?")
 
 
 def settings_for(names) -> dict:
@@ -98,8 +101,9 @@ def settings_for(names) -> dict:
     for n in names:
         m = KVCOMP_NAME_RE.fullmatch(n)
         if n not in cat and m:
-            k, v, r, axis, g = m.groups()
-            cat[n] = _kvcomp(int(k), int(v), int(r), axis, int(g) if g else None)
+            k, v, r, axis, g, vg = m.groups()
+            cat[n] = _kvcomp(int(k), int(v), int(r), axis, int(g) if g else None,
+                             int(vg) if vg else None)
     return cat
 
 
@@ -112,7 +116,7 @@ def select_settings(names: str | None, quick: bool) -> list:
         n = ALIASES.get(n.strip(), n.strip())
         if n not in known and not KVCOMP_NAME_RE.fullmatch(n):
             raise SystemExit(f"unknown setting {n!r}; known: {', '.join(known)}, or "
-                             "kvcomp_k<bits>v<bits>_r<residual>_<channel|token>[_g<group>]")
+                             "kvcomp_k<bits>v<bits>_r<residual>_<channel|token>[_g<group>][_vg<value group>]")
         out.append(n)
     if "baseline" not in out:
         out.insert(0, "baseline")  # agreement is measured against it

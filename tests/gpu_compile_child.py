@@ -108,8 +108,8 @@ def decode_case(c) -> list:
     from vllm_kvcomp.kernels.decode_batch import DecodeBatch
 
     D, dtype = c["D"], DTYPES[c["dtype"]]
-    cfg = KvcompConfig(k_bits=c["bits"][0], v_bits=c["bits"][1], group_size=D,
-                       residual_tokens=16, key_axis=c["axis"])
+    cfg = KvcompConfig(k_bits=c["bits"][0], v_bits=c["bits"][1], group_size=c.get("G", D),
+                       residual_tokens=16, key_axis=c["axis"], value_group_size=c.get("VG"))
     b = DecodeBatch(cfg, [1, D + 26, 3 * D + 11], H=2, D=D, rep=4, block_size=D,
                     dtype=dtype, seed=11)
     with captured_launches(triton_decode, triton_store) as calls:

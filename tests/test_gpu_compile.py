@@ -42,6 +42,10 @@ def _cases():
     for b, a, t in WARP_TILES:
         cases.append(dict(id=f"decode-warp-tiles-k{b[0]}v{b[1]}-{a}-{t}", what="decode", bits=b,
                           axis=a, D=128, dtype=t, kw={"warp_tiles": 4}))
+    # KIVI-2's 32-token key groups, values in one group: 128-token warp tiles,
+    # one key group a slice (decode_tiles_and_slices)
+    cases.append(dict(id="decode-key-slices-k2v2-bf16", what="decode", bits=(2, 2),
+                      axis="channel", D=128, dtype="bf16", G=32, VG=128, kw={}))
     cases += [dict(id="prefill-store-" + i, what="prefill_store", bits=b, D=D, dtype=t)
               for i, (b, D, t) in zip(PREFILL_STORE_IDS, PREFILL_STORE)]
     return cases
@@ -84,6 +88,16 @@ def test_warp_tiles_compile_without_loop_barriers(compiled, bits, axis, dtype):
     shared = _kernels(compiled, "decode-fp16-fold")["_kvcomp_decode_kernel"]
     assert main["loop_barriers"] * 2 < shared["loop_barriers"], (main, shared)
     assert main["mma"] < shared["mma"], (main, shared)
+
+
+def test_key_slices_compile(compiled):
+    """The warp-tile loop over 128-token tiles whose slices each fold their
+    own key group's scales builds for sm_90: tensor-core dots, PTX unpacking,
+    and the few barriers of warp tiles."""
+    main = _kernels(compiled, "decode-key-slices-k2v2-bf16")["_kvcomp_decode_kernel"]
+    assert main["mma"] > 0 and main["inline_lop3"] > 0, main
+    shared = _kernels(compiled, "decode-fp16-fold")["_kvcomp_decode_kernel"]
+    assert main["loop_barriers"] * 2 < shared["loop_barriers"], (main, shared)
 
 
 def test_key_folds_mma_counts(compiled):

@@ -176,6 +176,10 @@ def test_settings_and_engine_kwargs():
     mixed = evaluate.settings_for(["kvcomp_k2v4_r64_token_g32"])["kvcomp_k2v4_r64_token_g32"]
     assert mixed == {"kvcomp": {"k_bits": 2, "v_bits": 4, "residual_tokens": 64,
                                 "key_axis": "token", "group_size": 32}, "bits": 3.0}
+    vg = evaluate.settings_for(["kvcomp_k2v2_r128_channel_g32_vg128"])
+    assert vg["kvcomp_k2v2_r128_channel_g32_vg128"]["kvcomp"] == {
+        "k_bits": 2, "v_bits": 2, "residual_tokens": 128, "key_axis": "channel",
+        "group_size": 32, "value_group_size": 128}
     assert evaluate.select_settings(None, True) == list(evaluate.QUICK_SETTINGS)
     with pytest.raises(SystemExit):
         evaluate.select_settings("nope", False)

@@ -33,6 +33,7 @@ from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
     DEFAULT_LAUNCH,
     decode_num_splits,
     decode_tiles,
+    decode_tiles_and_slices,
     decode_warp_tiles,
     decode_warps_stages,
     kvcomp_decode_attention,
@@ -283,16 +284,42 @@ def test_warp_tiles(bits, axis, D, rep, warp_tiles):
     check(batch, warp_tiles=warp_tiles)
 
 
+SLICE_CASES = [((4, 4), 16, 64, 64, 2), ((2, 2), 32, 128, 128, 2), ((4, 2), 32, 64, 128, 4),
+               ((8, 8), 16, 64, 64, 4)]
+
+
+@pytest.mark.parametrize("bits,G,D,bs,warp_tiles", SLICE_CASES,
+                         ids=[f"k{b[0]}v{b[1]}-g{G}-d{D}-bs{bs}-wt{w}"
+                              for b, G, D, bs, w in SLICE_CASES])
+def test_warp_tiles_span_key_groups(bits, G, D, bs, warp_tiles):
+    """Key groups shorter than the tile (KIVI-2's 32 tokens) with values in
+    one channel group: the warp-tile loop widens the tile to the page and
+    gives each slice one key group, each folding its own group's scales into
+    the query (the shared tile stops at one group a tile)."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=G, value_group_size=D,
+                       residual_tokens=16)
+    batch = DecodeBatch(cfg, lens_for(cfg), H=2, D=D, rep=4, block_size=bs, seed=G + D)
+    consts = layout_constexprs(batch.layout)
+    bn, wt = decode_tiles_and_slices(batch.layout, consts, 128, warp_tiles)
+    assert bn == min(128, bs) > G and bn // wt == min(bn // warp_tiles, G), (bn, wt)
+    assert decode_tiles(batch.layout) == G
+    check(batch, warp_tiles=warp_tiles)
+
+
+def test_small_key_groups_keep_the_shared_tile_where_values_are_not_folded():
+    """KIVI's own split (32 channels a value group) stays on the shared tile."""
+    layout = PageLayout(KvcompConfig(k_bits=2, v_bits=2, group_size=32), 128, 128)
+    assert decode_tiles_and_slices(layout, layout_constexprs(layout), 128, 2) == (32, 1)
+
+
 def test_default_launch():
     """Warp tiles with 2 warps and 2 stages where they apply (measured, H200,
     2026-11-30); the caller's values win; 16-bit pages keep 4 warps, 3 stages."""
     q = KvcompConfig(k_bits=4, v_bits=4)
     assert DEFAULT_LAUNCH == {"block_n": 128, "num_warps": 2, "num_stages": 2, "warp_tiles": 2}
-    assert decode_warps_stages(q, 2, None, None) == (2, 2)
-    assert decode_warps_stages(q, 1, None, None) == (2, 2)   # quantized shared tile
-    assert decode_warps_stages(q, 4, None, None) == (4, 2)   # a warp per slice at least
-    assert decode_warps_stages(q, 2, 8, 3) == (8, 3)
-    assert decode_warps_stages(KvcompConfig(k_bits=16, v_bits=16), 1, None, None) == (4, 3)
+    assert decode_warps_stages(q, None, None) == (2, 2)
+    assert decode_warps_stages(q, 8, 3) == (8, 3)
+    assert decode_warps_stages(KvcompConfig(k_bits=16, v_bits=16), None, None) == (4, 3)
 
 
 def test_warp_tiles_fall_back_where_not_folded():

@@ -341,3 +341,13 @@ def test_prefill_falls_back_when_the_gpu_lacks_resources(monkeypatch):
     assert list(tp._smaller_launches(128, 128, 8, 3)) == [
         (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2),
         (64, 32, 4, 1)]
+
+
+@pytest.mark.parametrize("bits, group, vgroup, D", [((2, 2), 32, 128, 128), ((4, 4), 16, 32, 64)],
+                         ids=["k2v2-g32-vg128", "k4v4-g16-vg32"])
+def test_prefill_value_groups_apart_from_key_groups(bits, group, vgroup, D):
+    """value_group_size: key groups and value channel groups of their own."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=group, residual_tokens=24,
+                       value_group_size=vgroup)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=D, rep=2, seed=group + vgroup, block_size=64)
+    check(step)

@@ -282,3 +282,13 @@ def test_comparator_catches_swapped_nibbles():
     codes.copy_((codes >> 4) | (codes << 4))
     with pytest.raises(AssertionError):
         compare_packed(ref_p, bad, step.layout)
+
+
+@pytest.mark.parametrize("bits, group, vgroup, D", [((2, 2), 32, 128, 128), ((4, 2), 16, 64, 64)],
+                         ids=["k2v2-g32-vg128", "k4v2-g16-vg64"])
+def test_store_value_groups_apart_from_key_groups(bits, group, vgroup, D):
+    """value_group_size: 32-token key groups next to one value group a head."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=group, residual_tokens=24,
+                       value_group_size=vgroup)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=D, dtype=torch.bfloat16, seed=5, block_size=64)
+    check_store(step)

@@ -51,6 +51,7 @@ def _engine_config(model, kvcomp=None, **kwargs):
     ({"k_bitz": 4}, "unknown kvcomp setting"),
     ({"group_size": 100}, "group_size=100"),
     ({"residual_tokens": "many"}, "residual_tokens"),
+    ({"value_group_size": 12}, "value_group_size=12"),
 ])
 def test_bad_settings_fail_at_startup(llama, kvcomp, message):
     with pytest.raises(ValueError, match=message):
@@ -111,3 +112,13 @@ def test_mla_model_is_named(llama, tmp_path):
 def test_tensor_parallel_is_named(llama):
     with pytest.raises(ValueError, match="tensor parallel"):
         _engine_config(llama, tensor_parallel_size=2)
+
+
+def test_channel_groups_must_divide_the_head_size(llama, tmp_path):
+    model = _variant(llama, tmp_path, head_dim=96)
+    with pytest.raises(ValueError, match="value_group_size=64 does not divide the model's "
+                                         "head size 96"):
+        _engine_config(model, {"value_group_size": 64})
+    with pytest.raises(ValueError, match="group_size=64 does not divide"):
+        _engine_config(model, {"group_size": 64, "key_axis": "token"})
+    assert _engine_config(model, {"value_group_size": 32}) is not None

@@ -80,6 +80,11 @@ class KvcompConfig:
         one scale/zero per channel per group of tokens), and channels per group
         for per-token quantization (values, and keys when ``key_axis ==
         "token"``), capped at head_size.
+    value_group_size: channels per value group (values are quantized per
+        token); ``None`` (default) uses ``group_size``, as KIVI does. Apart
+        from it, small key groups (KIVI-2's 32 tokens) need not force small
+        value groups, and value groups as wide as the head let the decode
+        kernel fold the value scales into its dots.
     residual_tokens: how many of the most recent tokens stay in full precision
         (KIVI's residual). They live in a second, sliding KV cache group whose
         pages come from vLLM's block pool, so they are counted in the budget.
@@ -105,6 +110,7 @@ class KvcompConfig:
     value_axis: str = "token"
     block_size: int | None = None
     fresh_prefill: str = "triton"
+    value_group_size: int | None = None
 
     # ------------------------------------------------------------------ derive
     @property
@@ -131,7 +137,7 @@ class KvcompConfig:
         return max(0, num_tokens - self.residual_tokens) // align * align
 
     def value_group(self, head_size: int) -> int:
-        return min(self.group_size, head_size)
+        return min(self.value_group_size or self.group_size, head_size)
 
     def key_channel_group(self, head_size: int) -> int:
         return min(self.group_size, head_size)
@@ -174,6 +180,13 @@ class KvcompConfig:
         if isinstance(g, bool) or not isinstance(g, int) or g < 8 or g & (g - 1):
             raise KvcompConfigError(
                 f"kvcomp group_size={g!r} must be a power of two >= 8"
+            )
+        vg = self.value_group_size
+        if vg is not None and (isinstance(vg, bool) or not isinstance(vg, int) or vg < 8
+                               or vg & (vg - 1)):
+            raise KvcompConfigError(
+                f"kvcomp value_group_size={vg!r} must be a power of two >= 8 (or null: "
+                f"group_size)"
             )
         r = self.residual_tokens
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:

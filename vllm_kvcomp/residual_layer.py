@@ -33,6 +33,7 @@ def packed_spec(
         key_axis=cfg.key_axis,
         residual_tokens=cfg.residual_tokens,
         model_dtype=model_dtype,
+        value_group_size=cfg.value_group_size,
     )
 
 

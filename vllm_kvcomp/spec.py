@@ -44,6 +44,7 @@ class KvcompSpec(FullAttentionSpec):
     key_axis: str = "channel"
     residual_tokens: int = 0
     model_dtype: torch.dtype = torch.bfloat16
+    value_group_size: int | None = None
 
     @property
     def kvcomp_config(self) -> KvcompConfig:
@@ -53,6 +54,7 @@ class KvcompSpec(FullAttentionSpec):
             group_size=self.group_size,
             key_axis=self.key_axis,
             residual_tokens=self.residual_tokens,
+            value_group_size=self.value_group_size,
         )
 
     @property
@@ -71,7 +73,8 @@ class KvcompSpec(FullAttentionSpec):
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
         merged = super().merge(specs)
-        fields = ("k_bits", "v_bits", "group_size", "key_axis", "residual_tokens", "model_dtype")
+        fields = ("k_bits", "v_bits", "group_size", "key_axis", "residual_tokens", "model_dtype",
+                  "value_group_size")
         for f in fields:
             assert all(getattr(s, f) == getattr(specs[0], f) for s in specs), (
                 f"all KVCOMP layers of a KV cache group must share {f}"

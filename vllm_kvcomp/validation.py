@@ -90,6 +90,21 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
             "the KVCOMP attention backend does not support: " + "; ".join(problems)
         )
 
+    if mc is not None:
+        head = mc.get_head_size()
+        groups = []
+        if cfg.v_bits < 16:
+            groups.append(("value_group_size" if cfg.value_group_size else "group_size",
+                           cfg.value_group(head)))
+        if cfg.k_bits < 16 and cfg.key_axis == "token":
+            groups.append(("group_size", cfg.key_channel_group(head)))
+        for name, g in groups:
+            if head % g:
+                raise KvcompConfigError(
+                    f"kvcomp {name}={g} does not divide the model's head size {head} "
+                    f"(channels are quantized in groups of {g} per token)"
+                )
+
     align = cfg.key_token_align
     if cfg.block_size is not None:
         if cc.user_specified_block_size and cc.block_size != cfg.block_size:
