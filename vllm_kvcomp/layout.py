@@ -19,7 +19,8 @@ region                contents
                       ``[block_size, head_size / kg, 2]``. Empty at 16 bits.
 ``v_codes``           as ``k_codes`` with ``v_bits``.
 ``v_params``          ``[block_size, head_size / vg, 2]`` fp16 pairs, values
-                      quantized per token in groups of ``vg`` channels.
+                      quantized per token in groups of ``vg`` channels
+                      (``value_group_size``, by default ``group_size``).
 ====================  =========================================================
 
 Dequantization is ``x = code * scale + min`` (asymmetric, codes in
