@@ -137,3 +137,61 @@ def test_admission_cap_covers_an_unsettled_step(residual, align, bs):
     assert worst <= cap
     assert worst >= cap - 2  # nearly reached by random chunkings
 
+
+
+# ---------------------------------------------------------------- packed pages
+
+@pytest.mark.parametrize("bits,group,residual", [(4, 128, 128), (2, 32, 128), (4, 32, 0)])
+def test_packed_pages_are_taken_when_packed_tokens_reach_them(bits, group, residual):
+    """The packed group holds cdiv(Q(n), bs) pages for n tokens, not cdiv(n, bs):
+    the window's tokens [Q(n), n) are in the residual group. Checked through
+    vLLM's own block pool and manager lookup, growing a request step by step;
+    pages come back to the pool when it is freed."""
+    import torch
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+
+    from vllm_kvcomp.spec import KvcompPackedManager, KvcompSpec
+
+    bs = 128
+    spec = KvcompSpec(block_size=bs, num_kv_heads=2, head_size=128, dtype=torch.uint8,
+                      k_bits=bits, v_bits=bits, group_size=group, residual_tokens=residual)
+    pool = BlockPool(num_gpu_blocks=64, enable_caching=True, hash_block_size=bs)
+    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=512, max_model_len=4096,
+                                        block_pool=pool, enable_caching=True,
+                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    assert isinstance(mgr, KvcompPackedManager)
+    free0 = pool.get_num_free_blocks()
+    held = 0
+    rng = random.Random(bits + group + residual)
+    n = 0
+    while n < 3000:
+        n += rng.choice([1, 1, 1, 37, 200])
+        want = math.ceil(spec.packed_tokens(n) / bs)
+        assert spec.packed_tokens(n) == max(0, n - residual) // group * group
+        need = mgr.get_num_blocks_to_allocate("r", n, [], 0, 0, n)
+        assert need == want - held, (n, need, want, held)
+        mgr.allocate_new_blocks("r", n, n)
+        held = len(mgr.req_to_blocks["r"])
+        assert held == want
+        assert pool.get_num_free_blocks() == free0 - held
+        # fewer pages than full attention would hold, once there is a window
+        assert held <= math.ceil(n / bs)
+    mgr.free("r")
+    assert pool.get_num_free_blocks() == free0
+
+
+def test_packed_spec_memory_is_for_packed_tokens():
+    """The per-request budget vLLM sizes its capacity log with: pages for
+    Q(max_model_len) tokens."""
+    import torch
+
+    from vllm_kvcomp.spec import KvcompSpec
+
+    class VC:
+        class model_config:
+            max_model_len = 4096
+
+    spec = KvcompSpec(block_size=128, num_kv_heads=2, head_size=128, dtype=torch.uint8,
+                      k_bits=4, v_bits=4, group_size=128, residual_tokens=128)
+    assert spec.max_memory_usage_bytes(VC) == (4096 - 128) // 128 * spec.page_size_bytes
