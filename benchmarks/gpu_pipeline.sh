@@ -50,7 +50,8 @@
 #       TurboQuant with the new default (last run: s4), k2v2-kivi (group 32) and k2v2-g32-vg128
 #       (32-token key groups, one value group: 128-token warp tiles, untimed) included; e2e7
 #       also runs kvcomp_k2v2_g32_vg128 and kvcomp_k2v2_kivi, the 2-bit settings with good
-#       quality (s7's k2v2 row is group 128: +12 % perplexity on the 4-layer model): kernel tests (warp tiles on the
+#       quality (s7's k2v2 row is group 128: +12 % perplexity on the 4-layer model), and
+#       W2 with packed pages held for Q(n) tokens only (KvcompPackedManager, after s7): kernel tests (warp tiles on the
 #       GPU for the first time), the warp-tile sweep, then the seven formats with the current
 #       kernels (make the sweep's winner the default first if it beats the shared tile)
 set -uo pipefail
