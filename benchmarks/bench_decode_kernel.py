@@ -91,7 +91,6 @@ from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
     DEFAULT_LAUNCH,
     decode_attention_reference,
     decode_num_splits,
-    decode_tiles,
     decode_tiles_and_slices,
     kvcomp_decode_attention,
 )

@@ -117,7 +117,6 @@ class DecodeBatch:
         return out.cpu()
 
 
-
 def lens_for(cfg: KvcompConfig) -> list[int]:
     """Lengths around the interesting boundaries: only the fresh token, only
     residual (Q(start) = 0), a Q that is not a block multiple, and longer."""

@@ -119,6 +119,7 @@ bf16 P of flash attention), accumulating in fp32.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 
@@ -949,7 +950,6 @@ def check_decode_launch(cfg: KvcompConfig, block_size: int, head_size: int,
     device = torch.device(device)
     if device.type != "cuda" and not check_on_cpu:
         return launch
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     key = (cfg, block_size, head_size, dtype, rep, str(device), tuple(sorted(launch.items())))
     if key in _CHECKED_LAUNCHES:
         return _CHECKED_LAUNCHES[key]
@@ -973,19 +973,17 @@ def check_decode_launch(cfg: KvcompConfig, block_size: int, head_size: int,
     tried = [launch]
     if launch.get("warp_tiles", DEFAULT_LAUNCH["warp_tiles"]) != 1:
         tried.append({**launch, "warp_tiles": 1})
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     errors = []
     for kw in tried:
         errors.append(error(kw))
         if errors[-1] <= 1:
             if kw is not launch:
-                import logging
-
                 logging.getLogger("vllm_kvcomp").warning(
                     "kvcomp: the decode launch %s disagrees with the reference on %s "
                     "(%s, head_size %d, %d query heads a KV head; error %.3g of the "
                     "tolerance): serving with the shared tile %s instead",
-                    launch, where, dtype, head_size, rep,
-                    errors[0], kw)
+                    launch, where, dtype, head_size, rep, errors[0], kw)
             _CHECKED_LAUNCHES[key] = kw
             return kw
     raise RuntimeError(
@@ -1020,16 +1018,26 @@ def decode_warp_tiles(cfg: KvcompConfig, consts: dict, block_n: int, warp_tiles:
     paths only (both sides quantized, keys per channel with a tile inside one
     group or per token in one channel group, values in one channel group);
     1 (one tile shared by all warps) elsewhere."""
-    if warp_tiles & (warp_tiles - 1) or warp_tiles < 1:
-        raise ValueError(f"warp_tiles={warp_tiles}: must be a power of two")
+    _check_warp_tiles(warp_tiles)
     warp_tiles = min(warp_tiles, max(1, block_n // 16))
     if warp_tiles == 1:
         return 1
     keys_folded = (block_n <= cfg.group_size if cfg.key_axis == "channel"
                    else consts["K_NG"] == 1)
-    if cfg.k_bits == 16 or cfg.v_bits == 16 or not keys_folded or consts["V_NG"] != 1:
+    if not keys_folded or not _values_fold(cfg, consts):
         return 1
     return warp_tiles
+
+
+def _check_warp_tiles(warp_tiles: int) -> None:
+    if warp_tiles & (warp_tiles - 1) or warp_tiles < 1:
+        raise ValueError(f"warp_tiles={warp_tiles}: must be a power of two")
+
+
+def _values_fold(cfg: KvcompConfig, consts: dict) -> bool:
+    """Both sides quantized and a token's values one channel group: what the
+    warp-tile loop needs besides keys folded per slice."""
+    return cfg.k_bits < 16 and cfg.v_bits < 16 and consts["V_NG"] == 1
 
 
 # The launch the backend runs with no KVCOMP_DECODE_LAUNCH, where warp tiles
@@ -1050,11 +1058,9 @@ def decode_tiles_and_slices(layout: PageLayout, consts: dict, block_n: int,
     warp takes several), where values fold too (one channel group). Elsewhere
     ``decode_tiles`` and ``decode_warp_tiles``."""
     cfg = layout.config
-    if warp_tiles & (warp_tiles - 1) or warp_tiles < 1:
-        raise ValueError(f"warp_tiles={warp_tiles}: must be a power of two")
+    _check_warp_tiles(warp_tiles)
     bn = decode_tiles(layout, block_n)
-    if (warp_tiles > 1 and cfg.key_axis == "channel" and cfg.k_bits < 16 and cfg.v_bits < 16
-            and consts["V_NG"] == 1):
+    if warp_tiles > 1 and cfg.key_axis == "channel" and _values_fold(cfg, consts):
         wide = decode_tiles(layout, block_n, key_group_cap=False)
         ts = min(wide // warp_tiles, cfg.group_size)
         if wide > bn and ts >= 16:

@@ -67,6 +67,10 @@ def parse_decode_launch(spec: str, var: str = DECODE_LAUNCH_ENV) -> dict[str, in
     return _parse_launch(spec, var, DECODE_LAUNCH_KEYS)
 
 
+def _power_of_two_from_8(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, int) and x >= 8 and not x & (x - 1)
+
+
 class KvcompConfigError(ValueError):
     """Raised for any invalid kvcomp setting or unsupported model feature."""
 
@@ -177,13 +181,12 @@ class KvcompConfig:
                     f"kvcomp {name}={v!r} is not supported; choose one of {SUPPORTED_BITS}"
                 )
         g = self.group_size
-        if isinstance(g, bool) or not isinstance(g, int) or g < 8 or g & (g - 1):
+        if not _power_of_two_from_8(g):
             raise KvcompConfigError(
                 f"kvcomp group_size={g!r} must be a power of two >= 8"
             )
         vg = self.value_group_size
-        if vg is not None and (isinstance(vg, bool) or not isinstance(vg, int) or vg < 8
-                               or vg & (vg - 1)):
+        if vg is not None and not _power_of_two_from_8(vg):
             raise KvcompConfigError(
                 f"kvcomp value_group_size={vg!r} must be a power of two >= 8 (or null: "
                 f"group_size)"

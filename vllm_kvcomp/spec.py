@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from typing_extensions import Self
@@ -48,7 +49,9 @@ class KvcompSpec(FullAttentionSpec):
     model_dtype: torch.dtype = torch.bfloat16
     value_group_size: int | None = None
 
-    @property
+    # cached: packed_tokens runs in the scheduler for every request and step
+    # (the spec is frozen, so the cache can never go stale)
+    @cached_property
     def kvcomp_config(self) -> KvcompConfig:
         return KvcompConfig(
             k_bits=self.k_bits,
@@ -59,7 +62,7 @@ class KvcompSpec(FullAttentionSpec):
             value_group_size=self.value_group_size,
         )
 
-    @property
+    @cached_property
     def layout(self) -> PageLayout:
         return PageLayout(
             self.kvcomp_config,
