@@ -81,27 +81,31 @@ def compile_sm90(jit, args, kw):
     return triton.compile(ASTSource(jit, signature, constexprs), target=SM90, options=options)
 
 
-def main_loop_barriers(ptx: str) -> int:
-    """``bar.sync`` in the loop (a backward branch's body) holding the most
-    MMAs: the per-tile barriers of a kernel's main loop."""
+def main_loop_stats(ptx: str) -> tuple[int, int, int]:
+    """(MMAs, ``bar.sync``, instructions) of the loop (a backward branch's
+    body) holding the most MMAs: one step of a kernel's main loop."""
     lines = ptx.split("\n")
     labels = {m.group(1): i for i, line in enumerate(lines)
               if (m := re.match(r"^(\$L__BB\d+_\d+):", line))}
-    best = (-1, 0)
+    best = (-1, 0, 0)
     for i, line in enumerate(lines):
         m = re.search(r"bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
         if m and labels.get(m.group(1), i) < i:
             body = lines[labels[m.group(1)]:i]
             best = max(best, (sum("mma.sync" in b for b in body),
-                              sum("bar.sync" in b for b in body)))
-    return best[1]
+                              sum("bar.sync" in b for b in body),
+                              sum(1 for b in body if b.strip() and not b.strip().startswith(
+                                  ("$", "//", "{", "}", ".")))))
+    return best
 
 
 def summary(jit, kernel) -> dict:
     ptx = kernel.asm["ptx"]
+    loop_mma, loop_barriers, loop_instructions = main_loop_stats(ptx)
     return {"kernel": jit.fn.__name__, "cubin_bytes": len(kernel.asm["cubin"]),
             "mma": ptx.count("mma.sync") + ptx.count("wgmma.mma_async"),
-            "inline_lop3": ptx.count("lop3.b32"), "loop_barriers": main_loop_barriers(ptx)}
+            "inline_lop3": ptx.count("lop3.b32"), "loop_barriers": loop_barriers,
+            "loop_mma": loop_mma, "loop_instructions": loop_instructions}
 
 
 def decode_case(c) -> list:
