@@ -48,6 +48,11 @@ SETTINGS = {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "fresh_prefill": "flash_attn"}}},
     # (2026-11-23, H200: the split's run was named kvcomp_k4v4 when it was the
     # default and the one-pass run kvcomp_k4v4_triton_prefill)
+    # KIVI's footprint for the window: residual_tokens 0 with 128-token key groups keeps
+    # the last 0..127 tokens in full precision (KIVI's R = 128), where the default
+    # residual_tokens 128 keeps 128..255; quality: about +0.2 % perplexity (docs/quality.md)
+    "kvcomp_k4v4_r0": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 0}}},
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
     # the quality-recommended 2-bit setting (KIVI: 32-token key groups, 32-channel value
@@ -66,7 +71,10 @@ WORKLOADS = {"W1": (256, 4096, 256), "W2": (512, 1024, 2048),
              # W1's prefill alone (one output token): the part no KV format can shorten
              "W1p": (256, 4096, 1),
              # a slice of W1p to profile (a few 16K-token prefill steps)
-             "W1ps": (16, 4096, 1)}
+             "W1ps": (16, 4096, 1),
+             # W2's decode at batch 512: profile with --profile-delay 520 (prefill done,
+             # 512 requests at ~1.5K context, which still fit a whole H200 in bf16)
+             "W2ps": (512, 1024, 600)}
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
@@ -113,7 +121,10 @@ def run_one(args):
         kwargs["profiler_config"] = {
             "profiler": "torch", "torch_profiler_dir": os.path.join(args.profile, args.setting),
             "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True,
-            "delay_iterations": args.profile_delay, "max_iterations": args.profile_iters}
+            "delay_iterations": args.profile_delay, "max_iterations": args.profile_iters,
+            # only the engine's steps: a frontend profiler running through the delay
+            # would cost the run itself
+            "ignore_frontend": True}
     if args.capture_sizes:
         # the same short list for every setting: vLLM pads a decode batch to
         # the next size, and a long list costs minutes of capture per engine

@@ -44,16 +44,12 @@
 # 2026-11-30 (H200, s6) ran: PLAN="tests train8 dsweep quality8 w1ab" (results/2026-11-30-h200-s6)
 # 2026-11-30 (H200 x2, s7): GPUS="0 1" PLAN="tests dsweep2 e2e7" KV_GIB=54.3 E2E7_TIMEOUT=720
 #       (results/2026-11-30-h200x2-s7; warp tiles became the default decode launch after it)
-# next: GPUS="0 1" PLAN="tests dsweep2 decode e2e7" KV_GIB=54.3: the kernel tests now reach the
-#       warp tiles' bf16 / fp16 tensor-core path (first time on a GPU); dsweep2 also tries a
-#       register cap of 128 on warp tiles; decode: the 1K-128K table against FA3 / int4 /
-#       TurboQuant with the new default (last run: s4), k2v2-kivi (group 32) and k2v2-g32-vg128
-#       (32-token key groups, one value group: 128-token warp tiles, untimed) included; e2e7
-#       also runs kvcomp_k2v2_g32_vg128 and kvcomp_k2v2_kivi, the 2-bit settings with good
-#       quality (s7's k2v2 row is group 128: +12 % perplexity on the 4-layer model), and
-#       W2 with packed pages held for Q(n) tokens only (KvcompPackedManager, after s7): kernel tests (warp tiles on the
-#       GPU for the first time), the warp-tile sweep, then the seven formats with the current
-#       kernels (make the sweep's winner the default first if it beats the shared tile)
+# s8 (one H200): PLAN="tests profile2 e2e7 decode_last" KV_GIB=54.3 E2E7_TIMEOUT=600
+#       E2E7_SETTINGS="kvcomp_k4v4 kvcomp_k4v4_r0 kvcomp_k2v2_g32_vg128 bf16 kvcomp_k2v2_kivi"
+#       DECODE_CONTEXTS=1024,8192,32768,131072: kernel tests with warp tiles as the default (their
+#       bf16 / fp16 path on a GPU for the first time), W2's decode profiled at batch 512 (bf16 and
+#       k4v4), the packed-page manager and KIVI's window size (kvcomp_k4v4_r0) timed on W1 / W2
+#       beside bf16, the 2-bit settings with good quality, then the decode table with baselines
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
@@ -82,6 +78,7 @@ export CUDA_VISIBLE_DEVICES=$G0  # every step but e2e7's other workers runs on t
 
 # e2e7: a queue of settings that each GPU's worker takes from, one engine at a time
 E2E7_SETTINGS=${E2E7_SETTINGS:-int4_per_token_head kvcomp_k4v4 kvcomp_k2v2 kvcomp_k2v2_g32_vg128 kvcomp_k2v2_kivi bf16 fp8 turboquant_k3v4_nc turboquant_4bit_nc}
+E2E7_ORDER=bf16,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,kvcomp_k4v4,kvcomp_k4v4_r0,kvcomp_k2v2,kvcomp_k2v2_g32_vg128,kvcomp_k2v2_kivi
 e2e7_worker() {
   local g=$1 s L
   while s=$(flock "$RES/.qlock" sh -c 'head -n 1 "$0"; sed -i 1d "$0"' "$RES/.queue") && [ -n "$s" ]; do
@@ -128,11 +125,12 @@ if [ -n "$train_pid" ]; then
   log "train2 done: $(grep -h '^final' /tmp/train/phase1.log | cut -c1-300)"
 fi
 # timings from here on: nothing else runs on the GPU
-if has decode; then
-  python3 benchmarks/bench_decode_kernel.py --batches 8,32,64 --contexts 8192,32768,131072 \
+decode_table() {
+  python3 benchmarks/bench_decode_kernel.py --batches 8,32,64 --contexts ${DECODE_CONTEXTS:-8192,32768,131072} \
       --configs k4v4,k2v2,k2v2-g32-vg128,k2v2-kivi,k16v16 --out "$RES/decode_kernel.json" > "$RES/decode_kernel.md" 2>&1
   log "decode table: $(grep -E '^\| k4v4 \| 32 \| 32768' "$RES/decode_kernel.md" | cut -c1-120)"
-fi
+}
+has decode && decode_table
 if has dsweep; then
   python3 benchmarks/bench_decode_kernel.py --sweep --batches 32 --contexts 32768 --configs k4v4,k2v2 \
       --no-baselines --sweep-block-n 128 --sweep-warps 2,4 --sweep-stages 2,3 \
@@ -166,6 +164,20 @@ if has profile; then
       --timeout 300 --out "$RES/e2e_profile.json" > "$RES/e2e_profile.md" 2>&1
   rm -f "$RES"/prof/*/*.json.gz  # the traces are too big to bring back; the tables stay
   log "profile done"
+fi
+if has profile2; then
+  # W2's decode at batch 512 and ~1.5K context, bf16 beside kvcomp: GPU time by kernel family
+  # and the GPU's idle share per step (trace_summary.py); no KV limit, so 512 fit in both
+  for s in ${PROFILE2_SETTINGS:-bf16 kvcomp_k4v4}; do
+    python3 benchmarks/bench_e2e.py --model /tmp/l32 --fast-start --max-num-seqs 512 --capture-sizes $CAP \
+        --workload W2ps --settings "$s" --profile "$RES/prof2" --profile-delay 520 --profile-iters 16 --gpu-mem 0.94 \
+        --timeout 420 --out "$RES/e2e_profile2_$s.json" > "$RES/e2e_profile2_$s.md" 2>&1
+    t=$(ls "$RES/prof2/$s"/*.json* 2>/dev/null | head -n 1)
+    [ -n "$t" ] && python3 benchmarks/trace_summary.py "$t" --steps 16 --title "$s, W2ps" \
+        --json "$RES/prof2/$s/summary.json" >> "$RES/profile2.md" 2>&1
+    rm -f "$RES/prof2/$s"/*.json.gz "$RES/prof2/$s"/*.pt.trace.json  # too big to bring back
+    log "profile2 $s: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print({k: round(v, 2) for k, v in d.items() if k.endswith("per_step") and not isinstance(v, dict)})' "$RES/prof2/$s/summary.json" 2>&1 | cut -c1-200)"
+  done
 fi
 if has w1ab; then
   python3 benchmarks/bench_e2e.py --model /tmp/l32 --fast-start --max-num-seqs 512 --capture-sizes $CAP \
@@ -205,8 +217,9 @@ fi
 if has e2e7; then
   e2e7_worker "$G0"
   wait $e2e7_pids
-  python3 benchmarks/bench_e2e.py --merge "$RES"/e2e7_*.json --settings "bf16,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,kvcomp_k4v4,kvcomp_k2v2,kvcomp_k2v2_g32_vg128,kvcomp_k2v2_kivi" \
+  python3 benchmarks/bench_e2e.py --merge "$RES"/e2e7_*.json --settings "$E2E7_ORDER" \
       > "$RES/e2e7.md" 2>&1
   log "e2e7 done"
 fi
+has decode_last && decode_table  # after the e2e runs on a one-GPU machine
 touch "$RES/ALL_DONE"

@@ -1,0 +1,41 @@
+"""benchmarks/trace_summary.py on a small synthetic torch-profiler trace."""
+import gzip
+import json
+
+import pytest
+
+from benchmarks.trace_summary import load_events, summarize, union_us
+
+
+def test_union_counts_overlap_once():
+    assert union_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == pytest.approx(25)
+    assert union_us([]) == 0
+
+
+def test_summary_of_a_trace(tmp_path):
+    events = [
+        # two steps: a GEMM, our decode kernel overlapping a store on another stream, a gap
+        {"ph": "X", "cat": "kernel", "name": "nvjet_tst_128x256_h_bz", "ts": 0, "dur": 40},
+        {"ph": "X", "cat": "kernel", "name": "_kvcomp_decode_kernel", "ts": 40, "dur": 30},
+        {"ph": "X", "cat": "kernel", "name": "_kvcomp_store_kernel", "ts": 60, "dur": 20},
+        {"ph": "X", "cat": "kernel", "name": "nvjet_tst_128x256_h_bz", "ts": 100, "dur": 40},
+        {"ph": "X", "cat": "kernel", "name": "_kvcomp_decode_kernel", "ts": 140, "dur": 30},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 190,
+         "dur": 10},
+        # CPU-side events are not GPU time
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500},
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 5},
+    ]
+    path = tmp_path / "w.pt.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = summarize(load_events(str(path)), steps=2)
+    assert s["span_ms_per_step"] == pytest.approx(0.100)  # 200 µs over 2 steps
+    assert s["busy_ms_per_step"] == pytest.approx(0.080)  # 80 + 70 + 10 µs busy
+    assert s["idle_ms_per_step"] == pytest.approx(0.020)
+    fam = s["families_ms_per_step"]
+    assert fam["gemm"] == pytest.approx(0.040)
+    assert fam["kvcomp decode"] == pytest.approx(0.030)
+    assert fam["kvcomp store"] == pytest.approx(0.010)
+    assert fam["copies"] == pytest.approx(0.005)
+    assert s["top_kernels"][0]["name"].startswith("nvjet") and s["top_kernels"][0]["calls"] == 2
