@@ -370,7 +370,8 @@ def _corrupting(monkeypatch, bad):
 
 
 def _check(launch):
-    return triton_decode.check_decode_launch(SMALL, 32, 64, torch.float32, 4, "cpu",
+    # on DEVICE: a GPU where there is one (the interpreter only runs without one)
+    return triton_decode.check_decode_launch(SMALL, 32, 64, torch.float32, 4, DEVICE,
                                              launch=launch, check_on_cpu=True)
 
 
