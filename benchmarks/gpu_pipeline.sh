@@ -36,6 +36,8 @@
 #             32 x 32K (the 80 % target) and 384 x 2K (W2's decode), for k4v4 / k2v2; then
 #             benchmarks/pick_decode_launch.py picks each config's serving launch (kept only
 #             if faster than the default at both shapes) for e2e7's kvcomp runs
+#   store     the store kernel on decode steps (bench_store_kernel.py): split hand-over or not
+#   profile2  W2's decode profiled at batch 512 for bf16 and kvcomp k4v4 (trace_summary.py)
 #   e2e7      the seven formats, W1 + W2 in one engine each (KV_GIB), spread over the GPUs in
 #             GPUS (e.g. "0 1" on an nvidia-h200-x2: same host, same time, identical GPUs);
 #             the first GPU joins after tests / dsweep2, kvcomp runs wait for dsweep2's pick
@@ -164,6 +166,11 @@ if has profile; then
       --timeout 300 --out "$RES/e2e_profile.json" > "$RES/e2e_profile.md" 2>&1
   rm -f "$RES"/prof/*/*.json.gz  # the traces are too big to bring back; the tables stay
   log "profile done"
+fi
+if has store; then
+  # the store launch of a decode step (W2's 2.3 ms a step in profile2): split hand-over or not
+  python3 benchmarks/bench_store_kernel.py --out "$RES/store_kernel.json" > "$RES/store_kernel.md" 2>&1
+  log "store kernel: $(grep -c '^| k' "$RES/store_kernel.md") rows"
 fi
 if has profile2; then
   # W2's decode at batch 512 and ~1.5K context, bf16 beside kvcomp: GPU time by kernel family

@@ -53,6 +53,10 @@ from vllm_kvcomp.kernels import attention_ref
 from vllm_kvcomp.layout import PageLayout
 
 TOKEN_UNIT = 16  # tokens per hand-over unit when no per-channel key groups
+# KVCOMP_STORE_SPLIT=1 turns on split_handover where the caller leaves it unset
+# (the serving path), for A/B runs of whole engines; untimed on a GPU so far
+STORE_SPLIT_ENV = "KVCOMP_STORE_SPLIT"
+_SPLIT_DEFAULT = os.environ.get(STORE_SPLIT_ENV, "0") == "1"
 
 
 def handover_unit(cfg: KvcompConfig) -> int:
@@ -60,6 +64,18 @@ def handover_unit(cfg: KvcompConfig) -> int:
     if cfg.k_bits < 16 and cfg.key_axis == "channel":
         return cfg.group_size
     return TOKEN_UNIT
+
+
+def handover_pieces(cfg: KvcompConfig, layout: PageLayout, sub_tokens: int = 32,
+                    sub_elems: int = 4096) -> int:
+    """Independent pieces of one unit's hand-over, as the kernel cuts it: key
+    channel slices (per-channel keys) plus value token sub-tiles."""
+    unit = handover_unit(cfg)
+    kpb = 1 if cfg.k_bits == 16 else 8 // cfg.k_bits
+    knb = triton.next_power_of_2(layout.head_size) // kpb
+    key_channel = cfg.k_bits < 16 and cfg.key_axis == "channel"
+    n_key = knb // min(sub_elems // (unit * kpb), knb) if key_channel else 0
+    return n_key + unit // min(sub_tokens, unit)
 
 
 def store_grid_bound(cfg: KvcompConfig, max_query_len: int) -> int:
@@ -220,6 +236,7 @@ def _kvcomp_store_kernel(
     V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
     UNIT: tl.constexpr, BLOCK_D: tl.constexpr, SUB_T: tl.constexpr, SUB_ELEMS: tl.constexpr,
     DO_HANDOVER: tl.constexpr, DO_RESIDUAL: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
     i = tl.program_id(0)
     pid = tl.program_id(1)
@@ -251,48 +268,60 @@ def _kvcomp_store_kernel(
         vdm = vd < D
         TS: tl.constexpr = SUB_T if SUB_T < UNIT else UNIT
         t_ar = tl.arange(0, TS)
-        for u in range(pid, n_units, nprog):
+        KCB: tl.constexpr = (SUB_ELEMS // (UNIT * KPB)) if (SUB_ELEMS // (UNIT * KPB)) < KNB else KNB
+        # A unit's pieces are independent: key channel slices (min/max run over
+        # tokens, per channel) and value token sub-tiles (per token). SPLIT
+        # gives each piece a program of its own, so that a decode step's few
+        # hand-overs (whole groups) are not one long serial chain each.
+        N_KP: tl.constexpr = (KNB // KCB) if KEY_CHANNEL else 0
+        N_VP: tl.constexpr = UNIT // TS
+        PIECES: tl.constexpr = (N_KP + N_VP) if SPLIT else 1
+        EVERY: tl.constexpr = not SPLIT
+        for w in range(pid, n_units * PIECES, nprog):
+            u = w // PIECES
+            piece = w % PIECES
             base = q_old + u * UNIT
             if KEY_CHANNEL:
                 # one whole key group; min/max over its tokens per channel
-                KCB: tl.constexpr = (SUB_ELEMS // (UNIT * KPB)) if (SUB_ELEMS // (UNIT * KPB)) < KNB else KNB
                 pos = base + u_ar
-                valid = pos < q_new
+                valid = (pos < q_new) & ((piece < N_KP) | EVERY)
                 blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
                 page_off = blk * stride_cb + h * stride_ch
                 slot = pos % BS
-                for cb in tl.static_range(KNB // KCB):
-                    kj = cb * KCB + tl.arange(0, KCB)
-                    kd = kj[:, None] * KPB + kc[None, :]
-                    kdm = kd < D
-                    xk = _load_src(key_ptr, stride_kt, stride_kh,
+                for cb in tl.static_range(N_KP):
+                    if (piece == cb) | EVERY:
+                        kj = cb * KCB + tl.arange(0, KCB)
+                        kd = kj[:, None] * KPB + kc[None, :]
+                        kdm = kd < D
+                        xk = _load_src(key_ptr, stride_kt, stride_kh,
+                                       res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt, rbt_row,
+                                       pos, valid, start, qs, h, 0, kd, kdm, BS_R, HAS_RESIDUAL)
+                        _store_region(cache_ptr, page_off, slot, xk, valid, kj, kc, kdm,
+                                      K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW,
+                                      True, K_GC, K_NG, D, KPB, KCB)
+            for ts in tl.static_range(N_VP):
+                if (piece == N_KP + ts) | EVERY:
+                    pos = base + ts * TS + t_ar
+                    valid = pos < q_new
+                    blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
+                    page_off = blk * stride_cb + h * stride_ch
+                    slot = pos % BS
+                    if not KEY_CHANNEL:
+                        kj = tl.arange(0, KNB)
+                        kd = kj[:, None] * KPB + kc[None, :]
+                        kdm = kd < D
+                        xk = _load_src(key_ptr, stride_kt, stride_kh,
+                                       res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt, rbt_row,
+                                       pos, valid, start, qs, h, 0, kd, kdm, BS_R, HAS_RESIDUAL)
+                        _store_region(cache_ptr, page_off, slot, xk, valid, kj, kc, kdm,
+                                      K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW,
+                                      False, K_GC, K_NG, D, KPB, KNB)
+                    xv = _load_src(value_ptr, stride_vt, stride_vh,
                                    res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt, rbt_row,
-                                   pos, valid, start, qs, h, 0, kd, kdm, BS_R, HAS_RESIDUAL)
-                    _store_region(cache_ptr, page_off, slot, xk, valid, kj, kc, kdm,
-                                  K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW,
-                                  True, K_GC, K_NG, D, KPB, KCB)
-            for ts in tl.static_range(UNIT // TS):
-                pos = base + ts * TS + t_ar
-                valid = pos < q_new
-                blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
-                page_off = blk * stride_cb + h * stride_ch
-                slot = pos % BS
-                if not KEY_CHANNEL:
-                    kj = tl.arange(0, KNB)
-                    kd = kj[:, None] * KPB + kc[None, :]
-                    kdm = kd < D
-                    xk = _load_src(key_ptr, stride_kt, stride_kh,
-                                   res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt, rbt_row,
-                                   pos, valid, start, qs, h, 0, kd, kdm, BS_R, HAS_RESIDUAL)
-                    _store_region(cache_ptr, page_off, slot, xk, valid, kj, kc, kdm,
-                                  K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW,
-                                  False, K_GC, K_NG, D, KPB, KNB)
-                xv = _load_src(value_ptr, stride_vt, stride_vh,
-                               res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt, rbt_row,
-                               pos, valid, start, qs, h, 1, vd, vdm, BS_R, HAS_RESIDUAL)
-                _store_region(cache_ptr, page_off, slot, xv, valid, vj, vc, vdm,
-                              V_BITS, V_CODES_OFF, V_PARAMS_OFF, V_ROW,
-                              False, V_GC, V_NG, D, VPB, VNB)
+                                   pos, valid, start, qs, h, 1, vd, vdm, BS_R, HAS_RESIDUAL)
+                    _store_region(cache_ptr, page_off, slot, xv, valid, vj, vc, vdm,
+                                  V_BITS, V_CODES_OFF, V_PARAMS_OFF, V_ROW,
+                                  False, V_GC, V_NG, D, VPB, VNB)
 
     if DO_RESIDUAL:
         d = tl.arange(0, BLOCK_D)
@@ -385,6 +414,7 @@ def kvcomp_store(
     sub_tokens: int = 32,
     sub_elems: int = 4096,
     num_warps: int | None = None,
+    split_handover: bool | None = None,
 ) -> None:
     """Hand-over (2) and residual write (3) of one layer's step.
 
@@ -396,7 +426,9 @@ def kvcomp_store(
     >= 1 gives the same result (``num_unit_programs`` overrides it).
     ``sub_tokens`` (tokens per per-token sub-tile and residual-write chunk)
     and ``sub_elems`` (elements per per-channel key sub-tile) bound the
-    registers a program holds; powers of two.
+    registers a program holds; powers of two. ``split_handover`` gives each
+    piece of a unit (``handover_pieces``) a program of its own instead of one
+    program walking them all; ``None`` reads ``KVCOMP_STORE_SPLIT``.
     """
     assert layout.config == cfg
     num_reqs = seq_lens.shape[0]
@@ -423,7 +455,10 @@ def kvcomp_store(
     do_res = has_res and residual_slot_mapping is not None
     slots = residual_slot_mapping if do_res else seq_lens
     unit = handover_unit(cfg)
-    nprog = num_unit_programs or store_grid_bound(cfg, max_query_len)
+    if split_handover is None:
+        split_handover = _SPLIT_DEFAULT
+    pieces = handover_pieces(cfg, layout, sub_tokens, sub_elems) if split_handover else 1
+    nprog = num_unit_programs or store_grid_bound(cfg, max_query_len) * pieces
     if num_warps is None:  # H100: 8 warps ~1.6x faster for key groups, 4 otherwise
         num_warps = 8 if unit > TOKEN_UNIT else 4
     common = dict(
@@ -434,6 +469,7 @@ def kvcomp_store(
         SUB_T=sub_tokens,
         SUB_ELEMS=sub_elems,
         HAS_RESIDUAL=has_res,
+        SPLIT=bool(split_handover),
         num_warps=num_warps,
         **layout_constexprs(layout),
     )

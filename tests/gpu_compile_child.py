@@ -146,6 +146,11 @@ def prefill_store_case(c) -> list:
             d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
             d["residual_block_table"], d["residual_slot_mapping"], d["query_start_loc"],
             d["seq_lens"], step.layout, cfg, step.bs_r, step.max_query_len)
+        # each hand-over piece in a program of its own (KVCOMP_STORE_SPLIT)
+        triton_store.kvcomp_store(
+            d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
+            d["residual_block_table"], d["residual_slot_mapping"], d["query_start_loc"],
+            d["seq_lens"], step.layout, cfg, step.bs_r, 1, split_handover=True)
     return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
 
 

@@ -24,7 +24,9 @@ from sim_paged import SimPagedCache  # noqa: E402
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
 from vllm_kvcomp.kernels import packing  # noqa: E402
 from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference  # noqa: E402
+from vllm_kvcomp.layout import PageLayout  # noqa: E402
 from vllm_kvcomp.kernels.triton_store import (  # noqa: E402
+    handover_pieces,
     kvcomp_residual_write,
     kvcomp_store,
     store_grid_bound,
@@ -219,8 +221,10 @@ def test_store_head_dims_groups_half_dtypes(bits, key_axis, residual, D, dtype, 
 
 
 @pytest.mark.parametrize("kw", [{"num_unit_programs": 1}, {"num_unit_programs": 3},
-                                {"fuse_residual_write": False}],
-                         ids=["one-program-loops", "three-programs", "two-launches"])
+                                {"fuse_residual_write": False}, {"split_handover": True},
+                                {"split_handover": True, "num_unit_programs": 5}],
+                         ids=["one-program-loops", "three-programs", "two-launches",
+                              "split-pieces", "split-pieces-five-programs"])
 def test_store_result_does_not_depend_on_grid_or_fusion(kw):
     cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=8)
     plans = [(0, 130), (37, 1), (50, 77)]  # several units per request
@@ -228,8 +232,9 @@ def test_store_result_does_not_depend_on_grid_or_fusion(kw):
     check_store(step, **kw)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-program", "split-pieces"])
 @pytest.mark.parametrize("key_axis", AXES)
-def test_decode_batch_with_grid_bound_one(key_axis):
+def test_decode_batch_with_grid_bound_one(key_axis, split):
     """Pure decode: grid (num_reqs, 1, H), some requests completing a key
     group (whole group handed over from the residual + the fresh token)."""
     cfg = KvcompConfig(k_bits=2, v_bits=4, group_size=16, residual_tokens=24,
@@ -238,7 +243,18 @@ def test_decode_batch_with_grid_bound_one(key_axis):
     plans = [(24 + 16 * k - 1, 1) for k in (1, 2, 3)] + [(50, 1), (24, 1)]
     step = Step(cfg, plans, H=2, D=64, seed=5)
     assert step.max_query_len == 1
-    check_store(step)
+    check_store(step, split_handover=split)
+
+
+def test_handover_pieces():
+    """Serving shape (k4v4, group 128, head 128): 4 key channel slices of 32
+    channels (4096 elements) and 4 value sub-tiles of 32 tokens."""
+    cfg = KvcompConfig(k_bits=4, v_bits=4)
+    assert handover_pieces(cfg, PageLayout(cfg, 128, 128, 2)) == 8
+    cfg2 = KvcompConfig(k_bits=2, v_bits=2, group_size=32)  # 32 x 128 keys fit one slice
+    assert handover_pieces(cfg2, PageLayout(cfg2, 128, 128, 2)) == 2
+    tok = KvcompConfig(k_bits=4, v_bits=4, key_axis="token")  # 16-token units, one sub-tile
+    assert handover_pieces(tok, PageLayout(tok, 128, 128, 2)) == 1
 
 
 def test_strided_qkv_and_padded_residual_view():
