@@ -74,6 +74,22 @@ def run(step: dict, **kw):
                  step["cfg"], step["bs_r"], 1, **kw)
 
 
+def check_split(step: dict) -> None:
+    """Split and one-program hand-overs write the same bytes, and a step with
+    hand-overs writes packed pages at all (else the timing measures nothing)."""
+    before = step["packed"].clone(), step["residual"].clone()
+    outs = []
+    for split in (False, True):
+        step["packed"].copy_(before[0])
+        step["residual"].copy_(before[1])
+        run(step, split_handover=split)
+        outs.append(step["packed"].clone())
+    if not torch.equal(outs[0], outs[1]):
+        raise SystemExit("split hand-over wrote different packed bytes")
+    if step["n_hand"] and torch.equal(outs[0], before[0]):
+        raise SystemExit("no hand-over happened in a step set up to hand over")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="k4v4,k4v4-r0,k2v2-g32-vg128")
@@ -84,8 +100,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":  # a smoke run under the interpreter
+    if device == "cpu":  # a smoke run under the interpreter (tests/test_bench_store.py)
         a.batch, a.context, a.warps = 4, 300, "4"
+    H = 8 if device == "cuda" else 2
     timer = make_timer(device, 10, 40)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     rows = []
@@ -96,7 +113,8 @@ def main(argv=None):
     for c in a.configs.split(","):
         cfg = KvcompConfig(**CONFIGS[c])
         for share in (float(x) for x in a.shares.split(",")):
-            step = decode_step(cfg, a.batch, a.context, share, 8, 128, torch.bfloat16, device)
+            step = decode_step(cfg, a.batch, a.context, share, H, 128, torch.bfloat16, device)
+            check_split(step)
             for split in (False, True):
                 for w in (int(x) for x in a.warps.split(",")):
                     us = timer(lambda: run(step, split_handover=split, num_warps=w))
