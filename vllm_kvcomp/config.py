@@ -89,9 +89,13 @@ class KvcompConfig:
         from it, small key groups (KIVI-2's 32 tokens) need not force small
         value groups, and value groups as wide as the head let the decode
         kernel fold the value scales into its dots.
-    residual_tokens: how many of the most recent tokens stay in full precision
-        (KIVI's residual). They live in a second, sliding KV cache group whose
-        pages come from vLLM's block pool, so they are counted in the budget.
+    residual_tokens: how many of the most recent tokens always stay in full
+        precision. Tokens are handed to the packed pages in whole key groups,
+        so the window holds ``residual_tokens`` to ``residual_tokens +
+        group_size - 1`` (per-channel keys); 0 with 128-token groups is KIVI's
+        footprint for R = 128 (0..127 tokens). The window lives in a second,
+        sliding KV cache group whose pages come from vLLM's block pool, so it
+        is counted in the budget.
     key_axis: "channel" (KIVI) or "token" (per-token, QServe/KVQuant style).
     value_axis: only "token" (KIVI; per-channel values gain nothing).
     block_size: tokens per packed page; must be a multiple of group_size for
