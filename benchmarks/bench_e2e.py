@@ -53,6 +53,13 @@ SETTINGS = {
     # residual_tokens 128 keeps 128..255; quality: about +0.2 % perplexity (docs/quality.md)
     "kvcomp_k4v4_r0": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 0}}},
+    # the same with the store's hand-over split into its pieces (KVCOMP_STORE_SPLIT; the
+    # "_env" of a setting is set in its engine's process before the engine starts)
+    "kvcomp_k4v4_split_store": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4}}, "_env": {"KVCOMP_STORE_SPLIT": "1"}},
+    "kvcomp_k4v4_r0_split_store": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 0}},
+        "_env": {"KVCOMP_STORE_SPLIT": "1"}},
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
     # the quality-recommended 2-bit setting (KIVI: 32-token key groups, 32-channel value
@@ -109,6 +116,7 @@ def run_one(args):
     workloads = args.workload.split(",")
     max_len = max(WORKLOADS[w][1] + WORKLOADS[w][2] for w in workloads) + 16
     kwargs = dict(SETTINGS[args.setting])
+    os.environ.update(kwargs.pop("_env", {}))  # before the engine's processes start
     if args.kv_gib:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_gib * (1 << 30))
     if args.max_num_seqs:

@@ -52,6 +52,13 @@
 #       bf16 / fp16 path on a GPU for the first time), W2's decode profiled at batch 512 (bf16 and
 #       k4v4), the packed-page manager and KIVI's window size (kvcomp_k4v4_r0) timed on W1 / W2
 #       beside bf16, the 2-bit settings with good quality, then the decode table with baselines
+#       (results/2026-11-30-h200-s8; the start-up check tests failed there on a test fault, fixed)
+# next (one GPU): PLAN="tests store e2e7" KV_GIB=54.3 E2E7_TIMEOUT=600
+#       E2E7_SETTINGS="kvcomp_k4v4_split_store kvcomp_k4v4_r0_split_store kvcomp_k4v4 bf16":
+#       the kernel tests again (start-up check tests on the GPU), the store kernel with the
+#       hand-over split or not (bench_store_kernel.py), then W1 / W2 with the split store
+#       (KVCOMP_STORE_SPLIT through the settings' "_env") beside s8's rows; make it the default
+#       if it wins; with an x2, add fp8 and the upstream formats to e2e7 for one run of all
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
