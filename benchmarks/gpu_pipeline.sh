@@ -53,7 +53,9 @@
 #       k4v4), the packed-page manager and KIVI's window size (kvcomp_k4v4_r0) timed on W1 / W2
 #       beside bf16, the 2-bit settings with good quality, then the decode table with baselines
 #       (results/2026-11-30-h200-s8; the start-up check tests failed there on a test fault, fixed)
-# next (one GPU): PLAN="tests store e2e7" KV_GIB=54.3 E2E7_TIMEOUT=600
+# next (one GPU): PLAN="tests store profile2 e2e7" KV_GIB=54.3 E2E7_TIMEOUT=600
+#       PROFILE2_SETTINGS="kvcomp_k4v4 kvcomp_k4v4_split_store" (profile2 now also lists the
+#       engine's annotated CPU ranges: is the 1.9 ms of GPU idle a step the scheduler?)
 #       E2E7_SETTINGS="kvcomp_k4v4_split_store kvcomp_k4v4_r0_split_store kvcomp_k4v4 bf16":
 #       the kernel tests again (start-up check tests on the GPU), the store kernel with the
 #       hand-over split or not (bench_store_kernel.py), then W1 / W2 with the split store
@@ -183,6 +185,7 @@ if has profile2; then
   # W2's decode at batch 512 and ~1.5K context, bf16 beside kvcomp: GPU time by kernel family
   # and the GPU's idle share per step (trace_summary.py); no KV limit, so 512 fit in both
   for s in ${PROFILE2_SETTINGS:-bf16 kvcomp_k4v4}; do
+    VLLM_CUSTOM_SCOPES_FOR_PROFILING=1 \
     python3 benchmarks/bench_e2e.py --model /tmp/l32 --fast-start --max-num-seqs 512 --capture-sizes $CAP \
         --workload W2ps --settings "$s" --profile "$RES/prof2" --profile-delay 520 --profile-iters 16 --gpu-mem 0.94 \
         --timeout 420 --out "$RES/e2e_profile2_$s.json" > "$RES/e2e_profile2_$s.md" 2>&1

@@ -11,7 +11,10 @@ and prints, per profiled engine step:
   busy  the union of GPU event intervals (overlapping streams counted once);
   idle  span - busy;
 
-then the busy time by kernel family and the kernels that took the most.
+then the busy time by kernel family and the kernels that took the most, and
+the CPU ranges vLLM annotates (scheduler, model runner: run the engine with
+``VLLM_CUSTOM_SCOPES_FOR_PROFILING=1``), which say whether the CPU side of a
+step is what leaves the GPU idle.
 
     python benchmarks/trace_summary.py TRACE --steps 16 [--json out.json]
 """
@@ -29,7 +32,7 @@ FAMILIES = [
     ("kvcomp decode", r"_kvcomp_decode|_decode_reduce|kvcomp.*decode"),
     ("kvcomp store", r"_kvcomp_store|kvcomp.*store"),
     ("kvcomp prefill", r"_kvcomp_prefill"),
-    ("attention (other)", r"flash|fmha|attn|attention|paged|reshape_and_cache|turboquant|_fwd"),
+    ("attention (other)", r"flash|fmha|attn|attention|paged|reshape_and_cache|turboquant"),
     ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|xmma|cublas|splitKreduce|matmul"),
     ("norm / act / rope", r"rms_norm|layernorm|silu|act_and_mul|rotary|rope"),
     ("sampling / logits", r"argmax|topk|top_k|sort|softmax|sampl|logits|gumbel|exponential"),
@@ -44,13 +47,17 @@ def _family(name: str) -> str:
     return "other"
 
 
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
 def load_events(path: str) -> list[dict]:
+    """Complete events of the GPU (kernels, copies) and of CPU-side annotations."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     return [e for e in events
-            if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+            if e.get("ph") == "X" and e.get("cat") in GPU_CATS + ("user_annotation",)
             and "dur" in e]
 
 
@@ -65,6 +72,8 @@ def union_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def summarize(events: list[dict], steps: int, top: int = 25) -> dict:
+    cpu = [e for e in events if e.get("cat") == "user_annotation"]
+    events = [e for e in events if e.get("cat") in GPU_CATS]
     if not events:
         raise SystemExit("no GPU events in the trace (was CUDA activity profiled?)")
     iv = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events]
@@ -78,6 +87,9 @@ def summarize(events: list[dict], steps: int, top: int = 25) -> dict:
         fam_us[_family(name)] += sum(durs)
     kernels = sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:top]
     per = 1e-3 / steps  # µs over the window -> ms per step
+    by_range: dict[str, list[float]] = defaultdict(list)
+    for e in cpu:
+        by_range[e["name"]].append(float(e["dur"]))
     return {
         "steps": steps,
         "span_ms_per_step": span * per,
@@ -88,6 +100,8 @@ def summarize(events: list[dict], steps: int, top: int = 25) -> dict:
         "top_kernels": [{"name": n[:160], "family": _family(n), "calls": len(d),
                          "ms_per_step": sum(d) * per, "mean_us": sum(d) / len(d)}
                         for n, d in kernels],
+        "cpu_ranges": [{"name": n[:120], "calls": len(d), "ms_per_step": sum(d) * per}
+                       for n, d in sorted(by_range.items(), key=lambda kv: -sum(kv[1]))[:top]],
     }
 
 
@@ -101,6 +115,10 @@ def to_markdown(s: dict, title: str) -> str:
     lines += ["", "| kernel | family | calls | ms / step | mean µs |", "|---|---|---|---|---|"]
     lines += [f"| `{k['name'][:90]}` | {k['family']} | {k['calls']} | {k['ms_per_step']:.2f} | "
               f"{k['mean_us']:.1f} |" for k in s["top_kernels"]]
+    if s["cpu_ranges"]:
+        lines += ["", "| CPU range (vLLM's annotations) | calls | ms / step |", "|---|---|---|"]
+        lines += [f"| `{r['name']}` | {r['calls']} | {r['ms_per_step']:.2f} |"
+                  for r in s["cpu_ranges"]]
     return "\n".join(lines) + "\n"
 
 

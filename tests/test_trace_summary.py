@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.trace_summary import load_events, summarize, union_us
+from benchmarks.trace_summary import load_events, summarize, to_markdown, union_us
 
 
 def test_union_counts_overlap_once():
@@ -22,8 +22,12 @@ def test_summary_of_a_trace(tmp_path):
         {"ph": "X", "cat": "kernel", "name": "_kvcomp_decode_kernel", "ts": 140, "dur": 30},
         {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 190,
          "dur": 10},
-        # CPU-side events are not GPU time
+        # CPU-side events are not GPU time; vLLM's annotated ranges are listed apart
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500},
+        {"ph": "X", "cat": "user_annotation", "name": "schedule: allocate_slots", "ts": 0,
+         "dur": 30},
+        {"ph": "X", "cat": "user_annotation", "name": "schedule: allocate_slots", "ts": 100,
+         "dur": 50},
         {"ph": "i", "cat": "kernel", "name": "marker", "ts": 5},
     ]
     path = tmp_path / "w.pt.trace.json.gz"
@@ -39,3 +43,7 @@ def test_summary_of_a_trace(tmp_path):
     assert fam["kvcomp store"] == pytest.approx(0.010)
     assert fam["copies"] == pytest.approx(0.005)
     assert s["top_kernels"][0]["name"].startswith("nvjet") and s["top_kernels"][0]["calls"] == 2
+    assert s["cpu_ranges"] == [{"name": "schedule: allocate_slots", "calls": 2,
+                                "ms_per_step": pytest.approx(0.040)}]
+    md = to_markdown(s, "t")
+    assert "| `schedule: allocate_slots` | 2 | 0.04 |" in md and "GPU busy 0.08 ms/step" in md
