@@ -24,7 +24,7 @@ import torch
 import vllm_kvcomp
 
 
-def _configs(num_blocks_bf16: int, num_blocks_kvcomp: int, max_model_len: int):
+def _configs(num_blocks_bf16: int, num_blocks_kvcomp: int):
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
     from vllm_kvcomp.config import KvcompConfig
@@ -101,7 +101,7 @@ def main(argv=None):
     need_bf16 = a.requests * (max_len // 16 + 2) + 1
     need_kv = a.requests * 2 * (max_len // 32 + 2) + 1
     rows = [run(n, c, sb, hb, a.requests, a.prompt, a.steps, max_len)
-            for n, (c, sb, hb) in _configs(need_bf16, need_kv, max_len).items()]
+            for n, (c, sb, hb) in _configs(need_bf16, need_kv).items()]
     print(f"\nKV cache manager, {a.requests} requests decoding (prompt {a.prompt}, "
           f"{a.steps} steps), CPU time a step:\n")
     print("| setting | ms / step (median) | p90 | µs / request |")

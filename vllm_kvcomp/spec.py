@@ -75,18 +75,9 @@ class KvcompSpec(FullAttentionSpec):
     def real_page_size_bytes(self) -> int:
         return self.layout.page_bytes(self.num_kv_heads)
 
-    @cached_property
-    def _window(self) -> tuple[int, int]:
-        cfg = self.kvcomp_config
-        return cfg.residual_tokens, cfg.key_token_align
-
     def packed_tokens(self, num_tokens: int) -> int:
-        """Q(n): the tokens of an n-token sequence that live in packed pages
-        (``KvcompConfig.quantized_prefix_len``, inlined: the scheduler asks for
-        every running request several times a step)."""
-        residual, align = self._window
-        q = num_tokens - residual
-        return q // align * align if q > 0 else 0
+        """Q(n): the tokens of an n-token sequence that live in packed pages."""
+        return self.kvcomp_config.quantized_prefix_len(num_tokens)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # pages for Q(max_model_len) tokens: the window's are in the residual group
@@ -162,10 +153,7 @@ class KvcompResidualManager(SlidingWindowManager):
     kv_cache_spec: KvcompResidualSpec
 
     def _first_live_block(self, num_tokens: int) -> int:
-        # quantized_prefix_len inlined: runs for every request several times a step
-        spec = self.kv_cache_spec
-        q = num_tokens - spec.residual_tokens
-        return q // spec.token_align * spec.token_align // self.block_size if q > 0 else 0
+        return self.kv_cache_spec.quantized_prefix_len(num_tokens) // self.block_size
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         return self.kv_cache_spec.quantized_prefix_len(num_computed_tokens)
@@ -225,9 +213,8 @@ class KvcompResidualManager(SlidingWindowManager):
         if request_id in self.num_cached_block:
             assert len(new_computed_blocks) == 0
             held = len(self.req_to_blocks.get(request_id, ()))
-            required = -(-num_tokens // self.block_size)
-            first_live = self._first_live_block(num_tokens)
-            return max(0, required - (held if held > first_live else first_live))
+            required = cdiv(num_tokens, self.block_size)
+            return max(0, required - max(held, self._first_live_block(num_tokens)))
         # New or resumed request: the window-based count of the parent is an
         # upper bound of what allocate_new_blocks takes below.
         return super().get_num_blocks_to_allocate(
