@@ -295,7 +295,10 @@ def test_perplexity_k8v8_close_to_baseline(tmp_path_factory, tmp_path):
 
 # Bound for kvcomp k4v4 against the baseline on the trained evaluation model
 # (issue #4's bar: within 1 % relative perplexity). Held-out windows of 1024
-# tokens, prefill chunks of 256: positions past ~384 attend to 4-bit pages.
+# tokens in 16-token prefill chunks: a scored token sees at most 15 fresh
+# tokens and the 128..255-token window in full precision, as a decoding one
+# sees only the window (256-token chunks flatter 2-bit codes ~2.5x on this
+# model, docs/quality.md); positions past ~256 attend to 4-bit pages.
 K4V4_MAX_REL_PPL = 0.01
 
 
@@ -311,7 +314,8 @@ def test_trained_model_k4v4_within_one_percent_and_keeps_the_needles(tmp_path):
             "passkey_depths": [0.25, 0.75], "passkey_trials": 1, "gen_prompts": 1,
             "gen_context": 600, "gen_tokens": 8}
     argv = ["--model", str(TRAINED_MODEL), "--out", str(tmp_path / "out"), "--device", "cpu",
-            "--settings", "baseline,kvcomp_k4v4_r128_channel", "--plan", json.dumps(plan)]
+            "--settings", "baseline,kvcomp_k4v4_r128_channel", "--plan", json.dumps(plan),
+            "--prefill-chunk", "16"]
     res = evaluate.main(argv)["results"]
     for name in ("baseline", "kvcomp_k4v4_r128_channel"):
         assert res[name]["status"] == "ok", res[name]
