@@ -53,6 +53,11 @@ SETTINGS = {
     # residual_tokens 128 keeps 128..255; quality: about +0.2 % perplexity (docs/quality.md)
     "kvcomp_k4v4_r0": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 0}}},
+    # a 32..159-token window: at decode-like positions +0.11 % perplexity against the
+    # default's +0.02 % and r0's +0.35 % (docs/quality.md, 16-token chunks); modelled at
+    # 1.93x bf16 on W2 (benchmarks/w2_step_model.py), not yet run
+    "kvcomp_k4v4_r32": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 32}}},
     # the same with the store's hand-over split into its pieces (KVCOMP_STORE_SPLIT; the
     # "_env" of a setting is set in its engine's process before the engine starts)
     "kvcomp_k4v4_split_store": {"attention_backend": "kvcomp", "additional_config": {

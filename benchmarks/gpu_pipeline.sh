@@ -56,11 +56,14 @@
 # next (one GPU): PLAN="tests store profile2 e2e7" KV_GIB=54.3 E2E7_TIMEOUT=600
 #       PROFILE2_SETTINGS="kvcomp_k4v4 kvcomp_k4v4_split_store" (profile2 now also lists the
 #       engine's annotated CPU ranges: is the 1.9 ms of GPU idle a step the scheduler?)
-#       E2E7_SETTINGS="kvcomp_k4v4_split_store kvcomp_k4v4_r0_split_store kvcomp_k4v4 bf16":
-#       the kernel tests again (start-up check tests on the GPU), the store kernel with the
-#       hand-over split or not (bench_store_kernel.py), then W1 / W2 with the split store
-#       (KVCOMP_STORE_SPLIT through the settings' "_env") beside s8's rows; make it the default
-#       if it wins; with an x2, add fp8 and the upstream formats to e2e7 for one run of all
+#       E2E7_SETTINGS="kvcomp_k4v4_split_store kvcomp_k4v4_r32 kvcomp_k4v4_r0_split_store bf16":
+#       the kernel tests again (start-up check tests on the GPU: the last thing issue #3's
+#       "tests pass on the device" waits for), the store kernel with the hand-over split or not
+#       (bench_store_kernel.py), then W1 / W2 with the split store (KVCOMP_STORE_SPLIT through
+#       the settings' "_env") beside s8's rows, and the 32-token window (w2_step_model.py:
+#       1.93x modelled; +0.11 % perplexity at decode-like positions); make the split the
+#       default if it wins; with an x2, add fp8 and the upstream formats to e2e7 for one run
+#       of all. s9 (2026-12-02) had no device time: this plan is still next.
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
