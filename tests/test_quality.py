@@ -295,10 +295,11 @@ def test_perplexity_k8v8_close_to_baseline(tmp_path_factory, tmp_path):
 
 # Bound for kvcomp k4v4 against the baseline on the trained evaluation model
 # (issue #4's bar: within 1 % relative perplexity). Held-out windows of 1024
-# tokens in 16-token prefill chunks: a scored token sees at most 15 fresh
-# tokens and the 128..255-token window in full precision, as a decoding one
-# sees only the window (256-token chunks flatter 2-bit codes ~2.5x on this
-# model, docs/quality.md); positions past ~256 attend to 4-bit pages.
+# tokens in 16-token prefill chunks: with 128-token groups a token then reads
+# the same packed / full-precision split as it would decoding (Q of the chunk
+# start equals Q of its position; 256-token chunks attend up to 255 fresh
+# tokens unquantized and flatter 2-bit codes ~2.5x on this model,
+# docs/quality.md); positions past ~256 attend to 4-bit pages.
 K4V4_MAX_REL_PPL = 0.01
 
 
