@@ -12,12 +12,19 @@ free cleanly in-process) and measures, on the same token prompts:
 * greedy continuations of held-out text, compared with the baseline: token
   match rate and first-divergence position.
 
-Prefill is chunked (``--prefill-chunk``, default 256 tokens a step): the
+Prefill is chunked (``--prefill-chunk``, default 16 tokens a step): the
 kvcomp backend attends to the tokens of the current step in full precision
 and reads only earlier steps from the compressed pages, so an unchunked
-prompt would not exercise quantization at all. Tokens further back than
-``residual_tokens`` + ``group_size`` (+ the chunk) are the ones read
-quantized: texts must be longer than ~512 tokens to measure anything.
+prompt would not exercise quantization at all. With 16-token chunks and
+``group_size`` / ``residual_tokens`` multiples of 16, a scored token reads
+exactly the packed / full-precision split it would read decoding; longer
+chunks leave up to chunk - 1 more tokens unquantized and flatter the codes
+(256-token chunks, the grids before 2026-12-02: ~2.5x at 2 bits on the
+6M model, docs/quality.md). fp8 (FlashAttention) reads even the current
+chunk back from its fp8 cache; TurboQuant attends a request's first chunk
+raw and later ones from its cache; the chunk size is in every results file.
+Tokens further back than ``residual_tokens`` + ``group_size`` are the ones
+read quantized: texts must be longer than ~512 tokens to measure anything.
 
 Outputs in ``--out``: ``results.json`` (everything, plus model / device /
 date / command), ``results.md`` (tables), ``passkey.png`` (heat map per
@@ -584,7 +591,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--heldout", default=DEFAULT_HELDOUT, help="jsonl[.gz] ({'text'}) or plain text")
     ap.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on GPU, "
                                                   "float32 on CPU)")
-    ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--prefill-chunk", type=int, default=16,
+                    help="tokens a prefill step (16: decode's split, see the docstring)")
     ap.add_argument("--jobs", type=int, default=None, help="engines at once (GPU default 3)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--kv-cache-gib", type=float, default=4.0,
