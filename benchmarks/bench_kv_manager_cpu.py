@@ -28,8 +28,7 @@ def _configs(num_blocks_bf16: int, num_blocks_kvcomp: int):
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 
     from vllm_kvcomp.config import KvcompConfig
-    from vllm_kvcomp.residual_layer import residual_spec
-    from vllm_kvcomp.spec import KvcompSpec
+    from vllm_kvcomp.residual_layer import packed_spec, residual_spec
 
     layers = [f"model.layers.{i}.self_attn.attn" for i in range(32)]
     bf16 = KVCacheConfig(
@@ -39,9 +38,7 @@ def _configs(num_blocks_bf16: int, num_blocks_kvcomp: int):
     out = {"bf16": (bf16, 16, 16)}
     for name, kw in (("kvcomp_k4v4", {}), ("kvcomp_k4v4_r0", {"residual_tokens": 0})):
         cfg = KvcompConfig(k_bits=4, v_bits=4, **kw)
-        packed = KvcompSpec(block_size=128, num_kv_heads=8, head_size=128, dtype=torch.uint8,
-                            k_bits=4, v_bits=4, group_size=cfg.group_size,
-                            residual_tokens=cfg.residual_tokens)
+        packed = packed_spec(cfg, 128, 8, 128, torch.bfloat16)
         res = residual_spec(packed, concurrent_steps=2)  # async scheduling, as on a GPU
         conf = KVCacheConfig(
             num_blocks=num_blocks_kvcomp, kv_cache_tensors=[],
