@@ -278,13 +278,21 @@ def _kvcomp_store_kernel(
         PIECES: tl.constexpr = (N_KP + N_VP) if SPLIT else 1
         EVERY: tl.constexpr = not SPLIT
         for w in range(pid, n_units * PIECES, nprog):
-            u = w // PIECES
-            piece = w % PIECES
+            if SPLIT:
+                u = w // PIECES
+                piece = w % PIECES
+            else:
+                # a compile-time piece: every `if` below folds away and the
+                # unsplit kernel is the one without pieces
+                u = w
+                piece: tl.constexpr = -1
             base = q_old + u * UNIT
             if KEY_CHANNEL:
                 # one whole key group; min/max over its tokens per channel
                 pos = base + u_ar
-                valid = (pos < q_new) & ((piece < N_KP) | EVERY)
+                valid = pos < q_new
+                if SPLIT:
+                    valid = valid & (piece < N_KP)
                 blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
                 page_off = blk * stride_cb + h * stride_ch
                 slot = pos % BS
@@ -301,25 +309,27 @@ def _kvcomp_store_kernel(
                                       True, K_GC, K_NG, D, KPB, KCB)
             for ts in tl.static_range(N_VP):
                 if (piece == N_KP + ts) | EVERY:
-                    pos = base + ts * TS + t_ar
-                    valid = pos < q_new
-                    blk = tl.load(bt_row + pos // BS, mask=valid, other=0).to(tl.int64)
-                    page_off = blk * stride_cb + h * stride_ch
-                    slot = pos % BS
+                    # names of their own: under a runtime `if` (SPLIT) the key group's [UNIT]
+                    # tiles may not take a [TS] shape
+                    tpos = base + ts * TS + t_ar
+                    tvalid = tpos < q_new
+                    tblk = tl.load(bt_row + tpos // BS, mask=tvalid, other=0).to(tl.int64)
+                    tpage_off = tblk * stride_cb + h * stride_ch
+                    tslot = tpos % BS
                     if not KEY_CHANNEL:
                         kj = tl.arange(0, KNB)
                         kd = kj[:, None] * KPB + kc[None, :]
                         kdm = kd < D
                         xk = _load_src(key_ptr, stride_kt, stride_kh,
                                        res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt, rbt_row,
-                                       pos, valid, start, qs, h, 0, kd, kdm, BS_R, HAS_RESIDUAL)
-                        _store_region(cache_ptr, page_off, slot, xk, valid, kj, kc, kdm,
+                                       tpos, tvalid, start, qs, h, 0, kd, kdm, BS_R, HAS_RESIDUAL)
+                        _store_region(cache_ptr, tpage_off, tslot, xk, tvalid, kj, kc, kdm,
                                       K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW,
                                       False, K_GC, K_NG, D, KPB, KNB)
                     xv = _load_src(value_ptr, stride_vt, stride_vh,
                                    res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt, rbt_row,
-                                   pos, valid, start, qs, h, 1, vd, vdm, BS_R, HAS_RESIDUAL)
-                    _store_region(cache_ptr, page_off, slot, xv, valid, vj, vc, vdm,
+                                   tpos, tvalid, start, qs, h, 1, vd, vdm, BS_R, HAS_RESIDUAL)
+                    _store_region(cache_ptr, tpage_off, tslot, xv, tvalid, vj, vc, vdm,
                                   V_BITS, V_CODES_OFF, V_PARAMS_OFF, V_ROW,
                                   False, V_GC, V_NG, D, VPB, VNB)
 
