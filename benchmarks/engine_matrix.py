@@ -1,0 +1,152 @@
+"""Does the engine start and serve? One small Llama-shaped model per head size,
+one vLLM engine per (setting, engine mode), several engines side by side on
+one GPU.
+
+    python benchmarks/engine_matrix.py --out DIR [--modes default,fast] [--parallel 4]
+
+``default`` is vLLM's own engine set-up (torch.compile, FULL_AND_PIECEWISE CUDA
+graphs over the default capture sizes); ``fast`` is the benchmarks'
+fast-start (no torch.compile, FULL_DECODE_ONLY graphs). Each engine serves
+prompts from 1 token to nearly ``max_model_len`` (several prefill chunks)
+beside a batch of short ones (decode batches inside the captured graphs), all
+greedy with ``ignore_eos``. A row passes when every request returns its full
+output. The bf16 / fp16 reference rows (vLLM's default backend) give each
+kvcomp row its first-token agreement with an uncompressed cache on the same
+weights. Writes ``DIR/engine_matrix.json`` and ``DIR/engine_matrix.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+# model: (head size, query heads, KV heads); settings: (name, model, dtype, kvcomp settings)
+MODELS = {"d64": (64, 8, 2), "d128": (128, 8, 2), "d256": (256, 4, 1)}
+SETTINGS = [
+    ("k4v4", "d128", "bfloat16", {"k_bits": 4, "v_bits": 4}),
+    ("k4v4", "d128", "float16", {"k_bits": 4, "v_bits": 4}),
+    ("k4v4", "d64", "bfloat16", {"k_bits": 4, "v_bits": 4}),
+    ("k4v4", "d256", "bfloat16", {"k_bits": 4, "v_bits": 4}),
+    ("k4v4_r0", "d128", "bfloat16", {"k_bits": 4, "v_bits": 4, "residual_tokens": 0}),
+    ("k4v4_r32", "d128", "bfloat16", {"k_bits": 4, "v_bits": 4, "residual_tokens": 32}),
+    ("k4v4_r0", "d256", "float16", {"k_bits": 4, "v_bits": 4, "residual_tokens": 0}),
+    ("k2v2", "d128", "bfloat16", {"k_bits": 2, "v_bits": 2}),
+    ("k2v2", "d256", "float16", {"k_bits": 2, "v_bits": 2}),
+    ("k8v8", "d128", "bfloat16", {"k_bits": 8, "v_bits": 8}),
+    ("k8v8", "d64", "float16", {"k_bits": 8, "v_bits": 8}),
+    ("k4v2_g32", "d128", "bfloat16", {"k_bits": 4, "v_bits": 2, "group_size": 32}),
+    ("k4v2_g32_r32", "d64", "float16",
+     {"k_bits": 4, "v_bits": 2, "group_size": 32, "residual_tokens": 32}),
+    ("k2v2_g32_vg128", "d128", "bfloat16",
+     {"k_bits": 2, "v_bits": 2, "group_size": 32, "value_group_size": 128}),
+    ("k16v16", "d128", "bfloat16", {"k_bits": 16, "v_bits": 16}),
+]
+REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
+MAX_MODEL_LEN = 4096
+PROMPT_LENS = [1, 7, 130, 300, 1000, 2100, 4000] + [50] * 64
+OUTPUT_LEN = 24
+
+
+def model_dir(root: str, name: str) -> str:
+    from vllm_kvcomp.tiny_model import make_tiny_llama
+
+    d, heads, kv = MODELS[name]
+    return make_tiny_llama(os.path.join(root, name), num_layers=2, hidden_size=512,
+                           num_heads=heads, num_kv_heads=kv, head_dim=d, vocab_size=512,
+                           max_position_embeddings=MAX_MODEL_LEN)
+
+
+def run_one(spec: dict) -> None:
+    """In a fresh process: one engine, every prompt; prints RESULT <json>."""
+    import random
+
+    from vllm import LLM, SamplingParams
+
+    kw = {}
+    if spec["kvcomp"] is not None:
+        kw = dict(attention_backend="kvcomp", additional_config={"kvcomp": spec["kvcomp"]})
+    if spec["mode"] == "fast":
+        kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    t0 = time.perf_counter()
+    llm = LLM(spec["model"], dtype=spec["dtype"], max_model_len=MAX_MODEL_LEN, seed=0,
+              kv_cache_memory_bytes=2 << 30, max_num_seqs=128, **kw)
+    startup = time.perf_counter() - t0
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 500) for _ in range(n)]}
+               for n in PROMPT_LENS]
+    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0, ignore_eos=True,
+                            detokenize=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    print("RESULT " + json.dumps(dict(startup_s=startup, tokens=tokens)), flush=True)
+
+
+def launch(spec: dict, timeout: int) -> dict:
+    t = time.time()
+    p = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
+                       capture_output=True, text=True, timeout=timeout)
+    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    row = dict(spec, wall_s=round(time.time() - t, 1), ok=bool(lines) and p.returncode == 0)
+    if lines:
+        row.update(json.loads(lines[-1][7:]))
+    else:
+        row["error"] = (p.stdout + p.stderr)[-3000:]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--modes", default="default,fast")
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--models-dir", default="/tmp/engine_matrix_models")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return run_one(json.loads(args.one))
+    os.makedirs(args.out, exist_ok=True)
+    dirs = {m: model_dir(args.models_dir, m) for m in MODELS}
+    specs = [dict(name=n, model_name=m, model=dirs[m], dtype=dt, kvcomp=kv, mode=mode)
+             for mode in args.modes.split(",") for n, m, dt, kv in SETTINGS]
+    specs += [dict(name=n, model_name=m, model=dirs[m], dtype=dt, kvcomp=None, mode="fast")
+              for n, m, dt, _ in REFERENCES]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        rows = list(pool.map(lambda s: launch(s, args.timeout), specs))
+    refs = {(r["model_name"], r["dtype"]): r.get("tokens") for r in rows if r["kvcomp"] is None}
+    for r in rows:
+        toks, ref = r.get("tokens"), refs.get((r["model_name"], r["dtype"]))
+        r["complete"] = bool(toks) and all(len(t) == OUTPUT_LEN for t in toks)
+        r["first_token_agreement"] = (
+            sum(a[0] == b[0] for a, b in zip(toks, ref)) / len(ref) if toks and ref else None)
+        r["token_agreement"] = (
+            sum(x == y for a, b in zip(toks, ref) for x, y in zip(a, b)) / (len(ref) * OUTPUT_LEN)
+            if toks and ref else None)
+    with open(os.path.join(args.out, "engine_matrix.json"), "w") as f:
+        json.dump(dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"),
+                       rows=[{k: v for k, v in r.items() if k != "tokens"} for r in rows]), f,
+                  indent=1)
+    lines = ["| setting | head size | dtype | engine | starts and serves | start-up s | "
+             "first-token agreement | token agreement |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = "yes" if r["ok"] and r["complete"] else "**no**"
+        fa = "-" if r["first_token_agreement"] is None else f"{r['first_token_agreement']:.3f}"
+        ta = "-" if r["token_agreement"] is None else f"{r['token_agreement']:.3f}"
+        st = f"{r['startup_s']:.0f}" if "startup_s" in r else "-"
+        lines.append(f"| {r['name']} | {MODELS[r['model_name']][0]} | {r['dtype']} | {r['mode']} "
+                     f"| {ok} | {st} | {fa} | {ta} |")
+    with open(os.path.join(args.out, "engine_matrix.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    for r in rows:
+        if not (r["ok"] and r["complete"]):
+            print(f"--- {r['name']} {r['model_name']} {r['dtype']} {r['mode']}:\n"
+                  f"{r.get('error', '')[-1500:]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU check of a change to the kernels or the backend, as one detached job on a GPU host
+# where vLLM (CUDA) is installed into /tmp/site (an offline host: ../shared/gpu/make-kit.sh):
+#   1. the kernel tests against their PyTorch references, on the GPU;
+#   2. benchmarks/engine_matrix.py: every supported setting starts an engine and serves, with
+#      vLLM's default engine settings and with the benchmarks' fast start (beside step 1);
+#   3. W1 + W2 (bench_e2e.py) for kvcomp k4v4 and bf16 with vLLM's default engine settings
+#      (torch.compile, default CUDA graphs), the same KV memory for both (KV_GIB).
+#   start:  setsid nohup bash benchmarks/gpu_check.sh > /tmp/gpu_check.out 2>&1 < /dev/null &
+#   poll:   bash benchmarks/gpu_check.sh poll 570     # waits, then packs /tmp/res into $OUT
+# The job runs a copy of the tree taken at its start, so files may change while it runs.
+set -uo pipefail
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+RES=${RES:-/tmp/res}
+mkdir -p "$RES"
+if [ "${1:-}" = poll ]; then
+  end=$((SECONDS + ${2:-570}))
+  while [ $SECONDS -lt $end ] && [ ! -f "$RES/ALL_DONE" ]; do sleep 5; done
+  tar czf "$OUT/res.tgz" -C "$RES" .
+  tail -n 25 "$RES/check.log"; ls "$RES"
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+  exit 0
+fi
+log() { echo "[$(date -u +%T)] $*" | tee -a "$RES/check.log"; }
+rm -rf /tmp/job && mkdir /tmp/job && cp -r . /tmp/job && cd /tmp/job
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$RES/check.log"
+bash scripts/install_gpu_device.sh >> "$RES/check.log" 2>&1 || { log "install failed"; exit 1; }
+log "steps: ${STEPS:=tests matrix e2e}"
+has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
+if has tests; then
+  (python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_store.py \
+      tests/test_triton_prefill.py tests/test_triton_decode.py > "$RES/kernel_tests.log" 2>&1
+   log "kernel tests: $(tail -n 1 "$RES/kernel_tests.log")") &
+fi
+if has matrix; then
+  python3 benchmarks/engine_matrix.py --out "$RES" --modes "${MATRIX_MODES:-default,fast}" \
+      --parallel "${MATRIX_PARALLEL:-4}" > "$RES/engine_matrix.log" 2>&1
+  log "engine matrix: $(grep -c '| yes |' "$RES/engine_matrix.md") rows serve, $(grep -c 'no\*\*' "$RES/engine_matrix.md") fail"
+fi
+wait
+if has e2e; then
+  python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
+      --workload W1,W2 --settings "${E2E_SETTINGS:-kvcomp_k4v4,bf16}" --timeout "${E2E_TIMEOUT:-900}" \
+      --out "$RES/e2e.json" > "$RES/e2e.md" 2>&1
+  log "e2e: $(grep -c '"output_tok_s"' "$RES/e2e.json") runs"
+fi
+touch "$RES/ALL_DONE"
