@@ -195,3 +195,39 @@ def test_packed_spec_memory_is_for_packed_tokens():
     spec = KvcompSpec(block_size=128, num_kv_heads=2, head_size=128, dtype=torch.uint8,
                       k_bits=4, v_bits=4, group_size=128, residual_tokens=128)
     assert spec.max_memory_usage_bytes(VC) == (4096 - 128) // 128 * spec.page_size_bytes
+
+
+@pytest.mark.parametrize("residual,align,bs", [(128, 128, 32), (128, 1, 16), (0, 128, 32),
+                                                (24, 12, 8)])
+def test_a_new_request_is_charged_what_it_takes(residual, align, bs):
+    """A fresh request's first chunk (any length, prompts far beyond the
+    window included) is charged exactly the residual blocks it then takes
+    from vLLM's pool: the window [Q(n), n), never the whole chunk. A charge of
+    the whole chunk once kept a long prompt waiting forever on a pool that
+    start-up had accepted. The same holds for a request resumed after
+    preemption and for each later chunk."""
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+
+    spec = _spec(residual, align, bs)
+    pool = BlockPool(num_gpu_blocks=4096, enable_caching=False, hash_block_size=bs)
+    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=512, max_model_len=1 << 16,
+                                        block_pool=pool, enable_caching=False,
+                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    assert isinstance(mgr, KvcompResidualManager)
+    rng = random.Random(residual + align + bs)
+    for r in range(60):
+        rid, n = f"r{r}", 0
+        first = rng.choice([1, 7, bs, residual + align, 1000, 5000, rng.randrange(1, 9000)])
+        for chunk in [first] + [rng.choice([1, 1, 300]) for _ in range(4)]:
+            n += chunk
+            free = pool.get_num_free_blocks()
+            need = mgr.get_num_blocks_to_allocate(rid, n, [], n - chunk, n - chunk, n)
+            mgr.allocate_new_blocks(rid, n, n)
+            assert free - pool.get_num_free_blocks() == need, (rid, n, need)
+            if chunk == first:
+                assert need <= -(-(spec.residual_tokens + spec.token_align + bs) // bs) + 1
+            mgr.num_cached_block[rid] = 0  # running from here on, as after its first step
+        mgr.free(rid)
+        mgr.num_cached_block.pop(rid, None)
+    assert pool.get_num_free_blocks() == 4095  # the null block aside, all back

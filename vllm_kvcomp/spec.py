@@ -210,22 +210,23 @@ class KvcompResidualManager(SlidingWindowManager):
         num_tokens_main_model,
         apply_admission_cap: bool = False,
     ) -> int:
+        held = len(self.req_to_blocks.get(request_id, ()))
+        required = cdiv(num_tokens, self.block_size)
         if request_id in self.num_cached_block:
             assert len(new_computed_blocks) == 0
-            held = len(self.req_to_blocks.get(request_id, ()))
-            required = cdiv(num_tokens, self.block_size)
             return max(0, required - max(held, self._first_live_block(num_tokens)))
-        # New or resumed request: the window-based count of the parent is an
-        # upper bound of what allocate_new_blocks takes below.
-        return super().get_num_blocks_to_allocate(
-            request_id,
-            num_tokens,
-            new_computed_blocks,
-            total_computed_tokens,
-            num_local_computed_tokens,
-            num_tokens_main_model,
-            apply_admission_cap,
-        )
+        # New or resumed request: exactly what add_local_computed_blocks and
+        # allocate_new_blocks take. The parent's count charges every block of
+        # the chunk, though those below Q are never taken: a long first chunk
+        # then needed more blocks than the pool that start-up accepted, and
+        # the request waited forever.
+        hits = held + len(new_computed_blocks)
+        new = max(0, required - max(hits, self._first_live_block(num_tokens)))
+        # cached hit blocks with no other user leave the free queue when touched
+        new += self._get_num_evictable_blocks(new_computed_blocks)
+        if self._has_partial_local_hit(new_computed_blocks, num_local_computed_tokens):
+            new += 1  # allocate_new_blocks' copy-on-write block
+        return new
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         # A prefix hit on a partly filled block: let the parent redirect it to
