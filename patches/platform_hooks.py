@@ -6,7 +6,8 @@
 2. ``<platform>.check_and_update_config`` runs in process 0 while the engine
    config is built. Wrapped so that an invalid kvcomp setting or an
    unsupported model fails there, with a message naming it, before any
-   engine process or memory is started.
+   engine process or memory is started; kvcomp settings given without the
+   KVCOMP backend fail there too, and a selected KVCOMP logs its settings.
 """
 
 from __future__ import annotations
@@ -41,10 +42,17 @@ def _wrap_config_check(platform_cls) -> None:
     @functools.wraps(orig)
     def check_and_update_config(cls, vllm_config):
         orig(cls, vllm_config)
-        from vllm_kvcomp.validation import kvcomp_selected, validate_vllm_config
+        from vllm_kvcomp.validation import (
+            check_settings_have_backend,
+            kvcomp_selected,
+            log_startup,
+            validate_vllm_config,
+        )
 
         if kvcomp_selected(vllm_config):
-            validate_vllm_config(vllm_config)
+            log_startup(validate_vllm_config(vllm_config), vllm_config)
+        else:
+            check_settings_have_backend(vllm_config)
 
     check_and_update_config.__kvcomp_wrapped__ = True
     platform_cls.check_and_update_config = classmethod(check_and_update_config)

@@ -52,6 +52,12 @@ def _engine_config(model, kvcomp=None, **kwargs):
     ({"group_size": 100}, "group_size=100"),
     ({"residual_tokens": "many"}, "residual_tokens"),
     ({"value_group_size": 12}, "value_group_size=12"),
+    ({"k_bits": 4.0}, "k_bits=4.0 must be int, not float"),
+    ({"v_bits": "4"}, "v_bits='4' must be int, not str"),
+    ({"residual_tokens": True}, "residual_tokens=True must be int, not bool"),
+    ({"group_size": 128.0}, "group_size=128.0 must be int"),
+    ({"key_axis": 1}, "key_axis=1 must be str"),
+    ({"block_size": "128"}, "block_size='128' must be int or null"),
 ])
 def test_bad_settings_fail_at_startup(llama, kvcomp, message):
     with pytest.raises(ValueError, match=message):
@@ -70,6 +76,44 @@ def test_bad_launch_env_fails_at_startup(llama, monkeypatch, var, bad, message, 
         _engine_config(llama)
     monkeypatch.setenv(var, good)
     _engine_config(llama)
+
+
+@pytest.mark.parametrize("kvcomp", [{"k_bits": 4}, {"k_bits": 3}, {}])
+def test_settings_without_the_backend_fail_at_startup(llama, kvcomp):
+    """kvcomp settings (valid or not) with vLLM's default backend: an error
+    naming both, never a silent uncompressed run."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=llama, max_model_len=2048, additional_config={"kvcomp": kvcomp})
+    with pytest.raises(ValueError, match="add --attention-backend kvcomp"):
+        args.create_engine_config()
+    EngineArgs(model=llama, max_model_len=2048).create_engine_config()  # no settings: fine
+
+
+def test_startup_logs_settings_and_capacity(llama, caplog):
+    """One info line at start-up: the backend, every resolved setting, the
+    block size and the capacity against the model dtype, which must match
+    what the specs charge per max_model_len request."""
+    import logging
+
+    from vllm_kvcomp.config import KvcompConfig
+    from vllm_kvcomp.residual_layer import packed_spec, residual_spec
+
+    logging.getLogger("vllm.kvcomp").addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="vllm.kvcomp"):
+        vc = _engine_config(llama, {"k_bits": 4, "v_bits": 4})
+    line = next(r.getMessage() for r in caplog.records if "KVCOMP attention backend" in r.getMessage())
+    for part in ("k_bits=4", "v_bits=4", "group_size=128", "residual_tokens=128",
+                 f"block_size={vc.cache_config.block_size}", "max_model_len 2048"):
+        assert part in line, line
+    mc = vc.model_config
+    heads, head = mc.get_num_kv_heads(vc.parallel_config), mc.get_head_size()
+    p = packed_spec(KvcompConfig(), vc.cache_config.block_size, heads, head, mc.dtype)
+    r = residual_spec(p, vc.max_concurrent_batches)
+    used = (-(-p.packed_tokens(2048) // p.block_size) * p.page_size_bytes
+            + r.max_admission_blocks_per_request(0, 2048) * r.page_size_bytes)
+    ratio = 2048 * 2 * heads * head * mc.dtype.itemsize / used
+    assert f"{ratio:.2f}x" in line, (line, ratio)
 
 
 def test_good_settings_pass_and_set_block_size(llama):

@@ -30,6 +30,49 @@ def kvcomp_selected(vllm_config) -> bool:
     return any(getattr(b, "name", b) == BACKEND_NAME for b in per_kind.values())
 
 
+def check_settings_have_backend(vllm_config) -> None:
+    """kvcomp settings without ``--attention-backend kvcomp`` would serve with
+    an uncompressed cache while the user believes it compressed (and would
+    hide a bad setting): an error naming both, not a silent bf16 run."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if isinstance(extra, dict) and "kvcomp" in extra:
+        attn = getattr(vllm_config, "attention_config", None)
+        backend = getattr(getattr(attn, "backend", None), "name", None) or "vLLM's default"
+        raise KvcompConfigError(
+            f"kvcomp settings {extra['kvcomp']!r} were given but the attention backend is "
+            f"{backend}: add --attention-backend kvcomp (LLM(..., attention_backend='kvcomp')), "
+            "or drop the kvcomp settings")
+
+
+def capacity_ratio(cfg: KvcompConfig, vllm_config) -> float:
+    """KV tokens per byte against the model dtype's cache, for one request of
+    ``max_model_len`` tokens as vLLM's start-up check counts it: packed pages
+    for Q(max_model_len) tokens plus the residual window's admission cap."""
+    from vllm_kvcomp.residual_layer import packed_spec, residual_spec
+
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    n, heads, head = mc.max_model_len, mc.get_num_kv_heads(pc), mc.get_head_size()
+    packed = packed_spec(cfg, vllm_config.cache_config.block_size, heads, head, mc.dtype)
+    used = packed.max_memory_usage_bytes(vllm_config)
+    if cfg.needs_residual_cache:
+        res = residual_spec(packed, vllm_config.max_concurrent_batches)
+        used += res.max_admission_blocks_per_request(0, n) * res.page_size_bytes
+    return n * 2 * heads * head * mc.dtype.itemsize / used
+
+
+def log_startup(cfg: KvcompConfig, vllm_config) -> None:
+    from vllm.logger import init_logger
+
+    settings = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())
+    mc = vllm_config.model_config
+    ratio = capacity_ratio(cfg, vllm_config) if mc is not None else float("nan")
+    init_logger("vllm.kvcomp").info(
+        "KVCOMP attention backend: %s, block_size=%d; KV capacity %.2fx the %s cache at "
+        "max_model_len %d", settings, vllm_config.cache_config.block_size, ratio,
+        str(mc.dtype).replace("torch.", "") if mc is not None else "model dtype",
+        mc.max_model_len if mc is not None else 0)
+
+
 def _sliding_window_layers(hf_config) -> str | None:
     sw = getattr(hf_config, "sliding_window", None)
     layer_types = getattr(hf_config, "layer_types", None) or []
