@@ -3,12 +3,16 @@
 For each request of a batch, with ``start`` tokens already cached and ``n``
 after this step (``Q`` = ``KvcompConfig.quantized_prefix_len``):
 
-1. attention of the step's queries over
-   packed ``[0, Q(start))`` + residual ``[Q(start), start)`` + fresh ``[start, n)``
-   (causal, GQA, float32 accumulation);
-2. hand-over: tokens ``[Q(start), Q(n))`` are quantized into the packed pages,
+1. hand-over: tokens ``[Q(start), Q(n))`` are quantized into the packed pages,
    read from the residual pages where older than ``start``, else from the
    fresh K/V (so handover needs no extra copy);
+2. attention of the step's queries (causal, GQA, float32 accumulation). The
+   query at position ``p`` reads key ``j`` from the packed pages (quantized)
+   where ``j < bound(p)`` and in full precision (residual or fresh) from there
+   to ``p``: ``bound(p) = Q(p)`` when prompts attend as stored (what a
+   decode step at ``p`` reads, whatever the chunking or prefix-cache hits),
+   ``Q(start)`` for every query of the step otherwise (a chunk's own tokens
+   in full precision). For a decode step both are ``Q(start)``;
 3. the fresh tokens are written, unquantized, into the residual pages.
 
 This is the CPU implementation and the oracle for the Triton kernels.
@@ -73,6 +77,60 @@ def attend(
     return out.reshape(Tq, Hq, D)
 
 
+def attend_split(
+    q: torch.Tensor, start: int, k_packed: torch.Tensor, v_packed: torch.Tensor,
+    k_full: torch.Tensor, v_full: torch.Tensor, full_lo: int, bounds: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention of queries at positions [start, start+Tq): query
+    ``t`` reads packed keys (positions [0, len(k_packed))) below ``bounds[t]``
+    and full-precision keys (positions [full_lo, full_lo + len(k_full))) from
+    ``bounds[t]`` to its own position. -> [Tq, Hq, D] float."""
+    Tq, Hq, D = q.shape
+    H = k_full.shape[1]
+    dev = q.device
+    k = torch.cat([k_packed.float(), k_full.float()])
+    v = torch.cat([v_packed.float(), v_full.float()])
+    n_p = k_packed.shape[0]
+    pos = torch.cat([torch.arange(n_p, device=dev),
+                     full_lo + torch.arange(k_full.shape[0], device=dev)])
+    packed = torch.arange(k.shape[0], device=dev) < n_p
+    qpos = torch.arange(start, start + Tq, device=dev)[:, None]
+    b = bounds.to(dev)[:, None]
+    visible = torch.where(packed[None, :], pos[None, :] < b, (pos[None, :] >= b) & (pos[None, :] <= qpos))
+    scores = torch.einsum("qhrd,khd->hrqk", q.float().view(Tq, H, Hq // H, D), k) * scale
+    scores.masked_fill_(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hrqk,khd->qhrd", probs, v).reshape(Tq, Hq, D)
+
+
+def request_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
+    block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
+    start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
+) -> torch.Tensor:
+    """One request's step attention (module docstring, 2.) over the cache as it
+    is after the step's hand-over: packed pages hold [0, Q(n))."""
+    Tq = q.shape[0]
+    q_old = cfg.quantized_prefix_len(start)
+    bounds = torch.tensor([cfg.quantized_prefix_len(start + t) if as_stored else q_old
+                           for t in range(Tq)])
+    hi = int(bounds.max())
+    H, D = k_new.shape[1:]
+    k_packed = v_packed = k_new.new_zeros(0, H, D)
+    if hi > 0:
+        nblk = -(-hi // layout.block_size)
+        k_packed, v_packed = packing.dequantize_pages(
+            packed_cache, layout, block_row[:nblk].long(), model_dtype)
+        k_packed, v_packed = k_packed[:hi], v_packed[:hi]
+    k_full, v_full = k_new, v_new
+    if start > q_old:
+        kr, vr = gather_residual(residual_cache, residual_row, residual_block_size, q_old, start)
+        k_full, v_full = torch.cat([kr.to(k_new.dtype), k_new]), torch.cat([vr.to(v_new.dtype), v_new])
+    return attend_split(q, start, k_packed, v_packed, k_full, v_full, q_old, bounds, scale)
+
+
 def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float, start: int) -> torch.Tensor:
     """Natural-log log-sum-exp of ``attend``'s causal scores, [Hq, Tq]: what
     merging two partial attentions over disjoint key sets needs."""
@@ -135,10 +193,13 @@ def kvcomp_step_reference(
     cfg: KvcompConfig,
     scale: float,
     batch: BatchView,
+    as_stored: bool | None = None,
 ) -> None:
-    """One attention layer's step for a whole batch (see module docstring)."""
+    """One attention layer's step for a whole batch (see module docstring);
+    ``as_stored`` defaults to the config's choice on the CPU path."""
+    if as_stored is None:
+        as_stored = cfg.prompt_as_stored(gpu=False)
     model_dtype = residual_cache.dtype if residual_cache is not None else query.dtype
-    bs = layout.block_size
     for i in range(len(batch.seq_lens)):
         qs, qe = batch.query_start_loc[i], batch.query_start_loc[i + 1]
         if qe == qs:
@@ -147,41 +208,24 @@ def kvcomp_step_reference(
         start = n - (qe - qs)
         q_old, q_new = cfg.quantized_prefix_len(start), cfg.quantized_prefix_len(n)
         row = batch.block_table[i]
+        res_row = batch.residual_block_table[i] if batch.residual_block_table is not None else None
         k_new, v_new = key[qs:qe], value[qs:qe]
-
-        parts_k, parts_v = [], []
-        if q_old > 0:
-            nblk = -(-q_old // bs)
-            kp, vp = packing.dequantize_pages(packed_cache, layout, row[:nblk].long(), model_dtype)
-            parts_k.append(kp[:q_old])
-            parts_v.append(vp[:q_old])
-        k_res = v_res = None
-        if start > q_old:
-            assert residual_cache is not None
-            k_res, v_res = gather_residual(
-                residual_cache,
-                batch.residual_block_table[i],
-                batch.residual_block_size,
-                q_old,
-                start,
-            )
-            parts_k.append(k_res.float())
-            parts_v.append(v_res.float())
-        parts_k.append(k_new.float())
-        parts_v.append(v_new.float())
-        out = attend(query[qs:qe], torch.cat(parts_k), torch.cat(parts_v), scale, start)
-        output[qs:qe] = out.to(output.dtype)
-
         if q_new > q_old:
             old_hi = min(q_new, start)
             ks, vs = [], []
             if old_hi > q_old:
-                ks.append(k_res[: old_hi - q_old])
-                vs.append(v_res[: old_hi - q_old])
+                kr, vr = gather_residual(residual_cache, res_row, batch.residual_block_size,
+                                         q_old, old_hi)
+                ks.append(kr)
+                vs.append(vr)
             if q_new > start:
                 ks.append(k_new[: q_new - start])
                 vs.append(v_new[: q_new - start])
             _handover(packed_cache, layout, cfg, row, torch.cat(ks), torch.cat(vs), q_old)
+        out = request_attention(query[qs:qe], k_new, v_new, packed_cache, residual_cache, layout,
+                                cfg, row, res_row, batch.residual_block_size, start, scale,
+                                model_dtype, as_stored)
+        output[qs:qe] = out.to(output.dtype)
 
     if residual_cache is not None and batch.residual_slot_mapping is not None:
         T = key.shape[0]

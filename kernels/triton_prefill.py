@@ -186,7 +186,7 @@ def _kvcomp_prefill_kernel(
     REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
-    FRESH: tl.constexpr, WRITE_LSE: tl.constexpr,
+    FRESH: tl.constexpr, WRITE_LSE: tl.constexpr, AS_STORED: tl.constexpr = False,
 ):
     i = tl.program_id(0)
     tile = tl.program_id(1)
@@ -221,10 +221,22 @@ def _kvcomp_prefill_kernel(
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     nn = tl.arange(0, BLOCK_N)
 
-    # 1. packed prefix [0, Q(start)): tiles of BLOCK_N slots of one page
+    # AS_STORED: the query at position p reads keys below Q(p) from the packed
+    # pages (the store ran first: they hold [0, Q(n))) and the rest in full
+    # precision, as a decode step at p would; else the bound is Q(start).
+    q_hi = q_old
+    q_lo = q_old
+    if AS_STORED:
+        bound = tl.maximum(start + tq - R, 0) // ALIGN * ALIGN  # [ROWS]
+        last = start + tl.minimum(q_len, t0 + BLOCK_T) - 1
+        q_hi = tl.maximum(last - R, 0) // ALIGN * ALIGN
+        q_lo = tl.maximum(start + t0 - R, 0) // ALIGN * ALIGN
+
+    # 1. packed prefix [0, Q(start)) (AS_STORED: [0, Q(last query)), each row
+    # below its own bound): tiles of BLOCK_N slots of one page
     bt_row = bt_ptr + i.to(tl.int64) * stride_bt
-    for n0 in range(0, q_old, BLOCK_N):
-        valid = n0 + nn < q_old
+    for n0 in range(0, q_hi, BLOCK_N):
+        valid = n0 + nn < q_hi
         blk = tl.load(bt_row + n0 // BS).to(tl.int64)
         page_off = blk * stride_cb + h * stride_ch
         s0 = n0 % BS
@@ -234,13 +246,16 @@ def _kvcomp_prefill_kernel(
         v = _load_page_tile(cache_ptr, page_off, s0, valid, d, MODEL_DTYPE,
                             V_BITS, V_CODES_OFF, V_PARAMS_OFF, V_ROW, False, G,
                             V_GC, V_NG, D, BLOCK_N)
-        m_i, l_i, acc = _attend_block(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, IEEE,
-                                      True)
+        seen = valid[None, :]
+        if AS_STORED:
+            seen = seen & ((n0 + nn)[None, :] < bound[:, None])
+        m_i, l_i, acc = _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, IEEE, True)
 
-    # 2. residual [Q(start), start)
+    # 2. residual [Q(start), start) (AS_STORED: from the tile's first bound,
+    # each row from its own)
     if HAS_RESIDUAL:
         rbt_row = rbt_ptr + i.to(tl.int64) * stride_rbt
-        for n0 in range(q_old, start, BLOCK_N):
+        for n0 in range(q_lo, start, BLOCK_N):
             pos = n0 + nn
             valid = pos < start
             rb = tl.load(rbt_row + pos // BS_R, mask=valid, other=0).to(tl.int64)
@@ -248,8 +263,10 @@ def _kvcomp_prefill_kernel(
             mk = valid[:, None] & dm[None, :]
             k = tl.load(res_ptr + off[:, None] + d[None, :], mask=mk, other=0.0)
             v = tl.load(res_ptr + stride_rkv + off[:, None] + d[None, :], mask=mk, other=0.0)
-            m_i, l_i, acc = _attend_block(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale,
-                                          IEEE, True)
+            seen = valid[None, :]
+            if AS_STORED:
+                seen = seen & (pos[None, :] >= bound[:, None])
+            m_i, l_i, acc = _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, IEEE, True)
 
     # 3. fresh [start, n), causal (FRESH=False: the caller attends over them
     # itself, e.g. with FlashAttention, and merges through the LSE)
@@ -258,13 +275,22 @@ def _kvcomp_prefill_kernel(
         # j < t0 <= tq is visible to every row and j < q_len, so neither the
         # causal select nor row masks on the loads (only the channel mask)
         lo = t0 // BLOCK_N * BLOCK_N
-        for n0 in range(0, lo, BLOCK_N):
+        f0 = 0
+        if AS_STORED:
+            # keys below the tile's first bound are read packed by every row
+            f0 = tl.maximum(q_lo - start, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(f0, lo, BLOCK_N):
             jt = (qs + n0 + nn).to(tl.int64)
             k = tl.load(k_ptr + (jt * stride_kt + h * stride_kh)[:, None] + d[None, :],
                         mask=dm[None, :], other=0.0)
             v = tl.load(v_ptr + (jt * stride_vt + h * stride_vh)[:, None] + d[None, :],
                         mask=dm[None, :], other=0.0)
-            m_i, l_i, acc = _attend_block(q, k, v, None, m_i, l_i, acc, qk_scale, IEEE, False)
+            if AS_STORED:
+                seen = (start + n0 + nn)[None, :] >= bound[:, None]
+                m_i, l_i, acc = _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, IEEE, True)
+            else:
+                m_i, l_i, acc = _attend_block(q, k, v, None, m_i, l_i, acc, qk_scale, IEEE,
+                                              False)
         # (b) the diagonal tile(s) [lo, t0 + BLOCK_T): causal and length masks
         hi = tl.minimum(q_len, t0 + BLOCK_T)
         for n0 in range(lo, hi, BLOCK_N):
@@ -277,6 +303,8 @@ def _kvcomp_prefill_kernel(
             v = tl.load(v_ptr + (jt * stride_vt + h * stride_vh)[:, None] + d[None, :],
                         mask=mk, other=0.0)
             causal = valid[None, :] & (j[None, :] <= tq[:, None])
+            if AS_STORED:
+                causal = causal & ((start + j)[None, :] >= bound[:, None])
             m_i, l_i, acc = _attend_block(q, k, v, causal, m_i, l_i, acc, qk_scale, IEEE,
                                           True)
 
@@ -371,6 +399,7 @@ def kvcomp_prefill_attention(
     lse: torch.Tensor | None = None,
     out_row_base: int = 0,
     allow_smaller_launch: bool = True,
+    as_stored: bool = False,
 ) -> torch.Tensor:
     """Attention (1) for all requests of a batch; writes ``out`` [T, Hq, D].
 
@@ -391,6 +420,10 @@ def kvcomp_prefill_attention(
     ``PREFILL_LAUNCH`` (built-in defaults or ``KVCOMP_PREFILL_LAUNCH``). A
     launch the GPU lacks the resources for falls back to smaller ones unless
     ``allow_smaller_launch=False`` (benchmarks: a config must run as named).
+    ``as_stored``: each query reads keys below Q(its position) from the packed
+    pages, which must already hold the step's hand-over (store first), and
+    the rest in full precision: what a decode step there reads
+    (``KvcompConfig.prompt_attention``).
     """
     assert layout.config == cfg
     num_reqs = seq_lens.shape[0]
@@ -457,6 +490,9 @@ def kvcomp_prefill_attention(
         HAS_RESIDUAL=has_res, IEEE=ieee, FRESH=include_fresh, WRITE_LSE=lse is not None,
         **layout_constexprs(layout),
     )
+    if as_stored:
+        assert include_fresh, "as-stored prompts attend their own tokens in the same pass"
+        consts["AS_STORED"] = True
     asked = (block_rows, block_n, num_warps, num_stages)
     fit_key = (asked, D, query.dtype, layout.config.k_bits, layout.config.v_bits, query.device)
     error = None
@@ -536,52 +572,57 @@ def prefill_attention_reference(
     out: torch.Tensor | None = None,
     include_fresh: bool = True,
     lse: torch.Tensor | None = None,
+    as_stored: bool = False,
 ) -> torch.Tensor:
-    """The attention half of ``attention_ref.kvcomp_step_reference`` (same
-    pieces: ``packing.dequantize_pages``, ``gather_residual``, ``attend``);
-    writes nothing but ``out`` (and ``lse`` [Hq, T], natural log, when
-    given). ``include_fresh=False``: the cached context only (rows without
-    context get 0 and LSE -inf), as ``kvcomp_prefill_attention``'s."""
+    """The attention half of ``attention_ref.kvcomp_step_reference``
+    (``attention_ref.request_attention``); writes nothing but ``out``. With
+    ``as_stored`` the packed pages must already hold the step's hand-over.
+    ``include_fresh=False``: the cached context only, packed ``[0, Q(start))``
+    and residual ``[Q(start), start)`` (rows without context get 0 and LSE
+    -inf; ``lse`` [Hq, T], natural log), as ``kvcomp_prefill_attention``'s
+    half of the FlashAttention split."""
     if out is None:
         out = torch.empty_like(query)
     model_dtype = key.dtype
-    bs = layout.block_size
     qsl = [int(x) for x in query_start_loc]
     lens = [int(x) for x in seq_lens]
     for i in range(len(lens)):
         qs, qe = qsl[i], qsl[i + 1]
         if qe == qs:
             continue
-        n = lens[i]
-        start = n - (qe - qs)
-        q_old = cfg.quantized_prefix_len(start)
-        parts_k, parts_v = [], []
-        if q_old > 0:
-            nblk = -(-q_old // bs)
-            kp, vp = packing.dequantize_pages(
-                packed_cache, layout, block_table[i, :nblk].long(), model_dtype
-            )
-            parts_k.append(kp[:q_old])
-            parts_v.append(vp[:q_old])
-        if start > q_old:
-            kr, vr = attention_ref.gather_residual(
-                residual_cache, residual_block_table[i], residual_block_size, q_old, start
-            )
-            parts_k.append(kr.float())
-            parts_v.append(vr.float())
+        start = lens[i] - (qe - qs)
+        res_row = residual_block_table[i] if residual_block_table is not None else None
         if include_fresh:
-            parts_k.append(key[qs:qe].float())
-            parts_v.append(value[qs:qe].float())
-        elif not parts_k:
+            o = attention_ref.request_attention(
+                query[qs:qe], key[qs:qe], value[qs:qe], packed_cache, residual_cache, layout,
+                cfg, block_table[i], res_row, residual_block_size, start, scale, model_dtype,
+                as_stored)
+            out[qs:qe] = o.to(out.dtype)
+            continue
+        q_old = cfg.quantized_prefix_len(start)
+        if start == 0:
             out[qs:qe] = 0
             if lse is not None:
                 lse[:, qs:qe] = float("-inf")
             continue
+        # context only: every query sees all of [0, start), packed below Q(start)
+        q = query[qs:qe]
+        H, D = key.shape[1:]
+        kp = vp = key.new_zeros(0, H, D)
+        if q_old > 0:
+            kp, vp = packing.dequantize_pages(
+                packed_cache, layout, block_table[i, :-(-q_old // layout.block_size)].long(),
+                model_dtype)
+        parts_k, parts_v = [kp[:q_old].float()], [vp[:q_old].float()]
+        if start > q_old:
+            kr, vr = attention_ref.gather_residual(
+                residual_cache, res_row, residual_block_size, q_old, start)
+            parts_k.append(kr.float())
+            parts_v.append(vr.float())
         k_all, v_all = torch.cat(parts_k), torch.cat(parts_v)
-        o = attention_ref.attend(query[qs:qe], k_all, v_all, scale, start)
-        out[qs:qe] = o.to(out.dtype)
+        out[qs:qe] = attention_ref.attend(q, k_all, v_all, scale, start).to(out.dtype)
         if lse is not None:
-            lse[:, qs:qe] = attention_ref.attention_lse(query[qs:qe], k_all, scale, start)
+            lse[:, qs:qe] = attention_ref.attention_lse(q, k_all, scale, start)
     return out
 
 

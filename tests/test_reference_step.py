@@ -30,7 +30,7 @@ def _kv(T, seed, outlier_channels=True, retrieval=False):
     return q, k, v
 
 
-def _run_chunks(cfg, chunks_per_req, q, k, v, block_size=32, seed=0):
+def _run_chunks(cfg, chunks_per_req, q, k, v, block_size=32, seed=0, as_stored=None):
     """Feed each request's tokens through steps; chunks_per_req[i] is a list
     of chunk lengths for request i (a batch step takes the next chunk of
     every request that still has one). Returns outputs and the cache."""
@@ -53,7 +53,7 @@ def _run_chunks(cfg, chunks_per_req, q, k, v, block_size=32, seed=0):
         vs = torch.cat([v[i, s:e] for i, s, e in zip(idx, starts, ends)])
         o = torch.zeros_like(qs)
         kvcomp_step_reference(qs, ks, vs, o, sim.packed, sim.residual, sim.layout, cfg,
-                              D ** -0.5, batch)
+                              D ** -0.5, batch, as_stored=as_stored)
         for j, (i, s, e) in enumerate(zip(idx, starts, ends)):
             a = batch.query_start_loc[j]
             out[i, s:e] = o[a:a + e - s]
@@ -133,10 +133,12 @@ def _decode_error(kb, vb, key_axis="channel", T=540, decode=40):
     cfg = KvcompConfig(k_bits=kb, v_bits=vb, group_size=32, residual_tokens=32,
                        key_axis=key_axis)
     q, k, v = (x.unsqueeze(0) for x in _kv(T, 3))
-    out, _ = _run_chunks(cfg, [[T - decode] + [1] * decode], q, k, v, block_size=64)
+    out, _ = _run_chunks(cfg, [[T - decode] + [1] * decode], q, k, v, block_size=64,
+                         as_stored=False)
     ref = _float_reference(q, k, v)
     prompt, steps = slice(0, T - decode), slice(T - decode, T)
-    # Prompt queries attend in full precision (their keys are fresh): exact.
+    # Prompt queries attend a one-shot prompt in full precision when prompts
+    # do not attend as stored: exact.
     assert (out[0, prompt] - ref[0, prompt]).norm() / ref[0, prompt].norm() < 1e-5
     return float((out[0, steps] - ref[0, steps]).norm() / ref[0, steps].norm())
 
@@ -165,6 +167,28 @@ def test_per_channel_keys_beat_per_token_keys_with_outlier_channels():
     """KIVI's reason for per-channel keys: with a few large channels, a
     per-token group's range is set by the outliers and swamps the rest."""
     assert _decode_error(4, 16, "channel") < 0.7 * _decode_error(4, 16, "token")
+
+
+@pytest.mark.parametrize("bits, key_axis, residual", [((4, 4), "channel", 24), ((2, 2), "channel", 0),
+                                                     ((8, 4), "token", 24), ((16, 16), "channel", 24)])
+def test_as_stored_outputs_do_not_depend_on_chunking(bits, key_axis, residual):
+    """Prompts attending as stored: every position's output is what a decode
+    step at that position gives, so one shot, chunks of 50, token by token
+    and a prefill followed by decodes all agree (a prefix-cache hit is one
+    more chunking). Prompts attending their own chunk in full precision do
+    not agree (checked, so that this test can fail)."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16,
+                       residual_tokens=residual, key_axis=key_axis)
+    T = 203
+    q, k, v = (x.unsqueeze(0) for x in _kv(T, 5))
+    chunkings = dict(CHUNKINGS, one_by_one=lambda T: [1] * T)
+    outs = {name: _run_chunks(cfg, [fn(T)], q, k, v, as_stored=True)[0]
+            for name, fn in chunkings.items()}
+    for name, out in outs.items():
+        torch.testing.assert_close(out, outs["one_by_one"], atol=1e-5, rtol=1e-5, msg=name)
+    if bits != (16, 16):
+        fresh = _run_chunks(cfg, [[T]], q, k, v, as_stored=False)[0]
+        assert (fresh - outs["one_by_one"]).abs().max() > 1e-3
 
 
 def test_mixed_batch_of_prefill_and_decode():

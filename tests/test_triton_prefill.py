@@ -40,12 +40,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-def reference_out(step: Step) -> torch.Tensor:
+def reference_out(step: Step, as_stored=False) -> torch.Tensor:
     b = step.batch
     return prefill_attention_reference(
         step.query, step.key, step.value, step.sim.packed, step.sim.residual, b.block_table,
         b.residual_block_table, b.query_start_loc, b.seq_lens, step.layout, step.cfg,
-        step.scale, step.bs_r)
+        step.scale, step.bs_r, as_stored=as_stored)
 
 
 def triton_out(step: Step, max_query_len=None, block_n=32, **kw) -> torch.Tensor:
@@ -60,9 +60,12 @@ def triton_out(step: Step, max_query_len=None, block_n=32, **kw) -> torch.Tensor
     return out.cpu()
 
 
-def check(step: Step, **kw):
-    ref = reference_out(step)
-    out = triton_out(step, **kw)
+def check(step: Step, as_stored=False, **kw):
+    if as_stored:
+        # prompts read the step's own hand-over: the store runs first
+        step.sim.packed, step.sim.residual = step.reference_store()
+    ref = reference_out(step, as_stored)
+    out = triton_out(step, as_stored=as_stored, **kw)
     assert not out.isnan().any()
     tol = TOL[step.dtype]
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
@@ -79,6 +82,29 @@ def test_prefill_matches_reference_mixed_batch(bits, key_axis, residual):
     assert any(cfg.quantized_prefix_len(s) > 0 for s, _ in step.plans)
     assert any(s > cfg.quantized_prefix_len(s) for s, _ in step.plans) or residual == 0
     check(step)
+
+
+@pytest.mark.parametrize("residual", [0, 24])
+@pytest.mark.parametrize("bits, key_axis", BITS_AXES, ids=BITS_AXES_IDS)
+def test_prefill_as_stored_matches_reference_mixed_batch(bits, key_axis, residual):
+    """Prompts attending as stored (each query reads keys below Q(its
+    position) packed): the kernel against the reference, on a mixed batch
+    whose chunks hand groups over within the step."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16,
+                       residual_tokens=residual, key_axis=key_axis)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=64, rep=4, seed=sum(bits) + residual + 1)
+    assert any(cfg.quantized_prefix_len(s + q - 1) > cfg.quantized_prefix_len(s)
+               for s, q in step.plans)
+    check(step, as_stored=True)
+
+
+@pytest.mark.parametrize("D, rep, dtype, block_rows", [
+    (64, 3, torch.float32, 16), (128, 8, torch.bfloat16, 64), (128, 4, torch.float16, 32)],
+    ids=lambda x: str(x).replace("torch.", ""))
+def test_prefill_as_stored_shapes_and_tiles(D, rep, dtype, block_rows):
+    cfg = KvcompConfig(k_bits=4, v_bits=2, group_size=32, residual_tokens=24)
+    step = Step(cfg, mixed_plans(cfg), H=2, D=D, rep=rep, dtype=dtype, seed=D + rep + 3)
+    check(step, as_stored=True, block_rows=block_rows)
 
 
 @pytest.mark.parametrize(
@@ -239,14 +265,18 @@ def test_prefill_strided_qkv_padded_residual_and_oversized_grid():
     check(step, max_query_len=step.max_query_len + 40, block_rows=32)
 
 
-def test_prefill_reference_equals_full_reference_step():
+@pytest.mark.parametrize("as_stored", [False, True])
+def test_prefill_reference_equals_full_reference_step(as_stored):
     """The oracle used here computes what kvcomp_step_reference outputs."""
     cfg = KvcompConfig(k_bits=2, v_bits=4, group_size=16, residual_tokens=24)
     step = Step(cfg, mixed_plans(cfg), H=2, D=64, rep=4, seed=31)
     full = torch.empty_like(step.query)
     kvcomp_step_reference(step.query, step.key, step.value, full, step.sim.packed.clone(),
-                          step.sim.residual.clone(), step.layout, cfg, step.scale, step.batch)
-    torch.testing.assert_close(reference_out(step), full, atol=0, rtol=0)
+                          step.sim.residual.clone(), step.layout, cfg, step.scale, step.batch,
+                          as_stored=as_stored)
+    if as_stored:
+        step.sim.packed, step.sim.residual = step.reference_store()
+    torch.testing.assert_close(reference_out(step, as_stored), full, atol=0, rtol=0)
 
 
 def test_prefill_detects_wrong_nibble_order():
@@ -264,10 +294,12 @@ def test_prefill_detects_wrong_nibble_order():
     assert (out - ref).abs().max() > 20 * TOL[torch.float32]
 
 
-def test_triton_steps_reproduce_reference_steps():
+@pytest.mark.parametrize("as_stored", [False, True])
+def test_triton_steps_reproduce_reference_steps(as_stored):
     """Several batch steps (chunked prefill, then decodes crossing group
     boundaries) run with the Triton prefill + store kernels give the outputs
-    and caches of the reference step."""
+    and caches of the reference step (the backend's order: store, then
+    attention)."""
     cfg = KvcompConfig(k_bits=4, v_bits=2, group_size=16, residual_tokens=8)
     H, rep, D = 2, 4, 64
     chunks = [[37, 30, 1, 1, 1, 1], [5, 20, 1, 40, 1, 1]]
@@ -286,7 +318,7 @@ def test_triton_steps_reproduce_reference_steps():
         ba, bb = sims[0].batch(starts, ends), sims[1].batch(starts, ends)
         ref = torch.empty_like(q)
         kvcomp_step_reference(q, k, v, ref, sims[0].packed, sims[0].residual, sims[0].layout,
-                              cfg, D ** -0.5, ba)
+                              cfg, D ** -0.5, ba, as_stored=as_stored)
         s = sims[1]
         dev = lambda t: t.to(DEVICE)  # noqa: E731
         qsl = torch.tensor(bb.query_start_loc, dtype=torch.int32, device=DEVICE)
@@ -294,12 +326,12 @@ def test_triton_steps_reproduce_reference_steps():
         packed, residual = dev(s.packed), dev(s.residual)
         mql = max(e - s_ for s_, e in zip(starts, ends))
         out = torch.empty_like(dev(q))
-        kvcomp_prefill_attention(dev(q), dev(k), dev(v), packed, residual, dev(bb.block_table),
-                                 dev(bb.residual_block_table), qsl, lens, s.layout, cfg,
-                                 D ** -0.5, s.bs_r, mql, out, block_n=32)
         kvcomp_store(dev(k), dev(v), packed, residual, dev(bb.block_table),
                      dev(bb.residual_block_table), dev(bb.residual_slot_mapping), qsl, lens,
                      s.layout, cfg, s.bs_r, mql)
+        kvcomp_prefill_attention(dev(q), dev(k), dev(v), packed, residual, dev(bb.block_table),
+                                 dev(bb.residual_block_table), qsl, lens, s.layout, cfg,
+                                 D ** -0.5, s.bs_r, mql, out, block_n=32, as_stored=as_stored)
         s.packed.copy_(packed.cpu())
         s.residual.copy_(residual.cpu())
         torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=2e-3)

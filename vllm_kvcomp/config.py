@@ -16,6 +16,7 @@ SUPPORTED_BITS = (2, 4, 8, 16)
 KEY_AXES = ("channel", "token")
 VALUE_AXES = ("token",)
 FRESH_PREFILL = ("auto", "flash_attn", "triton")
+PROMPT_ATTENTION = ("auto", "as_stored", "full_precision")
 
 
 # Launch parameters of the Triton prefill kernel (kernels/triton_prefill.py),
@@ -108,6 +109,16 @@ class KvcompConfig:
         bf16 models), else triton. Measured on W1 (H200, 2026-11-23) the split
         gained nothing (1740 vs 1768 output tok/s): the one-pass kernel stays
         the default.
+    prompt_attention: how a prompt token attends the tokens before it.
+        "as_stored": as the cache will hold them, exactly as a decode step
+        at that position would (quantized beyond the full-precision window),
+        so a request gives the same tokens however its prompt is chunked and
+        whether or not its prefix came from the prefix cache.
+        "full_precision": a prefill chunk attends its own tokens in full
+        precision and only older cached tokens quantized; its outputs then
+        depend on the chunking and on prefix-cache hits (not cache-consistent).
+        "auto" (default): "as_stored" on the CPU path; on the GPU path
+        "full_precision" until the as-stored prefill kernel has run on a GPU.
     """
 
     k_bits: int = 4
@@ -119,6 +130,7 @@ class KvcompConfig:
     block_size: int | None = None
     fresh_prefill: str = "triton"
     value_group_size: int | None = None
+    prompt_attention: str = "auto"
 
     # ------------------------------------------------------------------ derive
     @property
@@ -143,6 +155,12 @@ class KvcompConfig:
         the packed pages and [Q, n) from the full-precision residual pages."""
         align = self.key_token_align
         return max(0, num_tokens - self.residual_tokens) // align * align
+
+    def prompt_as_stored(self, gpu: bool) -> bool:
+        """Whether prompt tokens attend as stored (see ``prompt_attention``)."""
+        if self.prompt_attention == "auto":
+            return not gpu
+        return self.prompt_attention == "as_stored"
 
     def value_group(self, head_size: int) -> int:
         return min(self.value_group_size or self.group_size, head_size)
@@ -173,6 +191,7 @@ class KvcompConfig:
             raise KvcompConfigError(
                 f"unknown kvcomp setting(s) {unknown}; known settings: {sorted(known)}"
             )
+        _check_types(raw)
         cfg = cls(**raw)
         cfg.validate()
         return cfg
@@ -214,6 +233,17 @@ class KvcompConfig:
                 f"kvcomp fresh_prefill={self.fresh_prefill!r} is not supported; "
                 f"choose one of {FRESH_PREFILL}"
             )
+        if self.prompt_attention not in PROMPT_ATTENTION:
+            raise KvcompConfigError(
+                f"kvcomp prompt_attention={self.prompt_attention!r} is not supported; "
+                f"choose one of {PROMPT_ATTENTION}"
+            )
+        if self.prompt_attention == "as_stored" and self.fresh_prefill == "flash_attn":
+            raise KvcompConfigError(
+                "kvcomp fresh_prefill='flash_attn' attends a chunk's own tokens in full "
+                "precision: it needs prompt_attention='full_precision' (or 'auto'), not "
+                "'as_stored'"
+            )
         b = self.block_size
         if b is not None:
             if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
@@ -223,6 +253,23 @@ class KvcompConfig:
                     f"kvcomp block_size={b} must be a multiple of group_size="
                     f"{self.group_size} when keys are quantized per channel"
                 )
+
+
+def _check_types(raw: dict) -> None:
+    """Each setting has its declared type: 4.0, "4" or true for k_bits is a
+    start-up error naming the key, not a crash deep inside the engine."""
+    import typing
+
+    hints = typing.get_type_hints(KvcompConfig)
+    for key, value in raw.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        ok = any(value is None if t is type(None) else
+                 isinstance(value, t) and not (t is int and isinstance(value, bool))
+                 for t in allowed)
+        if not ok:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise KvcompConfigError(
+                f"kvcomp {key}={value!r} must be {names}, not {type(value).__name__}")
 
 
 def config_from_vllm_config(vllm_config: Any) -> KvcompConfig:
