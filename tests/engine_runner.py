@@ -5,7 +5,7 @@ end-to-end tests starts its own. argv[1] is a JSON spec:
 
     {"model": dir, "backend": "kvcomp" | "CPU_ATTN" | ..., "kvcomp": {...},
      "engine": {extra LLM kwargs}, "prompts": [str | {"prompt_token_ids": [...]}],
-     "max_tokens": int, "logprobs": bool, "prompt_logprobs": bool}
+     "max_tokens": int, "logprobs": bool, "prompt_logprobs": bool, "rounds": int}
 
 The last stdout line starting with ``RESULT `` holds token ids, logprobs of
 the chosen tokens, prompt logprobs, and the engine's preemption and
@@ -41,7 +41,9 @@ def main(spec):
         logprobs=int(spec["logprobs"]) if spec.get("logprobs") else None,
         prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
     )
-    outs = llm.generate(spec["prompts"], params)
+    # "rounds": the same prompts again, one generate call after the other (a
+    # later round can hit the prefix cache that an earlier one filled)
+    outs = [o for _ in range(spec.get("rounds", 1)) for o in llm.generate(spec["prompts"], params)]
     result = {"tokens": [], "logprobs": [], "prompt_logprobs": [], "top2_margin": []}
     for o in outs:
         c = o.outputs[0]
