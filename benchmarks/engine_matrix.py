@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,7 +101,7 @@ def launch(spec: dict, timeout: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--modes", default="default,fast")
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--timeout", type=int, default=900)
@@ -109,14 +110,31 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         return run_one(json.loads(args.one))
+    if not args.out:
+        ap.error("--out is required")
     os.makedirs(args.out, exist_ok=True)
     dirs = {m: model_dir(args.models_dir, m) for m in MODELS}
     specs = [dict(name=n, model_name=m, model=dirs[m], dtype=dt, kvcomp=kv, mode=mode)
              for mode in args.modes.split(",") for n, m, dt, kv in SETTINGS]
     specs += [dict(name=n, model_name=m, model=dirs[m], dtype=dt, kvcomp=None, mode="fast")
               for n, m, dt, _ in REFERENCES]
+    # references right after the first mode's rows: a run cut short keeps both
+    n_first = len(SETTINGS)
+    specs = specs[:n_first] + specs[len(specs) - len(REFERENCES):] + specs[n_first:-len(REFERENCES)]
+    rows, lock = [], threading.Lock()
+
+    def one(spec):
+        row = launch(spec, args.timeout)
+        with lock:  # the tables so far are rewritten after every engine
+            rows.append(row)
+            report(args, rows)
+
     with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(lambda s: launch(s, args.timeout), specs))
+        list(pool.map(one, specs))
+    report(args, rows, final=True)
+
+
+def report(args, rows, final=False) -> None:
     refs = {(r["model_name"], r["dtype"]): r.get("tokens") for r in rows if r["kvcomp"] is None}
     for r in rows:
         toks, ref = r.get("tokens"), refs.get((r["model_name"], r["dtype"]))
@@ -141,6 +159,8 @@ def main() -> None:
                      f"| {ok} | {st} | {fa} | {ta} |")
     with open(os.path.join(args.out, "engine_matrix.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    if not final:
+        return
     print("\n".join(lines))
     for r in rows:
         if not (r["ok"] and r["complete"]):

@@ -5,6 +5,7 @@ builds interpreter functions, which ``triton.compile`` cannot take).
     python tests/gpu_compile_child.py '<json list of cases>'   # prints RESULT <json>
 """
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -17,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 import vllm_kvcomp.kernels.triton_decode as triton_decode  # noqa: E402
 import vllm_kvcomp.kernels.triton_prefill as triton_prefill  # noqa: E402
@@ -26,6 +28,10 @@ import vllm_kvcomp.kernels.triton_store as triton_store  # noqa: E402
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
+SM90_BACKEND = make_backend(SM90)
+# an H100's / H200's shared memory per block (opt-in): a launch that needs more
+# fails on the device with OutOfResources, where the prefill launcher falls back
+SM90_MAX_SHARED = 232448
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
         torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,6 +85,69 @@ def compile_sm90(jit, args, kw):
         else:
             raise TypeError(f"{jit.fn.__name__}: argument {p.name} of type {type(v)}")
     return triton.compile(ASTSource(jit, signature, constexprs), target=SM90, options=options)
+
+
+class EngineCompiler:
+    """Compiles launches as Triton's JIT would on an sm_90 device: the same
+    argument specialization (integers equal to 1, 16-byte divisibility of
+    integers and pointers) and options, one build per distinct key. A build
+    needing more shared memory than sm_90 has raises OutOfResources, as the
+    launch would on the device."""
+
+    def __init__(self):
+        self.built, self.errors, self.default_keys = {}, {}, set()
+
+    def __call__(self, jit, args, kw, default=True):
+        binder = create_function_from_signature(jit.signature, jit.params, SM90_BACKEND)
+        bound, specialization, options = binder(*args, **kw)
+        key = (jit.fn.__name__, repr(specialization), repr(sorted(options.items())))
+        if default:
+            self.default_keys.add(key)
+        if key in self.errors:
+            raise self.errors[key]
+        if key not in self.built:
+            opts, signature, constexprs, attrs = jit._pack_args(
+                SM90_BACKEND, kw, bound, specialization, options)
+            try:
+                kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs),
+                                        target=SM90, options=opts.__dict__)
+            except Exception as e:
+                self.errors[key] = e
+                raise
+            shared = kernel.metadata.shared
+            if shared > SM90_MAX_SHARED:
+                self.errors[key] = OutOfResources(shared, SM90_MAX_SHARED, "shared memory")
+                raise self.errors[key]
+            self.built[key] = dict(summary(jit, kernel), ptx_sha=ptx_digest(kernel.asm["ptx"]))
+
+    def default_path_fingerprint(self) -> str:
+        """One digest of the PTX of every build the default path uses."""
+        return hashlib.sha256(" ".join(sorted(
+            self.built[k]["ptx_sha"] for k in self.default_keys if k in self.built)).encode()
+        ).hexdigest()[:16]
+
+
+def ptx_digest(ptx: str) -> str:
+    """Digest of PTX without its debug information (source lines, files,
+    labels): a comment or a moved line in a kernel's source leaves it as is,
+    any change to the code it builds does not."""
+    keep = [line for line in re.sub(r"//.*", "", ptx).split("\n")
+            if not line.strip().startswith((".loc", ".file", ".section", ".b8", ".b32", "$L__"))]
+    return hashlib.sha256(re.sub(r"\$L__\w+", "L", "\n".join(keep)).encode()).hexdigest()[:16]
+
+
+def engine_case(c) -> dict:
+    """Every launch of an engine's life for one setting (engine_launches.py)."""
+    from engine_launches import ENGINE_SETTINGS, engine_launches
+
+    s = next(x for x in ENGINE_SETTINGS if x.id == c["setting"])
+    comp = EngineCompiler()
+    try:
+        calls = engine_launches(s, on_launch=comp)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"[:3000]}
+    return {"launches": len(calls), "builds": sorted(v["kernel"] for v in comp.built.values()),
+            "fell_back": len(comp.errors), "default_path": comp.default_path_fingerprint()}
 
 
 def main_loop_stats(ptx: str) -> tuple[int, int, int]:
@@ -157,7 +226,8 @@ def prefill_store_case(c) -> list:
 def main(cases):
     out = {}
     for c in cases:
-        fn = decode_case if c["what"] == "decode" else prefill_store_case
+        fn = {"decode": decode_case, "prefill_store": prefill_store_case,
+              "engine": engine_case}[c["what"]]
         try:
             out[c["id"]] = fn(c)
         except Exception as e:  # reported per case; the test names it
@@ -165,5 +235,27 @@ def main(cases):
     print("RESULT " + json.dumps(out), flush=True)
 
 
+GPU_VERIFIED = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "gpu_verified.json"
+
+
+def record(results_dir: str) -> None:
+    """After the GPU check (benchmarks/gpu_check.sh) passed on a device with
+    this tree's kernels: write each engine setting's default-path fingerprint
+    with the results folder that shows the run."""
+    from engine_launches import ENGINE_SETTINGS
+
+    prints = {}
+    for s in ENGINE_SETTINGS:
+        res = engine_case({"setting": s.id})
+        assert "error" not in res, (s.id, res)
+        prints[s.id] = res["default_path"]
+    GPU_VERIFIED.write_text(json.dumps(dict(
+        results=results_dir, triton=triton.__version__, default_path=prints), indent=1) + "\n")
+    print(f"wrote {GPU_VERIFIED}")
+
+
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    if sys.argv[1] == "--record":
+        record(sys.argv[2])
+    else:
+        main(json.loads(sys.argv[1]))

@@ -5,14 +5,22 @@ IEEE dots, no inline PTX), so a kernel edit could break the GPU path unseen.
 ``gpu_compile_child.py`` captures each kernel launch (arguments, constexprs,
 num_warps/stages) as the launcher issues it for a bf16 or fp16 model on a GPU
 and hands it to ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``: Triton's
-front end, LLVM and the bundled ``ptxas`` build the cubin. Nothing runs; one
-child process for all cases (~20 s).
+front end, LLVM and the bundled ``ptxas`` build the cubin. Nothing runs.
+
+The engine cases are not a hand-picked list: ``engine_launches.py`` drives the
+backend's own launch code through every kind of step an engine runs (start-up
+check, CUDA-graph capture over the default sizes, eager decodes, prefill
+chunks, mixed steps, split store, the FlashAttention split), and each distinct
+launch is built with the specialization Triton's JIT gives it on the device.
+Two child processes share the cases (~8 min on two cores, cold Triton cache).
 """
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from e2e_util import child_result, env_without_interpreter
+from engine_launches import ENGINE_SETTINGS
 
 HERE = Path(__file__).parent
 
@@ -51,10 +59,56 @@ def _cases():
     return cases
 
 
+ENGINE_IDS = [s.id for s in ENGINE_SETTINGS]
+
+
 @pytest.fixture(scope="module")
 def compiled():
-    return child_result([str(HERE / "gpu_compile_child.py"), json.dumps(_cases())],
-                        timeout=900, env=env_without_interpreter())[0]
+    # two children side by side (CI has two cores), each its share of the cases
+    cases = _cases() + [dict(id="engine-" + i, what="engine", setting=i) for i in ENGINE_IDS]
+    shares = [cases[0::2], cases[1::2]]
+
+    def run(share):
+        return child_result([str(HERE / "gpu_compile_child.py"), json.dumps(share)],
+                            timeout=2400, env=env_without_interpreter())[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, shares))
+    return {k: v for r in results for k, v in r.items()}
+
+
+@pytest.mark.parametrize("setting", ENGINE_IDS)
+def test_engine_launches_compile_for_sm90(compiled, setting):
+    """Every launch the engine issues for this setting, from the start-up check
+    through CUDA-graph capture to prefill chunks and mixed steps, split store
+    included (engine_launches.py), builds for sm_90 as Triton's JIT would
+    specialize it there."""
+    res = compiled["engine-" + setting]
+    assert "error" not in res, res["error"]
+    built = set(res["builds"])
+    assert {"_kvcomp_store_kernel", "_kvcomp_prefill_kernel", "_kvcomp_decode_kernel",
+            "_kvcomp_decode_merge_kernel"} <= built, res
+    # the hand-over split and unsplit, the prefill with and without its fresh tokens
+    assert res["builds"].count("_kvcomp_store_kernel") >= 2, res
+    assert res["builds"].count("_kvcomp_prefill_kernel") >= 2, res
+
+
+@pytest.mark.parametrize("setting", ENGINE_IDS)
+def test_default_gpu_path_is_what_last_ran_on_a_gpu(compiled, setting):
+    """The code the default GPU path builds (PTX without debug information,
+    every launch of the engine's steps but the opt-in split store and
+    FlashAttention prefill) is the code that last passed the GPU check on a
+    device (benchmarks/results/gpu_verified.json names its results). A kernel
+    change that moves it fails here until it has run on a GPU: run
+    benchmarks/gpu_check.sh there, record its results folder, then
+    `python tests/gpu_compile_child.py --record <folder>`; or keep the change
+    off the default path, behind a setting."""
+    verified = json.loads((HERE.parent / "benchmarks/results/gpu_verified.json").read_text())
+    res = compiled["engine-" + setting]
+    assert "error" not in res, res["error"]
+    assert res["default_path"] == verified["default_path"].get(setting), (
+        f"the default GPU path for {setting} builds code that has not run on a GPU "
+        f"(last GPU-verified: {verified['results']}); see this test's docstring")
 
 
 def _kernels(compiled, case_id):

@@ -1,0 +1,258 @@
+"""Every Triton launch a vLLM engine issues through the KVCOMP backend, for one
+setting and model shape: the backend's own launch code (``KvcompImpl._forward_triton``
+and the start-up decode check) driven through the attention steps of an
+engine's life, with kernel launches recorded instead of run.
+
+The steps, as vLLM 0.26's GPU model runner makes them:
+
+* start-up: ``check_decode_launch`` (the metadata builder's decode check);
+* FULL CUDA-graph capture: one uniform decode batch per capture size
+  (``seq_lens`` 1, ``max_seq_len`` = ``max_model_len`` from
+  ``build_for_cudagraph_capture``) over the default capture sizes;
+* eager decode batches: larger than the largest capture size, and at every
+  context length with ``enforce_eager`` (the decode split count follows the
+  batch and the longest context);
+* prefill: chunks of ``max_num_batched_tokens`` (first, middle, last), short
+  prompts of every power-of-two length, several prompts in one step, and
+  mixed steps (decodes first, then prefill chunks);
+
+each with the store's hand-over unsplit (the default) and split
+(``KVCOMP_STORE_SPLIT``), and the prefill with ``fresh_prefill`` "triton" and
+"flash_attn" (the Triton pass over the compressed context that FlashAttention's
+fresh part is merged with) and with ``prompt_attention`` "as_stored". Tensors are CPU stand-ins with the engine's
+shapes, strides and dtypes; nothing runs.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+# vLLM 0.26's defaults on an 80+ GB GPU for the LLM class (16384 / 1024) and the
+# API server (8192): the largest capture size is min(2 * max_num_seqs, 512)
+MAX_NUM_BATCHED_TOKENS = (16384, 8192)
+MAX_NUM_SEQS = 1024
+CAPTURE_SIZES = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, 513, 16))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A kvcomp setting on a model shape (``rep`` query heads per KV head)."""
+
+    kvcomp: tuple  # sorted (key, value) pairs of the kvcomp settings
+    head_size: int
+    dtype: str
+    rep: int = 4
+    max_model_len: int = 131072
+
+    @property
+    def id(self) -> str:
+        kv = "-".join(f"{k}{v}" for k, v in self.kvcomp) or "default"
+        return f"{kv}-d{self.head_size}-{self.dtype}-rep{self.rep}"
+
+
+def setting(head_size=128, dtype="bf16", rep=4, **kvcomp) -> Setting:
+    return Setting(tuple(sorted(kvcomp.items())), head_size, dtype, rep)
+
+
+# The settings the engine is checked on: each bit width, window and key group of
+# the supported set at least once, each head size and dtype at least once.
+ENGINE_SETTINGS = [
+    setting(),  # the default: k4v4, 128-token groups, 128-token window
+    setting(dtype="fp16"),
+    setting(head_size=64),
+    setting(head_size=256),
+    setting(rep=1),
+    setting(rep=8, dtype="fp16"),
+    setting(residual_tokens=0),
+    setting(residual_tokens=32),
+    setting(head_size=256, dtype="fp16", residual_tokens=0),
+    setting(k_bits=2, v_bits=2),
+    setting(k_bits=2, v_bits=2, head_size=256, dtype="fp16"),
+    setting(k_bits=8, v_bits=8),
+    setting(k_bits=8, v_bits=8, head_size=64, dtype="fp16"),
+    setting(k_bits=4, v_bits=2, group_size=32),
+    setting(k_bits=4, v_bits=2, group_size=32, residual_tokens=32, head_size=64, dtype="fp16"),
+    setting(k_bits=2, v_bits=2, group_size=32, value_group_size=128),
+    setting(k_bits=2, v_bits=2, key_axis="token", head_size=64),
+    setting(k_bits=16, v_bits=16),
+]
+
+
+def _steps(max_model_len: int, max_num_batched_tokens: int) -> list[tuple[str, list]]:
+    """(name, [(context tokens before the step, tokens in the step) per request]):
+    decodes first, as the backend's builder orders a batch."""
+    L, C = max_model_len, max_num_batched_tokens
+    steps = []
+    lens = sorted({2 ** i for i in range(int.bit_length(L))} | {L - 1, 127, 255, 4095})
+    for n in lens:  # eager decode batches of every split count
+        for b in (1, 8, 64, 512, MAX_NUM_SEQS):
+            steps.append((f"decode b{b} ctx{n}", [(min(n, L - 1), 1)] * b))
+    steps.append(("prefill first chunk", [(0, C)]))
+    steps.append(("prefill middle chunk", [(C, C)]))
+    steps.append(("prefill last chunk", [(L - 1000, 1000)]))
+    for i in range(int.bit_length(C)):
+        steps.append((f"prompt {2 ** i}", [(0, 2 ** i)]))
+    steps.append(("several prompts", [(0, 300), (0, 1), (0, 4000)]))
+    steps.append(("mixed", [(700, 1)] * 30 + [(0, C - 30 - 5000), (4000, 5000)]))
+    steps.append(("mixed one decode", [(129, 1), (256, 2000)]))
+    return steps
+
+
+class _Grab:
+    """Stands in for a JIT kernel: ``kernel[grid](*args)`` hands the call to
+    ``on_launch`` (which may raise, e.g. Triton's OutOfResources, as a launch
+    on the GPU would) and records it."""
+
+    def __init__(self, jit, calls, on_launch):
+        self.jit, self.calls, self.on_launch = jit, calls, on_launch
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            if self.on_launch is not None:
+                self.on_launch(self.jit, args, kw)
+            self.calls.append((self.jit, args, kw))
+        return launch
+
+
+@contextlib.contextmanager
+def recorded_launches(*modules, on_launch=None):
+    """Within: every JIT kernel of these modules records its launches instead
+    of running, and the launchers take their GPU branches (not interpreted)."""
+    from triton.runtime.jit import JITFunction
+
+    calls, saved = [], []
+    for m in modules:
+        for name, obj in list(vars(m).items()):
+            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
+                saved.append((m, name, obj))
+                setattr(m, name, _Grab(obj, calls, on_launch))
+        if hasattr(m, "interpreted"):
+            saved.append((m, "interpreted", m.interpreted))
+            m.interpreted = lambda: False
+    try:
+        yield calls
+    finally:
+        for m, name, obj in saved:
+            setattr(m, name, obj)
+
+
+def _residual_view(spec, num_blocks: int) -> torch.Tensor:
+    """The residual group's tensor as vLLM hands it over: a model-dtype view of
+    pages padded to the packed page size."""
+    es = spec.dtype.itemsize
+    page = spec.page_size_bytes // es
+    shape = (num_blocks, 2, spec.num_kv_heads, spec.block_size, spec.head_size)
+    raw = torch.zeros(num_blocks * page, dtype=spec.dtype)
+    inner = shape[1] * shape[2] * shape[3] * shape[4]
+    return raw.view(num_blocks, page)[:, :inner].view(shape)
+
+
+def _impl(s: Setting, cfg, flash_attn: bool):
+    from unittest import mock
+
+    from vllm_kvcomp import backend
+
+    with mock.patch.object(backend, "current_config", lambda: cfg):
+        impl = backend.KvcompImpl(num_heads=2 * s.rep, head_size=s.head_size,
+                                  scale=s.head_size ** -0.5, num_kv_heads=2)
+    if flash_attn:
+        # fresh_prefill="flash_attn": vLLM's FlashAttention runs outside Triton,
+        # so stand-ins of its two calls; the Triton context pass is what counts
+        def fa(q, **kw):
+            return torch.empty_like(q), torch.empty(q.shape[1], q.shape[0])
+        impl._flash_attn = (fa, 3, lambda *a: None)
+    return impl
+
+
+def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None) -> list:
+    """[(jit, args, kwargs, default)] of every launch the engine's steps issue
+    for ``s``; ``default`` is False for the opt-in paths (split store,
+    FlashAttention prefill). ``on_launch(jit, args, kwargs, default)`` sees
+    each as it is issued."""
+    from vllm_kvcomp import backend
+    from vllm_kvcomp.config import KvcompConfig
+    from vllm_kvcomp.backend import KvcompBackend, KvcompMetadata
+    from vllm_kvcomp.kernels import triton_decode, triton_prefill, triton_store
+    from vllm_kvcomp.residual_layer import packed_spec, residual_spec
+
+    L = max_model_len or s.max_model_len
+    cfg = KvcompConfig(**dict(s.kvcomp))
+    dtype = DTYPES[s.dtype]
+    H, D, Hq = 2, s.head_size, 2 * s.rep
+    from unittest import mock
+    with mock.patch("vllm_kvcomp.backend.current_config", lambda: cfg):
+        bs = KvcompBackend.get_preferred_block_size(16)
+    pspec = packed_spec(cfg, bs, H, D, dtype)
+    rspec = residual_spec(pspec, concurrent_steps=2)
+    layout = pspec.layout
+    nb = 64
+    packed = torch.zeros(nb, H, layout.head_page_bytes, dtype=torch.uint8)
+    residual = _residual_view(rspec, nb) if cfg.needs_residual_cache else None
+    max_reqs = MAX_NUM_SEQS
+    block_table = torch.zeros(max_reqs, -(-L // bs), dtype=torch.int32)
+    res_table = torch.zeros(max_reqs, -(-L // rspec.block_size), dtype=torch.int32)
+
+    def forward(impl, reqs, max_seq_len=None):
+        qlens = [q for _, q in reqs]
+        T, B = sum(qlens), len(reqs)
+        qsl = torch.zeros(max_reqs + 1, dtype=torch.int32)
+        qsl[1:B + 1] = torch.tensor(qlens).cumsum(0)
+        seq_lens = torch.tensor([c + q for c, q in reqs], dtype=torch.int32)
+        nd = sum(1 for q in qlens if q == 1) if max(qlens) > 1 else B
+        md = KvcompMetadata(num_actual_tokens=T, num_reqs=B, query_start_loc=qsl[:B + 1],
+                            seq_lens=seq_lens, block_table=block_table[:B],
+                            slot_mapping=torch.zeros(T, dtype=torch.int64), block_size=bs,
+                            max_query_len=max(qlens),
+                            max_seq_len=max_seq_len or int(seq_lens.max()), num_decodes=nd)
+        res_md = None
+        if residual is not None:
+            res_md = KvcompMetadata(num_actual_tokens=T, num_reqs=B, query_start_loc=qsl[:B + 1],
+                                    seq_lens=seq_lens, block_table=res_table[:B],
+                                    slot_mapping=torch.zeros(T, dtype=torch.int64),
+                                    block_size=rspec.block_size, max_query_len=max(qlens),
+                                    max_seq_len=md.max_seq_len, num_decodes=nd)
+        # q, k, v as slices of one qkv projection, as the model hands them over
+        qkv = torch.empty(T, (Hq + 2 * H) * D, dtype=dtype)
+        q, k, v = qkv.split([Hq * D, H * D, H * D], dim=-1)
+        out = torch.empty(T, Hq * D, dtype=dtype)
+        impl._forward_triton(q, k, v, out, packed, residual, md, res_md,
+                             backend._layout(impl.config, bs, D, dtype.itemsize))
+
+    mods = (triton_decode, triton_prefill, triton_store)
+    calls, default = [], [True]
+
+    def seen(jit, args, kw):
+        if on_launch is not None:
+            on_launch(jit, args, kw, default[0])
+        calls.append((jit, args, kw, default[0]))
+
+    with recorded_launches(*mods, on_launch=seen):
+        impl = _impl(s, cfg, flash_attn=False)
+        try:  # the builder's start-up check: its outputs are garbage here, so it raises
+            triton_decode.check_decode_launch(cfg, bs, D, dtype, s.rep, torch.device("cpu"),
+                                              check_on_cpu=True)
+        except RuntimeError:
+            pass
+        impl._decode_launch = dict(triton_decode.DECODE_LAUNCH)
+        for split in (False, True):
+            default[0] = not split
+            with mock.patch.object(triton_store, "_SPLIT_DEFAULT", split):
+                for b in CAPTURE_SIZES:
+                    forward(impl, [(0, 1)] * b, max_seq_len=L)
+                for C in MAX_NUM_BATCHED_TOKENS:
+                    for _, reqs in _steps(L, C):
+                        forward(impl, reqs)
+        default[0] = False
+        fa = _impl(s, cfg, flash_attn=True)
+        stored = _impl(s, type(cfg)(**{**cfg.to_dict(), "prompt_attention": "as_stored"}),
+                       flash_attn=False)
+        for opt_in in (fa, stored):
+            opt_in._decode_launch = impl._decode_launch
+            for C in MAX_NUM_BATCHED_TOKENS:
+                for _, reqs in _steps(L, C):
+                    if max(q for _, q in reqs) > 1:
+                        forward(opt_in, reqs)
+    return calls
