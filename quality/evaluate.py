@@ -248,7 +248,10 @@ def engine_kwargs(setting: dict, args, max_len: int) -> dict:
         kw["kv_cache_dtype"] = setting["kv_cache_dtype"]
     if "kvcomp" in setting:
         kw["attention_backend"] = "kvcomp"
-        kw["additional_config"] = {"kvcomp": setting["kvcomp"]}
+        kv = dict(setting["kvcomp"])
+        if getattr(args, "prompt_attention", None):
+            kv["prompt_attention"] = args.prompt_attention
+        kw["additional_config"] = {"kvcomp": kv}
     return kw
 
 
@@ -593,6 +596,10 @@ def main(argv=None) -> dict:
                                                   "float32 on CPU)")
     ap.add_argument("--prefill-chunk", type=int, default=16,
                     help="tokens a prefill step (16: decode's split, see the docstring)")
+    ap.add_argument("--prompt-attention", default=None,
+                    choices=["auto", "as_stored", "full_precision"],
+                    help="kvcomp prompt_attention for every kvcomp setting (default: the "
+                         "setting's own, i.e. the backend's default)")
     ap.add_argument("--jobs", type=int, default=None, help="engines at once (GPU default 3)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--kv-cache-gib", type=float, default=4.0,

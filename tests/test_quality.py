@@ -260,9 +260,10 @@ def _model(tmp_path_factory):
 def _ppl_vs_baseline(model, setting, plan, out, heldout=None):
     """Run the harness for baseline vs ``setting`` on CPU; both must run.
     Returns their 1024-token perplexity entries (baseline, setting)."""
+    # the chunk and the prompt attention the bounds below were measured with
     argv = ["--model", model, "--out", str(out), "--device", "cpu",
             "--settings", f"baseline,{setting}", "--plan", json.dumps(plan),
-            "--prefill-chunk", "256"]  # the chunk the bounds below were measured at
+            "--prefill-chunk", "256", "--prompt-attention", "full_precision"]
     if heldout is not None:
         argv += ["--heldout", str(heldout)]
     res = evaluate.main(argv)["results"]
