@@ -16,7 +16,7 @@ _APPLIED = False
 
 
 def is_kvcomp_layer(layer) -> bool:
-    from vllm_kvcomp.backend import BACKEND_NAME
+    from vllm_kvcomp.names import BACKEND_NAME
 
     backend = getattr(layer, "attn_backend", None)
     return backend is not None and backend.get_name() == BACKEND_NAME

@@ -24,7 +24,7 @@ def _wrap_cpu_selector(platform_cls) -> None:
 
     @functools.wraps(orig)
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
-        from vllm_kvcomp.backend import BACKEND_NAME
+        from vllm_kvcomp.names import BACKEND_NAME
 
         if selected_backend is not None and selected_backend.name == BACKEND_NAME:
             if attn_selector_config.use_mla:

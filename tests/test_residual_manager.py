@@ -12,6 +12,7 @@ import random
 import pytest
 
 import vllm_kvcomp
+from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.spec import KvcompResidualManager, KvcompResidualSpec
 
 vllm_kvcomp.register()
@@ -155,7 +156,8 @@ def test_packed_pages_are_taken_when_packed_tokens_reach_them(bits, group, resid
 
     bs = 128
     spec = KvcompSpec(block_size=bs, num_kv_heads=2, head_size=128, dtype=torch.uint8,
-                      k_bits=bits, v_bits=bits, group_size=group, residual_tokens=residual)
+                      kvcomp_config=KvcompConfig(k_bits=bits, v_bits=bits, group_size=group,
+                                                 residual_tokens=residual))
     pool = BlockPool(num_gpu_blocks=64, enable_caching=True, hash_block_size=bs)
     mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=512, max_model_len=4096,
                                         block_pool=pool, enable_caching=True,
@@ -193,7 +195,8 @@ def test_packed_spec_memory_is_for_packed_tokens():
             max_model_len = 4096
 
     spec = KvcompSpec(block_size=128, num_kv_heads=2, head_size=128, dtype=torch.uint8,
-                      k_bits=4, v_bits=4, group_size=128, residual_tokens=128)
+                      kvcomp_config=KvcompConfig(k_bits=4, v_bits=4, group_size=128,
+                                                 residual_tokens=128))
     assert spec.max_memory_usage_bytes(VC) == (4096 - 128) // 128 * spec.page_size_bytes
 
 

@@ -6,17 +6,7 @@ API server, the engine core and every worker, so it is idempotent.
 
 from __future__ import annotations
 
-import os as _os
-
 __version__ = "0.1.0"
-
-# Imported straight from a source checkout (the repo root on sys.path, no
-# install; e.g. on the offline GPU box), ``kernels/`` and ``patches/`` sit
-# beside this package, not in it: let ``vllm_kvcomp.kernels`` and
-# ``vllm_kvcomp.patches`` resolve there, as the installed package maps them.
-_here = _os.path.dirname(_os.path.abspath(__file__))
-if not _os.path.isdir(_os.path.join(_here, "kernels")):
-    __path__.append(_os.path.dirname(_here))  # type: ignore[name-defined]
 
 _REGISTERED = False
 

@@ -31,12 +31,11 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, current_config
 from vllm_kvcomp.layout import PageLayout
+from vllm_kvcomp.names import BACKEND_NAME, RESIDUAL_SUFFIX
 
-BACKEND_NAME = "KVCOMP"
 # Runs the GPU path (Triton store / prefill / decode) on CPU tensors too, for
 # testing the backend's kernel wiring under TRITON_INTERPRET=1 in CI.
 FORCE_TRITON = os.environ.get("KVCOMP_FORCE_TRITON", "0") == "1"
-RESIDUAL_SUFFIX = ".kvcomp_residual"
 
 
 @lru_cache(maxsize=None)

@@ -13,7 +13,8 @@ import torch
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
-from vllm_kvcomp.backend import RESIDUAL_SUFFIX, KvcompResidualBackend
+from vllm_kvcomp.backend import KvcompResidualBackend
+from vllm_kvcomp.names import RESIDUAL_SUFFIX
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.layout import PageLayout, residual_block_size
 from vllm_kvcomp.spec import KvcompResidualSpec, KvcompSpec
@@ -27,13 +28,8 @@ def packed_spec(
         num_kv_heads=num_kv_heads,
         head_size=head_size,
         dtype=torch.uint8,
-        k_bits=cfg.k_bits,
-        v_bits=cfg.v_bits,
-        group_size=cfg.group_size,
-        key_axis=cfg.key_axis,
-        residual_tokens=cfg.residual_tokens,
+        kvcomp_config=cfg,
         model_dtype=model_dtype,
-        value_group_size=cfg.value_group_size,
     )
 
 

@@ -41,27 +41,10 @@ from vllm_kvcomp.layout import PageLayout
 class KvcompSpec(FullAttentionSpec):
     """Packed K/V pages; ``dtype`` is uint8 and the page is bytes."""
 
-    k_bits: int = 16
-    v_bits: int = 16
-    group_size: int = 128
-    key_axis: str = "channel"
-    residual_tokens: int = 0
+    kvcomp_config: KvcompConfig = KvcompConfig()
     model_dtype: torch.dtype = torch.bfloat16
-    value_group_size: int | None = None
 
-    # cached: packed_tokens runs in the scheduler for every request and step
-    # (the spec is frozen, so the cache can never go stale)
-    @cached_property
-    def kvcomp_config(self) -> KvcompConfig:
-        return KvcompConfig(
-            k_bits=self.k_bits,
-            v_bits=self.v_bits,
-            group_size=self.group_size,
-            key_axis=self.key_axis,
-            residual_tokens=self.residual_tokens,
-            value_group_size=self.value_group_size,
-        )
-
+    # cached: the spec is frozen, so the layout can never go stale
     @cached_property
     def layout(self) -> PageLayout:
         return PageLayout(
@@ -87,8 +70,7 @@ class KvcompSpec(FullAttentionSpec):
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
         merged = super().merge(specs)
-        fields = ("k_bits", "v_bits", "group_size", "key_axis", "residual_tokens", "model_dtype",
-                  "value_group_size")
+        fields = ("kvcomp_config", "model_dtype")
         for f in fields:
             assert all(getattr(s, f) == getattr(specs[0], f) for s in specs), (
                 f"all KVCOMP layers of a KV cache group must share {f}"

@@ -20,7 +20,7 @@ from vllm_kvcomp.config import (
 
 
 def kvcomp_selected(vllm_config) -> bool:
-    from vllm_kvcomp.backend import BACKEND_NAME
+    from vllm_kvcomp.names import BACKEND_NAME
 
     attn = getattr(vllm_config, "attention_config", None)
     backend = getattr(attn, "backend", None)

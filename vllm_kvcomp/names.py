@@ -1,0 +1,6 @@
+"""Names the plugin shares with vLLM, importable without vLLM or torch."""
+
+# the attention backend's name: --attention-backend kvcomp, AttentionBackendEnum.KVCOMP
+BACKEND_NAME = "KVCOMP"
+# a layer's full-precision window is the virtual sub-layer "<layer><RESIDUAL_SUFFIX>"
+RESIDUAL_SUFFIX = ".kvcomp_residual"
