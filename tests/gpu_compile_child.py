@@ -4,7 +4,6 @@ builds interpreter functions, which ``triton.compile`` cannot take).
 
     python tests/gpu_compile_child.py '<json list of cases>'   # prints RESULT <json>
 """
-import contextlib
 import hashlib
 import json
 import os
@@ -20,9 +19,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import vllm_kvcomp.kernels.triton_decode as triton_decode  # noqa: E402
+from engine_launches import recorded_launches  # noqa: E402
 import vllm_kvcomp.kernels.triton_prefill as triton_prefill  # noqa: E402
 import vllm_kvcomp.kernels.triton_store as triton_store  # noqa: E402
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
@@ -35,34 +35,6 @@ SM90_MAX_SHARED = 232448
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
         torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@contextlib.contextmanager
-def captured_launches(*modules):
-    """Within: every ``kernel[grid](...)`` of these modules records its call
-    instead of running, and the launchers take their GPU branches."""
-    calls, saved = [], []
-
-    class Grab:
-        def __init__(self, jit):
-            self.jit = jit
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: calls.append((self.jit, args, kw))
-
-    for m in modules:
-        for name, obj in list(vars(m).items()):
-            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
-                saved.append((m, name, obj))
-                setattr(m, name, Grab(obj))
-        if hasattr(m, "interpreted"):
-            saved.append((m, "interpreted", m.interpreted))
-            m.interpreted = lambda: False
-    try:
-        yield calls
-    finally:
-        for m, name, obj in saved:
-            setattr(m, name, obj)
 
 
 def compile_sm90(jit, args, kw):
@@ -185,7 +157,7 @@ def decode_case(c) -> list:
                        residual_tokens=16, key_axis=c["axis"], value_group_size=c.get("VG"))
     b = DecodeBatch(cfg, [1, D + 26, 3 * D + 11], H=2, D=D, rep=4, block_size=D,
                     dtype=dtype, seed=11)
-    with captured_launches(triton_decode, triton_store) as calls:
+    with recorded_launches(triton_decode, triton_store) as calls:
         triton_decode.kvcomp_decode_attention(*b.args("cpu"), max(b.lens), num_splits=3,
                                               **c.get("kw", {}))
     return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
@@ -199,7 +171,7 @@ def prefill_store_case(c) -> list:
                        residual_tokens=32)
     step = Step(cfg, mixed_plans(cfg), H=2, D=c["D"], rep=4, dtype=DTYPES[c["dtype"]], seed=5)
     d = step.dev()
-    with captured_launches(triton_prefill, triton_store) as calls:
+    with recorded_launches(triton_prefill, triton_store) as calls:
         triton_prefill.kvcomp_prefill_attention(
             d["query"], d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
             d["residual_block_table"], d["query_start_loc"], d["seq_lens"], step.layout, cfg,
