@@ -81,9 +81,6 @@ if "--check" in sys.argv and not torch.cuda.is_available():
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path in tests
-from _kernels_import import import_kernels  # noqa: E402
-
-import_kernels()
 import triton  # noqa: E402
 
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402

@@ -10,7 +10,7 @@ Workloads (prompt tokens are random ids; ignore_eos so every request runs
 to its full output length):
     W1: 256 requests x 4096 prompt x 256 output (prefill-heavy)
     W2: 512 requests x 1024 prompt x 2048 output (decode-heavy)
-    W1q / W2q: the same shapes scaled down for a 30-minute GPU session
+    W1q / W2q: the same shapes scaled down for a short GPU run
         (64 x 4096 x 256 and 128 x 1024 x 1024); give them a proportionally
         smaller ``--kv-gib`` so the bf16 cache binds concurrency the way the
         full workloads do on a whole H100.
@@ -151,7 +151,7 @@ def run_one(args):
     warm = [{"prompt_token_ids": [rng.randrange(1000, 120000) for _ in range(64)]}] * 2
     llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))
     # engine start-up (load, profile, KV allocation, graph capture, warm-up): what a
-    # GPU session must budget per setting before any workload runs
+    # GPU run must allow per setting before any workload runs
     startup_s = time.perf_counter() - t_start
     for w in workloads:
         n, prompt_len, out_len = WORKLOADS[w]

@@ -64,9 +64,6 @@ import torch  # noqa: E402
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path in tests
-from _kernels_import import import_kernels  # noqa: E402
-
-import_kernels()
 import triton  # noqa: E402
 
 from vllm_kvcomp.config import PREFILL_LAUNCH_KEYS, KvcompConfig  # noqa: E402

@@ -1,6 +1,6 @@
 """Store kernel (hand-over + residual write) on decode steps, the shape of W2.
 
-The W2 profile of the eighth GPU session (``results/2026-11-30-h200-s8``) put
+The W2 profile on an H200 (2026-11-30, ``results/2026-11-30-h200-w2-profile``) put
 the store at 71 µs a layer for 512 decode tokens: 2.3 ms of a 27 ms step, for
 ~2 MB of fresh K/V a layer. A decode step writes one token a request into the
 residual window, and the requests whose window just filled a key group hand
@@ -22,9 +22,6 @@ import time
 import torch
 import triton
 
-from _kernels_import import import_kernels
-
-import_kernels()
 from bench_decode_kernel import make_timer  # noqa: E402
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
 from vllm_kvcomp.kernels.triton_store import handover_pieces, kvcomp_store  # noqa: E402

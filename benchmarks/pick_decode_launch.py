@@ -18,15 +18,16 @@ import math
 import sys
 
 LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_registers")
-# kernels/triton_decode.py's DEFAULT_LAUNCH (since 2026-11-30, session 7; before
-# it, block_n 128 / 4 warps / 3 stages / one shared tile). Spelled out here so
-# that the picker runs where the kernels do not import.
+# kernels/triton_decode.py's DEFAULT_LAUNCH (since the H200 x2 sweep of 2026-11-30;
+# before it, block_n 128 / 4 warps / 3 stages / one shared tile). Spelled out here
+# so that the picker runs where the kernels do not import.
 DEFAULT = {"block_n": 128, "num_warps": 2, "num_stages": 2, "warp_tiles": 2}
 
 
 def launch_of(row: dict) -> tuple:
     """The launch a sweep row timed, normalised: a row without ``warp_tiles``
-    (sweeps before session 7) ran the shared tile; no register cap is dropped."""
+    (sweeps before the H200 x2 run of 2026-11-30) ran the shared tile; no register
+    cap is dropped."""
     kw = {k: row[k] for k in LAUNCH_KEYS if row.get(k)}
     kw.setdefault("warp_tiles", 1)
     return tuple(sorted(kw.items()))

@@ -1,6 +1,6 @@
 """How far W2's targets are from what memory bandwidth allows: a step-time model.
 
-Issue #3 asks W2 (512 requests x 1024 prompt x 2048 output) for 2.5x bf16's output
+The W2 targets (512 requests x 1024 prompt x 2048 output) are 2.5x bf16's output
 tok/s with kvcomp k4v4 and 3.5x with k2v2. This models W2's run time from parts that
 were measured, to tell how much of each gap a faster kernel could close at all:
 
@@ -8,11 +8,12 @@ were measured, to tell how much of each gap a faster kernel could close at all:
   (``PageLayout``) and the window ``[Q(n), n)`` that ``KvcompConfig`` keeps in the
   model dtype: exact, no measurement in it;
 * every other part of a batch-512 decode step (GEMMs, norms, sampling, store, GPU
-  idle) from a recorded profile (``trace_summary.py``'s json, session 8's by default);
+  idle) from a recorded profile (``trace_summary.py``'s json, the H200 W2 profile of
+  2026-11-30 by default);
 * the decode kernel's efficiency, eta = bytes / (time x copy bandwidth), from the same
   profile (its decode time at the profile's context);
 * the 2-bit kernel's efficiency relative to k4v4's from the decode-launch sweep at W2's
-  decode shape (384 x 2K, session 7): k2v2's kernel is bound by its per-token
+  decode shape (384 x 2K, H200 x2, 2026-11-30): k2v2's kernel is bound by its per-token
   instructions, not bytes, and takes about as long as k4v4's for half the bytes;
 * the rest of the run (the prefill of 512 prompts, ~14 s, during which decoding is
   slow) as ``T_rest = measured run - modelled decode steps`` of a setting whose 512
@@ -43,10 +44,12 @@ from dataclasses import dataclass
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-S8 = os.path.join(HERE, "results", "2026-11-30-h200-s8")
-S7 = os.path.join(HERE, "results", "2026-11-30-h200x2-s7")
+# recorded runs the model reads (H200, 2026-11-30): the W2 profile, and the run of all
+# formats with its decode-launch sweep
+PROFILE_RUN = os.path.join(HERE, "results", "2026-11-30-h200-w2-profile")
+ALL_FORMATS_RUN = os.path.join(HERE, "results", "2026-11-30-h200x2-all-formats")
 
-# Llama-3.1-8B's attention shape (the issue's model) and W2
+# Llama-3.1-8B's attention shape (the benchmarks' model) and W2
 LAYERS, KV_HEADS, HEAD_SIZE, DTYPE_BYTES = 32, 8, 128, 2
 W2 = (512, 1024, 2048)  # requests, prompt, output
 
@@ -201,23 +204,24 @@ def _w2_row(path, setting):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", default=os.path.join(S8, "profile2", "summary_kvcomp_k4v4.json"))
+    ap.add_argument("--profile",
+                    default=os.path.join(PROFILE_RUN, "profile2", "summary_kvcomp_k4v4.json"))
     ap.add_argument("--profile-setting", default="kvcomp_k4v4")
     ap.add_argument("--profile-context", type=int, default=1500,
                     help="context of the profiled steps (W2ps: 1024-token prompts, profiled "
                          "after 520 engine steps, of which ~64 prefill them at 8192 tokens)")
     ap.add_argument("--copy-gbs", type=float, default=4271.0,
-                    help="copy bandwidth measured beside the profile (s8: 4,271 GB/s)")
-    ap.add_argument("--sweep", default=os.path.join(S7, "dsweep_384x2048.json"),
+                    help="copy bandwidth measured beside the profile (2026-11-30: 4,271 GB/s)")
+    ap.add_argument("--sweep", default=os.path.join(ALL_FORMATS_RUN, "dsweep_384x2048.json"),
                     help="decode-launch sweep with k4v4 and k2v2 rows (2-bit kernel's eta)")
     ap.add_argument("--kv-gib", type=float, default=54.3)
     ap.add_argument("--calibrate", default="kvcomp_k4v4_r0",
                     help="the setting whose measured W2 run gives T_rest (all 512 must fit)")
     ap.add_argument("--measured", nargs="*", default=[
-        f"kvcomp_k4v4={S8}/e2e/e2e7_kvcomp_k4v4.json",
-        f"kvcomp_k4v4_r0={S8}/e2e/e2e7_kvcomp_k4v4_r0.json",
-        f"kvcomp_k2v2={S7}/e2e7/e2e7_kvcomp_k2v2.json",
-        f"bf16={S8}/e2e/e2e7_bf16.json"], help="setting=e2e json with its W2 row")
+        f"kvcomp_k4v4={PROFILE_RUN}/e2e/e2e7_kvcomp_k4v4.json",
+        f"kvcomp_k4v4_r0={PROFILE_RUN}/e2e/e2e7_kvcomp_k4v4_r0.json",
+        f"kvcomp_k2v2={ALL_FORMATS_RUN}/e2e7/e2e7_kvcomp_k2v2.json",
+        f"bf16={PROFILE_RUN}/e2e/e2e7_bf16.json"], help="setting=e2e json with its W2 row")
     ap.add_argument("--out", default=None, help="folder for w2_step_model.md / .json")
     a = ap.parse_args(argv)
 
@@ -241,7 +245,7 @@ def main(argv=None):
     # label -> (step, T_rest, whether k2v2's kernel runs at its own lower eta there;
     # the bounds put every format's decode at 100 % of copy bandwidth)
     scenarios = {
-        "as profiled (s8)": (step, t_rest, True),
+        "as profiled": (step, t_rest, True),
         "idle as bf16's, store halved": (Step(step.gemm_ms, step.other_ms, step.store_ms / 2,
                                               0.5, step.eta, step.copy_gbs), t_rest, True),
         "... and decode at 85 %": (Step(step.gemm_ms, step.other_ms, step.store_ms / 2,

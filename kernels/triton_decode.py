@@ -51,17 +51,17 @@ Design (flash-decoding):
   transposed (tokens / value channels as M, the query heads as N, padded to
   8 rather than 16), which halves the MMAs. Default launch (``DEFAULT_LAUNCH``):
   2 warps, one 64-token slice each, 2 stages. Measured on an H200
-  (2026-11-30, benchmarks/results/2026-11-30-h200x2-s7): k4v4 at 32 x 32K
-  372 us (73 % of copy bandwidth) against 461 us for the former default
+  (2026-11-30, benchmarks/results/2026-11-30-h200x2-all-formats): k4v4 at
+  32 x 32K 372 us (73 % of copy bandwidth) against 461 us for the former default
   (shared tile, 4 warps, 3 stages) and 434 us for the best shared-tile
   launch; at 384 x 2K 353 against 412 us; k2v2 likewise (369 / 339 us).
   With 4 warps the slices are 32 tokens and the gain is gone. Key groups
   shorter than the tile (KIVI-2's 32 tokens) no longer shrink the tile:
   each slice lies in one group and folds that group's scales
   (``decode_tiles_and_slices``; where values fold too, i.e.
-  ``value_group_size`` >= head size). On an H200 (2026-11-30, eighth
-  session) that layout runs 14-19 % slower than 128-token key groups
-  (430 vs 372 us at 32 x 32K), KIVI-2's own (32-token tiles) 4.4x slower.
+  ``value_group_size`` >= head size). On an H200 (2026-11-30, results folder
+  2026-11-30-h200-w2-profile) that layout runs 14-19 % slower than 128-token
+  key groups (430 vs 372 us at 32 x 32K), KIVI-2's own (32-token tiles) 4.4x slower.
 * The residual window and the fresh token (at most ``R + G`` tokens, in
   tiles of ``BLOCK_R``) are dealt round-robin to the same splits.
 * With more than one split, each program writes its normalised partial output

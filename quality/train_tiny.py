@@ -406,7 +406,7 @@ def main(argv=None):
                     help="passkey contexts of the final check, e.g. 512,1024")
     ap.add_argument("--export-parts", metavar="DIR",
                     help="also write the saved model dir as model.tar.partNN files of at most "
-                         "15 MiB there (the device tool brings back files of <= 16 MiB)")
+                         "15 MiB there (for transfers that cap file size)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny model, 256-token rows, 6 steps on CPU: checks the pipeline")
     args = ap.parse_args(argv)

@@ -76,7 +76,7 @@ def test_allocator_uses_the_packed_page_size(model, bits):
     assert sum(t.size for t in config.kv_cache_tensors) <= MEMORY
 
 
-# The bars: vLLM-reported capacity >= 3.5x bf16 at k4v4 and >= 6x at
+# The capacity bars: vLLM-reported capacity >= 3.5x bf16 at k4v4 and >= 6x at
 # k2v2. The residual window (128 + 128 tokens at full precision, counted at
 # its two-window peak) costs as much as the packed pages of a 4K request, so
 # the bars hold from 32K context up (long-context serving is what this is

@@ -296,7 +296,7 @@ def test_perplexity_k8v8_close_to_baseline(tmp_path_factory, tmp_path):
 
 
 # Bound for kvcomp k4v4 against the baseline on the trained evaluation model
-# (issue #4's bar: within 1 % relative perplexity). Held-out windows of 1024
+# (the quality bar: within 1 % relative perplexity). Held-out windows of 1024
 # tokens in 16-token prefill chunks: with 128-token groups a token then reads
 # the same packed / full-precision split as it would decoding (Q of the chunk
 # start equals Q of its position; 256-token chunks attend up to 255 fresh
@@ -309,7 +309,7 @@ K4V4_MAX_REL_PPL = 0.01
                     or not (ROOT / "quality" / "data" / "heldout.jsonl.gz").exists(),
                     reason="the trained evaluation model or the held-out corpus is missing")
 def test_trained_model_k4v4_within_one_percent_and_keeps_the_needles(tmp_path):
-    """Issue #4's k4v4 bars on the trained model: perplexity within 1 % of the
+    """The k4v4 quality bars on the trained model: perplexity within 1 % of the
     baseline's, and no passkey lost that the baseline finds (1024-token
     haystacks, needles a quarter and three quarters deep: the needle is read
     back from 4-bit pages). The model must retrieve uncompressed first."""
