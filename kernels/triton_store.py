@@ -498,40 +498,6 @@ def kvcomp_store(
         _kvcomp_store_kernel[grid](*args, DO_HANDOVER=False, DO_RESIDUAL=True, **common)
 
 
-def kvcomp_residual_write(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    residual_cache: torch.Tensor,
-    residual_slot_mapping: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    layout: PageLayout,
-    cfg: KvcompConfig,
-    residual_block_size: int,
-    max_query_len: int,
-) -> None:
-    """Only (3): the fresh tokens into the residual pages (same kernel,
-    hand-over compiled out)."""
-    num_reqs = seq_lens.shape[0]
-    if num_reqs == 0:
-        return
-    H = key.shape[1]
-    assert residual_cache.dtype == key.dtype and residual_cache.stride(-1) == 1
-    rs = residual_cache.stride()[:4]
-    bt = seq_lens  # block tables and the packed cache are compiled out
-    _kvcomp_store_kernel[(num_reqs, store_grid_bound(cfg, max_query_len), H)](
-        key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key, 0, 0,
-        residual_cache, *rs,
-        bt, 0, bt, 0,
-        residual_slot_mapping, query_start_loc, seq_lens,
-        BS_R=residual_block_size, R=cfg.residual_tokens, ALIGN=cfg.key_token_align,
-        UNIT=handover_unit(cfg), SUB_T=32, SUB_ELEMS=4096, HAS_RESIDUAL=True,
-        DO_HANDOVER=False, DO_RESIDUAL=True,
-        **layout_constexprs(layout),
-    )
-
-
 # --------------------------------------------------------------------------
 # PyTorch reference of the same two writes
 # --------------------------------------------------------------------------
@@ -592,7 +558,6 @@ def store_reference(
 __all__ = [
     "TOKEN_UNIT",
     "handover_unit",
-    "kvcomp_residual_write",
     "kvcomp_store",
     "check_alignment",
     "layout_constexprs",

@@ -27,7 +27,6 @@ from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference  # noqa: E40
 from vllm_kvcomp.layout import PageLayout  # noqa: E402
 from vllm_kvcomp.kernels.triton_store import (  # noqa: E402
     handover_pieces,
-    kvcomp_residual_write,
     kvcomp_store,
     store_grid_bound,
     store_reference,
@@ -262,17 +261,6 @@ def test_strided_qkv_and_padded_residual_view():
     step = Step(cfg, mixed_plans(cfg), H=2, D=64, seed=11, strided=True, pad_residual=True)
     assert not step.key.is_contiguous() and not step.sim.residual.is_contiguous()
     check_store(step)
-
-
-def test_residual_write_only_kernel():
-    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=24)
-    step = Step(cfg, mixed_plans(cfg), H=2, D=64, seed=13)
-    _, ref_r = step.reference_store()
-    d = step.dev()
-    kvcomp_residual_write(d["key"], d["value"], d["residual"], d["residual_slot_mapping"],
-                          d["query_start_loc"], d["seq_lens"], step.layout, cfg, step.bs_r,
-                          step.max_query_len)
-    assert torch.equal(ref_r[1:], d["residual"].cpu()[1:])
 
 
 def test_store_reference_equals_full_reference_step():
