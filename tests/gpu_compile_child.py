@@ -32,31 +32,27 @@ SM90_BACKEND = make_backend(SM90)
 # an H100's / H200's shared memory per block (opt-in): a launch that needs more
 # fails on the device with OutOfResources, where the prefill launcher falls back
 SM90_MAX_SHARED = 232448
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
-        torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def bind_sm90(jit, args, kw):
+    """(key, build) of a launch as Triton's JIT binds it on an sm_90 device:
+    defaults filled in, integers equal to 1 and 16-byte divisibility of
+    integers and pointers specialized. ``build()`` compiles it."""
+    binder = create_function_from_signature(jit.signature, jit.params, SM90_BACKEND)
+    bound, specialization, options = binder(*args, **kw)
+    key = (jit.fn.__name__, repr(specialization), repr(sorted(options.items())))
+
+    def build():
+        opts, signature, constexprs, attrs = jit._pack_args(
+            SM90_BACKEND, kw, bound, specialization, options)
+        return triton.compile(ASTSource(jit, signature, constexprs, attrs), target=SM90,
+                              options=opts.__dict__)
+    return key, build
+
+
 def compile_sm90(jit, args, kw):
-    vals = dict(zip(jit.arg_names, args), **kw)
-    options = {k: vals.pop(k) for k in ("num_warps", "num_stages") if k in vals}
-    signature, constexprs = {}, {}
-    for p in jit.params:
-        v = vals[p.name]
-        if p.is_constexpr or v is None:
-            signature[p.name] = "constexpr"
-            constexprs[(p.num,)] = v
-        elif isinstance(v, torch.Tensor):
-            signature[p.name] = _PTR[v.dtype]
-        elif isinstance(v, bool):
-            signature[p.name] = "i1"
-        elif isinstance(v, int):
-            signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
-        elif isinstance(v, float):
-            signature[p.name] = "fp32"
-        else:
-            raise TypeError(f"{jit.fn.__name__}: argument {p.name} of type {type(v)}")
-    return triton.compile(ASTSource(jit, signature, constexprs), target=SM90, options=options)
+    return bind_sm90(jit, args, kw)[1]()
 
 
 class EngineCompiler:
@@ -70,19 +66,14 @@ class EngineCompiler:
         self.built, self.errors, self.default_keys = {}, {}, set()
 
     def __call__(self, jit, args, kw, default=True):
-        binder = create_function_from_signature(jit.signature, jit.params, SM90_BACKEND)
-        bound, specialization, options = binder(*args, **kw)
-        key = (jit.fn.__name__, repr(specialization), repr(sorted(options.items())))
+        key, build = bind_sm90(jit, args, kw)
         if default:
             self.default_keys.add(key)
         if key in self.errors:
             raise self.errors[key]
         if key not in self.built:
-            opts, signature, constexprs, attrs = jit._pack_args(
-                SM90_BACKEND, kw, bound, specialization, options)
             try:
-                kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs),
-                                        target=SM90, options=opts.__dict__)
+                kernel = build()
             except Exception as e:
                 self.errors[key] = e
                 raise
