@@ -43,15 +43,17 @@ def _run(model, kv, env=None):
 # only in float32 summation order, so the logprob gaps are at rounding level
 # unless a code lands on a rounding tie; measured max ~1e-4 at 16 bits.
 # Both paths are given the same prompt_attention (its "auto" differs between
-# them): as stored for one 4-bit case, full precision for the other. As stored,
-# every prompt token reads 4-bit keys, so the float-order differences between
-# the paths reach more logits (measured gaps up to 0.03 nats): that case is
-# compared up to the first step where the reference's two best tokens are
-# within tol of each other (a near-tie either path may break; one was seen at
-# a 0.005 margin), and must agree on at least a third of all steps (21 of
-# 48 were compared when this was written).
+# them): full precision for the 4-bit cases compared exactly, as stored for one
+# more. As stored, every prompt token reads 4-bit keys, so the float-order
+# differences between the paths reach more logits (measured gaps up to 0.03
+# nats): that case is compared up to the first step where the reference's two
+# best tokens are within tol of each other (a near-tie either path may break;
+# one was seen at a 0.005 margin), and must agree on at least a third of all
+# steps (21 of 48 were compared when this was written).
 @pytest.mark.parametrize("kv,tol,exact", [
     ({"k_bits": 16, "v_bits": 16, "group_size": 32, "residual_tokens": 32}, 1e-3, True),
+    ({"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32,
+      "prompt_attention": "full_precision"}, 0.05, True),
     ({"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32,
       "prompt_attention": "as_stored"}, 0.05, False),
     # one value group a head and 128-token pages: the decode kernel's warp tiles
