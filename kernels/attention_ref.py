@@ -104,29 +104,40 @@ def attend_split(
     return torch.einsum("hrqk,khd->qhrd", probs, v).reshape(Tq, Hq, D)
 
 
+def packed_prefix(
+    packed_cache: torch.Tensor, layout: PageLayout, block_row: torch.Tensor, hi: int,
+    model_dtype: torch.dtype, num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V of positions [0, hi) dequantized from a request's packed pages."""
+    if hi == 0:
+        empty = torch.zeros(0, num_kv_heads, layout.head_size, dtype=model_dtype,
+                            device=packed_cache.device)
+        return empty, empty
+    k, v = packing.dequantize_pages(packed_cache, layout,
+                                    block_row[: -(-hi // layout.block_size)].long(), model_dtype)
+    return k[:hi], v[:hi]
+
+
 def request_attention(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
     residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
     block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
     start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
+    window: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One request's step attention (module docstring, 2.) over the cache as it
-    is after the step's hand-over: packed pages hold [0, Q(n))."""
+    is after the step's hand-over: packed pages hold [0, Q(n)). ``window``: the
+    residual K, V of [Q(start), start) when the caller has gathered them."""
     Tq = q.shape[0]
     q_old = cfg.quantized_prefix_len(start)
     bounds = torch.tensor([cfg.quantized_prefix_len(start + t) if as_stored else q_old
                            for t in range(Tq)])
-    hi = int(bounds.max())
-    H, D = k_new.shape[1:]
-    k_packed = v_packed = k_new.new_zeros(0, H, D)
-    if hi > 0:
-        nblk = -(-hi // layout.block_size)
-        k_packed, v_packed = packing.dequantize_pages(
-            packed_cache, layout, block_row[:nblk].long(), model_dtype)
-        k_packed, v_packed = k_packed[:hi], v_packed[:hi]
+    k_packed, v_packed = packed_prefix(packed_cache, layout, block_row, int(bounds.max()),
+                                       model_dtype, k_new.shape[1])
     k_full, v_full = k_new, v_new
     if start > q_old:
-        kr, vr = gather_residual(residual_cache, residual_row, residual_block_size, q_old, start)
+        kr, vr = window or gather_residual(residual_cache, residual_row, residual_block_size,
+                                           q_old, start)
         k_full, v_full = torch.cat([kr.to(k_new.dtype), k_new]), torch.cat([vr.to(v_new.dtype), v_new])
     return attend_split(q, start, k_packed, v_packed, k_full, v_full, q_old, bounds, scale)
 
@@ -210,21 +221,24 @@ def kvcomp_step_reference(
         row = batch.block_table[i]
         res_row = batch.residual_block_table[i] if batch.residual_block_table is not None else None
         k_new, v_new = key[qs:qe], value[qs:qe]
+        # the window [Q(start), start): read by the hand-over and the attention
+        window = None
+        if start > q_old:
+            window = gather_residual(residual_cache, res_row, batch.residual_block_size,
+                                     q_old, start)
         if q_new > q_old:
             old_hi = min(q_new, start)
             ks, vs = [], []
             if old_hi > q_old:
-                kr, vr = gather_residual(residual_cache, res_row, batch.residual_block_size,
-                                         q_old, old_hi)
-                ks.append(kr)
-                vs.append(vr)
+                ks.append(window[0][: old_hi - q_old])
+                vs.append(window[1][: old_hi - q_old])
             if q_new > start:
                 ks.append(k_new[: q_new - start])
                 vs.append(v_new[: q_new - start])
             _handover(packed_cache, layout, cfg, row, torch.cat(ks), torch.cat(vs), q_old)
         out = request_attention(query[qs:qe], k_new, v_new, packed_cache, residual_cache, layout,
                                 cfg, row, res_row, batch.residual_block_size, start, scale,
-                                model_dtype, as_stored)
+                                model_dtype, as_stored, window)
         output[qs:qe] = out.to(output.dtype)
 
     if residual_cache is not None and batch.residual_slot_mapping is not None:

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from vllm_kvcomp.config import PREFILL_LAUNCH_ENV, KvcompConfig, parse_prefill_launch
-from vllm_kvcomp.kernels import attention_ref, packing
+from vllm_kvcomp.kernels import attention_ref
 from vllm_kvcomp.kernels.triton_store import check_alignment, interpreted, layout_constexprs
 from vllm_kvcomp.layout import PageLayout
 
@@ -607,13 +607,9 @@ def prefill_attention_reference(
             continue
         # context only: every query sees all of [0, start), packed below Q(start)
         q = query[qs:qe]
-        H, D = key.shape[1:]
-        kp = vp = key.new_zeros(0, H, D)
-        if q_old > 0:
-            kp, vp = packing.dequantize_pages(
-                packed_cache, layout, block_table[i, :-(-q_old // layout.block_size)].long(),
-                model_dtype)
-        parts_k, parts_v = [kp[:q_old].float()], [vp[:q_old].float()]
+        kp, vp = attention_ref.packed_prefix(packed_cache, layout, block_table[i], q_old,
+                                             model_dtype, key.shape[1])
+        parts_k, parts_v = [kp.float()], [vp.float()]
         if start > q_old:
             kr, vr = attention_ref.gather_residual(
                 residual_cache, res_row, residual_block_size, q_old, start)
