@@ -9,7 +9,7 @@
 #   start:  setsid nohup bash benchmarks/gpu_check.sh > /tmp/gpu_check.out 2>&1 < /dev/null &
 #   poll:   bash benchmarks/gpu_check.sh poll 570     # waits, then packs /tmp/res into $OUT
 # The job runs a copy of the tree taken at its start, so files may change while it runs.
-# Poll back to back: the machine is given back 30 s after a call ends, and the job with it.
+# Poll without gaps where an idle host is reclaimed: the job ends with the host.
 # After a pass: `python tests/gpu_compile_child.py --record benchmarks/results/<folder>` records
 # the default GPU path as verified (tests/test_gpu_compile.py checks it against the kernels).
 set -uo pipefail

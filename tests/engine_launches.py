@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -151,8 +152,6 @@ def _residual_view(spec, num_blocks: int) -> torch.Tensor:
 
 
 def _impl(s: Setting, cfg, flash_attn: bool):
-    from unittest import mock
-
     from vllm_kvcomp import backend
 
     with mock.patch.object(backend, "current_config", lambda: cfg):
@@ -182,7 +181,6 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     cfg = KvcompConfig(**dict(s.kvcomp))
     dtype = DTYPES[s.dtype]
     H, D, Hq = 2, s.head_size, 2 * s.rep
-    from unittest import mock
     with mock.patch("vllm_kvcomp.backend.current_config", lambda: cfg):
         bs = KvcompBackend.get_preferred_block_size(16)
     pspec = packed_spec(cfg, bs, H, D, dtype)
