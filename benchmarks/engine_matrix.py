@@ -45,6 +45,10 @@ SETTINGS = [
     ("k2v2_g32_vg128", "d128", "bfloat16",
      {"k_bits": 2, "v_bits": 2, "group_size": 32, "value_group_size": 128}),
     ("k16v16", "d128", "bfloat16", {"k_bits": 16, "v_bits": 16}),
+    ("k4v4_full_precision", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "prompt_attention": "full_precision"}),
+    ("k4v4_flash_attn", "d128", "float16",
+     {"k_bits": 4, "v_bits": 4, "fresh_prefill": "flash_attn"}),
 ]
 REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
 MAX_MODEL_LEN = 4096

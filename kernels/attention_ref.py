@@ -209,7 +209,7 @@ def kvcomp_step_reference(
     """One attention layer's step for a whole batch (see module docstring);
     ``as_stored`` defaults to the config's choice on the CPU path."""
     if as_stored is None:
-        as_stored = cfg.prompt_as_stored(gpu=False)
+        as_stored = cfg.prompt_as_stored
     model_dtype = residual_cache.dtype if residual_cache is not None else query.dtype
     for i in range(len(batch.seq_lens)):
         qs, qe = batch.query_start_loc[i], batch.query_start_loc[i + 1]

@@ -289,7 +289,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         """(flash_attn_varlen_func, fa_version, merge_attn_states) when the
         fresh tokens of prefill chunks go to vLLM's FlashAttention, else None."""
         mode = self.config.fresh_prefill
-        if mode == "triton" or self.config.prompt_as_stored(gpu=True):
+        if mode == "triton" or self.config.prompt_as_stored:
             return None
         from vllm.platforms import current_platform
 
@@ -432,5 +432,5 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             q, key, value, packed_cache, residual_cache, md.block_table[nd:],
             res_table[nd:] if res_table is not None else None,
             md.query_start_loc[nd:], md.seq_lens[nd:], layout, cfg, self.scale, bs_r,
-            md.max_query_len, out, as_stored=cfg.prompt_as_stored(gpu=True),
+            md.max_query_len, out, as_stored=cfg.prompt_as_stored,
         )

@@ -106,7 +106,7 @@ class KvcompConfig:
         merged through the LSE with the Triton kernel's pass over the
         compressed context; "triton" (default): the Triton prefill kernel does
         both in one pass; "auto": flash_attn where vLLM has it (CUDA, fp16 /
-        bf16 models), else triton. Measured on W1 (H200, 2026-11-23) the split
+        bf16 models) and prompts attend in full precision, else triton. Measured on W1 (H200, 2026-11-23) the split
         gained nothing (1740 vs 1768 output tok/s): the one-pass kernel stays
         the default.
     prompt_attention: how a prompt token attends the tokens before it.
@@ -117,8 +117,8 @@ class KvcompConfig:
         "full_precision": a prefill chunk attends its own tokens in full
         precision and only older cached tokens quantized; its outputs then
         depend on the chunking and on prefix-cache hits (not cache-consistent).
-        "auto" (default): "as_stored" on the CPU path; on the GPU path
-        "full_precision" until the as-stored prefill kernel has run on a GPU.
+        "auto" (default): "as_stored", except with fresh_prefill="flash_attn"
+        (FlashAttention attends the chunk's own tokens unquantized).
     """
 
     k_bits: int = 4
@@ -156,10 +156,11 @@ class KvcompConfig:
         align = self.key_token_align
         return max(0, num_tokens - self.residual_tokens) // align * align
 
-    def prompt_as_stored(self, gpu: bool) -> bool:
+    @property
+    def prompt_as_stored(self) -> bool:
         """Whether prompt tokens attend as stored (see ``prompt_attention``)."""
         if self.prompt_attention == "auto":
-            return not gpu
+            return self.fresh_prefill != "flash_attn"
         return self.prompt_attention == "as_stored"
 
     def value_group(self, head_size: int) -> int:
