@@ -31,7 +31,7 @@ bash scripts/install_gpu_device.sh >> "$RES/check.log" 2>&1 || { log "install fa
 log "steps: ${STEPS:=tests matrix e2e}"
 has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
 if has tests; then
-  (python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_store.py \
+  (python3 -P -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_store.py \
       tests/test_triton_prefill.py tests/test_triton_decode.py > "$RES/kernel_tests.log" 2>&1
    log "kernel tests: $(tail -n 1 "$RES/kernel_tests.log")") &
 fi

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . 2>&1 \
   | grep -iv "warning\|already exists" || true
-python3 - <<'PY'
+cd /tmp && python3 - <<'PY'
 from importlib.metadata import entry_points
 import vllm_kvcomp.kernels.triton_decode  # noqa: F401
 eps = [e.value for e in entry_points(group="vllm.general_plugins") if e.name == "kvcomp"]
