@@ -13,7 +13,9 @@
 # After a pass: `python tests/gpu_compile_child.py --record benchmarks/results/<folder>` records
 # the default GPU path as verified (tests/test_gpu_compile.py checks it against the kernels).
 set -uo pipefail
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+# PYTHONSAFEPATH: no process of the job (vLLM's own subprocesses too) imports the
+# checkout's vllm_kvcomp/ folder in place of the installed package
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 RES=${RES:-/tmp/res}
 mkdir -p "$RES"
 if [ "${1:-}" = poll ]; then
