@@ -104,8 +104,10 @@ def test_startup_logs_settings_and_capacity(llama, caplog):
         vc = _engine_config(llama, {"k_bits": 4, "v_bits": 4})
     line = next(r.getMessage() for r in caplog.records if "KVCOMP attention backend" in r.getMessage())
     for part in ("k_bits=4", "v_bits=4", "group_size=128", "residual_tokens=128",
-                 f"block_size={vc.cache_config.block_size}", "max_model_len 2048"):
+                 f"block_size={vc.cache_config.block_size}", "prompt_attention=as_stored",
+                 "max_model_len 2048"):
         assert part in line, line
+    assert "None" not in line and "auto" not in line, line
     mc = vc.model_config
     heads, head = mc.get_num_kv_heads(vc.parallel_config), mc.get_head_size()
     p = packed_spec(KvcompConfig(), vc.cache_config.block_size, heads, head, mc.dtype)

@@ -63,12 +63,17 @@ def capacity_ratio(cfg: KvcompConfig, vllm_config) -> float:
 def log_startup(cfg: KvcompConfig, vllm_config) -> None:
     from vllm.logger import init_logger
 
-    settings = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())
+    # the values in force, not "auto" / None
     mc = vllm_config.model_config
+    resolved = {**cfg.to_dict(), "block_size": vllm_config.cache_config.block_size,
+                "prompt_attention": "as_stored" if cfg.prompt_as_stored else "full_precision"}
+    if mc is not None:
+        resolved["value_group_size"] = cfg.value_group(mc.get_head_size())
+    settings = ", ".join(f"{k}={v}" for k, v in resolved.items())
     ratio = capacity_ratio(cfg, vllm_config) if mc is not None else float("nan")
     init_logger("vllm.kvcomp").info(
-        "KVCOMP attention backend: %s, block_size=%d; KV capacity %.2fx the %s cache at "
-        "max_model_len %d", settings, vllm_config.cache_config.block_size, ratio,
+        "KVCOMP attention backend: %s; KV capacity %.2fx the %s cache at "
+        "max_model_len %d", settings, ratio,
         str(mc.dtype).replace("torch.", "") if mc is not None else "model dtype",
         mc.max_model_len if mc is not None else 0)
 
