@@ -10,6 +10,7 @@ Workloads (prompt tokens are random ids; ignore_eos so every request runs
 to its full output length):
     W1: 256 requests x 4096 prompt x 256 output (prefill-heavy)
     W2: 512 requests x 1024 prompt x 2048 output (decode-heavy)
+    W4: 256 requests x 512 prompt x 8192 output (long decode, as in reasoning models)
     W1q / W2q: the same shapes scaled down for a short GPU run
         (64 x 4096 x 256 and 128 x 1024 x 1024); give them a proportionally
         smaller ``--kv-gib`` so the bf16 cache binds concurrency the way the
@@ -78,7 +79,7 @@ SETTINGS = {
     "kvcomp_k16v16": {"attention_backend": "kvcomp",
                       "additional_config": {"kvcomp": {"k_bits": 16, "v_bits": 16}}},
 }
-WORKLOADS = {"W1": (256, 4096, 256), "W2": (512, 1024, 2048),
+WORKLOADS = {"W1": (256, 4096, 256), "W2": (512, 1024, 2048), "W4": (256, 512, 8192),
              "W1q": (64, 4096, 256), "W2q": (128, 1024, 1024), "tiny": (8, 300, 16),
              # W1's prefill alone (one output token): the part no KV format can shorten
              "W1p": (256, 4096, 1),
