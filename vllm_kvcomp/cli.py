@@ -7,6 +7,10 @@ This entry point answers that one lookup from the imported package and then
 runs vLLM's CLI unchanged: ``vllm-kvcomp serve MODEL --attention-backend
 kvcomp ...`` is exactly ``vllm serve ...``. With the CUDA ``vllm`` wheel the
 lookup succeeds and nothing is changed.
+
+``vllm-kvcomp calibrate-heads MODEL --method razor|duo --out map.json`` is the
+plugin's own subcommand (``vllm_kvcomp/calibrate_heads.py``): it writes a
+retrieval/streaming head map.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ def _patch_vllm_version_lookup() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["calibrate-heads"]:
+        # ours, not vLLM's: needs transformers only, no engine
+        from vllm_kvcomp.calibrate_heads import main as calibrate_heads
+
+        sys.exit(calibrate_heads(sys.argv[2:]))
     _patch_vllm_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 

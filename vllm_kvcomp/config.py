@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,17 @@ class KvcompConfig:
         depend on the chunking and on prefix-cache hits (not cache-consistent).
         "auto" (default): "as_stored", except with fresh_prefill="flash_attn"
         (FlashAttention attends the chunk's own tokens unquantized).
+    head_map: path of a head-map file (DuoAttention's ``full_attention_heads.tsv``
+        or JSON, see ``vllm_kvcomp/policies/head_map.py``) splitting the KV heads
+        into retrieval heads (whole context) and streaming heads (sink + recent
+        window). ``None`` (default): no split. Checked against the model at
+        start-up; serving a split is not available yet, so a valid map is a
+        start-up error.
+    streaming_ratio: fraction of all (layer, KV head) entries of a gate map
+        that stream, the lowest gates first (DuoAttention deploys 0.5 for GQA
+        models); unused with an explicit roles map.
+    sink_tokens / recent_tokens: what a streaming head keeps, the first and the
+        last tokens of the sequence (DuoAttention: 64 and 256).
     """
 
     k_bits: int = 4
@@ -131,6 +143,10 @@ class KvcompConfig:
     fresh_prefill: str = "triton"
     value_group_size: int | None = None
     prompt_attention: str = "auto"
+    head_map: str | None = None
+    streaming_ratio: float = 0.5
+    sink_tokens: int = 64
+    recent_tokens: int = 256
 
     # ------------------------------------------------------------------ derive
     @property
@@ -254,6 +270,28 @@ class KvcompConfig:
                     f"kvcomp block_size={b} must be a multiple of group_size="
                     f"{self.group_size} when keys are quantized per channel"
                 )
+        self._validate_head_split()
+
+    def _validate_head_split(self) -> None:
+        r = self.streaming_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
+            raise KvcompConfigError(f"kvcomp streaming_ratio={r!r} must be in [0, 1]")
+        for name in ("sink_tokens", "recent_tokens"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise KvcompConfigError(f"kvcomp {name}={n!r} must be a positive integer")
+        path = self.head_map
+        if path is not None:
+            if not isinstance(path, str) or not path:
+                raise KvcompConfigError(f"kvcomp head_map={path!r} must be a file path")
+            if os.path.isdir(path):
+                raise KvcompConfigError(f"kvcomp head_map={path!r} is a directory, not a file")
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise KvcompConfigError(
+                    f"kvcomp head_map={path!r} cannot be read: {e.strerror or e}") from None
 
 
 def _check_types(raw: dict) -> None:
@@ -264,8 +302,10 @@ def _check_types(raw: dict) -> None:
     hints = typing.get_type_hints(KvcompConfig)
     for key, value in raw.items():
         allowed = typing.get_args(hints[key]) or (hints[key],)
+        # JSON writes 0 and 1 for a ratio: an int is a float, a bool is neither
         ok = any(value is None if t is type(None) else
-                 isinstance(value, t) and not (t is int and isinstance(value, bool))
+                 isinstance(value, (int, float) if t is float else t)
+                 and not (t in (int, float) and isinstance(value, bool))
                  for t in allowed)
         if not ok:
             names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)

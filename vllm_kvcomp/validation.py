@@ -69,6 +69,10 @@ def log_startup(cfg: KvcompConfig, vllm_config) -> None:
                 "prompt_attention": "as_stored" if cfg.prompt_as_stored else "full_precision"}
     if mc is not None:
         resolved["value_group_size"] = cfg.value_group(mc.get_head_size())
+    if resolved.get("head_map") is None:
+        # the head split's own settings mean nothing without a map
+        for key in ("head_map", "streaming_ratio", "sink_tokens", "recent_tokens"):
+            resolved.pop(key, None)
     settings = ", ".join(f"{k}={v}" for k, v in resolved.items())
     ratio = capacity_ratio(cfg, vllm_config) if mc is not None else float("nan")
     init_logger("vllm.kvcomp").info(
@@ -89,6 +93,32 @@ def _sliding_window_layers(hf_config) -> str | None:
     if getattr(hf_config, "attention_chunk_size", None):
         return "chunked local attention"
     return None
+
+
+def check_head_map(cfg: KvcompConfig, hf_config) -> None:
+    """Load ``cfg.head_map`` and check it against the model's layers and KV heads,
+    then refuse it: the backend still gives every head the whole context's
+    cache, so serving would neither save memory nor attend as the map says."""
+    from vllm_kvcomp.policies.head_map import STREAMING, HeadMapError, load_head_map
+
+    try:
+        head_map = load_head_map(cfg.head_map)
+        if hf_config is not None:
+            layers = hf_config.num_hidden_layers
+            kv_heads = getattr(hf_config, "num_key_value_heads", None) or \
+                hf_config.num_attention_heads
+            head_map.check_model_shape(layers, kv_heads)
+        roles = head_map.roles_at(cfg.streaming_ratio)
+    except HeadMapError as e:
+        raise KvcompConfigError(f"kvcomp head_map: {e}") from None
+    streaming = sum(r == STREAMING for row in roles for r in row)
+    how = ("as the map's roles say" if head_map.roles is not None
+           else f"at streaming_ratio={cfg.streaming_ratio}")
+    raise KvcompConfigError(
+        f"kvcomp head_map={cfg.head_map!r} is valid ({head_map.num_layers} layers x "
+        f"{head_map.num_kv_heads} KV heads, {streaming} streaming {how}) but the KVCOMP "
+        "backend cannot serve a retrieval/streaming head split yet (streaming heads' memory "
+        "is not freed); remove head_map to serve every head with the whole context")
 
 
 def validate_vllm_config(vllm_config) -> KvcompConfig:
@@ -152,6 +182,9 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
                     f"kvcomp {name}={g} does not divide the model's head size {head} "
                     f"(channels are quantized in groups of {g} per token)"
                 )
+
+    if cfg.head_map is not None:
+        check_head_map(cfg, mc.hf_text_config if mc is not None else None)
 
     align = cfg.key_token_align
     if cfg.block_size is not None:

@@ -1,0 +1,23 @@
+"""Per-head and eviction policies of the compressed KV cache.
+
+Each method is one small class in its own module, with its paper cited and its
+parameters documented in the class docstring:
+
+- ``head_map``: the ``HeadMap`` type, the file formats that carry it (DuoAttention's
+  ``full_attention_heads.tsv`` and our JSON), thresholding of gate scores at a
+  ``streaming_ratio``, and the check of a map against a model's shape.
+- ``razor``: ``RazorAttention`` (Tang et al., 2024), data-free scoring of retrieval
+  heads by their echo and induction attention on repeated random tokens.
+- ``duo``: ``DuoAttention`` (Xiao et al., 2024), optimisation of one gate per KV head
+  that mixes full and streaming (sink + recent window) attention.
+- ``attention``: the masked attention both calibrations (and their tests) share.
+
+How they compose: a calibration method produces gate scores per (layer, KV head),
+written as a head-map file; when serving (not available yet: the backend refuses a
+head map at start-up, as it cannot free streaming heads' memory) the map is thresholded at
+``streaming_ratio`` into retrieval heads, which keep their whole (quantized) KV
+cache, and streaming heads, which keep only ``sink_tokens`` + ``recent_tokens``.
+Quantization applies to whatever each head keeps, so a head split and the KV4/KV2
+codes multiply. An eviction policy would decide, inside one head's cache, which
+tokens to keep; it plugs in beside the head split in the same way.
+"""

@@ -1,0 +1,237 @@
+"""Head maps: which (layer, KV head) is a retrieval head and which a streaming head.
+
+A retrieval head attends to the whole context and keeps its whole KV cache; a
+streaming head attends only to the first ``sink_tokens`` and the last
+``recent_tokens`` tokens, so its cache stays bounded (DuoAttention, Xiao et al.
+2024; RazorAttention, Tang et al. 2024).
+
+Files (text only; pickles are refused, whatever their name):
+
+- DuoAttention's ``full_attention_heads.tsv``: tab-separated, one row per layer,
+  one column per KV head, gate values in [0, 1] (higher = more retrieval).
+  Lines starting with ``#`` are comments.
+- JSON, either explicit roles or gates, with optional metadata::
+
+      {"layers": [["retrieval", "streaming", ...], ...]}
+      {"gates": [[0.93, 0.02, ...], ...], "model": "...", "num_layers": 32,
+       "num_kv_heads": 8, "method": "duo", "sink_tokens": 64, "recent_tokens": 256}
+
+  ``calibration`` may hold anything the calibration wants to record (its
+  options, raw scores); it is not interpreted.
+
+Thresholding a gate map at ``streaming_ratio`` r (DuoAttention's deployment
+rule, a quantile over all heads): the ``round(r * N)`` entries (rounded half up)
+with the lowest gates among all N (layer, KV head) entries are streaming, ties
+broken by layer then head order. A roles map is taken as written and r is not
+used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+RETRIEVAL = "retrieval"
+STREAMING = "streaming"
+ROLES = (RETRIEVAL, STREAMING)
+METADATA_KEYS = ("model", "num_layers", "num_kv_heads", "method", "sink_tokens",
+                 "recent_tokens", "calibration")
+
+# protocol 2+ pickles start with PROTO (0x80); torch.save zips start with "PK"
+_BINARY_MAGIC = (b"\x80", b"PK\x03\x04")
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".npy", ".npz", ".joblib")
+
+
+class HeadMapError(ValueError):
+    """A head-map file that cannot be read, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class HeadMap:
+    """Per (layer, KV head): explicit ``roles`` or gate scores ``gates``.
+
+    Exactly one of ``roles`` / ``gates`` is set; both are tuples of rows, one row
+    per layer, one entry per KV head. ``metadata`` holds the file's other keys.
+    """
+
+    roles: tuple[tuple[str, ...], ...] | None = None
+    gates: tuple[tuple[float, ...], ...] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    @property
+    def table(self) -> tuple[tuple, ...]:
+        return self.roles if self.roles is not None else self.gates
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.table)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.table[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.num_layers, self.num_kv_heads
+
+    def streaming(self, streaming_ratio: float) -> list[list[bool]]:
+        """``True`` where a (layer, KV head) is a streaming head. ``streaming_ratio``
+        thresholds gates (see the module docstring); a roles map ignores it."""
+        if self.roles is not None:
+            return [[r == STREAMING for r in row] for row in self.roles]
+        return threshold_gates(self.gates, streaming_ratio)
+
+    def roles_at(self, streaming_ratio: float) -> list[list[str]]:
+        return [[STREAMING if s else RETRIEVAL for s in row]
+                for row in self.streaming(streaming_ratio)]
+
+    def check_model_shape(self, num_layers: int, num_kv_heads: int) -> None:
+        if self.shape != (num_layers, num_kv_heads):
+            raise HeadMapError(
+                f"head map {self.source} has {self.num_layers} layers x {self.num_kv_heads} "
+                f"KV heads but the model has {num_layers} layers x {num_kv_heads} KV heads")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        body = ({"layers": [list(r) for r in self.roles]} if self.roles is not None
+                else {"gates": [list(r) for r in self.gates]})
+        meta = {k: v for k, v in self.metadata.items() if k != "calibration"}
+        extra = {"calibration": self.metadata["calibration"]} if "calibration" in self.metadata else {}
+        return {**meta, **body, **extra}
+
+
+def threshold_gates(gates: Sequence[Sequence[float]], streaming_ratio: float) -> list[list[bool]]:
+    """``True`` for the ``round(streaming_ratio * N)`` lowest gates (ties: the
+    earlier layer, then the earlier head, turns streaming first)."""
+    if isinstance(streaming_ratio, bool) or not 0.0 <= streaming_ratio <= 1.0:
+        raise HeadMapError(f"streaming_ratio={streaming_ratio!r} must be in [0, 1]")
+    heads = len(gates[0]) if gates else 0
+    flat = [g for row in gates for g in row]
+    k = math.floor(streaming_ratio * len(flat) + 0.5)
+    order = sorted(range(len(flat)), key=lambda i: (flat[i], i))
+    chosen = set(order[:k])
+    return [[l * heads + h in chosen for h in range(heads)] for l in range(len(gates))]
+
+
+# ---------------------------------------------------------------- loading
+def _reject_binary(path: str, head: bytes) -> None:
+    if path.lower().endswith(_PICKLE_SUFFIXES) or head.startswith(_BINARY_MAGIC):
+        raise HeadMapError(
+            f"head map {path} looks like a pickle / binary file; head maps are read only "
+            "from TSV (DuoAttention's full_attention_heads.tsv) or JSON, never unpickled")
+
+
+def _gate(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise HeadMapError(f"{where}: gate {value!r} is not a number")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise HeadMapError(f"{where}: gate {value!r} is not a number") from None
+    if not isinstance(value, (int, float)):
+        raise HeadMapError(f"{where}: gate {value!r} is not a number")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also NaN
+        raise HeadMapError(f"{where}: gate {value!r} is outside [0, 1]")
+    return value
+
+
+def _rectangular(rows: list, path: str, what: str) -> None:
+    if not rows or not all(isinstance(r, (list, tuple)) for r in rows):
+        raise HeadMapError(f"head map {path}: {what} must be a non-empty list of rows "
+                           "(one per layer)")
+    widths = {len(r) for r in rows}
+    if 0 in widths or len(widths) != 1:
+        raise HeadMapError(f"head map {path}: every layer needs the same number (>= 1) of "
+                           f"KV heads; row lengths are {[len(r) for r in rows]}")
+
+
+def parse_tsv(text: str, path: str = "<tsv>") -> HeadMap:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cells = line.strip().split("\t")
+        rows.append(tuple(_gate(c.strip(), f"head map {path} line {lineno} column {j + 1}")
+                          for j, c in enumerate(cells)))
+    _rectangular(rows, path, "the TSV")
+    return HeadMap(gates=tuple(rows), source=path)
+
+
+def parse_json(obj: Any, path: str = "<json>") -> HeadMap:
+    if not isinstance(obj, dict):
+        raise HeadMapError(f"head map {path}: expected a JSON object with 'layers' or "
+                           f"'gates', got {type(obj).__name__}")
+    body = [k for k in ("layers", "gates") if k in obj]
+    if len(body) != 1:
+        raise HeadMapError(f"head map {path}: needs exactly one of 'layers' (roles) or "
+                           f"'gates', found {body or 'neither'}")
+    unknown = sorted(set(obj) - set(METADATA_KEYS) - {"layers", "gates"})
+    if unknown:
+        raise HeadMapError(f"head map {path}: unknown key(s) {unknown}; known: "
+                           f"{['layers', 'gates', *METADATA_KEYS]}")
+    rows = obj[body[0]]
+    _rectangular(rows, path, f"'{body[0]}'")
+    metadata = {k: obj[k] for k in METADATA_KEYS if k in obj}
+    if body[0] == "layers":
+        for l, row in enumerate(rows):
+            for h, role in enumerate(row):
+                if role not in ROLES:
+                    raise HeadMapError(f"head map {path}: layer {l} KV head {h} has role "
+                                       f"{role!r}; roles are {ROLES}")
+        hm = HeadMap(roles=tuple(tuple(r) for r in rows), metadata=metadata, source=path)
+    else:
+        hm = HeadMap(gates=tuple(tuple(_gate(g, f"head map {path} layer {l} KV head {h}")
+                                       for h, g in enumerate(row))
+                                 for l, row in enumerate(rows)),
+                     metadata=metadata, source=path)
+    for key, n in (("num_layers", hm.num_layers), ("num_kv_heads", hm.num_kv_heads)):
+        if key in metadata and metadata[key] != n:
+            raise HeadMapError(f"head map {path}: {key}={metadata[key]!r} but the table has "
+                               f"{n}")
+    return hm
+
+
+def load_head_map(path: str) -> HeadMap:
+    """Read a head map from ``path``: ``.tsv`` as DuoAttention's format, anything
+    else as JSON when it starts with ``{``, else as TSV."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise HeadMapError(f"head map {path} cannot be read: {e.strerror or e}") from None
+    _reject_binary(path, raw[:4])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeadMapError(f"head map {path} is not UTF-8 text (TSV or JSON)") from None
+    if not path.lower().endswith(".tsv") and text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise HeadMapError(f"head map {path} is not valid JSON: {e}") from None
+        return parse_json(obj, path)
+    return parse_tsv(text, path)
+
+
+def dumps_head_map(head_map: HeadMap) -> str:
+    """JSON with one line per key and one line per layer, to be read by hand."""
+    lines = []
+    for key, value in head_map.to_json_dict().items():
+        if key in ("layers", "gates"):
+            rows = ",\n  ".join(json.dumps([round(v, 6) if isinstance(v, float) else v
+                                            for v in row]) for row in value)
+            lines.append(f"{json.dumps(key)}: [\n  {rows}\n]")
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def save_head_map(head_map: HeadMap, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(dumps_head_map(head_map))
