@@ -84,14 +84,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path
 import triton  # noqa: E402
 
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
-from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
+from vllm_kvcomp.kernels.decode_launch import (  # noqa: E402
     DEFAULT_LAUNCH,
-    decode_attention_reference,
     decode_num_splits,
     decode_tiles_and_slices,
+)
+from vllm_kvcomp.kernels.triton_common import layout_constexprs  # noqa: E402
+from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
+    decode_attention_reference,
     kvcomp_decode_attention,
 )
-from vllm_kvcomp.kernels.triton_store import layout_constexprs  # noqa: E402
 from vllm_kvcomp.layout import PageLayout, residual_block_size  # noqa: E402
 
 CONFIGS = {

@@ -66,7 +66,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path in tests
 import triton  # noqa: E402
 
-from vllm_kvcomp.config import PREFILL_LAUNCH_KEYS, KvcompConfig  # noqa: E402
+from vllm_kvcomp.config import KvcompConfig  # noqa: E402
+from vllm_kvcomp.launch_env import PREFILL_LAUNCH_KEYS  # noqa: E402
 from vllm_kvcomp.kernels import triton_prefill  # noqa: E402
 from vllm_kvcomp.kernels.triton_prefill import (  # noqa: E402
     kvcomp_prefill_attention,

@@ -18,7 +18,7 @@ import math
 import sys
 
 LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_registers")
-# kernels/triton_decode.py's DEFAULT_LAUNCH (since the H200 x2 sweep of 2026-11-30;
+# kernels/decode_launch.py's DEFAULT_LAUNCH (since the H200 x2 sweep of 2026-11-30;
 # before it, block_n 128 / 4 warps / 3 stages / one shared tile). Spelled out here
 # so that the picker runs where the kernels do not import.
 DEFAULT = {"block_n": 128, "num_warps": 2, "num_stages": 2, "warp_tiles": 2}

@@ -1,7 +1,7 @@
 """A decode step over packed pages written by the reference writers
 (``packing``): the problem the decode kernel's tests run, and the one the
 backend checks its decode launch on at start-up on a GPU
-(``triton_decode.check_decode_launch``).
+(``decode_launch.check_decode_launch``).
 
 Histories: packed pages for ``[0, Q(start))`` and residual pages for
 ``[Q(start), start)`` in shuffled block ids, for requests of different

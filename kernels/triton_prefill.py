@@ -40,9 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvcomp.config import PREFILL_LAUNCH_ENV, KvcompConfig, parse_prefill_launch
+from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref
-from vllm_kvcomp.kernels.triton_store import check_alignment, interpreted, layout_constexprs
+from vllm_kvcomp.kernels.triton_common import check_alignment, interpreted, layout_constexprs
+from vllm_kvcomp.launch_env import PREFILL_LAUNCH_ENV, parse_prefill_launch
 from vllm_kvcomp.layout import PageLayout
 
 logger = logging.getLogger(__name__)

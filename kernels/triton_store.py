@@ -50,6 +50,7 @@ import triton.language as tl
 
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref
+from vllm_kvcomp.kernels.triton_common import check_alignment, layout_constexprs
 from vllm_kvcomp.layout import PageLayout
 
 TOKEN_UNIT = 16  # tokens per hand-over unit when no per-channel key groups
@@ -362,49 +363,6 @@ def _kvcomp_store_kernel(
 # --------------------------------------------------------------------------
 
 
-def check_alignment(layout: PageLayout, es: int, packed_cache: torch.Tensor) -> None:
-    """The kernels view pages as fp16 (params) and model dtype (16-bit
-    codes) through pointer casts: those byte offsets must be aligned."""
-    cfg = layout.config
-    raw = cfg.k_bits == 16 or cfg.v_bits == 16
-    align = max(2, es) if raw else 2
-    offs = [layout.head_page_bytes, packed_cache.stride(0), packed_cache.stride(1),
-            layout.k_params_offset, layout.v_params_offset]
-    if cfg.k_bits == 16:
-        offs += [layout.k_codes_offset, layout.k_code_row_bytes]
-    if cfg.v_bits == 16:
-        offs += [layout.v_codes_offset, layout.v_code_row_bytes]
-    assert all(o % align == 0 for o in offs), (
-        f"packed page regions are not {align}-byte aligned: {offs}")
-
-
-def layout_constexprs(layout: PageLayout) -> dict:
-    """Compile-time page geometry shared by the store and prefill kernels."""
-    cfg = layout.config
-    D = layout.head_size
-    kr, kc = layout.k_param_shape
-    vr, vc = layout.v_param_shape
-    key_channel = cfg.k_bits < 16 and cfg.key_axis == "channel"
-    return dict(
-        D=D,
-        BS=layout.block_size,
-        K_BITS=cfg.k_bits,
-        V_BITS=cfg.v_bits,
-        KEY_CHANNEL=key_channel,
-        K_GC=(D // kc) if (cfg.k_bits < 16 and not key_channel) else 1,
-        K_NG=kc if (cfg.k_bits < 16 and not key_channel) else 1,
-        V_GC=(D // vc) if cfg.v_bits < 16 else 1,
-        V_NG=vc if cfg.v_bits < 16 else 1,
-        K_CODES_OFF=layout.k_codes_offset,
-        K_PARAMS_OFF=layout.k_params_offset,
-        K_ROW=layout.k_code_row_bytes,
-        V_CODES_OFF=layout.v_codes_offset,
-        V_PARAMS_OFF=layout.v_params_offset,
-        V_ROW=layout.v_code_row_bytes,
-        BLOCK_D=triton.next_power_of_2(D),
-    )
-
-
 def kvcomp_store(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -559,14 +517,7 @@ __all__ = [
     "TOKEN_UNIT",
     "handover_unit",
     "kvcomp_store",
-    "check_alignment",
-    "layout_constexprs",
     "store_grid_bound",
     "store_reference",
 ]
 
-
-def interpreted() -> bool:
-    """Whether Triton runs under its CPU interpreter (fp32 dots there: the
-    interpreter's bf16 ``tl.dot`` is wrong)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -174,7 +174,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     from vllm_kvcomp import backend
     from vllm_kvcomp.config import KvcompConfig
     from vllm_kvcomp.backend import KvcompBackend, KvcompMetadata
-    from vllm_kvcomp.kernels import triton_decode, triton_prefill, triton_store
+    from vllm_kvcomp.kernels import decode_launch, triton_decode, triton_prefill, triton_store
     from vllm_kvcomp.residual_layer import packed_spec, residual_spec
 
     L = max_model_len or s.max_model_len
@@ -230,11 +230,11 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     with recorded_launches(*mods, on_launch=seen):
         impl = _impl(s, cfg, flash_attn=False)
         try:  # the builder's start-up check: its outputs are garbage here, so it raises
-            triton_decode.check_decode_launch(cfg, bs, D, dtype, s.rep, torch.device("cpu"),
+            decode_launch.check_decode_launch(cfg, bs, D, dtype, s.rep, torch.device("cpu"),
                                               check_on_cpu=True)
         except RuntimeError:
             pass
-        impl._decode_launch = dict(triton_decode.DECODE_LAUNCH)
+        impl._decode_launch = dict(decode_launch.DECODE_LAUNCH)
         for split in (False, True):
             default[0] = not split
             with mock.patch.object(triton_store, "_SPLIT_DEFAULT", split):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_kvcomp.config import parse_prefill_launch
+from vllm_kvcomp.launch_env import parse_prefill_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 

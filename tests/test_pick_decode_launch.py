@@ -49,6 +49,6 @@ def test_rows_of_older_sweeps_without_warp_tiles_ran_the_shared_tile():
 
 
 def test_default_is_the_kernels():
-    from vllm_kvcomp.kernels.triton_decode import DEFAULT_LAUNCH
+    from vllm_kvcomp.kernels.decode_launch import DEFAULT_LAUNCH
 
     assert pdl.DEFAULT == DEFAULT_LAUNCH

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from vllm_kvcomp.config import (  # noqa: E402
+from vllm_kvcomp.launch_env import (  # noqa: E402
     DECODE_LAUNCH_ENV,
     PREFILL_LAUNCH_ENV,
     parse_decode_launch,
@@ -85,7 +85,7 @@ def test_parse_decode_launch_rejects_bad_specs(spec, what):
 
 
 def test_decode_env_read_at_import():
-    code = ("from vllm_kvcomp.kernels.triton_decode import DECODE_LAUNCH as L; "
+    code = ("from vllm_kvcomp.kernels.decode_launch import DECODE_LAUNCH as L; "
             "print(sorted(L.items()))")
     env = {**os.environ, DECODE_LAUNCH_ENV: "warp_tiles=2, num_warps=2", "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

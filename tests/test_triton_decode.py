@@ -29,16 +29,16 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
 from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference  # noqa: E402
 from vllm_kvcomp.kernels.decode_batch import TOL, DecodeBatch, lens_for  # noqa: E402
-from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
+from vllm_kvcomp.kernels.decode_launch import (  # noqa: E402
     DEFAULT_LAUNCH,
     decode_num_splits,
     decode_tiles,
     decode_tiles_and_slices,
     decode_warp_tiles,
     decode_warps_stages,
-    kvcomp_decode_attention,
 )
-from vllm_kvcomp.kernels.triton_store import layout_constexprs  # noqa: E402
+from vllm_kvcomp.kernels.triton_common import layout_constexprs  # noqa: E402
+from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention  # noqa: E402
 from vllm_kvcomp.layout import PageLayout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -350,6 +350,7 @@ def test_warp_tiles_fall_back_where_not_folded():
 # (check_decode_launch); here the same check runs under the interpreter, with
 # the kernel wrapped so that a chosen launch returns wrong output.
 
+import vllm_kvcomp.kernels.decode_launch as decode_launch  # noqa: E402
 import vllm_kvcomp.kernels.triton_decode as triton_decode  # noqa: E402
 
 SMALL = KvcompConfig(k_bits=4, v_bits=4, group_size=32, residual_tokens=16)
@@ -365,13 +366,13 @@ def _corrupting(monkeypatch, bad):
         return out + 1.0 if bad(kw) else out
 
     monkeypatch.setattr(triton_decode, "kvcomp_decode_attention", wrapped)
-    monkeypatch.setattr(triton_decode, "_CHECKED_LAUNCHES", {})
+    monkeypatch.setattr(decode_launch, "_CHECKED_LAUNCHES", {})
     return calls
 
 
 def _check(launch):
     # on DEVICE: a GPU where there is one (the interpreter only runs without one)
-    return triton_decode.check_decode_launch(SMALL, 32, 64, torch.float32, 4, DEVICE,
+    return decode_launch.check_decode_launch(SMALL, 32, 64, torch.float32, 4, DEVICE,
                                              launch=launch, check_on_cpu=True)
 
 
@@ -398,5 +399,5 @@ def test_startup_check_refuses_a_wrong_kernel(monkeypatch):
 
 def test_startup_check_is_skipped_on_cpu(monkeypatch):
     calls = _corrupting(monkeypatch, lambda kw: True)
-    launch = triton_decode.check_decode_launch(SMALL, 32, 64, torch.float32, 4, "cpu")
-    assert launch == triton_decode.DECODE_LAUNCH and calls == []
+    launch = decode_launch.check_decode_launch(SMALL, 32, 64, torch.float32, 4, "cpu")
+    assert launch == decode_launch.DECODE_LAUNCH and calls == []

@@ -99,7 +99,7 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         if not self.on_cpu and isinstance(kv_cache_spec, KvcompSpec):
             # Before CUDA-graph capture, where the Impls find it already checked.
             from vllm_kvcomp.config import config_from_vllm_config
-            from vllm_kvcomp.kernels.triton_decode import check_decode_launch
+            from vllm_kvcomp.kernels.decode_launch import check_decode_launch
 
             mc, pc = vllm_config.model_config, vllm_config.parallel_config
             check_decode_launch(
@@ -282,7 +282,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         self.layer_name: str | None = None
         self._flash_attn = self._find_flash_attn(head_size)
         # KVCOMP_DECODE_LAUNCH over the default, once checked on this GPU
-        # (triton_decode.check_decode_launch; the metadata builder runs the check)
+        # (decode_launch.check_decode_launch; the metadata builder runs the check)
         self._decode_launch: dict | None = None
 
     def _find_flash_attn(self, head_size: int):
@@ -399,10 +399,8 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # padding included; a mixed one its leading decode requests.
         nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
         if nd > 0:
-            from vllm_kvcomp.kernels.triton_decode import (
-                check_decode_launch,
-                kvcomp_decode_attention,
-            )
+            from vllm_kvcomp.kernels.decode_launch import check_decode_launch
+            from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
 
             if self._decode_launch is None:
                 self._decode_launch = check_decode_launch(

@@ -20,55 +20,6 @@ FRESH_PREFILL = ("auto", "flash_attn", "triton")
 PROMPT_ATTENTION = ("auto", "as_stored", "full_precision")
 
 
-# Launch parameters of the Triton prefill kernel (kernels/triton_prefill.py),
-# overridable from the environment for a GPU the built-in ones were not tuned
-# on; parsed here, without Triton, so a bad value stops start-up.
-PREFILL_LAUNCH_ENV = "KVCOMP_PREFILL_LAUNCH"
-PREFILL_LAUNCH_KEYS = ("block_rows", "block_n", "num_warps", "num_stages")
-
-
-# The same for the decode kernel (kernels/triton_decode.py): its tile, warps,
-# stages, warp tiles (``kvcomp_decode_attention``'s warp_tiles) and register cap.
-DECODE_LAUNCH_ENV = "KVCOMP_DECODE_LAUNCH"
-DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_registers")
-# keys that take any positive count; the others are tile shapes / warp counts
-_ANY_COUNT = ("num_stages", "max_registers")
-
-
-def _parse_launch(spec: str, var: str, keys: tuple[str, ...]) -> dict[str, int]:
-    launch = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        key, sep, val = (x.strip() for x in item.partition("="))
-        if not sep or key not in keys:
-            raise ValueError(f"{var}: expected {'|'.join(keys)}=<int>, got {item!r}")
-        try:
-            n = int(val)
-        except ValueError:
-            raise ValueError(f"{var}: {key} must be an integer, got {val!r}") from None
-        if key in _ANY_COUNT and n < 1:
-            raise ValueError(f"{var}: {key} must be >= 1, got {n}")
-        if key not in _ANY_COUNT and (n < 1 or n & (n - 1)):
-            raise ValueError(f"{var}: {key} must be a power of two, got {n}")
-        launch[key] = n
-    return launch
-
-
-def parse_prefill_launch(spec: str, var: str = PREFILL_LAUNCH_ENV) -> dict[str, int]:
-    """``"block_rows=128,block_n=64,num_warps=8,num_stages=3"`` (any subset of
-    those keys; empty: none) -> dict of ints. ``block_rows``, ``block_n`` and
-    ``num_warps`` must be powers of two (tile shapes / warp counts), and
-    ``num_stages`` >= 1; anything else raises a ValueError naming ``var``."""
-    return _parse_launch(spec, var, PREFILL_LAUNCH_KEYS)
-
-
-def parse_decode_launch(spec: str, var: str = DECODE_LAUNCH_ENV) -> dict[str, int]:
-    """``"warp_tiles=2,num_warps=2,num_stages=2"`` (any subset of
-    ``DECODE_LAUNCH_KEYS``) -> dict of ints; ``num_stages`` and
-    ``max_registers`` >= 1, the others powers of two; anything else raises a
-    ValueError naming ``var``."""
-    return _parse_launch(spec, var, DECODE_LAUNCH_KEYS)
-
-
 def _power_of_two_from_8(x: Any) -> bool:
     return not isinstance(x, bool) and isinstance(x, int) and x >= 8 and not x & (x - 1)
 

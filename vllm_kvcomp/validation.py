@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import os
 
-from vllm_kvcomp.config import (
+from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, config_from_vllm_config
+from vllm_kvcomp.launch_env import (
     DECODE_LAUNCH_ENV,
     PREFILL_LAUNCH_ENV,
-    KvcompConfig,
-    KvcompConfigError,
-    config_from_vllm_config,
     parse_decode_launch,
     parse_prefill_launch,
 )

@@ -1,0 +1,54 @@
+"""Launch overrides of the Triton kernels from the environment, for a GPU
+the built-in launches were not tuned on.
+
+Parsed without importing Triton: ``validation.validate_vllm_config`` runs the
+parsers in process 0, so a bad value stops start-up with the variable's name
+before the kernel modules (which read the variables when imported) load.
+"""
+
+from __future__ import annotations
+
+# the prefill kernel's (kernels/triton_prefill.py)
+PREFILL_LAUNCH_ENV = "KVCOMP_PREFILL_LAUNCH"
+PREFILL_LAUNCH_KEYS = ("block_rows", "block_n", "num_warps", "num_stages")
+
+# the decode kernel's (kernels/decode_launch.py): its tile, warps, stages, warp
+# tiles (``kvcomp_decode_attention``'s warp_tiles) and register cap
+DECODE_LAUNCH_ENV = "KVCOMP_DECODE_LAUNCH"
+DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_registers")
+# keys that take any positive count; the others are tile shapes / warp counts
+_ANY_COUNT = ("num_stages", "max_registers")
+
+
+def _parse_launch(spec: str, var: str, keys: tuple[str, ...]) -> dict[str, int]:
+    launch = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, sep, val = (x.strip() for x in item.partition("="))
+        if not sep or key not in keys:
+            raise ValueError(f"{var}: expected {'|'.join(keys)}=<int>, got {item!r}")
+        try:
+            n = int(val)
+        except ValueError:
+            raise ValueError(f"{var}: {key} must be an integer, got {val!r}") from None
+        if key in _ANY_COUNT and n < 1:
+            raise ValueError(f"{var}: {key} must be >= 1, got {n}")
+        if key not in _ANY_COUNT and (n < 1 or n & (n - 1)):
+            raise ValueError(f"{var}: {key} must be a power of two, got {n}")
+        launch[key] = n
+    return launch
+
+
+def parse_prefill_launch(spec: str, var: str = PREFILL_LAUNCH_ENV) -> dict[str, int]:
+    """``"block_rows=128,block_n=64,num_warps=8,num_stages=3"`` (any subset of
+    those keys; empty: none) -> dict of ints. ``block_rows``, ``block_n`` and
+    ``num_warps`` must be powers of two (tile shapes / warp counts), and
+    ``num_stages`` >= 1; anything else raises a ValueError naming ``var``."""
+    return _parse_launch(spec, var, PREFILL_LAUNCH_KEYS)
+
+
+def parse_decode_launch(spec: str, var: str = DECODE_LAUNCH_ENV) -> dict[str, int]:
+    """``"warp_tiles=2,num_warps=2,num_stages=2"`` (any subset of
+    ``DECODE_LAUNCH_KEYS``) -> dict of ints; ``num_stages`` and
+    ``max_registers`` >= 1, the others powers of two; anything else raises a
+    ValueError naming ``var``."""
+    return _parse_launch(spec, var, DECODE_LAUNCH_KEYS)
