@@ -12,7 +12,11 @@ after this step (``Q`` = ``KvcompConfig.quantized_prefix_len``):
    to ``p``: ``bound(p) = Q(p)`` when prompts attend as stored (what a
    decode step at ``p`` reads, whatever the chunking or prefix-cache hits),
    ``Q(start)`` for every query of the step otherwise (a chunk's own tokens
-   in full precision). For a decode step both are ``Q(start)``;
+   in full precision). For a decode step both are ``Q(start)``. Under
+   eviction the packed keys the policy drops for that query
+   (``policy.dropped(p + 1, bound(p))``) are masked, and pages dropped for
+   the step's first query are not read at all (the block manager may have
+   given them back to the pool);
 3. the fresh tokens are written, unquantized, into the residual pages.
 
 This is the CPU implementation and the oracle for the Triton kernels.
@@ -80,24 +84,33 @@ def attend(
 def attend_split(
     q: torch.Tensor, start: int, k_packed: torch.Tensor, v_packed: torch.Tensor,
     k_full: torch.Tensor, v_full: torch.Tensor, full_lo: int, bounds: torch.Tensor,
-    scale: float,
+    scale: float, packed_pos: torch.Tensor | None = None,
+    dropped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of queries at positions [start, start+Tq): query
-    ``t`` reads packed keys (positions [0, len(k_packed))) below ``bounds[t]``
-    and full-precision keys (positions [full_lo, full_lo + len(k_full))) from
-    ``bounds[t]`` to its own position. -> [Tq, Hq, D] float."""
+    ``t`` reads packed keys (positions ``packed_pos``, default [0,
+    len(k_packed))) below ``bounds[t]`` and outside ``[dropped[t, 0],
+    dropped[t, 1])`` when given, and full-precision keys (positions [full_lo,
+    full_lo + len(k_full))) from ``bounds[t]`` to its own position.
+    -> [Tq, Hq, D] float."""
     Tq, Hq, D = q.shape
     H = k_full.shape[1]
     dev = q.device
     k = torch.cat([k_packed.float(), k_full.float()])
     v = torch.cat([v_packed.float(), v_full.float()])
     n_p = k_packed.shape[0]
-    pos = torch.cat([torch.arange(n_p, device=dev),
-                     full_lo + torch.arange(k_full.shape[0], device=dev)])
+    if packed_pos is None:
+        packed_pos = torch.arange(n_p, device=dev)
+    pos = torch.cat([packed_pos.to(dev), full_lo + torch.arange(k_full.shape[0], device=dev)])
     packed = torch.arange(k.shape[0], device=dev) < n_p
     qpos = torch.arange(start, start + Tq, device=dev)[:, None]
     b = bounds.to(dev)[:, None]
-    visible = torch.where(packed[None, :], pos[None, :] < b, (pos[None, :] >= b) & (pos[None, :] <= qpos))
+    packed_visible = pos[None, :] < b
+    if dropped is not None:
+        d = dropped.to(dev)
+        packed_visible &= (pos[None, :] < d[:, :1]) | (pos[None, :] >= d[:, 1:])
+    visible = torch.where(packed[None, :], packed_visible,
+                          (pos[None, :] >= b) & (pos[None, :] <= qpos))
     scores = torch.einsum("qhrd,khd->hrqk", q.float().view(Tq, H, Hq // H, D), k) * scale
     scores.masked_fill_(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -118,6 +131,27 @@ def packed_prefix(
     return k[:hi], v[:hi]
 
 
+def packed_kept(
+    packed_cache: torch.Tensor, layout: PageLayout, block_row: torch.Tensor, hi: int,
+    skip_pages: tuple[int, int], model_dtype: torch.dtype, num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K, V and positions of [0, hi) dequantized from a request's packed
+    pages, leaving out the pages ``[skip_pages[0], skip_pages[1])``: their
+    block-table entries may be stale (given back to the pool)."""
+    bs = layout.block_size
+    lo_pg, hi_pg = skip_pages
+    pages = [i for i in range(-(-hi // bs)) if not lo_pg <= i < hi_pg]
+    dev = packed_cache.device
+    if not pages:
+        empty = torch.zeros(0, num_kv_heads, layout.head_size, dtype=model_dtype, device=dev)
+        return empty, empty, torch.zeros(0, dtype=torch.long, device=dev)
+    idx = torch.tensor(pages, dtype=torch.long, device=block_row.device)
+    k, v = packing.dequantize_pages(packed_cache, layout, block_row[idx].long(), model_dtype)
+    pos = (idx.to(dev)[:, None] * bs + torch.arange(bs, device=dev)[None, :]).reshape(-1)
+    keep = pos < hi
+    return k[keep], v[keep], pos[keep]
+
+
 def request_attention(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
     residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
@@ -132,14 +166,26 @@ def request_attention(
     q_old = cfg.quantized_prefix_len(start)
     bounds = torch.tensor([cfg.quantized_prefix_len(start + t) if as_stored else q_old
                            for t in range(Tq)])
-    k_packed, v_packed = packed_prefix(packed_cache, layout, block_row, int(bounds.max()),
-                                       model_dtype, k_new.shape[1])
+    packed_pos = dropped = None
+    if cfg.eviction is None:
+        k_packed, v_packed = packed_prefix(packed_cache, layout, block_row, int(bounds.max()),
+                                           model_dtype, k_new.shape[1])
+    else:
+        policy = cfg.eviction.policy(layout.block_size)
+        # bounds never decrease along the step, so the first query's drops
+        # are shared by all of them
+        k_packed, v_packed, packed_pos = packed_kept(
+            packed_cache, layout, block_row, int(bounds.max()),
+            policy.dropped_pages(start + 1, int(bounds[0])), model_dtype, k_new.shape[1])
+        dropped = torch.tensor([policy.dropped(start + t + 1, int(bounds[t]))
+                                for t in range(Tq)], dtype=torch.long)
     k_full, v_full = k_new, v_new
     if start > q_old:
         kr, vr = window or gather_residual(residual_cache, residual_row, residual_block_size,
                                            q_old, start)
         k_full, v_full = torch.cat([kr.to(k_new.dtype), k_new]), torch.cat([vr.to(v_new.dtype), v_new])
-    return attend_split(q, start, k_packed, v_packed, k_full, v_full, q_old, bounds, scale)
+    return attend_split(q, start, k_packed, v_packed, k_full, v_full, q_old, bounds, scale,
+                        packed_pos, dropped)
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float, start: int) -> torch.Tensor:

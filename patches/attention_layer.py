@@ -55,6 +55,7 @@ def apply() -> None:
             self.num_kv_heads,
             self.head_size,
             self.kv_cache_torch_dtype,
+            vllm_config.max_in_flight_tokens,
         )
 
     __init__.__kvcomp_wrapped__ = True

@@ -64,6 +64,7 @@ def main(spec):
     metrics = llm.get_metrics()
     result["preemptions"] = _counter(metrics, "vllm:num_preemptions")
     result["prefix_cache_hits"] = _counter(metrics, "vllm:prefix_cache_hits")
+    result["kv_cache_usage"] = _counter(metrics, "vllm:kv_cache_usage_perc")
     print("RESULT " + json.dumps(result), flush=True)
 
 

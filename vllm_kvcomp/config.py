@@ -18,6 +18,9 @@ KEY_AXES = ("channel", "token")
 VALUE_AXES = ("token",)
 FRESH_PREFILL = ("auto", "flash_attn", "triton")
 PROMPT_ATTENTION = ("auto", "as_stored", "full_precision")
+EVICTION_METHODS = ("streamingllm",)
+# named so that asking for one says it is not there yet, not "unknown"
+EVICTION_PLANNED = ("snapkv", "h2o", "a2sf")
 
 
 def _power_of_two_from_8(x: Any) -> bool:
@@ -26,6 +29,56 @@ def _power_of_two_from_8(x: Any) -> bool:
 
 class KvcompConfigError(ValueError):
     """Raised for any invalid kvcomp setting or unsupported model feature."""
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    """Token eviction inside each head's cache (the ``eviction`` setting).
+
+    method: "streamingllm" (``vllm_kvcomp/policies/streaming.py``).
+    sink_tokens: first tokens of the sequence kept for good (attention sinks).
+    recent_tokens: last tokens of the sequence kept (the query's own included).
+    """
+
+    method: str
+    sink_tokens: int = 4
+    recent_tokens: int = 1024
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "EvictionConfig | None":
+        if raw is None or isinstance(raw, cls):
+            return raw
+        if not isinstance(raw, dict):
+            raise KvcompConfigError(
+                f"kvcomp eviction={raw!r} must be a dict such as "
+                '{"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 1024} or null')
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise KvcompConfigError(
+                f"unknown kvcomp eviction setting(s) {unknown}; known: {known}")
+        method = raw.get("method")
+        if method in EVICTION_PLANNED:
+            raise KvcompConfigError(
+                f"kvcomp eviction method={method!r} is not available yet; available: "
+                f"{list(EVICTION_METHODS)}")
+        if method not in EVICTION_METHODS:
+            raise KvcompConfigError(
+                f"kvcomp eviction method={method!r} is not supported; choose one of "
+                f"{list(EVICTION_METHODS)}")
+        ev = cls(**raw)
+        for name in ("sink_tokens", "recent_tokens"):
+            n = getattr(ev, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise KvcompConfigError(
+                    f"kvcomp eviction {name}={n!r} must be a positive integer")
+        return ev
+
+    def policy(self, block_size: int):
+        """The policy object both the block manager and the attention ask."""
+        from vllm_kvcomp.policies.streaming import StreamingLLM
+
+        return StreamingLLM(self.sink_tokens, self.recent_tokens, block_size)
 
 
 @dataclass(frozen=True)
@@ -82,6 +135,10 @@ class KvcompConfig:
         models); unused with an explicit roles map.
     sink_tokens / recent_tokens: what a streaming head keeps, the first and the
         last tokens of the sequence (DuoAttention: 64 and 256).
+    eviction: ``None`` (default) or a dict ``{"method": "streamingllm",
+        "sink_tokens": 4, "recent_tokens": 1024}`` (``EvictionConfig``): every
+        head keeps only the sinks and the recent tokens, and the packed pages
+        in between go back to vLLM's pool. CPU only for now.
     """
 
     k_bits: int = 4
@@ -98,6 +155,11 @@ class KvcompConfig:
     streaming_ratio: float = 0.5
     sink_tokens: int = 64
     recent_tokens: int = 256
+    eviction: EvictionConfig | None = None
+
+    def __post_init__(self) -> None:
+        # a dict here (from JSON) becomes the frozen, hashable EvictionConfig
+        object.__setattr__(self, "eviction", EvictionConfig.from_dict(self.eviction))
 
     # ------------------------------------------------------------------ derive
     @property
@@ -222,6 +284,10 @@ class KvcompConfig:
                     f"{self.group_size} when keys are quantized per channel"
                 )
         self._validate_head_split()
+        if self.eviction is not None and self.head_map is not None:
+            raise KvcompConfigError(
+                "kvcomp eviction and head_map cannot be combined: eviction already "
+                "applies to every head")
 
     def _validate_head_split(self) -> None:
         r = self.streaming_ratio
@@ -252,6 +318,8 @@ def _check_types(raw: dict) -> None:
 
     hints = typing.get_type_hints(KvcompConfig)
     for key, value in raw.items():
+        if key == "eviction":  # a nested dict: EvictionConfig.from_dict checks it
+            continue
         allowed = typing.get_args(hints[key]) or (hints[key],)
         # JSON writes 0 and 1 for a ratio: an int is a float, a bool is neither
         ok = any(value is None if t is type(None) else

@@ -17,12 +17,23 @@ from vllm_kvcomp.backend import KvcompResidualBackend
 from vllm_kvcomp.names import RESIDUAL_SUFFIX
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.layout import PageLayout, residual_block_size
-from vllm_kvcomp.spec import KvcompResidualSpec, KvcompSpec
+from vllm_kvcomp.spec import KvcompEvictionSpec, KvcompResidualSpec, KvcompSpec
 
 
 def packed_spec(
-    cfg: KvcompConfig, block_size: int, num_kv_heads: int, head_size: int, model_dtype: torch.dtype
-) -> KvcompSpec:
+    cfg: KvcompConfig, block_size: int, num_kv_heads: int, head_size: int,
+    model_dtype: torch.dtype, max_in_flight_tokens: int = 0,
+) -> KvcompSpec | KvcompEvictionSpec:
+    if cfg.eviction is not None:
+        return KvcompEvictionSpec(
+            block_size=block_size,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+            dtype=torch.uint8,
+            kvcomp_config=cfg,
+            model_dtype=model_dtype,
+            max_in_flight_tokens=max_in_flight_tokens,
+        )
     return KvcompSpec(
         block_size=block_size,
         num_kv_heads=num_kv_heads,
@@ -33,7 +44,7 @@ def packed_spec(
     )
 
 
-def residual_spec(packed: KvcompSpec, concurrent_steps: int = 1) -> KvcompResidualSpec:
+def residual_spec(packed: KvcompSpec | KvcompEvictionSpec, concurrent_steps: int = 1) -> KvcompResidualSpec:
     layout: PageLayout = packed.layout
     cfg = layout.config
     return KvcompResidualSpec(

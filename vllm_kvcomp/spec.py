@@ -12,7 +12,12 @@ Two groups per model:
   the blocks that cover ``[Q(n), n)`` and hands everything older back to the
   pool, so its per-request footprint is bounded by the window, not the prompt.
 
-Later head splits (streaming heads) and eviction plug in the same way: one more
+* ``KvcompEvictionSpec`` replaces ``KvcompSpec`` when token eviction is on
+  (``eviction`` setting): the same packed pages, but its manager
+  (``KvcompEvictionManager``) hands the pages that the eviction policy drops
+  back to the pool as the request grows.
+
+Later head splits (streaming heads) plug in the same way: one more
 spec/manager pair over the same page format, registered here.
 """
 
@@ -30,7 +35,7 @@ from vllm.v1.core.single_type_kv_cache_manager import (
     FullAttentionManager,
     SlidingWindowManager,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_kvcomp.config import KvcompConfig
@@ -271,6 +276,99 @@ class KvcompPackedManager(FullAttentionManager):
                                     *args, **kwargs)
 
 
+@dataclass(frozen=True, kw_only=True)
+class KvcompEvictionSpec(AttentionSpec):
+    """Packed pages under token eviction (``kvcomp_config.eviction``).
+
+    Not a ``FullAttentionSpec``: vLLM groups a spec with every layer that is an
+    instance of the first layer's registered base, so a subclass of it would
+    be merged into a full-attention group (and get its manager) whenever some
+    other layer is full attention. It is registered as its own base instead.
+    """
+
+    kvcomp_config: KvcompConfig
+    model_dtype: torch.dtype = torch.bfloat16
+    # Tokens scheduled but not settled (vLLM's max_in_flight_tokens): the
+    # pages they still read are freed only once they are processed.
+    max_in_flight_tokens: int = 0
+
+    layout = cached_property(KvcompSpec.layout.func)
+    real_page_size_bytes = KvcompSpec.real_page_size_bytes
+    packed_tokens = KvcompSpec.packed_tokens
+
+    @cached_property
+    def policy(self):
+        return self.kvcomp_config.eviction.policy(self.block_size)
+
+    def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
+                                         max_model_len: int) -> int:
+        """Packed pages a request can hold at once: the sink pages, and the
+        pages from the lowest one still kept for the processed tokens to the
+        newest packed token. The lowest kept position is ``min(c - R, Q(c))``
+        for ``c`` processed tokens (``policies.streaming``), at least
+        ``c - max(R, residual window)``; the newest packed token is below
+        ``c + max_in_flight_tokens``."""
+        cfg = self.kvcomp_config
+        lag = max(cfg.eviction.recent_tokens, cfg.residual_window) + max_in_flight_tokens
+        full = cdiv(self.packed_tokens(max_model_len), self.block_size)
+        return min(self.policy.max_held_pages(lag), full)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return self.max_admission_blocks_per_request(
+            vllm_config.max_in_flight_tokens, vllm_config.model_config.max_model_len
+        ) * self.page_size_bytes
+
+    @classmethod
+    def merge(cls, specs: list[Self]) -> Self:
+        assert all(s == specs[0] for s in specs), (
+            "all KVCOMP layers of a KV cache group must share one eviction spec"
+        )
+        return specs[0]
+
+
+class KvcompEvictionManager(KvcompPackedManager):
+    """Packed pages of a request under eviction: pages are taken as for
+    ``KvcompPackedManager`` (once packed tokens reach them) and given back,
+    replaced in place by vLLM's null block, as soon as the policy drops them
+    for the processed tokens. Block-table rows keep their positions; the
+    worker's copy of a row keeps the stale ids of freed pages, which the
+    attention never reads (it asks the same policy)."""
+
+    kv_cache_spec: KvcompEvictionSpec
+
+    def __init__(self, kv_cache_spec: KvcompEvictionSpec, **kwargs) -> None:
+        # vLLM computes an admission cap only for its own recycling specs.
+        if kwargs.get("max_admission_blocks_per_request") is None:
+            kwargs["max_admission_blocks_per_request"] = (
+                kv_cache_spec.max_admission_blocks_per_request(
+                    kv_cache_spec.max_in_flight_tokens, 1 << 62))
+        super().__init__(kv_cache_spec, **kwargs)
+
+    def remove_skipped_blocks(self, request_id, processed_computed_tokens,
+                              num_prompt_tokens=None):
+        c = processed_computed_tokens
+        lo, hi = self.kv_cache_spec.policy.dropped_pages(c, self.kv_cache_spec.packed_tokens(c))
+        self._remove_blocks_in_range(request_id, lo, hi)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+                               kv_cache_spec, drop_eagle_block, alignment_tokens,
+                               dcp_world_size=1, pcp_world_size=1):
+        # Never a hit: a cached prefix would need the pages its own request
+        # already dropped (freed, maybe reused), and what a prompt token
+        # attended depends on the drops made while it was prefilled.
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+    def cache_blocks(self, request, num_tokens, *args, **kwargs):
+        # No page gets a hash (nothing could hit it, see find_longest_cache_hit),
+        # so a freed page goes back to the pool as a plain free page.
+        held = len(self.req_to_blocks.get(request.request_id, ()))
+        self.num_cached_block[request.request_id] = min(num_tokens // self.block_size, held)
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        return 0
+
+
 _REGISTERED = False
 
 
@@ -282,6 +380,9 @@ def register_specs() -> None:
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(
         KvcompSpec, KvcompPackedManager, uniform_type_base_spec=FullAttentionSpec
+    )
+    KVCacheSpecRegistry.register(
+        KvcompEvictionSpec, KvcompEvictionManager, uniform_type_base_spec=KvcompEvictionSpec
     )
     KVCacheSpecRegistry.register(
         KvcompResidualSpec,

@@ -71,6 +71,8 @@ def log_startup(cfg: KvcompConfig, vllm_config) -> None:
         # the head split's own settings mean nothing without a map
         for key in ("head_map", "streaming_ratio", "sink_tokens", "recent_tokens"):
             resolved.pop(key, None)
+    if resolved.get("eviction") is None:
+        resolved.pop("eviction", None)
     settings = ", ".join(f"{k}={v}" for k, v in resolved.items())
     ratio = capacity_ratio(cfg, vllm_config) if mc is not None else float("nan")
     init_logger("vllm.kvcomp").info(
@@ -117,6 +119,23 @@ def check_head_map(cfg: KvcompConfig, hf_config) -> None:
         f"{head_map.num_kv_heads} KV heads, {streaming} streaming {how}) but the KVCOMP "
         "backend cannot serve a retrieval/streaming head split yet (streaming heads' memory "
         "is not freed); remove head_map to serve every head with the whole context")
+
+
+def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
+    """Eviction frees pages whose block-table entries then go stale; only the
+    CPU (PyTorch) attention skips them so far, the Triton kernels would read
+    pages already handed to other requests."""
+    if cfg.eviction is None:
+        return
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    if not on_cpu or os.environ.get("KVCOMP_FORCE_TRITON", "0") == "1":
+        raise KvcompConfigError(
+            f"kvcomp eviction (method={cfg.eviction.method!r}) runs only on the CPU path for "
+            "now: the GPU (Triton) kernels do not skip evicted pages yet; remove eviction "
+            "from the kvcomp settings")
 
 
 def validate_vllm_config(vllm_config) -> KvcompConfig:
@@ -183,6 +202,7 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
 
     if cfg.head_map is not None:
         check_head_map(cfg, mc.hf_text_config if mc is not None else None)
+    check_eviction_platform(cfg)
 
     align = cfg.key_token_align
     if cfg.block_size is not None:
