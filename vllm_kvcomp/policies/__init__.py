@@ -11,6 +11,9 @@ parameters documented in the class docstring:
 - ``duo``: ``DuoAttention`` (Xiao et al., 2024), optimisation of one gate per KV head
   that mixes full and streaming (sink + recent window) attention.
 - ``attention``: the masked attention both calibrations (and their tests) share.
+- ``streaming``: ``StreamingLLM`` (Xiao et al., 2023) token eviction, the packed
+  positions a query still sees (sinks + recent range, in whole pages); the block
+  manager frees what it drops and the attention skips it.
 
 How they compose: a calibration method produces gate scores per (layer, KV head),
 written as a head-map file; when serving (not available yet: the backend refuses a
@@ -18,6 +21,6 @@ head map at start-up, as it cannot free streaming heads' memory) the map is thre
 ``streaming_ratio`` into retrieval heads, which keep their whole (quantized) KV
 cache, and streaming heads, which keep only ``sink_tokens`` + ``recent_tokens``.
 Quantization applies to whatever each head keeps, so a head split and the KV4/KV2
-codes multiply. An eviction policy would decide, inside one head's cache, which
-tokens to keep; it plugs in beside the head split in the same way.
+codes multiply. An eviction policy decides, inside one head's cache, which
+tokens to keep; ``streaming`` is the first such policy.
 """
