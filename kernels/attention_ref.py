@@ -122,13 +122,9 @@ def packed_prefix(
     model_dtype: torch.dtype, num_kv_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K, V of positions [0, hi) dequantized from a request's packed pages."""
-    if hi == 0:
-        empty = torch.zeros(0, num_kv_heads, layout.head_size, dtype=model_dtype,
-                            device=packed_cache.device)
-        return empty, empty
-    k, v = packing.dequantize_pages(packed_cache, layout,
-                                    block_row[: -(-hi // layout.block_size)].long(), model_dtype)
-    return k[:hi], v[:hi]
+    k, v, _ = packed_kept(packed_cache, layout, block_row, hi, (0, 0), model_dtype,
+                          num_kv_heads)
+    return k, v
 
 
 def packed_kept(

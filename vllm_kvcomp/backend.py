@@ -31,11 +31,11 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, current_config
 from vllm_kvcomp.layout import PageLayout
-from vllm_kvcomp.names import BACKEND_NAME, RESIDUAL_SUFFIX
+from vllm_kvcomp.names import BACKEND_NAME, FORCE_TRITON_ENV, RESIDUAL_SUFFIX
 
 # Runs the GPU path (Triton store / prefill / decode) on CPU tensors too, for
 # testing the backend's kernel wiring under TRITON_INTERPRET=1 in CI.
-FORCE_TRITON = os.environ.get("KVCOMP_FORCE_TRITON", "0") == "1"
+FORCE_TRITON = os.environ.get(FORCE_TRITON_ENV, "0") == "1"
 
 
 @lru_cache(maxsize=None)

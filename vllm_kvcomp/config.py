@@ -31,6 +31,13 @@ class KvcompConfigError(ValueError):
     """Raised for any invalid kvcomp setting or unsupported model feature."""
 
 
+def _check_positive_ints(settings: Any, names: tuple[str, ...], prefix: str) -> None:
+    for name in names:
+        n = getattr(settings, name)
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise KvcompConfigError(f"{prefix} {name}={n!r} must be a positive integer")
+
+
 @dataclass(frozen=True)
 class EvictionConfig:
     """Token eviction inside each head's cache (the ``eviction`` setting).
@@ -67,11 +74,7 @@ class EvictionConfig:
                 f"kvcomp eviction method={method!r} is not supported; choose one of "
                 f"{list(EVICTION_METHODS)}")
         ev = cls(**raw)
-        for name in ("sink_tokens", "recent_tokens"):
-            n = getattr(ev, name)
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise KvcompConfigError(
-                    f"kvcomp eviction {name}={n!r} must be a positive integer")
+        _check_positive_ints(ev, ("sink_tokens", "recent_tokens"), "kvcomp eviction")
         return ev
 
     def policy(self, block_size: int):
@@ -293,10 +296,7 @@ class KvcompConfig:
         r = self.streaming_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
             raise KvcompConfigError(f"kvcomp streaming_ratio={r!r} must be in [0, 1]")
-        for name in ("sink_tokens", "recent_tokens"):
-            n = getattr(self, name)
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise KvcompConfigError(f"kvcomp {name}={n!r} must be a positive integer")
+        _check_positive_ints(self, ("sink_tokens", "recent_tokens"), "kvcomp")
         path = self.head_map
         if path is not None:
             if not isinstance(path, str) or not path:

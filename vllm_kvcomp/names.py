@@ -4,3 +4,5 @@
 BACKEND_NAME = "KVCOMP"
 # a layer's full-precision window is the virtual sub-layer "<layer><RESIDUAL_SUFFIX>"
 RESIDUAL_SUFFIX = ".kvcomp_residual"
+# "1" runs the GPU path (Triton kernels) on CPU tensors, for testing the kernel wiring
+FORCE_TRITON_ENV = "KVCOMP_FORCE_TRITON"

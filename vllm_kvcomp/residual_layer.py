@@ -24,24 +24,11 @@ def packed_spec(
     cfg: KvcompConfig, block_size: int, num_kv_heads: int, head_size: int,
     model_dtype: torch.dtype, max_in_flight_tokens: int = 0,
 ) -> KvcompSpec | KvcompEvictionSpec:
+    common = dict(block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_size,
+                  dtype=torch.uint8, kvcomp_config=cfg, model_dtype=model_dtype)
     if cfg.eviction is not None:
-        return KvcompEvictionSpec(
-            block_size=block_size,
-            num_kv_heads=num_kv_heads,
-            head_size=head_size,
-            dtype=torch.uint8,
-            kvcomp_config=cfg,
-            model_dtype=model_dtype,
-            max_in_flight_tokens=max_in_flight_tokens,
-        )
-    return KvcompSpec(
-        block_size=block_size,
-        num_kv_heads=num_kv_heads,
-        head_size=head_size,
-        dtype=torch.uint8,
-        kvcomp_config=cfg,
-        model_dtype=model_dtype,
-    )
+        return KvcompEvictionSpec(**common, max_in_flight_tokens=max_in_flight_tokens)
+    return KvcompSpec(**common)
 
 
 def residual_spec(packed: KvcompSpec | KvcompEvictionSpec, concurrent_steps: int = 1) -> KvcompResidualSpec:

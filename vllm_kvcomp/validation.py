@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, config_from_vllm_config
+from vllm_kvcomp.names import FORCE_TRITON_ENV
 from vllm_kvcomp.launch_env import (
     DECODE_LAUNCH_ENV,
     PREFILL_LAUNCH_ENV,
@@ -131,7 +132,7 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
-    if not on_cpu or os.environ.get("KVCOMP_FORCE_TRITON", "0") == "1":
+    if not on_cpu or os.environ.get(FORCE_TRITON_ENV, "0") == "1":
         raise KvcompConfigError(
             f"kvcomp eviction (method={cfg.eviction.method!r}) runs only on the CPU path for "
             "now: the GPU (Triton) kernels do not skip evicted pages yet; remove eviction "
