@@ -85,14 +85,15 @@ def attend_split(
     q: torch.Tensor, start: int, k_packed: torch.Tensor, v_packed: torch.Tensor,
     k_full: torch.Tensor, v_full: torch.Tensor, full_lo: int, bounds: torch.Tensor,
     scale: float, packed_pos: torch.Tensor | None = None,
-    dropped: torch.Tensor | None = None,
+    dropped: torch.Tensor | None = None, head_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of queries at positions [start, start+Tq): query
     ``t`` reads packed keys (positions ``packed_pos``, default [0,
     len(k_packed))) below ``bounds[t]`` and outside ``[dropped[t, 0],
-    dropped[t, 1])`` when given, and full-precision keys (positions [full_lo,
-    full_lo + len(k_full))) from ``bounds[t]`` to its own position.
-    -> [Tq, Hq, D] float."""
+    dropped[t, 1])`` when given, only those of ``head_mask [H, len(k_packed)]``
+    for the query heads of each KV head when given, and full-precision keys
+    (positions [full_lo, full_lo + len(k_full))) from ``bounds[t]`` to its own
+    position. -> [Tq, Hq, D] float."""
     Tq, Hq, D = q.shape
     H = k_full.shape[1]
     dev = q.device
@@ -113,6 +114,8 @@ def attend_split(
                           (pos[None, :] >= b) & (pos[None, :] <= qpos))
     scores = torch.einsum("qhrd,khd->hrqk", q.float().view(Tq, H, Hq // H, D), k) * scale
     scores.masked_fill_(~visible, float("-inf"))
+    if head_mask is not None:
+        scores[..., :n_p].masked_fill_(~head_mask.to(dev)[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hrqk,khd->qhrd", probs, v).reshape(Tq, Hq, D)
 
@@ -134,9 +137,18 @@ def packed_kept(
     """K, V and positions of [0, hi) dequantized from a request's packed
     pages, leaving out the pages ``[skip_pages[0], skip_pages[1])``: their
     block-table entries may be stale (given back to the pool)."""
-    bs = layout.block_size
     lo_pg, hi_pg = skip_pages
-    pages = [i for i in range(-(-hi // bs)) if not lo_pg <= i < hi_pg]
+    pages = [i for i in range(-(-hi // layout.block_size)) if not lo_pg <= i < hi_pg]
+    return packed_pages(packed_cache, layout, block_row, hi, pages, model_dtype, num_kv_heads)
+
+
+def packed_pages(
+    packed_cache: torch.Tensor, layout: PageLayout, block_row: torch.Tensor, hi: int,
+    pages: list[int], model_dtype: torch.dtype, num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K, V and positions below ``hi`` of a request's packed pages ``pages``
+    (ascending page indices), dequantized; no other page is read."""
+    bs = layout.block_size
     dev = packed_cache.device
     if not pages:
         empty = torch.zeros(0, num_kv_heads, layout.head_size, dtype=model_dtype, device=dev)
@@ -153,17 +165,23 @@ def request_attention(
     residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
     block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
     start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
-    window: tuple[torch.Tensor, torch.Tensor] | None = None,
+    window: tuple[torch.Tensor, torch.Tensor] | None = None, quest=None,
 ) -> torch.Tensor:
     """One request's step attention (module docstring, 2.) over the cache as it
     is after the step's hand-over: packed pages hold [0, Q(n)). ``window``: the
-    residual K, V of [Q(start), start) when the caller has gathered them."""
+    residual K, V of [Q(start), start) when the caller has gathered them.
+    ``quest`` (``policies.quest.Quest``): a decode query past its budget reads,
+    per KV head, only the packed pages the policy selects (prompts attend
+    every page)."""
     Tq = q.shape[0]
     q_old = cfg.quantized_prefix_len(start)
     bounds = torch.tensor([cfg.quantized_prefix_len(start + t) if as_stored else q_old
                            for t in range(Tq)])
-    packed_pos = dropped = None
-    if cfg.eviction is None:
+    packed_pos = dropped = head_mask = None
+    if quest is not None and Tq == 1 and quest.is_sparse(q_old):
+        k_packed, v_packed, packed_pos, head_mask = quest_pages(
+            q[0], packed_cache, layout, block_row, q_old, quest, model_dtype, k_new.shape[1])
+    elif cfg.eviction is None:
         k_packed, v_packed = packed_prefix(packed_cache, layout, block_row, int(bounds.max()),
                                            model_dtype, k_new.shape[1])
     else:
@@ -181,7 +199,29 @@ def request_attention(
                                            q_old, start)
         k_full, v_full = torch.cat([kr.to(k_new.dtype), k_new]), torch.cat([vr.to(v_new.dtype), v_new])
     return attend_split(q, start, k_packed, v_packed, k_full, v_full, q_old, bounds, scale,
-                        packed_pos, dropped)
+                        packed_pos, dropped, head_mask)
+
+
+def quest_selection(q: torch.Tensor, packed_cache: torch.Tensor, layout: PageLayout,
+                    block_row: torch.Tensor, hi: int, quest) -> torch.Tensor:
+    """Page indices ``[H, K]`` that a decode query ``q [Hq, D]`` reading
+    packed positions ``[0, hi)`` attends under ``quest``, scored on the key
+    groups' ranges of every page below ``hi``."""
+    ids = block_row[: -(-hi // layout.block_size)].long()
+    lo, up = packing.key_group_ranges(packed_cache, layout, ids)
+    return quest.select(quest.page_scores(q, lo, up))
+
+
+def quest_pages(q, packed_cache, layout, block_row, hi, quest, model_dtype, num_kv_heads):
+    """K, V, positions of the pages some KV head selected (``packed_pages``),
+    and which KV head reads which of them ``[H, len(positions)]``."""
+    sel = quest_selection(q, packed_cache, layout, block_row, hi, quest)
+    pages = sorted(set(sel.flatten().tolist()))
+    k, v, pos = packed_pages(packed_cache, layout, block_row, hi, pages, model_dtype,
+                             num_kv_heads)
+    page_of = pos // layout.block_size
+    head_mask = (page_of[None, :, None] == sel.to(pos.device)[:, None, :]).any(-1)
+    return k, v, pos, head_mask
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float, start: int) -> torch.Tensor:
@@ -247,9 +287,11 @@ def kvcomp_step_reference(
     scale: float,
     batch: BatchView,
     as_stored: bool | None = None,
+    quest=None,
 ) -> None:
     """One attention layer's step for a whole batch (see module docstring);
-    ``as_stored`` defaults to the config's choice on the CPU path."""
+    ``as_stored`` defaults to the config's choice on the CPU path; ``quest``:
+    the layer's page selection at decode (``request_attention``)."""
     if as_stored is None:
         as_stored = cfg.prompt_as_stored
     model_dtype = residual_cache.dtype if residual_cache is not None else query.dtype
@@ -280,7 +322,7 @@ def kvcomp_step_reference(
             _handover(packed_cache, layout, cfg, row, torch.cat(ks), torch.cat(vs), q_old)
         out = request_attention(query[qs:qe], k_new, v_new, packed_cache, residual_cache, layout,
                                 cfg, row, res_row, batch.residual_block_size, start, scale,
-                                model_dtype, as_stored, window)
+                                model_dtype, as_stored, window, quest)
         output[qs:qe] = out.to(output.dtype)
 
     if residual_cache is not None and batch.residual_slot_mapping is not None:

@@ -181,3 +181,18 @@ def _dequantize_region(
         c = codes.unflatten(-1, (cols, D // cols))  # nb,H,bs,cols,g
         x = (c.float() * scale.unsqueeze(-1) + mn.unsqueeze(-1)).flatten(-2)
     return x.permute(0, 2, 1, 3).reshape(nb * bs, H, D)
+
+
+def key_group_ranges(
+    cache: torch.Tensor, layout: PageLayout, block_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel key range ``(lo, hi)`` of every key group of pages
+    ``block_ids``, float32 ``[len(block_ids), H, groups, D]``, read from the
+    groups' (scale, min): the stored keys of a group lie in ``[min, min +
+    scale * (2**bits - 1)]``, the ends reached by its extreme keys (per-channel
+    keys only)."""
+    cfg = layout.config
+    assert cfg.k_bits < 16 and cfg.key_axis == "channel", "per-channel keys only"
+    params = _param_view(cache[block_ids], layout, "k").float()
+    lo = params[..., 1]
+    return lo, lo + params[..., 0] * ((1 << cfg.k_bits) - 1)

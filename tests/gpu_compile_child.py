@@ -186,11 +186,31 @@ def prefill_store_case(c) -> list:
     return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
 
 
+def quest_case(c) -> list:
+    """Quest's scoring, selection and sparse decode launches on a batch past
+    its 4-page budget."""
+    from vllm_kvcomp.kernels import triton_quest
+    from vllm_kvcomp.kernels.decode_batch import DecodeBatch
+    from vllm_kvcomp.policies.quest import Quest
+
+    D, dtype, bs = c["D"], DTYPES[c["dtype"]], c.get("BS", c["D"])
+    cfg = KvcompConfig(k_bits=c["bits"][0], v_bits=c["bits"][1], group_size=c.get("G", D),
+                       residual_tokens=16)
+    b = DecodeBatch(cfg, [1, D + 26, 9 * bs + 11], H=2, D=D, rep=c.get("rep", 4),
+                    block_size=bs, dtype=dtype, seed=11)
+    quest = Quest(4 * bs, bs)
+    a = b.args("cpu")
+    with recorded_launches(triton_quest) as calls:
+        sel = triton_quest.quest_select(a[0], a[3], a[5], a[7], b.layout, cfg, quest)
+        triton_quest.quest_decode_attention(*a[:8], sel, *a[8:], quest)
+    return [summary(jit, compile_sm90(jit, args, kw)) for jit, args, kw in calls]
+
+
 def main(cases):
     out = {}
     for c in cases:
         fn = {"decode": decode_case, "prefill_store": prefill_store_case,
-              "engine": engine_case}[c["what"]]
+              "engine": engine_case, "quest": quest_case}[c["what"]]
         try:
             out[c["id"]] = fn(c)
         except Exception as e:  # reported per case; the test names it

@@ -36,6 +36,11 @@ WARP_TILES = [((4, 4), "channel", "bf16"), ((2, 2), "channel", "bf16"), ((4, 4),
 PREFILL_STORE = [((4, 4), 128, "bf16"), ((2, 2), 64, "bf16"), ((16, 16), 128, "bf16"),
                  ((4, 2), 128, "fp16")]
 PREFILL_STORE_IDS = [f"k{b[0]}v{b[1]}-d{D}-{t}" for b, D, t in PREFILL_STORE]
+# Quest (scoring, selection, sparse decode): (bits, head size, dtype, query heads
+# a KV head, block size, key group)
+QUEST = [((4, 4), 128, "bf16", 4, 128, 128), ((2, 2), 128, "fp16", 8, 128, 32),
+         ((4, 16), 64, "bf16", 1, 32, 32)]
+QUEST_IDS = [f"k{b[0]}v{b[1]}-d{D}-{t}-rep{r}-bs{bs}-g{g}" for b, D, t, r, bs, g in QUEST]
 
 
 def _cases():
@@ -56,6 +61,8 @@ def _cases():
                       axis="channel", D=128, dtype="bf16", G=32, VG=128, kw={}))
     cases += [dict(id="prefill-store-" + i, what="prefill_store", bits=b, D=D, dtype=t)
               for i, (b, D, t) in zip(PREFILL_STORE_IDS, PREFILL_STORE)]
+    cases += [dict(id="quest-" + i, what="quest", bits=b, D=D, dtype=t, rep=r, BS=bs, G=g)
+              for i, (b, D, t, r, bs, g) in zip(QUEST_IDS, QUEST)]
     return cases
 
 
@@ -172,3 +179,14 @@ def test_prefill_and_store_compile_for_sm90(compiled, case):
     assert "_kvcomp_prefill_kernel" in k and "_kvcomp_store_kernel" in k, list(k)
     assert all(v["cubin_bytes"] > 0 for v in k.values())
     assert k["_kvcomp_prefill_kernel"]["mma"] > 0
+
+
+@pytest.mark.parametrize("case", QUEST_IDS)
+def test_quest_compiles_for_sm90(compiled, case):
+    """Quest's page scoring, top-k selection and sparse decode build for sm_90
+    (they serve on the CPU only until they have run on a GPU), the decode's
+    dots as tensor-core instructions."""
+    k = _kernels(compiled, "quest-" + case)
+    assert set(k) == {"_quest_score_kernel", "_quest_select_kernel", "_quest_decode_kernel"}
+    assert all(v["cubin_bytes"] > 0 for v in k.values())
+    assert k["_quest_decode_kernel"]["mma"] > 0, k

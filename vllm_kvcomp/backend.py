@@ -284,6 +284,8 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # KVCOMP_DECODE_LAUNCH over the default, once checked on this GPU
         # (decode_launch.check_decode_launch; the metadata builder runs the check)
         self._decode_launch: dict | None = None
+        # the layer's Quest page selection (None: dense), found at its first step
+        self._quest = False
 
     def _find_flash_attn(self, head_size: int):
         """(flash_attn_varlen_func, fa_version, merge_attn_states) when the
@@ -313,6 +315,18 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
                 "and an fp16/bf16 model); use 'auto' or 'triton'"
             )
         return found
+
+    def _quest_for(self, layer_name: str, block_size: int):
+        """The Quest policy of this layer, None in the dense first layers."""
+        if self._quest is False:
+            quest = self.config.quest
+            if quest is not None:
+                from vllm.model_executor.models.utils import extract_layer_index
+
+                if extract_layer_index(layer_name) < quest.dense_layers:
+                    quest = None
+            self._quest = quest.policy(block_size) if quest is not None else None
+        return self._quest
 
     def forward(
         self,
@@ -368,6 +382,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             cfg,
             self.scale,
             batch,
+            quest=self._quest_for(layer.layer_name, layout.block_size),
         )
         return output
 

@@ -85,6 +85,52 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class QuestConfig:
+    """Query-aware page selection at decode (the ``quest`` setting;
+    ``vllm_kvcomp/policies/quest.py``).
+
+    budget_tokens: packed tokens a decode step attends per KV head, in whole
+        pages (``budget_tokens // block_size`` of them, the newest packed page
+        always among them); the full-precision window is attended on top.
+    dense_layers: the first layers attend every page (Quest keeps two dense).
+    """
+
+    budget_tokens: int = 2048
+    dense_layers: int = 2
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "QuestConfig | None":
+        if raw is None or isinstance(raw, cls):
+            return raw
+        if not isinstance(raw, dict):
+            raise KvcompConfigError(
+                f"kvcomp quest={raw!r} must be a dict such as "
+                '{"budget_tokens": 2048, "dense_layers": 2} or null')
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise KvcompConfigError(
+                f"unknown kvcomp quest setting(s) {unknown}; known: {known}")
+        quest = cls(**raw)
+        _check_positive_ints(quest, ("budget_tokens",), "kvcomp quest")
+        d = quest.dense_layers
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise KvcompConfigError(f"kvcomp quest dense_layers={d!r} must be an integer >= 0")
+        return quest
+
+    def check_block_size(self, block_size: int) -> None:
+        if self.budget_tokens < block_size:
+            raise KvcompConfigError(
+                f"kvcomp quest budget_tokens={self.budget_tokens} is smaller than one page "
+                f"(block_size={block_size} tokens); pages are selected whole")
+
+    def policy(self, block_size: int):
+        from vllm_kvcomp.policies.quest import Quest
+
+        return Quest(self.budget_tokens, block_size)
+
+
+@dataclass(frozen=True)
 class KvcompConfig:
     """Quantization settings of the compressed KV cache.
 
@@ -142,6 +188,11 @@ class KvcompConfig:
         "sink_tokens": 4, "recent_tokens": 1024}`` (``EvictionConfig``): every
         head keeps only the sinks and the recent tokens, and the packed pages
         in between go back to vLLM's pool. CPU only for now.
+    quest: ``None`` (default) or a dict ``{"budget_tokens": 2048,
+        "dense_layers": 2}`` (``QuestConfig``): decode steps attend only the
+        packed pages whose key bounds promise the largest scores (Quest), from
+        the per-channel key (scale, min) the pages already hold. Needs keys
+        quantized per channel. CPU only for now.
     """
 
     k_bits: int = 4
@@ -159,10 +210,12 @@ class KvcompConfig:
     sink_tokens: int = 64
     recent_tokens: int = 256
     eviction: EvictionConfig | None = None
+    quest: QuestConfig | None = None
 
     def __post_init__(self) -> None:
         # a dict here (from JSON) becomes the frozen, hashable EvictionConfig
         object.__setattr__(self, "eviction", EvictionConfig.from_dict(self.eviction))
+        object.__setattr__(self, "quest", QuestConfig.from_dict(self.quest))
 
     # ------------------------------------------------------------------ derive
     @property
@@ -291,6 +344,21 @@ class KvcompConfig:
             raise KvcompConfigError(
                 "kvcomp eviction and head_map cannot be combined: eviction already "
                 "applies to every head")
+        if self.quest is not None:
+            self._validate_quest()
+
+    def _validate_quest(self) -> None:
+        if self.eviction is not None:
+            raise KvcompConfigError(
+                f"kvcomp quest and eviction (method={self.eviction.method!r}) cannot be "
+                "combined: Quest selects among pages that eviction may already have freed")
+        if self.k_bits == 16 or self.key_axis != "channel":
+            raise KvcompConfigError(
+                f"kvcomp quest bounds keys by their per-channel (scale, min): it needs keys "
+                f"quantized per channel (k_bits < 16, key_axis='channel'), not "
+                f"k_bits={self.k_bits}, key_axis={self.key_axis!r}")
+        if self.block_size is not None:
+            self.quest.check_block_size(self.block_size)
 
     def _validate_head_split(self) -> None:
         r = self.streaming_ratio
@@ -318,7 +386,7 @@ def _check_types(raw: dict) -> None:
 
     hints = typing.get_type_hints(KvcompConfig)
     for key, value in raw.items():
-        if key == "eviction":  # a nested dict: EvictionConfig.from_dict checks it
+        if key in ("eviction", "quest"):  # nested dicts: their from_dict checks them
             continue
         allowed = typing.get_args(hints[key]) or (hints[key],)
         # JSON writes 0 and 1 for a ratio: an int is a float, a bool is neither

@@ -74,6 +74,8 @@ def log_startup(cfg: KvcompConfig, vllm_config) -> None:
             resolved.pop(key, None)
     if resolved.get("eviction") is None:
         resolved.pop("eviction", None)
+    if resolved.get("quest") is None:
+        resolved.pop("quest", None)
     settings = ", ".join(f"{k}={v}" for k, v in resolved.items())
     ratio = capacity_ratio(cfg, vllm_config) if mc is not None else float("nan")
     init_logger("vllm.kvcomp").info(
@@ -137,6 +139,22 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
             f"kvcomp eviction (method={cfg.eviction.method!r}) runs only on the CPU path for "
             "now: the GPU (Triton) kernels do not skip evicted pages yet; remove eviction "
             "from the kvcomp settings")
+
+
+def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
+    """Quest's Triton kernels (page scoring and selection, sparse decode) have
+    passed their interpreter tests and an sm_90 build, never a GPU run: no GPU
+    path serves with them until one has."""
+    if cfg.quest is None:
+        return
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    if not on_cpu or os.environ.get(FORCE_TRITON_ENV, "0") == "1":
+        raise KvcompConfigError(
+            "kvcomp quest runs only on the CPU path for now: its GPU (Triton) kernels "
+            "have not been verified on a GPU yet; remove quest from the kvcomp settings")
 
 
 def validate_vllm_config(vllm_config) -> KvcompConfig:
@@ -204,6 +222,7 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
     if cfg.head_map is not None:
         check_head_map(cfg, mc.hf_text_config if mc is not None else None)
     check_eviction_platform(cfg)
+    check_quest_platform(cfg)
 
     align = cfg.key_token_align
     if cfg.block_size is not None:
@@ -219,6 +238,8 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
                 f"{cfg.group_size} (keys are quantized per channel in token groups)"
             )
         cc.block_size = (cc.block_size // align + 1) * align
+    if cfg.quest is not None:
+        cfg.quest.check_block_size(cc.block_size)
     if cfg.needs_residual_cache and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         raise KvcompConfigError(
             "kvcomp's full-precision residual window needs vLLM's hybrid KV cache "

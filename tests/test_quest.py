@@ -1,0 +1,335 @@
+"""Quest (query-aware page selection at decode): the settings, the rule against
+a float reference, the PyTorch reference attention, the Triton scoring /
+selection and sparse decode kernels against their references (under
+``TRITON_INTERPRET=1`` when there is no GPU), the engine end to end on the CPU,
+and the GPU start-up refusal.
+
+Tolerances: the Triton sparse decode against its reference as the decode
+kernel's (``decode_batch.TOL``: 2e-3 float32, 2e-2 bf16); the reference against
+a float attention over exactly the selected pages 2e-5. Selections are compared
+exactly (page sets per KV head).
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import vllm_kvcomp  # noqa: E402
+from vllm_kvcomp.config import KvcompConfig, KvcompConfigError  # noqa: E402
+from vllm_kvcomp.kernels import attention_ref, packing  # noqa: E402
+from vllm_kvcomp.kernels.decode_batch import TOL, DecodeBatch  # noqa: E402
+from vllm_kvcomp.policies.quest import Quest  # noqa: E402
+
+vllm_kvcomp.register()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
+
+
+def _batch(cfg, lens, rep, bs, seed, dtype=torch.float32, D=64):
+    b = DecodeBatch(cfg, lens, H=2, D=D, rep=rep, dtype=dtype, block_size=bs, seed=seed)
+    # keys without DecodeBatch's shared outlier channels, so that KV heads and
+    # queries disagree on their pages (the outliers make every head pick alike)
+    g = torch.Generator().manual_seed(seed + 5)
+    b.query = (2 * torch.randn(b.query.shape, generator=g)).to(dtype)
+    return b
+
+
+def _float_selection(b: DecodeBatch, quest: Quest) -> list[list[set[int]]]:
+    """Selected pages per request and KV head, from float64 bounds over the
+    dequantized keys of each key group (min / max per channel), largest over a
+    page's groups and the head's query heads; ties to the lower page."""
+    cfg, bs, G = b.cfg, b.layout.block_size, b.cfg.group_size
+    out = []
+    for i, n in enumerate(b.lens):
+        q_old = cfg.quantized_prefix_len(max(n - 1, 0))
+        P = -(-q_old // bs)
+        H = b.packed.shape[1]
+        if n <= 0 or P == 0:
+            out.append([set() for _ in range(H)])
+            continue
+        k, _ = packing.dequantize_pages(b.packed, b.layout, b.block_table[i, :P].long(),
+                                        torch.float32)
+        k = k.double().view(P, bs // G, G, H, -1)
+        lo, hi = k.amin(2), k.amax(2)  # P, groups, H, D
+        q = b.query[i].double().view(H, -1, k.shape[-1])  # H, rep, D
+        heads = []
+        for h in range(H):
+            score = [max(float(torch.maximum(q[h, r] * hi[p, g, h], q[h, r] * lo[p, g, h]).sum())
+                         for g in range(bs // G) for r in range(q.shape[1])) for p in range(P)]
+            if P <= quest.budget_pages:
+                heads.append(set(range(P)))
+            else:
+                ranked = sorted(range(P - 1), key=lambda p: (-score[p], p))
+                heads.append(set(ranked[: quest.budget_pages - 1]) | {P - 1})
+        out.append(heads)
+    return out
+
+
+def _as_sets(sel: torch.Tensor) -> list[list[set[int]]]:
+    return [[{int(p) for p in row if p >= 0} for row in req] for req in sel.cpu()]
+
+
+CASES = [
+    # (kvcomp settings, block size, budget tokens)
+    (dict(k_bits=4, v_bits=4, group_size=16, residual_tokens=8), 32, 64),
+    (dict(k_bits=2, v_bits=2, group_size=32, residual_tokens=16), 32, 96),
+    (dict(k_bits=8, v_bits=4, group_size=16, residual_tokens=0), 16, 48),
+    (dict(k_bits=4, v_bits=2, group_size=16, residual_tokens=8, value_group_size=16), 64, 128),
+    (dict(k_bits=4, v_bits=16, group_size=32, residual_tokens=8), 32, 32),
+]
+
+
+@pytest.mark.parametrize("rep", [1, 4, 8])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_selection_matches_float_reference(case, rep):
+    """Reference and Triton selections equal the float reference's, on
+    contexts that are not multiples of the block size (some within the budget,
+    one with only the window)."""
+    from vllm_kvcomp.kernels.triton_quest import quest_select, quest_select_reference
+
+    kv, bs, budget = CASES[case]
+    cfg = KvcompConfig(**kv)
+    rng = random.Random(case * 10 + rep)
+    lens = [1, 5, budget + 3] + [rng.randrange(bs * 3, bs * 14) for _ in range(4)]
+    b = _batch(cfg, lens, rep, bs, seed=case * 10 + rep)
+    quest = Quest(budget, bs)
+    want = _float_selection(b, quest)
+    ref = quest_select_reference(b.query, b.packed, b.block_table, b.seq_lens, b.layout, cfg,
+                                 quest)
+    assert _as_sets(ref) == want
+    args = [t.to(DEVICE) for t in (b.query, b.packed, b.block_table, b.seq_lens)]
+    got = quest_select(*args, b.layout, cfg, quest)
+    assert _as_sets(got) == want
+    # the pages are not the same for every head and request (else this tests little)
+    assert len({frozenset(s) for req in want for s in req if len(s) >= quest.budget_pages}) > 2
+
+
+def test_score_bounds_every_stored_key():
+    """A page's score is at least every q.k over its stored (dequantized) keys,
+    for every query head of the KV head."""
+    cfg = KvcompConfig(k_bits=2, v_bits=2, group_size=16, residual_tokens=8)
+    b = _batch(cfg, [300], 4, 32, seed=3)
+    q_old = cfg.quantized_prefix_len(299)
+    P = -(-q_old // 32)
+    ids = b.block_table[0, :P].long()
+    lo, hi = packing.key_group_ranges(b.packed, b.layout, ids)
+    scores = Quest.page_scores(b.query[0], lo, hi)  # H, P
+    k, _ = packing.dequantize_pages(b.packed, b.layout, ids, torch.float32)
+    qk = torch.einsum("hrd,khd->hrk", b.query[0].view(2, 4, -1), k.view(P * 32, 2, -1))
+    worst = qk.view(2, 4, P, 32).amax(dim=(1, 3))
+    assert (scores >= worst - 1e-4).all()
+    # and it is a bound, not the value
+    assert (scores > worst + 1e-3).any()
+
+
+def _selected_float_attention(b: DecodeBatch, quest: Quest, i: int) -> torch.Tensor:
+    """Float attention of request i's query heads over the dequantized keys of
+    the pages its KV head selected, then the full-precision window and the
+    fresh token."""
+    cfg, bs = b.cfg, b.layout.block_size
+    n = b.lens[i]
+    q_old = cfg.quantized_prefix_len(n - 1)
+    sel = _float_selection(b, quest)[i]
+    k_all, v_all = packing.dequantize_pages(b.packed, b.layout, b.block_table[i].long(),
+                                            torch.float32)
+    H, D = b.packed.shape[1], b.layout.head_size
+    q = b.query[i].float().view(H, -1, D)
+    out = torch.zeros(q.shape)
+    for h in range(H):
+        idx = [p * bs + t for p in sorted(sel[h]) for t in range(bs) if p * bs + t < q_old]
+        kk = torch.cat([k_all[idx, h], b.K[i][q_old:, h].float()])
+        vv = torch.cat([v_all[idx, h], b.V[i][q_old:, h].float()])
+        probs = torch.softmax(q[h] @ kk.T * b.scale, -1)
+        out[h] = probs @ vv
+    return out.reshape(-1, D)
+
+
+def test_reference_attends_exactly_the_selected_pages():
+    from vllm_kvcomp.kernels.triton_decode import decode_attention_reference
+    from vllm_kvcomp.kernels.triton_quest import quest_decode_reference
+
+    kv, bs, budget = CASES[0]
+    cfg = KvcompConfig(**kv)
+    b = _batch(cfg, [1, 30, 211, 390], 4, bs, seed=9)
+    quest = Quest(budget, bs)
+    out = quest_decode_reference(*b.args(), quest)
+    for i in range(len(b.lens)):
+        torch.testing.assert_close(out[i], _selected_float_attention(b, quest, i),
+                                   atol=2e-5, rtol=2e-5)
+    dense = decode_attention_reference(*b.args())
+    assert (out[2:] - dense[2:]).abs().max() > 1e-2  # sparse where past the budget
+    assert torch.equal(out[:2], dense[:2])  # dense within it
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_budget_covering_the_context_is_dense_decode(case):
+    """With budget_tokens >= context the reference is dense decode bit for
+    bit, and the Triton sparse decode over its (all-page) selection agrees
+    with it."""
+    from vllm_kvcomp.kernels.triton_decode import decode_attention_reference
+    from vllm_kvcomp.kernels.triton_quest import quest_decode_attention, quest_select
+
+    kv, bs, _ = CASES[case]
+    cfg = KvcompConfig(**kv)
+    lens = [1, 17, 3 * bs + 5, 7 * bs + 1]
+    b = _batch(cfg, lens, 4, bs, seed=case)
+    quest = Quest(-(-max(lens) // bs) * bs, bs)
+    dense = decode_attention_reference(*b.args())
+    from vllm_kvcomp.kernels.triton_quest import quest_decode_reference
+
+    assert torch.equal(quest_decode_reference(*b.args(), quest), dense)
+    args = b.args(DEVICE)
+    sel = quest_select(args[0], args[3], args[5], args[7], b.layout, cfg, quest)
+    out = quest_decode_attention(*args[:8], sel, *args[8:], quest).cpu()
+    torch.testing.assert_close(out, dense, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("rep,dtype,case", [
+    (1, torch.float32, 0), (4, torch.float32, 1), (8, torch.float32, 2),
+    (4, torch.float32, 3), (2, torch.float32, 4), (4, torch.bfloat16, 0),
+    (8, torch.float16, 1)])
+def test_sparse_decode_kernel_matches_reference(rep, dtype, case):
+    """The Triton sparse decode over the Triton selection against the reference
+    (its own selection), GQA 1-8, every value width, padding rows included."""
+    from vllm_kvcomp.kernels.triton_quest import (
+        quest_decode_attention,
+        quest_decode_reference,
+        quest_select,
+    )
+
+    kv, bs, budget = CASES[case]
+    cfg = KvcompConfig(**kv)
+    rng = random.Random(case + rep)
+    lens = [0, 1, 9] + [rng.randrange(bs * 2, bs * 12) for _ in range(3)]
+    b = _batch(cfg, lens, rep, bs, seed=case + 20, dtype=dtype)
+    quest = Quest(budget, bs)
+    ref = quest_decode_reference(*b.args(), quest)
+    args = b.args(DEVICE)
+    sel = quest_select(args[0], args[3], args[5], args[7], b.layout, cfg, quest)
+    packed_before = args[3].clone()
+    out = quest_decode_attention(*args[:8], sel, *args[8:], quest)
+    assert torch.equal(args[3], packed_before)
+    assert out.dtype == dtype
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.cpu().float(), ref.float(), atol=tol, rtol=tol)
+    assert (out[0] == 0).all()
+
+
+# ----------------------------------------------------------------- settings
+
+
+def _quest(**kw):
+    return {"quest": kw}
+
+
+def test_defaults_and_names():
+    cfg = KvcompConfig.from_dict(_quest())
+    assert (cfg.quest.budget_tokens, cfg.quest.dense_layers) == (2048, 2)
+    cfg = KvcompConfig.from_dict(_quest(budget_tokens=512, dense_layers=0))
+    assert cfg.quest.policy(128).budget_pages == 4
+    assert hash(cfg) == hash(KvcompConfig.from_dict(_quest(budget_tokens=512, dense_layers=0)))
+    assert KvcompConfig().quest is None
+
+
+@pytest.mark.parametrize("kv, message", [
+    (_quest(budget=4), "unknown kvcomp quest setting(s) ['budget']"),
+    (_quest(budget_tokens=0), "budget_tokens=0 must be a positive"),
+    (_quest(budget_tokens=-64), "budget_tokens=-64 must be a positive"),
+    (_quest(budget_tokens=100.0), "budget_tokens=100.0 must be a positive"),
+    (_quest(dense_layers=-1), "dense_layers=-1 must be an integer >= 0"),
+    (_quest(dense_layers=True), "dense_layers=True must be an integer >= 0"),
+    ({"quest": 2048}, "quest=2048 must be a dict"),
+    ({"quest": {"budget_tokens": 64}, "block_size": 128},
+     "budget_tokens=64 is smaller than one page (block_size=128"),
+    ({"quest": {}, "eviction": {"method": "streamingllm"}},
+     "quest and eviction (method='streamingllm') cannot be combined"),
+    ({"quest": {}, "key_axis": "token"}, "needs keys quantized per channel"),
+    ({"quest": {}, "k_bits": 16}, "needs keys quantized per channel"),
+])
+def test_bad_quest_settings_are_named(kv, message):
+    with pytest.raises(KvcompConfigError) as e:
+        KvcompConfig.from_dict(kv)
+    assert message in str(e.value)
+
+
+def test_quest_is_refused_on_gpu(monkeypatch):
+    from vllm_kvcomp.validation import check_quest_platform
+
+    cfg = KvcompConfig.from_dict(_quest())
+    with pytest.raises(KvcompConfigError, match="not been verified on a GPU"):
+        check_quest_platform(cfg, on_cpu=False)
+    check_quest_platform(cfg, on_cpu=True)
+    check_quest_platform(KvcompConfig(), on_cpu=False)
+    monkeypatch.setenv("KVCOMP_FORCE_TRITON", "1")
+    with pytest.raises(KvcompConfigError, match="CPU path"):
+        check_quest_platform(cfg, on_cpu=True)
+
+
+def _engine_args(tmp_path, kvcomp, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvcomp.tiny_model import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "tiny"))
+    return EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024,
+                      additional_config={"kvcomp": kvcomp}, **kw)
+
+
+def test_gpu_platform_refuses_quest_through_vllms_config_path(tmp_path, monkeypatch):
+    from vllm.platforms import current_platform
+
+    args = _engine_args(tmp_path, _quest(budget_tokens=512))
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
+                        raising=False)
+    with pytest.raises(ValueError, match="quest runs only on the CPU path.*not been verified"):
+        args.create_engine_config()
+
+
+def test_budget_below_the_resolved_block_size_is_refused(tmp_path):
+    # no kvcomp block_size: vLLM's block size rounded up to the 128-token key group
+    args = _engine_args(tmp_path, _quest(budget_tokens=64))
+    with pytest.raises(ValueError, match="budget_tokens=64 is smaller than one page"):
+        args.create_engine_config()
+
+
+# --------------------------------------------------------------- end to end
+
+BASE = {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32, "block_size": 32}
+
+
+def _e2e_spec(model, kvcomp, lengths=(900, 300, 1400, 40)):
+    from e2e_util import token_prompts
+
+    return dict(model=model, backend="kvcomp", kvcomp=kvcomp,
+                engine=dict(max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=4,
+                            enable_prefix_caching=True),
+                prompts=token_prompts(list(lengths), seed=11), max_tokens=24, rounds=1)
+
+
+def test_engine_with_quest_end_to_end(tmp_path):
+    """A budget covering every sequence gives kvcomp's tokens; so do dense
+    layers covering the model. A 4-page budget past the dense layers serves
+    every request and changes what the long ones generate."""
+    from e2e_util import run_engine
+
+    from vllm_kvcomp.tiny_model import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "tiny"))
+    plain = run_engine(_e2e_spec(model, BASE), timeout=900)
+    wide = run_engine(_e2e_spec(model, {**BASE, "quest": {"budget_tokens": 2048,
+                                                          "dense_layers": 0}}), timeout=900)
+    assert wide["tokens"] == plain["tokens"]
+    small = run_engine(_e2e_spec(model, {**BASE, "quest": {"budget_tokens": 128,
+                                                           "dense_layers": 1}}), timeout=900)
+    assert [len(t) for t in small["tokens"]] == [24] * 4
+    # the short request never passes its budget
+    assert small["tokens"][3] == plain["tokens"][3]
+    assert small["tokens"][:3] != plain["tokens"][:3]
+    # Quest frees nothing: the same capacity
+    assert small["kv_cache_tokens"] == plain["kv_cache_tokens"]
