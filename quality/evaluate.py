@@ -55,12 +55,15 @@ KV_SIZE_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
 
 
 # ---------------------------------------------------------------- settings
-def _kvcomp(k, v, residual=128, axis="channel", group=None, value_group=None):
+def _kvcomp(k, v, residual=128, axis="channel", group=None, value_group=None, quest=None):
     kv = {"k_bits": k, "v_bits": v, "residual_tokens": residual, "key_axis": axis}
     if group is not None:
         kv["group_size"] = group
     if value_group is not None:
         kv["value_group_size"] = value_group
+    if quest is not None:
+        # Quest's own default of two dense layers
+        kv["quest"] = {"budget_tokens": quest}
     return {"kvcomp": kv, "bits": (k + v) / 2}
 
 
@@ -97,7 +100,7 @@ ALIASES = {"kvcomp_k4v4": "kvcomp_k4v4_r128_channel", "kvcomp_k8v8": "kvcomp_k8v
 
 
 KVCOMP_NAME_RE = re.compile(
-    r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?(?:_vg(\d+))?")
+    r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?(?:_vg(\d+))?(?:_quest(\d+))?")
 
 
 def settings_for(names) -> dict:
@@ -108,9 +111,9 @@ def settings_for(names) -> dict:
     for n in names:
         m = KVCOMP_NAME_RE.fullmatch(n)
         if n not in cat and m:
-            k, v, r, axis, g, vg = m.groups()
+            k, v, r, axis, g, vg, quest = m.groups()
             cat[n] = _kvcomp(int(k), int(v), int(r), axis, int(g) if g else None,
-                             int(vg) if vg else None)
+                             int(vg) if vg else None, int(quest) if quest else None)
     return cat
 
 
@@ -123,7 +126,8 @@ def select_settings(names: str | None, quick: bool) -> list:
         n = ALIASES.get(n.strip(), n.strip())
         if n not in known and not KVCOMP_NAME_RE.fullmatch(n):
             raise SystemExit(f"unknown setting {n!r}; known: {', '.join(known)}, or "
-                             "kvcomp_k<bits>v<bits>_r<residual>_<channel|token>[_g<group>][_vg<value group>]")
+                             "kvcomp_k<bits>v<bits>_r<residual>_<channel|token>[_g<group>][_vg<value group>]"
+                             "[_quest<budget tokens>]")
         out.append(n)
     if "baseline" not in out:
         out.insert(0, "baseline")  # agreement is measured against it

@@ -180,6 +180,8 @@ def test_settings_and_engine_kwargs():
     assert vg["kvcomp_k2v2_r128_channel_g32_vg128"]["kvcomp"] == {
         "k_bits": 2, "v_bits": 2, "residual_tokens": 128, "key_axis": "channel",
         "group_size": 32, "value_group_size": 128}
+    quest = evaluate.settings_for(["kvcomp_k4v4_r128_channel_quest512"])
+    assert quest["kvcomp_k4v4_r128_channel_quest512"]["kvcomp"]["quest"] == {"budget_tokens": 512}
     assert evaluate.select_settings(None, True) == list(evaluate.QUICK_SETTINGS)
     with pytest.raises(SystemExit):
         evaluate.select_settings("nope", False)

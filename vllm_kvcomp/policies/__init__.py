@@ -14,6 +14,8 @@ parameters documented in the class docstring:
 - ``streaming``: ``StreamingLLM`` (Xiao et al., 2023) token eviction, the packed
   positions a query still sees (sinks + recent range, in whole pages); the block
   manager frees what it drops and the attention skips it.
+- ``quest``: ``Quest`` (Tang et al., 2024), query-aware selection of the packed pages a
+  decode step attends, from per-channel key bounds; every page stays cached.
 
 How they compose: a calibration method produces gate scores per (layer, KV head),
 written as a head-map file; when serving (not available yet: the backend refuses a
