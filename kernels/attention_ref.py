@@ -16,7 +16,14 @@ after this step (``Q`` = ``KvcompConfig.quantized_prefix_len``):
    eviction the packed keys the policy drops for that query
    (``policy.dropped(p + 1, bound(p))``) are masked, and pages dropped for
    the step's first query are not read at all (the block manager may have
-   given them back to the pool);
+   given them back to the pool). Under SnapKV (``policies.snapkv``), in the
+   step whose chunk completes the prompt, the prompt's queries attend the
+   whole cache, the observation window's attention (summed over the chunks
+   that hold its queries) picks each KV head's kept tokens, those are moved
+   to the front of the request's pages (``kernels/compaction.py``), and the
+   step's later queries (a recomputed request's generated tokens) attend,
+   like every later step, only the kept positions ``[0, kept)`` and
+   ``[end, ...)``;
 3. the fresh tokens are written, unquantized, into the residual pages.
 
 This is the CPU implementation and the oracle for the Triton kernels.
@@ -43,6 +50,8 @@ class BatchView:
     residual_block_table: torch.Tensor | None  # [num_reqs, max_blocks_r]
     residual_slot_mapping: torch.Tensor | None  # [num_tokens]
     residual_block_size: int
+    # prompt length per request: SnapKV selects where a step completes it
+    prompt_lens: list[int] | None = None
 
 
 def gather_residual(
@@ -86,6 +95,7 @@ def attend_split(
     k_full: torch.Tensor, v_full: torch.Tensor, full_lo: int, bounds: torch.Tensor,
     scale: float, packed_pos: torch.Tensor | None = None,
     dropped: torch.Tensor | None = None, head_mask: torch.Tensor | None = None,
+    probs_out: list | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of queries at positions [start, start+Tq): query
     ``t`` reads packed keys (positions ``packed_pos``, default [0,
@@ -93,7 +103,8 @@ def attend_split(
     dropped[t, 1])`` when given, only those of ``head_mask [H, len(k_packed)]``
     for the query heads of each KV head when given, and full-precision keys
     (positions [full_lo, full_lo + len(k_full))) from ``bounds[t]`` to its own
-    position. -> [Tq, Hq, D] float."""
+    position. ``probs_out``: receives the softmax ``[H, rep, Tq, K]`` and the
+    keys' positions ``[K]`` (what SnapKV scores with). -> [Tq, Hq, D] float."""
     Tq, Hq, D = q.shape
     H = k_full.shape[1]
     dev = q.device
@@ -117,6 +128,8 @@ def attend_split(
     if head_mask is not None:
         scores[..., :n_p].masked_fill_(~head_mask.to(dev)[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if probs_out is not None:
+        probs_out.append((probs, pos))
     return torch.einsum("hrqk,khd->qhrd", probs, v).reshape(Tq, Hq, D)
 
 
@@ -166,22 +179,41 @@ def request_attention(
     block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
     start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
     window: tuple[torch.Tensor, torch.Tensor] | None = None, quest=None,
+    prompt_len: int | None = None, probs_out: list | None = None,
 ) -> torch.Tensor:
     """One request's step attention (module docstring, 2.) over the cache as it
     is after the step's hand-over: packed pages hold [0, Q(n)). ``window``: the
     residual K, V of [Q(start), start) when the caller has gathered them.
     ``quest`` (``policies.quest.Quest``): a decode query past its budget reads,
     per KV head, only the packed pages the policy selects (prompts attend
-    every page)."""
+    every page). ``prompt_len``: the request's prompt length (SnapKV); a step
+    that starts inside the prompt attends the whole cache (``snapkv_step``
+    splits the step that completes it). ``probs_out``: see ``attend_split``."""
     Tq = q.shape[0]
     q_old = cfg.quantized_prefix_len(start)
     bounds = torch.tensor([cfg.quantized_prefix_len(start + t) if as_stored else q_old
                            for t in range(Tq)])
     packed_pos = dropped = head_mask = None
-    if quest is not None and Tq == 1 and quest.is_sparse(q_old):
+    snap = None
+    if cfg.eviction is not None and cfg.eviction.method == "snapkv":
+        assert prompt_len is not None, "SnapKV needs each request's prompt length"
+        plan = cfg.eviction.policy(layout.block_size).plan(
+            prompt_len, cfg.quantized_prefix_len(prompt_len))
+        if plan is not None and start >= prompt_len:
+            snap = plan
+    if snap is not None:
+        # positions [kept, end) hold nothing: the moved-out tokens' pages are
+        # (or will be) back in the pool, the rest of the last kept page is stale
+        kept, end = snap
+        k_packed, v_packed, packed_pos = packed_kept(
+            packed_cache, layout, block_row, int(bounds.max()),
+            (-(-kept // layout.block_size), end // layout.block_size), model_dtype,
+            k_new.shape[1])
+        dropped = torch.tensor([[kept, end]] * Tq, dtype=torch.long)
+    elif quest is not None and Tq == 1 and quest.is_sparse(q_old):
         k_packed, v_packed, packed_pos, head_mask = quest_pages(
             q[0], packed_cache, layout, block_row, q_old, quest, model_dtype, k_new.shape[1])
-    elif cfg.eviction is None:
+    elif cfg.eviction is None or cfg.eviction.method == "snapkv":
         k_packed, v_packed = packed_prefix(packed_cache, layout, block_row, int(bounds.max()),
                                            model_dtype, k_new.shape[1])
     else:
@@ -199,7 +231,74 @@ def request_attention(
                                            q_old, start)
         k_full, v_full = torch.cat([kr.to(k_new.dtype), k_new]), torch.cat([vr.to(v_new.dtype), v_new])
     return attend_split(q, start, k_packed, v_packed, k_full, v_full, q_old, bounds, scale,
-                        packed_pos, dropped, head_mask)
+                        packed_pos, dropped, head_mask, probs_out)
+
+
+# Observation-window scores of prompts whose window a chunk boundary splits,
+# per layer cache, request (its first packed page, exclusively its own: no
+# prefix hits under eviction) and prompt length: (scored up to, [Hq, L] sums).
+_WINDOW_SCORES: dict = {}
+_WINDOW_SCORES_MAX = 4096
+
+
+def snapkv_step(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
+    block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
+    start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
+    window: tuple[torch.Tensor, torch.Tensor] | None, prompt_len: int,
+) -> torch.Tensor:
+    """A step over ``[start, start + Tq)`` of a prompt that SnapKV evicts
+    from, whose chunk holds observation-window queries (module docstring,
+    2.), after its hand-over. The window's attention is summed over its
+    queries chunk by chunk, so a window split by chunked prefill scores as a
+    whole; the chunk that completes the prompt selects and compacts."""
+    from vllm_kvcomp.kernels.compaction import compact_kept
+
+    policy = cfg.eviction.policy(layout.block_size)
+    P = prompt_len
+    n = start + q.shape[0]
+    kept, end = policy.plan(P, cfg.quantized_prefix_len(P))
+    m = min(P, n) - start
+    probs = []
+    out = request_attention(q[:m], k_new[:m], v_new[:m], packed_cache, residual_cache, layout,
+                            cfg, block_row, residual_row, residual_block_size, start, scale,
+                            model_dtype, as_stored, window, prompt_len=P, probs_out=probs)
+    p, pos = probs[0]  # [H, rep, m, K], [K]
+    H, rep = p.shape[:2]
+    w0 = max(P - policy.window, start) - start
+    # a position read both packed and in full precision is one or the other
+    # for each query, so summing over copies gives each query's probability
+    L = P - policy.window
+    cols = pos < L
+    obs = p[:, :, w0:, cols].sum(dim=2).reshape(H * rep, -1)
+    sums = torch.zeros(H * rep, L, dtype=obs.dtype, device=obs.device)
+    sums.index_add_(1, pos[cols].to(obs.device), obs)
+    key = (packed_cache.data_ptr(), int(block_row[0]), P)
+    earlier = _WINDOW_SCORES.pop(key, None)
+    if earlier is not None and earlier[0] == start:
+        sums += earlier[1]
+    if n < P:
+        if cfg.quantized_prefix_len(n) > 0:  # else page 0 is not the request's yet
+            while len(_WINDOW_SCORES) >= _WINDOW_SCORES_MAX:
+                _WINDOW_SCORES.pop(next(iter(_WINDOW_SCORES)))
+            _WINDOW_SCORES[key] = (n, sums)
+        return out
+    kept_pos = policy.select(policy.scores(sums[:, None], H)[:, :end], kept)
+    compact_kept(packed_cache, layout, block_row, kept_pos, model_dtype)
+    if m == q.shape[0]:
+        return out
+    # a recomputed request's generated tokens: they attend the kept view, as
+    # the decode steps that first produced them did
+    q_old, q_p = cfg.quantized_prefix_len(start), cfg.quantized_prefix_len(P)
+    parts = [window] if window is not None else []
+    parts.append((k_new[:m], v_new[:m]))
+    k_full = torch.cat([x[0].to(k_new.dtype) for x in parts])[q_p - q_old:]
+    v_full = torch.cat([x[1].to(v_new.dtype) for x in parts])[q_p - q_old:]
+    rest = request_attention(q[m:], k_new[m:], v_new[m:], packed_cache, residual_cache, layout,
+                             cfg, block_row, residual_row, residual_block_size, P, scale,
+                             model_dtype, as_stored, (k_full, v_full), prompt_len=P)
+    return torch.cat([out, rest])
 
 
 def quest_selection(q: torch.Tensor, packed_cache: torch.Tensor, layout: PageLayout,
@@ -320,9 +419,18 @@ def kvcomp_step_reference(
                 ks.append(k_new[: q_new - start])
                 vs.append(v_new[: q_new - start])
             _handover(packed_cache, layout, cfg, row, torch.cat(ks), torch.cat(vs), q_old)
-        out = request_attention(query[qs:qe], k_new, v_new, packed_cache, residual_cache, layout,
-                                cfg, row, res_row, batch.residual_block_size, start, scale,
-                                model_dtype, as_stored, window, quest)
+        P = batch.prompt_lens[i] if batch.prompt_lens is not None else None
+        if (cfg.eviction is not None and cfg.eviction.method == "snapkv"
+                and start < P and n > P - cfg.eviction.window
+                and cfg.eviction.policy(layout.block_size).plan(
+                    P, cfg.quantized_prefix_len(P)) is not None):
+            out = snapkv_step(query[qs:qe], k_new, v_new, packed_cache, residual_cache,
+                              layout, cfg, row, res_row, batch.residual_block_size, start,
+                              scale, model_dtype, as_stored, window, P)
+        else:
+            out = request_attention(query[qs:qe], k_new, v_new, packed_cache, residual_cache,
+                                    layout, cfg, row, res_row, batch.residual_block_size, start,
+                                    scale, model_dtype, as_stored, window, quest, prompt_len=P)
         output[qs:qe] = out.to(output.dtype)
 
     if residual_cache is not None and batch.residual_slot_mapping is not None:

@@ -251,7 +251,6 @@ def test_reference_attends_exactly_the_kept_positions(kvcomp, bs, chunks):
 
 
 @pytest.mark.parametrize("ev, message", [
-    ({"method": "snapkv"}, "method='snapkv' is not available yet"),
     ({"method": "h2o"}, "method='h2o' is not available yet"),
     ({"method": "a2sf"}, "method='a2sf' is not available yet"),
     ({"method": "lru"}, "method='lru' is not supported"),

@@ -77,6 +77,8 @@ class KvcompMetadata:
     # there would sync the device every step).
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # prompt lengths (CPU path, SnapKV eviction only: validation asks vLLM for them)
+    prompt_lens_cpu: list[int] | None = None
 
 
 class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
@@ -138,6 +140,8 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         if self.on_cpu:
             md.query_start_loc_cpu = cam.query_start_loc_cpu[: num_reqs + 1].tolist()
             md.seq_lens_cpu = cam.seq_lens_cpu[:num_reqs].tolist()
+            if cam.rswa_prefix_lens is not None:
+                md.prompt_lens_cpu = cam.rswa_prefix_lens[:num_reqs].tolist()
         return md
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata):
@@ -370,6 +374,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             residual_block_table=res_meta.block_table if res_meta else None,
             residual_slot_mapping=res_meta.slot_mapping if res_meta else None,
             residual_block_size=res_meta.block_size if res_meta else 1,
+            prompt_lens=attn_metadata.prompt_lens_cpu,
         )
         kvcomp_step_reference(
             query[:n],

@@ -18,9 +18,15 @@ KEY_AXES = ("channel", "token")
 VALUE_AXES = ("token",)
 FRESH_PREFILL = ("auto", "flash_attn", "triton")
 PROMPT_ATTENTION = ("auto", "as_stored", "full_precision")
-EVICTION_METHODS = ("streamingllm",)
+EVICTION_METHODS = ("streamingllm", "snapkv")
 # named so that asking for one says it is not there yet, not "unknown"
-EVICTION_PLANNED = ("snapkv", "h2o", "a2sf")
+EVICTION_PLANNED = ("h2o", "a2sf")
+# the settings each method reads (besides "method"); any other is an error
+EVICTION_SETTINGS = {
+    "streamingllm": ("sink_tokens", "recent_tokens"),
+    "snapkv": ("budget_tokens", "budget_ratio", "window", "kernel", "pooling"),
+}
+SNAPKV_POOLING = ("avg", "max")
 
 
 def _power_of_two_from_8(x: Any) -> bool:
@@ -42,14 +48,25 @@ def _check_positive_ints(settings: Any, names: tuple[str, ...], prefix: str) -> 
 class EvictionConfig:
     """Token eviction inside each head's cache (the ``eviction`` setting).
 
-    method: "streamingllm" (``vllm_kvcomp/policies/streaming.py``).
+    method: "streamingllm" (``vllm_kvcomp/policies/streaming.py``) or
+        "snapkv" (``vllm_kvcomp/policies/snapkv.py``).
     sink_tokens: first tokens of the sequence kept for good (attention sinks).
     recent_tokens: last tokens of the sequence kept (the query's own included).
+    budget_tokens / budget_ratio (snapkv, exactly one): prompt tokens each KV
+        head keeps, as a count or as a fraction of the prompt.
+    window: last prompt tokens whose queries score the rest (snapkv).
+    kernel: width of the pooling over neighbouring scores (snapkv, odd).
+    pooling: "avg" or "max" pooling of the scores (snapkv).
     """
 
     method: str
     sink_tokens: int = 4
     recent_tokens: int = 1024
+    budget_tokens: int | None = None
+    budget_ratio: float | None = None
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "avg"
 
     @classmethod
     def from_dict(cls, raw: Any) -> "EvictionConfig | None":
@@ -59,11 +76,6 @@ class EvictionConfig:
             raise KvcompConfigError(
                 f"kvcomp eviction={raw!r} must be a dict such as "
                 '{"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 1024} or null')
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise KvcompConfigError(
-                f"unknown kvcomp eviction setting(s) {unknown}; known: {known}")
         method = raw.get("method")
         if method in EVICTION_PLANNED:
             raise KvcompConfigError(
@@ -73,12 +85,45 @@ class EvictionConfig:
             raise KvcompConfigError(
                 f"kvcomp eviction method={method!r} is not supported; choose one of "
                 f"{list(EVICTION_METHODS)}")
+        known = ["method", *EVICTION_SETTINGS[method]]
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise KvcompConfigError(
+                f"unknown kvcomp eviction setting(s) {unknown}; known for {method}: {known}")
         ev = cls(**raw)
-        _check_positive_ints(ev, ("sink_tokens", "recent_tokens"), "kvcomp eviction")
+        if method == "snapkv":
+            ev._validate_snapkv()
+        else:
+            _check_positive_ints(ev, ("sink_tokens", "recent_tokens"), "kvcomp eviction")
         return ev
+
+    def _validate_snapkv(self) -> None:
+        if (self.budget_tokens is None) == (self.budget_ratio is None):
+            raise KvcompConfigError(
+                "kvcomp eviction snapkv needs exactly one of budget_tokens (e.g. 2048) and "
+                "budget_ratio (e.g. 0.25)")
+        if self.budget_tokens is not None:
+            _check_positive_ints(self, ("budget_tokens",), "kvcomp eviction")
+        r = self.budget_ratio
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
+                              or not 0.0 < r <= 1.0):
+            raise KvcompConfigError(f"kvcomp eviction budget_ratio={r!r} must be in (0, 1]")
+        _check_positive_ints(self, ("window", "kernel"), "kvcomp eviction")
+        if self.kernel % 2 == 0:
+            raise KvcompConfigError(
+                f"kvcomp eviction kernel={self.kernel} must be odd (the pooling is centred)")
+        if self.pooling not in SNAPKV_POOLING:
+            raise KvcompConfigError(
+                f"kvcomp eviction pooling={self.pooling!r} is not supported; choose one of "
+                f"{SNAPKV_POOLING}")
 
     def policy(self, block_size: int):
         """The policy object both the block manager and the attention ask."""
+        if self.method == "snapkv":
+            from vllm_kvcomp.policies.snapkv import SnapKV
+
+            return SnapKV(block_size, self.budget_tokens, self.budget_ratio, self.window,
+                          self.kernel, self.pooling)
         from vllm_kvcomp.policies.streaming import StreamingLLM
 
         return StreamingLLM(self.sink_tokens, self.recent_tokens, block_size)
@@ -187,7 +232,11 @@ class KvcompConfig:
     eviction: ``None`` (default) or a dict ``{"method": "streamingllm",
         "sink_tokens": 4, "recent_tokens": 1024}`` (``EvictionConfig``): every
         head keeps only the sinks and the recent tokens, and the packed pages
-        in between go back to vLLM's pool. CPU only for now.
+        in between go back to vLLM's pool; or ``{"method": "snapkv",
+        "budget_tokens": 2048}`` (or ``"budget_ratio": 0.25``): at the end of
+        the prompt each KV head keeps the prompt tokens its last queries
+        attend most, and the rest of the prompt's pages go back. CPU only for
+        now.
     quest: ``None`` (default) or a dict ``{"budget_tokens": 2048,
         "dense_layers": 2}`` (``QuestConfig``): decode steps attend only the
         packed pages whose key bounds promise the largest scores (Quest), from

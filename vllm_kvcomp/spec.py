@@ -307,8 +307,11 @@ class KvcompEvictionSpec(AttentionSpec):
         newest packed token. The lowest kept position is ``min(c - R, Q(c))``
         for ``c`` processed tokens (``policies.streaming``), at least
         ``c - max(R, residual window)``; the newest packed token is below
-        ``c + max_in_flight_tokens``."""
+        ``c + max_in_flight_tokens``. SnapKV frees only once the prompt is
+        processed, so a prompt holds all its pages while it is prefilled."""
         cfg = self.kvcomp_config
+        if cfg.eviction.method == "snapkv":
+            return cdiv(self.packed_tokens(max_model_len), self.block_size)
         lag = max(cfg.eviction.recent_tokens, cfg.residual_window) + max_in_flight_tokens
         full = cdiv(self.packed_tokens(max_model_len), self.block_size)
         return min(self.policy.max_held_pages(lag), full)
@@ -330,7 +333,8 @@ class KvcompEvictionManager(KvcompPackedManager):
     """Packed pages of a request under eviction: pages are taken as for
     ``KvcompPackedManager`` (once packed tokens reach them) and given back,
     replaced in place by vLLM's null block, as soon as the policy drops them
-    for the processed tokens. Block-table rows keep their positions; the
+    for the processed tokens (SnapKV: once the prompt is processed, the pages
+    between the moved kept tokens and the tail kept in place). Block-table rows keep their positions; the
     worker's copy of a row keeps the stale ids of freed pages, which the
     attention never reads (it asks the same policy)."""
 
@@ -347,7 +351,17 @@ class KvcompEvictionManager(KvcompPackedManager):
     def remove_skipped_blocks(self, request_id, processed_computed_tokens,
                               num_prompt_tokens=None):
         c = processed_computed_tokens
-        lo, hi = self.kv_cache_spec.policy.dropped_pages(c, self.kv_cache_spec.packed_tokens(c))
+        spec = self.kv_cache_spec
+        if spec.kvcomp_config.eviction.method == "snapkv":
+            # the step that completed the prompt moved the kept tokens below
+            # the freed pages; the layout follows from the prompt length alone
+            P = num_prompt_tokens
+            if P is None or c < P:
+                return
+            lo, hi = spec.policy.freed_pages(P, spec.packed_tokens(P))
+            hi = min(hi, len(self.req_to_blocks.get(request_id, ())))
+        else:
+            lo, hi = spec.policy.dropped_pages(c, spec.packed_tokens(c))
         self._remove_blocks_in_range(request_id, lo, hi)
 
     @classmethod

@@ -157,6 +157,22 @@ def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
             "have not been verified on a GPU yet; remove quest from the kvcomp settings")
 
 
+def request_prompt_lengths(cfg: KvcompConfig, model_config) -> None:
+    """SnapKV selects in the step that completes a prompt, so the attention
+    needs each request's prompt length. vLLM hands prompt lengths to the
+    attention metadata (``rswa_prefix_lens``) when the model declares a
+    reference sliding window; declaring one (of no width that any KVCOMP
+    layer reads) asks for them. Only other backends' builders read the window
+    itself, and every attention layer runs on KVCOMP."""
+    if cfg.eviction is None or cfg.eviction.method != "snapkv" or model_config is None:
+        return
+    if model_config.rswa_window not in (None, 1):  # 1: asked already
+        raise KvcompConfigError(
+            "kvcomp eviction snapkv cannot serve a model with reference sliding-window "
+            "attention (rswa_window)")
+    model_config.model_arch_config.rswa_window = 1
+
+
 def validate_vllm_config(vllm_config) -> KvcompConfig:
     cfg = config_from_vllm_config(vllm_config)
     try:
@@ -222,6 +238,7 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
     if cfg.head_map is not None:
         check_head_map(cfg, mc.hf_text_config if mc is not None else None)
     check_eviction_platform(cfg)
+    request_prompt_lengths(cfg, mc)
     check_quest_platform(cfg)
 
     align = cfg.key_token_align
