@@ -23,7 +23,9 @@ after this step (``Q`` = ``KvcompConfig.quantized_prefix_len``):
    to the front of the request's pages (``kernels/compaction.py``), and the
    step's later queries (a recomputed request's generated tokens) attend,
    like every later step, only the kept positions ``[0, kept)`` and
-   ``[end, ...)``;
+   ``[end, ...)``. Under Quest (``policies.quest``) a one-token step whose
+   packed pages exceed the budget reads, per KV head, only the pages its
+   query selects (``quest_pages``);
 3. the fresh tokens are written, unquantized, into the residual pages.
 
 This is the CPU implementation and the oracle for the Triton kernels.

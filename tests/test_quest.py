@@ -271,6 +271,21 @@ def test_quest_is_refused_on_gpu(monkeypatch):
         check_quest_platform(cfg, on_cpu=True)
 
 
+def test_first_layers_stay_dense():
+    from types import SimpleNamespace
+
+    from vllm_kvcomp.backend import KvcompImpl
+
+    cfg = KvcompConfig.from_dict(_quest(budget_tokens=256, dense_layers=2))
+    for layer, dense in ((0, True), (1, True), (2, False), (11, False)):
+        impl = SimpleNamespace(config=cfg, _quest=False)
+        quest = KvcompImpl._quest_for(impl, f"model.layers.{layer}.self_attn.attn", 32)
+        assert (quest is None) == dense
+        assert dense or quest == Quest(256, 32)
+    impl = SimpleNamespace(config=KvcompConfig(), _quest=False)
+    assert KvcompImpl._quest_for(impl, "model.layers.5.self_attn.attn", 32) is None
+
+
 def _engine_args(tmp_path, kvcomp, **kw):
     from vllm.engine.arg_utils import EngineArgs
 
@@ -313,9 +328,9 @@ def _e2e_spec(model, kvcomp, lengths=(900, 300, 1400, 40)):
 
 
 def test_engine_with_quest_end_to_end(tmp_path):
-    """A budget covering every sequence gives kvcomp's tokens; so do dense
-    layers covering the model. A 4-page budget past the dense layers serves
-    every request and changes what the long ones generate."""
+    """A budget covering every sequence gives kvcomp's tokens. A 4-page budget
+    past the first (dense) layer serves every request and changes what the
+    long ones generate."""
     from e2e_util import run_engine
 
     from vllm_kvcomp.tiny_model import make_tiny_llama
