@@ -85,13 +85,16 @@ def test_selection_matches_the_papers_rule(rep, pooling):
 
 def test_plan_example():
     # 4,000-token prompt, 512-token budget, 128-token pages, 3,840 packed:
-    # the window and the unpacked tail keep [3840, 4000) in place, 352 are chosen
+    # [3840, 4000) stays in the full-precision window, 512 packed are chosen
     p = SnapKV(128, 512)
-    assert p.plan(4000, 3840) == (352, 3840)
-    assert p.freed_pages(4000, 3840) == (3, 30)
+    assert p.plan(4000, 3840) == (512, 3840)
+    assert p.freed_pages(4000, 3840) == (4, 30)
+    # the observation window reaching into the packed tokens: those stay in
+    # place and count against the budget
+    assert SnapKV(128, 512, None, 200).plan(4000, 3840) == (512 - 128, 3712)
     # no page to free: nothing is evicted
-    assert p.plan(512, 384) is None and p.freed_pages(512, 384) == (0, 0)
-    assert SnapKV(128, None, 0.25).plan(4000, 3840) == (840, 3840)
+    assert p.plan(700, 512) is None and p.freed_pages(700, 512) == (0, 0)
+    assert SnapKV(128, None, 0.25).plan(4000, 3840) == (1000, 3840)
 
 
 # ------------------------------------------------------------- compaction
@@ -283,7 +286,7 @@ def test_manager_frees_the_gap_once_the_prompt_is_processed():
             [b for b in mgr.req_to_blocks["r"] if not b.is_null])
         c = n
     # held after the prompt: ceil(kept / bs) moved pages + the tail from `end`
-    assert (kept_n, end) == (200 - (P - 960), 960)
+    assert (kept_n, end) == (200, 960)
     mgr.free("r")
     assert pool.get_num_free_blocks() == free0
 
@@ -306,3 +309,90 @@ def test_bad_snapkv_settings_are_named(ev, message):
     with pytest.raises(KvcompConfigError) as e:
         KvcompConfig.from_dict({"eviction": ev})
     assert message in str(e.value)
+
+
+# --------------------------------------------------------------- end to end
+
+BASE = {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32, "block_size": 32}
+
+
+def test_engine_pool_holds_the_budget_and_reuses_freed_pages(tmp_path):
+    """~4K-token prompts at a 512-token budget beside short ones, in a pool too
+    small for four whole prompts, some requests aborted: once its prompt is
+    processed a request holds exactly the pages of the SnapKV layout (read
+    from vLLM's block manager after every step), pages it gave back serve
+    other requests, and the pool ends empty. (13 requests here, for time; the
+    same run at larger counts is a matter of patience.)"""
+    import json
+
+    from e2e_util import HERE, child_result, env_without_interpreter
+    from vllm_kvcomp.tiny_model import make_tiny_llama
+
+    spec = dict(model=make_tiny_llama(str(tmp_path / "tiny")),
+                kvcomp={**BASE, "eviction": _snap(budget_tokens=512)},
+                engine=dict(max_num_batched_tokens=1024, max_num_seqs=4,
+                            num_gpu_blocks_override=600),
+                long=[4000, 3900, 4100, 4050, 3999], short=[50, 300, 700, 120, 900, 60, 33, 510],
+                max_tokens=8, abort_every=4, in_flight=6, seed=1)
+    f = tmp_path / "spec.json"
+    f.write_text(json.dumps(spec))
+    r, _ = child_result([str(HERE / "eviction_pool_child.py"), "@" + str(f)], 1800,
+                        env_without_interpreter())
+    assert r["checked"] > 0 and r["mismatches"] == []
+    longs = [held for P, held, _ in r["held_after_prompt"].values() if P > 3000]
+    assert longs and all(h * 32 <= 512 + 32 for h in longs), r["held_after_prompt"]
+    assert r["reused"] > 0
+    assert r["aborted"] > 0 and r["finished"] + r["aborted"] == 13
+    assert r["free_end"] == r["free_start"] and r["usage"] == 0
+
+
+def test_engine_budget_covering_the_context_changes_nothing(tmp_path):
+    """A budget at least as long as every prompt evicts nothing: the tokens
+    equal kvcomp's without eviction, at 16 bits and at 4 bits. A small budget
+    does change what long prompts generate."""
+    from e2e_util import run_engine, token_prompts
+    from vllm_kvcomp.tiny_model import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "tiny"))
+
+    def spec(kvcomp):
+        return dict(model=model, backend="kvcomp", kvcomp=kvcomp,
+                    engine=dict(max_model_len=2048, max_num_batched_tokens=512,
+                                max_num_seqs=4),
+                    prompts=token_prompts([900, 300, 1400, 40], seed=11), max_tokens=16)
+
+    for bits in ({"k_bits": 16, "v_bits": 16}, {}):
+        cfg = {**BASE, **bits}
+        plain = run_engine(spec(cfg), timeout=900)
+        wide = run_engine(spec({**cfg, "eviction": _snap(budget_tokens=2048)}), timeout=900)
+        assert wide["tokens"] == plain["tokens"], bits
+    small = run_engine(spec({**BASE, "eviction": _snap(budget_tokens=128)}), timeout=900)
+    assert small["tokens"][1:3] != plain["tokens"][1:3]
+    assert small["tokens"][3] == plain["tokens"][3]  # 40 tokens: nothing to evict
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def test_start_up_asks_vllm_for_prompt_lengths_and_a_gpu_refuses(tmp_path, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    from vllm_kvcomp.tiny_model import make_tiny_llama
+    from vllm_kvcomp.validation import check_eviction_platform
+
+    model = make_tiny_llama(str(tmp_path / "tiny"))
+    kvcomp = {"eviction": _snap(budget_ratio=0.25)}
+    args = EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024,
+                      additional_config={"kvcomp": kvcomp})
+    # the runner passes prompt lengths to attention metadata only then
+    assert args.create_engine_config().model_config.rswa_window is not None
+    plain = EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024)
+    assert plain.create_engine_config().model_config.rswa_window is None
+    with pytest.raises(KvcompConfigError, match="eviction .*snapkv.* runs only on the CPU"):
+        check_eviction_platform(KvcompConfig.from_dict(kvcomp), on_cpu=False)
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
+                        raising=False)
+    with pytest.raises(ValueError, match="runs only on the CPU path"):
+        EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024,
+                   additional_config={"kvcomp": kvcomp}).create_engine_config()

@@ -53,7 +53,8 @@ class EvictionConfig:
     sink_tokens: first tokens of the sequence kept for good (attention sinks).
     recent_tokens: last tokens of the sequence kept (the query's own included).
     budget_tokens / budget_ratio (snapkv, exactly one): prompt tokens each KV
-        head keeps, as a count or as a fraction of the prompt.
+        head keeps in its compressed pages, as a count or as a fraction of the
+        prompt (the prompt's end, in the full-precision window, on top).
     window: last prompt tokens whose queries score the rest (snapkv).
     kernel: width of the pooling over neighbouring scores (snapkv, odd).
     pooling: "avg" or "max" pooling of the scores (snapkv).

@@ -74,6 +74,12 @@ def log_startup(cfg: KvcompConfig, vllm_config) -> None:
             resolved.pop(key, None)
     if resolved.get("eviction") is None:
         resolved.pop("eviction", None)
+    else:  # the method's own settings, not the other methods' defaults
+        from vllm_kvcomp.config import EVICTION_SETTINGS
+
+        ev = resolved["eviction"]
+        resolved["eviction"] = {k: ev[k] for k in ("method", *EVICTION_SETTINGS[ev["method"]])
+                                if ev[k] is not None}
     if resolved.get("quest") is None:
         resolved.pop("quest", None)
     settings = ", ".join(f"{k}={v}" for k, v in resolved.items())

@@ -36,9 +36,11 @@ class SnapKV:
     """SnapKV selection over a request's packed pages.
 
     block_size: tokens per packed page; only whole pages are freed.
-    budget_tokens / budget_ratio: prompt tokens each KV head keeps (one is
-        set): a count, or ``floor(budget_ratio * P)`` of a ``P``-token prompt.
-        The count includes the observation window and the tail kept in place.
+    budget_tokens / budget_ratio: prompt tokens each KV head keeps in its
+        compressed pages (one is set): a count, or ``floor(budget_ratio * P)``
+        of a ``P``-token prompt. The prompt's last tokens, still in the
+        full-precision window at its end, are kept on top (that window is held
+        with or without eviction), the observation window usually among them.
     window: the last ``window`` prompt positions score the others (SnapKV's
         observation window, 32 by default as in the paper's experiments).
     kernel: pooling width (odd; 7 as in the paper), zero-padded at the ends.
@@ -47,12 +49,13 @@ class SnapKV:
     Layout after the prompt of ``P`` tokens (``q_P`` of them packed, the rest in
     the full-precision window): candidates are the packed positions
     ``[0, end)``, ``end = floor(min(P - window, q_P) / block_size) * block_size``;
-    the ``P - end`` tokens from ``end`` on (observation window, full-precision
-    window, and the rest of ``end``'s page) stay where they are. Each KV head
-    keeps its ``kept = budget - (P - end)`` best candidates, moved in position
-    order to positions ``[0, kept)``; pages ``[ceil(kept / bs), end / bs)`` are
-    freed. Nothing is evicted when that page range is empty (among others,
-    whenever ``budget >= P``).
+    the tokens from ``end`` on (the packed ones up to ``q_P``, the observation
+    window, the full-precision window) stay where they are. Each KV head keeps
+    its ``kept = budget - (q_P - end)`` best candidates, moved in position
+    order to positions ``[0, kept)``, so it holds ``budget`` packed prompt
+    tokens; pages ``[ceil(kept / bs), end / bs)`` are freed. Nothing is
+    evicted when that page range is empty (among others, whenever
+    ``budget >= P``).
     """
 
     block_size: int
@@ -72,7 +75,7 @@ class SnapKV:
         ``packed_len`` are packed at its end; None: nothing is evicted."""
         bs = self.block_size
         end = max(0, min(prompt_len - self.window, packed_len)) // bs * bs
-        kept = max(0, self.budget(prompt_len) - (prompt_len - end))
+        kept = max(0, self.budget(prompt_len) - (max(packed_len, end) - end))
         if _cdiv(kept, bs) >= end // bs:
             return None
         return kept, end
