@@ -35,13 +35,23 @@ def apply() -> None:
         orig_init(self, *args, **kwargs)
         if is_kvcomp_layer(self):
             from vllm_kvcomp.residual_layer import KvcompResidualCache
+            from vllm_kvcomp.stream_layer import KvcompStreamCache, layer_head_split
 
             cfg = self.impl.config
             self.impl.layer_name = self.layer_name
+            # a head map splits the KV heads: the layer's own cache holds the
+            # retrieval heads, the stream sub-layer the streaming heads
+            split = layer_head_split(cfg, self.layer_name)
+            self.impl.head_split = split
+            kv_heads = len(split[0]) if split else self.num_kv_heads
+            if split:
+                object.__setattr__(self, "_kvcomp_stream",
+                                   KvcompStreamCache(self, cfg, kv_heads, len(split[1])))
             if cfg.needs_residual_cache:
                 # Not an nn attribute: the sub-layer holds no weights and
                 # must not appear in the model's module tree.
-                object.__setattr__(self, "_kvcomp_residual", KvcompResidualCache(self, cfg))
+                object.__setattr__(self, "_kvcomp_residual",
+                                   KvcompResidualCache(self, cfg, kv_heads))
 
     @functools.wraps(orig_spec)
     def get_kv_cache_spec(self, vllm_config):
@@ -49,10 +59,11 @@ def apply() -> None:
             return orig_spec(self, vllm_config)
         from vllm_kvcomp.residual_layer import packed_spec
 
+        split = self.impl.head_split
         return packed_spec(
             self.impl.config,
             vllm_config.cache_config.block_size,
-            self.num_kv_heads,
+            len(split[0]) if split else self.num_kv_heads,
             self.head_size,
             self.kv_cache_torch_dtype,
             vllm_config.max_in_flight_tokens,

@@ -177,12 +177,17 @@ def _engine_config(model, kvcomp):
 
 
 @pytest.mark.parametrize("content, detail", [
-    ({"gates": [[0.9, 0.1]] * 4}, "4 streaming at streaming_ratio=0.5"),
-    ({"layers": [["retrieval", "streaming"]] * 4}, "4 streaming as the map's roles say"),
+    ({"gates": [[0.9, 0.1]] * 4}, "1 streaming per layer at streaming_ratio=0.5"),
+    ({"layers": [["retrieval", "streaming"]] * 4}, "1 streaming per layer as the map's roles say"),
 ])
-def test_valid_head_map_is_refused_at_startup(llama, tmp_path, content, detail):
+def test_valid_head_map_is_refused_on_gpu(llama, tmp_path, content, detail, monkeypatch):
+    from vllm.platforms import current_platform
+
     path = _write(tmp_path, "map.json", json.dumps(content))  # tiny Llama: 4 x 2
-    with pytest.raises(ValueError, match="cannot serve a retrieval/streaming head split yet") as e:
+    _engine_config(llama, {"head_map": path})  # the CPU path serves it
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
+                        raising=False)
+    with pytest.raises(ValueError, match="head split runs only on the CPU path") as e:
         _engine_config(llama, {"head_map": path})
     assert detail in str(e.value) and path in str(e.value)
 

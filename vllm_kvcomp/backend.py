@@ -288,6 +288,9 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # KVCOMP_DECODE_LAUNCH over the default, once checked on this GPU
         # (decode_launch.check_decode_launch; the metadata builder runs the check)
         self._decode_launch: dict | None = None
+        # (retrieval, streaming) KV head indices under a head map, set with
+        # the layer's sub-layers (patches/attention_layer.py); None: no split
+        self.head_split: tuple[list[int], list[int]] | None = None
         # the layer's Quest page selection (None: dense), found at its first step
         self._quest = False
 
@@ -376,6 +379,19 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             residual_block_size=res_meta.block_size if res_meta else 1,
             prompt_lens=attn_metadata.prompt_lens_cpu,
         )
+        if self.head_split is not None:
+            from vllm_kvcomp.kernels.head_split_ref import split_step_reference
+            from vllm_kvcomp.names import STREAM_SUFFIX
+
+            ctx = get_forward_context()
+            stream_name = layer.layer_name + STREAM_SUFFIX
+            stream_md = ctx.attn_metadata[stream_name]
+            split_step_reference(
+                query[:n], key[:n], value[:n], output[:n], kv_cache, residual_cache, layout,
+                cfg, self.scale, batch, self.head_split,
+                ctx.no_compile_layers[stream_name].kv_cache, stream_md.block_table,
+                stream_md.slot_mapping, stream_md.block_size)
+            return output
         kvcomp_step_reference(
             query[:n],
             key[:n],

@@ -223,11 +223,14 @@ class KvcompConfig:
         or JSON, see ``vllm_kvcomp/policies/head_map.py``) splitting the KV heads
         into retrieval heads (whole context) and streaming heads (sink + recent
         window). ``None`` (default): no split. Checked against the model at
-        start-up; serving a split is not available yet, so a valid map is a
-        start-up error.
-    streaming_ratio: fraction of all (layer, KV head) entries of a gate map
-        that stream, the lowest gates first (DuoAttention deploys 0.5 for GQA
-        models); unused with an explicit roles map.
+        start-up. Served on the CPU path only (a start-up error on a GPU): each
+        layer's streaming heads live in a sub-layer of their own
+        (``stream_layer``) that keeps only the sinks and the recent window,
+        unquantized; the retrieval heads keep k_bits / v_bits.
+    streaming_ratio: fraction of the KV heads of a gate map that stream, the
+        lowest gates first (DuoAttention deploys 0.5 for GQA models); served
+        per layer, as the same count in every layer (``policies.head_map``);
+        unused with an explicit roles map.
     sink_tokens / recent_tokens: what a streaming head keeps, the first and the
         last tokens of the sequence (DuoAttention: 64 and 256).
     eviction: ``None`` (default) or a dict ``{"method": "streamingllm",

@@ -48,11 +48,13 @@ def residual_spec(packed: KvcompSpec | KvcompEvictionSpec, concurrent_steps: int
 
 
 class KvcompResidualCache(torch.nn.Module, AttentionLayerBase):
-    def __init__(self, parent: torch.nn.Module, cfg: KvcompConfig) -> None:
+    def __init__(self, parent: torch.nn.Module, cfg: KvcompConfig,
+                 num_kv_heads: int | None = None) -> None:
         super().__init__()
         self.parent_name = parent.layer_name
         self.layer_name = parent.layer_name + RESIDUAL_SUFFIX
-        self.num_kv_heads = parent.num_kv_heads
+        # the retrieval heads only, under a head map
+        self.num_kv_heads = num_kv_heads or parent.num_kv_heads
         self.head_size = parent.head_size
         self.model_dtype = parent.kv_cache_torch_dtype
         self.config = cfg

@@ -17,8 +17,11 @@ Two groups per model:
   (``KvcompEvictionManager``) hands the pages that the eviction policy drops
   back to the pool as the request grows.
 
-Later head splits (streaming heads) plug in the same way: one more
-spec/manager pair over the same page format, registered here.
+* ``KvcompStreamSpec`` (one per virtual sub-layer ``<layer>.kvcomp_stream``,
+  head maps only): the streaming heads' K/V in the model dtype. Its manager
+  (``KvcompStreamManager``) holds per request only the sink pages and the
+  pages of the recent window, so the streaming heads cost a bounded amount
+  per request; the layer's own ``KvcompSpec`` then covers the retrieval heads.
 """
 
 from __future__ import annotations
@@ -383,11 +386,129 @@ class KvcompEvictionManager(KvcompPackedManager):
         return 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class KvcompStreamSpec(AttentionSpec):
+    """Streaming heads of a head map: model-dtype K and V pages
+    ``(2, num_kv_heads, block_size, head_size)``, padded to the packed page
+    size (``page_size_padded``); a request keeps the first ``sink_tokens`` and
+    the last ``recent_tokens`` tokens (whole pages). Its own registry base, not
+    ``FullAttentionSpec`` or ``SlidingWindowSpec``: a subclass of either would
+    be grouped with (and managed as) those layers."""
+
+    sink_tokens: int
+    recent_tokens: int
+    # engine steps scheduled and not yet settled at once (see KvcompResidualSpec)
+    concurrent_steps: int = 1
+
+    @cached_property
+    def policy(self):
+        from vllm_kvcomp.policies.streaming import StreamingLLM
+
+        return StreamingLLM(self.sink_tokens, self.recent_tokens, self.block_size)
+
+    def live_pages(self, num_tokens: int) -> tuple[int, int, int]:
+        """``(sink_pages, lo, hi)``: after a step that ends at ``num_tokens``
+        only pages ``[0, sink_pages)`` and ``[lo, hi)`` are ever read again;
+        the step's other tokens are attended from the fresh K/V."""
+        bs = self.block_size
+        return (self.policy.sink_pages, max(0, num_tokens - self.recent_tokens) // bs,
+                cdiv(num_tokens, bs))
+
+    def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
+                                         max_model_len: int) -> int:
+        # sinks, the window still read by the oldest unsettled step, and the
+        # window each unsettled step writes (their chunks' middles are never
+        # taken from the pool)
+        per_window = cdiv(self.recent_tokens + self.block_size - 1, self.block_size)
+        held = self.policy.sink_pages + (self.concurrent_steps + 1) * per_window
+        return min(held, cdiv(max_model_len, self.block_size))
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return self.max_admission_blocks_per_request(
+            vllm_config.max_in_flight_tokens, vllm_config.model_config.max_model_len
+        ) * self.page_size_bytes
+
+    @classmethod
+    def merge(cls, specs: list[Self]) -> Self:
+        assert all(s == specs[0] for s in specs), (
+            "all KVCOMP streaming layers of a group must be identical"
+        )
+        return specs[0]
+
+
+class KvcompStreamManager(FullAttentionManager):
+    """Pages of a request's streaming heads: a page is taken from the pool only
+    when some later query will read it (a sink page, or one in the recent
+    window of the step's end), the others are ``null_block`` placeholders, and
+    pages leave for the pool, in place, once the processed tokens' window has
+    passed them. No prefix-cache hits (the middle of a cached prefix is gone)."""
+
+    kv_cache_spec: KvcompStreamSpec
+
+    def __init__(self, kv_cache_spec: KvcompStreamSpec, **kwargs) -> None:
+        if kwargs.get("max_admission_blocks_per_request") is None:
+            kwargs["max_admission_blocks_per_request"] = (
+                kv_cache_spec.max_admission_blocks_per_request(0, 1 << 62))
+        super().__init__(kv_cache_spec, **kwargs)
+
+    def _num_new_live(self, held: int, num_tokens: int) -> int:
+        sink, lo, hi = self.kv_cache_spec.live_pages(num_tokens)
+        return max(0, min(sink, hi) - held) + max(0, hi - max(lo, sink, held))
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
+                                   total_computed_tokens, num_local_computed_tokens,
+                                   num_tokens_main_model, apply_admission_cap: bool = False):
+        assert len(new_computed_blocks) == 0, "streaming heads never have prefix hits"
+        return self._num_new_live(len(self.req_to_blocks.get(request_id, ())), num_tokens)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        sink, lo, hi = self.kv_cache_spec.live_pages(num_tokens)
+        blocks = self.req_to_blocks[request_id]
+        prev = len(blocks)
+        for i in range(prev, hi):
+            live = i < sink or i >= lo
+            blocks.append(self.block_pool.get_new_blocks(1)[0] if live else self._null_block)
+        # the worker appends every entry to its block-table row: positions stay
+        # page-indexed, null placeholders included
+        return blocks[prev:]
+
+    def remove_skipped_blocks(self, request_id, processed_computed_tokens,
+                              num_prompt_tokens=None):
+        # the placeholders sit between held pages, so this walks the whole
+        # range (the parent's walk stops at the first null entry)
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
+        sink, lo, _ = self.kv_cache_spec.live_pages(processed_computed_tokens)
+        freed = []
+        for i in range(min(lo, len(blocks)) - 1, sink - 1, -1):
+            if blocks[i] != self._null_block:
+                freed.append(blocks[i])
+                blocks[i] = self._null_block
+        if freed:
+            self.block_pool.free_blocks(freed)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+                               kv_cache_spec, drop_eagle_block, alignment_tokens,
+                               dcp_world_size=1, pcp_world_size=1):
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+    def cache_blocks(self, request, num_tokens, *args, **kwargs):
+        # nothing is hashed: nothing can hit it, and a freed page goes back
+        # to the pool as a plain free page
+        self.num_cached_block[request.request_id] = len(
+            self.req_to_blocks.get(request.request_id, ()))
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        return 0
+
+
 _REGISTERED = False
 
 
 def register_specs() -> None:
-    """Register both specs with vLLM's registry; safe to call many times."""
+    """Register the specs with vLLM's registry; safe to call many times."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -397,6 +518,9 @@ def register_specs() -> None:
     )
     KVCacheSpecRegistry.register(
         KvcompEvictionSpec, KvcompEvictionManager, uniform_type_base_spec=KvcompEvictionSpec
+    )
+    KVCacheSpecRegistry.register(
+        KvcompStreamSpec, KvcompStreamManager, uniform_type_base_spec=KvcompStreamSpec
     )
     KVCacheSpecRegistry.register(
         KvcompResidualSpec,

@@ -51,11 +51,18 @@ def capacity_ratio(cfg: KvcompConfig, vllm_config) -> float:
 
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
     n, heads, head = mc.max_model_len, mc.get_num_kv_heads(pc), mc.get_head_size()
-    packed = packed_spec(cfg, vllm_config.cache_config.block_size, heads, head, mc.dtype)
+    split = served_head_split(cfg)
+    retrieval = heads - split.num_streaming if split else heads
+    packed = packed_spec(cfg, vllm_config.cache_config.block_size, retrieval, head, mc.dtype)
     used = packed.max_memory_usage_bytes(vllm_config)
     if cfg.needs_residual_cache:
         res = residual_spec(packed, vllm_config.max_concurrent_batches)
         used += res.max_admission_blocks_per_request(0, n) * res.page_size_bytes
+    if split:
+        from vllm_kvcomp.stream_layer import stream_spec
+
+        used += stream_spec(cfg, packed, split.num_streaming,
+                            vllm_config.max_concurrent_batches).max_memory_usage_bytes(vllm_config)
     return n * 2 * heads * head * mc.dtype.itemsize / used
 
 
@@ -72,6 +79,10 @@ def log_startup(cfg: KvcompConfig, vllm_config) -> None:
         # the head split's own settings mean nothing without a map
         for key in ("head_map", "streaming_ratio", "sink_tokens", "recent_tokens"):
             resolved.pop(key, None)
+    elif served_head_split(cfg):
+        split = served_head_split(cfg)
+        resolved["head_split"] = (f"{split.num_retrieval} retrieval + {split.num_streaming} "
+                                  "streaming KV heads per layer, no prefix-cache hits")
     if resolved.get("eviction") is None:
         resolved.pop("eviction", None)
     else:  # the method's own settings, not the other methods' defaults
@@ -104,11 +115,24 @@ def _sliding_window_layers(hf_config) -> str | None:
     return None
 
 
-def check_head_map(cfg: KvcompConfig, hf_config) -> None:
-    """Load ``cfg.head_map`` and check it against the model's layers and KV heads,
-    then refuse it: the backend still gives every head the whole context's
-    cache, so serving would neither save memory nor attend as the map says."""
-    from vllm_kvcomp.policies.head_map import STREAMING, HeadMapError, load_head_map
+def served_head_split(cfg: KvcompConfig):
+    """The head map's split as served (``policies.head_map.served_split``);
+    ``None`` without a map or when no head streams."""
+    if cfg.head_map is None:
+        return None
+    from vllm_kvcomp.policies.head_map import load_served_split
+
+    split = load_served_split(cfg.head_map, cfg.streaming_ratio)
+    return split if split.num_streaming else None
+
+
+def check_head_map(cfg: KvcompConfig, hf_config, on_cpu: bool | None = None) -> None:
+    """Load ``cfg.head_map``, check it against the model's layers and KV heads
+    and that it can be served (the same number of streaming heads in every
+    layer, at least one retrieval head). Only the CPU (PyTorch) attention
+    splits a layer's heads so far; the GPU kernels would read every head from
+    the packed pages, which hold only the retrieval heads."""
+    from vllm_kvcomp.policies.head_map import HeadMapError, load_head_map, served_split
 
     try:
         head_map = load_head_map(cfg.head_map)
@@ -117,17 +141,22 @@ def check_head_map(cfg: KvcompConfig, hf_config) -> None:
             kv_heads = getattr(hf_config, "num_key_value_heads", None) or \
                 hf_config.num_attention_heads
             head_map.check_model_shape(layers, kv_heads)
-        roles = head_map.roles_at(cfg.streaming_ratio)
+        split = served_split(head_map, cfg.streaming_ratio)
     except HeadMapError as e:
         raise KvcompConfigError(f"kvcomp head_map: {e}") from None
-    streaming = sum(r == STREAMING for row in roles for r in row)
-    how = ("as the map's roles say" if head_map.roles is not None
-           else f"at streaming_ratio={cfg.streaming_ratio}")
-    raise KvcompConfigError(
-        f"kvcomp head_map={cfg.head_map!r} is valid ({head_map.num_layers} layers x "
-        f"{head_map.num_kv_heads} KV heads, {streaming} streaming {how}) but the KVCOMP "
-        "backend cannot serve a retrieval/streaming head split yet (streaming heads' memory "
-        "is not freed); remove head_map to serve every head with the whole context")
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    if not on_cpu or os.environ.get(FORCE_TRITON_ENV, "0") == "1":
+        how = ("as the map's roles say" if head_map.roles is not None
+               else f"at streaming_ratio={cfg.streaming_ratio}")
+        raise KvcompConfigError(
+            f"kvcomp head_map={cfg.head_map!r} is valid ({head_map.num_layers} layers x "
+            f"{head_map.num_kv_heads} KV heads, {split.num_streaming} streaming per layer "
+            f"{how}) but serving a retrieval/streaming head split runs only on the CPU path "
+            "for now: the GPU (Triton) kernels do not split a layer's heads yet; remove "
+            "head_map to serve every head with the whole context")
 
 
 def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:

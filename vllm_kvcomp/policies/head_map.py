@@ -24,6 +24,12 @@ rule, a quantile over all heads): the ``round(r * N)`` entries (rounded half up)
 with the lowest gates among all N (layer, KV head) entries are streaming, ties
 broken by layer then head order. A roles map is taken as written and r is not
 used.
+
+Serving (``served_split``) needs the same number of streaming heads in every
+layer: vLLM gives each KV cache group one page shape, so per-layer counts would
+need a group per count. A gate map is therefore thresholded per layer for
+serving (each layer streams its ``round(r * heads)`` lowest gates), and a roles
+map must already have equal counts.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Sequence
 
 RETRIEVAL = "retrieval"
@@ -114,6 +121,62 @@ def threshold_gates(gates: Sequence[Sequence[float]], streaming_ratio: float) ->
     order = sorted(range(len(flat)), key=lambda i: (flat[i], i))
     chosen = set(order[:k])
     return [[l * heads + h in chosen for h in range(heads)] for l in range(len(gates))]
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """The KV heads of each layer as served: ``retrieval[l]`` and ``streaming[l]``
+    are sorted head indices, the same count in every layer."""
+
+    retrieval: tuple[tuple[int, ...], ...]
+    streaming: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_retrieval(self) -> int:
+        return len(self.retrieval[0])
+
+    @property
+    def num_streaming(self) -> int:
+        return len(self.streaming[0])
+
+
+def served_split(head_map: HeadMap, streaming_ratio: float) -> HeadSplit:
+    """Per layer the same number of streaming heads (module docstring): a gate
+    map's ``round(streaming_ratio * heads)`` lowest gates of each layer (ties:
+    the earlier head), a roles map as written. A map that cannot be served
+    (unequal counts, or no retrieval head left) is a ``HeadMapError``."""
+    heads = head_map.num_kv_heads
+    if head_map.roles is not None:
+        streaming = head_map.streaming(streaming_ratio)
+        counts = [sum(row) for row in streaming]
+        if len(set(counts)) > 1:
+            raise HeadMapError(
+                f"head map {head_map.source} has different numbers of streaming heads per "
+                f"layer ({counts}); serving needs the same number in every layer (one KV "
+                "cache page shape per group): give every layer the same count, or write "
+                "gates, which are thresholded per layer")
+    else:
+        if isinstance(streaming_ratio, bool) or not 0.0 <= streaming_ratio <= 1.0:
+            raise HeadMapError(f"streaming_ratio={streaming_ratio!r} must be in [0, 1]")
+        k = math.floor(streaming_ratio * heads + 0.5)
+        streaming = []
+        for row in head_map.gates:
+            chosen = set(sorted(range(heads), key=lambda h: (row[h], h))[:k])
+            streaming.append([h in chosen for h in range(heads)])
+    if all(streaming[0]):
+        raise HeadMapError(
+            f"head map {head_map.source}: every KV head of every layer streams; serving "
+            "keeps at least one retrieval head per layer (lower streaming_ratio)")
+    return HeadSplit(
+        retrieval=tuple(tuple(h for h in range(heads) if not row[h]) for row in streaming),
+        streaming=tuple(tuple(h for h in range(heads) if row[h]) for row in streaming))
+
+
+@lru_cache(maxsize=8)
+def load_served_split(path: str, streaming_ratio: float) -> HeadSplit:
+    """``served_split`` of the map at ``path``, read once per process (every
+    attention layer asks)."""
+    return served_split(load_head_map(path), streaming_ratio)
 
 
 # ---------------------------------------------------------------- loading
