@@ -49,13 +49,15 @@ SETTINGS = {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "fresh_prefill": "flash_attn"}}},
     # (2026-11-23, H200: the split's run was named kvcomp_k4v4 when it was the
     # default and the one-pass run kvcomp_k4v4_triton_prefill)
-    # KIVI's footprint for the window: residual_tokens 0 with 128-token key groups keeps
-    # the last 0..127 tokens in full precision (KIVI's R = 128), where the default
-    # residual_tokens 128 keeps 128..255; quality: about +0.2 % perplexity (docs/quality.md)
+    # the window before residual_tokens defaulted to 0 for 4-bit pages: 128..255 tokens in
+    # full precision instead of 0..127 (KIVI's R = 128); +0.02 % perplexity against +0.35 %
+    # at decode-like positions (docs/quality.md)
+    "kvcomp_k4v4_r128": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 128}}},
     "kvcomp_k4v4_r0": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 0}}},
-    # a 32..159-token window: at decode-like positions +0.11 % perplexity against the
-    # default's +0.02 % and r0's +0.35 % (docs/quality.md, 16-token chunks); modelled at
+    # a 32..159-token window: at decode-like positions +0.11 % perplexity against r128's
+    # +0.02 % and r0's +0.35 % (docs/quality.md, 16-token chunks); modelled at
     # 1.93x bf16 on W2 (benchmarks/w2_step_model.py), not yet run
     "kvcomp_k4v4_r32": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 32}}},

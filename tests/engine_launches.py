@@ -61,15 +61,15 @@ def setting(head_size=128, dtype="bf16", rep=4, **kvcomp) -> Setting:
 # The settings the engine is checked on: each bit width, window and key group of
 # the supported set at least once, each head size and dtype at least once.
 ENGINE_SETTINGS = [
-    setting(),  # the default: k4v4, 128-token groups, 128-token window
+    setting(),  # the default: k4v4, 128-token groups, no window beyond a partial key group
     setting(dtype="fp16"),
     setting(head_size=64),
     setting(head_size=256),
     setting(rep=1),
     setting(rep=8, dtype="fp16"),
-    setting(residual_tokens=0),
+    setting(residual_tokens=128),
     setting(residual_tokens=32),
-    setting(head_size=256, dtype="fp16", residual_tokens=0),
+    setting(head_size=256, dtype="fp16", residual_tokens=128),
     setting(k_bits=2, v_bits=2),
     setting(k_bits=2, v_bits=2, head_size=256, dtype="fp16"),
     setting(k_bits=8, v_bits=8),

@@ -340,7 +340,9 @@ def test_engine_pool_holds_the_budget_and_reuses_freed_pages(tmp_path):
                         env_without_interpreter())
     assert r["checked"] > 0 and r["mismatches"] == []
     longs = [held for P, held, _ in r["held_after_prompt"].values() if P > 3000]
-    assert longs and all(h * 32 <= 512 + 32 for h in longs), r["held_after_prompt"]
+    # 512 compressed tokens are 16 pages of 32; one more once decode packs
+    # past the prompt's last packed page
+    assert longs and all(h in (16, 17) for h in longs), r["held_after_prompt"]
     assert r["reused"] > 0
     assert r["aborted"] > 0 and r["finished"] + r["aborted"] == 13
     assert r["free_end"] == r["free_start"] and r["usage"] == 0

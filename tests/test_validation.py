@@ -54,7 +54,7 @@ def _engine_config(model, kvcomp=None, **kwargs):
     ({"value_group_size": 12}, "value_group_size=12"),
     ({"k_bits": 4.0}, "k_bits=4.0 must be int, not float"),
     ({"v_bits": "4"}, "v_bits='4' must be int, not str"),
-    ({"residual_tokens": True}, "residual_tokens=True must be int, not bool"),
+    ({"residual_tokens": True}, "residual_tokens=True must be int or null, not bool"),
     ({"group_size": 128.0}, "group_size=128.0 must be int"),
     ({"key_axis": 1}, "key_axis=1 must be str"),
     ({"block_size": "128"}, "block_size='128' must be int or null"),
@@ -103,7 +103,7 @@ def test_startup_logs_settings_and_capacity(llama, caplog):
     with caplog.at_level(logging.INFO, logger="vllm.kvcomp"):
         vc = _engine_config(llama, {"k_bits": 4, "v_bits": 4})
     line = next(r.getMessage() for r in caplog.records if "KVCOMP attention backend" in r.getMessage())
-    for part in ("k_bits=4", "v_bits=4", "group_size=128", "residual_tokens=128",
+    for part in ("k_bits=4", "v_bits=4", "group_size=128", "residual_tokens=0",
                  f"block_size={vc.cache_config.block_size}", "prompt_attention=as_stored",
                  "max_model_len 2048"):
         assert part in line, line
