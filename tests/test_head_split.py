@@ -436,3 +436,12 @@ def test_engine_reports_the_split_capacity(tmp_path):
     plain, split = (r["kv_cache_tokens"] for r in runs)
     print(plain, split, split / plain)
     assert split >= 1.8 * plain
+
+
+def test_head_map_with_quest_is_refused(tmp_path):
+    from vllm_kvcomp.validation import check_head_map
+
+    cfg = KvcompConfig.from_dict({"head_map": _write(tmp_path, {"gates": [[0.9, 0.1]] * 4}),
+                                  "quest": {"budget_tokens": 512}})
+    with pytest.raises(KvcompConfigError, match="head_map and quest cannot be combined"):
+        check_head_map(cfg, None, on_cpu=True)

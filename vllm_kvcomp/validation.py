@@ -144,6 +144,10 @@ def check_head_map(cfg: KvcompConfig, hf_config, on_cpu: bool | None = None) -> 
         split = served_split(head_map, cfg.streaming_ratio)
     except HeadMapError as e:
         raise KvcompConfigError(f"kvcomp head_map: {e}") from None
+    if cfg.quest is not None:
+        # the split layer's attention has no page selection
+        raise KvcompConfigError(
+            "kvcomp head_map and quest cannot be combined yet: remove one of them")
     if on_cpu is None:
         from vllm.platforms import current_platform
 
