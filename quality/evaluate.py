@@ -56,7 +56,7 @@ KV_SIZE_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
 
 # ---------------------------------------------------------------- settings
 def _kvcomp(k, v, residual=128, axis="channel", group=None, value_group=None, quest=None,
-            snapkv=None):
+            snapkv=None, head_map=None):
     kv = {"k_bits": k, "v_bits": v, "residual_tokens": residual, "key_axis": axis}
     if group is not None:
         kv["group_size"] = group
@@ -65,6 +65,9 @@ def _kvcomp(k, v, residual=128, axis="channel", group=None, value_group=None, qu
     if quest is not None:
         # Quest's own default of two dense layers
         kv["quest"] = {"budget_tokens": quest}
+    if head_map is not None:
+        # a head map in quality/maps/ (retrieval / streaming heads, 64 + 256 tokens)
+        kv["head_map"] = os.path.join(HERE, "maps", f"{head_map}.json")
     if snapkv is not None:
         # SnapKV keeping snapkv % of each prompt, its other settings at their defaults
         kv["eviction"] = {"method": "snapkv", "budget_ratio": snapkv / 100}
@@ -104,7 +107,7 @@ ALIASES = {"kvcomp_k4v4": "kvcomp_k4v4_r128_channel", "kvcomp_k8v8": "kvcomp_k8v
 
 
 KVCOMP_NAME_RE = re.compile(
-    r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?(?:_vg(\d+))?(?:_quest(\d+))?(?:_snapkv(\d+))?")
+    r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?(?:_vg(\d+))?(?:_quest(\d+))?(?:_snapkv(\d+))?(?:_map([a-z0-9-]+))?")
 
 
 def settings_for(names) -> dict:
@@ -115,10 +118,10 @@ def settings_for(names) -> dict:
     for n in names:
         m = KVCOMP_NAME_RE.fullmatch(n)
         if n not in cat and m:
-            k, v, r, axis, g, vg, quest, snap = m.groups()
+            k, v, r, axis, g, vg, quest, snap, head_map = m.groups()
             cat[n] = _kvcomp(int(k), int(v), int(r), axis, int(g) if g else None,
                              int(vg) if vg else None, int(quest) if quest else None,
-                             int(snap) if snap else None)
+                             int(snap) if snap else None, head_map)
     return cat
 
 
@@ -132,7 +135,7 @@ def select_settings(names: str | None, quick: bool) -> list:
         if n not in known and not KVCOMP_NAME_RE.fullmatch(n):
             raise SystemExit(f"unknown setting {n!r}; known: {', '.join(known)}, or "
                              "kvcomp_k<bits>v<bits>_r<residual>_<channel|token>[_g<group>][_vg<value group>]"
-                             "[_quest<budget tokens>][_snapkv<budget %>]")
+                             "[_quest<budget tokens>][_snapkv<budget %>][_map<quality/maps/NAME.json>]")
         out.append(n)
     if "baseline" not in out:
         out.insert(0, "baseline")  # agreement is measured against it
