@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--models-dir", default="/tmp/engine_matrix_models")
+    ap.add_argument("--rows", help="comma-separated setting names to run (default: all)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -126,12 +127,19 @@ def main() -> None:
         ap.error("--out is required")
     os.makedirs(args.out, exist_ok=True)
     dirs = {m: model_dir(args.models_dir, m) for m in MODELS}
+    settings = SETTINGS
+    if args.rows:
+        wanted = set(args.rows.split(","))
+        unknown = wanted - {n for n, *_ in SETTINGS}
+        if unknown:
+            ap.error(f"unknown rows {sorted(unknown)}")
+        settings = [row for row in SETTINGS if row[0] in wanted]
     specs = [dict(name=n, model_name=m, model=dirs[m], dtype=dt, kvcomp=kv, mode=mode)
-             for mode in args.modes.split(",") for n, m, dt, kv in SETTINGS]
+             for mode in args.modes.split(",") for n, m, dt, kv in settings]
     specs += [dict(name=n, model_name=m, model=dirs[m], dtype=dt, kvcomp=None, mode="fast")
               for n, m, dt, _ in REFERENCES]
     # references right after the first mode's rows: a run cut short keeps both
-    n_first = len(SETTINGS)
+    n_first = len(settings)
     specs = specs[:n_first] + specs[len(specs) - len(REFERENCES):] + specs[n_first:-len(REFERENCES)]
     rows, lock = [], threading.Lock()
 

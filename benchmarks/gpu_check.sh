@@ -6,9 +6,11 @@
 #      vLLM's default engine settings and with the benchmarks' fast start (beside step 1);
 #   3. W1 + W2 (bench_e2e.py) for kvcomp k4v4 and bf16 with vLLM's default engine settings
 #      (torch.compile, default CUDA graphs), the same KV memory for both (KV_GIB).
+# STEPS picks the steps and their order (default "tests matrix e2e").
 #   start:  setsid nohup bash benchmarks/gpu_check.sh > /tmp/gpu_check.out 2>&1 < /dev/null &
 #   poll:   bash benchmarks/gpu_check.sh poll 570     # waits, then packs /tmp/res into $OUT
-# The job runs a copy of the tree taken at its start, so files may change while it runs.
+# The job runs a copy of the tree taken at its start, so files may change while it runs; start
+# it from the repository root (a folder carried in one call only is gone by the next call).
 # Poll without gaps where an idle host is reclaimed: the job ends with the host.
 # After a pass: `python tests/gpu_compile_child.py --record benchmarks/results/<folder>` records
 # the default GPU path as verified (tests/test_gpu_compile.py checks it against the kernels).
@@ -31,22 +33,27 @@ rm -rf /tmp/job && mkdir /tmp/job && cp -r . /tmp/job && cd /tmp/job
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$RES/check.log"
 bash scripts/install_gpu_device.sh >> "$RES/check.log" 2>&1 || { log "install failed"; exit 1; }
 log "steps: ${STEPS:=tests matrix e2e}"
-has() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
-if has tests; then
-  (python3 -P -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_store.py \
-      tests/test_triton_prefill.py tests/test_triton_decode.py > "$RES/kernel_tests.log" 2>&1
-   log "kernel tests: $(tail -n 1 "$RES/kernel_tests.log")") &
-fi
-if has matrix; then
-  python3 benchmarks/engine_matrix.py --out "$RES" --modes "${MATRIX_MODES:-default,fast}" \
-      --parallel "${MATRIX_PARALLEL:-4}" > "$RES/engine_matrix.log" 2>&1
-  log "engine matrix: $(grep -c '| yes |' "$RES/engine_matrix.md") rows serve, $(grep -c 'no\*\*' "$RES/engine_matrix.md") fail"
-fi
+# steps run in the order given (the kernel tests beside the next step): a run that may be cut
+# short names the step it needs most first
+for step in $STEPS; do
+  case $step in
+    tests)
+      (python3 -P -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_store.py \
+          tests/test_triton_prefill.py tests/test_triton_decode.py > "$RES/kernel_tests.log" 2>&1
+       log "kernel tests: $(tail -n 1 "$RES/kernel_tests.log")") & ;;
+    matrix)
+      python3 benchmarks/engine_matrix.py --out "$RES" --modes "${MATRIX_MODES:-default,fast}" \
+          --parallel "${MATRIX_PARALLEL:-4}" ${MATRIX_ROWS:+--rows "$MATRIX_ROWS"} \
+          > "$RES/engine_matrix.log" 2>&1
+      log "engine matrix: $(grep -c '| yes |' "$RES/engine_matrix.md") rows serve, $(grep -c 'no\*\*' "$RES/engine_matrix.md") fail" ;;
+    e2e)
+      wait  # the kernel tests and the e2e engines would share the GPU
+      python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
+          --workload "${E2E_WORKLOADS:-W1,W2}" --settings "${E2E_SETTINGS:-kvcomp_k4v4,bf16}" \
+          --timeout "${E2E_TIMEOUT:-900}" --out "$RES/e2e.json" > "$RES/e2e.md" 2>&1
+      log "e2e: $(grep -c '"output_tok_s"' "$RES/e2e.json") runs" ;;
+    *) log "unknown step $step" ;;
+  esac
+done
 wait
-if has e2e; then
-  python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
-      --workload W1,W2 --settings "${E2E_SETTINGS:-kvcomp_k4v4,bf16}" --timeout "${E2E_TIMEOUT:-900}" \
-      --out "$RES/e2e.json" > "$RES/e2e.md" 2>&1
-  log "e2e: $(grep -c '"output_tok_s"' "$RES/e2e.json") runs"
-fi
 touch "$RES/ALL_DONE"

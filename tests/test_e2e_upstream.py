@@ -18,8 +18,8 @@ MAX_TOKENS = 24
 ENGINE = dict(max_model_len=1024, max_num_batched_tokens=256, enable_chunked_prefill=True,
               enable_prefix_caching=True, max_num_seqs=4)
 # Pools sized so that the four running requests do not fit: vLLM must preempt.
-# kvcomp needs more blocks than CPU_ATTN for the same tokens because its
-# residual window is a second group of blocks in the same pool.
+# kvcomp with a full-precision window needs more blocks than CPU_ATTN for the
+# same tokens because the window is a second group of blocks in the same pool.
 CPU_ATTN_BLOCKS = 9
 # (15 until packed pages were held for Q(n) tokens only: 15 then fit every
 # request; 12 and 13 both preempt.)
@@ -49,8 +49,13 @@ def upstream_logprobs(model):
     return _run(model, "CPU_ATTN", logprobs=True, prompt_logprobs=True)
 
 
-def test_k16v16_token_identical_with_chunking_prefix_hits_preemption(model, upstream):
-    ours = _run(model, "kvcomp", {"k_bits": 16, "v_bits": 16}, blocks=KVCOMP16_BLOCKS)
+# 16-bit pages with no window (the default) hold what CPU_ATTN's do; with the
+# 128..255-token window they need a second group of blocks in the pool.
+@pytest.mark.parametrize("residual_tokens,blocks", [(0, CPU_ATTN_BLOCKS), (128, KVCOMP16_BLOCKS)])
+def test_k16v16_token_identical_with_chunking_prefix_hits_preemption(model, upstream,
+                                                                      residual_tokens, blocks):
+    ours = _run(model, "kvcomp", {"k_bits": 16, "v_bits": 16, "residual_tokens": residual_tokens},
+                blocks=blocks)
     # The workload must really have exercised the machinery in both runs.
     for run in (ours, upstream):
         assert run["preemptions"] >= 1, run["preemptions"]
