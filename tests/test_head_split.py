@@ -353,6 +353,16 @@ def test_startup_accepts_a_map_on_cpu_and_names_one_it_cannot_serve(tmp_path):
         _engine_config(model, {"head_map": bad})
 
 
+def test_head_map_without_the_hybrid_kv_cache_manager_is_named(tmp_path):
+    from vllm_kvcomp.tiny_model import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "tiny"))
+    path = _write(tmp_path, {"gates": [[0.9, 0.1]] * 4})
+    with pytest.raises(ValueError, match="head_map .* needs vLLM's hybrid KV cache manager"):
+        _engine_config(model, {"head_map": path, "k_bits": 16, "v_bits": 16,
+                               "residual_tokens": 0}, disable_hybrid_kv_cache_manager=True)
+
+
 def test_gpu_platform_refuses_a_head_map(tmp_path, monkeypatch):
     from vllm.platforms import current_platform
 

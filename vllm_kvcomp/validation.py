@@ -302,4 +302,8 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
             "manager; remove --disable-hybrid-kv-cache-manager, or set residual_tokens=0 "
             "with key_axis='token'"
         )
+    if cfg.head_map is not None and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        raise KvcompConfigError(
+            "kvcomp head_map keeps the streaming heads in a KV cache group of their own, which "
+            "needs vLLM's hybrid KV cache manager; remove --disable-hybrid-kv-cache-manager")
     return cfg
