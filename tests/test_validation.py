@@ -155,11 +155,6 @@ def test_mla_model_is_named(llama, tmp_path):
         _engine_config(model)
 
 
-def test_tensor_parallel_is_named(llama):
-    with pytest.raises(ValueError, match="tensor parallel"):
-        _engine_config(llama, tensor_parallel_size=2)
-
-
 def test_channel_groups_must_divide_the_head_size(llama, tmp_path):
     model = _variant(llama, tmp_path, head_dim=96)
     with pytest.raises(ValueError, match="value_group_size=64 does not divide the model's "

@@ -32,9 +32,15 @@ def layer_head_split(cfg: KvcompConfig, layer_name: str) -> tuple[list[int], lis
         return None
     from vllm.model_executor.models.utils import extract_layer_index
 
+    from vllm.distributed import parallel_state as ps
+
     from vllm_kvcomp.policies.head_map import load_served_split
 
-    split = load_served_split(cfg.head_map, cfg.streaming_ratio)
+    # this rank's KV heads only, numbered as its attention sees them (a layer
+    # built outside an engine has no tensor-parallel group: one rank)
+    rank, tp = ((ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+                if ps.model_parallel_is_initialized() else (0, 1))
+    split = load_served_split(cfg.head_map, cfg.streaming_ratio, rank, tp)
     if split.num_streaming == 0:
         return None
     layer = extract_layer_index(layer_name)

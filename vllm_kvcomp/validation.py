@@ -52,7 +52,8 @@ def capacity_ratio(cfg: KvcompConfig, vllm_config) -> float:
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
     n, heads, head = mc.max_model_len, mc.get_num_kv_heads(pc), mc.get_head_size()
     split = served_head_split(cfg)
-    retrieval = heads - split.num_streaming if split else heads
+    # heads: this rank's; the split counts every rank's
+    retrieval = heads - split.num_streaming // pc.tensor_parallel_size if split else heads
     packed = packed_spec(cfg, vllm_config.cache_config.block_size, retrieval, head, mc.dtype)
     used = packed.max_memory_usage_bytes(vllm_config)
     if cfg.needs_residual_cache:
@@ -61,7 +62,7 @@ def capacity_ratio(cfg: KvcompConfig, vllm_config) -> float:
     if split:
         from vllm_kvcomp.stream_layer import stream_spec
 
-        used += stream_spec(cfg, packed, split.num_streaming,
+        used += stream_spec(cfg, packed, split.num_streaming // pc.tensor_parallel_size,
                             vllm_config.max_concurrent_batches).max_memory_usage_bytes(vllm_config)
     return n * 2 * heads * head * mc.dtype.itemsize / used
 
@@ -163,6 +164,42 @@ def check_head_map(cfg: KvcompConfig, hf_config, on_cpu: bool | None = None) -> 
             "head_map to serve every head with the whole context")
 
 
+def check_tensor_parallel(cfg: KvcompConfig, tp_size: int, hf_config,
+                          on_cpu: bool | None = None) -> None:
+    """Each rank packs, windows, evicts and selects pages for its own KV heads,
+    which needs every rank to hold distinct heads (vLLM replicates KV heads
+    when there are fewer than ranks) and, with a head map, the same number of
+    streaming heads on every rank and layer (one KV cache config for all)."""
+    if tp_size == 1:
+        return
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    if not on_cpu or os.environ.get(FORCE_TRITON_ENV, "0") == "1":
+        raise KvcompConfigError(
+            f"kvcomp with tensor parallelism (tensor_parallel_size={tp_size}) runs only on "
+            "the CPU path for now: the GPU (Triton) path has not run with more than one "
+            "rank yet; use tensor_parallel_size=1")
+    if hf_config is not None:
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or \
+            hf_config.num_attention_heads
+        if kv_heads < tp_size or kv_heads % tp_size:
+            raise KvcompConfigError(
+                f"kvcomp needs the model's KV heads split evenly over the tensor-parallel "
+                f"ranks, but the model has {kv_heads} KV heads and tensor_parallel_size="
+                f"{tp_size} (vLLM would replicate KV heads over ranks); use a "
+                "tensor_parallel_size that divides the number of KV heads")
+    split = served_head_split(cfg)
+    if split is not None:
+        from vllm_kvcomp.policies.head_map import HeadMapError, check_ranks
+
+        try:
+            check_ranks(split, tp_size)
+        except HeadMapError as e:
+            raise KvcompConfigError(f"kvcomp head_map {cfg.head_map!r}: {e}") from None
+
+
 def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
     """Eviction frees pages whose block-table entries then go stale; only the
     CPU (PyTorch) attention skips them so far, the Triton kernels would read
@@ -240,8 +277,6 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding")
     pc = vllm_config.parallel_config
-    if pc.tensor_parallel_size > 1:
-        problems.append(f"tensor parallelism (tensor_parallel_size={pc.tensor_parallel_size})")
     if pc.pipeline_parallel_size > 1:
         problems.append(f"pipeline parallelism (pipeline_parallel_size={pc.pipeline_parallel_size})")
     if getattr(pc, "decode_context_parallel_size", 1) > 1:
@@ -276,6 +311,8 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
 
     if cfg.head_map is not None:
         check_head_map(cfg, mc.hf_text_config if mc is not None else None)
+    check_tensor_parallel(cfg, pc.tensor_parallel_size,
+                          mc.hf_text_config if mc is not None else None)
     check_eviction_platform(cfg)
     request_prompt_lengths(cfg, mc)
     check_quest_platform(cfg)

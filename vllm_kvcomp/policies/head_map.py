@@ -29,7 +29,9 @@ Serving (``served_split``) needs the same number of streaming heads in every
 layer: vLLM gives each KV cache group one page shape, so per-layer counts would
 need a group per count. A gate map is therefore thresholded per layer for
 serving (each layer streams its ``round(r * heads)`` lowest gates), and a roles
-map must already have equal counts.
+map must already have equal counts. Under tensor parallelism each rank serves
+the entries of its own KV heads (``rank_split``), and every rank must stream as
+many heads as the others in every layer.
 """
 
 from __future__ import annotations
@@ -172,11 +174,53 @@ def served_split(head_map: HeadMap, streaming_ratio: float) -> HeadSplit:
         streaming=tuple(tuple(h for h in range(heads) if row[h]) for row in streaming))
 
 
+def rank_split(split: HeadSplit, rank: int, tp_size: int) -> HeadSplit:
+    """The part of ``split`` that tensor-parallel rank ``rank`` of ``tp_size``
+    serves: vLLM gives it KV heads ``[rank * n / tp_size, (rank + 1) * n /
+    tp_size)``, renumbered from 0. Every rank's caches are allocated from one
+    KV cache config, so each rank must stream the same number of heads in every
+    layer; a map where they differ is a ``HeadMapError`` naming the counts."""
+    heads = split.num_retrieval + split.num_streaming
+    if tp_size == 1:
+        return split
+    if heads % tp_size:
+        raise HeadMapError(
+            f"{heads} KV heads cannot be split evenly over tensor_parallel_size={tp_size}")
+    per = heads // tp_size
+    if split.num_streaming % tp_size:
+        raise HeadMapError(
+            f"{split.num_streaming} streaming heads per layer cannot be split evenly over "
+            f"tensor_parallel_size={tp_size}: each rank serves {per} KV heads and needs the "
+            "same number of streaming heads in every layer")
+    lo = rank * per
+
+    def local(heads_of_layer):
+        return tuple(h - lo for h in heads_of_layer if lo <= h < lo + per)
+
+    sliced = HeadSplit(retrieval=tuple(local(r) for r in split.retrieval),
+                       streaming=tuple(local(s) for s in split.streaming))
+    counts = [len(s) for s in sliced.streaming]
+    if len(set(counts)) > 1 or counts[0] != split.num_streaming // tp_size:
+        raise HeadMapError(
+            f"tensor-parallel rank {rank} (KV heads {lo}..{lo + per - 1}) would stream "
+            f"{counts} heads per layer; every rank needs "
+            f"{split.num_streaming // tp_size} streaming heads in every layer (one KV cache "
+            "page shape for all ranks): reorder the map's heads or change the roles")
+    return sliced
+
+
+def check_ranks(split: HeadSplit, tp_size: int) -> None:
+    """``rank_split`` for every rank: the map is servable at ``tp_size``."""
+    for rank in range(tp_size):
+        rank_split(split, rank, tp_size)
+
+
 @lru_cache(maxsize=8)
-def load_served_split(path: str, streaming_ratio: float) -> HeadSplit:
-    """``served_split`` of the map at ``path``, read once per process (every
-    attention layer asks)."""
-    return served_split(load_head_map(path), streaming_ratio)
+def load_served_split(path: str, streaming_ratio: float, rank: int = 0,
+                      tp_size: int = 1) -> HeadSplit:
+    """``served_split`` of the map at ``path`` as tensor-parallel rank
+    ``rank`` serves it, read once per process (every attention layer asks)."""
+    return rank_split(served_split(load_head_map(path), streaming_ratio), rank, tp_size)
 
 
 # ---------------------------------------------------------------- loading
