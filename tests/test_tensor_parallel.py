@@ -3,7 +3,7 @@
 vLLM's CPU platform runs the ranks as processes (shared memory / gloo); every
 engine here is a fresh process group on the tiny float32 Llama (2 KV heads, one
 a rank at tensor_parallel_size 2). Quantization is per head, so sharding the
-heads must not change what a head stores or attends.
+heads changes what a head stores or attends only by float rounding.
 """
 import json
 
@@ -18,8 +18,8 @@ from vllm_kvcomp.tiny_model import make_tiny_llama
 # prompts past one 128-token group, so k4v4 serves packed pages on every rank
 PROMPTS = token_prompts([300, 40, 200], seed=5)
 ENGINE = dict(max_model_len=1024, max_num_seqs=4)
-# two ranks on a small machine share its cores instead of each being bound
-# to cores of its own (vLLM's automatic binding reserves cores per rank)
+# the ranks share the cores, unbound: vLLM's automatic binding splits a
+# machine's cores between ranks after reserving one, and CI has two
 TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 S, R = "streaming", "retrieval"
 
