@@ -18,6 +18,16 @@ from vllm_kvcomp.launch_env import (
 )
 
 
+def _on_cpu_path(on_cpu: bool | None) -> bool:
+    """Whether attention runs the PyTorch reference (the CPU platform, Triton
+    not forced): what policies without a GPU run yet need."""
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    return on_cpu and os.environ.get(FORCE_TRITON_ENV, "0") != "1"
+
+
 def kvcomp_selected(vllm_config) -> bool:
     from vllm_kvcomp.names import BACKEND_NAME
 
@@ -149,11 +159,7 @@ def check_head_map(cfg: KvcompConfig, hf_config, on_cpu: bool | None = None) -> 
         # the split layer's attention has no page selection
         raise KvcompConfigError(
             "kvcomp head_map and quest cannot be combined yet: remove one of them")
-    if on_cpu is None:
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
-    if not on_cpu or os.environ.get(FORCE_TRITON_ENV, "0") == "1":
+    if not _on_cpu_path(on_cpu):
         how = ("as the map's roles say" if head_map.roles is not None
                else f"at streaming_ratio={cfg.streaming_ratio}")
         raise KvcompConfigError(
@@ -172,11 +178,7 @@ def check_tensor_parallel(cfg: KvcompConfig, tp_size: int, hf_config,
     streaming heads on every rank and layer (one KV cache config for all)."""
     if tp_size == 1:
         return
-    if on_cpu is None:
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
-    if not on_cpu or os.environ.get(FORCE_TRITON_ENV, "0") == "1":
+    if not _on_cpu_path(on_cpu):
         raise KvcompConfigError(
             f"kvcomp with tensor parallelism (tensor_parallel_size={tp_size}) runs only on "
             "the CPU path for now: the GPU (Triton) path has not run with more than one "
@@ -206,11 +208,7 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
     pages already handed to other requests."""
     if cfg.eviction is None:
         return
-    if on_cpu is None:
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
-    if not on_cpu or os.environ.get(FORCE_TRITON_ENV, "0") == "1":
+    if not _on_cpu_path(on_cpu):
         raise KvcompConfigError(
             f"kvcomp eviction (method={cfg.eviction.method!r}) runs only on the CPU path for "
             "now: the GPU (Triton) kernels do not skip evicted pages yet; remove eviction "
@@ -223,11 +221,7 @@ def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
     path serves with them until one has."""
     if cfg.quest is None:
         return
-    if on_cpu is None:
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
-    if not on_cpu or os.environ.get(FORCE_TRITON_ENV, "0") == "1":
+    if not _on_cpu_path(on_cpu):
         raise KvcompConfigError(
             "kvcomp quest runs only on the CPU path for now: its GPU (Triton) kernels "
             "have not been verified on a GPU yet; remove quest from the kvcomp settings")
