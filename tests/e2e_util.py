@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,11 +18,27 @@ def child_result(args: list, timeout: int, env: dict | None = None) -> tuple[obj
     this one); return the JSON of the last ``RESULT <json>`` line it printed
     and its whole output. Fails the test, with the output's tail, if it exits
     non-zero or prints no result."""
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                         timeout=timeout, env=env)
-    text = out.stdout + out.stderr
-    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, text[-4000:]
+    # Output goes to files, not pipes, and the child gets a process group of its
+    # own that is killed once it exits: an engine's worker that outlives it (a
+    # tensor-parallel rank, seldom) would otherwise hold the pipes open and keep
+    # a core busy for the rest of the suite.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, text=True,
+                                env=env, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    text = stdout + stderr
+    lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+    assert returncode == 0 and lines, text[-4000:]
     return json.loads(lines[-1][len("RESULT "):]), text
 
 
