@@ -36,7 +36,7 @@ def _configs(num_blocks_bf16: int, num_blocks_kvcomp: int):
         kv_cache_groups=[KVCacheGroupSpec(layers, FullAttentionSpec(
             block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16))])
     out = {"bf16": (bf16, 16, 16)}
-    for name, kw in (("kvcomp_k4v4", {}), ("kvcomp_k4v4_r0", {"residual_tokens": 0})):
+    for name, kw in (("kvcomp_k4v4", {}), ("kvcomp_k4v4_r128", {"residual_tokens": 128})):
         cfg = KvcompConfig(k_bits=4, v_bits=4, **kw)
         packed = packed_spec(cfg, 128, 8, 128, torch.bfloat16)
         res = residual_spec(packed, concurrent_steps=2)  # async scheduling, as on a GPU

@@ -16,8 +16,9 @@ def test_kv_manager_bench_smoke(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {x["setting"]: x for x in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"bf16", "kvcomp_k4v4", "kvcomp_k4v4_r0"}
-    # 300 + 140 tokens: k4v4 packs [0, 256) (two pages), r0 [0, 384) (three)
-    assert rows["kvcomp_k4v4"]["packed_pages_per_request"] == 2
-    assert rows["kvcomp_k4v4_r0"]["packed_pages_per_request"] == 3
+    assert set(rows) == {"bf16", "kvcomp_k4v4", "kvcomp_k4v4_r128"}
+    # 300 + 140 tokens: k4v4 (no window) packs [0, 384) (three pages), the
+    # 128-token window leaves [0, 256) (two)
+    assert rows["kvcomp_k4v4"]["packed_pages_per_request"] == 3
+    assert rows["kvcomp_k4v4_r128"]["packed_pages_per_request"] == 2
     assert all(x["ms_per_step_median"] > 0 for x in rows.values())
