@@ -45,6 +45,57 @@ from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.layout import PageLayout
 
 
+class _OneSpecPerGroup:
+    """A spec that every layer of its KV cache group holds alike: no
+    per-layer field to reconcile, so merging keeps the first."""
+
+    @classmethod
+    def merge(cls, specs: list[Self]) -> Self:
+        assert all(s == specs[0] for s in specs), (
+            f"all KVCOMP layers of a KV cache group must share one {cls.__name__}"
+        )
+        return specs[0]
+
+
+class _BoundedPagesSpec(_OneSpecPerGroup):
+    """A spec whose manager (``_BoundedPagesManager``) frees a request's older
+    pages as it grows, so a request holds at most
+    ``max_admission_blocks_per_request`` pages at any context length: the
+    pool is sized by that bound, as vLLM does for its own recycling specs."""
+
+    # Tokens scheduled but not settled that the bound covers (vLLM's
+    # max_in_flight_tokens); a dataclass field where the bound depends on it.
+    max_in_flight_tokens = 0
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return self.max_admission_blocks_per_request(
+            vllm_config.max_in_flight_tokens, vllm_config.model_config.max_model_len
+        ) * self.page_size_bytes
+
+
+class _BoundedPagesManager:
+    """Manager of a ``_BoundedPagesSpec``: admits by the spec's bound, and
+    never finds a prefix-cache hit (the pages a cached prefix needs were
+    freed by its own request, maybe reused since)."""
+
+    def __init__(self, kv_cache_spec: _BoundedPagesSpec, **kwargs) -> None:
+        # vLLM computes an admission cap only for its own recycling specs.
+        if kwargs.get("max_admission_blocks_per_request") is None:
+            kwargs["max_admission_blocks_per_request"] = (
+                kv_cache_spec.max_admission_blocks_per_request(
+                    kv_cache_spec.max_in_flight_tokens, 1 << 62))
+        super().__init__(kv_cache_spec, **kwargs)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+                               kv_cache_spec, drop_eagle_block, alignment_tokens,
+                               dcp_world_size=1, pcp_world_size=1):
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        return 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class KvcompSpec(FullAttentionSpec):
     """Packed K/V pages; ``dtype`` is uint8 and the page is bytes."""
@@ -87,7 +138,7 @@ class KvcompSpec(FullAttentionSpec):
 
 
 @dataclass(frozen=True, kw_only=True)
-class KvcompResidualSpec(SlidingWindowSpec):
+class KvcompResidualSpec(_OneSpecPerGroup, SlidingWindowSpec):
     """Full-precision (model dtype) K and V of the most recent tokens.
 
     ``sliding_window = residual_tokens + token_align`` covers the longest span
@@ -123,13 +174,6 @@ class KvcompResidualSpec(SlidingWindowSpec):
         return all(
             isinstance(s, KvcompResidualSpec) and s == self for s in kv_cache_specs.values()
         )
-
-    @classmethod
-    def merge(cls, specs: list[Self]) -> Self:
-        assert all(s == specs[0] for s in specs), (
-            "all KVCOMP residual layers of a group must be identical"
-        )
-        return specs[0]
 
 
 class KvcompResidualManager(SlidingWindowManager):
@@ -280,7 +324,7 @@ class KvcompPackedManager(FullAttentionManager):
 
 
 @dataclass(frozen=True, kw_only=True)
-class KvcompEvictionSpec(AttentionSpec):
+class KvcompEvictionSpec(_BoundedPagesSpec, AttentionSpec):
     """Packed pages under token eviction (``kvcomp_config.eviction``).
 
     Not a ``FullAttentionSpec``: vLLM groups a spec with every layer that is an
@@ -319,37 +363,19 @@ class KvcompEvictionSpec(AttentionSpec):
         full = cdiv(self.packed_tokens(max_model_len), self.block_size)
         return min(self.policy.max_held_pages(lag), full)
 
-    def max_memory_usage_bytes(self, vllm_config) -> int:
-        return self.max_admission_blocks_per_request(
-            vllm_config.max_in_flight_tokens, vllm_config.model_config.max_model_len
-        ) * self.page_size_bytes
 
-    @classmethod
-    def merge(cls, specs: list[Self]) -> Self:
-        assert all(s == specs[0] for s in specs), (
-            "all KVCOMP layers of a KV cache group must share one eviction spec"
-        )
-        return specs[0]
-
-
-class KvcompEvictionManager(KvcompPackedManager):
+class KvcompEvictionManager(_BoundedPagesManager, KvcompPackedManager):
     """Packed pages of a request under eviction: pages are taken as for
     ``KvcompPackedManager`` (once packed tokens reach them) and given back,
     replaced in place by vLLM's null block, as soon as the policy drops them
     for the processed tokens (SnapKV: once the prompt is processed, the pages
     between the moved kept tokens and the tail kept in place). Block-table rows keep their positions; the
     worker's copy of a row keeps the stale ids of freed pages, which the
-    attention never reads (it asks the same policy)."""
+    attention never reads (it asks the same policy). No prefix-cache hits
+    either way: what a prompt token attended depends on the drops made while
+    it was prefilled."""
 
     kv_cache_spec: KvcompEvictionSpec
-
-    def __init__(self, kv_cache_spec: KvcompEvictionSpec, **kwargs) -> None:
-        # vLLM computes an admission cap only for its own recycling specs.
-        if kwargs.get("max_admission_blocks_per_request") is None:
-            kwargs["max_admission_blocks_per_request"] = (
-                kv_cache_spec.max_admission_blocks_per_request(
-                    kv_cache_spec.max_in_flight_tokens, 1 << 62))
-        super().__init__(kv_cache_spec, **kwargs)
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens,
                               num_prompt_tokens=None):
@@ -367,27 +393,15 @@ class KvcompEvictionManager(KvcompPackedManager):
             lo, hi = spec.policy.dropped_pages(c, spec.packed_tokens(c))
         self._remove_blocks_in_range(request_id, lo, hi)
 
-    @classmethod
-    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
-                               kv_cache_spec, drop_eagle_block, alignment_tokens,
-                               dcp_world_size=1, pcp_world_size=1):
-        # Never a hit: a cached prefix would need the pages its own request
-        # already dropped (freed, maybe reused), and what a prompt token
-        # attended depends on the drops made while it was prefilled.
-        return tuple([] for _ in kv_cache_group_ids), 0
-
     def cache_blocks(self, request, num_tokens, *args, **kwargs):
         # No page gets a hash (nothing could hit it, see find_longest_cache_hit),
         # so a freed page goes back to the pool as a plain free page.
         held = len(self.req_to_blocks.get(request.request_id, ()))
         self.num_cached_block[request.request_id] = min(num_tokens // self.block_size, held)
 
-    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
-        return 0
-
 
 @dataclass(frozen=True, kw_only=True)
-class KvcompStreamSpec(AttentionSpec):
+class KvcompStreamSpec(_BoundedPagesSpec, AttentionSpec):
     """Streaming heads of a head map: model-dtype K and V pages
     ``(2, num_kv_heads, block_size, head_size)``, padded to the packed page
     size (``page_size_padded``); a request keeps the first ``sink_tokens`` and
@@ -423,20 +437,8 @@ class KvcompStreamSpec(AttentionSpec):
         held = self.policy.sink_pages + (self.concurrent_steps + 1) * per_window
         return min(held, cdiv(max_model_len, self.block_size))
 
-    def max_memory_usage_bytes(self, vllm_config) -> int:
-        return self.max_admission_blocks_per_request(
-            vllm_config.max_in_flight_tokens, vllm_config.model_config.max_model_len
-        ) * self.page_size_bytes
 
-    @classmethod
-    def merge(cls, specs: list[Self]) -> Self:
-        assert all(s == specs[0] for s in specs), (
-            "all KVCOMP streaming layers of a group must be identical"
-        )
-        return specs[0]
-
-
-class KvcompStreamManager(FullAttentionManager):
+class KvcompStreamManager(_BoundedPagesManager, FullAttentionManager):
     """Pages of a request's streaming heads: a page is taken from the pool only
     when some later query will read it (a sink page, or one in the recent
     window of the step's end), the others are ``null_block`` placeholders, and
@@ -444,12 +446,6 @@ class KvcompStreamManager(FullAttentionManager):
     passed them. No prefix-cache hits (the middle of a cached prefix is gone)."""
 
     kv_cache_spec: KvcompStreamSpec
-
-    def __init__(self, kv_cache_spec: KvcompStreamSpec, **kwargs) -> None:
-        if kwargs.get("max_admission_blocks_per_request") is None:
-            kwargs["max_admission_blocks_per_request"] = (
-                kv_cache_spec.max_admission_blocks_per_request(0, 1 << 62))
-        super().__init__(kv_cache_spec, **kwargs)
 
     def _num_new_live(self, held: int, num_tokens: int) -> int:
         sink, lo, hi = self.kv_cache_spec.live_pages(num_tokens)
@@ -488,20 +484,11 @@ class KvcompStreamManager(FullAttentionManager):
         if freed:
             self.block_pool.free_blocks(freed)
 
-    @classmethod
-    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
-                               kv_cache_spec, drop_eagle_block, alignment_tokens,
-                               dcp_world_size=1, pcp_world_size=1):
-        return tuple([] for _ in kv_cache_group_ids), 0
-
     def cache_blocks(self, request, num_tokens, *args, **kwargs):
         # nothing is hashed: nothing can hit it, and a freed page goes back
         # to the pool as a plain free page
         self.num_cached_block[request.request_id] = len(
             self.req_to_blocks.get(request.request_id, ()))
-
-    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
-        return 0
 
 
 _REGISTERED = False
