@@ -4,7 +4,8 @@ vLLM maps each layer name to exactly one KV cache spec, so the residual window
 of layer ``L`` is declared by a module registered as ``L.kvcomp_residual`` in
 the static forward context (the pattern vLLM uses for its own side caches).
 vLLM then gives it a KV cache group, a block table and a slot mapping; the
-parent layer's impl reads them from the forward context.
+parent layer's impl reads them from the forward context. ``KvcompSubLayer``
+is that pattern, shared with the streaming heads' sub-layer (``stream_layer``).
 """
 
 from __future__ import annotations
@@ -47,14 +48,18 @@ def residual_spec(packed: KvcompSpec | KvcompEvictionSpec, concurrent_steps: int
     )
 
 
-class KvcompResidualCache(torch.nn.Module, AttentionLayerBase):
-    def __init__(self, parent: torch.nn.Module, cfg: KvcompConfig,
-                 num_kv_heads: int | None = None) -> None:
+class KvcompSubLayer(torch.nn.Module, AttentionLayerBase):
+    """A KV cache of its own for ``num_kv_heads`` of ``parent``'s heads,
+    registered as ``<parent><layer_suffix>``; its pages are model-dtype K and
+    V, ``(2, heads, block, head_size)``."""
+
+    layer_suffix: str
+
+    def __init__(self, parent: torch.nn.Module, cfg: KvcompConfig, num_kv_heads: int) -> None:
         super().__init__()
         self.parent_name = parent.layer_name
-        self.layer_name = parent.layer_name + RESIDUAL_SUFFIX
-        # the retrieval heads only, under a head map
-        self.num_kv_heads = num_kv_heads or parent.num_kv_heads
+        self.layer_name = parent.layer_name + self.layer_suffix
+        self.num_kv_heads = num_kv_heads
         self.head_size = parent.head_size
         self.model_dtype = parent.kv_cache_torch_dtype
         self.config = cfg
@@ -68,6 +73,18 @@ class KvcompResidualCache(torch.nn.Module, AttentionLayerBase):
     def get_attn_backend(self):
         return KvcompResidualBackend
 
+    def forward(self):  # never called: the parent layer drives this cache
+        raise RuntimeError(f"{type(self).__name__} has no forward")
+
+
+class KvcompResidualCache(KvcompSubLayer):
+    layer_suffix = RESIDUAL_SUFFIX
+
+    def __init__(self, parent: torch.nn.Module, cfg: KvcompConfig,
+                 num_kv_heads: int | None = None) -> None:
+        # the retrieval heads only, under a head map
+        super().__init__(parent, cfg, num_kv_heads or parent.num_kv_heads)
+
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KvcompResidualSpec:
         packed = packed_spec(
             self.config,
@@ -77,6 +94,3 @@ class KvcompResidualCache(torch.nn.Module, AttentionLayerBase):
             self.model_dtype,
         )
         return residual_spec(packed, vllm_config.max_concurrent_batches)
-
-    def forward(self):  # never called: the parent layer drives this cache
-        raise RuntimeError("KvcompResidualCache has no forward")

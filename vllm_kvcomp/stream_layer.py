@@ -16,12 +16,11 @@ they attend exactly as DuoAttention's streaming heads.
 from __future__ import annotations
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.config import VllmConfig
 
-from vllm_kvcomp.backend import KvcompResidualBackend
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.names import STREAM_SUFFIX
+from vllm_kvcomp.residual_layer import KvcompSubLayer, packed_spec
 from vllm_kvcomp.spec import KvcompSpec, KvcompStreamSpec
 
 
@@ -78,35 +77,17 @@ def stream_spec(cfg: KvcompConfig, packed: KvcompSpec, num_stream_heads: int,
     )
 
 
-class KvcompStreamCache(torch.nn.Module, AttentionLayerBase):
+class KvcompStreamCache(KvcompSubLayer):
+    layer_suffix = STREAM_SUFFIX
+
     def __init__(self, parent: torch.nn.Module, cfg: KvcompConfig, num_retrieval: int,
                  num_streaming: int) -> None:
-        super().__init__()
-        self.parent_name = parent.layer_name
-        self.layer_name = parent.layer_name + STREAM_SUFFIX
+        super().__init__(parent, cfg, num_streaming)
+        # the packed page the streaming heads' page is padded to holds these
         self.num_retrieval = num_retrieval
-        self.num_kv_heads = num_streaming
-        self.head_size = parent.head_size
-        self.model_dtype = parent.kv_cache_torch_dtype
-        self.config = cfg
-        self.kv_cache = torch.tensor([])
-        self.impl = None
-        ctx = get_current_vllm_config().compilation_config.static_forward_context
-        if self.layer_name in ctx:
-            raise ValueError(f"Duplicate layer name: {self.layer_name}")
-        ctx[self.layer_name] = self
-
-    def get_attn_backend(self):
-        # the same page shape as the residual window: (2, heads, block, head_size)
-        return KvcompResidualBackend
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KvcompStreamSpec:
-        from vllm_kvcomp.residual_layer import packed_spec
-
         packed = packed_spec(self.config, vllm_config.cache_config.block_size,
                              self.num_retrieval, self.head_size, self.model_dtype)
         return stream_spec(self.config, packed, self.num_kv_heads,
                            vllm_config.max_concurrent_batches)
-
-    def forward(self):  # never called: the parent layer drives this cache
-        raise RuntimeError("KvcompStreamCache has no forward")
