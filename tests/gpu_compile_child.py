@@ -24,6 +24,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 import vllm_kvcomp.kernels.triton_decode as triton_decode  # noqa: E402
 from engine_launches import recorded_launches  # noqa: E402
 import vllm_kvcomp.kernels.triton_prefill as triton_prefill  # noqa: E402
+import vllm_kvcomp.kernels.triton_quest as triton_quest  # noqa: E402
 import vllm_kvcomp.kernels.triton_store as triton_store  # noqa: E402
 from vllm_kvcomp.config import KvcompConfig  # noqa: E402
 
@@ -158,6 +159,10 @@ def prefill_store_case(c) -> list:
     from test_triton_prefill import mixed_plans
     from test_triton_store import Step
 
+    # Those test modules switch the interpreter on for their own runs; a kernel
+    # module decorated or a launcher run after that would be the interpreter's.
+    os.environ.pop("TRITON_INTERPRET", None)
+
     cfg = KvcompConfig(k_bits=c["bits"][0], v_bits=c["bits"][1], group_size=32,
                        residual_tokens=32)
     step = Step(cfg, mixed_plans(cfg), H=2, D=c["D"], rep=4, dtype=DTYPES[c["dtype"]], seed=5)
@@ -189,7 +194,6 @@ def prefill_store_case(c) -> list:
 def quest_case(c) -> list:
     """Quest's scoring, selection and sparse decode launches on a batch past
     its 4-page budget."""
-    from vllm_kvcomp.kernels import triton_quest
     from vllm_kvcomp.kernels.decode_batch import DecodeBatch
     from vllm_kvcomp.policies.quest import Quest
 

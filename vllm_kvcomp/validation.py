@@ -80,6 +80,9 @@ def capacity_ratio(cfg: KvcompConfig, vllm_config) -> float:
 def log_startup(cfg: KvcompConfig, vllm_config) -> None:
     from vllm.logger import init_logger
 
+    if vllm_config.cache_config.num_gpu_blocks is not None:
+        return  # vLLM's check after sizing the KV cache: logged on the first pass
+
     # the values in force, not "auto" / None
     mc = vllm_config.model_config
     resolved = {**cfg.to_dict(), "block_size": vllm_config.cache_config.block_size,
@@ -312,7 +315,12 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
     check_quest_platform(cfg)
 
     align = cfg.key_token_align
-    if cfg.block_size is not None:
+    if cc.num_gpu_blocks is not None:
+        # vLLM checks the config again once the KV cache is sized, with
+        # block_size then the smallest group's (the window's pages): the
+        # packed pages' block size was settled on the first pass.
+        pass
+    elif cfg.block_size is not None:
         if cc.user_specified_block_size and cc.block_size != cfg.block_size:
             raise KvcompConfigError(
                 f"--block-size {cc.block_size} conflicts with kvcomp block_size={cfg.block_size}"
