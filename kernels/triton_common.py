@@ -2,8 +2,9 @@
 
 Host side: the page geometry every kernel takes as constexprs
 (``layout_constexprs``), the alignment its pointer casts rely on
-(``check_alignment``), and whether Triton runs under its CPU interpreter
-(``interpreted``: the launchers then choose fp32 dots).
+(``check_alignment``, ``check_decode_inputs``), the residual window's
+arguments (``residual_window_args``), and whether Triton runs under its CPU
+interpreter (``interpreted``: the launchers then choose fp32 dots).
 
 Device side (``@triton.jit``, inlined into the kernels that call them): the
 decode kernel's work on packed pages without shuffling codes back into
@@ -52,6 +53,42 @@ def check_alignment(layout: PageLayout, es: int, packed_cache: torch.Tensor) -> 
         offs += [layout.v_codes_offset, layout.v_code_row_bytes]
     assert all(o % align == 0 for o in offs), (
         f"packed page regions are not {align}-byte aligned: {offs}")
+
+
+def check_decode_inputs(query: torch.Tensor, key_new: torch.Tensor, value_new: torch.Tensor,
+                        packed_cache: torch.Tensor,
+                        layout: PageLayout) -> tuple[int, int, int, int]:
+    """(B, Hq, H, D) of a decode batch, after the checks the decode kernels'
+    pointer arithmetic relies on: query [B, Hq, D], key_new / value_new
+    [B, H, D] in the model dtype (channel stride 1, any row/head strides),
+    packed_cache uint8 [nb, H, head_page_bytes]."""
+    B, Hq, D = query.shape
+    H = key_new.shape[1]
+    assert D == layout.head_size and Hq % H == 0
+    assert key_new.shape == (B, H, D) and value_new.shape == (B, H, D)
+    assert query.stride(-1) == 1 and key_new.stride(-1) == 1 and value_new.stride(-1) == 1
+    assert key_new.dtype == value_new.dtype
+    assert key_new.element_size() == layout.model_dtype_bytes
+    assert packed_cache.dtype == torch.uint8 and packed_cache.stride(-1) == 1
+    assert packed_cache.shape[1] == H and packed_cache.shape[2] == layout.head_page_bytes
+    check_alignment(layout, key_new.element_size(), packed_cache)
+    return B, Hq, H, D
+
+
+def residual_window_args(cfg, residual_cache: torch.Tensor | None,
+                         residual_block_table: torch.Tensor | None, residual_block_size: int,
+                         block_table: torch.Tensor, fresh_keys: torch.Tensor) -> tuple:
+    """The full-precision window's kernel arguments: (cache, its block, K/V,
+    head and token strides, its block table, its block size). Without a
+    window the kernels compile its reads out (``HAS_RESIDUAL``), so the fresh
+    keys and the packed pages' block table fill those slots."""
+    if cfg.needs_residual_cache:
+        assert residual_cache is not None, (
+            "this config keeps a residual window: residual_cache is required")
+    if residual_cache is None:
+        return fresh_keys, (0, 0, 0, 0), block_table, 1
+    assert residual_cache.stride(-1) == 1 and residual_cache.dtype == fresh_keys.dtype
+    return residual_cache, residual_cache.stride()[:4], residual_block_table, residual_block_size
 
 
 def layout_constexprs(layout: PageLayout) -> dict:

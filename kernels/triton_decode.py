@@ -62,7 +62,7 @@ from vllm_kvcomp.kernels.decode_launch import (
 )
 from vllm_kvcomp.kernels.triton_common import (
     accumulate_phase,
-    check_alignment,
+    check_decode_inputs,
     codes_operand,
     dequant,
     dot_operand,
@@ -75,6 +75,7 @@ from vllm_kvcomp.kernels.triton_common import (
     matmul,
     phase_codes,
     pick,
+    residual_window_args,
     softmax_step,
     split_phases,
     unpack_asm,
@@ -637,30 +638,14 @@ def kvcomp_decode_attention(
     ``maxnreg``, a cap that trades spills for resident programs).
     """
     assert layout.config == cfg
-    B, Hq, D = query.shape
-    H = key_new.shape[1]
-    assert D == layout.head_size and Hq % H == 0
-    assert key_new.shape == (B, H, D) and value_new.shape == (B, H, D)
-    assert query.stride(-1) == 1 and key_new.stride(-1) == 1 and value_new.stride(-1) == 1
-    assert key_new.dtype == value_new.dtype
-    assert key_new.element_size() == layout.model_dtype_bytes
-    assert packed_cache.dtype == torch.uint8 and packed_cache.stride(-1) == 1
-    assert packed_cache.shape[1] == H and packed_cache.shape[2] == layout.head_page_bytes
-    check_alignment(layout, key_new.element_size(), packed_cache)
+    B, Hq, H, D = check_decode_inputs(query, key_new, value_new, packed_cache, layout)
     if out is None:
         out = torch.empty_like(query)
     assert out.shape == query.shape and out.stride(-1) == 1
     if B == 0:
         return out
-    has_res = residual_cache is not None
-    if cfg.needs_residual_cache:
-        assert has_res, "this config keeps a residual window: residual_cache is required"
-    if has_res:
-        assert residual_cache.stride(-1) == 1 and residual_cache.dtype == key_new.dtype
-        res, rs = residual_cache, residual_cache.stride()[:4]
-        rbt = residual_block_table
-    else:
-        res, rs, rbt = key_new, (0, 0, 0, 0), block_table
+    res, rs, rbt, bs_r = residual_window_args(cfg, residual_cache, residual_block_table,
+                                              residual_block_size, block_table, key_new)
 
     rep = Hq // H
     # Triton pads small M to the tensor-core tile itself; padding here to 16
@@ -728,10 +713,10 @@ def kvcomp_decode_attention(
         res, *rs,
         block_table, block_table.stride(0), rbt, rbt.stride(0),
         seq_lens, float(scale) * math.log2(math.e),
-        BS_R=residual_block_size if has_res else 1,
+        BS_R=bs_r,
         R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
         REP=rep, REP_P=rep_p, BLOCK_N=bn, BLOCK_R=br, SPLIT=num_splits > 1,
-        HAS_RESIDUAL=has_res, IEEE=ieee, WT=wt,
+        HAS_RESIDUAL=residual_cache is not None, IEEE=ieee, WT=wt,
         K_SPLIT_FOLD=fold == "split", K_FP16_FOLD=fp16_keys,
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": max_registers} if max_registers else {}),

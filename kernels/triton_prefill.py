@@ -42,7 +42,12 @@ import triton.language as tl
 
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref
-from vllm_kvcomp.kernels.triton_common import check_alignment, interpreted, layout_constexprs
+from vllm_kvcomp.kernels.triton_common import (
+    check_alignment,
+    interpreted,
+    layout_constexprs,
+    residual_window_args,
+)
 from vllm_kvcomp.launch_env import PREFILL_LAUNCH_ENV, parse_prefill_launch
 from vllm_kvcomp.layout import PageLayout
 
@@ -439,15 +444,8 @@ def kvcomp_prefill_attention(
     check_alignment(layout, key.element_size(), packed_cache)
     if num_reqs == 0 or max_query_len <= 0:
         return out
-    has_res = residual_cache is not None
-    if cfg.needs_residual_cache:
-        assert has_res, "this config keeps a residual window: residual_cache is required"
-    if has_res:
-        assert residual_cache.stride(-1) == 1
-        res, rs = residual_cache, residual_cache.stride()[:4]
-        rbt = residual_block_table
-    else:
-        res, rs, rbt = key, (0, 0, 0, 0), block_table
+    res, rs, rbt, bs_r = residual_window_args(cfg, residual_cache, residual_block_table,
+                                              residual_block_size, block_table, key)
     launch = PREFILL_LAUNCH
     if query.dtype == torch.float32:
         launch = {k: min(v, _FP32_LAUNCH_CAP[k]) for k, v in launch.items()}
@@ -486,9 +484,10 @@ def kvcomp_prefill_attention(
         lse if lse is not None else out, lse.stride(0) if lse is not None else 0, out_row_base,
     )
     consts = dict(
-        BS_R=residual_block_size if has_res else 1,
+        BS_R=bs_r,
         R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size, REP=rep,
-        HAS_RESIDUAL=has_res, IEEE=ieee, FRESH=include_fresh, WRITE_LSE=lse is not None,
+        HAS_RESIDUAL=residual_cache is not None, IEEE=ieee, FRESH=include_fresh,
+        WRITE_LSE=lse is not None,
         **layout_constexprs(layout),
     )
     if as_stored:

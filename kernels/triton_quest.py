@@ -37,11 +37,13 @@ from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref
 from vllm_kvcomp.kernels.triton_common import (
     check_alignment,
+    check_decode_inputs,
     interpreted,
     layout_constexprs,
     load_params,
     load_raw_rows,
     matmul,
+    residual_window_args,
     softmax_step,
 )
 from vllm_kvcomp.layout import PageLayout
@@ -282,24 +284,18 @@ def quest_decode_attention(
     (``quest_select``), the full-precision window and the fresh token; the
     arguments are ``triton_decode.kvcomp_decode_attention``'s. -> out [B, Hq, D]."""
     _check_quest(layout, cfg, quest)
-    B, Hq, D = query.shape
-    H = key_new.shape[1]
-    assert D == layout.head_size and Hq % H == 0 and key_new.shape == (B, H, D)
+    B, Hq, H, D = check_decode_inputs(query, key_new, value_new, packed_cache, layout)
     assert selected.shape == (B, H, quest.budget_pages) and selected.dtype == torch.int32
-    assert query.stride(-1) == 1 and key_new.stride(-1) == 1 and value_new.stride(-1) == 1
-    check_alignment(layout, key_new.element_size(), packed_cache)
     if out is None:
         out = torch.empty_like(query)
     if B == 0:
         return out
-    has_res = residual_cache is not None
-    if cfg.needs_residual_cache:
-        assert has_res, "this config keeps a residual window: residual_cache is required"
-    if has_res:
-        res, rs, rbt = residual_cache, residual_cache.stride()[:4], residual_block_table
-    else:
-        res, rs, rbt = key_new, (0, 0, 0, 0), block_table
+    res, rs, rbt, bs_r = residual_window_args(cfg, residual_cache, residual_block_table,
+                                              residual_block_size, block_table, key_new)
     consts = layout_constexprs(layout)
+    # Quest bounds per-channel keys only: no per-token key groups
+    for name in ("KEY_CHANNEL", "K_GC", "K_NG"):
+        del consts[name]
     bn = min(block_n, layout.block_size, cfg.group_size)
     rep = Hq // H
     _quest_decode_kernel[(B, H)](
@@ -309,16 +305,11 @@ def quest_decode_attention(
         block_table, block_table.stride(0), rbt, rbt.stride(0),
         selected, selected.stride(0), selected.stride(1), seq_lens,
         float(scale) * math.log2(math.e),
-        D=D, BS=layout.block_size, BS_R=residual_block_size if has_res else 1,
-        R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
-        K_BITS=cfg.k_bits, V_BITS=cfg.v_bits, V_GC=consts["V_GC"], V_NG=consts["V_NG"],
-        K_CODES_OFF=layout.k_codes_offset, K_PARAMS_OFF=layout.k_params_offset,
-        K_ROW=layout.k_code_row_bytes, V_CODES_OFF=layout.v_codes_offset,
-        V_PARAMS_OFF=layout.v_params_offset, V_ROW=layout.v_code_row_bytes,
+        BS_R=bs_r, R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
         KP=quest.budget_pages, REP=rep, REP_P=triton.next_power_of_2(rep), BLOCK_N=bn,
-        BLOCK_R=max(16, triton.next_power_of_2(block_r)), BLOCK_D=consts["BLOCK_D"],
-        HAS_RESIDUAL=has_res, IEEE=query.dtype == torch.float32 or interpreted(),
-        num_warps=num_warps,
+        BLOCK_R=max(16, triton.next_power_of_2(block_r)),
+        HAS_RESIDUAL=residual_cache is not None,
+        IEEE=query.dtype == torch.float32 or interpreted(), num_warps=num_warps, **consts,
     )
     return out
 

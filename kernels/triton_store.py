@@ -50,7 +50,11 @@ import triton.language as tl
 
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref
-from vllm_kvcomp.kernels.triton_common import check_alignment, layout_constexprs
+from vllm_kvcomp.kernels.triton_common import (
+    check_alignment,
+    layout_constexprs,
+    residual_window_args,
+)
 from vllm_kvcomp.layout import PageLayout
 
 TOKEN_UNIT = 16  # tokens per hand-over unit when no per-channel key groups
@@ -411,15 +415,10 @@ def kvcomp_store(
     if num_reqs == 0:
         return
     has_res = residual_cache is not None
-    if cfg.needs_residual_cache:
-        assert has_res, "this config keeps a residual window: residual_cache is required"
-    if has_res:
-        assert residual_cache.stride(-1) == 1 and residual_cache.dtype == key.dtype
-        res = residual_cache
-        rs = res.stride()[:4]
-        rbt = residual_block_table if residual_block_table is not None else block_table
-    else:
-        res, rs, rbt = key, (0, 0, 0, 0), block_table
+    res, rs, rbt, bs_r = residual_window_args(
+        cfg, residual_cache,
+        residual_block_table if residual_block_table is not None else block_table,
+        residual_block_size, block_table, key)
     do_res = has_res and residual_slot_mapping is not None
     slots = residual_slot_mapping if do_res else seq_lens
     unit = handover_unit(cfg)
@@ -430,7 +429,7 @@ def kvcomp_store(
     if num_warps is None:  # H100: 8 warps ~1.6x faster for key groups, 4 otherwise
         num_warps = 8 if unit > TOKEN_UNIT else 4
     common = dict(
-        BS_R=residual_block_size if has_res else 1,
+        BS_R=bs_r,
         R=cfg.residual_tokens,
         ALIGN=cfg.key_token_align,
         UNIT=unit,
