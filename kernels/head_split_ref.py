@@ -81,12 +81,13 @@ def split_step_reference(
     packed_cache: torch.Tensor, residual_cache: torch.Tensor | None, layout, cfg, scale: float,
     batch: BatchView, head_split: tuple[list[int], list[int]], stream_cache: torch.Tensor,
     stream_block_table: torch.Tensor, stream_slot_mapping: torch.Tensor | None,
-    stream_block_size: int,
+    stream_block_size: int, quest=None,
 ) -> None:
     """One split layer's step: ``query [T, Hq, D]``, ``key`` / ``value [T, H,
     D]`` in the model's head order; ``head_split`` = (retrieval, streaming) KV
     head indices; the packed and residual caches hold the retrieval heads in
-    that order, ``stream_cache`` the streaming heads."""
+    that order, ``stream_cache`` the streaming heads. ``quest``: page selection
+    for the retrieval heads (the streaming heads read only sinks and window)."""
     D = layout.head_size
     T = key.shape[0]
     key, value = key.view(T, -1, D), value.view(T, -1, D)
@@ -99,7 +100,7 @@ def split_step_reference(
     out_r = output.new_empty(T, len(retrieval) * rep, D)
     kvcomp_step_reference(q4[:, retrieval].reshape(T, -1, D), key[:, retrieval],
                           value[:, retrieval], out_r, packed_cache, residual_cache, layout,
-                          cfg, scale, batch)
+                          cfg, scale, batch, quest=quest)
     out_s = output.new_empty(T, len(streaming) * rep, D)
     stream_step_reference(q4[:, streaming].reshape(T, -1, D), key[:, streaming],
                           value[:, streaming], out_s, stream_cache, stream_block_table,

@@ -16,6 +16,7 @@ from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
 from vllm_kvcomp.kernels.head_split_ref import split_step_reference
 from vllm_kvcomp.policies.attention import window_mask
 from vllm_kvcomp.policies.head_map import HeadMap, HeadMapError, served_split
+from vllm_kvcomp.policies.quest import Quest
 
 vllm_kvcomp.register()
 
@@ -195,7 +196,7 @@ def _duo_reference(q, k, v, streaming, sink, recent):
     return out
 
 
-def _run_split(cfg, split, chunks, q, k, v, bs):
+def _run_split(cfg, split, chunks, q, k, v, bs, quest=None):
     retrieval, streaming = split
     T = q.shape[0]
     rep = q.shape[1] // k.shape[1]
@@ -210,7 +211,7 @@ def _run_split(cfg, split, chunks, q, k, v, bs):
         o = torch.zeros(step, q.shape[1], D)
         split_step_reference(q[c:n], k[c:n], v[c:n], o, sim.packed, sim.residual, sim.layout,
                              cfg, D ** -0.5, sim.batch([c], [n]), split, pages.cache, row,
-                             slots, bs_s)
+                             slots, bs_s, quest=quest)
         out[c:n] = o
         c = n
     assert len(out) == T and rep >= 1
@@ -252,32 +253,43 @@ def test_split_layer_equals_duo_attention_in_float(H, rep, streaming, bs, chunks
 @pytest.mark.parametrize("kvcomp", [
     {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32},
     {"k_bits": 2, "v_bits": 4, "key_axis": "token", "group_size": 32, "residual_tokens": 0},
+    # Quest on the retrieval heads: 2 of their 6-7 packed pages a decode step
+    {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 0, "quest": 64},
 ])
 def test_quantized_retrieval_heads_are_the_unsplit_layer_on_those_heads(kvcomp):
     """With packed retrieval heads, the split layer's retrieval heads equal
-    the ordinary compressed layer run on those heads alone (exactly), and its
-    streaming heads DuoAttention's float streaming attention."""
-    cfg = KvcompConfig.from_dict({**kvcomp, "sink_tokens": 8, "recent_tokens": 40})
+    the ordinary compressed layer run on those heads alone (exactly), Quest's
+    page selection included, and its streaming heads DuoAttention's float
+    streaming attention."""
+    kvcomp = dict(kvcomp)
     H, rep, bs = 4, 2, 32
+    budget = kvcomp.pop("quest", None)
+    quest = Quest(budget, bs) if budget else None
+    cfg = KvcompConfig.from_dict({**kvcomp, "sink_tokens": 8, "recent_tokens": 40})
     split = ([0, 3], [1, 2])
     chunks = [90, 41, 1, 1, 64] + [1] * 8
     T = sum(chunks)
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(T, h, D, generator=g) for h in (H * rep, H, H))
-    out = _run_split(cfg, split, chunks, q, k, v, bs).view(T, H, rep, D)
+    out = _run_split(cfg, split, chunks, q, k, v, bs, quest).view(T, H, rep, D)
     r = torch.tensor(split[0])
     qr = q.view(T, H, rep, D)[:, r].reshape(T, -1, D)
-    sim = SimPagedCache(cfg, bs, 2, D, 1, T, seed=3)
-    plain = torch.zeros(T, 2 * rep, D)
+    # the unsplit layer with the same selection, and without one
+    runs = [(SimPagedCache(cfg, bs, 2, D, 1, T, seed=3), torch.zeros(T, 2 * rep, D), sel)
+            for sel in (quest, None)]
     c = 0
     for step in chunks:
         n = c + step
-        o = torch.zeros(step, 2 * rep, D)
-        kvcomp_step_reference(qr[c:n], k[c:n, r], v[c:n, r], o, sim.packed, sim.residual,
-                              sim.layout, cfg, D ** -0.5, sim.batch([c], [n]))
-        plain[c:n] = o
+        for sim, res, sel in runs:
+            o = torch.zeros(step, 2 * rep, D)
+            kvcomp_step_reference(qr[c:n], k[c:n, r], v[c:n, r], o, sim.packed, sim.residual,
+                                  sim.layout, cfg, D ** -0.5, sim.batch([c], [n]), quest=sel)
+            res[c:n] = o
         c = n
+    plain, dense = runs[0][1], runs[1][1]
     assert torch.equal(out[:, r].reshape(T, -1, D), plain)
+    if quest is not None:  # the selection did leave pages out of the late decode steps
+        assert (plain[-8:] - dense[-8:]).abs().max() > 1e-3
     ref = _duo_reference(q, k, v, set(split[1]), 8, 40).view(T, H, rep, D)
     torch.testing.assert_close(out[:, split[1]].double(), ref[:, split[1]], atol=2e-5,
                                rtol=1e-4)
@@ -448,10 +460,13 @@ def test_engine_reports_the_split_capacity(tmp_path):
     assert split >= 1.8 * plain
 
 
-def test_head_map_with_quest_is_refused(tmp_path):
+def test_head_map_with_quest_is_accepted_on_the_cpu_path(tmp_path):
+    """Quest selects pages for the retrieval heads; the streaming heads read
+    only their sinks and window, so there is nothing to select."""
     from vllm_kvcomp.validation import check_head_map
 
     cfg = KvcompConfig.from_dict({"head_map": _write(tmp_path, {"gates": [[0.9, 0.1]] * 4}),
                                   "quest": {"budget_tokens": 512}})
-    with pytest.raises(KvcompConfigError, match="head_map and quest cannot be combined"):
-        check_head_map(cfg, None, on_cpu=True)
+    check_head_map(cfg, None, on_cpu=True)
+    with pytest.raises(KvcompConfigError, match="runs only on the CPU path"):
+        check_head_map(cfg, None, on_cpu=False)

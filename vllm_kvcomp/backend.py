@@ -390,7 +390,8 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
                 query[:n], key[:n], value[:n], output[:n], kv_cache, residual_cache, layout,
                 cfg, self.scale, batch, self.head_split,
                 ctx.no_compile_layers[stream_name].kv_cache, stream_md.block_table,
-                stream_md.slot_mapping, stream_md.block_size)
+                stream_md.slot_mapping, stream_md.block_size,
+                quest=self._quest_for(layer.layer_name, layout.block_size))
             return output
         kvcomp_step_reference(
             query[:n],

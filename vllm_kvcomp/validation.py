@@ -158,10 +158,6 @@ def check_head_map(cfg: KvcompConfig, hf_config, on_cpu: bool | None = None) -> 
         split = served_split(head_map, cfg.streaming_ratio)
     except HeadMapError as e:
         raise KvcompConfigError(f"kvcomp head_map: {e}") from None
-    if cfg.quest is not None:
-        # the split layer's attention has no page selection
-        raise KvcompConfigError(
-            "kvcomp head_map and quest cannot be combined yet: remove one of them")
     if not _on_cpu_path(on_cpu):
         how = ("as the map's roles say" if head_map.roles is not None
                else f"at streaming_ratio={cfg.streaming_ratio}")
