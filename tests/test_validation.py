@@ -163,3 +163,18 @@ def test_channel_groups_must_divide_the_head_size(llama, tmp_path):
     with pytest.raises(ValueError, match="group_size=64 does not divide"):
         _engine_config(model, {"group_size": 64, "key_axis": "token"})
     assert _engine_config(model, {"value_group_size": 32}) is not None
+
+
+def test_the_check_after_kv_sizing_keeps_a_users_block_size(llama):
+    """vLLM runs the platform's config check again once the KV cache is sized,
+    with block_size then the smallest group's (the window's pages, 32 tokens
+    here): a user's --block-size 128 must not be refused then (the engine died
+    after loading the model), nor the block size be re-derived from it."""
+    from vllm.platforms import current_platform
+
+    config = _engine_config(llama, {"k_bits": 4, "v_bits": 4}, block_size=128)
+    assert config.cache_config.block_size == 128
+    config.cache_config.num_gpu_blocks = 1000
+    config.cache_config.block_size = 32
+    current_platform.check_and_update_config(config)
+    assert config.cache_config.block_size == 32
