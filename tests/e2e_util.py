@@ -1,4 +1,6 @@
-"""Helpers shared by the end-to-end tests: fresh-process engines, prompts."""
+"""Helpers shared by the end-to-end tests: fresh-process engines, prompts, and
+vLLM's start-up config path for the start-up checks."""
+import copy
 import json
 import os
 import random
@@ -47,10 +49,21 @@ def env_without_interpreter(**extra) -> dict:
     return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
 
 
-def run_engine(spec: dict, timeout: int = 1200, env: dict | None = None) -> dict:
+_SHARED: dict[str, dict] = {}
+
+
+def run_engine(spec: dict, timeout: int = 1200, env: dict | None = None,
+               shared: bool = False) -> dict:
     """Run tests/engine_runner.py on ``spec`` (with extra environment
     variables ``env``); return its RESULT plus the KV capacity vLLM logged
-    (``kv_cache_tokens``)."""
+    (``kv_cache_tokens``). ``shared``: a reference run that several tests
+    compare against; an identical spec and environment run earlier in this
+    pytest process gives its result without another engine."""
+    if shared:
+        key = json.dumps([spec, env], sort_keys=True)
+        if key not in _SHARED:
+            _SHARED[key] = run_engine(spec, timeout, env)
+        return copy.deepcopy(_SHARED[key])
     # Engines run as a user's would: the interpreter switch that conftest
     # sets for the in-process kernel tests is passed on only when asked for.
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
@@ -70,3 +83,54 @@ def token_prompts(lengths, seed, vocab=400, shared_prefix=0, offset=3):
     prefix = [rng.randrange(offset, vocab) for _ in range(shared_prefix)]
     return [{"prompt_token_ids": prefix + [rng.randrange(offset, vocab) for _ in range(n)]}
             for n in lengths]
+
+
+# The policy end-to-end tests' workload (eviction, SnapKV, Quest, head map):
+# 32-token pages, key groups and full-precision window, so that budgets and
+# windows of a few pages act on these prompts; three prompts past a 512-token
+# prefill chunk (1400 spans three) and one of 40 tokens that no budget or
+# window here reaches.
+POLICY_BASE = {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32,
+               "block_size": 32}
+POLICY_K16 = {**POLICY_BASE, "k_bits": 16, "v_bits": 16}
+POLICY_LENGTHS = (900, 300, 1400, 40)
+
+
+def policy_spec(model, kvcomp, lengths=POLICY_LENGTHS, max_tokens=24, rounds=1,
+                batches=None, **engine) -> dict:
+    """An engine spec of that workload (prefix caching on) with ``kvcomp``;
+    ``engine`` overrides its LLM arguments."""
+    spec = dict(model=model, backend="kvcomp", kvcomp=kvcomp,
+                engine={**dict(max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=4,
+                               enable_prefix_caching=True), **engine},
+                prompts=token_prompts(list(lengths), seed=11), max_tokens=max_tokens,
+                rounds=rounds)
+    if batches is not None:
+        spec["batches"] = batches
+    return spec
+
+
+def engine_config(model, kvcomp=None, **kwargs):
+    """The config vLLM's start-up builds (``EngineArgs.create_engine_config``,
+    where the backend's checks run) for ``model`` with the KVCOMP backend,
+    ``kvcomp`` settings and other engine arguments; no engine starts."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model, attention_backend="kvcomp", max_model_len=2048,
+                      additional_config={"kvcomp": kvcomp or {}}, **kwargs).create_engine_config()
+
+
+def model_variant(model, tmp_path, **config_changes):
+    """A copy of ``model``'s directory (files linked, weights are not read by
+    start-up) whose config.json has ``config_changes`` applied, e.g. another
+    architecture or KV head count."""
+    d = Path(tmp_path) / "variant"
+    d.mkdir()
+    for f in os.listdir(model):
+        if f != "config.json":
+            os.symlink(os.path.join(model, f), d / f)
+    with open(os.path.join(model, "config.json")) as fh:
+        cfg = json.load(fh)
+    cfg.update(config_changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)

@@ -5,7 +5,8 @@ end-to-end tests starts its own. argv[1] is a JSON spec:
 
     {"model": dir, "backend": "kvcomp" | "CPU_ATTN" | ..., "kvcomp": {...},
      "engine": {extra LLM kwargs}, "prompts": [str | {"prompt_token_ids": [...]}],
-     "max_tokens": int, "logprobs": bool, "prompt_logprobs": bool, "rounds": int}
+     "max_tokens": int, "logprobs": bool, "prompt_logprobs": bool, "rounds": int,
+     "batches": [[prompt index, ...], ...]}
 
 The last stdout line starting with ``RESULT `` holds token ids, logprobs of
 the chosen tokens, prompt logprobs, and the engine's preemption and
@@ -17,6 +18,17 @@ import os
 import sys
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# The engine core and its worker run in this process rather than in two more
+# that each import torch and vLLM again (most of a test engine's start-up on
+# two cores). Scheduling, the KV cache managers and attention are the same
+# code either way; the soak (`vllm serve`) and quality tests run vLLM's
+# default process layout.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# One compute thread, as vLLM's CPU worker takes on two cores when it binds
+# its threads (one core is left to the engine core): two threads wait at
+# every parallel region for a core that anything else on the machine may
+# hold (an engine took up to 3x as long).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _counter(metrics, name):
@@ -42,8 +54,13 @@ def main(spec):
         prompt_logprobs=0 if spec.get("prompt_logprobs") else None,
     )
     # "rounds": the same prompts again, one generate call after the other (a
-    # later round can hit the prefix cache that an earlier one filled)
-    outs = [o for _ in range(spec.get("rounds", 1)) for o in llm.generate(spec["prompts"], params)]
+    # later round can hit the prefix cache that an earlier one filled).
+    # "batches" instead: one generate call per list of prompt indices, in
+    # order, so that one engine can serve the same prompts together (where a
+    # small pool preempts) and one at a time (where it cannot).
+    prompts = spec["prompts"]
+    batches = spec.get("batches") or [list(range(len(prompts)))] * spec.get("rounds", 1)
+    outs = [o for b in batches for o in llm.generate([prompts[i] for i in b], params)]
     result = {"tokens": [], "logprobs": [], "prompt_logprobs": [], "top2_margin": []}
     for o in outs:
         c = o.outputs[0]
