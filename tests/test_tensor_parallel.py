@@ -10,6 +10,7 @@ import json
 import pytest
 
 import vllm_kvcomp
+from e2e_util import engine_config, model_variant
 from e2e_util import run_engine, token_prompts
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.policies.head_map import HeadMap, HeadMapError, rank_split, served_split
@@ -76,37 +77,15 @@ def test_two_ranks_serve_their_rows_of_a_head_map(tmp_path):
     _same_output_half_the_heads(_run(four, kvcomp, 1), _run(four, kvcomp, 2), QUANTIZED_TOL)
 
 
-def _variant(llama, tmp_path, **config_changes):
-    import os
-
-    d = tmp_path / "variant"
-    d.mkdir()
-    for f in os.listdir(llama):
-        if f != "config.json":
-            os.symlink(os.path.join(llama, f), d / f)
-    with open(os.path.join(llama, "config.json")) as fh:
-        cfg = json.load(fh)
-    cfg.update(config_changes)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return str(d)
-
-
-def _engine_config(model, kvcomp=None, **kwargs):
-    from vllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs(model=model, attention_backend="kvcomp", max_model_len=2048,
-                      additional_config={"kvcomp": kvcomp or {}}, **kwargs).create_engine_config()
-
-
 def test_startup_accepts_two_ranks_on_cpu(model):
-    assert _engine_config(model, tensor_parallel_size=2).parallel_config.tensor_parallel_size == 2
+    assert engine_config(model, tensor_parallel_size=2).parallel_config.tensor_parallel_size == 2
 
 
 def test_fewer_kv_heads_than_ranks_is_named(model, tmp_path):
-    one_head = _variant(model, tmp_path, num_key_value_heads=1)
+    one_head = model_variant(model, tmp_path, num_key_value_heads=1)
     with pytest.raises(ValueError, match=r"1 KV heads and tensor_parallel_size=2 \(vLLM would "
                                          "replicate KV heads"):
-        _engine_config(one_head, tensor_parallel_size=2)
+        engine_config(one_head, tensor_parallel_size=2)
 
 
 def test_gpu_path_refuses_tensor_parallelism():
@@ -145,10 +124,10 @@ def test_maps_ranks_cannot_serve_are_named(roles, tp, message):
 
 
 def test_startup_names_a_map_the_ranks_cannot_serve(model, tmp_path):
-    four = _variant(model, tmp_path, num_key_value_heads=4)
+    four = model_variant(model, tmp_path, num_key_value_heads=4)
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps({"layers": [[S, R, S, R]] * 4}))
     bad.write_text(json.dumps({"layers": [[S, S, R, R]] * 4}))
-    _engine_config(four, {"head_map": str(good)}, tensor_parallel_size=2)
+    engine_config(four, {"head_map": str(good)}, tensor_parallel_size=2)
     with pytest.raises(ValueError, match=r"rank 0 \(KV heads 0..1\) would stream \[2, 2, 2, 2\]"):
-        _engine_config(four, {"head_map": str(bad)}, tensor_parallel_size=2)
+        engine_config(four, {"head_map": str(bad)}, tensor_parallel_size=2)

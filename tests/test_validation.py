@@ -6,12 +6,10 @@ also a ValueError, keeping our message).
 run in process 0 before any engine process or KV memory exists; our checks
 hook into it (``patches/platform_hooks.py``), so these tests need no engine.
 """
-import json
-import os
-
 import pytest
 
 import vllm_kvcomp
+from e2e_util import engine_config, model_variant
 from vllm_kvcomp.config import KvcompConfigError
 from vllm_kvcomp.tiny_model import make_tiny_llama
 
@@ -20,29 +18,6 @@ from vllm_kvcomp.tiny_model import make_tiny_llama
 def llama(tmp_path_factory):
     vllm_kvcomp.register()
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
-
-
-def _variant(llama, tmp_path, **config_changes):
-    """A copy of the tiny Llama's config (weights are not read here) with
-    ``config_changes`` applied, e.g. another architecture."""
-    d = tmp_path / "variant"
-    d.mkdir()
-    for f in os.listdir(llama):
-        if f != "config.json":
-            os.symlink(os.path.join(llama, f), d / f)
-    with open(os.path.join(llama, "config.json")) as fh:
-        cfg = json.load(fh)
-    cfg.update(config_changes)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return str(d)
-
-
-def _engine_config(model, kvcomp=None, **kwargs):
-    from vllm.engine.arg_utils import EngineArgs
-
-    args = EngineArgs(model=model, attention_backend="kvcomp", max_model_len=2048,
-                      additional_config={"kvcomp": kvcomp or {}}, **kwargs)
-    return args.create_engine_config()
 
 
 @pytest.mark.parametrize("kvcomp, message", [
@@ -61,7 +36,7 @@ def _engine_config(model, kvcomp=None, **kwargs):
 ])
 def test_bad_settings_fail_at_startup(llama, kvcomp, message):
     with pytest.raises(ValueError, match=message):
-        _engine_config(llama, kvcomp)
+        engine_config(llama, kvcomp)
 
 
 @pytest.mark.parametrize("var, bad, message, good", [
@@ -73,9 +48,9 @@ def test_bad_settings_fail_at_startup(llama, kvcomp, message):
 def test_bad_launch_env_fails_at_startup(llama, monkeypatch, var, bad, message, good):
     monkeypatch.setenv(var, bad)
     with pytest.raises(ValueError, match=f"{var}: {message}"):
-        _engine_config(llama)
+        engine_config(llama)
     monkeypatch.setenv(var, good)
-    _engine_config(llama)
+    engine_config(llama)
 
 
 @pytest.mark.parametrize("kvcomp", [{"k_bits": 4}, {"k_bits": 3}, {}])
@@ -101,7 +76,7 @@ def test_startup_logs_settings_and_capacity(llama, caplog):
 
     logging.getLogger("vllm.kvcomp").addHandler(caplog.handler)
     with caplog.at_level(logging.INFO, logger="vllm.kvcomp"):
-        vc = _engine_config(llama, {"k_bits": 4, "v_bits": 4})
+        vc = engine_config(llama, {"k_bits": 4, "v_bits": 4})
     line = next(r.getMessage() for r in caplog.records if "KVCOMP attention backend" in r.getMessage())
     for part in ("k_bits=4", "v_bits=4", "group_size=128", "residual_tokens=0",
                  f"block_size={vc.cache_config.block_size}", "prompt_attention=as_stored",
@@ -119,7 +94,7 @@ def test_startup_logs_settings_and_capacity(llama, caplog):
 
 
 def test_good_settings_pass_and_set_block_size(llama):
-    vc = _engine_config(llama, {"k_bits": 2, "v_bits": 4, "group_size": 64})
+    vc = engine_config(llama, {"k_bits": 2, "v_bits": 4, "group_size": 64})
     assert vc.cache_config.block_size % 64 == 0
 
 
@@ -131,7 +106,7 @@ def test_good_settings_pass_and_set_block_size(llama):
 ])
 def test_unsupported_engine_options_are_named(llama, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        _engine_config(llama, **kwargs)
+        engine_config(llama, **kwargs)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -142,27 +117,27 @@ def test_unsupported_engine_options_are_named(llama, kwargs, message):
 ])
 def test_unsupported_models_are_named(llama, tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
-        _engine_config(_variant(llama, tmp_path, **changes))
+        engine_config(model_variant(llama, tmp_path, **changes))
 
 
 def test_mla_model_is_named(llama, tmp_path):
-    model = _variant(llama, tmp_path, architectures=["DeepseekV2ForCausalLM"],
+    model = model_variant(llama, tmp_path, architectures=["DeepseekV2ForCausalLM"],
                      model_type="deepseek_v2", kv_lora_rank=64, q_lora_rank=None,
                      qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                      n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
                      first_k_dense_replace=4, moe_layer_freq=1)
     with pytest.raises(ValueError, match="MLA"):
-        _engine_config(model)
+        engine_config(model)
 
 
 def test_channel_groups_must_divide_the_head_size(llama, tmp_path):
-    model = _variant(llama, tmp_path, head_dim=96)
+    model = model_variant(llama, tmp_path, head_dim=96)
     with pytest.raises(ValueError, match="value_group_size=64 does not divide the model's "
                                          "head size 96"):
-        _engine_config(model, {"value_group_size": 64})
+        engine_config(model, {"value_group_size": 64})
     with pytest.raises(ValueError, match="group_size=64 does not divide"):
-        _engine_config(model, {"group_size": 64, "key_axis": "token"})
-    assert _engine_config(model, {"value_group_size": 32}) is not None
+        engine_config(model, {"group_size": 64, "key_axis": "token"})
+    assert engine_config(model, {"value_group_size": 32}) is not None
 
 
 def test_the_check_after_kv_sizing_keeps_a_users_block_size(llama):
@@ -172,7 +147,7 @@ def test_the_check_after_kv_sizing_keeps_a_users_block_size(llama):
     after loading the model), nor the block size be re-derived from it."""
     from vllm.platforms import current_platform
 
-    config = _engine_config(llama, {"k_bits": 4, "v_bits": 4}, block_size=128)
+    config = engine_config(llama, {"k_bits": 4, "v_bits": 4}, block_size=128)
     assert config.cache_config.block_size == 128
     config.cache_config.num_gpu_blocks = 1000
     config.cache_config.block_size = 32
