@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vllm_kvcomp
+from e2e_util import engine_config
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.policies.attention import window_mask
 from vllm_kvcomp.policies.head_map import (
@@ -169,13 +170,6 @@ def test_head_split_defaults():
 
 
 # ------------------------------------------------------------------ start-up
-def _engine_config(model, kvcomp):
-    from vllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs(model=model, attention_backend="kvcomp", max_model_len=2048,
-                      additional_config={"kvcomp": kvcomp}).create_engine_config()
-
-
 @pytest.mark.parametrize("content, detail", [
     ({"gates": [[0.9, 0.1]] * 4}, "1 streaming per layer at streaming_ratio=0.5"),
     ({"layers": [["retrieval", "streaming"]] * 4}, "1 streaming per layer as the map's roles say"),
@@ -184,11 +178,11 @@ def test_valid_head_map_is_refused_on_gpu(llama, tmp_path, content, detail, monk
     from vllm.platforms import current_platform
 
     path = _write(tmp_path, "map.json", json.dumps(content))  # tiny Llama: 4 x 2
-    _engine_config(llama, {"head_map": path})  # the CPU path serves it
+    engine_config(llama, {"head_map": path})  # the CPU path serves it
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
     with pytest.raises(ValueError, match="head split runs only on the CPU path") as e:
-        _engine_config(llama, {"head_map": path})
+        engine_config(llama, {"head_map": path})
     assert detail in str(e.value) and path in str(e.value)
 
 
@@ -196,12 +190,12 @@ def test_head_map_of_another_model_is_named_at_startup(llama, tmp_path):
     path = _write(tmp_path, "map.tsv", "0.5\t0.5\t0.5\n" * 32)
     with pytest.raises(ValueError, match=rf"kvcomp head_map: head map {path} has 32 layers x 3 "
                                          r"KV heads but the model has 4 layers x 2 KV heads"):
-        _engine_config(llama, {"head_map": path})
+        engine_config(llama, {"head_map": path})
 
 
 def test_missing_head_map_is_named_at_startup(llama, tmp_path):
     with pytest.raises(ValueError, match=r"kvcomp head_map=.*cannot be read"):
-        _engine_config(llama, {"head_map": str(tmp_path / "none.json")})
+        engine_config(llama, {"head_map": str(tmp_path / "none.json")})
 
 
 # ------------------------------------------------------------------ razor

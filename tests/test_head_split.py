@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vllm_kvcomp
+from e2e_util import engine_config
 from sim_paged import SimPagedCache
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
@@ -346,23 +347,16 @@ def test_half_streaming_heads_nearly_double_the_capacity(tmp_path, bits, floor):
 # ---------------------------------------------------------------- start-up
 
 
-def _engine_config(model, kvcomp, **kw):
-    from vllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs(model=model, attention_backend="kvcomp", max_model_len=2048,
-                      additional_config={"kvcomp": kvcomp}, **kw).create_engine_config()
-
-
 def test_startup_accepts_a_map_on_cpu_and_names_one_it_cannot_serve(tmp_path):
     from vllm_kvcomp.tiny_model import make_tiny_llama
 
     model = make_tiny_llama(str(tmp_path / "tiny"))
-    _engine_config(model, {"head_map": _write(tmp_path, {"gates": [[0.9, 0.1]] * 4})})
+    engine_config(model, {"head_map": _write(tmp_path, {"gates": [[0.9, 0.1]] * 4})})
     bad = _write(tmp_path, {"layers": [["retrieval", "streaming"]] * 3 +
                             [["retrieval", "retrieval"]]}, "uneven.json")
     with pytest.raises(ValueError, match=rf"kvcomp head_map: head map {bad} has different "
                                          r"numbers of streaming heads per layer"):
-        _engine_config(model, {"head_map": bad})
+        engine_config(model, {"head_map": bad})
 
 
 def test_head_map_without_the_hybrid_kv_cache_manager_is_named(tmp_path):
@@ -371,8 +365,8 @@ def test_head_map_without_the_hybrid_kv_cache_manager_is_named(tmp_path):
     model = make_tiny_llama(str(tmp_path / "tiny"))
     path = _write(tmp_path, {"gates": [[0.9, 0.1]] * 4})
     with pytest.raises(ValueError, match="head_map .* needs vLLM's hybrid KV cache manager"):
-        _engine_config(model, {"head_map": path, "k_bits": 16, "v_bits": 16,
-                               "residual_tokens": 0}, disable_hybrid_kv_cache_manager=True)
+        engine_config(model, {"head_map": path, "k_bits": 16, "v_bits": 16,
+                              "residual_tokens": 0}, disable_hybrid_kv_cache_manager=True)
 
 
 def test_gpu_platform_refuses_a_head_map(tmp_path, monkeypatch):
@@ -396,64 +390,57 @@ def test_gpu_platform_refuses_a_head_map(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"1 streaming per layer at streaming_ratio=0.5\) but "
                                          "serving a retrieval/streaming head split runs only "
                                          "on the CPU path"):
-        _engine_config(model, {"head_map": path})
+        engine_config(model, {"head_map": path})
 
 
 # --------------------------------------------------------------- end to end
 
-BASE = {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32, "block_size": 32}
-K16 = {"k_bits": 16, "v_bits": 16, "residual_tokens": 32, "block_size": 32}
 HALF = {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]] * 2}
 ALL_RETRIEVAL = {"layers": [["retrieval", "retrieval"]] * 4}
 
 
-def _e2e(model, kvcomp, rounds=1, lengths=(900, 300, 1400, 40), **engine):
-    from e2e_util import run_engine, token_prompts
-
-    spec = dict(model=model, backend="kvcomp", kvcomp=kvcomp,
-                engine={**dict(max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=4,
-                               enable_prefix_caching=True), **engine},
-                prompts=token_prompts(list(lengths), seed=11), max_tokens=24, rounds=rounds)
-    return run_engine(spec, timeout=900)
-
-
-def test_engine_with_a_head_map_end_to_end(tmp_path):
+def test_engine_with_a_head_map_end_to_end(tiny_llama, tmp_path):
     """An all-retrieval map is no split (16 bits and k4v4); with sinks +
     recent window covering every sequence, streaming heads equal full heads
     (16 bits: nothing else differs). A small window serves chunked prompts
-    with prefix caching on, twice, gives every page back, and gives the same
-    tokens when a tight pool preempts."""
-    from vllm_kvcomp.tiny_model import make_tiny_llama
+    with prefix caching on, on a pool tight enough to preempt, gives the
+    tokens each prompt gets served alone, and gives every page back."""
+    from e2e_util import POLICY_BASE, POLICY_K16, policy_spec, run_engine
 
-    model = make_tiny_llama(str(tmp_path / "tiny"))
     half = _write(tmp_path, HALF)
     all_r = _write(tmp_path, ALL_RETRIEVAL, "all.json")
-    k16 = _e2e(model, K16)
-    assert _e2e(model, {**K16, "head_map": all_r})["tokens"] == k16["tokens"]
-    wide = _e2e(model, {**K16, "head_map": half, "sink_tokens": 1, "recent_tokens": 2048})
-    assert wide["tokens"] == k16["tokens"]
-    k4 = _e2e(model, BASE)
-    assert _e2e(model, {**BASE, "head_map": all_r})["tokens"] == k4["tokens"]
 
-    small_cfg = {**BASE, "head_map": half, "sink_tokens": 16, "recent_tokens": 64}
-    small = _e2e(model, small_cfg, rounds=2)
+    def run(kvcomp, shared=False, **kw):
+        return run_engine(policy_spec(tiny_llama, kvcomp, **kw), timeout=900, shared=shared)
+
+    k16 = run(POLICY_K16, shared=True)
+    assert run({**POLICY_K16, "head_map": all_r})["tokens"] == k16["tokens"]
+    wide = run({**POLICY_K16, "head_map": half, "sink_tokens": 1, "recent_tokens": 2048})
+    assert wide["tokens"] == k16["tokens"]
+    k4 = run(POLICY_BASE, shared=True)
+    assert run({**POLICY_BASE, "head_map": all_r})["tokens"] == k4["tokens"]
+
+    # together, then each alone: a request within max_model_len is never
+    # preempted when it runs alone, and its second pass finds no prefix hit
+    # (streaming heads keep no whole prefix)
+    small = run({**POLICY_BASE, "head_map": half, "sink_tokens": 16, "recent_tokens": 64},
+                batches=[[0, 1, 2, 3], [0], [1], [2], [3]], num_gpu_blocks_override=140)
     assert [len(t) for t in small["tokens"]] == [24] * 8
+    assert small["preemptions"] >= 1
     assert small["tokens"][:4] == small["tokens"][4:]
     assert small["prefix_cache_hits"] == 0 and small["kv_cache_usage"] == 0
     assert small["tokens"][:4] != k4["tokens"]  # the window changed long requests
-    tight = _e2e(model, small_cfg, num_gpu_blocks_override=140)
-    assert tight["preemptions"] >= 1
-    assert tight["tokens"] == small["tokens"][:4]
 
 
-def test_engine_reports_the_split_capacity(tmp_path):
+def test_engine_reports_the_split_capacity(tiny_llama, tmp_path):
     """The capacity vLLM logs at max_model_len 32768 (k4v4, bf16, 1 GiB):
     half the heads streaming (64 + 256 tokens) nearly doubles it."""
-    from vllm_kvcomp.tiny_model import make_tiny_llama
+    from e2e_util import policy_spec, run_engine
 
-    model = make_tiny_llama(str(tmp_path / "tiny"))
     half = _write(tmp_path, {"gates": [[0.9, 0.1]] * 4})
-    runs = [_e2e(model, kv, lengths=(300, 40), max_model_len=32768, dtype="bfloat16")
+    # the capacity is logged at start-up: one short request shows the engine serves
+    runs = [run_engine(policy_spec(tiny_llama, kv, lengths=(40,), max_tokens=1,
+                                   max_model_len=32768, dtype="bfloat16"), timeout=900)
             for kv in ({"k_bits": 4, "v_bits": 4}, {"k_bits": 4, "v_bits": 4, "head_map": half})]
     plain, split = (r["kv_cache_tokens"] for r in runs)
     print(plain, split, split / plain)
