@@ -309,31 +309,17 @@ def test_gpu_platform_refuses_eviction_through_vllms_config_path(tmp_path, monke
 # --------------------------------------------------------------- end to end
 
 
-def _e2e_spec(model, kvcomp, lengths=(900, 300, 1400, 40), rounds=1):
-    from e2e_util import token_prompts
-
-    return dict(model=model, backend="kvcomp", kvcomp=kvcomp,
-                engine=dict(max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=4,
-                            enable_prefix_caching=True),
-                prompts=token_prompts(list(lengths), seed=11), max_tokens=24, rounds=rounds)
-
-
-BASE = {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32, "block_size": 32}
-
-
-def test_engine_with_eviction_end_to_end(tmp_path):
+def test_engine_with_eviction_end_to_end(tiny_llama):
     """A recent range longer than every sequence drops nothing: the tokens
     equal kvcomp's without eviction. A small window serves every request
     (prefix caching on, a second round of the same prompts), reports more
     capacity for the same memory, and gives every page back."""
-    from e2e_util import run_engine
-    from vllm_kvcomp.tiny_model import make_tiny_llama
+    from e2e_util import POLICY_BASE as BASE, policy_spec, run_engine
 
-    model = make_tiny_llama(str(tmp_path / "tiny"))
-    plain = run_engine(_e2e_spec(model, BASE), timeout=900)
-    wide = run_engine(_e2e_spec(model, {**BASE, "eviction": _ev(4, 2048)}), timeout=900)
+    plain = run_engine(policy_spec(tiny_llama, BASE), timeout=900, shared=True)
+    wide = run_engine(policy_spec(tiny_llama, {**BASE, "eviction": _ev(4, 2048)}), timeout=900)
     assert wide["tokens"] == plain["tokens"]
-    small = run_engine(_e2e_spec(model, {**BASE, "eviction": _ev(4, 64)}, rounds=2),
+    small = run_engine(policy_spec(tiny_llama, {**BASE, "eviction": _ev(4, 64)}, rounds=2),
                        timeout=900)
     assert [len(t) for t in small["tokens"]] == [24] * 8
     assert small["tokens"][:4] == small["tokens"][4:]

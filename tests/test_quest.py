@@ -315,33 +315,21 @@ def test_budget_below_the_resolved_block_size_is_refused(tmp_path):
 
 # --------------------------------------------------------------- end to end
 
-BASE = {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32, "block_size": 32}
 
-
-def _e2e_spec(model, kvcomp, lengths=(900, 300, 1400, 40)):
-    from e2e_util import token_prompts
-
-    return dict(model=model, backend="kvcomp", kvcomp=kvcomp,
-                engine=dict(max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=4,
-                            enable_prefix_caching=True),
-                prompts=token_prompts(list(lengths), seed=11), max_tokens=24, rounds=1)
-
-
-def test_engine_with_quest_end_to_end(tmp_path):
+def test_engine_with_quest_end_to_end(tiny_llama):
     """A budget covering every sequence gives kvcomp's tokens. A 4-page budget
     past the first (dense) layer serves every request and changes what the
     long ones generate."""
-    from e2e_util import run_engine
+    from e2e_util import POLICY_BASE as BASE, policy_spec, run_engine
 
-    from vllm_kvcomp.tiny_model import make_tiny_llama
-
-    model = make_tiny_llama(str(tmp_path / "tiny"))
-    plain = run_engine(_e2e_spec(model, BASE), timeout=900)
-    wide = run_engine(_e2e_spec(model, {**BASE, "quest": {"budget_tokens": 2048,
-                                                          "dense_layers": 0}}), timeout=900)
+    plain = run_engine(policy_spec(tiny_llama, BASE), timeout=900, shared=True)
+    wide = run_engine(policy_spec(tiny_llama, {**BASE, "quest": {"budget_tokens": 2048,
+                                                                 "dense_layers": 0}}),
+                      timeout=900)
     assert wide["tokens"] == plain["tokens"]
-    small = run_engine(_e2e_spec(model, {**BASE, "quest": {"budget_tokens": 128,
-                                                           "dense_layers": 1}}), timeout=900)
+    small = run_engine(policy_spec(tiny_llama, {**BASE, "quest": {"budget_tokens": 128,
+                                                                  "dense_layers": 1}}),
+                       timeout=900)
     assert [len(t) for t in small["tokens"]] == [24] * 4
     # the short request never passes its budget
     assert small["tokens"][3] == plain["tokens"][3]
