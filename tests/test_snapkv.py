@@ -313,10 +313,8 @@ def test_bad_snapkv_settings_are_named(ev, message):
 
 # --------------------------------------------------------------- end to end
 
-BASE = {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32, "block_size": 32}
 
-
-def test_engine_pool_holds_the_budget_and_reuses_freed_pages(tmp_path):
+def test_engine_pool_holds_the_budget_and_reuses_freed_pages(tiny_llama, tmp_path):
     """~4K-token prompts at a 512-token budget beside short ones, in a pool too
     small for four whole prompts, some requests aborted: once its prompt is
     processed a request holds exactly the pages of the SnapKV layout (read
@@ -325,11 +323,9 @@ def test_engine_pool_holds_the_budget_and_reuses_freed_pages(tmp_path):
     same run at larger counts is a matter of patience.)"""
     import json
 
-    from e2e_util import HERE, child_result, env_without_interpreter
-    from vllm_kvcomp.tiny_model import make_tiny_llama
+    from e2e_util import HERE, POLICY_BASE, child_result, env_without_interpreter
 
-    spec = dict(model=make_tiny_llama(str(tmp_path / "tiny")),
-                kvcomp={**BASE, "eviction": _snap(budget_tokens=512)},
+    spec = dict(model=tiny_llama, kvcomp={**POLICY_BASE, "eviction": _snap(budget_tokens=512)},
                 engine=dict(max_num_batched_tokens=1024, max_num_seqs=4,
                             num_gpu_blocks_override=600),
                 long=[4000, 3900, 4100, 4050, 3999], short=[50, 300, 700, 120, 900, 60, 33, 510],
@@ -348,27 +344,20 @@ def test_engine_pool_holds_the_budget_and_reuses_freed_pages(tmp_path):
     assert r["free_end"] == r["free_start"] and r["usage"] == 0
 
 
-def test_engine_budget_covering_the_context_changes_nothing(tmp_path):
+def test_engine_budget_covering_the_context_changes_nothing(tiny_llama):
     """A budget at least as long as every prompt evicts nothing: the tokens
     equal kvcomp's without eviction, at 16 bits and at 4 bits. A small budget
     does change what long prompts generate."""
-    from e2e_util import run_engine, token_prompts
-    from vllm_kvcomp.tiny_model import make_tiny_llama
+    from e2e_util import POLICY_BASE, POLICY_K16, policy_spec, run_engine
 
-    model = make_tiny_llama(str(tmp_path / "tiny"))
+    def run(kvcomp, shared=False):
+        return run_engine(policy_spec(tiny_llama, kvcomp), timeout=900, shared=shared)
 
-    def spec(kvcomp):
-        return dict(model=model, backend="kvcomp", kvcomp=kvcomp,
-                    engine=dict(max_model_len=2048, max_num_batched_tokens=512,
-                                max_num_seqs=4),
-                    prompts=token_prompts([900, 300, 1400, 40], seed=11), max_tokens=16)
-
-    for bits in ({"k_bits": 16, "v_bits": 16}, {}):
-        cfg = {**BASE, **bits}
-        plain = run_engine(spec(cfg), timeout=900)
-        wide = run_engine(spec({**cfg, "eviction": _snap(budget_tokens=2048)}), timeout=900)
-        assert wide["tokens"] == plain["tokens"], bits
-    small = run_engine(spec({**BASE, "eviction": _snap(budget_tokens=128)}), timeout=900)
+    for cfg in (POLICY_K16, POLICY_BASE):
+        plain = run(cfg, shared=True)
+        wide = run({**cfg, "eviction": _snap(budget_tokens=2048)})
+        assert wide["tokens"] == plain["tokens"], cfg
+    small = run({**POLICY_BASE, "eviction": _snap(budget_tokens=128)})
     assert small["tokens"][1:3] != plain["tokens"][1:3]
     assert small["tokens"][3] == plain["tokens"][3]  # 40 tokens: nothing to evict
 
