@@ -68,6 +68,11 @@ SETTINGS = {
     "kvcomp_k4v4_r0_split_store": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 0}},
         "_env": {"KVCOMP_STORE_SPLIT": "1"}},
+    # Quest's page selection at decode (2048 tokens, two dense layers), with kernels a GPU
+    # serves only when asked (KVCOMP_QUEST_GPU): W4 beside kvcomp_k4v4
+    "kvcomp_k4v4_quest2048": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "quest": {"budget_tokens": 2048}}},
+        "_env": {"KVCOMP_QUEST_GPU": "1"}},
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
     # the quality-recommended 2-bit setting (KIVI: 32-token key groups, 32-channel value

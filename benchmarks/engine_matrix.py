@@ -54,6 +54,9 @@ SETTINGS = [
      {"k_bits": 4, "v_bits": 4, "prompt_attention": "full_precision"}),
     ("k4v4_flash_attn", "d128", "float16",
      {"k_bits": 4, "v_bits": 4, "fresh_prefill": "flash_attn"}),
+    # opt-in (KVCOMP_QUEST_GPU): both layers sparse, 4 of the longest prompts' 32 pages
+    ("k4v4_quest512", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "quest": {"budget_tokens": 512, "dense_layers": 0}}),
 ]
 REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
 MAX_MODEL_LEN = 4096
@@ -77,6 +80,10 @@ def run_one(spec: dict) -> None:
     from vllm import LLM, SamplingParams
 
     kw = {}
+    if spec["kvcomp"] is not None and "quest" in spec["kvcomp"]:
+        from vllm_kvcomp.launch_env import QUEST_GPU_ENV
+
+        os.environ[QUEST_GPU_ENV] = "1"
     if spec["kvcomp"] is not None:
         kw = dict(attention_backend="kvcomp", additional_config={"kvcomp": spec["kvcomp"]})
     if spec["mode"] == "fast":

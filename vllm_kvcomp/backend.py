@@ -365,9 +365,10 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             md = ctx.attn_metadata
             res_meta = md[res_name] if isinstance(md, dict) else None
 
+        quest = self._quest_for(layer.layer_name, layout.block_size)
         if query.is_cuda or FORCE_TRITON:
             self._forward_triton(query, key, value, output, kv_cache, residual_cache,
-                                 attn_metadata, res_meta, layout)
+                                 attn_metadata, res_meta, layout, quest)
             return output
 
         batch = BatchView(
@@ -391,7 +392,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
                 cfg, self.scale, batch, self.head_split,
                 ctx.no_compile_layers[stream_name].kv_cache, stream_md.block_table,
                 stream_md.slot_mapping, stream_md.block_size,
-                quest=self._quest_for(layer.layer_name, layout.block_size))
+                quest=quest)
             return output
         kvcomp_step_reference(
             query[:n],
@@ -404,14 +405,16 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             cfg,
             self.scale,
             batch,
-            quest=self._quest_for(layer.layer_name, layout.block_size),
+            quest=quest,
         )
         return output
 
     def _forward_triton(self, query, key, value, output, packed_cache, residual_cache,
-                        md: KvcompMetadata, res_md: KvcompMetadata | None, layout) -> None:
+                        md: KvcompMetadata, res_md: KvcompMetadata | None, layout,
+                        quest=None) -> None:
         """GPU path: one store launch (hand-over + residual write), then
-        attention straight from the packed pages.
+        attention straight from the packed pages (under ``quest``, a decode
+        step reads only the pages it selects).
 
         Storing first is equivalent to the reference's attend-then-store: the
         store writes packed positions [Q(start), Q(n)) and residual slots of
@@ -435,7 +438,17 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # A decode-only batch (the CUDA-graph case) takes all num_reqs rows,
         # padding included; a mixed one its leading decode requests.
         nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
-        if nd > 0:
+        if nd > 0 and quest is not None:
+            from vllm_kvcomp.kernels.triton_quest import quest_decode_attention, quest_select
+
+            rt = res_table[:nd] if res_table is not None else None
+            selected = quest_select(q[:nd], packed_cache, md.block_table[:nd], md.seq_lens[:nd],
+                                    layout, cfg, quest)
+            quest_decode_attention(
+                q[:nd], key[:nd], value[:nd], packed_cache, residual_cache, md.block_table[:nd],
+                rt, md.seq_lens[:nd], selected, layout, cfg, self.scale, bs_r, quest,
+                out=out[:nd])
+        elif nd > 0:
             from vllm_kvcomp.kernels.decode_launch import check_decode_launch
             from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
 

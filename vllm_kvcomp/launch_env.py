@@ -16,6 +16,10 @@ PREFILL_LAUNCH_KEYS = ("block_rows", "block_n", "num_warps", "num_stages")
 # tiles (``kvcomp_decode_attention``'s warp_tiles) and register cap
 DECODE_LAUNCH_ENV = "KVCOMP_DECODE_LAUNCH"
 DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_registers")
+# "1": a GPU serves Quest with its Triton kernels (kernels/triton_quest.py),
+# which have passed interpreter tests and an sm_90 build but not yet a GPU run;
+# otherwise a GPU start-up refuses quest
+QUEST_GPU_ENV = "KVCOMP_QUEST_GPU"
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
 

@@ -216,14 +216,17 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
 
 def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
     """Quest's Triton kernels (page scoring and selection, sparse decode) have
-    passed their interpreter tests and an sm_90 build, never a GPU run: no GPU
-    path serves with them until one has."""
-    if cfg.quest is None:
+    passed their interpreter tests and an sm_90 build, never a GPU run: a GPU
+    serves with them only when asked to (``KVCOMP_QUEST_GPU=1``)."""
+    from vllm_kvcomp.launch_env import QUEST_GPU_ENV
+
+    if cfg.quest is None or _on_cpu_path(on_cpu):
         return
-    if not _on_cpu_path(on_cpu):
+    if os.environ.get(QUEST_GPU_ENV, "0") != "1":
         raise KvcompConfigError(
-            "kvcomp quest runs only on the CPU path for now: its GPU (Triton) kernels "
-            "have not been verified on a GPU yet; remove quest from the kvcomp settings")
+            "kvcomp quest runs only on the CPU path by default: its GPU (Triton) kernels "
+            "have not been verified on a GPU yet; remove quest from the kvcomp settings, or "
+            f"set {QUEST_GPU_ENV}=1 to serve with them unverified")
 
 
 def request_prompt_lengths(cfg: KvcompConfig, model_config) -> None:
