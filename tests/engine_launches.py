@@ -80,6 +80,13 @@ ENGINE_SETTINGS = [
     setting(k_bits=2, v_bits=2, key_axis="token", head_size=64),
     setting(k_bits=16, v_bits=16),
 ]
+# Opt-in GPU paths checked beside them (not on the default path, so not in
+# benchmarks/results/gpu_verified.json): Quest's selection and sparse decode
+# (KVCOMP_QUEST_GPU=1), the value being its budget_tokens.
+OPT_IN_SETTINGS = [
+    setting(quest=2048),
+    setting(quest=512, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
+]
 
 
 def _steps(max_model_len: int, max_num_batched_tokens: int) -> list[tuple[str, list]]:
@@ -177,12 +184,20 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     from vllm_kvcomp.kernels import decode_launch, triton_decode, triton_prefill, triton_store
     from vllm_kvcomp.residual_layer import packed_spec, residual_spec
 
+    from vllm_kvcomp.config import QuestConfig
+    from vllm_kvcomp.kernels import triton_quest
+
     L = max_model_len or s.max_model_len
-    cfg = KvcompConfig(**dict(s.kvcomp))
+    kvcomp = dict(s.kvcomp)
+    budget = kvcomp.pop("quest", None)
+    cfg = KvcompConfig(**kvcomp)
+    if budget is not None:
+        cfg = type(cfg)(**{**cfg.to_dict(), "quest": QuestConfig(budget, dense_layers=0)})
     dtype = DTYPES[s.dtype]
     H, D, Hq = 2, s.head_size, 2 * s.rep
     with mock.patch("vllm_kvcomp.backend.current_config", lambda: cfg):
         bs = KvcompBackend.get_preferred_block_size(16)
+    quest = cfg.quest.policy(bs) if cfg.quest is not None else None
     pspec = packed_spec(cfg, bs, H, D, dtype)
     rspec = residual_spec(pspec, concurrent_steps=2)
     layout = pspec.layout
@@ -217,10 +232,11 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
         q, k, v = qkv.split([Hq * D, H * D, H * D], dim=-1)
         out = torch.empty(T, Hq * D, dtype=dtype)
         impl._forward_triton(q, k, v, out, packed, residual, md, res_md,
-                             backend._layout(impl.config, bs, D, dtype.itemsize))
+                             backend._layout(impl.config, bs, D, dtype.itemsize), quest)
 
-    mods = (triton_decode, triton_prefill, triton_store)
-    calls, default = [], [True]
+    mods = (triton_decode, triton_prefill, triton_store, triton_quest)
+    # an opt-in setting's launches are all off the default path
+    calls, default = [], [quest is None]
 
     def seen(jit, args, kw):
         if on_launch is not None:
@@ -236,7 +252,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
             pass
         impl._decode_launch = dict(decode_launch.DECODE_LAUNCH)
         for split in (False, True):
-            default[0] = not split
+            default[0] = not split and quest is None
             with mock.patch.object(triton_store, "_SPLIT_DEFAULT", split):
                 for b in CAPTURE_SIZES:
                     forward(impl, [(0, 1)] * b, max_seq_len=L)

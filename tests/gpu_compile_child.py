@@ -102,9 +102,9 @@ def ptx_digest(ptx: str) -> str:
 
 def engine_case(c) -> dict:
     """Every launch of an engine's life for one setting (engine_launches.py)."""
-    from engine_launches import ENGINE_SETTINGS, engine_launches
+    from engine_launches import ENGINE_SETTINGS, OPT_IN_SETTINGS, engine_launches
 
-    s = next(x for x in ENGINE_SETTINGS if x.id == c["setting"])
+    s = next(x for x in ENGINE_SETTINGS + OPT_IN_SETTINGS if x.id == c["setting"])
     comp = EngineCompiler()
     try:
         calls = engine_launches(s, on_launch=comp)

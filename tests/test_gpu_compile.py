@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from e2e_util import child_result, env_without_interpreter
-from engine_launches import ENGINE_SETTINGS
+from engine_launches import ENGINE_SETTINGS, OPT_IN_SETTINGS
 
 HERE = Path(__file__).parent
 
@@ -67,12 +67,14 @@ def _cases():
 
 
 ENGINE_IDS = [s.id for s in ENGINE_SETTINGS]
+OPT_IN_IDS = [s.id for s in OPT_IN_SETTINGS]
 
 
 @pytest.fixture(scope="module")
 def compiled():
     # two children side by side (CI has two cores), each its share of the cases
-    cases = _cases() + [dict(id="engine-" + i, what="engine", setting=i) for i in ENGINE_IDS]
+    cases = _cases() + [dict(id="engine-" + i, what="engine", setting=i)
+                        for i in ENGINE_IDS + OPT_IN_IDS]
     shares = [cases[0::2], cases[1::2]]
 
     def run(share):
@@ -84,7 +86,7 @@ def compiled():
     return {k: v for r in results for k, v in r.items()}
 
 
-@pytest.mark.parametrize("setting", ENGINE_IDS)
+@pytest.mark.parametrize("setting", ENGINE_IDS + OPT_IN_IDS)
 def test_engine_launches_compile_for_sm90(compiled, setting):
     """Every launch the engine issues for this setting, from the start-up check
     through CUDA-graph capture to prefill chunks and mixed steps, split store
@@ -98,6 +100,8 @@ def test_engine_launches_compile_for_sm90(compiled, setting):
     # the hand-over split and unsplit, the prefill with and without its fresh tokens
     assert res["builds"].count("_kvcomp_store_kernel") >= 2, res
     assert res["builds"].count("_kvcomp_prefill_kernel") >= 2, res
+    if setting in OPT_IN_IDS:  # Quest's decode steps: selection, then the sparse decode
+        assert {"_quest_score_kernel", "_quest_select_kernel", "_quest_decode_kernel"} <= built
 
 
 @pytest.mark.parametrize("setting", ENGINE_IDS)
