@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -74,6 +75,15 @@ def run_engine(spec: dict, timeout: int = 1200, env: dict | None = None,
     m = KV_SIZE_RE.search(text)
     result["kv_cache_tokens"] = int(m.group(1).replace(",", "")) if m else None
     return result
+
+
+def run_engines(*runs: dict) -> list[dict]:
+    """``run_engine(**run)`` for each of ``runs`` (results in that order), two
+    engines at a time: an engine computes on one thread (engine_runner.py)
+    and CI has two cores."""
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(run_engine, **run) for run in runs]
+        return [f.result() for f in futures]
 
 
 def token_prompts(lengths, seed, vocab=400, shared_prefix=0, offset=3):

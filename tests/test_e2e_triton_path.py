@@ -10,7 +10,7 @@ workload is small (~2 minutes per engine).
 """
 import pytest
 
-from e2e_util import run_engine, token_prompts
+from e2e_util import run_engines, token_prompts
 from vllm_kvcomp.tiny_model import make_tiny_llama
 
 # Two prompts share a 200-token prefix; chunks of 128 tokens put hand-overs of
@@ -30,11 +30,10 @@ def model(tmp_path_factory):
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
 
 
-def _run(model, kv, env=None):
+def _spec(model, kv):
     # logprobs=2: the chosen token's logprob and the margin of the two best
-    return run_engine(dict(model=model, backend="kvcomp", kvcomp=kv, engine=ENGINE,
-                           prompts=PROMPTS, max_tokens=MAX_TOKENS, logprobs=2),
-                      env=env)
+    return dict(model=model, backend="kvcomp", kvcomp=kv, engine=ENGINE, prompts=PROMPTS,
+                max_tokens=MAX_TOKENS, logprobs=2)
 
 
 # The first prompt's chunks hand quantized groups over inside later chunks;
@@ -63,8 +62,8 @@ def _run(model, kv, env=None):
      True),
 ])
 def test_triton_path_matches_reference_path(model, kv, tol, exact):
-    ref = _run(model, kv)
-    tri = _run(model, kv, env=TRITON_ENV)
+    ref, tri = run_engines(dict(spec=_spec(model, kv)),
+                           dict(spec=_spec(model, kv), env=TRITON_ENV))
     assert tri["prefix_cache_hits"] >= 128 and ref["prefix_cache_hits"] >= 128
     if exact:
         assert tri["tokens"] == ref["tokens"]
