@@ -3,6 +3,7 @@ streaming heads' block manager (sinks + recent window, the rest back to the
 pool), the split layer's attention against a float reference of
 DuoAttention's mixed attention, the capacity vLLM reports, the engine end to
 end, and the GPU start-up refusal."""
+import functools
 import json
 import random
 
@@ -405,26 +406,25 @@ def test_engine_with_a_head_map_end_to_end(tiny_llama, tmp_path):
     (16 bits: nothing else differs). A small window serves chunked prompts
     with prefix caching on, on a pool tight enough to preempt, gives the
     tokens each prompt gets served alone, and gives every page back."""
-    from e2e_util import POLICY_BASE, POLICY_K16, policy_spec, run_engine
+    from e2e_util import POLICY_BASE, POLICY_K16, policy_spec, run_engines
 
     half = _write(tmp_path, HALF)
     all_r = _write(tmp_path, ALL_RETRIEVAL, "all.json")
-
-    def run(kvcomp, shared=False, **kw):
-        return run_engine(policy_spec(tiny_llama, kvcomp, **kw), timeout=900, shared=shared)
-
-    k16 = run(POLICY_K16, shared=True)
-    assert run({**POLICY_K16, "head_map": all_r})["tokens"] == k16["tokens"]
-    wide = run({**POLICY_K16, "head_map": half, "sink_tokens": 1, "recent_tokens": 2048})
+    spec = functools.partial(policy_spec, tiny_llama)
+    k16, k16_all, wide, k4, k4_all, small = run_engines(
+        dict(spec=spec(POLICY_K16), shared=True),
+        dict(spec=spec({**POLICY_K16, "head_map": all_r})),
+        dict(spec=spec({**POLICY_K16, "head_map": half, "sink_tokens": 1, "recent_tokens": 2048})),
+        dict(spec=spec(POLICY_BASE), shared=True),
+        dict(spec=spec({**POLICY_BASE, "head_map": all_r})),
+        # together, then each alone: a request within max_model_len is never
+        # preempted when it runs alone, and its second pass finds no prefix
+        # hit (streaming heads keep no whole prefix)
+        dict(spec=spec({**POLICY_BASE, "head_map": half, "sink_tokens": 16, "recent_tokens": 64},
+                       batches=[[0, 1, 2, 3], [0], [1], [2], [3]], num_gpu_blocks_override=140)))
+    assert k16_all["tokens"] == k16["tokens"]
     assert wide["tokens"] == k16["tokens"]
-    k4 = run(POLICY_BASE, shared=True)
-    assert run({**POLICY_BASE, "head_map": all_r})["tokens"] == k4["tokens"]
-
-    # together, then each alone: a request within max_model_len is never
-    # preempted when it runs alone, and its second pass finds no prefix hit
-    # (streaming heads keep no whole prefix)
-    small = run({**POLICY_BASE, "head_map": half, "sink_tokens": 16, "recent_tokens": 64},
-                batches=[[0, 1, 2, 3], [0], [1], [2], [3]], num_gpu_blocks_override=140)
+    assert k4_all["tokens"] == k4["tokens"]
     assert [len(t) for t in small["tokens"]] == [24] * 8
     assert small["preemptions"] >= 1
     assert small["tokens"][:4] == small["tokens"][4:]
@@ -435,13 +435,14 @@ def test_engine_with_a_head_map_end_to_end(tiny_llama, tmp_path):
 def test_engine_reports_the_split_capacity(tiny_llama, tmp_path):
     """The capacity vLLM logs at max_model_len 32768 (k4v4, bf16, 1 GiB):
     half the heads streaming (64 + 256 tokens) nearly doubles it."""
-    from e2e_util import policy_spec, run_engine
+    from e2e_util import policy_spec, run_engines
 
     half = _write(tmp_path, {"gates": [[0.9, 0.1]] * 4})
     # the capacity is logged at start-up: one short request shows the engine serves
-    runs = [run_engine(policy_spec(tiny_llama, kv, lengths=(40,), max_tokens=1,
-                                   max_model_len=32768, dtype="bfloat16"), timeout=900)
-            for kv in ({"k_bits": 4, "v_bits": 4}, {"k_bits": 4, "v_bits": 4, "head_map": half})]
+    runs = run_engines(*(dict(spec=policy_spec(tiny_llama, kv, lengths=(40,), max_tokens=1,
+                                               max_model_len=32768, dtype="bfloat16"))
+                         for kv in ({"k_bits": 4, "v_bits": 4},
+                                    {"k_bits": 4, "v_bits": 4, "head_map": half})))
     plain, split = (r["kv_cache_tokens"] for r in runs)
     print(plain, split, split / plain)
     assert split >= 1.8 * plain

@@ -348,16 +348,18 @@ def test_engine_budget_covering_the_context_changes_nothing(tiny_llama):
     """A budget at least as long as every prompt evicts nothing: the tokens
     equal kvcomp's without eviction, at 16 bits and at 4 bits. A small budget
     does change what long prompts generate."""
-    from e2e_util import POLICY_BASE, POLICY_K16, policy_spec, run_engine
+    from e2e_util import POLICY_BASE, POLICY_K16, policy_spec, run_engines
 
     def run(kvcomp, shared=False):
-        return run_engine(policy_spec(tiny_llama, kvcomp), timeout=900, shared=shared)
+        return dict(spec=policy_spec(tiny_llama, kvcomp), shared=shared)
 
-    for cfg in (POLICY_K16, POLICY_BASE):
-        plain = run(cfg, shared=True)
-        wide = run({**cfg, "eviction": _snap(budget_tokens=2048)})
-        assert wide["tokens"] == plain["tokens"], cfg
-    small = run({**POLICY_BASE, "eviction": _snap(budget_tokens=128)})
+    wide = {"eviction": _snap(budget_tokens=2048)}
+    plain16, wide16, plain, wide4, small = run_engines(
+        run(POLICY_K16, shared=True), run({**POLICY_K16, **wide}),
+        run(POLICY_BASE, shared=True), run({**POLICY_BASE, **wide}),
+        run({**POLICY_BASE, "eviction": _snap(budget_tokens=128)}))
+    assert wide16["tokens"] == plain16["tokens"]
+    assert wide4["tokens"] == plain["tokens"]
     assert small["tokens"][1:3] != plain["tokens"][1:3]
     assert small["tokens"][3] == plain["tokens"][3]  # 40 tokens: nothing to evict
 
