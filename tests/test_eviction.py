@@ -314,13 +314,13 @@ def test_engine_with_eviction_end_to_end(tiny_llama):
     equal kvcomp's without eviction. A small window serves every request
     (prefix caching on, a second round of the same prompts), reports more
     capacity for the same memory, and gives every page back."""
-    from e2e_util import POLICY_BASE as BASE, policy_spec, run_engine
+    from e2e_util import POLICY_BASE as BASE, policy_spec, run_engines
 
-    plain = run_engine(policy_spec(tiny_llama, BASE), timeout=900, shared=True)
-    wide = run_engine(policy_spec(tiny_llama, {**BASE, "eviction": _ev(4, 2048)}), timeout=900)
+    plain, wide, small = run_engines(
+        dict(spec=policy_spec(tiny_llama, BASE), shared=True),
+        dict(spec=policy_spec(tiny_llama, {**BASE, "eviction": _ev(4, 2048)})),
+        dict(spec=policy_spec(tiny_llama, {**BASE, "eviction": _ev(4, 64)}, rounds=2)))
     assert wide["tokens"] == plain["tokens"]
-    small = run_engine(policy_spec(tiny_llama, {**BASE, "eviction": _ev(4, 64)}, rounds=2),
-                       timeout=900)
     assert [len(t) for t in small["tokens"]] == [24] * 8
     assert small["tokens"][:4] == small["tokens"][4:]
     assert small["prefix_cache_hits"] == 0

@@ -320,16 +320,15 @@ def test_engine_with_quest_end_to_end(tiny_llama):
     """A budget covering every sequence gives kvcomp's tokens. A 4-page budget
     past the first (dense) layer serves every request and changes what the
     long ones generate."""
-    from e2e_util import POLICY_BASE as BASE, policy_spec, run_engine
+    from e2e_util import POLICY_BASE as BASE, policy_spec, run_engines
 
-    plain = run_engine(policy_spec(tiny_llama, BASE), timeout=900, shared=True)
-    wide = run_engine(policy_spec(tiny_llama, {**BASE, "quest": {"budget_tokens": 2048,
-                                                                 "dense_layers": 0}}),
-                      timeout=900)
+    plain, wide, small = run_engines(
+        dict(spec=policy_spec(tiny_llama, BASE), shared=True),
+        dict(spec=policy_spec(tiny_llama, {**BASE, "quest": {"budget_tokens": 2048,
+                                                             "dense_layers": 0}})),
+        dict(spec=policy_spec(tiny_llama, {**BASE, "quest": {"budget_tokens": 128,
+                                                             "dense_layers": 1}})))
     assert wide["tokens"] == plain["tokens"]
-    small = run_engine(policy_spec(tiny_llama, {**BASE, "quest": {"budget_tokens": 128,
-                                                                  "dense_layers": 1}}),
-                       timeout=900)
     assert [len(t) for t in small["tokens"]] == [24] * 4
     # the short request never passes its budget
     assert small["tokens"][3] == plain["tokens"][3]
