@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from e2e_util import run_engine, token_prompts
+from e2e_util import run_engine, run_engines, token_prompts
 from vllm_kvcomp.tiny_model import make_tiny_llama
 
 PROMPTS = token_prompts([40, 170, 90], seed=1, shared_prefix=600) + token_prompts([900, 5, 300], seed=2)
@@ -31,22 +31,34 @@ def model(tmp_path_factory):
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
 
 
-def _run(model, backend, kv=None, blocks=None, **extra):
+def _spec(model, backend, kv=None, blocks=None, **extra):
     engine = dict(ENGINE)
     if blocks is not None:
         engine["num_gpu_blocks_override"] = blocks
-    return run_engine(dict(model=model, backend=backend, kvcomp=kv, engine=engine,
-                           prompts=PROMPTS, max_tokens=MAX_TOKENS, **extra))
+    return dict(model=model, backend=backend, kvcomp=kv, engine=engine, prompts=PROMPTS,
+                max_tokens=MAX_TOKENS, **extra)
+
+
+def _run(model, backend, kv=None, blocks=None, **extra):
+    return run_engine(_spec(model, backend, kv, blocks, **extra))
 
 
 @pytest.fixture(scope="module")
-def upstream(model):
-    return _run(model, "CPU_ATTN", blocks=CPU_ATTN_BLOCKS)
+def upstreams(model):
+    """The two CPU_ATTN runs the comparisons below read, side by side: on the
+    pool that preempts, and on the default pool with logprobs."""
+    return run_engines(dict(spec=_spec(model, "CPU_ATTN", blocks=CPU_ATTN_BLOCKS)),
+                       dict(spec=_spec(model, "CPU_ATTN", logprobs=True, prompt_logprobs=True)))
 
 
 @pytest.fixture(scope="module")
-def upstream_logprobs(model):
-    return _run(model, "CPU_ATTN", logprobs=True, prompt_logprobs=True)
+def upstream(upstreams):
+    return upstreams[0]
+
+
+@pytest.fixture(scope="module")
+def upstream_logprobs(upstreams):
+    return upstreams[1]
 
 
 # 16-bit pages with no window (the default) hold what CPU_ATTN's do; with the

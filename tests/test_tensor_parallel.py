@@ -10,8 +10,7 @@ import json
 import pytest
 
 import vllm_kvcomp
-from e2e_util import engine_config, model_variant
-from e2e_util import run_engine, token_prompts
+from e2e_util import engine_config, model_variant, run_engines, token_prompts
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.policies.head_map import HeadMap, HeadMapError, rank_split, served_split
 from vllm_kvcomp.tiny_model import make_tiny_llama
@@ -31,12 +30,16 @@ def model(tmp_path_factory):
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
 
 
-def _run(model, kvcomp, tp):
-    engine = {**ENGINE, "tensor_parallel_size": tp}
-    if tp > 1:
-        engine["distributed_executor_backend"] = "mp"
-    return run_engine(dict(model=model, backend="kvcomp", kvcomp=kvcomp, engine=engine,
-                           prompts=PROMPTS, max_tokens=16, logprobs=True), env=TP_ENV)
+def _one_and_two_ranks(model, kvcomp):
+    """The prompts served at tensor_parallel_size 1 and 2."""
+    def run(tp):
+        engine = {**ENGINE, "tensor_parallel_size": tp}
+        if tp > 1:
+            engine["distributed_executor_backend"] = "mp"
+        return dict(spec=dict(model=model, backend="kvcomp", kvcomp=kvcomp, engine=engine,
+                              prompts=PROMPTS, max_tokens=16, logprobs=True), env=TP_ENV)
+
+    return run_engines(run(1), run(2))
 
 
 # The row-parallel projections sum the ranks' partial products in another
@@ -61,7 +64,7 @@ def _same_output_half_the_heads(one, two, logprob_tol):
     ({"k_bits": 16, "v_bits": 16}, 1e-3), ({"k_bits": 4, "v_bits": 4}, QUANTIZED_TOL)],
     ids=["k16v16", "k4v4"])
 def test_two_ranks_generate_what_one_does(model, kvcomp, logprob_tol):
-    _same_output_half_the_heads(_run(model, kvcomp, 1), _run(model, kvcomp, 2), logprob_tol)
+    _same_output_half_the_heads(*_one_and_two_ranks(model, kvcomp), logprob_tol)
 
 
 def test_two_ranks_serve_their_rows_of_a_head_map(tmp_path):
@@ -74,7 +77,7 @@ def test_two_ranks_serve_their_rows_of_a_head_map(tmp_path):
                                            [R, S, R, S]]}))
     kvcomp = {"k_bits": 4, "v_bits": 4, "head_map": str(path), "sink_tokens": 16,
               "recent_tokens": 64}
-    _same_output_half_the_heads(_run(four, kvcomp, 1), _run(four, kvcomp, 2), QUANTIZED_TOL)
+    _same_output_half_the_heads(*_one_and_two_ranks(four, kvcomp), QUANTIZED_TOL)
 
 
 def test_startup_accepts_two_ranks_on_cpu(model):
