@@ -221,6 +221,63 @@ def test_sparse_decode_kernel_matches_reference(rep, dtype, case):
     assert (out[0] == 0).all()
 
 
+def _backend_decode(b: DecodeBatch, quest) -> torch.Tensor:
+    """One decode step of ``b`` through the backend's own Triton path (the
+    GPU's launch code: store, then Quest's selection and sparse decode or the
+    dense decode), on copies of its caches."""
+    from unittest import mock
+
+    from vllm_kvcomp import backend
+    from vllm_kvcomp.backend import KvcompImpl, KvcompMetadata
+
+    cfg, B = b.cfg, len(b.lens)
+    H, D = b.key_new.shape[1:]
+    Hq = b.query.shape[1]
+    with mock.patch.object(backend, "current_config", lambda: cfg):
+        impl = KvcompImpl(num_heads=Hq, head_size=D, scale=b.scale, num_kv_heads=H)
+    impl._decode_launch = {}
+    last = torch.tensor(b.lens) - 1
+    qsl = torch.arange(B + 1, dtype=torch.int32)
+
+    def md(table, bs, slots):
+        return KvcompMetadata(num_actual_tokens=B, num_reqs=B, query_start_loc=qsl,
+                              seq_lens=b.seq_lens, block_table=table, slot_mapping=slots,
+                              block_size=bs, max_query_len=1, max_seq_len=max(b.lens),
+                              num_decodes=B)
+    rows = torch.arange(B)
+    res_slots = (b.residual_table[rows, last // b.bs_r].long() * b.bs_r + last % b.bs_r)
+    packed_slots = b.block_table[rows, last // b.layout.block_size].long() * \
+        b.layout.block_size + last % b.layout.block_size
+    out = torch.zeros_like(b.query)
+    residual = b.residual.clone() if b.residual is not None else None
+    impl._forward_triton(b.query.reshape(B, -1), b.key_new.reshape(B, -1),
+                         b.value_new.reshape(B, -1), out.view(B, -1), b.packed.clone(),
+                         residual, md(b.block_table, b.layout.block_size, packed_slots),
+                         md(b.residual_table, b.bs_r, res_slots) if residual is not None
+                         else None, b.layout, quest)
+    return out
+
+
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_backend_decode_step_reads_the_selected_pages(case):
+    """The backend's Triton decode step (the launch code a GPU runs, interpreted
+    here) under Quest equals the Quest reference step, and differs from its
+    dense step where a request is past the budget."""
+    from vllm_kvcomp.kernels.triton_decode import decode_attention_reference
+    from vllm_kvcomp.kernels.triton_quest import quest_decode_reference
+
+    kv, bs, budget = CASES[case]
+    cfg = KvcompConfig(**kv)
+    b = _batch(cfg, [1, bs + 3, 5 * bs + 7, 9 * bs + 2], 4, bs, seed=case + 40)
+    quest = Quest(budget, bs)
+    tol = TOL[torch.float32]
+    sparse, dense = _backend_decode(b, quest), _backend_decode(b, None)
+    torch.testing.assert_close(sparse, quest_decode_reference(*b.args(), quest), atol=tol,
+                               rtol=tol)
+    torch.testing.assert_close(dense, decode_attention_reference(*b.args()), atol=tol, rtol=tol)
+    assert (sparse[2:] - dense[2:]).abs().max() > 1e-2
+
+
 # ----------------------------------------------------------------- settings
 
 
@@ -262,13 +319,16 @@ def test_quest_is_refused_on_gpu(monkeypatch):
     from vllm_kvcomp.validation import check_quest_platform
 
     cfg = KvcompConfig.from_dict(_quest())
-    with pytest.raises(KvcompConfigError, match="not been verified on a GPU"):
+    with pytest.raises(KvcompConfigError, match="not been verified on a GPU yet.*KVCOMP_QUEST_GPU=1"):
         check_quest_platform(cfg, on_cpu=False)
     check_quest_platform(cfg, on_cpu=True)
     check_quest_platform(KvcompConfig(), on_cpu=False)
     monkeypatch.setenv("KVCOMP_FORCE_TRITON", "1")
     with pytest.raises(KvcompConfigError, match="CPU path"):
         check_quest_platform(cfg, on_cpu=True)
+    # asked for: the GPU path serves Quest with its Triton kernels
+    monkeypatch.setenv("KVCOMP_QUEST_GPU", "1")
+    check_quest_platform(cfg, on_cpu=False)
 
 
 def test_first_layers_stay_dense():
@@ -302,7 +362,7 @@ def test_gpu_platform_refuses_quest_through_vllms_config_path(tmp_path, monkeypa
     args = _engine_args(tmp_path, _quest(budget_tokens=512))
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
-    with pytest.raises(ValueError, match="quest runs only on the CPU path.*not been verified"):
+    with pytest.raises(ValueError, match="quest runs only on the CPU path by default.*not been verified"):
         args.create_engine_config()
 
 
