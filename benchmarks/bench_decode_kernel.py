@@ -56,6 +56,12 @@ Prints a markdown table: our rows with the baselines' microseconds beside
 them, then one row per baseline with its own bytes, GB/s and % of copy
 bandwidth. ``--out`` writes JSON (``rows``, ``baselines``, ``info``).
 
+``--quest-budgets 2048`` adds, for each per-channel-key config, Quest's decode
+at that token budget (``kernels/triton_quest.py``: page scoring, top-k
+selection and the attention over the selected pages, timed together as one
+decode call): rows ``<config>+quest<budget>``; its bytes are the key
+(scale, min) of every page, the selected pages, the window, q/k/v/o.
+
 ``--smoke`` runs a tiny shape on CPU under ``TRITON_INTERPRET=1`` (checked
 against the PyTorch reference, baselines included) so the script can be tested
 without a GPU.
@@ -94,7 +100,13 @@ from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
     decode_attention_reference,
     kvcomp_decode_attention,
 )
+from vllm_kvcomp.kernels.triton_quest import (  # noqa: E402
+    quest_decode_attention,
+    quest_decode_reference,
+    quest_select,
+)
 from vllm_kvcomp.layout import PageLayout, residual_block_size  # noqa: E402
+from vllm_kvcomp.policies.quest import Quest  # noqa: E402
 
 CONFIGS = {
     "k4v4": dict(k_bits=4, v_bits=4),
@@ -178,6 +190,25 @@ class Problem:
     def run(self, num_splits=None, **kw):
         return kvcomp_decode_attention(*self.args(), self.ctx, num_splits=num_splits,
                                        out=self.out, **kw)
+
+    def run_quest(self, quest):
+        """Quest's decode call: selection, then attention over the selected pages."""
+        sel = quest_select(self.query, self.packed, self.block_table, self.seq_lens,
+                           self.layout, self.cfg, quest)
+        return quest_decode_attention(*self.args()[:8], sel, *self.args()[8:], quest,
+                                      out=self.out)
+
+    def quest_bytes(self, quest):
+        """What Quest's decode must move: every page's key (scale, min), the
+        selected pages (at most the packed prefix's), the window, q/k/v/o."""
+        layout, B, H = self.layout, self.B, self.packed.shape[1]
+        pages = -(-self.q_old // layout.block_size)
+        key_params = layout.k_param_shape[0] * layout.k_param_shape[1] * 4
+        read = min(pages, quest.budget_pages) * layout.head_page_bytes
+        b = {"key_params": B * H * pages * key_params, "packed": B * H * read,
+             "residual": self.bytes["residual"], "qkvo": self.bytes["qkvo"]}
+        b["total"] = sum(b.values())
+        return b
 
 
 def cache_gib(cfg, B, ctx, H, D, block_size, es=2) -> float:
@@ -769,6 +800,9 @@ def main(argv=None):
     ap.add_argument("--contexts", default="1024,4096,16384,32768,65536,131072")
     ap.add_argument("--max-cache-gib", type=float, default=40.0)
     ap.add_argument("--num-splits", type=int, default=None, help="override the heuristic")
+    ap.add_argument("--quest-budgets", default="", metavar="LIST",
+                    help="also time Quest's decode at these token budgets (per-channel "
+                         "key configs)")
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=None, help="default: the kernel's")
     ap.add_argument("--num-stages", type=int, default=None, help="default: the kernel's")
@@ -889,6 +923,35 @@ def main(argv=None):
                                  us=us, bytes=p.bytes, GBps=gbs,
                                  pct_copy_bw=100 * gbs / copy_gbs,
                                  cache_GiB=cache_gib(cfg, B, ctx, H, D, bs)))
+                for budget in _ints(a.quest_budgets):
+                    if cfg.k_bits == 16 or cfg.key_axis != "channel":
+                        continue
+                    quest = Quest(budget, bs)
+                    out = p.run_quest(quest).clone()
+                    # the reference walks requests in Python: two of them on a GPU;
+                    # bf16 outputs there (one rounding of values of magnitude ~1)
+                    n, tol = (B, 2e-3) if a.smoke else (2, 3e-2)
+                    args = [x[:n] if torch.is_tensor(x) and x.shape[0] == B else x
+                            for x in p.args()]
+                    try:
+                        err = (out[:n].float() - quest_decode_reference(*args, quest).float()
+                               ).abs().max().item()
+                    except Exception as e:  # the timing still counts; the JSON says why
+                        err = f"failed: {type(e).__name__}: {e}"
+                    if a.smoke:
+                        assert isinstance(err, float) and err < tol, f"{name}: |err| {err}"
+                    elif not (isinstance(err, float) and err < tol):
+                        print(f"WARNING {name}+quest{budget}: reference check {err}")
+                    assert torch.isfinite(out).all(), f"{name}+quest: non-finite output"
+                    qus = timer(lambda: p.run_quest(quest))
+                    qb = p.quest_bytes(quest)
+                    gbs = qb["total"] / (qus * 1e-6) / 1e9
+                    rows.append(dict(config=f"{name}+quest{budget}", batch=B, context=ctx,
+                                     num_splits=1, us=qus, bytes=qb, GBps=gbs,
+                                     pct_copy_bw=100 * gbs / copy_gbs,
+                                     cache_GiB=cache_gib(cfg, B, ctx, H, D, bs),
+                                     dense_us=us, speedup_vs_dense=us / qus,
+                                     ref_max_abs_err=err, ref_tol=tol))
                 del p
                 if device == "cuda":
                     torch.cuda.empty_cache()
