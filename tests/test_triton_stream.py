@@ -190,3 +190,147 @@ def test_graph_padding_rows_stay_finite():
     ref, ref_cache = b.run(stream_attention_reference)
     torch.testing.assert_close(out[:2], ref, atol=TOL[torch.float32], rtol=TOL[torch.float32])
     torch.testing.assert_close(cache, ref_cache, atol=0, rtol=0, equal_nan=True)
+
+
+# ------------------------------------------------------------------ backend
+
+
+def _stream_pages(sink, recent, heads, bs, D, num_blocks=400):
+    """The streaming heads' manager (vLLM's block pool) and its pages; the
+    null block and every page given back hold NaN."""
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+
+    from vllm_kvcomp.spec import KvcompStreamSpec, register_specs
+
+    register_specs()
+    spec = KvcompStreamSpec(block_size=bs, num_kv_heads=heads, head_size=D,
+                            dtype=torch.float32, sink_tokens=sink, recent_tokens=recent)
+    pool = BlockPool(num_gpu_blocks=num_blocks, enable_caching=True, hash_block_size=bs)
+    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=512, max_model_len=1 << 16,
+                                        block_pool=pool, enable_caching=True,
+                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    return mgr, torch.full((num_blocks, 2, heads, bs, D), float("nan"))
+
+
+def _stream_step(mgr, cache, bs, starts, ends, maxb):
+    """Block table and slot mapping of one step (request i: starts[i] ->
+    ends[i] tokens), after the manager has given back what is behind the window."""
+    table = torch.zeros(len(starts), maxb, dtype=torch.int32)
+    slots = []
+    for i, (c, n) in enumerate(zip(starts, ends)):
+        rid = f"r{i}"
+        before = {b.block_id for b in mgr.req_to_blocks.get(rid, []) if not b.is_null}
+        mgr.remove_skipped_blocks(rid, c)
+        after = {b.block_id for b in mgr.req_to_blocks.get(rid, []) if not b.is_null}
+        for b in before - after:
+            cache[b] = float("nan")
+        mgr.allocate_new_blocks(rid, n, n)
+        row = [b.block_id for b in mgr.req_to_blocks[rid]]
+        table[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        slots += [row[p // bs] * bs + p % bs if row[p // bs] else -1 for p in range(c, n)]
+    cache[0] = float("nan")
+    return table, torch.tensor(slots, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("kvcomp, H, rep, split", [
+    ({"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32}, 4, 2,
+     ([0, 3], [1, 2])),
+    ({"k_bits": 2, "v_bits": 2, "group_size": 32, "residual_tokens": 0}, 2, 4, ([1], [0])),
+])
+def test_backend_split_layer_triton_step_is_the_reference_step(kvcomp, H, rep, split):
+    """The backend's forward for a split layer on its Triton path (the launch
+    code a GPU runs, interpreted) equals its CPU path (``split_step_reference``)
+    step after step, prefill chunks and decodes of two requests together, and
+    leaves the same streaming pages; the streaming heads' rows are not the
+    retrieval kernels' (a forward that skipped the stream kernel fails)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from sim_paged import SimPagedCache
+    from vllm_kvcomp import backend
+    from vllm_kvcomp.backend import KvcompImpl, KvcompMetadata
+    from vllm_kvcomp.config import KvcompConfig
+    from vllm_kvcomp.names import RESIDUAL_SUFFIX, STREAM_SUFFIX
+
+    D, bs, bs_s = 64, 32, 8
+    cfg = KvcompConfig.from_dict({**kvcomp, "sink_tokens": 4, "recent_tokens": 24})
+    steps = [(40, 70), (1, 1), (1, 33), (1, 1), (1, 1)]
+    T = [sum(s[i] for s in steps) for i in range(2)]
+    g = torch.Generator().manual_seed(H + rep)
+    seqs = [[torch.randn(t, h, D, generator=g) for h in (H * rep, H, H)] for t in T]
+    with mock.patch.object(backend, "current_config", lambda: cfg):
+        impl = KvcompImpl(num_heads=H * rep, head_size=D, scale=D ** -0.5, num_kv_heads=H)
+    impl.head_split = split
+    impl._decode_launch = {}
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+    name = layer.layer_name
+    maxb_s = -(-max(T) // bs_s)
+
+    def run(triton: bool):
+        sim = SimPagedCache(cfg, bs, len(split[0]), D, 2, max(T), seed=3)
+        mgr, stream = _stream_pages(4, 24, len(split[1]), bs_s, D)
+        outs = [torch.zeros(t, H * rep, D) for t in T]
+        pos = [0, 0]
+        for step in steps:
+            ends = [p + s for p, s in zip(pos, step)]
+            batch = sim.batch(pos, ends)
+            table, slots = _stream_step(mgr, stream, bs_s, pos, ends, maxb_s)
+            q, k, v = (torch.cat([seqs[i][j][pos[i]:ends[i]] for i in range(2)])
+                       for j in range(3))
+            n = q.shape[0]
+            qsl = torch.tensor(batch.query_start_loc, dtype=torch.int32)
+            seq_lens = torch.tensor(ends, dtype=torch.int32)
+            nd = sum(1 for s in step if s == 1) if max(step) > 1 else 2
+
+            def md(table, block_size, slot_mapping):
+                return KvcompMetadata(
+                    num_actual_tokens=n, num_reqs=2, query_start_loc=qsl, seq_lens=seq_lens,
+                    block_table=table, slot_mapping=slot_mapping, block_size=block_size,
+                    max_query_len=max(step), max_seq_len=max(ends), num_decodes=nd,
+                    query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=ends)
+            main = md(sim.block_table, bs, torch.zeros(n, dtype=torch.int64))
+            ctx = SimpleNamespace(
+                no_compile_layers={name + RESIDUAL_SUFFIX: SimpleNamespace(kv_cache=sim.residual),
+                                   name + STREAM_SUFFIX: SimpleNamespace(kv_cache=stream)},
+                attn_metadata={
+                    name + RESIDUAL_SUFFIX: md(batch.residual_block_table, sim.bs_r,
+                                               batch.residual_slot_mapping),
+                    name + STREAM_SUFFIX: md(table, bs_s, slots)})
+            out = torch.zeros(n, H * rep * D)
+            with mock.patch.object(backend, "get_forward_context", lambda: ctx), \
+                    mock.patch.object(backend, "FORCE_TRITON", triton):
+                impl.forward(layer, q.view(n, -1), k.view(n, -1), v.view(n, -1),
+                             sim.packed, main, output=out)
+            for i in range(2):
+                lo = batch.query_start_loc[i]
+                outs[i][pos[i]:ends[i]] = out.view(n, -1, D)[lo:lo + step[i]]
+            pos = ends
+        return outs, stream
+
+    got, got_stream = run(True)
+    ref, ref_stream = run(False)
+    for o, r in zip(got, ref):
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_stream, ref_stream, atol=0, rtol=0, equal_nan=True)
+    # the streaming heads' rows were written by a kernel, not left as zeros
+    s = torch.tensor(split[1])
+    for o in got:
+        assert (o.view(o.shape[0], H, rep, D)[:, s].abs().sum(-1) > 0).all()
+
+
+def test_gpu_start_up_serves_a_head_map_only_when_asked(tmp_path, monkeypatch):
+    import json
+
+    from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
+    from vllm_kvcomp.validation import check_head_map
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"gates": [[0.9, 0.1]] * 4}))
+    cfg = KvcompConfig.from_dict({"head_map": str(path)})
+    with pytest.raises(KvcompConfigError,
+                       match="not been verified on a GPU yet.*KVCOMP_HEAD_SPLIT_GPU=1"):
+        check_head_map(cfg, None, on_cpu=False)
+    monkeypatch.setenv("KVCOMP_HEAD_SPLIT_GPU", "1")
+    check_head_map(cfg, None, on_cpu=False)

@@ -367,6 +367,16 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
 
         quest = self._quest_for(layer.layer_name, layout.block_size)
         if query.is_cuda or FORCE_TRITON:
+            if self.head_split is not None:
+                from vllm_kvcomp.names import STREAM_SUFFIX
+
+                ctx = get_forward_context()
+                stream_name = layer.layer_name + STREAM_SUFFIX
+                self._forward_triton_split(
+                    query, key, value, output, kv_cache, residual_cache, attn_metadata,
+                    res_meta, layout, quest, ctx.no_compile_layers[stream_name].kv_cache,
+                    ctx.attn_metadata[stream_name])
+                return output
             self._forward_triton(query, key, value, output, kv_cache, residual_cache,
                                  attn_metadata, res_meta, layout, quest)
             return output
@@ -424,8 +434,9 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         from vllm_kvcomp.kernels.triton_store import kvcomp_store
 
         cfg = self.config
-        key = key.view(-1, self.num_kv_heads, self.head_size)
-        value = value.view(-1, self.num_kv_heads, self.head_size)
+        # heads from the tensors: a split layer passes its retrieval heads only
+        key = key.view(key.shape[0], -1, self.head_size)
+        value = value.view(value.shape[0], -1, self.head_size)
         bs_r = res_md.block_size if res_md is not None else 1
         res_table = res_md.block_table if res_md is not None else None
         kvcomp_store(
@@ -433,8 +444,8 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             res_md.slot_mapping if res_md is not None else None,
             md.query_start_loc, md.seq_lens, layout, cfg, bs_r, md.max_query_len,
         )
-        q = query.view(-1, self.num_heads, self.head_size)
-        out = output.view(-1, self.num_heads, self.head_size)
+        q = query.view(query.shape[0], -1, self.head_size)
+        out = output.view(output.shape[0], -1, self.head_size)
         # A decode-only batch (the CUDA-graph case) takes all num_reqs rows,
         # padding included; a mixed one its leading decode requests.
         nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
@@ -482,3 +493,44 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             md.query_start_loc[nd:], md.seq_lens[nd:], layout, cfg, self.scale, bs_r,
             md.max_query_len, out, as_stored=cfg.prompt_as_stored,
         )
+
+    def _forward_triton_split(self, query, key, value, output, packed_cache, residual_cache,
+                              md: KvcompMetadata, res_md: KvcompMetadata | None, layout,
+                              quest, stream_cache, stream_md: KvcompMetadata) -> None:
+        """GPU path of a layer split by a head map: the retrieval heads,
+        gathered into the packed pages' head order, through ``_forward_triton``;
+        the streaming heads through the stream kernel, which reads the layer's
+        own query / K / V and writes its output rows in place through a head
+        index (attention over sinks + window, and the store of its pages)."""
+        from vllm_kvcomp.kernels.triton_stream import stream_attention
+
+        D = self.head_size
+        T = key.shape[0]
+        key = key.view(T, -1, D)
+        value = value.view(T, -1, D)
+        H = key.shape[1]
+        q4 = query.view(T, H, -1, D)
+        retrieval, streaming = self._split_index(key.device)
+        q_r = q4.index_select(1, retrieval)
+        out_r = torch.empty_like(q_r)
+        self._forward_triton(q_r.view(T, -1, D), key.index_select(1, retrieval),
+                             value.index_select(1, retrieval), out_r.view(T, -1, D),
+                             packed_cache, residual_cache, md, res_md, layout, quest)
+        out = output.view(T, H, -1, D)
+        out.index_copy_(1, retrieval, out_r)
+        cfg = self.config
+        stream_attention(query.view(T, -1, D), key, value, stream_cache, stream_md.block_table,
+                         stream_md.slot_mapping, md.query_start_loc, md.seq_lens,
+                         cfg.sink_tokens, cfg.recent_tokens, self.scale, md.max_query_len,
+                         out.view(T, -1, D), heads=streaming)
+
+    def _split_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(retrieval int64, streaming int32) head indices on ``device``, made
+        once: at the eager warm-up step, not inside a CUDA-graph capture."""
+        cached = getattr(self, "_split_idx", None)
+        if cached is None or cached[0].device != device:
+            retrieval, streaming = self.head_split
+            cached = (torch.tensor(retrieval, dtype=torch.long, device=device),
+                      torch.tensor(streaming, dtype=torch.int32, device=device))
+            self._split_idx = cached
+        return cached

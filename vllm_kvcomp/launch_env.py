@@ -20,6 +20,11 @@ DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_r
 # which have passed interpreter tests and an sm_90 build but not yet a GPU run;
 # otherwise a GPU start-up refuses quest
 QUEST_GPU_ENV = "KVCOMP_QUEST_GPU"
+# "1": a GPU serves a head map's split layers with the Triton kernels (the
+# retrieval heads through the packed kernels, the streaming heads through
+# kernels/triton_stream.py), which have passed interpreter tests and an sm_90
+# build but not yet a GPU run; otherwise a GPU start-up refuses head_map
+HEAD_SPLIT_GPU_ENV = "KVCOMP_HEAD_SPLIT_GPU"
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
 

@@ -143,9 +143,10 @@ def served_head_split(cfg: KvcompConfig):
 def check_head_map(cfg: KvcompConfig, hf_config, on_cpu: bool | None = None) -> None:
     """Load ``cfg.head_map``, check it against the model's layers and KV heads
     and that it can be served (the same number of streaming heads in every
-    layer, at least one retrieval head). Only the CPU (PyTorch) attention
-    splits a layer's heads so far; the GPU kernels would read every head from
-    the packed pages, which hold only the retrieval heads."""
+    layer, at least one retrieval head). The GPU (Triton) split has passed
+    its interpreter tests and an sm_90 build, never a GPU run: a GPU serves
+    it only when asked to (``KVCOMP_HEAD_SPLIT_GPU=1``)."""
+    from vllm_kvcomp.launch_env import HEAD_SPLIT_GPU_ENV
     from vllm_kvcomp.policies.head_map import HeadMapError, load_head_map, served_split
 
     try:
@@ -158,15 +159,16 @@ def check_head_map(cfg: KvcompConfig, hf_config, on_cpu: bool | None = None) -> 
         split = served_split(head_map, cfg.streaming_ratio)
     except HeadMapError as e:
         raise KvcompConfigError(f"kvcomp head_map: {e}") from None
-    if not _on_cpu_path(on_cpu):
+    if not _on_cpu_path(on_cpu) and os.environ.get(HEAD_SPLIT_GPU_ENV, "0") != "1":
         how = ("as the map's roles say" if head_map.roles is not None
                else f"at streaming_ratio={cfg.streaming_ratio}")
         raise KvcompConfigError(
             f"kvcomp head_map={cfg.head_map!r} is valid ({head_map.num_layers} layers x "
             f"{head_map.num_kv_heads} KV heads, {split.num_streaming} streaming per layer "
             f"{how}) but serving a retrieval/streaming head split runs only on the CPU path "
-            "for now: the GPU (Triton) kernels do not split a layer's heads yet; remove "
-            "head_map to serve every head with the whole context")
+            "by default: its GPU (Triton) path has not been verified on a GPU yet; remove "
+            f"head_map to serve every head with the whole context, or set "
+            f"{HEAD_SPLIT_GPU_ENV}=1 to serve the split unverified")
 
 
 def check_tensor_parallel(cfg: KvcompConfig, tp_size: int, hf_config,
