@@ -27,12 +27,14 @@ every setting; it cuts start-up from ~4 to ~1 minute.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 SETTINGS = {
@@ -73,6 +75,14 @@ SETTINGS = {
     "kvcomp_k4v4_quest2048": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "quest": {"budget_tokens": 2048}}},
         "_env": {"KVCOMP_QUEST_GPU": "1"}},
+    # half of each layer's KV heads streaming (sinks 64 + window 256), with the split's
+    # kernels a GPU serves only when asked (KVCOMP_HEAD_SPLIT_GPU): W4 beside kvcomp_k4v4
+    # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map
+    # written for the model at start-up marks streaming (a fixed map, not a calibrated
+    # one: this measures speed and capacity, not quality)
+    "kvcomp_k4v4_split50": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4}}, "_env": {"KVCOMP_HEAD_SPLIT_GPU": "1"},
+        "_head_map_streaming": 0.5},
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
     # the quality-recommended 2-bit setting (KIVI: 32-token key groups, 32-channel value
@@ -114,6 +124,20 @@ def make_model_dir(path, layers=None):
     return path
 
 
+def write_head_map(model: str, share: float) -> str:
+    """A head map for ``model`` (its config.json) marking the first ``share`` of
+    every layer's KV heads streaming; -> its path (a new file per process)."""
+    with open(os.path.join(model, "config.json")) as f:
+        c = json.load(f)
+    heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+    ns = round(heads * share)
+    roles = [["streaming"] * ns + ["retrieval"] * (heads - ns)] * c["num_hidden_layers"]
+    path = os.path.join(tempfile.gettempdir(), f"head_map_{os.getpid()}.json")
+    with open(path, "w") as f:
+        json.dump({"layers": roles}, f)
+    return path
+
+
 def _pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
@@ -128,8 +152,11 @@ def run_one(args):
 
     workloads = args.workload.split(",")
     max_len = max(WORKLOADS[w][1] + WORKLOADS[w][2] for w in workloads) + 16
-    kwargs = dict(SETTINGS[args.setting])
+    kwargs = copy.deepcopy(SETTINGS[args.setting])
     os.environ.update(kwargs.pop("_env", {}))  # before the engine's processes start
+    share = kwargs.pop("_head_map_streaming", None)
+    if share is not None:
+        kwargs["additional_config"]["kvcomp"]["head_map"] = write_head_map(args.model, share)
     if args.kv_gib:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_gib * (1 << 30))
     if args.max_num_seqs:

@@ -57,6 +57,15 @@ SETTINGS = [
     # opt-in (KVCOMP_QUEST_GPU): both layers sparse, 4 of the longest prompts' 32 pages
     ("k4v4_quest512", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "quest": {"budget_tokens": 512, "dense_layers": 0}}),
+    # opt-in (KVCOMP_HEAD_SPLIT_GPU): one of each layer's two KV heads streaming, sinks
+    # 64 + window 256, so the longer prompts' streaming heads drop most of their context;
+    # the map (a dict here) is written to a file beside the model, what head_map takes
+    ("k4v4_split50", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4,
+      "head_map": {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]]}}),
+    ("k4v2_g32_split50", "d64", "float16",
+     {"k_bits": 4, "v_bits": 2, "group_size": 32, "sink_tokens": 16, "recent_tokens": 100,
+      "head_map": {"layers": [["streaming", "retrieval"], ["retrieval", "streaming"]]}}),
 ]
 REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
 MAX_MODEL_LEN = 4096
@@ -80,12 +89,22 @@ def run_one(spec: dict) -> None:
     from vllm import LLM, SamplingParams
 
     kw = {}
-    if spec["kvcomp"] is not None and "quest" in spec["kvcomp"]:
+    kvcomp = spec["kvcomp"]
+    if kvcomp is not None and "quest" in kvcomp:
         from vllm_kvcomp.launch_env import QUEST_GPU_ENV
 
         os.environ[QUEST_GPU_ENV] = "1"
-    if spec["kvcomp"] is not None:
-        kw = dict(attention_backend="kvcomp", additional_config={"kvcomp": spec["kvcomp"]})
+    if kvcomp is not None and isinstance(kvcomp.get("head_map"), dict):
+        from vllm_kvcomp.launch_env import HEAD_SPLIT_GPU_ENV
+
+        # one file per engine: both modes of a row may start at once
+        path = os.path.join(spec["model"], f"head_map_{spec['name']}_{os.getpid()}.json")
+        with open(path, "w") as f:
+            json.dump(kvcomp["head_map"], f)
+        kvcomp = {**kvcomp, "head_map": path}
+        os.environ[HEAD_SPLIT_GPU_ENV] = "1"
+    if kvcomp is not None:
+        kw = dict(attention_backend="kvcomp", additional_config={"kvcomp": kvcomp})
     if spec["mode"] == "fast":
         kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
     t0 = time.perf_counter()

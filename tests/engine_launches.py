@@ -82,10 +82,14 @@ ENGINE_SETTINGS = [
 ]
 # Opt-in GPU paths checked beside them (not on the default path, so not in
 # benchmarks/results/gpu_verified.json): Quest's selection and sparse decode
-# (KVCOMP_QUEST_GPU=1), the value being its budget_tokens.
+# (KVCOMP_QUEST_GPU=1), the value being its budget_tokens; a head map's split
+# layer (KVCOMP_HEAD_SPLIT_GPU=1), the value being the share of KV heads that
+# stream (the rest through the packed kernels), at the default sinks and window.
 OPT_IN_SETTINGS = [
     setting(quest=2048),
     setting(quest=512, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
+    setting(head_split=0.5),
+    setting(head_split=0.5, head_size=64, dtype="fp16", rep=8),
 ]
 
 
@@ -185,28 +189,41 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     from vllm_kvcomp.residual_layer import packed_spec, residual_spec
 
     from vllm_kvcomp.config import QuestConfig
-    from vllm_kvcomp.kernels import triton_quest
+    from vllm_kvcomp.kernels import triton_quest, triton_stream
+    from vllm_kvcomp.stream_layer import stream_spec
 
     L = max_model_len or s.max_model_len
     kvcomp = dict(s.kvcomp)
     budget = kvcomp.pop("quest", None)
+    streaming_share = kvcomp.pop("head_split", None)
     cfg = KvcompConfig(**kvcomp)
     if budget is not None:
         cfg = type(cfg)(**{**cfg.to_dict(), "quest": QuestConfig(budget, dense_layers=0)})
     dtype = DTYPES[s.dtype]
     H, D, Hq = 2, s.head_size, 2 * s.rep
+    # (retrieval, streaming) KV heads of a split layer; the packed pages and
+    # the window hold the retrieval heads only
+    head_split = None
+    if streaming_share is not None:
+        ns = round(H * streaming_share)
+        head_split = (list(range(ns, H)), list(range(ns)))
+    H_packed = len(head_split[0]) if head_split else H
     with mock.patch("vllm_kvcomp.backend.current_config", lambda: cfg):
         bs = KvcompBackend.get_preferred_block_size(16)
     quest = cfg.quest.policy(bs) if cfg.quest is not None else None
-    pspec = packed_spec(cfg, bs, H, D, dtype)
+    pspec = packed_spec(cfg, bs, H_packed, D, dtype)
     rspec = residual_spec(pspec, concurrent_steps=2)
     layout = pspec.layout
     nb = 64
-    packed = torch.zeros(nb, H, layout.head_page_bytes, dtype=torch.uint8)
+    packed = torch.zeros(nb, H_packed, layout.head_page_bytes, dtype=torch.uint8)
     residual = _residual_view(rspec, nb) if cfg.needs_residual_cache else None
     max_reqs = MAX_NUM_SEQS
     block_table = torch.zeros(max_reqs, -(-L // bs), dtype=torch.int32)
     res_table = torch.zeros(max_reqs, -(-L // rspec.block_size), dtype=torch.int32)
+    if head_split:
+        sspec = stream_spec(cfg, pspec, len(head_split[1]), concurrent_steps=2)
+        stream = _residual_view(sspec, nb)
+        stream_table = torch.zeros(max_reqs, -(-L // sspec.block_size), dtype=torch.int32)
 
     def forward(impl, reqs, max_seq_len=None):
         qlens = [q for _, q in reqs]
@@ -231,12 +248,22 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
         qkv = torch.empty(T, (Hq + 2 * H) * D, dtype=dtype)
         q, k, v = qkv.split([Hq * D, H * D, H * D], dim=-1)
         out = torch.empty(T, Hq * D, dtype=dtype)
-        impl._forward_triton(q, k, v, out, packed, residual, md, res_md,
-                             backend._layout(impl.config, bs, D, dtype.itemsize), quest)
+        lay = backend._layout(impl.config, bs, D, dtype.itemsize)
+        if head_split:
+            stream_md = KvcompMetadata(
+                num_actual_tokens=T, num_reqs=B, query_start_loc=qsl[:B + 1],
+                seq_lens=seq_lens, block_table=stream_table[:B],
+                slot_mapping=torch.zeros(T, dtype=torch.int64), block_size=sspec.block_size,
+                max_query_len=max(qlens), max_seq_len=md.max_seq_len, num_decodes=nd)
+            impl.head_split = head_split
+            impl._forward_triton_split(q, k, v, out, packed, residual, md, res_md, lay, quest,
+                                       stream, stream_md)
+        else:
+            impl._forward_triton(q, k, v, out, packed, residual, md, res_md, lay, quest)
 
-    mods = (triton_decode, triton_prefill, triton_store, triton_quest)
+    mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream)
     # an opt-in setting's launches are all off the default path
-    calls, default = [], [quest is None]
+    calls, default = [], [quest is None and head_split is None]
 
     def seen(jit, args, kw):
         if on_launch is not None:
@@ -252,7 +279,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
             pass
         impl._decode_launch = dict(decode_launch.DECODE_LAUNCH)
         for split in (False, True):
-            default[0] = not split and quest is None
+            default[0] = not split and quest is None and head_split is None
             with mock.patch.object(triton_store, "_SPLIT_DEFAULT", split):
                 for b in CAPTURE_SIZES:
                     forward(impl, [(0, 1)] * b, max_seq_len=L)

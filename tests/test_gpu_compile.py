@@ -100,8 +100,11 @@ def test_engine_launches_compile_for_sm90(compiled, setting):
     # the hand-over split and unsplit, the prefill with and without its fresh tokens
     assert res["builds"].count("_kvcomp_store_kernel") >= 2, res
     assert res["builds"].count("_kvcomp_prefill_kernel") >= 2, res
-    if setting in OPT_IN_IDS:  # Quest's decode steps: selection, then the sparse decode
+    opt_in = dict(next((s.kvcomp for s in OPT_IN_SETTINGS if s.id == setting), ()))
+    if "quest" in opt_in:  # Quest's decode steps: selection, then the sparse decode
         assert {"_quest_score_kernel", "_quest_select_kernel", "_quest_decode_kernel"} <= built
+    if "head_split" in opt_in:  # the streaming heads' step, decode-only and mixed batches
+        assert res["builds"].count("_stream_kernel") >= 2, res
 
 
 @pytest.mark.parametrize("setting", ENGINE_IDS)
