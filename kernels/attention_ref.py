@@ -23,7 +23,10 @@ after this step (``Q`` = ``KvcompConfig.quantized_prefix_len``):
    to the front of the request's pages (``kernels/compaction.py``), and the
    step's later queries (a recomputed request's generated tokens) attend,
    like every later step, only the kept positions ``[0, kept)`` and
-   ``[end, ...)``. Under Quest (``policies.quest``) a one-token step whose
+   ``[end, ...)``. Under H2O / A2SF (``kernels/h2o_ref.py``) every step
+   attends the heavy hitters ``[0, K)`` and the tokens in place from ``E``,
+   adds its probabilities to the scores of what it read, and compacts when
+   ``E`` moves up a page. Under Quest (``policies.quest``) a one-token step whose
    packed pages exceed the budget reads, per KV head, only the pages its
    query selects (``quest_pages``);
 3. the fresh tokens are written, unquantized, into the residual pages.
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvcomp.kernels import packing
-from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.config import SCORED_EVICTION, KvcompConfig
 from vllm_kvcomp.layout import PageLayout
 
 
@@ -203,6 +206,10 @@ def request_attention(
             prompt_len, cfg.quantized_prefix_len(prompt_len))
         if plan is not None and start >= prompt_len:
             snap = plan
+    if cfg.eviction is not None and cfg.eviction.method in SCORED_EVICTION:
+        assert prompt_len is not None, "H2O / A2SF need each request's prompt length"
+        # heavy hitters in [0, K), tokens in place from E (policies.h2o.PagedH2O)
+        snap = cfg.eviction.policy(layout.block_size).layout(start, q_old, prompt_len)
     if snap is not None:
         # positions [kept, end) hold nothing: the moved-out tokens' pages are
         # (or will be) back in the pool, the rest of the last kept page is stale
@@ -422,7 +429,13 @@ def kvcomp_step_reference(
                 vs.append(v_new[: q_new - start])
             _handover(packed_cache, layout, cfg, row, torch.cat(ks), torch.cat(vs), q_old)
         P = batch.prompt_lens[i] if batch.prompt_lens is not None else None
-        if (cfg.eviction is not None and cfg.eviction.method == "snapkv"
+        if cfg.eviction is not None and cfg.eviction.method in SCORED_EVICTION:
+            from vllm_kvcomp.kernels.h2o_ref import scored_step
+
+            out = scored_step(query[qs:qe], k_new, v_new, packed_cache, residual_cache, layout,
+                              cfg, row, res_row, batch.residual_block_size, start, scale,
+                              model_dtype, as_stored, window, P)
+        elif (cfg.eviction is not None and cfg.eviction.method == "snapkv"
                 and start < P and n > P - cfg.eviction.window
                 and cfg.eviction.policy(layout.block_size).plan(
                     P, cfg.quantized_prefix_len(P)) is not None):

@@ -1,6 +1,6 @@
 """Move each KV head's kept tokens to the front of a request's packed pages.
 
-After a selection (``policies.snapkv``) every KV head keeps its own set of
+After a selection (``policies.snapkv``, ``policies.h2o``) every KV head keeps its own set of
 positions; moving them, in position order, to positions ``[0, kept)`` of the
 same request's pages empties whole pages that go back to vLLM's pool while
 every other position keeps its slot. A token's packed row (codes, and its
@@ -10,7 +10,8 @@ channel share one scale/min per channel across a token group, so a kept key
 is only meaningful inside a group quantized with it: those are dequantized as
 stored and quantized again as the new groups (one more rounding of at most
 half a code step). Keys were cached after RoPE, so moving them changes
-nothing about their phase.
+nothing about their phase. Under H2O / A2SF the pages' score slots move with
+their tokens.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def compact_kept(cache: torch.Tensor, layout: PageLayout, block_row: torch.Tenso
     dst = torch.arange(k, device=dev)
     dst_blk, dst_slot = row[dst // bs][None].expand(H, k), (dst % bs)[None].expand(H, k)
 
+    scores = None
+    if layout.has_scores:  # H2O / A2SF: a token's score moves with it
+        from vllm_kvcomp.kernels.h2o_ref import score_view
+
+        scores = score_view(cache, layout)
+        moved_scores = scores[src_blk, heads, src_slot].clone()
     regions = ["v"] if keys_regrouped(layout) else ["v", "k"]
     moved = []
     for which in regions:
@@ -71,6 +78,8 @@ def compact_kept(cache: torch.Tensor, layout: PageLayout, block_row: torch.Tenso
         codes[dst_blk, heads, dst_slot] = c
         if p is not None:
             params[dst_blk, heads, dst_slot] = p
+    if scores is not None:
+        scores[dst_blk, heads, dst_slot] = moved_scores
     if regrouped is not None:
         gpos = torch.arange(regrouped.shape[0], device=dev) * layout.config.group_size
         packing.store_key_groups_per_channel(cache, layout, regrouped, row[gpos // bs],

@@ -252,8 +252,9 @@ def test_reference_attends_exactly_the_kept_positions(kvcomp, bs, chunks):
 
 
 @pytest.mark.parametrize("ev, message", [
-    ({"method": "h2o"}, "method='h2o' is not available yet"),
-    ({"method": "a2sf"}, "method='a2sf' is not available yet"),
+    ({"method": "h2o"}, "eviction h2o needs budget_tokens"),
+    ({"method": "a2sf", "budget_tokens": 64, "window": 8},
+     "unknown kvcomp eviction setting(s) ['window']"),
     ({"method": "lru"}, "method='lru' is not supported"),
     ({"sink_tokens": 4}, "method=None is not supported"),
     ({"method": "streamingllm", "window": 3}, "unknown kvcomp eviction setting(s) ['window']"),

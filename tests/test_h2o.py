@@ -1,13 +1,21 @@
-"""H2O and A2SF kept sets against a float reference of the papers' rules, and
-their start-up refusal (not served yet)."""
+"""H2O and A2SF: kept sets against a float reference of the papers' rules,
+the serving path's scores, kept sets and outputs against the rule in page
+steps, the block manager's frees, and the engine end to end."""
 import math
 
 import pytest
 import torch
 
+import vllm_kvcomp
+from sim_paged import SimPagedCache
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
+from vllm_kvcomp.kernels import packing
+from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
+from vllm_kvcomp.kernels.h2o_ref import score_view
 from vllm_kvcomp.policies.a2sf import A2SF
 from vllm_kvcomp.policies.h2o import H2O
+
+vllm_kvcomp.register()
 
 
 def _float_rule(q, k, P, budget, recent, alpha):
@@ -106,7 +114,362 @@ def test_bad_policy_parameters():
         A2SF(8, 4, 0)
 
 
+# ------------------------------------------------------------ serving path
+
+H, D = 2, 16
+
+
+def _ev(method, budget, recent, alpha=None):
+    ev = {"method": method, "budget_tokens": budget, "recent_tokens": recent}
+    if alpha is not None:
+        ev["alpha"] = alpha
+    return ev
+
+
+def _serve(cfg, P, chunks, q, k, v, bs, poison_freed, record=None):
+    """One request through the reference steps (``kvcomp_step_reference``);
+    with ``poison_freed`` every page the manager has given back points at a
+    page of 0xFF bytes (NaN scales), as a stale id might. ``record``: after
+    each step, the policy's layout and the request's scores and 16-bit keys
+    by slot."""
+    T = q.shape[0]
+    sim = SimPagedCache(cfg, bs, H, D, 1, T, seed=1)
+    sim.packed[0].fill_(0xFF)
+    policy = cfg.eviction.policy(bs) if cfg.eviction is not None else None
+    out = torch.zeros_like(q)
+    c = 0
+    for step in chunks:
+        n = c + step
+        batch = sim.batch([c], [n])
+        batch.prompt_lens = [P]
+        o = torch.zeros(step, q.shape[1], D)
+        kvcomp_step_reference(q[c:n], k[c:n], v[c:n], o, sim.packed, sim.residual,
+                              sim.layout, cfg, D ** -0.5, batch)
+        out[c:n] = o
+        c = n
+        if policy is not None and poison_freed:
+            lo, hi = policy.freed_pages(c, cfg.quantized_prefix_len(c), P)
+            sim.block_table[0, lo:hi] = 0
+        if record is not None:
+            K, E = policy.layout(c, cfg.quantized_prefix_len(c), P)
+            row = sim.block_table[0].long()
+            scores = score_view(sim.packed, sim.layout)[row].transpose(0, 1).reshape(H, -1)
+            keys, _ = packing.dequantize_pages(sim.packed, sim.layout, row, torch.float32)
+            record.append((c, K, E, scores.clone(), keys.clone()))
+    return out, sim
+
+
+def _paged_rule(q, k, v, P, chunks, policy, q_len):
+    """H2O / A2SF in page steps, in float64: each step's queries attend the
+    kept tokens of the step's start (a prompt: everything before it) and
+    their own causal range; a token's score is ``rule.accumulate``'s; when
+    the layout moves, ``H2O.evict`` with the recent window ``n - E`` and the
+    budget ``K + n - E`` decides what stays. Returns, per step, the kept
+    positions below ``E`` per head, the scores ``[H, n]`` and the outputs."""
+    T, Hq, _ = q.shape
+    rep = Hq // H
+    scores = torch.zeros(H, T, dtype=torch.float64)
+    kept = torch.zeros(H, T, dtype=torch.bool)  # cached and not evicted
+    outs, history = torch.zeros(T, Hq, D, dtype=torch.float64), []
+    c = 0
+    for step in chunks:
+        n = c + step
+        kept[:, c:n] = True
+        pos = torch.arange(T)
+        vis = kept[:, None, :] & (pos[None, None, :] <= torch.arange(c, n)[None, :, None])
+        s = torch.einsum("thd,jhd->htj", q[c:n].double(),
+                         k.double().repeat_interleave(rep, 1)) * D ** -0.5
+        s.masked_fill_(~vis.repeat_interleave(rep, 0), float("-inf"))
+        probs = torch.softmax(s, -1)
+        outs[c:n] = torch.einsum("htj,jhd->thd", probs, v.double().repeat_interleave(rep, 1))
+        scores = policy.rule.accumulate(scores, probs, H)
+        K, E = policy.layout(n, q_len(n), P)
+        if E > 0 and (K, E) != policy.layout(c, q_len(c), P):
+            rule = H2O(K + n - E, n - E)
+            kept[:, :n] = rule.evict(scores[:, :n], kept[:, :n], n)
+        history.append(([kept[h, :E].nonzero().squeeze(1) for h in range(H)], scores.clone()))
+        c = n
+    return history, outs
+
+
+# a prompt of 45 tokens in two chunks, then decode steps; or, as a preempted
+# request recomputes, its prompt and 25 generated tokens in one step that
+# completes the prompt, then decode steps
+SERVED_CHUNKS = {"decode": [30, 15] + [1] * 60, "recompute": [30, 40] + [1] * 35}
+
+
+@pytest.mark.parametrize("chunks", list(SERVED_CHUNKS))
+@pytest.mark.parametrize("rep", [1, 4, 8])
+@pytest.mark.parametrize("method,alpha", [("h2o", None), ("a2sf", 0.7)])
+def test_served_scores_and_kept_sets_equal_the_rule(rep, method, alpha, chunks):
+    """16-bit keys (exact in the pages), a prompt off the page size, then
+    decode steps through many eviction steps: after every step the scores in
+    the pages' score slots (moved with their tokens) equal the float rule's
+    accumulated scores (rtol 1e-5), the keys in slots ``[0, K)`` are those of
+    the rule's kept positions in order, and the outputs equal the rule's
+    attention over the kept tokens (1e-5)."""
+    bs, P, budget, recent = 16, 45, 40, 12
+    cfg = KvcompConfig.from_dict({"k_bits": 16, "v_bits": 16, "residual_tokens": 8,
+                                  "eviction": _ev(method, budget, recent, alpha)})
+    policy = cfg.eviction.policy(bs)
+    chunks = SERVED_CHUNKS[chunks]
+    T = sum(chunks)
+    g = torch.Generator().manual_seed(rep * 7 + (alpha is None))
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (H * rep, H, H))
+    q *= 2  # peaked attention: scores far apart
+    record = []
+    out, _ = _serve(cfg, P, chunks, q, k, v, bs, poison_freed=True, record=record)
+    want, want_out = _paged_rule(q, k, v, P, chunks, policy, cfg.quantized_prefix_len)
+    evictions = 0
+    for (n, K, E, scores, keys), (kept, ref_scores) in zip(record, want):
+        for h in range(H):
+            assert kept[h].numel() == K, (n, h)
+            slots = torch.cat([torch.arange(K), torch.arange(E, n)])
+            positions = torch.cat([kept[h], torch.arange(E, n)])
+            torch.testing.assert_close(scores[h, slots].double(), ref_scores[h, positions],
+                                       rtol=1e-5, atol=1e-6)
+            assert torch.equal(keys[:K, h], k[kept[h], h]), (n, h)
+        evictions += K < E
+    assert evictions > 20  # eviction steps, not one
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+
+
+def test_a2sf_forgets_what_h2o_keeps():
+    """The same inputs served under H2O and A2SF keep different tokens."""
+    bs, P = 16, 45
+    chunks = [45] + [1] * 60
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(105, h, D, generator=g) for h in (H * 2, H, H))
+    q *= 2
+    kept = []
+    for ev in (_ev("h2o", 40, 12), _ev("a2sf", 40, 12, 0.5)):
+        cfg = KvcompConfig.from_dict({"k_bits": 16, "v_bits": 16, "residual_tokens": 8,
+                                      "eviction": ev})
+        record = []
+        _serve(cfg, P, chunks, q, k, v, bs, poison_freed=True, record=record)
+        n, K, E, _, keys = record[-1]
+        kept.append(keys[:K])
+    assert not torch.equal(kept[0], kept[1])
+
+
+@pytest.mark.parametrize("kvcomp", [
+    {"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 16},
+    {"k_bits": 2, "v_bits": 4, "key_axis": "token", "group_size": 16, "residual_tokens": 8},
+    {"k_bits": 16, "v_bits": 16, "residual_tokens": 0, "key_axis": "token"},
+])
 @pytest.mark.parametrize("method", ["h2o", "a2sf"])
-def test_serving_them_is_a_named_start_up_error(method):
-    with pytest.raises(KvcompConfigError, match=f"method='{method}' is not available yet"):
-        KvcompConfig.from_dict({"eviction": {"method": method, "budget_tokens": 512}})
+def test_quantized_pages_evict_and_a_wide_budget_changes_nothing(kvcomp, method):
+    """k_bits / v_bits 4, 2 and 16: with a budget covering the context the
+    outputs equal the same bits without eviction, bit for bit; with a small
+    one, freed pages (poisoned) are never read and the outputs differ."""
+    bs, P = 16, 77
+    chunks = [50, 27] + [1] * 70
+    T = sum(chunks)
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(T, h, D, generator=g) for h in (H * 4, H, H))
+    alpha = 0.5 if method == "a2sf" else None
+    plain, _ = _serve(KvcompConfig.from_dict(kvcomp), P, chunks, q, k, v, bs, False)
+    wide = KvcompConfig.from_dict({**kvcomp, "eviction": _ev(method, T, 16, alpha)})
+    out, _ = _serve(wide, P, chunks, q, k, v, bs, poison_freed=True)
+    assert torch.equal(out, plain)
+    small = KvcompConfig.from_dict({**kvcomp, "eviction": _ev(method, 40, 16, alpha)})
+    record = []
+    out, _ = _serve(small, P, chunks, q, k, v, bs, poison_freed=True, record=record)
+    assert torch.isfinite(out).all()
+    assert (out[P:] - plain[P:]).abs().max() > 1e-3
+    assert any(K < E for _, K, E, _, _ in record)
+
+
+@pytest.mark.parametrize("budget, recent, alpha, message", [
+    (None, None, None, "h2o needs budget_tokens"),
+    (0, None, None, "budget_tokens=0 must be a positive"),
+    (64, 65, None, "recent_tokens=65 exceeds budget_tokens=64"),
+    (64, 0, None, "recent_tokens=0 must be a positive"),
+])
+def test_bad_h2o_settings_are_named(budget, recent, alpha, message):
+    ev = {"method": "h2o"}
+    for name, x in (("budget_tokens", budget), ("recent_tokens", recent)):
+        if x is not None:
+            ev[name] = x
+    with pytest.raises(KvcompConfigError) as e:
+        KvcompConfig.from_dict({"eviction": ev})
+    assert message in str(e.value)
+
+
+def test_bad_a2sf_settings_are_named():
+    for alpha in (0, 1.5, True):
+        with pytest.raises(KvcompConfigError, match="alpha=.* must be in"):
+            KvcompConfig.from_dict({"eviction": _ev("a2sf", 64, 8, alpha)})
+    with pytest.raises(KvcompConfigError, match=r"unknown kvcomp eviction setting\(s\) \['alpha'\]"):
+        KvcompConfig.from_dict({"eviction": _ev("h2o", 64, 8, 0.5)})
+    # the paper's split: half the budget recent unless given
+    assert KvcompConfig.from_dict({"eviction": {"method": "a2sf", "budget_tokens": 64}}
+                                  ).eviction.recent_tokens == 32
+
+
+# ------------------------------------------------------------------ manager
+
+
+@pytest.mark.parametrize("kvcomp", [
+    {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32},
+    {"k_bits": 2, "v_bits": 2, "key_axis": "token", "residual_tokens": 0},
+])
+def test_manager_frees_the_evicted_pages_where_the_worker_empties_them(kvcomp):
+    """The block manager, told only the processed tokens and the prompt
+    length, holds after each step exactly the pages of the layout the worker
+    compacts to: every page of the prompt while it is prefilled, then the
+    heavy hitters' pages and those from ``E`` on; the pool gets the rest."""
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+
+    from vllm_kvcomp.residual_layer import packed_spec
+
+    bs, P, chunk, budget = 32, 700, 256, 200
+    cfg = KvcompConfig.from_dict({**kvcomp, "eviction": _ev("h2o", budget, 64)})
+    spec = packed_spec(cfg, bs, 2, 64, torch.float32, chunk)
+    pool = BlockPool(num_gpu_blocks=100, enable_caching=True, hash_block_size=bs)
+    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=chunk, max_model_len=4096,
+                                        block_pool=pool, enable_caching=True,
+                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    free0 = pool.get_num_free_blocks()
+    c = 0
+    most = 0
+    for step in [chunk, chunk, P - 2 * chunk] + [1] * 300:
+        n = c + step
+        mgr.remove_skipped_blocks("r", c, P)
+        row = mgr.req_to_blocks.get("r", [])
+        held = [not b.is_null for b in row]
+        K, E = spec.policy.layout(c, spec.packed_tokens(c), P)
+        want = [i < -(-K // bs) or i >= E // bs for i in range(len(row))]
+        assert held == want, c
+        if c > P:
+            # the budget plus a page of slack, and the window not yet packed
+            assert sum(held) * bs <= budget + bs + (c - spec.packed_tokens(c)) + 2 * bs
+            most = max(most, sum(held))
+        mgr.allocate_new_blocks("r", n, n)
+        assert len(mgr.req_to_blocks["r"]) == -(-n // bs)  # a page per cached token
+        assert pool.get_num_free_blocks() == free0 - sum(
+            not b.is_null for b in mgr.req_to_blocks["r"])
+        c = n
+    assert 0 < most < -(-P // bs)
+    mgr.free("r")
+    assert pool.get_num_free_blocks() == free0
+
+
+def test_combinations_not_served_are_named(tmp_path):
+    f = tmp_path / "map.json"
+    f.write_text("{}")
+    with pytest.raises(KvcompConfigError, match="eviction and head_map"):
+        KvcompConfig.from_dict({"eviction": _ev("h2o", 64, 8), "head_map": str(f)})
+    with pytest.raises(KvcompConfigError, match="quest and eviction .method='a2sf'."):
+        KvcompConfig.from_dict({"eviction": _ev("a2sf", 64, 8), "quest": {}})
+
+
+def test_start_up_asks_for_prompt_lengths_and_a_gpu_refuses(tmp_path, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    from vllm_kvcomp.tiny_model import make_tiny_llama
+    from vllm_kvcomp.validation import check_eviction_platform
+
+    model = make_tiny_llama(str(tmp_path / "tiny"))
+
+    def config(method):
+        return EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024,
+                          additional_config={"kvcomp": {"eviction": _ev(method, 512, 64)}}
+                          ).create_engine_config()
+
+    # the runner passes prompt lengths to attention metadata only then
+    assert config("a2sf").model_config.rswa_window is not None
+    for method in ("h2o", "a2sf"):
+        cfg = KvcompConfig.from_dict({"eviction": _ev(method, 512, 64)})
+        check_eviction_platform(cfg, on_cpu=True)
+        with pytest.raises(KvcompConfigError, match=f"method='{method}'.* runs only on the CPU"):
+            check_eviction_platform(cfg, on_cpu=False)
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
+                        raising=False)
+    with pytest.raises(ValueError, match="method='h2o'.* runs only on the CPU path"):
+        config("h2o")
+
+
+# --------------------------------------------------------------- end to end
+
+
+def _engine_ev(method, budget, recent=None):
+    ev = {"method": method, "budget_tokens": budget}
+    if recent is not None:
+        ev["recent_tokens"] = recent
+    if method == "a2sf":
+        ev["alpha"] = 0.5
+    return ev
+
+
+def test_engine_budget_covering_the_context_changes_nothing(tiny_llama):
+    """A budget at least as long as every request evicts nothing: the tokens
+    equal kvcomp's without eviction at 16 bits (H2O) and at 4 bits (A2SF). A
+    small budget does change what the long prompts generate, not what the
+    40-token one does."""
+    from e2e_util import POLICY_BASE, POLICY_K16, policy_spec, run_engines
+
+    def run(kvcomp, shared=False):
+        return dict(spec=policy_spec(tiny_llama, kvcomp), shared=shared)
+
+    plain16, wide16, plain, wide4, small = run_engines(
+        run(POLICY_K16, shared=True), run({**POLICY_K16, "eviction": _engine_ev("h2o", 2048)}),
+        run(POLICY_BASE, shared=True), run({**POLICY_BASE, "eviction": _engine_ev("a2sf", 2048)}),
+        run({**POLICY_BASE, "eviction": _engine_ev("h2o", 128, 64)}))
+    assert wide16["tokens"] == plain16["tokens"]
+    assert wide4["tokens"] == plain["tokens"]
+    assert small["tokens"][2] != plain["tokens"][2]
+    assert small["tokens"][3] == plain["tokens"][3]
+
+
+def test_engine_decode_holds_the_budget_and_the_pool_ends_empty(tiny_llama, tmp_path):
+    """Mixed prompts (40 to 1700 tokens) decoding 160 tokens each, some
+    aborted: after every step each request past its prompt holds exactly
+    the pages of the policy's layout (read from vLLM's block manager), at
+    most the budget plus a page of slack plus the pages of the
+    full-precision window; pages given back serve other requests; the pool
+    ends as it started."""
+    import json
+
+    from e2e_util import HERE, POLICY_BASE, child_result, env_without_interpreter
+
+    budget, recent, bs = 256, 64, POLICY_BASE["block_size"]
+    spec = dict(model=tiny_llama,
+                kvcomp={**POLICY_BASE, "eviction": _engine_ev("a2sf", budget, recent)},
+                engine=dict(max_num_batched_tokens=512, max_num_seqs=4, max_model_len=2048),
+                lengths=[1500, 60, 900, 1200, 300, 1700, 40, 700], max_tokens=160,
+                abort_every=5, in_flight=5, seed=1)
+    f = tmp_path / "spec.json"
+    f.write_text(json.dumps(spec))
+    r, _ = child_result([str(HERE / "h2o_pool_child.py"), "@" + str(f)], 1800,
+                        env_without_interpreter())
+    assert r["checked"] > 500 and r["mismatches"] == [], r["mismatches"]
+    # heavy hitters' pages, a page of slack, the recent tokens and the
+    # window not yet packed (residual 32 + a key group of 32 - 1), the token
+    # in flight
+    window = POLICY_BASE["residual_tokens"] + POLICY_BASE["group_size"] - 1
+    bound = -(-(budget - recent) // bs) + -(-(recent + bs + max(0, window - recent) + 1) // bs)
+    assert r["most_held"] and max(r["most_held"].values()) <= bound, r["most_held"]
+    assert r["reused"] > 0
+    assert r["aborted"] > 0 and r["finished"] + r["aborted"] == 8
+    assert r["free_end"] == r["free_start"] and r["usage"] == 0
+
+
+def test_engine_tight_pool_preempts_and_serves_every_request(tiny_llama):
+    """Five long prompts on a pool that holds barely two of them while they
+    are prefilled: vLLM preempts and recomputes, and every request returns
+    its whole output. (A request recomputed after some decode steps re-derives
+    its kept set from the recompute's prefill, ``PagedH2O``'s docstring, so
+    its tokens are not compared.)"""
+    from e2e_util import POLICY_BASE, run_engine, token_prompts
+
+    spec = dict(model=tiny_llama, backend="kvcomp",
+                kvcomp={**POLICY_BASE, "eviction": _engine_ev("h2o", 256, 64)},
+                engine=dict(max_model_len=2048, max_num_batched_tokens=512, max_num_seqs=4,
+                            num_gpu_blocks_override=110),
+                prompts=token_prompts([1500, 1200, 1700, 900, 1300], seed=4), max_tokens=48)
+    r = run_engine(spec, timeout=1200)
+    assert r["preemptions"] > 0
+    assert [len(t) for t in r["tokens"]] == [48] * 5

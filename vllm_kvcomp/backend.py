@@ -77,7 +77,7 @@ class KvcompMetadata:
     # there would sync the device every step).
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
-    # prompt lengths (CPU path, SnapKV eviction only: validation asks vLLM for them)
+    # prompt lengths (CPU path, SnapKV / H2O / A2SF only: validation asks vLLM for them)
     prompt_lens_cpu: list[int] | None = None
 
 

@@ -18,14 +18,16 @@ KEY_AXES = ("channel", "token")
 VALUE_AXES = ("token",)
 FRESH_PREFILL = ("auto", "flash_attn", "triton")
 PROMPT_ATTENTION = ("auto", "as_stored", "full_precision")
-EVICTION_METHODS = ("streamingllm", "snapkv")
-# named so that asking for one says it is not there yet, not "unknown"
-EVICTION_PLANNED = ("h2o", "a2sf")
+EVICTION_METHODS = ("streamingllm", "snapkv", "h2o", "a2sf")
 # the settings each method reads (besides "method"); any other is an error
 EVICTION_SETTINGS = {
     "streamingllm": ("sink_tokens", "recent_tokens"),
     "snapkv": ("budget_tokens", "budget_ratio", "window", "kernel", "pooling"),
+    "h2o": ("budget_tokens", "recent_tokens"),
+    "a2sf": ("budget_tokens", "recent_tokens", "alpha"),
 }
+# methods that score tokens by the attention they accumulate during decode
+SCORED_EVICTION = ("h2o", "a2sf")
 SNAPKV_POOLING = ("avg", "max")
 
 
@@ -55,13 +57,19 @@ def _check_positive_ints(settings: Any, names: tuple[str, ...], prefix: str) -> 
 class EvictionConfig:
     """Token eviction inside each head's cache (the ``eviction`` setting).
 
-    method: "streamingllm" (``vllm_kvcomp/policies/streaming.py``) or
-        "snapkv" (``vllm_kvcomp/policies/snapkv.py``).
+    method: "streamingllm" (``vllm_kvcomp/policies/streaming.py``),
+        "snapkv" (``vllm_kvcomp/policies/snapkv.py``), "h2o"
+        (``vllm_kvcomp/policies/h2o.py``) or "a2sf" (``policies/a2sf.py``).
     sink_tokens: first tokens of the sequence kept for good (attention sinks).
-    recent_tokens: last tokens of the sequence kept (the query's own included).
+    recent_tokens: last tokens of the sequence kept (the query's own included;
+        h2o / a2sf: by default half of ``budget_tokens``, as in the H2O paper).
     budget_tokens / budget_ratio (snapkv, exactly one): prompt tokens each KV
         head keeps in its compressed pages, as a count or as a fraction of the
         prompt (the prompt's end, in the full-precision window, on top).
+        h2o / a2sf: ``budget_tokens`` (required), tokens each KV head keeps,
+        heavy hitters plus the recent ones (up to a page more between
+        eviction steps, ``policies.h2o.PagedH2O``).
+    alpha: a2sf's forgetting factor in (0, 1] per decode step.
     window: last prompt tokens whose queries score the rest (snapkv).
     kernel: width of the pooling over neighbouring scores (snapkv, odd).
     pooling: "avg" or "max" pooling of the scores (snapkv).
@@ -75,6 +83,7 @@ class EvictionConfig:
     window: int = 32
     kernel: int = 7
     pooling: str = "avg"
+    alpha: float = 0.1
 
     @classmethod
     def from_dict(cls, raw: Any) -> "EvictionConfig | None":
@@ -85,10 +94,6 @@ class EvictionConfig:
                 f"kvcomp eviction={raw!r} must be a dict such as "
                 '{"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 1024} or null')
         method = raw.get("method")
-        if method in EVICTION_PLANNED:
-            raise KvcompConfigError(
-                f"kvcomp eviction method={method!r} is not available yet; available: "
-                f"{list(EVICTION_METHODS)}")
         if method not in EVICTION_METHODS:
             raise KvcompConfigError(
                 f"kvcomp eviction method={method!r} is not supported; choose one of "
@@ -98,11 +103,32 @@ class EvictionConfig:
         if unknown:
             raise KvcompConfigError(
                 f"unknown kvcomp eviction setting(s) {unknown}; known for {method}: {known}")
+        if method in SCORED_EVICTION:
+            return cls._scored(raw)
         ev = cls(**raw)
         if method == "snapkv":
             ev._validate_snapkv()
         else:
             _check_positive_ints(ev, ("sink_tokens", "recent_tokens"), "kvcomp eviction")
+        return ev
+
+    @classmethod
+    def _scored(cls, raw: dict) -> "EvictionConfig":
+        budget = raw.get("budget_tokens")
+        if budget is None:
+            raise KvcompConfigError(
+                f"kvcomp eviction {raw['method']} needs budget_tokens (e.g. 2048)")
+        probe = cls(method=raw["method"], budget_tokens=budget)
+        _check_positive_ints(probe, ("budget_tokens",), "kvcomp eviction")
+        ev = cls(**{"recent_tokens": max(1, budget // 2), **raw})
+        _check_positive_ints(ev, ("recent_tokens",), "kvcomp eviction")
+        if ev.recent_tokens > budget:
+            raise KvcompConfigError(
+                f"kvcomp eviction recent_tokens={ev.recent_tokens} exceeds "
+                f"budget_tokens={budget}")
+        a = ev.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 < a <= 1.0:
+            raise KvcompConfigError(f"kvcomp eviction alpha={a!r} must be in (0, 1]")
         return ev
 
     def _validate_snapkv(self) -> None:
@@ -127,6 +153,13 @@ class EvictionConfig:
 
     def policy(self, block_size: int):
         """The policy object both the block manager and the attention ask."""
+        if self.method in SCORED_EVICTION:
+            from vllm_kvcomp.policies.a2sf import A2SF
+            from vllm_kvcomp.policies.h2o import H2O, PagedH2O
+
+            rule = (H2O(self.budget_tokens, self.recent_tokens) if self.method == "h2o"
+                    else A2SF(self.budget_tokens, self.recent_tokens, float(self.alpha)))
+            return PagedH2O(rule, block_size)
         if self.method == "snapkv":
             from vllm_kvcomp.policies.snapkv import SnapKV
 
@@ -251,8 +284,12 @@ class KvcompConfig:
         in between go back to vLLM's pool; or ``{"method": "snapkv",
         "budget_tokens": 2048}`` (or ``"budget_ratio": 0.25``): at the end of
         the prompt each KV head keeps the prompt tokens its last queries
-        attend most, and the rest of the prompt's pages go back. CPU only for
-        now.
+        attend most, and the rest of the prompt's pages go back; or
+        ``{"method": "h2o", "budget_tokens": 512}`` / ``{"method": "a2sf",
+        "budget_tokens": 512, "alpha": 0.5}``: each KV head keeps the tokens
+        that received the most attention (A2SF: with older attention
+        forgotten) plus the recent ones, evicting as decode goes. CPU only
+        for now.
     quest: ``None`` (default) or a dict ``{"budget_tokens": 2048,
         "dense_layers": 2}`` (``QuestConfig``): decode steps attend only the
         packed pages whose key bounds promise the largest scores (Quest), from

@@ -21,6 +21,10 @@ region                contents
 ``v_params``          ``[block_size, head_size / vg, 2]`` fp16 pairs, values
                       quantized per token in groups of ``vg`` channels
                       (``value_group_size``, by default ``group_size``).
+``scores``            only under H2O / A2SF eviction: ``[block_size]`` fp32,
+                      each token's accumulated attention in this head
+                      (``kernels/h2o_ref.py``), at a 4-byte aligned offset;
+                      the page is then padded to a multiple of 4 bytes.
 ====================  =========================================================
 
 Dequantization is ``x = code * scale + min`` (asymmetric, codes in
@@ -52,6 +56,7 @@ from functools import cached_property
 from vllm_kvcomp.config import KvcompConfig
 
 PARAM_BYTES = 4  # fp16 scale + fp16 min
+SCORE_BYTES = 4  # fp32 accumulated attention of a token (H2O / A2SF)
 
 
 def code_bytes(bits: int, head_size: int, model_dtype_bytes: int) -> int:
@@ -123,9 +128,21 @@ class PageLayout:
         return self.v_codes_offset + self.block_size * self.v_code_row_bytes
 
     @cached_property
-    def head_page_bytes(self) -> int:
+    def has_scores(self) -> bool:
+        ev = self.config.eviction
+        return ev is not None and ev.method in ("h2o", "a2sf")
+
+    @cached_property
+    def scores_offset(self) -> int:
         r, c = self.v_param_shape
-        return self.v_params_offset + r * c * PARAM_BYTES
+        end = self.v_params_offset + r * c * PARAM_BYTES
+        # scores live in the page so that they count in vLLM's KV budget and
+        # move with their tokens; aligned so the bytes view as fp32
+        return -(-end // 4) * 4 if self.has_scores else end
+
+    @cached_property
+    def head_page_bytes(self) -> int:
+        return self.scores_offset + (SCORE_BYTES * self.block_size if self.has_scores else 0)
 
     def page_bytes(self, num_kv_heads: int) -> int:
         return num_kv_heads * self.head_page_bytes

@@ -347,6 +347,11 @@ class KvcompEvictionSpec(_BoundedPagesSpec, AttentionSpec):
     def policy(self):
         return self.kvcomp_config.eviction.policy(self.block_size)
 
+    @property
+    def scored(self) -> bool:
+        """H2O / A2SF: tokens' scores live in their pages' score slots."""
+        return self.layout.has_scores
+
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
                                          max_model_len: int) -> int:
         """Packed pages a request can hold at once: the sink pages, and the
@@ -359,6 +364,10 @@ class KvcompEvictionSpec(_BoundedPagesSpec, AttentionSpec):
         cfg = self.kvcomp_config
         if cfg.eviction.method == "snapkv":
             return cdiv(self.packed_tokens(max_model_len), self.block_size)
+        if self.scored:
+            # H2O / A2SF evict only once the prompt is processed, and hold a
+            # page for every cached token (its score slot)
+            return cdiv(max_model_len, self.block_size)
         lag = max(cfg.eviction.recent_tokens, cfg.residual_window) + max_in_flight_tokens
         full = cdiv(self.packed_tokens(max_model_len), self.block_size)
         return min(self.policy.max_held_pages(lag), full)
@@ -377,11 +386,36 @@ class KvcompEvictionManager(_BoundedPagesManager, KvcompPackedManager):
 
     kv_cache_spec: KvcompEvictionSpec
 
+    # H2O / A2SF: a page for every cached token, packed or still in the
+    # full-precision window, whose score slot the decode steps accumulate into
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
+                                   total_computed_tokens, num_local_computed_tokens,
+                                   num_tokens_main_model, apply_admission_cap: bool = False):
+        if not self.kv_cache_spec.scored:
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap)
+        return FullAttentionManager.get_num_blocks_to_allocate(
+            self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+            num_local_computed_tokens, num_tokens_main_model, apply_admission_cap)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        if not self.kv_cache_spec.scored:
+            return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        return FullAttentionManager.allocate_new_blocks(self, request_id, num_tokens,
+                                                        num_tokens_main_model)
+
     def remove_skipped_blocks(self, request_id, processed_computed_tokens,
                               num_prompt_tokens=None):
         c = processed_computed_tokens
         spec = self.kv_cache_spec
-        if spec.kvcomp_config.eviction.method == "snapkv":
+        if spec.scored:
+            # the worker's eviction steps follow from the token count alone
+            # (policies.h2o.PagedH2O): the same pages are empty on both sides
+            if num_prompt_tokens is None:
+                return
+            lo, hi = spec.policy.freed_pages(c, spec.packed_tokens(c), num_prompt_tokens)
+        elif spec.kvcomp_config.eviction.method == "snapkv":
             # the step that completed the prompt moved the kept tokens below
             # the freed pages; the layout follows from the prompt length alone
             P = num_prompt_tokens

@@ -232,18 +232,20 @@ def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
 
 
 def request_prompt_lengths(cfg: KvcompConfig, model_config) -> None:
-    """SnapKV selects in the step that completes a prompt, so the attention
-    needs each request's prompt length. vLLM hands prompt lengths to the
+    """SnapKV selects in the step that completes a prompt, and H2O / A2SF
+    evict only from there on, so the attention needs each request's prompt
+    length. vLLM hands prompt lengths to the
     attention metadata (``rswa_prefix_lens``) when the model declares a
     reference sliding window; declaring one (of no width that any KVCOMP
     layer reads) asks for them. Only other backends' builders read the window
     itself, and every attention layer runs on KVCOMP."""
-    if cfg.eviction is None or cfg.eviction.method != "snapkv" or model_config is None:
+    if (cfg.eviction is None or cfg.eviction.method not in ("snapkv", "h2o", "a2sf")
+            or model_config is None):
         return
     if model_config.rswa_window not in (None, 1):  # 1: asked already
         raise KvcompConfigError(
-            "kvcomp eviction snapkv cannot serve a model with reference sliding-window "
-            "attention (rswa_window)")
+            f"kvcomp eviction {cfg.eviction.method} cannot serve a model with reference "
+            "sliding-window attention (rswa_window)")
     model_config.model_arch_config.rswa_window = 1
 
 

@@ -20,8 +20,8 @@ parameters documented in the class docstring:
   (``kernels/compaction.py``) and the pages emptied behind them are freed.
 - ``h2o``: ``H2O`` (Zhang et al., 2023), heavy hitters of attention accumulated over
   the steps plus a recent window; ``a2sf``: ``A2SF`` (Jo and Shin, 2024), the same with
-  older attention forgotten by a factor per step. Their kept-set rules only: serving
-  them is not available yet (a start-up error names them).
+  older attention forgotten by a factor per step; ``PagedH2O`` serves either in
+  page-sized eviction steps (scores accumulated in the pages, ``kernels/h2o_ref.py``).
 - ``quest``: ``Quest`` (Tang et al., 2024), query-aware selection of the packed pages a
   decode step attends, from per-channel key bounds; every page stays cached.
 
@@ -32,6 +32,6 @@ head map at start-up, as it cannot free streaming heads' memory) the map is thre
 cache, and streaming heads, which keep only ``sink_tokens`` + ``recent_tokens``.
 Quantization applies to whatever each head keeps, so a head split and the KV4/KV2
 codes multiply. An eviction policy decides, inside one head's cache, which
-tokens to keep (``streaming``, ``snapkv``; ``h2o`` and ``a2sf`` not served yet), and
+tokens to keep (``streaming``, ``snapkv``, ``h2o``, ``a2sf``), and
 the kept tokens stay quantized as stored.
 """

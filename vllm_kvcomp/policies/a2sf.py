@@ -6,7 +6,10 @@ attention favours old tokens, which have been attended by more queries. A2SF
 weights the attention received from the query of step ``q`` by
 ``alpha ** (n - q)`` at step ``n``, so a token's score is
 ``sum_q alpha ** (n - q) * S_q``: recent attention counts more, and an old
-token must keep being attended to stay. Everything else is H2O's rule.
+token must keep being attended to stay. Everything else is H2O's rule, and
+it is served as H2O is (``policies.h2o.PagedH2O``, ``"alpha"`` in the
+eviction setting): a step of ``T`` queries multiplies the scores so far by
+``alpha ** T`` before adding its own.
 """
 
 from __future__ import annotations

@@ -1,0 +1,96 @@
+"""H2O / A2SF on the CPU path: scores accumulated from the step's own
+attention probabilities, and eviction in page-sized steps.
+
+Each packed page carries, per KV head, one fp32 score per token slot
+(``PageLayout.scores_offset``), so the scores live in the request's own pages,
+inside vLLM's KV budget, and move with their tokens when these are compacted.
+A request holds the packed page of every cached token under this eviction,
+not only of its packed ones (``spec.KvcompEvictionManager``), so the tokens of
+the full-precision window have their slots too. The layout (heavy hitters in
+``[0, K)``, tokens in place from ``E``) follows from the token count alone
+(``policies.h2o.PagedH2O``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.layout import PageLayout
+
+
+def score_view(cache: torch.Tensor, layout: PageLayout) -> torch.Tensor:
+    """``[num_blocks, H, block_size]`` fp32 view of the pages' score slots."""
+    off = layout.scores_offset
+    return cache[:, :, off: off + 4 * layout.block_size].view(torch.float32)
+
+
+def read_scores(cache, layout, block_row, slots: torch.Tensor) -> torch.Tensor:
+    """Scores ``[H, len(slots)]`` of a request's slots."""
+    bs = layout.block_size
+    s = slots.long()
+    return score_view(cache, layout)[block_row.long()[s // bs], :, s % bs].T
+
+
+def slot_ranges(ranges) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b, dtype=torch.long) for a, b in ranges if b > a]
+                     or [torch.zeros(0, dtype=torch.long)])
+
+
+def scored_step(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
+    block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
+    start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
+    window, prompt_len: int,
+) -> torch.Tensor:
+    """One request's step over ``[start, start + Tq)`` under H2O / A2SF, after
+    its hand-over: attention over the layout of ``start`` tokens, the
+    queries' probabilities added to the scores of the slots they read (the
+    older scores first multiplied by ``alpha ** Tq``), and, when the layout
+    of ``start + Tq`` tokens differs, the eviction step that reaches it."""
+    from vllm_kvcomp.kernels.attention_ref import request_attention
+    from vllm_kvcomp.kernels.compaction import compact_kept
+
+    policy = cfg.eviction.policy(layout.block_size)
+    P, bs = prompt_len, layout.block_size
+    Tq = q.shape[0]
+    n = start + Tq
+    k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), P)
+    view = score_view(packed_cache, layout)
+    row = block_row.long()
+    sc = view  # alias: index writes below go to the cache
+    # the step's own tokens start from nothing (their slots may hold a
+    # previous owner's scores)
+    fresh = torch.arange(start, n)
+    sc[row[fresh // bs], :, fresh % bs] = 0.0
+    probs = []
+    out = request_attention(q, k_new, v_new, packed_cache, residual_cache, layout, cfg,
+                            block_row, residual_row, residual_block_size, start, scale,
+                            model_dtype, as_stored, window, prompt_len=P, probs_out=probs)
+    p, pos = probs[0]  # [H, rep, Tq, Kn], [Kn]
+    H = p.shape[0]
+    decay = policy.decay
+    if decay != 1.0:
+        held = slot_ranges([(0, k0), (e0, start)])
+        sc[row[held // bs], :, held % bs] *= decay ** Tq
+        w = decay ** torch.arange(Tq - 1, -1, -1, dtype=torch.float64)
+        step = (p.double() * w[None, None, :, None]).sum(dim=(1, 2))
+    else:
+        step = p.double().sum(dim=(1, 2))
+    # a position read packed by some queries and in full precision by others
+    # (prompts as stored) is one key for each query: its columns add up
+    add = torch.zeros(H, n, dtype=torch.float64)
+    add.index_add_(1, pos.long().cpu(), step.cpu())
+    slots = pos.long().unique()
+    cur = sc[row[slots // bs], :, slots % bs].double()  # [S, H]
+    sc[row[slots // bs], :, slots % bs] = (cur + add[:, slots].T).float()
+
+    k1, e1 = policy.layout(n, cfg.quantized_prefix_len(n), P)
+    if (k1, e1) != (k0, e0):
+        cand = slot_ranges([(0, k0), (e0, e1)])
+        if not (k1 == len(cand) and torch.equal(cand, torch.arange(k1))):
+            scores = read_scores(packed_cache, layout, block_row, cand)
+            kept = cand[policy.select(scores, k1)]
+            compact_kept(packed_cache, layout, block_row, kept, model_dtype)
+    return out
