@@ -57,9 +57,8 @@ def scored_step(
     Tq = q.shape[0]
     n = start + Tq
     k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), P)
-    view = score_view(packed_cache, layout)
+    sc = score_view(packed_cache, layout)  # index writes go to the cache
     row = block_row.long()
-    sc = view  # alias: index writes below go to the cache
     # the step's own tokens start from nothing (their slots may hold a
     # previous owner's scores)
     fresh = torch.arange(start, n)
