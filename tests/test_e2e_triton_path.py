@@ -78,3 +78,29 @@ def test_triton_path_matches_reference_path(model, kv, tol, exact):
             gaps.append(abs(tri["logprobs"][i][t] - ref["logprobs"][i][t]))
     assert len(gaps) == MAX_TOKENS * len(PROMPTS) if exact else len(gaps) >= MAX_TOKENS
     assert max(gaps) < tol, (max(gaps), sum(gaps) / len(gaps))
+
+
+def test_head_split_triton_path_matches_reference_path(model, tmp_path):
+    """A head map's split layers on the GPU path (KVCOMP_HEAD_SPLIT_GPU=1):
+    the retrieval heads through the packed kernels and the streaming heads
+    through the stream kernel, with vLLM's metadata of the streaming heads'
+    own KV cache group, give the reference path's tokens. 16 bits, so the
+    paths differ only in float32 summation order; a window of 48 tokens and
+    16 sinks cuts every prompt here, over chunks that cross both."""
+    import json
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"layers": [["retrieval", "streaming"],
+                                           ["streaming", "retrieval"]] * 2}))
+    kv = {"k_bits": 16, "v_bits": 16, "group_size": 32, "residual_tokens": 32,
+          "head_map": str(path), "sink_tokens": 16, "recent_tokens": 48}
+    no_map = {k: v for k, v in kv.items() if k != "head_map"}
+    ref, tri, full = run_engines(dict(spec=_spec(model, kv)),
+                                 dict(spec=_spec(model, kv),
+                                      env={**TRITON_ENV, "KVCOMP_HEAD_SPLIT_GPU": "1"}),
+                                 dict(spec=_spec(model, no_map)))
+    assert tri["tokens"] == ref["tokens"]
+    assert ref["tokens"] != full["tokens"]  # the streaming heads' window cut something
+    gaps = [abs(a - b) for i in range(len(PROMPTS))
+            for a, b in zip(tri["logprobs"][i], ref["logprobs"][i])]
+    assert len(gaps) == MAX_TOKENS * len(PROMPTS) and max(gaps) < 1e-3, max(gaps)
