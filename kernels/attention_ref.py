@@ -29,7 +29,9 @@ after this step (``Q`` = ``KvcompConfig.quantized_prefix_len``):
    ``E`` moves up a page. Under Quest (``policies.quest``) a one-token step whose
    packed pages exceed the budget reads, per KV head, only the pages its
    query selects (``quest_pages``);
-3. the fresh tokens are written, unquantized, into the residual pages.
+3. the fresh tokens are written, unquantized, into the residual pages
+   (with ``residual_ring`` only those of the new window ``[Q(n), n)``: the
+   ring's slots are shared by positions a span apart).
 
 This is the CPU implementation and the oracle for the Triton kernels.
 """
@@ -452,6 +454,14 @@ def kvcomp_step_reference(
         T = key.shape[0]
         slots = batch.residual_slot_mapping[:T].long()
         keep = slots >= 0
+        if cfg.residual_ring:
+            # a step's tokens below Q(n) were packed straight from the fresh
+            # K/V; in a ring their slots may alias tokens of the new window
+            for i in range(len(batch.seq_lens)):
+                qs, qe = batch.query_start_loc[i], batch.query_start_loc[i + 1]
+                n = batch.seq_lens[i]
+                packed = cfg.quantized_prefix_len(n) - (n - (qe - qs))
+                keep[qs: qs + max(0, min(packed, qe - qs))] = False
         if bool(keep.any()):
             bs_r = batch.residual_block_size
             b, o = slots[keep] // bs_r, slots[keep] % bs_r

@@ -387,6 +387,7 @@ def kvcomp_store(
     sub_elems: int = 4096,
     num_warps: int | None = None,
     split_handover: bool | None = None,
+    handover: bool = True,
 ) -> None:
     """Hand-over (2) and residual write (3) of one layer's step.
 
@@ -401,6 +402,8 @@ def kvcomp_store(
     registers a program holds; powers of two. ``split_handover`` gives each
     piece of a unit (``handover_pieces``) a program of its own instead of one
     program walking them all; ``None`` reads ``KVCOMP_STORE_SPLIT``.
+    ``handover=False``: the residual write alone (a ring window's, after the
+    step's attention has read the slots it overwrites).
     """
     assert layout.config == cfg
     num_reqs = seq_lens.shape[0]
@@ -448,11 +451,32 @@ def kvcomp_store(
         slots, query_start_loc, seq_lens,
     )
     grid = (num_reqs, nprog, H)
-    if fuse_residual_write or not do_res:
+    if not handover:
+        if do_res:
+            _kvcomp_store_kernel[grid](*args, DO_HANDOVER=False, DO_RESIDUAL=True, **common)
+    elif fuse_residual_write or not do_res:
         _kvcomp_store_kernel[grid](*args, DO_HANDOVER=True, DO_RESIDUAL=do_res, **common)
     else:
         _kvcomp_store_kernel[grid](*args, DO_HANDOVER=True, DO_RESIDUAL=False, **common)
         _kvcomp_store_kernel[grid](*args, DO_HANDOVER=False, DO_RESIDUAL=True, **common)
+
+
+def ring_window_slots(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
+                      seq_lens: torch.Tensor, cfg: KvcompConfig) -> torch.Tensor:
+    """``slot_mapping`` with -1 for the tokens a ring window (``residual_ring``)
+    must not write: those below ``Q(n)`` of their request, packed straight from
+    the fresh K/V, whose slots a long chunk's later tokens share, and the
+    padding past the step's tokens. Device ops only (no host sync: CUDA-graph
+    safe); ``attention_ref.kvcomp_step_reference`` writes the same tokens."""
+    t = torch.arange(slot_mapping.shape[0], device=slot_mapping.device)
+    ends = query_start_loc[1:].to(t.dtype)
+    req = torch.searchsorted(ends, t, right=True).clamp_(max=ends.shape[0] - 1)
+    n = seq_lens.to(t.dtype)[req]
+    pos = n - (ends[req] - t)
+    a = cfg.key_token_align
+    q_n = torch.clamp(n - cfg.residual_tokens, min=0) // a * a
+    keep = (pos >= q_n) & (t < ends[-1])
+    return torch.where(keep, slot_mapping, torch.full_like(slot_mapping, -1))
 
 
 # --------------------------------------------------------------------------
@@ -516,6 +540,7 @@ __all__ = [
     "TOKEN_UNIT",
     "handover_unit",
     "kvcomp_store",
+    "ring_window_slots",
     "store_grid_bound",
     "store_reference",
 ]

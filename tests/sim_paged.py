@@ -4,7 +4,8 @@ the reference step (and the Triton kernels) without an engine.
 It allocates packed blocks for ``[0, n)`` and residual blocks only for the
 live window ``[Q(n), n)`` (older entries are the null block 0, as
 ``KvcompResidualManager`` does), in shuffled order so that a kernel that
-ignores the block table fails.
+ignores the block table fails. With ``residual_ring`` the window's entries
+repeat one ring of pages per request, as ``KvcompRingWindowManager``'s do.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class SimPagedCache:
         rng.shuffle(ids_r)
         self._pool_r = torch.tensor(ids_r, dtype=torch.int32).view(num_reqs, max_blocks_r)
         self.residual_table = torch.zeros(num_reqs, max_blocks_r, dtype=torch.int32)
+        self.ring_pages = (-(-cfg.residual_window // self.bs_r) if cfg.residual_ring
+                           else max_blocks_r)
         self.residual = torch.zeros(num_reqs * max_blocks_r + 1, 2, num_kv_heads, self.bs_r,
                                     head_size, dtype=dtype) if cfg.needs_residual_cache else None
 
@@ -47,7 +50,8 @@ class SimPagedCache:
             qsl.append(qsl[-1] + e - s)
             first_live = self.cfg.quantized_prefix_len(e) // self.bs_r
             for b in range(first_live, -(-e // self.bs_r)):
-                self.residual_table[i, b] = self._pool_r[i, b]
+                # a ring (residual_ring) repeats its pages along the row
+                self.residual_table[i, b] = self._pool_r[i, b % self.ring_pages]
             for p in range(s, e):
                 blk = int(self.residual_table[i, p // self.bs_r])  # 0 = null block
                 slots.append(blk * self.bs_r + p % self.bs_r)

@@ -203,3 +203,29 @@ def test_mixed_batch_of_prefill_and_decode():
     for i, plan in enumerate(plans):
         alone, _ = _run_chunks(cfg, [plan], q[i:i + 1], k[i:i + 1], v[i:i + 1])
         torch.testing.assert_close(together[i], alone[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits, group, residual", [(4, 16, 0), (2, 16, 24), (16, 16, 24),
+                                                   (4, 32, 8)])
+@pytest.mark.parametrize("chunking", ["one_shot", "chunks_of_50", "prefill_then_decode",
+                                      "one_by_one"])
+def test_ring_window_gives_the_sliding_windows_outputs(bits, group, residual, chunking):
+    """A window held as a ring (``residual_ring``) is read and written as the
+    sliding one: same outputs and packed pages for chunks longer than the
+    ring's span, decodes that go round it many times, and a batch of
+    requests at different stages."""
+    plans = {"one_shot": lambda T: [T], "one_by_one": lambda T: [1] * T,
+             **{k: v for k, v in CHUNKINGS.items() if k != "one_shot"}}
+    T = 203
+    q, k, v = _kv(T * 2, 7)
+    q, k, v = (x.view(2, T, *x.shape[1:]) for x in (q, k, v))
+    plan = [plans[chunking](T), [T - 90] + [1] * 90]
+    runs = {}
+    for ring in (False, True):
+        cfg = KvcompConfig(k_bits=bits, v_bits=bits, group_size=group,
+                           residual_tokens=residual, residual_ring=ring)
+        runs[ring] = _run_chunks(cfg, plan, q, k, v, block_size=32)
+    span = runs[True][1].ring_pages * runs[True][1].bs_r
+    assert span < T - 90
+    torch.testing.assert_close(runs[True][0], runs[False][0], atol=0, rtol=0)
+    assert torch.equal(runs[True][1].packed, runs[False][1].packed)

@@ -296,3 +296,32 @@ def test_store_value_groups_apart_from_key_groups(bits, group, vgroup, D):
                        value_group_size=vgroup)
     step = Step(cfg, mixed_plans(cfg), H=2, D=D, dtype=torch.bfloat16, seed=5, block_size=64)
     check_store(step)
+
+
+@pytest.mark.parametrize("bits, residual", [((4, 4), 0), ((2, 2), 24), ((4, 2), 8)])
+def test_store_ring_window_writes_what_the_reference_step_writes(bits, residual):
+    """A window held as a ring (``residual_ring``): the hand-over alone, then the
+    residual write of the new window's tokens (``ring_window_slots``), leave
+    the caches as the reference step does, with a chunk longer than the
+    ring's span (its early tokens share slots with its last ones) and a
+    decode that hands a key group over."""
+    from vllm_kvcomp.kernels.triton_store import ring_window_slots
+
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16,
+                       residual_tokens=residual, residual_ring=True)
+    plans = [(residual + 3 * 16 - 1, 1), (10, 150), (0, 45), (70, 29), (0, 0)]
+    step = Step(cfg, plans, H=2, D=64, seed=sum(bits) + residual)
+    assert step.sim.ring_pages * step.bs_r < 150
+    packed, res = step.sim.packed.clone(), step.sim.residual.clone()
+    kvcomp_step_reference(step.query, step.key, step.value, torch.empty_like(step.query),
+                          packed, res, step.layout, cfg, step.scale, step.batch)
+    d = step.dev()
+    args = (d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
+            d["residual_block_table"])
+    tail = (d["query_start_loc"], d["seq_lens"], step.layout, cfg, step.bs_r,
+            step.max_query_len)
+    kvcomp_store(*args, None, *tail)
+    kvcomp_store(*args, ring_window_slots(d["residual_slot_mapping"], d["query_start_loc"],
+                                          d["seq_lens"], cfg), *tail, handover=False)
+    compare_packed(packed, d["packed"].cpu(), step.layout)
+    assert torch.equal(res[1:], d["residual"].cpu()[1:])

@@ -419,6 +419,27 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         )
         return output
 
+    def _forward_triton_ring(self, query, key, value, output, packed_cache, residual_cache,
+                             md: KvcompMetadata, res_md: KvcompMetadata, layout,
+                             quest=None) -> None:
+        """``_forward_triton`` for a window held as a ring (``residual_ring``):
+        a step's new tokens take the slots of tokens that leave the window,
+        which its hand-over and attention still read, so the residual write
+        follows them (only the new window's tokens: ``ring_window_slots``)."""
+        from dataclasses import replace
+
+        from vllm_kvcomp.kernels.triton_store import kvcomp_store, ring_window_slots
+
+        self._forward_triton(query, key, value, output, packed_cache, residual_cache, md,
+                             replace(res_md, slot_mapping=None), layout, quest)
+        slots = ring_window_slots(res_md.slot_mapping, md.query_start_loc, md.seq_lens,
+                                  self.config)
+        kvcomp_store(key.view(key.shape[0], -1, self.head_size),
+                     value.view(value.shape[0], -1, self.head_size), packed_cache,
+                     residual_cache, md.block_table, res_md.block_table, slots,
+                     md.query_start_loc, md.seq_lens, layout, self.config, res_md.block_size,
+                     md.max_query_len, handover=False)
+
     def _forward_triton(self, query, key, value, output, packed_cache, residual_cache,
                         md: KvcompMetadata, res_md: KvcompMetadata | None, layout,
                         quest=None) -> None:
@@ -430,6 +451,10 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         store writes packed positions [Q(start), Q(n)) and residual slots of
         the fresh tokens, while attention reads packed [0, Q(start)),
         residual [Q(start), start) and the fresh K/V from registers."""
+        if self.config.residual_ring and res_md is not None and res_md.slot_mapping is not None:
+            self._forward_triton_ring(query, key, value, output, packed_cache, residual_cache,
+                                      md, res_md, layout, quest)
+            return
         from vllm_kvcomp.kernels.triton_prefill import kvcomp_prefill_attention
         from vllm_kvcomp.kernels.triton_store import kvcomp_store
 

@@ -242,6 +242,19 @@ class KvcompConfig:
         perplexity for k4v4 and 0.00 % for k8v8 (every passkey kept), against
         +48 % for k2v2, while at 4K contexts the window costs k4v4 a fifth of
         its capacity (``docs/quality.md``).
+    residual_ring: how the window's pages are held. ``False`` (default): by
+        position, as a sliding window; vLLM frees a page only once the steps
+        that read it are settled, so with async scheduling a request holds
+        up to three windows at once, and ``max_model_len`` 4096 gives k4v4
+        2.7x the bf16 capacity. ``True``: one ring of
+        ``ceil(residual_window / page)`` pages per request, taken at
+        admission and given back when the request ends or is preempted;
+        position ``p`` lives in ring slot ``p mod span``. Steps run in order,
+        so a step overwrites the slots of tokens that left the window (3.35x
+        at 4096). Prefix-cache hits then exist only where the window is
+        empty (``residual_tokens`` 0, hits on whole key groups). Its GPU
+        path (the new window's residual write after the step's attention) is
+        not yet verified on a GPU.
     key_axis: "channel" (KIVI) or "token" (per-token, QServe/KVQuant style).
     value_axis: only "token" (KIVI; per-channel values gain nothing).
     block_size: tokens per packed page; must be a multiple of group_size for
@@ -301,6 +314,7 @@ class KvcompConfig:
     v_bits: int = 4
     group_size: int = 128
     residual_tokens: int | None = None
+    residual_ring: bool = False
     key_axis: str = "channel"
     value_axis: str = "token"
     block_size: int | None = None

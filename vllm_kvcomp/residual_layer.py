@@ -18,7 +18,12 @@ from vllm_kvcomp.backend import KvcompResidualBackend
 from vllm_kvcomp.names import RESIDUAL_SUFFIX
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.layout import PageLayout, residual_block_size
-from vllm_kvcomp.spec import KvcompEvictionSpec, KvcompResidualSpec, KvcompSpec
+from vllm_kvcomp.spec import (
+    KvcompEvictionSpec,
+    KvcompResidualSpec,
+    KvcompRingWindowSpec,
+    KvcompSpec,
+)
 
 
 def packed_spec(
@@ -35,7 +40,8 @@ def packed_spec(
 def residual_spec(packed: KvcompSpec | KvcompEvictionSpec, concurrent_steps: int = 1) -> KvcompResidualSpec:
     layout: PageLayout = packed.layout
     cfg = layout.config
-    return KvcompResidualSpec(
+    spec_cls = KvcompRingWindowSpec if cfg.residual_ring else KvcompResidualSpec
+    return spec_cls(
         block_size=residual_block_size(layout),
         num_kv_heads=packed.num_kv_heads,
         head_size=packed.head_size,

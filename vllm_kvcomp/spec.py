@@ -12,6 +12,11 @@ Two groups per model:
   the blocks that cover ``[Q(n), n)`` and hands everything older back to the
   pool, so its per-request footprint is bounded by the window, not the prompt.
 
+* ``KvcompRingWindowSpec`` replaces ``KvcompResidualSpec`` with
+  ``residual_ring``: the window as a fixed ring of pages per request
+  (``KvcompRingWindowManager``), one window per request however many engine
+  steps are unsettled.
+
 * ``KvcompEvictionSpec`` replaces ``KvcompSpec`` when token eviction is on
   (``eviction`` setting): the same packed pages, but its manager
   (``KvcompEvictionManager``) hands the pages that the eviction policy drops
@@ -286,6 +291,78 @@ class KvcompResidualManager(SlidingWindowManager):
         return cow_blocks + req_blocks[prev_len:]
 
 
+@dataclass(frozen=True, kw_only=True)
+class KvcompRingWindowSpec(KvcompResidualSpec):
+    """The window held as a ring (``residual_ring``): ``ring_pages`` pages
+    per request for its whole life, position ``p`` in slot ``p mod span``.
+    A step reads the old window before it writes the new one and steps run
+    in order, so one ring serves every unsettled step."""
+
+    @property
+    def ring_pages(self) -> int:
+        # the window after a step, [Q(n), n), is at most R + align - 1 tokens,
+        # all distinct modulo the span
+        return cdiv(self.residual_tokens + self.token_align - 1, self.block_size)
+
+    def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
+                                         max_model_len: int) -> int:
+        return self.ring_pages
+
+
+class KvcompRingWindowManager(KvcompResidualManager):
+    """Manager of a ``KvcompRingWindowSpec``: a request takes its ring at its
+    first allocation and keeps it until it is freed (finished or preempted).
+
+    Block-table entry ``i`` is ring page ``i mod ring_pages`` (``null_block``
+    where the whole block was below ``Q`` when it was allocated), so vLLM's
+    own slot mapping, and every reader that indexes the row by position,
+    address the ring. Ring pages are rewritten in place, so they are never
+    hashed: the only prefix-cache hits are those that need no window
+    (``Q(h) == h``, the parent's search finds them from null blocks alone)."""
+
+    kv_cache_spec: KvcompRingWindowSpec
+
+    def __init__(self, kv_cache_spec: KvcompRingWindowSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self._rings: dict[str, list] = {}
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
+                                   total_computed_tokens, num_local_computed_tokens,
+                                   num_tokens_main_model, apply_admission_cap: bool = False):
+        # hits are null blocks only: nothing to take from the free queue
+        return 0 if request_id in self._rings else self.kv_cache_spec.ring_pages
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        ring = self._rings.get(request_id)
+        if ring is None:
+            ring = self._rings[request_id] = self.block_pool.get_new_blocks(
+                self.kv_cache_spec.ring_pages)
+        blocks = self.req_to_blocks[request_id]
+        prev = len(blocks)
+        required = cdiv(num_tokens, self.block_size)
+        first_live = self._first_live_block(num_tokens)
+        for i in range(prev, required):
+            blocks.append(self._null_block if i < first_live else ring[i % len(ring)])
+        # the worker appends these to its block-table row
+        return blocks[prev:]
+
+    def remove_skipped_blocks(self, request_id, processed_computed_tokens,
+                              num_prompt_tokens=None):
+        pass  # the ring is held until the request is freed
+
+    def cache_blocks(self, request, num_tokens, *args, **kwargs):
+        self.num_cached_block[request.request_id] = len(
+            self.req_to_blocks.get(request.request_id, ()))
+
+    def pop_blocks_for_free(self, request_id):
+        # the row repeats ring pages and holds nulls: free each page once
+        super().pop_blocks_for_free(request_id)
+        return self._rings.pop(request_id, [])
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        return 0
+
+
 class KvcompPackedManager(FullAttentionManager):
     """Full attention over packed pages, holding per request only the pages
     that packed tokens ``[0, Q(n))`` reach.
@@ -547,5 +624,9 @@ def register_specs() -> None:
         KvcompResidualSpec,
         KvcompResidualManager,
         uniform_type_base_spec=KvcompResidualSpec,
+    )
+    KVCacheSpecRegistry.register(
+        KvcompRingWindowSpec, KvcompRingWindowManager,
+        uniform_type_base_spec=KvcompRingWindowSpec,
     )
     _REGISTERED = True

@@ -216,6 +216,20 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
             "from the kvcomp settings")
 
 
+def check_ring_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> str | None:
+    """The ring's Triton launches (hand-over, attention, then the new window's
+    residual write) have passed their interpreter tests and an sm_90 build,
+    never a GPU run: a GPU start-up says so (returned, and logged)."""
+    if not (cfg.residual_ring and cfg.needs_residual_cache) or _on_cpu_path(on_cpu):
+        return None
+    from vllm.logger import init_logger
+
+    msg = ("kvcomp residual_ring on the GPU path: its Triton launches are checked under the "
+           "interpreter and built for sm_90, not yet verified on a GPU")
+    init_logger("vllm.kvcomp").warning(msg)
+    return msg
+
+
 def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
     """Quest's Triton kernels (page scoring and selection, sparse decode) have
     passed their interpreter tests and an sm_90 build, never a GPU run: a GPU
@@ -314,6 +328,7 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
     check_tensor_parallel(cfg, pc.tensor_parallel_size,
                           mc.hf_text_config if mc is not None else None)
     check_eviction_platform(cfg)
+    check_ring_platform(cfg)
     request_prompt_lengths(cfg, mc)
     check_quest_platform(cfg)
 
