@@ -84,12 +84,15 @@ ENGINE_SETTINGS = [
 # benchmarks/results/gpu_verified.json): Quest's selection and sparse decode
 # (KVCOMP_QUEST_GPU=1), the value being its budget_tokens; a head map's split
 # layer (KVCOMP_HEAD_SPLIT_GPU=1), the value being the share of KV heads that
-# stream (the rest through the packed kernels), at the default sinks and window.
+# stream (the rest through the packed kernels), at the default sinks and window;
+# the window held as a ring (residual_ring: its residual write after the attention).
 OPT_IN_SETTINGS = [
     setting(quest=2048),
     setting(quest=512, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
     setting(head_split=0.5),
     setting(head_split=0.5, head_size=64, dtype="fp16", rep=8),
+    setting(residual_ring=True),
+    setting(residual_ring=True, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
 ]
 
 
@@ -263,7 +266,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
 
     mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream)
     # an opt-in setting's launches are all off the default path
-    calls, default = [], [quest is None and head_split is None]
+    calls, default = [], [quest is None and head_split is None and not cfg.residual_ring]
 
     def seen(jit, args, kw):
         if on_launch is not None:
@@ -279,7 +282,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
             pass
         impl._decode_launch = dict(decode_launch.DECODE_LAUNCH)
         for split in (False, True):
-            default[0] = not split and quest is None and head_split is None
+            default[0] = not split and quest is None and head_split is None and not cfg.residual_ring
             with mock.patch.object(triton_store, "_SPLIT_DEFAULT", split):
                 for b in CAPTURE_SIZES:
                     forward(impl, [(0, 1)] * b, max_seq_len=L)
