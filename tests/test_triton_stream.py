@@ -1,6 +1,7 @@
-"""The streaming heads' Triton step (kernels/triton_stream.py), interpreted,
-against the CPU path's step (``head_split_ref.stream_step_reference``) and
-against DuoAttention's streaming mask written from its definition.
+"""The streaming heads' Triton step (kernels/triton_stream.py) against the CPU
+path's step (``head_split_ref.stream_step_reference``) and against
+DuoAttention's streaming mask written from its definition; on a GPU where
+there is one (the kernel tests of benchmarks/gpu_check.sh), else interpreted.
 
 Each batch is laid out as the stream manager leaves it: a request's pages
 are live only where a later query reads them (its sinks, the window of the
@@ -16,9 +17,11 @@ import torch
 from vllm_kvcomp.kernels.triton_stream import stream_attention, stream_attention_reference
 from vllm_kvcomp.policies.attention import window_mask
 
-# fp32: interpreted fp32 dots against the float32 reference over a few hundred
-# keys; bf16: the output's rounding (8 bits of mantissa) plus bf16 inputs.
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32: IEEE fp32 dots against the float32 reference over a few hundred keys;
+# fp16/bf16: the output's rounding (8 bits of mantissa for bf16) and, on a GPU,
+# probabilities rounded to the model dtype for the tensor-core dots.
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 class _Batch:
@@ -67,14 +70,16 @@ class _Batch:
         self.seq_lens = torch.tensor([c + q for c, q in reqs], dtype=torch.int32)
         self.heads = torch.tensor(self.streaming, dtype=torch.int32)
 
-    def run(self, fn, cache=None, store=True):
-        cache = self.cache.clone() if cache is None else cache
-        out = torch.zeros_like(self.query)
-        fn(self.query, self.key, self.value, cache, self.block_table,
-           self.slot_mapping if store else None, self.qsl, self.seq_lens, self.sink,
-           self.recent, self.query.shape[-1] ** -0.5, max(q for _, q in self.reqs), out,
-           heads=self.heads)
-        return out, cache
+    def run(self, fn, store=True, device="cpu"):
+        """(out, pages after the step) of ``fn`` on ``device``, on the CPU."""
+        args = [x.to(device, copy=True) for x in (self.query, self.key, self.value, self.cache,
+                                       self.block_table, self.slot_mapping, self.qsl,
+                                       self.seq_lens, self.heads)]
+        q, k, v, cache, table, slots, qsl, seq_lens, heads = args
+        out = torch.zeros_like(q)
+        fn(q, k, v, cache, table, slots if store else None, qsl, seq_lens, self.sink,
+           self.recent, q.shape[-1] ** -0.5, max(n for _, n in self.reqs), out, heads=heads)
+        return out.cpu(), cache.cpu()
 
     def duo(self, full_attention=False):
         """float64 DuoAttention streaming heads (or full causal attention) of
@@ -118,14 +123,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_kernel_is_the_reference_step(case, dtype):
     """Output and the pages after the store equal the CPU path's step; no
     NaN page was read (the output is finite)."""
     reqs, H, rep, D, bs, sink, recent = CASES[case]
     b = _Batch(reqs, H, rep, D, bs, sink, recent, dtype, seed=case)
-    out, cache = b.run(stream_attention)
+    out, cache = b.run(stream_attention, device=DEVICE)
     ref, ref_cache = b.run(stream_attention_reference)
     assert torch.isfinite(out).all()
     tol = TOL[dtype]
@@ -140,7 +145,7 @@ def test_only_the_streaming_heads_are_touched():
     the cache's heads follow ``heads`` (the model's KV head of each)."""
     reqs = [(60, 1), (10, 33)]
     b = _Batch(reqs, 4, 2, 64, 8, 4, 16, torch.float32, streaming=[3, 1], seed=7)
-    out, cache = b.run(stream_attention)
+    out, cache = b.run(stream_attention, device=DEVICE)
     ref, ref_cache = b.run(stream_attention_reference)
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=TOL[torch.float32])
     torch.testing.assert_close(cache, ref_cache, atol=0, rtol=0, equal_nan=True)
@@ -152,7 +157,7 @@ def test_only_the_streaming_heads_are_touched():
 
 def test_no_store_without_a_slot_mapping():
     b = _Batch([(20, 1), (0, 9)], 2, 2, 64, 8, 2, 8, torch.float32, seed=3)
-    _, cache = b.run(stream_attention, store=False)
+    _, cache = b.run(stream_attention, store=False, device=DEVICE)
     torch.testing.assert_close(cache, b.cache, atol=0, rtol=0, equal_nan=True)
 
 
@@ -163,7 +168,7 @@ def test_mask_is_duo_attention_not_full_causal(sink, recent):
     context exceeds sinks + window: a kernel with the wrong mask fails here."""
     reqs = [(150, 1), (0, 120), (70, 40)]
     b = _Batch(reqs, 2, 4, 64, 16, sink, recent, torch.float32, seed=11)
-    out, _ = b.run(stream_attention)
+    out, _ = b.run(stream_attention, device=DEVICE)
     duo = b.rows(b.duo())
     torch.testing.assert_close(b.rows(out).double(), duo, atol=1e-5, rtol=1e-4)
     full = b.rows(b.duo(full_attention=True))
@@ -182,10 +187,12 @@ def test_graph_padding_rows_stay_finite():
     seq_lens = torch.cat([b.seq_lens, torch.zeros(pad, dtype=torch.int32)])
     bt = torch.cat([b.block_table, torch.zeros(pad, b.block_table.shape[1], dtype=torch.int32)])
     slots = torch.cat([b.slot_mapping, torch.full((pad,), -1, dtype=torch.int64)])
-    cache = b.cache.clone()
+    q, k, v, qsl, seq_lens, bt, slots, cache, heads = (
+        x.to(DEVICE, copy=True) for x in (q, k, v, qsl, seq_lens, bt, slots, b.cache, b.heads))
     out = torch.zeros_like(q)
     stream_attention(q, k, v, cache, bt, slots, qsl, seq_lens, 4, 16, 64 ** -0.5, 1, out,
-                     heads=b.heads)
+                     heads=heads)
+    out, cache = out.cpu(), cache.cpu()
     assert torch.isfinite(out).all()
     ref, ref_cache = b.run(stream_attention_reference)
     torch.testing.assert_close(out[:2], ref, atol=TOL[torch.float32], rtol=TOL[torch.float32])
@@ -263,24 +270,31 @@ def test_backend_split_layer_triton_step_is_the_reference_step(kvcomp, H, rep, s
         impl = KvcompImpl(num_heads=H * rep, head_size=D, scale=D ** -0.5, num_kv_heads=H)
     impl.head_split = split
     impl._decode_launch = {}
+    impl._flash_attn = None  # the Triton prefill on a GPU too (FlashAttention takes no fp32)
     layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
     name = layer.layer_name
     maxb_s = -(-max(T) // bs_s)
 
     def run(triton: bool):
+        # the Triton path on the GPU where there is one (the reference path is the CPU's)
+        dev = DEVICE if triton else "cpu"
         sim = SimPagedCache(cfg, bs, len(split[0]), D, 2, max(T), seed=3)
+        packed = sim.packed.to(dev)
+        residual = sim.residual.to(dev) if sim.residual is not None else None
         mgr, stream = _stream_pages(4, 24, len(split[1]), bs_s, D)
+        stream = stream.to(dev)
         outs = [torch.zeros(t, H * rep, D) for t in T]
         pos = [0, 0]
         for step in steps:
             ends = [p + s for p, s in zip(pos, step)]
             batch = sim.batch(pos, ends)
-            table, slots = _stream_step(mgr, stream, bs_s, pos, ends, maxb_s)
-            q, k, v = (torch.cat([seqs[i][j][pos[i]:ends[i]] for i in range(2)])
+            table, slots = (x.to(dev) for x in _stream_step(mgr, stream, bs_s, pos, ends,
+                                                            maxb_s))
+            q, k, v = (torch.cat([seqs[i][j][pos[i]:ends[i]] for i in range(2)]).to(dev)
                        for j in range(3))
             n = q.shape[0]
-            qsl = torch.tensor(batch.query_start_loc, dtype=torch.int32)
-            seq_lens = torch.tensor(ends, dtype=torch.int32)
+            qsl = torch.tensor(batch.query_start_loc, dtype=torch.int32, device=dev)
+            seq_lens = torch.tensor(ends, dtype=torch.int32, device=dev)
             nd = sum(1 for s in step if s == 1) if max(step) > 1 else 2
 
             def md(table, block_size, slot_mapping):
@@ -289,24 +303,24 @@ def test_backend_split_layer_triton_step_is_the_reference_step(kvcomp, H, rep, s
                     block_table=table, slot_mapping=slot_mapping, block_size=block_size,
                     max_query_len=max(step), max_seq_len=max(ends), num_decodes=nd,
                     query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=ends)
-            main = md(sim.block_table, bs, torch.zeros(n, dtype=torch.int64))
+            main = md(sim.block_table.to(dev), bs, torch.zeros(n, dtype=torch.int64, device=dev))
             ctx = SimpleNamespace(
-                no_compile_layers={name + RESIDUAL_SUFFIX: SimpleNamespace(kv_cache=sim.residual),
+                no_compile_layers={name + RESIDUAL_SUFFIX: SimpleNamespace(kv_cache=residual),
                                    name + STREAM_SUFFIX: SimpleNamespace(kv_cache=stream)},
                 attn_metadata={
-                    name + RESIDUAL_SUFFIX: md(batch.residual_block_table, sim.bs_r,
-                                               batch.residual_slot_mapping),
+                    name + RESIDUAL_SUFFIX: md(batch.residual_block_table.to(dev), sim.bs_r,
+                                               batch.residual_slot_mapping.to(dev)),
                     name + STREAM_SUFFIX: md(table, bs_s, slots)})
-            out = torch.zeros(n, H * rep * D)
+            out = torch.zeros(n, H * rep * D, device=dev)
             with mock.patch.object(backend, "get_forward_context", lambda: ctx), \
                     mock.patch.object(backend, "FORCE_TRITON", triton):
                 impl.forward(layer, q.view(n, -1), k.view(n, -1), v.view(n, -1),
-                             sim.packed, main, output=out)
+                             packed, main, output=out)
             for i in range(2):
                 lo = batch.query_start_loc[i]
-                outs[i][pos[i]:ends[i]] = out.view(n, -1, D)[lo:lo + step[i]]
+                outs[i][pos[i]:ends[i]] = out.view(n, -1, D)[lo:lo + step[i]].cpu()
             pos = ends
-        return outs, stream
+        return outs, stream.cpu()
 
     got, got_stream = run(True)
     ref, ref_stream = run(False)
