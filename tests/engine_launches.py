@@ -266,7 +266,8 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
 
     mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream)
     # an opt-in setting's launches are all off the default path
-    calls, default = [], [quest is None and head_split is None and not cfg.residual_ring]
+    opt_in_path = quest is not None or head_split is not None or cfg.residual_ring
+    calls, default = [], [not opt_in_path]
 
     def seen(jit, args, kw):
         if on_launch is not None:
@@ -282,7 +283,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
             pass
         impl._decode_launch = dict(decode_launch.DECODE_LAUNCH)
         for split in (False, True):
-            default[0] = not split and quest is None and head_split is None and not cfg.residual_ring
+            default[0] = not split and not opt_in_path
             with mock.patch.object(triton_store, "_SPLIT_DEFAULT", split):
                 for b in CAPTURE_SIZES:
                     forward(impl, [(0, 1)] * b, max_seq_len=L)
