@@ -83,6 +83,13 @@ SETTINGS = {
     "kvcomp_k4v4_split50": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4}}, "_env": {"KVCOMP_HEAD_SPLIT_GPU": "1"},
         "_head_map_streaming": 0.5},
+    # the full-precision window as one ring of pages per request (residual_ring), not one
+    # per unsettled step: 3.35x / 4.84x bf16's KV capacity at max_model_len 4096 against
+    # 2.74x / 2.88x; its GPU launches are build-checked, not yet run on a GPU
+    "kvcomp_k4v4_ring": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_ring": True}}},
+    "kvcomp_k2v2_ring": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 2, "v_bits": 2, "residual_ring": True}}},
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
     # the quality-recommended 2-bit setting (KIVI: 32-token key groups, 32-channel value

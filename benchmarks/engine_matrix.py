@@ -66,6 +66,10 @@ SETTINGS = [
     ("k4v2_g32_split50", "d64", "float16",
      {"k_bits": 4, "v_bits": 2, "group_size": 32, "sink_tokens": 16, "recent_tokens": 100,
       "head_map": {"layers": [["streaming", "retrieval"], ["retrieval", "streaming"]]}}),
+    # opt-in: the full-precision window as a ring of pages per request (residual_ring),
+    # its residual write after the attention; the longer prompts' chunks outrun the ring
+    ("k4v4_ring", "d128", "bfloat16", {"k_bits": 4, "v_bits": 4, "residual_ring": True}),
+    ("k2v2_ring", "d256", "float16", {"k_bits": 2, "v_bits": 2, "residual_ring": True}),
 ]
 REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
 MAX_MODEL_LEN = 4096
