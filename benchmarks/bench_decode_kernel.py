@@ -62,6 +62,14 @@ selection and the attention over the selected pages, timed together as one
 decode call): rows ``<config>+quest<budget>``; its bytes are the key
 (scale, min) of every page, the selected pages, the window, q/k/v/o.
 
+``--head-split 0.5`` adds, for each config, a layer whose head map streams that
+share of the KV heads (``kernels/triton_stream.py``: sinks ``--sink-tokens``
++ window ``--recent-tokens`` from model-dtype pages, the step's token stored)
+and packs the rest (the config's decode kernel on those heads), timed
+together as one decode call: rows ``<config>+split<percent>``; its bytes are
+the retrieval heads' packed pages and window, the streaming heads' sinks and
+window, q/k/v/o.
+
 ``--smoke`` runs a tiny shape on CPU under ``TRITON_INTERPRET=1`` (checked
 against the PyTorch reference, baselines included) so the script can be tested
 without a GPU.
@@ -104,6 +112,10 @@ from vllm_kvcomp.kernels.triton_quest import (  # noqa: E402
     quest_decode_attention,
     quest_decode_reference,
     quest_select,
+)
+from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
+    stream_attention,
+    stream_attention_reference,
 )
 from vllm_kvcomp.layout import PageLayout, residual_block_size  # noqa: E402
 from vllm_kvcomp.policies.quest import Quest  # noqa: E402
@@ -209,6 +221,62 @@ class Problem:
              "residual": self.bytes["residual"], "qkvo": self.bytes["qkvo"]}
         b["total"] = sum(b.values())
         return b
+
+
+class StreamProblem:
+    """The streaming heads of a split layer's decode step: model-dtype pages
+    for each request's sinks and recent window only (the rest of its
+    block-table row is the null block, as the stream manager leaves it), the
+    step's token stored as it attends."""
+
+    def __init__(self, B, ctx, Hq, H, D, sink, recent, block_size, dtype, device, seed=1):
+        g = torch.Generator(device=device).manual_seed(seed)
+        self.sink, self.recent, self.B = sink, recent, B
+        self.scale = D ** -0.5
+        start = ctx - 1
+        nb = -(-ctx // block_size)
+        sink_hi = min(sink, start)
+        recent_lo = max(sink_hi, start + 1 - recent)
+        pages = sorted(set(range(-(-sink_hi // block_size))) |
+                       set(range(recent_lo // block_size, nb)))
+        self.cache = torch.randn(B * len(pages) + 1, 2, H, block_size, D, device=device,
+                                 generator=g).to(dtype)
+        table = torch.zeros(B, nb, dtype=torch.int32)
+        table[:, pages] = torch.arange(1, B * len(pages) + 1, dtype=torch.int32).view(B, -1)
+        self.block_table = table.to(device)
+        self.slot_mapping = (self.block_table[:, start // block_size].long() * block_size
+                             + start % block_size)
+        self.query = torch.randn(B, Hq, D, device=device, generator=g).to(dtype)
+        self.key = torch.randn(B, H, D, device=device, generator=g).to(dtype)
+        self.value = torch.randn(B, H, D, device=device, generator=g).to(dtype)
+        self.qsl = torch.arange(B + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
+        self.out = torch.empty_like(self.query)
+        es = dtype.itemsize
+        self.bytes = {"stream": B * H * (sink_hi + start - recent_lo) * 2 * D * es,
+                      "qkvo": (2 * B * Hq * D + 4 * B * H * D) * es}
+        self.bytes["total"] = sum(self.bytes.values())
+
+    def args(self, n=None):
+        n = self.B if n is None else n
+        return (self.query[:n], self.key[:n], self.value[:n], self.cache, self.block_table[:n],
+                self.slot_mapping[:n], self.qsl[:n + 1], self.seq_lens[:n], self.sink,
+                self.recent, self.scale, 1)
+
+    def run(self):
+        return stream_attention(*self.args(), self.out)
+
+    def check(self, n, tol):
+        """max |err| of the first ``n`` requests' output against the reference
+        (on copies of the pages: both store)."""
+        out = torch.empty_like(self.query[:n])
+        args = list(self.args(n))
+        args[3] = self.cache.clone()
+        stream_attention(*args, out)
+        ref = torch.empty_like(out)
+        args[3] = self.cache.clone()
+        stream_attention_reference(*args, ref)
+        return (out.float() - ref.float()).abs().max().item()
 
 
 def cache_gib(cfg, B, ctx, H, D, block_size, es=2) -> float:
@@ -803,6 +871,11 @@ def main(argv=None):
     ap.add_argument("--quest-budgets", default="", metavar="LIST",
                     help="also time Quest's decode at these token budgets (per-channel "
                          "key configs)")
+    ap.add_argument("--head-split", default="", metavar="LIST",
+                    help="also time a split layer's decode with these shares of the KV heads "
+                         "streaming")
+    ap.add_argument("--sink-tokens", type=int, default=64, help="with --head-split")
+    ap.add_argument("--recent-tokens", type=int, default=256, help="with --head-split")
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=None, help="default: the kernel's")
     ap.add_argument("--num-stages", type=int, default=None, help="default: the kernel's")
@@ -952,6 +1025,9 @@ def main(argv=None):
                                      cache_GiB=cache_gib(cfg, B, ctx, H, D, bs),
                                      dense_us=us, speedup_vs_dense=us / qus,
                                      ref_max_abs_err=err, ref_tol=tol))
+                for share in (float(x) for x in a.head_split.split(",") if x):
+                    rows.append(split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype,
+                                          device, timer, kw, us, copy_gbs))
                 del p
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -1017,6 +1093,46 @@ def main(argv=None):
     print(f"\n{len(rows)} rows + {len(base_rows)} baseline rows in {info['wall_s']:.0f} s")
     save()
     return rows
+
+
+def split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype, device, timer, kw, dense_us,
+              copy_gbs) -> dict:
+    """One split layer's decode (``--head-split``): the config's decode kernel
+    on the retrieval heads, then the stream kernel on the streaming heads."""
+    from vllm_kvcomp.residual_layer import packed_spec
+    from vllm_kvcomp.stream_layer import stream_block_size
+
+    rep = Hq // H
+    hs = round(H * share)
+    hr = H - hs
+    assert 0 < hs < H, f"--head-split {share}: {hs} of {H} KV heads stream"
+    pr = Problem(cfg, B, ctx, hr * rep, hr, D, bs, dtype, device)
+    ps = StreamProblem(B, ctx, hs * rep, hs, D, a.sink_tokens, a.recent_tokens,
+                       stream_block_size(packed_spec(cfg, bs, hr, D, dtype), hs), dtype, device)
+    # the references walk requests in Python: two of them on a GPU; bf16 outputs there
+    n, tol = (B, 2e-3) if a.smoke else (min(B, 2), 3e-2)
+    out = pr.run(a.num_splits, **kw)
+    args = [x[:n] if torch.is_tensor(x) and x.shape[0] == B else x for x in pr.args()]
+    err = max((out[:n].float() - decode_attention_reference(*args).float()).abs().max().item(),
+              ps.check(n, tol))
+    if a.smoke:
+        assert err < tol, f"{name}+split: |err| {err}"
+    elif not err < tol:
+        print(f"WARNING {name}+split{share}: reference check {err}")
+    us = timer(lambda: (pr.run(a.num_splits, **kw), ps.run()))
+    stream_us = timer(ps.run)
+    b = {"retrieval": pr.bytes["total"], "streaming": ps.bytes["total"]}
+    b["total"] = sum(b.values())
+    gbs = b["total"] / (us * 1e-6) / 1e9
+    splits = a.num_splits or decode_num_splits(
+        B, hr, ctx, cfg, _tile(pr.layout, a.block_n, a.warp_tiles),
+        num_sms=(torch.cuda.get_device_properties(0).multi_processor_count
+                 if device == "cuda" else 132))
+    return dict(config=f"{name}+split{round(share * 100)}", batch=B, context=ctx,
+                num_splits=splits, us=us, stream_us=stream_us, bytes=b, GBps=gbs,
+                pct_copy_bw=100 * gbs / copy_gbs, dense_us=dense_us,
+                speedup_vs_dense=dense_us / us, ref_max_abs_err=err, ref_tol=tol,
+                sink_tokens=a.sink_tokens, recent_tokens=a.recent_tokens)
 
 
 def _ints(csv: str) -> list[int]:

@@ -27,3 +27,21 @@ def test_decode_bench_smoke_with_quest(tmp_path):
         quest, dense = rows[f"{name}+quest64"], rows[name]
         assert quest["bytes"]["packed"] < dense["bytes"]["packed"], name
         assert quest["speedup_vs_dense"] == dense["us"] / quest["us"]
+
+
+def test_decode_bench_smoke_with_a_head_split(tmp_path):
+    """``--head-split``: half the KV heads through the stream kernel (a window
+    shorter than the context), half through the packed decode, each checked
+    against its reference inside the script."""
+    out = tmp_path / "split.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode_kernel.py"),
+                        "--smoke", "--configs", "k4v4", "--no-baselines", "--head-split", "0.5",
+                        "--sink-tokens", "4", "--recent-tokens", "24", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {row["config"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"k4v4", "k4v4+split50"}
+    split = rows["k4v4+split50"]
+    assert split["ref_max_abs_err"] < split["ref_tol"] and split["stream_us"] > 0
+    assert split["bytes"]["streaming"] > 0 and split["dense_us"] == rows["k4v4"]["us"]
