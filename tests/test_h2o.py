@@ -436,20 +436,24 @@ def test_engine_budget_covering_the_context_changes_nothing(tiny_llama):
     """A budget at least as long as every request evicts nothing: the tokens
     equal kvcomp's without eviction at 16 bits (H2O) and at 4 bits (A2SF). A
     small budget does change what the long prompts generate, not what the
-    40-token one does."""
+    40-token one does; served twice with prefix caching on, the second round
+    finds no hit (compacted pages are never hashed) and generates the same
+    tokens, and the pool ends empty."""
     from e2e_util import POLICY_BASE, POLICY_K16, policy_spec, run_engines
 
-    def run(kvcomp, shared=False):
-        return dict(spec=policy_spec(tiny_llama, kvcomp), shared=shared)
+    def run(kvcomp, shared=False, rounds=1):
+        return dict(spec=policy_spec(tiny_llama, kvcomp, rounds=rounds), shared=shared)
 
     plain16, wide16, plain, wide4, small = run_engines(
         run(POLICY_K16, shared=True), run({**POLICY_K16, "eviction": _engine_ev("h2o", 2048)}),
         run(POLICY_BASE, shared=True), run({**POLICY_BASE, "eviction": _engine_ev("a2sf", 2048)}),
-        run({**POLICY_BASE, "eviction": _engine_ev("h2o", 128, 64)}))
+        run({**POLICY_BASE, "eviction": _engine_ev("h2o", 128, 64)}, rounds=2))
     assert wide16["tokens"] == plain16["tokens"]
     assert wide4["tokens"] == plain["tokens"]
     assert small["tokens"][2] != plain["tokens"][2]
     assert small["tokens"][3] == plain["tokens"][3]
+    assert small["tokens"][:4] == small["tokens"][4:]
+    assert small["prefix_cache_hits"] == 0 and small["kv_cache_usage"] == 0
 
 
 def test_engine_decode_holds_the_budget_and_the_pool_ends_empty(tiny_llama, tmp_path):
