@@ -15,14 +15,18 @@ range comes from ``seq_lens`` on the device, none from the host):
   sort), plus the newest page; every page when there are no more than the
   budget. Output: ``selected [B, H, budget_pages]`` int32 page indices, -1
   where unused;
-* ``_quest_decode_kernel``, grid ``(B, H)``: attention of the KV head's query
-  heads over its selected pages only (read through the block table, codes
-  unpacked and dequantized in registers), then the full-precision window and
-  the fresh token, as ``triton_decode`` does for all pages.
+* the attention over the selected pages is the dense decode kernel
+  (``triton_decode``) on a rewritten batch: one request of one KV head per
+  (request, KV head), its block table the selected pages
+  (``quest_decode_attention``). So Quest reads its pages with the dense
+  kernel's split-K tiles and code folding, and adds no attention kernel of its
+  own to verify on a GPU.
 
-The decode kernel is the plain form (one program walks a head's selected pages,
-fp32 dequantization, no split-K, no packed-code tricks): at a 2048-token
-budget a head reads at most 16 pages of 128 tokens, whatever the context.
+A plain kernel of its own (one program per (request, KV head) walking the
+selected pages, no split) ran 4.2x slower than the dense kernel on an H200 at
+batch 32 x 32K with a 2048-token budget, although it read 8x fewer bytes
+(benchmarks/results/2026-12-03-h200-quest): at that batch fewer than two such
+programs run per SM.
 """
 
 from __future__ import annotations
@@ -38,13 +42,7 @@ from vllm_kvcomp.kernels import attention_ref
 from vllm_kvcomp.kernels.triton_common import (
     check_alignment,
     check_decode_inputs,
-    interpreted,
-    layout_constexprs,
     load_params,
-    load_raw_rows,
-    matmul,
-    residual_window_args,
-    softmax_step,
 )
 from vllm_kvcomp.layout import PageLayout
 
@@ -124,108 +122,6 @@ def _quest_select_kernel(
     tl.store(sel_row + j, out, mask=j < KP)
 
 
-@triton.jit
-def _unpack_rows(cache_ptr, row0, slot, valid, d, dm, ROW: tl.constexpr, BITS: tl.constexpr):
-    """int32 codes [BLOCK_N, BLOCK_D] of rows ``slot`` in channel order."""
-    byte = tl.load(cache_ptr + row0 + slot[:, None] * ROW + (d * BITS // 8)[None, :],
-                   mask=valid[:, None] & dm[None, :], other=0).to(tl.int32)
-    return (byte >> ((d * BITS) % 8)[None, :]) & ((1 << BITS) - 1)
-
-
-@triton.jit
-def _quest_decode_kernel(
-    q_ptr, stride_qb, stride_qh, kn_ptr, stride_knb, stride_knh, vn_ptr, stride_vnb,
-    stride_vnh, o_ptr, stride_ob, stride_oh, cache_ptr, stride_cb, stride_ch,
-    res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt, bt_ptr, stride_bt, rbt_ptr,
-    stride_rbt, sel_ptr, stride_selb, stride_selh, seq_lens_ptr, qk_scale,
-    D: tl.constexpr, BS: tl.constexpr, BS_R: tl.constexpr, R: tl.constexpr,
-    ALIGN: tl.constexpr, G: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    V_GC: tl.constexpr, V_NG: tl.constexpr,
-    K_CODES_OFF: tl.constexpr, K_PARAMS_OFF: tl.constexpr, K_ROW: tl.constexpr,
-    V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
-    KP: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    i64 = i.to(tl.int64)
-    n = tl.load(seq_lens_ptr + i)
-    start = n - 1
-    q_old, npages = _packed_pages(n, R, ALIGN, BS)
-    MODEL_DTYPE: tl.constexpr = kn_ptr.dtype.element_ty
-    r = tl.arange(0, REP_P)
-    row_ok = r < REP
-    hq = h * REP + r
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    q = tl.load(q_ptr + i64 * stride_qb + hq[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
-    m_i = tl.full([REP_P], -1.0e30, tl.float32)
-    l_i = tl.zeros([REP_P], tl.float32)
-    acc = tl.zeros([REP_P, BLOCK_D], tl.float32)
-    wp = cache_ptr.to(tl.pointer_type(tl.int32))
-    nn = tl.arange(0, BLOCK_N)
-    zero_row = tl.zeros([REP_P], tl.float32)
-
-    # 1. the selected packed pages (n <= 0, graph padding: none)
-    nsel = tl.where(n > 0, tl.minimum(npages, KP), 0)
-    sel_row = sel_ptr + i64 * stride_selb + h * stride_selh
-    for j in range(0, nsel):
-        pg = tl.load(sel_row + j)
-        blk = tl.load(bt_ptr + i64 * stride_bt + pg).to(tl.int64)
-        page_off = blk * stride_cb + h * stride_ch
-        for t0 in range(0, BS, BLOCK_N):
-            slot = t0 + nn
-            valid = pg * BS + slot < q_old
-            kc = _unpack_rows(cache_ptr, page_off + K_CODES_OFF, slot, valid, d, dm, K_ROW,
-                              K_BITS)
-            sc, mn = load_params(wp, (page_off + K_PARAMS_OFF) // 4 + (slot // G)[:, None] * D
-                                 + d[None, :], valid[:, None] & dm[None, :])
-            k = kc.to(tl.float32) * sc + mn
-            s = matmul(q, tl.trans(k), IEEE, MODEL_DTYPE) * qk_scale
-            p, alpha, m_i, l_i = softmax_step(s, zero_row, valid[None, :], m_i, l_i)
-            if V_BITS == 16:
-                v = load_raw_rows(cache_ptr, page_off + V_CODES_OFF, slot, valid, d, V_ROW, D,
-                                  MODEL_DTYPE).to(tl.float32)
-            else:
-                vc = _unpack_rows(cache_ptr, page_off + V_CODES_OFF, slot, valid, d, dm, V_ROW,
-                                  V_BITS)
-                sc, mn = load_params(wp, (page_off + V_PARAMS_OFF) // 4 + slot[:, None] * V_NG
-                                     + (d // V_GC)[None, :], valid[:, None] & dm[None, :])
-                v = vc.to(tl.float32) * sc + mn
-            acc = acc * alpha[:, None] + matmul(p, v, IEEE, MODEL_DTYPE)
-
-    # 2. the full-precision window [Q(start), start) and the fresh token
-    kn = tl.load(kn_ptr + i64 * stride_knb + h * stride_knh + d, mask=dm, other=0.0)
-    vn = tl.load(vn_ptr + i64 * stride_vnb + h * stride_vnh + d, mask=dm, other=0.0)
-    rr = tl.arange(0, BLOCK_R)
-    for n0 in range(q_old, start + 1, BLOCK_R):
-        pos = n0 + rr
-        is_new = (pos == start)[:, None]
-        if HAS_RESIDUAL:
-            in_res = pos < start
-            rb = tl.load(rbt_ptr + i64 * stride_rbt + pos // BS_R, mask=in_res,
-                         other=0).to(tl.int64)
-            off = rb * stride_rb + h * stride_rh + (pos % BS_R) * stride_rt
-            mk = in_res[:, None] & dm[None, :]
-            k = tl.load(res_ptr + off[:, None] + d[None, :], mask=mk, other=0.0)
-            v = tl.load(res_ptr + stride_rkv + off[:, None] + d[None, :], mask=mk, other=0.0)
-            k = tl.where(is_new, kn[None, :].to(k.dtype), k)
-            v = tl.where(is_new, vn[None, :].to(v.dtype), v)
-        else:
-            zero = tl.zeros([BLOCK_R, BLOCK_D], MODEL_DTYPE)
-            k = tl.where(is_new, kn[None, :], zero)
-            v = tl.where(is_new, vn[None, :], zero)
-        s = matmul(q, tl.trans(k.to(tl.float32)), IEEE, MODEL_DTYPE) * qk_scale
-        p, alpha, m_i, l_i = softmax_step(s, zero_row, (pos <= start)[None, :], m_i, l_i)
-        acc = acc * alpha[:, None] + matmul(p, v.to(tl.float32), IEEE, MODEL_DTYPE)
-
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + i64 * stride_ob + hq[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dm[None, :])
-
-
 # --------------------------------------------------------------------------
 # host wrappers
 # --------------------------------------------------------------------------
@@ -272,45 +168,90 @@ def quest_select(query: torch.Tensor, packed_cache: torch.Tensor, block_table: t
     return sel
 
 
+def _per_head_blocks(cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, int, int]:
+    """``cache`` with its head folded into the block index: a view whose block
+    ``blk * mb + h * mh`` is block ``blk``'s head ``h`` (one KV head left, of
+    size 1 at ``head_dim``), and ``(mb, mh)``. The block stride of the view is
+    the gcd of the block and head strides, so any strided (padded) page works."""
+    sb, sh = cache.stride(0), cache.stride(head_dim)
+    step = math.gcd(sb, sh)
+    mb, mh = sb // step, sh // step
+    rows = (cache.shape[0] - 1) * mb + (cache.shape[head_dim] - 1) * mh + 1
+    assert rows < 2 ** 31, "block index of the per-head view overflows int32"
+    size, stride = list(cache.shape), list(cache.stride())
+    size[0], stride[0], size[head_dim] = rows, step, 1
+    return cache.as_strided(size, stride, cache.storage_offset()), mb, mh
+
+
 def quest_decode_attention(
     query: torch.Tensor, key_new: torch.Tensor, value_new: torch.Tensor,
     packed_cache: torch.Tensor, residual_cache: torch.Tensor | None, block_table: torch.Tensor,
     residual_block_table: torch.Tensor | None, seq_lens: torch.Tensor,
     selected: torch.Tensor, layout: PageLayout, cfg: KvcompConfig, scale: float,
-    residual_block_size: int, quest, out: torch.Tensor | None = None,
-    block_n: int = 32, block_r: int = 32, num_warps: int = 4,
+    residual_block_size: int, quest, out: torch.Tensor | None = None, **launch,
 ) -> torch.Tensor:
     """Decode attention over each (request, KV head)'s ``selected`` pages
     (``quest_select``), the full-precision window and the fresh token; the
-    arguments are ``triton_decode.kvcomp_decode_attention``'s. -> out [B, Hq, D]."""
+    arguments are ``triton_decode.kvcomp_decode_attention``'s (``launch``: its
+    tuning keywords). -> out [B, Hq, D].
+
+    It runs the dense decode kernel itself, split-K tiles and all, on a
+    rewritten batch: each (request, KV head) becomes a request of one KV head
+    whose block table lists its selected pages in ascending order (the newest,
+    maybe partial, page last), through views of the caches with the head
+    folded into the block index (``_per_head_blocks``), and whose length is
+    shortened by the unselected pages' tokens, so its packed prefix ends where
+    the selected pages end and its window (the residual block table shifted by
+    as many pages) and fresh token are the request's own. A selection has fixed
+    shape and lives on the device, so this is CUDA-graph safe."""
+    from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
+
     _check_quest(layout, cfg, quest)
     B, Hq, H, D = check_decode_inputs(query, key_new, value_new, packed_cache, layout)
-    assert selected.shape == (B, H, quest.budget_pages) and selected.dtype == torch.int32
+    KP, bs = quest.budget_pages, layout.block_size
+    assert selected.shape == (B, H, KP) and selected.dtype == torch.int32
     if out is None:
         out = torch.empty_like(query)
     if B == 0:
         return out
-    res, rs, rbt, bs_r = residual_window_args(cfg, residual_cache, residual_block_table,
-                                              residual_block_size, block_table, key_new)
-    consts = layout_constexprs(layout)
-    # Quest bounds per-channel keys only: no per-token key groups
-    for name in ("KEY_CHANNEL", "K_GC", "K_NG"):
-        del consts[name]
-    bn = min(block_n, layout.block_size, cfg.group_size)
     rep = Hq // H
-    _quest_decode_kernel[(B, H)](
-        query, query.stride(0), query.stride(1), key_new, key_new.stride(0), key_new.stride(1),
-        value_new, value_new.stride(0), value_new.stride(1), out, out.stride(0), out.stride(1),
-        packed_cache, packed_cache.stride(0), packed_cache.stride(1), res, *rs,
-        block_table, block_table.stride(0), rbt, rbt.stride(0),
-        selected, selected.stride(0), selected.stride(1), seq_lens,
-        float(scale) * math.log2(math.e),
-        BS_R=bs_r, R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
-        KP=quest.budget_pages, REP=rep, REP_P=triton.next_power_of_2(rep), BLOCK_N=bn,
-        BLOCK_R=max(16, triton.next_power_of_2(block_r)),
-        HAS_RESIDUAL=residual_cache is not None,
-        IEEE=query.dtype == torch.float32 or interpreted(), num_warps=num_warps, **consts,
-    )
+    dev = query.device
+    n = seq_lens.to(torch.int64)
+    ALIGN, R = cfg.key_token_align, cfg.residual_tokens
+    q_old = (n - 1 - R).clamp(min=0) // ALIGN * ALIGN
+    # whole pages are dropped, so the window keeps its offset in its own pages
+    assert bs % ALIGN == 0 and bs % residual_block_size == 0
+    pages = (q_old + bs - 1) // bs
+    dropped = ((pages - pages.clamp(max=KP)) * bs)[:, None]  # [B, 1]
+    # ascending, unused (-1) entries last: the partial newest page ends the list
+    order = torch.where(selected < 0, torch.iinfo(torch.int32).max, selected)
+    order = torch.sort(order, dim=-1).values
+    used = order != torch.iinfo(torch.int32).max
+    # clamped: a selection is page indices into the row (the clamp only keeps a
+    # launch recorded without running the selection in bounds)
+    page = torch.where(used, order, 0).clamp(0, block_table.shape[1] - 1).to(torch.int64)
+    packed, mb, mh = _per_head_blocks(packed_cache, 1)
+    heads = torch.arange(H, device=dev)[None, :, None]
+    blk = block_table.to(torch.int64).gather(1, page.view(B, H * KP)).view(B, H, KP)
+    table = torch.where(used, blk * mb + heads * mh, 0).to(torch.int32).view(B * H, KP)
+    lens = (n[:, None] - dropped).expand(B, H).reshape(B * H).to(torch.int32)
+    res_view, res_table = residual_cache, None
+    if residual_cache is not None:
+        res_view, rmb, rmh = _per_head_blocks(residual_cache, 2)
+        cols = residual_block_table.shape[1]
+        shift = torch.arange(cols, device=dev)[None, :] + dropped // residual_block_size
+        rb = residual_block_table.to(torch.int64).gather(1, shift.clamp(max=cols - 1))
+        res_table = (rb[:, None, :] * rmb + heads * rmh).to(torch.int32).view(B * H, cols)
+    head_view = out.view(B * H, rep, D) if out.is_contiguous() else torch.empty(
+        B * H, rep, D, dtype=out.dtype, device=dev)
+    # the longest rewritten request: the budget's pages, a window, the fresh token
+    longest = KP * bs + R + ALIGN
+    kvcomp_decode_attention(
+        query.reshape(B * H, rep, D), key_new.reshape(B * H, 1, D),
+        value_new.reshape(B * H, 1, D), packed, res_view, table, res_table, lens, layout, cfg,
+        scale, residual_block_size, longest, out=head_view, **launch)
+    if head_view.data_ptr() != out.data_ptr():
+        out.copy_(head_view.view(B, Hq, D))
     return out
 
 

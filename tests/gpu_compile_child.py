@@ -204,7 +204,7 @@ def quest_case(c) -> list:
                     block_size=bs, dtype=dtype, seed=11)
     quest = Quest(4 * bs, bs)
     a = b.args("cpu")
-    with recorded_launches(triton_quest) as calls:
+    with recorded_launches(triton_quest, triton_decode) as calls:
         sel = triton_quest.quest_select(a[0], a[3], a[5], a[7], b.layout, cfg, quest)
         triton_quest.quest_decode_attention(*a[:8], sel, *a[8:], quest)
     return [summary(jit, compile_sm90(jit, args, kw)) for jit, args, kw in calls]

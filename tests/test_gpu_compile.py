@@ -101,8 +101,8 @@ def test_engine_launches_compile_for_sm90(compiled, setting):
     assert res["builds"].count("_kvcomp_store_kernel") >= 2, res
     assert res["builds"].count("_kvcomp_prefill_kernel") >= 2, res
     opt_in = dict(next((s.kvcomp for s in OPT_IN_SETTINGS if s.id == setting), ()))
-    if "quest" in opt_in:  # Quest's decode steps: selection, then the sparse decode
-        assert {"_quest_score_kernel", "_quest_select_kernel", "_quest_decode_kernel"} <= built
+    if "quest" in opt_in:  # Quest's decode steps: selection, then the dense decode on it
+        assert {"_quest_score_kernel", "_quest_select_kernel"} <= built
     if "head_split" in opt_in:  # the streaming heads' step, decode-only and mixed batches
         assert res["builds"].count("_stream_kernel") >= 2, res
 
@@ -190,10 +190,12 @@ def test_prefill_and_store_compile_for_sm90(compiled, case):
 
 @pytest.mark.parametrize("case", QUEST_IDS)
 def test_quest_compiles_for_sm90(compiled, case):
-    """Quest's page scoring, top-k selection and sparse decode build for sm_90
-    (they serve on the CPU only until they have run on a GPU), the decode's
+    """Quest's page scoring and top-k selection build for sm_90, and the dense
+    decode kernel on the selected pages (one KV head a rewritten request), its
     dots as tensor-core instructions."""
     k = _kernels(compiled, "quest-" + case)
-    assert set(k) == {"_quest_score_kernel", "_quest_select_kernel", "_quest_decode_kernel"}
+    assert {"_quest_score_kernel", "_quest_select_kernel", "_kvcomp_decode_kernel"} <= set(k)
+    assert set(k) <= {"_quest_score_kernel", "_quest_select_kernel", "_kvcomp_decode_kernel",
+                      "_kvcomp_decode_merge_kernel"}
     assert all(v["cubin_bytes"] > 0 for v in k.values())
-    assert k["_quest_decode_kernel"]["mma"] > 0, k
+    assert k["_kvcomp_decode_kernel"]["mma"] > 0, k

@@ -474,6 +474,12 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # A decode-only batch (the CUDA-graph case) takes all num_reqs rows,
         # padding included; a mixed one its leading decode requests.
         nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
+        if nd > 0 and self._decode_launch is None:
+            from vllm_kvcomp.kernels.decode_launch import check_decode_launch
+
+            self._decode_launch = check_decode_launch(
+                cfg, layout.block_size, self.head_size, q.dtype,
+                self.num_heads // self.num_kv_heads, q.device)
         if nd > 0 and quest is not None:
             from vllm_kvcomp.kernels.triton_quest import quest_decode_attention, quest_select
 
@@ -483,15 +489,10 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             quest_decode_attention(
                 q[:nd], key[:nd], value[:nd], packed_cache, residual_cache, md.block_table[:nd],
                 rt, md.seq_lens[:nd], selected, layout, cfg, self.scale, bs_r, quest,
-                out=out[:nd])
+                out=out[:nd], **self._decode_launch)
         elif nd > 0:
-            from vllm_kvcomp.kernels.decode_launch import check_decode_launch
             from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
 
-            if self._decode_launch is None:
-                self._decode_launch = check_decode_launch(
-                    cfg, layout.block_size, self.head_size, q.dtype,
-                    self.num_heads // self.num_kv_heads, q.device)
             kvcomp_decode_attention(
                 q[:nd], key[:nd], value[:nd], packed_cache, residual_cache,
                 md.block_table[:nd], res_table[:nd] if res_table is not None else None,
