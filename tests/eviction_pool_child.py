@@ -1,12 +1,13 @@
-"""Serve a mixed run in one process and watch vLLM's block pool (SnapKV).
+"""Serve a mixed run in one process and watch vLLM's block pool (eviction).
 
 argv[1]: JSON ``{"model", "kvcomp", "engine", "long": [lengths], "short":
-[lengths], "max_tokens", "abort_every", "seed"}``. Requests are added a few
-at a time; every ``abort_every``-th is aborted a few steps after it starts.
-After every step, for each request past its prompt, the packed pages it holds
-are read from the eviction manager and checked against the SnapKV layout
-(``policy.freed_pages``); page ids a request gave back are tracked and
-reported when another request holds them later. Prints ``RESULT <json>``.
+[lengths] (shuffled) or "lengths": [...] (in order), "max_tokens",
+"abort_every", "in_flight", "seed"}``. Requests are added a few at a time;
+every ``abort_every``-th is aborted a few steps after it starts. After every
+step, for each request past its prompt, the packed pages it holds are read
+from the eviction manager and checked against the policy's layout
+(``_layout_ok``); page ids a request gave back are tracked and reported when
+another request holds them later. Prints ``RESULT <json>``.
 """
 import json
 import os
@@ -23,6 +24,29 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def _external(request_id):
     # the engine appends a suffix to the id a request was added with
     return request_id.rsplit("-", 1)[0]
+
+
+def _layout_ok(policy, spec_ev, req, P, row) -> bool | None:
+    """Whether ``row`` (pages held, in order) is the policy's layout for a
+    request with a ``P``-token prompt; ``None``: not checked at this step."""
+    from vllm_kvcomp.policies.h2o import PagedH2O
+
+    n = req.num_computed_tokens
+    if not isinstance(policy, PagedH2O):  # SnapKV: decided once, at the prompt's end
+        # freed at the first scheduling after the completing step
+        if n <= P + 1 or req.num_output_tokens < 2:
+            return None
+        lo, hi = policy.freed_pages(P, spec_ev.packed_tokens(P))
+        return row == [not lo <= i < hi for i in range(len(row))]
+    if n <= P:
+        return None
+    # evicting during decode: the manager freed for the tokens processed when
+    # it last scheduled the request, one step behind at most
+    for c in (n, n - 1):
+        lo, hi = policy.freed_pages(c, spec_ev.packed_tokens(c), P)
+        if row == [not lo <= i < hi for i in range(len(row))]:
+            return True
+    return False
 
 
 def main(spec):
@@ -46,10 +70,12 @@ def main(spec):
     bs = spec_ev.block_size
     free0 = pool.get_num_free_blocks()
 
-    lengths = [("long", n) for n in spec["long"]] + [("short", n) for n in spec["short"]]
-    rng.shuffle(lengths)
+    lengths = spec.get("lengths")
+    if lengths is None:
+        lengths = spec["long"] + spec["short"]
+        rng.shuffle(lengths)
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, ignore_eos=True)
-    pending = [(f"r{i}", n) for i, (_, n) in enumerate(lengths)]
+    pending = [(f"r{i}", n) for i, n in enumerate(lengths)]
     prompt_len = dict(pending)
     abort_at = {rid: rng.randrange(1, 12) for j, (rid, _) in enumerate(pending)
                 if spec.get("abort_every") and j % spec["abort_every"] == 0}
@@ -57,7 +83,7 @@ def main(spec):
     freed_ids = {}  # block id -> request that gave it back
     last_rows = {}
     checked, mismatches, reused, finished, aborted = 0, [], set(), 0, 0
-    held_after_prompt = {}
+    held_after_prompt, most_held = {}, {}
     while pending or engine.has_unfinished_requests():
         while pending and len(sched.running) + len(sched.waiting) < spec.get("in_flight", 6):
             rid, n = pending.pop(0)
@@ -90,21 +116,21 @@ def main(spec):
         for rid, req in sched.requests.items():
             blocks = mgr.req_to_blocks.get(rid)
             P = prompt_len[_external(rid)]
-            # freed at the first scheduling after the completing step
-            if not blocks or req.num_computed_tokens <= P + 1 or req.num_output_tokens < 2:
+            if not blocks:
                 continue
-            lo, hi = spec_ev.policy.freed_pages(P, spec_ev.packed_tokens(P))
             row = [not b.is_null for b in blocks]
-            want = [not lo <= i < hi for i in range(len(blocks))]
+            ok = _layout_ok(spec_ev.policy, spec_ev, req, P, row)
+            if ok is None:
+                continue
             checked += 1
-            if row != want:
-                mismatches.append((rid, P, lo, hi, row.count(True), want.count(True)))
-            if rid not in held_after_prompt:
-                held_after_prompt[rid] = (P, row.count(True), len(row))
+            if not ok:
+                mismatches.append((rid, P, req.num_computed_tokens, row.count(True)))
+            held_after_prompt.setdefault(rid, (P, row.count(True), len(row)))
+            most_held[rid] = max(most_held.get(rid, 0), row.count(True))
     result = dict(checked=checked, mismatches=mismatches[:5], reused=len(reused),
                   finished=finished, aborted=aborted, free_start=free0,
                   free_end=pool.get_num_free_blocks(), usage=kvm.usage,
-                  held_after_prompt=held_after_prompt, block_size=bs,
+                  held_after_prompt=held_after_prompt, most_held=most_held, block_size=bs,
                   preemptions=sum(getattr(m, "value", 0) for m in llm.get_metrics()
                                   if m.name == "vllm:num_preemptions"))
     print("RESULT " + json.dumps(result), flush=True)

@@ -475,7 +475,7 @@ def test_engine_decode_holds_the_budget_and_the_pool_ends_empty(tiny_llama, tmp_
                 abort_every=5, in_flight=5, seed=1)
     f = tmp_path / "spec.json"
     f.write_text(json.dumps(spec))
-    r, _ = child_result([str(HERE / "h2o_pool_child.py"), "@" + str(f)], 1800,
+    r, _ = child_result([str(HERE / "eviction_pool_child.py"), "@" + str(f)], 1800,
                         env_without_interpreter())
     assert r["checked"] > 200 and r["mismatches"] == [], r["mismatches"]
     # heavy hitters' pages, a page of slack, the recent tokens and the
