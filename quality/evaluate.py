@@ -56,7 +56,7 @@ KV_SIZE_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
 
 # ---------------------------------------------------------------- settings
 def _kvcomp(k, v, residual=128, axis="channel", group=None, value_group=None, quest=None,
-            snapkv=None, head_map=None):
+            snapkv=None, head_map=None, scored=None):
     kv = {"k_bits": k, "v_bits": v, "residual_tokens": residual, "key_axis": axis}
     if group is not None:
         kv["group_size"] = group
@@ -71,6 +71,12 @@ def _kvcomp(k, v, residual=128, axis="channel", group=None, value_group=None, qu
     if snapkv is not None:
         # SnapKV keeping snapkv % of each prompt, its other settings at their defaults
         kv["eviction"] = {"method": "snapkv", "budget_ratio": snapkv / 100}
+    if scored is not None:
+        # (method, tokens): h2o / a2sf keeping that many tokens a KV head (their
+        # recent share and a2sf's alpha at the defaults), streamingllm that many recent
+        method, tokens = scored
+        key = "recent_tokens" if method == "streamingllm" else "budget_tokens"
+        kv["eviction"] = {"method": method, key: tokens}
     return {"kvcomp": kv, "bits": (k + v) / 2}
 
 
@@ -107,7 +113,8 @@ ALIASES = {"kvcomp_k4v4": "kvcomp_k4v4_r128_channel", "kvcomp_k8v8": "kvcomp_k8v
 
 
 KVCOMP_NAME_RE = re.compile(
-    r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?(?:_vg(\d+))?(?:_quest(\d+))?(?:_snapkv(\d+))?(?:_map([a-z0-9-]+))?")
+    r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?(?:_vg(\d+))?(?:_quest(\d+))?"
+    r"(?:_snapkv(\d+))?(?:_(h2o|a2sf|streamingllm)(\d+))?(?:_map([a-z0-9-]+))?")
 
 
 def settings_for(names) -> dict:
@@ -118,10 +125,11 @@ def settings_for(names) -> dict:
     for n in names:
         m = KVCOMP_NAME_RE.fullmatch(n)
         if n not in cat and m:
-            k, v, r, axis, g, vg, quest, snap, head_map = m.groups()
+            k, v, r, axis, g, vg, quest, snap, method, tokens, head_map = m.groups()
             cat[n] = _kvcomp(int(k), int(v), int(r), axis, int(g) if g else None,
                              int(vg) if vg else None, int(quest) if quest else None,
-                             int(snap) if snap else None, head_map)
+                             int(snap) if snap else None, head_map,
+                             (method, int(tokens)) if method else None)
     return cat
 
 
@@ -135,7 +143,8 @@ def select_settings(names: str | None, quick: bool) -> list:
         if n not in known and not KVCOMP_NAME_RE.fullmatch(n):
             raise SystemExit(f"unknown setting {n!r}; known: {', '.join(known)}, or "
                              "kvcomp_k<bits>v<bits>_r<residual>_<channel|token>[_g<group>][_vg<value group>]"
-                             "[_quest<budget tokens>][_snapkv<budget %>][_map<quality/maps/NAME.json>]")
+                             "[_quest<budget tokens>][_snapkv<budget %>][_<h2o|a2sf|streamingllm><tokens>]"
+                             "[_map<quality/maps/NAME.json>]")
         out.append(n)
     if "baseline" not in out:
         out.insert(0, "baseline")  # agreement is measured against it

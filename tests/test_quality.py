@@ -182,6 +182,12 @@ def test_settings_and_engine_kwargs():
         "group_size": 32, "value_group_size": 128}
     quest = evaluate.settings_for(["kvcomp_k4v4_r128_channel_quest512"])
     assert quest["kvcomp_k4v4_r128_channel_quest512"]["kvcomp"]["quest"] == {"budget_tokens": 512}
+    scored = evaluate.settings_for(["kvcomp_k4v4_r128_channel_a2sf512",
+                                    "kvcomp_k4v4_r128_channel_streamingllm256"])
+    assert scored["kvcomp_k4v4_r128_channel_a2sf512"]["kvcomp"]["eviction"] == {
+        "method": "a2sf", "budget_tokens": 512}
+    assert scored["kvcomp_k4v4_r128_channel_streamingllm256"]["kvcomp"]["eviction"] == {
+        "method": "streamingllm", "recent_tokens": 256}
     assert evaluate.select_settings(None, True) == list(evaluate.QUICK_SETTINGS)
     with pytest.raises(SystemExit):
         evaluate.select_settings("nope", False)
