@@ -235,17 +235,19 @@ def quest_decode_attention(
     blk = block_table.to(torch.int64).gather(1, page.view(B, H * KP)).view(B, H, KP)
     table = torch.where(used, blk * mb + heads * mh, 0).to(torch.int32).view(B * H, KP)
     lens = (n[:, None] - dropped).expand(B, H).reshape(B * H).to(torch.int32)
+    # the longest rewritten request: the budget's pages, a window, the fresh token
+    longest = KP * bs + R + ALIGN
     res_view, res_table = residual_cache, None
     if residual_cache is not None:
         res_view, rmb, rmh = _per_head_blocks(residual_cache, 2)
+        # only the columns a rewritten request's positions reach, whatever the context
         cols = residual_block_table.shape[1]
-        shift = torch.arange(cols, device=dev)[None, :] + dropped // residual_block_size
+        width = min(cols, -(-longest // residual_block_size) + 1)
+        shift = torch.arange(width, device=dev)[None, :] + dropped // residual_block_size
         rb = residual_block_table.to(torch.int64).gather(1, shift.clamp(max=cols - 1))
-        res_table = (rb[:, None, :] * rmb + heads * rmh).to(torch.int32).view(B * H, cols)
+        res_table = (rb[:, None, :] * rmb + heads * rmh).to(torch.int32).view(B * H, width)
     head_view = out.view(B * H, rep, D) if out.is_contiguous() else torch.empty(
         B * H, rep, D, dtype=out.dtype, device=dev)
-    # the longest rewritten request: the budget's pages, a window, the fresh token
-    longest = KP * bs + R + ALIGN
     kvcomp_decode_attention(
         query.reshape(B * H, rep, D), key_new.reshape(B * H, 1, D),
         value_new.reshape(B * H, 1, D), packed, res_view, table, res_table, lens, layout, cfg,
