@@ -60,3 +60,20 @@ class SimPagedCache:
             residual_block_table=self.residual_table.clone(),
             residual_slot_mapping=torch.tensor(slots, dtype=torch.int64),
             residual_block_size=self.bs_r)
+
+
+def manager_on_pool(spec, num_blocks: int, max_in_flight_tokens: int = 512,
+                    max_model_len: int = 1 << 16, enable_caching: bool = True,
+                    kv_cache_group_id: int = 0, scheduler_block_size: int | None = None):
+    """(pool, manager): vLLM's own block pool of ``num_blocks`` and the
+    manager vLLM picks for ``spec``, as the scheduler builds them."""
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+
+    pool = BlockPool(num_gpu_blocks=num_blocks, enable_caching=enable_caching,
+                     hash_block_size=spec.block_size)
+    mgr = get_manager_for_kv_cache_spec(
+        spec, max_in_flight_tokens=max_in_flight_tokens, max_model_len=max_model_len,
+        block_pool=pool, enable_caching=enable_caching, kv_cache_group_id=kv_cache_group_id,
+        scheduler_block_size=scheduler_block_size or spec.block_size)
+    return pool, mgr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vllm_kvcomp
-from sim_paged import SimPagedCache
+from sim_paged import SimPagedCache, manager_on_pool
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.kernels import packing
 from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
@@ -73,19 +73,12 @@ def test_kept_ranges_example():
 
 
 def _manager(cfg, bs, num_blocks, in_flight):
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
-
     from vllm_kvcomp.residual_layer import packed_spec
     from vllm_kvcomp.spec import KvcompEvictionManager, KvcompEvictionSpec
 
     spec = packed_spec(cfg, bs, 2, 64, torch.float32, in_flight)
     assert isinstance(spec, KvcompEvictionSpec)
-    pool = BlockPool(num_gpu_blocks=num_blocks, enable_caching=True, hash_block_size=bs)
-    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=in_flight,
-                                        max_model_len=1 << 16, block_pool=pool,
-                                        enable_caching=True, kv_cache_group_id=0,
-                                        scheduler_block_size=bs)
+    pool, mgr = manager_on_pool(spec, num_blocks, max_in_flight_tokens=in_flight)
     assert isinstance(mgr, KvcompEvictionManager)
     return spec, pool, mgr
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vllm_kvcomp
-from sim_paged import SimPagedCache
+from sim_paged import SimPagedCache, manager_on_pool
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.kernels import packing
 from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
@@ -341,18 +341,12 @@ def test_manager_frees_the_evicted_pages_where_the_worker_empties_them(kvcomp):
     length, holds after each step exactly the pages of the layout the worker
     compacts to: every page of the prompt while it is prefilled, then the
     heavy hitters' pages and those from ``E`` on; the pool gets the rest."""
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
-
     from vllm_kvcomp.residual_layer import packed_spec
 
     bs, P, chunk, budget = 32, 700, 256, 200
     cfg = KvcompConfig.from_dict({**kvcomp, "eviction": _ev("h2o", budget, 64)})
     spec = packed_spec(cfg, bs, 2, 64, torch.float32, chunk)
-    pool = BlockPool(num_gpu_blocks=100, enable_caching=True, hash_block_size=bs)
-    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=chunk, max_model_len=4096,
-                                        block_pool=pool, enable_caching=True,
-                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    pool, mgr = manager_on_pool(spec, 100, max_in_flight_tokens=chunk, max_model_len=4096)
     free0 = pool.get_num_free_blocks()
     c = 0
     most = 0

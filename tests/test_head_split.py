@@ -12,7 +12,7 @@ import torch
 
 import vllm_kvcomp
 from e2e_util import engine_config
-from sim_paged import SimPagedCache
+from sim_paged import SimPagedCache, manager_on_pool
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
 from vllm_kvcomp.kernels.head_split_ref import split_step_reference
@@ -65,18 +65,12 @@ def test_maps_that_cannot_be_served_are_named(hm, message):
 
 
 def _stream_manager(sink, recent, bs, num_blocks, concurrent=1, heads=1):
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
-
     from vllm_kvcomp.spec import KvcompStreamManager, KvcompStreamSpec
 
     spec = KvcompStreamSpec(block_size=bs, num_kv_heads=heads, head_size=64, dtype=torch.float32,
                             sink_tokens=sink, recent_tokens=recent,
                             concurrent_steps=concurrent)
-    pool = BlockPool(num_gpu_blocks=num_blocks, enable_caching=True, hash_block_size=bs)
-    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=512, max_model_len=1 << 16,
-                                        block_pool=pool, enable_caching=True,
-                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    pool, mgr = manager_on_pool(spec, num_blocks)
     assert isinstance(mgr, KvcompStreamManager)
     return spec, pool, mgr
 

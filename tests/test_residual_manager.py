@@ -149,8 +149,7 @@ def test_packed_pages_are_taken_when_packed_tokens_reach_them(bits, group, resid
     vLLM's own block pool and manager lookup, growing a request step by step;
     pages come back to the pool when it is freed."""
     import torch
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+    from sim_paged import manager_on_pool
 
     from vllm_kvcomp.spec import KvcompPackedManager, KvcompSpec
 
@@ -158,10 +157,7 @@ def test_packed_pages_are_taken_when_packed_tokens_reach_them(bits, group, resid
     spec = KvcompSpec(block_size=bs, num_kv_heads=2, head_size=128, dtype=torch.uint8,
                       kvcomp_config=KvcompConfig(k_bits=bits, v_bits=bits, group_size=group,
                                                  residual_tokens=residual))
-    pool = BlockPool(num_gpu_blocks=64, enable_caching=True, hash_block_size=bs)
-    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=512, max_model_len=4096,
-                                        block_pool=pool, enable_caching=True,
-                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    pool, mgr = manager_on_pool(spec, 64, max_model_len=4096)
     assert isinstance(mgr, KvcompPackedManager)
     free0 = pool.get_num_free_blocks()
     held = 0
@@ -209,14 +205,10 @@ def test_a_new_request_is_charged_what_it_takes(residual, align, bs):
     the whole chunk once kept a long prompt waiting forever on a pool that
     start-up had accepted. The same holds for a request resumed after
     preemption and for each later chunk."""
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+    from sim_paged import manager_on_pool
 
     spec = _spec(residual, align, bs)
-    pool = BlockPool(num_gpu_blocks=4096, enable_caching=False, hash_block_size=bs)
-    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=512, max_model_len=1 << 16,
-                                        block_pool=pool, enable_caching=False,
-                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    pool, mgr = manager_on_pool(spec, 4096, enable_caching=False)
     assert isinstance(mgr, KvcompResidualManager)
     rng = random.Random(residual + align + bs)
     for r in range(60):

@@ -23,17 +23,13 @@ vllm_kvcomp.register()
 
 
 def _manager(cfg, num_blocks, bs=128, head=128):
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+    from sim_paged import manager_on_pool
 
     spec = residual_spec(packed_spec(cfg, bs, 2, head, torch.bfloat16), concurrent_steps=2)
     assert isinstance(spec, KvcompRingWindowSpec)
-    pool = BlockPool(num_gpu_blocks=num_blocks, enable_caching=True,
-                     hash_block_size=spec.block_size)
-    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=8192, max_model_len=4096,
-                                        block_pool=pool, enable_caching=True,
-                                        kv_cache_group_id=1,
-                                        scheduler_block_size=bs)
+    pool, mgr = manager_on_pool(spec, num_blocks, max_in_flight_tokens=8192,
+                                max_model_len=4096, kv_cache_group_id=1,
+                                scheduler_block_size=bs)
     assert isinstance(mgr, KvcompRingWindowManager)
     return spec, pool, mgr
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vllm_kvcomp
-from sim_paged import SimPagedCache
+from sim_paged import SimPagedCache, manager_on_pool
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.kernels import packing
 from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
@@ -256,19 +256,13 @@ def test_budget_at_least_the_prompt_changes_nothing():
 
 
 def test_manager_frees_the_gap_once_the_prompt_is_processed():
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
-
     from vllm_kvcomp.residual_layer import packed_spec
 
     bs, P, chunk = 32, 1000, 256
     cfg = KvcompConfig.from_dict({"k_bits": 4, "v_bits": 4, "group_size": 32,
                                   "residual_tokens": 32, "eviction": _snap(budget_tokens=200)})
     spec = packed_spec(cfg, bs, 2, 64, torch.float32, chunk)
-    pool = BlockPool(num_gpu_blocks=100, enable_caching=True, hash_block_size=bs)
-    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=chunk, max_model_len=4096,
-                                        block_pool=pool, enable_caching=True,
-                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    pool, mgr = manager_on_pool(spec, 100, max_in_flight_tokens=chunk, max_model_len=4096)
     free0 = pool.get_num_free_blocks()
     kept_n, end = spec.policy.plan(P, spec.packed_tokens(P))
     c = 0

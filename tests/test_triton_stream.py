@@ -205,18 +205,14 @@ def test_graph_padding_rows_stay_finite():
 def _stream_pages(sink, recent, heads, bs, D, num_blocks=400):
     """The streaming heads' manager (vLLM's block pool) and its pages; the
     null block and every page given back hold NaN."""
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.single_type_kv_cache_manager import get_manager_for_kv_cache_spec
+    from sim_paged import manager_on_pool
 
     from vllm_kvcomp.spec import KvcompStreamSpec, register_specs
 
     register_specs()
     spec = KvcompStreamSpec(block_size=bs, num_kv_heads=heads, head_size=D,
                             dtype=torch.float32, sink_tokens=sink, recent_tokens=recent)
-    pool = BlockPool(num_gpu_blocks=num_blocks, enable_caching=True, hash_block_size=bs)
-    mgr = get_manager_for_kv_cache_spec(spec, max_in_flight_tokens=512, max_model_len=1 << 16,
-                                        block_pool=pool, enable_caching=True,
-                                        kv_cache_group_id=0, scheduler_block_size=bs)
+    _, mgr = manager_on_pool(spec, num_blocks)
     return mgr, torch.full((num_blocks, 2, heads, bs, D), float("nan"))
 
 
