@@ -45,6 +45,17 @@ def child_result(args: list, timeout: int, env: dict | None = None) -> tuple[obj
     return json.loads(lines[-1][len("RESULT "):]), text
 
 
+def bench_smoke(script: str, *args, out: Path) -> tuple[dict, str]:
+    """(the JSON it wrote to ``out``, its stdout): ``benchmarks/<script>``
+    with ``args`` under the Triton interpreter in a child; a non-zero exit fails."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / script), *args,
+                        "--out", str(out)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads(out.read_text()), r.stdout
+
+
 def env_without_interpreter(**extra) -> dict:
     """This environment without conftest's ``TRITON_INTERPRET`` switch."""
     return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}

@@ -3,24 +3,14 @@ kernel and Quest's decode (selection + attention over the selected pages) at a
 tiny shape, each checked against its PyTorch reference inside the script
 (max |err| < 2e-3, fp32), with a budget below the context so that Quest reads
 fewer pages than the dense kernel. Triton interpreter on CPU, child process."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from e2e_util import bench_smoke
 
 
 def test_decode_bench_smoke_with_quest(tmp_path):
-    out = tmp_path / "smoke.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode_kernel.py"),
-                        "--smoke", "--configs", "k4v4,k2v2,k16v16", "--no-baselines",
-                        "--quest-budgets", "64", "--out", str(out)],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = {row["config"]: row for row in json.loads(out.read_text())["rows"]}
+    report, _ = bench_smoke("bench_decode_kernel.py", "--smoke", "--configs", "k4v4,k2v2,k16v16",
+                            "--no-baselines", "--quest-budgets", "64",
+                            out=tmp_path / "smoke.json")
+    rows = {row["config"]: row for row in report["rows"]}
     # Quest needs per-channel packed keys: none for 16-bit pages
     assert set(rows) == {"k4v4", "k2v2", "k16v16", "k4v4+quest64", "k2v2+quest64"}
     for name in ("k4v4", "k2v2"):
@@ -33,14 +23,10 @@ def test_decode_bench_smoke_with_a_head_split(tmp_path):
     """``--head-split``: half the KV heads through the stream kernel (a window
     shorter than the context), half through the packed decode, each checked
     against its reference inside the script."""
-    out = tmp_path / "split.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode_kernel.py"),
-                        "--smoke", "--configs", "k4v4", "--no-baselines", "--head-split", "0.5",
-                        "--sink-tokens", "4", "--recent-tokens", "24", "--out", str(out)],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = {row["config"]: row for row in json.loads(out.read_text())["rows"]}
+    report, _ = bench_smoke("bench_decode_kernel.py", "--smoke", "--configs", "k4v4",
+                            "--no-baselines", "--head-split", "0.5", "--sink-tokens", "4",
+                            "--recent-tokens", "24", out=tmp_path / "split.json")
+    rows = {row["config"]: row for row in report["rows"]}
     assert set(rows) == {"k4v4", "k4v4+split50"}
     split = rows["k4v4+split50"]
     assert split["ref_max_abs_err"] < split["ref_tol"] and split["stream_us"] > 0

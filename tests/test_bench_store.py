@@ -2,23 +2,12 @@
 the Triton interpreter it builds decode steps with and without hand-overs,
 checks that the split and one-program hand-overs write the same packed bytes
 (and that a hand-over step writes any), and reports every variant. ~40 s."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from e2e_util import bench_smoke
 
 
 def test_store_bench_smoke(tmp_path):
-    out = tmp_path / "store.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_store_kernel.py"),
-                        "--configs", "k4v4", "--shares", "0,1",
-                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = bench_smoke("bench_store_kernel.py", "--configs", "k4v4", "--shares", "0,1",
+                       out=tmp_path / "store.json")[0]["rows"]
     assert len(rows) == 2 * 2  # shares x split
     assert {(x["split"], x["n_hand"] > 0) for x in rows} == {
         (False, False), (False, True), (True, False), (True, True)}
