@@ -29,7 +29,9 @@ after this step (``Q`` = ``KvcompConfig.quantized_prefix_len``):
    ``E`` moves up a page. Under Quest (``policies.quest``) a one-token step whose
    packed pages exceed the budget reads, per KV head, only the pages its
    query selects (``quest_pages``);
-3. the fresh tokens are written, unquantized, into the residual pages
+3. the fresh tokens are written, unquantized (cast to float8 e4m3 under
+   ``residual_dtype``, where the backend has rounded them on arrival,
+   ``packing.round_to_window``), into the residual pages
    (with ``residual_ring`` only those of the new window ``[Q(n), n)``: the
    ring's slots are shared by positions a span apart).
 
@@ -62,14 +64,18 @@ class BatchView:
 
 
 def gather_residual(
-    residual_cache: torch.Tensor, block_row: torch.Tensor, bs_r: int, lo: int, hi: int
+    residual_cache: torch.Tensor, block_row: torch.Tensor, bs_r: int, lo: int, hi: int,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V of positions [lo, hi) from residual pages [nb, 2, H, bs_r, D]."""
+    """K, V of positions [lo, hi) from residual pages [nb, 2, H, bs_r, D], in
+    ``dtype`` (default: the pages' own; an fp8 window mixes with nothing)."""
     pos = torch.arange(lo, hi, device=block_row.device)
     blocks = block_row[pos // bs_r].long()
     offs = pos % bs_r
     k = residual_cache[blocks, 0, :, offs, :]
     v = residual_cache[blocks, 1, :, offs, :]
+    if dtype is not None:
+        k, v = k.to(dtype), v.to(dtype)
     return k, v
 
 
@@ -404,7 +410,8 @@ def kvcomp_step_reference(
     the layer's page selection at decode (``request_attention``)."""
     if as_stored is None:
         as_stored = cfg.prompt_as_stored
-    model_dtype = residual_cache.dtype if residual_cache is not None else query.dtype
+    model_dtype = (residual_cache.dtype if residual_cache is not None and not cfg.residual_fp8
+                   else query.dtype)
     for i in range(len(batch.seq_lens)):
         qs, qe = batch.query_start_loc[i], batch.query_start_loc[i + 1]
         if qe == qs:
@@ -419,7 +426,7 @@ def kvcomp_step_reference(
         window = None
         if start > q_old:
             window = gather_residual(residual_cache, res_row, batch.residual_block_size,
-                                     q_old, start)
+                                     q_old, start, key.dtype)
         if q_new > q_old:
             old_hi = min(q_new, start)
             ks, vs = [], []
@@ -465,5 +472,6 @@ def kvcomp_step_reference(
         if bool(keep.any()):
             bs_r = batch.residual_block_size
             b, o = slots[keep] // bs_r, slots[keep] % bs_r
-            residual_cache[b, 0, :, o, :] = key[:T][keep].to(residual_cache.dtype)
-            residual_cache[b, 1, :, o, :] = value[:T][keep].to(residual_cache.dtype)
+            residual_cache[b, 0, :, o, :] = packing.to_window(key[:T][keep], residual_cache.dtype)
+            residual_cache[b, 1, :, o, :] = packing.to_window(value[:T][keep],
+                                                              residual_cache.dtype)

@@ -47,21 +47,24 @@ class DecodeBatch:
         self.residual_table = torch.tensor(ids_r, dtype=torch.int32).view(B, maxb_r)
         self.residual = None
         if cfg.needs_residual_cache:
+            rdt = packing.residual_torch_dtype(cfg, dtype)
             shape = (B * maxb_r + 1, 2, H, bs_r, D)
             if pad_residual:
                 # vLLM hands the residual group a strided view padded to the
                 # packed page size.
                 inner = shape[1] * shape[2] * shape[3] * shape[4]
-                buf = torch.zeros(shape[0], inner + 40, dtype=dtype)
+                buf = torch.zeros(shape[0], inner + 40, dtype=rdt)
                 self.residual = buf[:, :inner].view(shape)
             else:
-                self.residual = torch.zeros(shape, dtype=dtype)
+                self.residual = torch.zeros(shape, dtype=rdt)
         self.K, self.V = [], []
         for i, n in enumerate(lens):
             k = torch.randn(max(n, 0), H, D, generator=g)
             k[..., :3] *= 6  # a few large channels, as real keys have (KIVI)
-            self.K.append(k.to(dtype))
-            self.V.append(torch.randn(max(n, 0), H, D, generator=g).to(dtype))
+            # as the backend hands them over (rounded to an fp8 window's values)
+            self.K.append(packing.round_to_window(k.to(dtype), cfg))
+            self.V.append(packing.round_to_window(
+                torch.randn(max(n, 0), H, D, generator=g).to(dtype), cfg))
             if n > 0:
                 self._store_history(i, n - 1)
         self.query = (2 * torch.randn(B, H * rep, D, generator=g)).to(dtype)
@@ -92,8 +95,8 @@ class DecodeBatch:
             pos = torch.arange(Q, start)
             blk = self.residual_table[i][pos // self.bs_r].long()
             off = pos % self.bs_r
-            self.residual[blk, 0, :, off, :] = K[Q:]
-            self.residual[blk, 1, :, off, :] = V[Q:]
+            self.residual[blk, 0, :, off, :] = packing.to_window(K[Q:], self.residual.dtype)
+            self.residual[blk, 1, :, off, :] = packing.to_window(V[Q:], self.residual.dtype)
 
     def args(self, device="cpu"):
         to = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -8,7 +8,32 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvcomp.config import FP8_E4M3_MAX, KvcompConfig
 from vllm_kvcomp.layout import PARAM_BYTES, PageLayout
+
+# ---------------------------------------------------------- the window's dtype
+
+
+def residual_torch_dtype(cfg: KvcompConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """What the full-precision window's pages hold (``residual_dtype``)."""
+    return torch.float8_e4m3fn if cfg.residual_fp8 else model_dtype
+
+
+def to_window(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` cast to the window's ``dtype``, saturating as vLLM's fp8 cache
+    does: torch turns e4m3 overflow into NaN."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return x.to(dtype)
+
+
+def round_to_window(x: torch.Tensor, cfg: KvcompConfig) -> torch.Tensor:
+    """New K or V as the window will hold it, in ``x``'s dtype. Every path
+    (window, hand-over, a prompt's own tokens) reads these values, so the
+    kernels' fp8 stores are exact casts."""
+    if not cfg.residual_fp8:
+        return x
+    return to_window(x, torch.float8_e4m3fn).to(x.dtype)
 
 # ---------------------------------------------------------------- primitives
 

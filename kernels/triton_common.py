@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvcomp.kernels.packing import residual_torch_dtype
 from vllm_kvcomp.layout import PageLayout
 
 # --------------------------------------------------------------------------
@@ -87,7 +88,10 @@ def residual_window_args(cfg, residual_cache: torch.Tensor | None,
             "this config keeps a residual window: residual_cache is required")
     if residual_cache is None:
         return fresh_keys, (0, 0, 0, 0), block_table, 1
-    assert residual_cache.stride(-1) == 1 and residual_cache.dtype == fresh_keys.dtype
+    assert residual_cache.stride(-1) == 1
+    assert residual_cache.dtype == residual_torch_dtype(cfg, fresh_keys.dtype), (
+        f"residual_dtype={cfg.residual_dtype!r} with {fresh_keys.dtype} K/V: the window "
+        f"cannot hold {residual_cache.dtype}")
     return residual_cache, residual_cache.stride()[:4], residual_block_table, residual_block_size
 
 

@@ -533,8 +533,10 @@ def _kvcomp_decode_kernel(
             rb = tl.load(rbt_row + pos // BS_R, mask=in_res, other=0).to(tl.int64)
             off = rb * stride_rb + h * stride_rh + (pos % BS_R) * stride_rt
             mk = in_res[:, None] & dm[None, :]
-            k = tl.load(res_ptr + off[:, None] + d[None, :], mask=mk, other=0.0)
-            v = tl.load(res_ptr + stride_rkv + off[:, None] + d[None, :], mask=mk, other=0.0)
+            # an fp8 window (residual_dtype) is read back in the model dtype
+            k = tl.load(res_ptr + off[:, None] + d[None, :], mask=mk, other=0.0).to(MODEL_DTYPE)
+            v = tl.load(res_ptr + stride_rkv + off[:, None] + d[None, :], mask=mk,
+                        other=0.0).to(MODEL_DTYPE)
             k = tl.where(is_new, kn[None, :].to(k.dtype), k)
             v = tl.where(is_new, vn[None, :].to(v.dtype), v)
         else:

@@ -267,8 +267,10 @@ def _kvcomp_prefill_kernel(
             rb = tl.load(rbt_row + pos // BS_R, mask=valid, other=0).to(tl.int64)
             off = rb * stride_rb + h * stride_rh + (pos % BS_R) * stride_rt
             mk = valid[:, None] & dm[None, :]
-            k = tl.load(res_ptr + off[:, None] + d[None, :], mask=mk, other=0.0)
-            v = tl.load(res_ptr + stride_rkv + off[:, None] + d[None, :], mask=mk, other=0.0)
+            # an fp8 window (residual_dtype) is read back in the model dtype
+            k = tl.load(res_ptr + off[:, None] + d[None, :], mask=mk, other=0.0).to(MODEL_DTYPE)
+            v = tl.load(res_ptr + stride_rkv + off[:, None] + d[None, :], mask=mk,
+                        other=0.0).to(MODEL_DTYPE)
             seen = valid[None, :]
             if AS_STORED:
                 seen = seen & (pos[None, :] >= bound[:, None])

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from vllm_kvcomp.config import KvcompConfig
-from vllm_kvcomp.kernels import attention_ref
+from vllm_kvcomp.kernels import attention_ref, packing
 from vllm_kvcomp.kernels.triton_common import (
     check_alignment,
     layout_constexprs,
@@ -515,7 +515,8 @@ def store_reference(
         old_hi = min(q_new, start)
         if old_hi > q_old:
             kr, vr = attention_ref.gather_residual(
-                residual_cache, residual_block_table[i], residual_block_size, q_old, old_hi
+                residual_cache, residual_block_table[i], residual_block_size, q_old, old_hi,
+                key.dtype,
             )
             ks.append(kr)
             vs.append(vr)
@@ -532,8 +533,9 @@ def store_reference(
         if bool(keep.any()):
             bs_r = residual_block_size
             b, o = slots[keep] // bs_r, slots[keep] % bs_r
-            residual_cache[b, 0, :, o, :] = key[:T][keep].to(residual_cache.dtype)
-            residual_cache[b, 1, :, o, :] = value[:T][keep].to(residual_cache.dtype)
+            residual_cache[b, 0, :, o, :] = packing.to_window(key[:T][keep], residual_cache.dtype)
+            residual_cache[b, 1, :, o, :] = packing.to_window(value[:T][keep],
+                                                              residual_cache.dtype)
 
 
 __all__ = [

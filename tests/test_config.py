@@ -16,6 +16,11 @@ from vllm_kvcomp.layout import PageLayout
     ({"fresh_prefill": "flashinfer"}, "fresh_prefill='flashinfer'"),
     ({"value_group_size": 24}, "value_group_size=24"),
     ({"value_group_size": True}, "value_group_size=True"),
+    ({"residual_dtype": "fp8"}, "residual_dtype='fp8'"),
+    ({"residual_dtype": "float8_e4m3fn"}, "residual_dtype='float8_e4m3fn'"),
+    ({"residual_dtype": "bfloat16"}, "residual_dtype='bfloat16'"),
+    ({"residual_dtype": 8}, "residual_dtype=8 must be str"),
+    ({"residual_dtype": None}, "residual_dtype=None must be str"),
 ])
 def test_bad_settings_are_named(raw, msg):
     with pytest.raises(KvcompConfigError, match=msg):
@@ -38,3 +43,39 @@ def test_value_groups_apart_from_key_groups():
     assert kivi.v_param_shape == (128, 4) and wide.v_param_shape == (128, 1)
     # 4 fewer bytes of value params per token than 4 groups' 16
     assert kivi.head_page_bytes - wide.head_page_bytes == 128 * 12
+
+
+def test_fp8_window_setting(tmp_path):
+    """residual_dtype: the model dtype by default; e4m3 where there is a
+    window, nothing without one; not with a head map (the streaming heads
+    keep their own window in the model dtype)."""
+    assert KvcompConfig().residual_dtype == "auto" and not KvcompConfig().residual_fp8
+    cfg = KvcompConfig.from_dict({"residual_dtype": "fp8_e4m3", "residual_ring": True})
+    assert cfg.residual_fp8
+    assert PageLayout(cfg, 128, 128, 2).residual_dtype_bytes == 1
+    assert PageLayout(KvcompConfig(), 128, 128, 2).residual_dtype_bytes == 2
+    no_window = KvcompConfig.from_dict({"k_bits": 16, "v_bits": 16,
+                                        "residual_dtype": "fp8_e4m3"})
+    assert not no_window.needs_residual_cache and not no_window.residual_fp8
+    head_map = tmp_path / "map.json"
+    head_map.write_text("{}")
+    with pytest.raises(KvcompConfigError, match="residual_dtype='fp8_e4m3' cannot be combined "
+                                                "with head_map"):
+        KvcompConfig.from_dict({"residual_dtype": "fp8_e4m3", "head_map": str(head_map)})
+
+
+def test_round_to_window_is_e4m3_saturating():
+    """New K/V as the fp8 window holds them: torch's own e4m3 rounding,
+    saturating at +-448 where torch would give NaN; unchanged with "auto"."""
+    import torch
+
+    from vllm_kvcomp.kernels.packing import round_to_window, to_window
+
+    x = torch.tensor([0.1, -3.3, 31.125, 447.0, 500.0, -1e4, 0.0], dtype=torch.bfloat16)
+    cfg = KvcompConfig(residual_dtype="fp8_e4m3")
+    r = round_to_window(x, cfg)
+    assert r.dtype == torch.bfloat16
+    assert r.tolist() == [0.1015625, -3.25, 32.0, 448.0, 448.0, -448.0, 0.0]
+    assert torch.equal(round_to_window(r, cfg), r)
+    assert torch.equal(to_window(r, torch.float8_e4m3fn).to(torch.bfloat16), r)
+    assert round_to_window(x, KvcompConfig()) is x

@@ -401,3 +401,44 @@ def test_startup_check_is_skipped_on_cpu(monkeypatch):
     calls = _corrupting(monkeypatch, lambda kw: True)
     launch = decode_launch.check_decode_launch(SMALL, 32, 64, torch.float32, 4, "cpu")
     assert launch == decode_launch.DECODE_LAUNCH and calls == []
+
+
+# ------------------------------------------------------- fp8 window (residual_dtype)
+
+FP8_CASES = [((4, 4), "channel", 64, 4, torch.bfloat16), ((2, 2), "channel", 128, 8, torch.float16),
+             ((4, 2), "token", 64, 1, torch.float32), ((16, 16), "channel", 64, 2, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("bits,axis,D,rep,dtype", FP8_CASES,
+                         ids=["k4v4-bf16-rep4", "k2v2-d128-fp16-rep8", "k4v2-token-fp32-rep1",
+                              "k16v16-bf16-rep2"])
+def test_fp8_window(bits, axis, D, rep, dtype):
+    """residual_dtype="fp8_e4m3": the window's pages hold e4m3 (the history
+    rounded as the backend rounds new K/V), the kernel reads them back in the
+    model dtype; lengths off the group and block sizes, one or several
+    splits, GQA."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16, residual_tokens=16,
+                       key_axis=axis, residual_dtype="fp8_e4m3")
+    b = DecodeBatch(cfg, [1, 19, 45, 77, 130], D=D, rep=rep, dtype=dtype, seed=41,
+                    pad_residual=True)
+    assert b.residual.dtype == torch.float8_e4m3fn
+    check(b)
+
+
+def test_fp8_window_reads_what_a_model_dtype_window_would():
+    """The fp8 window is read back exactly: reference and kernel give the same
+    bits as with a model-dtype window holding the same (rounded) values."""
+    from vllm_kvcomp.kernels.triton_decode import decode_attention_reference
+
+    fp8 = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=16,
+                       residual_dtype="fp8_e4m3")
+    b = DecodeBatch(fp8, [3, 29, 70], D=64, rep=4, dtype=torch.bfloat16, seed=5)
+    args = list(b.args())
+    auto = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=16)
+    auto_args = list(args)
+    auto_args[4] = b.residual.to(torch.bfloat16)
+    auto_args[8] = PageLayout(auto, b.layout.block_size, 64, 2)
+    auto_args[9] = auto
+    assert torch.equal(decode_attention_reference(*args), decode_attention_reference(*auto_args))
+    out = kvcomp_decode_attention(*args, 70, num_splits=2)
+    assert torch.equal(out, kvcomp_decode_attention(*auto_args, 70, num_splits=2))

@@ -355,6 +355,11 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         n = attn_metadata.num_actual_tokens
         cfg = self.config
         layout = _layout(cfg, attn_metadata.block_size, self.head_size, query.dtype.itemsize)
+        if cfg.residual_fp8:
+            from vllm_kvcomp.kernels.packing import round_to_window
+
+            # every path then reads the values the e4m3 window will hold
+            key, value = round_to_window(key, cfg), round_to_window(value, cfg)
 
         residual_cache = None
         res_meta = None

@@ -18,6 +18,9 @@ KEY_AXES = ("channel", "token")
 VALUE_AXES = ("token",)
 FRESH_PREFILL = ("auto", "flash_attn", "triton")
 PROMPT_ATTENTION = ("auto", "as_stored", "full_precision")
+RESIDUAL_DTYPES = ("auto", "fp8_e4m3")
+# largest finite float8 e4m3 (e4m3fn: no infinities); the window saturates there
+FP8_E4M3_MAX = 448.0
 EVICTION_METHODS = ("streamingllm", "snapkv", "h2o", "a2sf")
 # the settings each method reads (besides "method"); any other is an error
 EVICTION_SETTINGS = {
@@ -255,6 +258,17 @@ class KvcompConfig:
         empty (``residual_tokens`` 0, hits on whole key groups). Its GPU
         path (the new window's residual write after the step's attention) is
         not yet verified on a GPU.
+    residual_dtype: what the window's K and V are stored as. "auto"
+        (default): the model dtype. "fp8_e4m3": float8 e4m3 with scale 1, as
+        vLLM's own fp8 KV cache, saturating at +-448; half the bytes, so a
+        page holds twice the tokens and the window takes half the pages
+        (with ``residual_ring``, k4v4 3.54x and k2v2 5.83x the bf16 capacity
+        at ``max_model_len`` 4096). The layer's new K and V are rounded to
+        e4m3 as they arrive, so the window, the hand-over to the packed pages
+        and a prompt's own tokens all read the same values whatever the
+        chunking. No effect where there is no window. Not combined with
+        ``head_map`` (the streaming heads keep their window in the model
+        dtype). Its GPU kernels are not yet verified on a GPU.
     key_axis: "channel" (KIVI) or "token" (per-token, QServe/KVQuant style).
     value_axis: only "token" (KIVI; per-channel values gain nothing).
     block_size: tokens per packed page; must be a multiple of group_size for
@@ -315,6 +329,7 @@ class KvcompConfig:
     group_size: int = 128
     residual_tokens: int | None = None
     residual_ring: bool = False
+    residual_dtype: str = "auto"
     key_axis: str = "channel"
     value_axis: str = "token"
     block_size: int | None = None
@@ -348,6 +363,11 @@ class KvcompConfig:
     @property
     def needs_residual_cache(self) -> bool:
         return self.residual_tokens > 0 or self.key_token_align > 1
+
+    @property
+    def residual_fp8(self) -> bool:
+        """Whether the window holds float8 e4m3 (``residual_dtype``)."""
+        return self.residual_dtype == "fp8_e4m3" and self.needs_residual_cache
 
     @property
     def residual_window(self) -> int:
@@ -432,6 +452,16 @@ class KvcompConfig:
             raise KvcompConfigError(
                 f"kvcomp value_axis={self.value_axis!r} is not supported; "
                 f"choose one of {VALUE_AXES} (values are quantized per token, as in KIVI)"
+            )
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise KvcompConfigError(
+                f"kvcomp residual_dtype={self.residual_dtype!r} is not supported; "
+                f"choose one of {RESIDUAL_DTYPES}"
+            )
+        if self.residual_dtype != "auto" and self.head_map is not None:
+            raise KvcompConfigError(
+                f"kvcomp residual_dtype={self.residual_dtype!r} cannot be combined with "
+                "head_map: the streaming heads keep their window in the model dtype"
             )
         if self.fresh_prefill not in FRESH_PREFILL:
             raise KvcompConfigError(

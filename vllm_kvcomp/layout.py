@@ -43,7 +43,8 @@ k/v    key axis  bytes    vs bf16 (512)
 ====== ========= ======== ============
 
 The full-precision residual window (``residual_tokens``, KIVI's R) lives in a
-second KV cache group (see ``spec.KvcompResidualSpec``) whose pages are padded
+second KV cache group (see ``spec.KvcompResidualSpec``), in the model dtype or
+float8 e4m3 (``residual_dtype``), whose pages are padded
 to the packed page size so both groups share vLLM's block pool. That cost is
 part of the per-request budget vLLM uses when it logs its KV capacity.
 """
@@ -148,6 +149,11 @@ class PageLayout:
         return num_kv_heads * self.head_page_bytes
 
     @property
+    def residual_dtype_bytes(self) -> int:
+        """Bytes of one channel of the full-precision window (``residual_dtype``)."""
+        return 1 if self.config.residual_fp8 else self.model_dtype_bytes
+
+    @property
     def bytes_per_token_head(self) -> float:
         return self.head_page_bytes / self.block_size
 
@@ -161,7 +167,7 @@ def residual_block_size(layout: PageLayout) -> int:
     fits in one packed page, so both groups share one pool with little
     padding, and the packed block size stays a multiple of it (prefix-cache
     hashing needs that)."""
-    fp_bytes_per_token = 2 * layout.head_size * layout.model_dtype_bytes
+    fp_bytes_per_token = 2 * layout.head_size * layout.residual_dtype_bytes
     cap = layout.head_page_bytes // fp_bytes_per_token
     bs = 1
     while bs * 2 <= cap and layout.block_size % (bs * 2) == 0:

@@ -17,6 +17,7 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm_kvcomp.backend import KvcompResidualBackend
 from vllm_kvcomp.names import RESIDUAL_SUFFIX
 from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.kernels.packing import residual_torch_dtype
 from vllm_kvcomp.layout import PageLayout, residual_block_size
 from vllm_kvcomp.spec import (
     KvcompEvictionSpec,
@@ -45,7 +46,7 @@ def residual_spec(packed: KvcompSpec | KvcompEvictionSpec, concurrent_steps: int
         block_size=residual_block_size(layout),
         num_kv_heads=packed.num_kv_heads,
         head_size=packed.head_size,
-        dtype=packed.model_dtype,
+        dtype=residual_torch_dtype(cfg, packed.model_dtype),
         sliding_window=cfg.residual_tokens + cfg.key_token_align,
         residual_tokens=cfg.residual_tokens,
         token_align=cfg.key_token_align,
