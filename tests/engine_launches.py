@@ -85,7 +85,8 @@ ENGINE_SETTINGS = [
 # (KVCOMP_QUEST_GPU=1), the value being its budget_tokens; a head map's split
 # layer (KVCOMP_HEAD_SPLIT_GPU=1), the value being the share of KV heads that
 # stream (the rest through the packed kernels), at the default sinks and window;
-# the window held as a ring (residual_ring: its residual write after the attention).
+# the window held as a ring (residual_ring: its residual write after the attention);
+# the window in float8 e4m3 (residual_dtype), by position and as a ring.
 OPT_IN_SETTINGS = [
     setting(quest=2048),
     setting(quest=512, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
@@ -93,6 +94,9 @@ OPT_IN_SETTINGS = [
     setting(head_split=0.5, head_size=64, dtype="fp16", rep=8),
     setting(residual_ring=True),
     setting(residual_ring=True, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
+    setting(residual_dtype="fp8_e4m3", residual_tokens=128),
+    setting(residual_ring=True, residual_dtype="fp8_e4m3", k_bits=2, v_bits=2, head_size=64,
+            dtype="fp16", rep=8),
 ]
 
 
@@ -155,7 +159,7 @@ def recorded_launches(*modules, on_launch=None):
 
 
 def _residual_view(spec, num_blocks: int) -> torch.Tensor:
-    """The residual group's tensor as vLLM hands it over: a model-dtype view of
+    """The residual group's tensor as vLLM hands it over: a view in its dtype of
     pages padded to the packed page size."""
     es = spec.dtype.itemsize
     page = spec.page_size_bytes // es
@@ -266,7 +270,8 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
 
     mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream)
     # an opt-in setting's launches are all off the default path
-    opt_in_path = quest is not None or head_split is not None or cfg.residual_ring
+    opt_in_path = (quest is not None or head_split is not None or cfg.residual_ring
+                   or cfg.residual_fp8)
     calls, default = [], [not opt_in_path]
 
     def seen(jit, args, kw):

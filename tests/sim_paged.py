@@ -15,6 +15,7 @@ import torch
 
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels.attention_ref import BatchView
+from vllm_kvcomp.kernels.packing import residual_torch_dtype
 from vllm_kvcomp.layout import PageLayout, residual_block_size
 
 
@@ -40,7 +41,8 @@ class SimPagedCache:
         self.ring_pages = (-(-cfg.residual_window // self.bs_r) if cfg.residual_ring
                            else max_blocks_r)
         self.residual = torch.zeros(num_reqs * max_blocks_r + 1, 2, num_kv_heads, self.bs_r,
-                                    head_size, dtype=dtype) if cfg.needs_residual_cache else None
+                                    head_size, dtype=residual_torch_dtype(cfg, dtype)
+                                    ) if cfg.needs_residual_cache else None
 
     def batch(self, starts: list[int], ends: list[int]) -> BatchView:
         """Metadata of one step where request i goes from ``starts[i]`` to

@@ -29,6 +29,7 @@ from vllm_kvcomp.kernels.attention_ref import (  # noqa: E402
     merge_partials,
 )
 from vllm_kvcomp.kernels import attention_ref  # noqa: E402
+from vllm_kvcomp.kernels.packing import round_to_window  # noqa: E402
 from vllm_kvcomp.kernels.triton_prefill import (  # noqa: E402
     kvcomp_prefill_attention,
     prefill_attention_reference,
@@ -294,19 +295,22 @@ def test_prefill_detects_wrong_nibble_order():
     assert (out - ref).abs().max() > 20 * TOL[torch.float32]
 
 
+@pytest.mark.parametrize("residual_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("as_stored", [False, True])
-def test_triton_steps_reproduce_reference_steps(as_stored):
+def test_triton_steps_reproduce_reference_steps(as_stored, residual_dtype):
     """Several batch steps (chunked prefill, then decodes crossing group
     boundaries) run with the Triton prefill + store kernels give the outputs
     and caches of the reference step (the backend's order: store, then
-    attention)."""
-    cfg = KvcompConfig(k_bits=4, v_bits=2, group_size=16, residual_tokens=8)
+    attention); with an fp8 window too (K/V rounded as the backend rounds
+    them)."""
+    cfg = KvcompConfig(k_bits=4, v_bits=2, group_size=16, residual_tokens=8,
+                       residual_dtype=residual_dtype)
     H, rep, D = 2, 4, 64
     chunks = [[37, 30, 1, 1, 1, 1], [5, 20, 1, 40, 1, 1]]
     total = [sum(c) for c in chunks]
     g = torch.Generator().manual_seed(41)
-    K = [torch.randn(T, H, D, generator=g) for T in total]
-    V = [torch.randn(T, H, D, generator=g) for T in total]
+    K = [round_to_window(torch.randn(T, H, D, generator=g), cfg) for T in total]
+    V = [round_to_window(torch.randn(T, H, D, generator=g), cfg) for T in total]
     Qh = [2 * torch.randn(T, H * rep, D, generator=g) for T in total]
     sims = [SimPagedCache(cfg, 32, H, D, 2, max(total), seed=43) for _ in range(2)]
     done = [0, 0]
@@ -383,3 +387,23 @@ def test_prefill_value_groups_apart_from_key_groups(bits, group, vgroup, D):
                        value_group_size=vgroup)
     step = Step(cfg, mixed_plans(cfg), H=2, D=D, rep=2, seed=group + vgroup, block_size=64)
     check(step)
+
+
+@pytest.mark.parametrize("bits, key_axis, D, rep, dtype, as_stored", [
+    ((4, 4), "channel", 64, 4, torch.float32, False),
+    ((2, 2), "channel", 128, 8, torch.bfloat16, True),
+    ((4, 2), "token", 64, 1, torch.float16, True),
+    ((8, 8), "channel", 64, 3, torch.float32, True)],
+    ids=["k4v4-fp32-rep4", "k2v2-d128-bf16-rep8-as-stored", "k4v2-token-fp16-rep1-as-stored",
+         "k8v8-fp32-rep3-as-stored"])
+def test_prefill_fp8_window(bits, key_axis, D, rep, dtype, as_stored):
+    """residual_dtype="fp8_e4m3": the kernel reads the e4m3 window back in
+    the model dtype, as the reference does, on mixed batches (packed prefix,
+    window and fresh tokens; contexts off the group and block sizes)."""
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16, residual_tokens=24,
+                       key_axis=key_axis, residual_dtype="fp8_e4m3")
+    step = Step(cfg, mixed_plans(cfg), H=2, D=D, rep=rep, dtype=dtype, seed=D + rep,
+                pad_residual=True)
+    assert step.sim.residual.dtype == torch.float8_e4m3fn
+    assert any(s > cfg.quantized_prefix_len(s) for s, _ in step.plans)
+    check(step, as_stored=as_stored)

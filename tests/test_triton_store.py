@@ -71,7 +71,7 @@ class Step:
             # packed page size: keep that shape of tensor here.
             nb = sim.residual.shape[0]
             inner = sim.residual[0].numel()
-            buf = torch.zeros(nb, inner + 40, dtype=dtype)
+            buf = torch.zeros(nb, inner + 40, dtype=sim.residual.dtype)
             view = buf[:, :inner].view(sim.residual.shape)
             view.copy_(sim.residual)
             sim.residual = view
@@ -81,6 +81,9 @@ class Step:
         self.V = [torch.randn(s + q, H, D, generator=g).to(dtype) for s, q in plans]
         for k in self.K:  # a few large channels, as real keys have (KIVI)
             k[..., :3] *= 6
+        # as the backend hands them over (rounded to an fp8 window's values)
+        self.K = [packing.round_to_window(k, cfg) for k in self.K]
+        self.V = [packing.round_to_window(v, cfg) for v in self.V]
         self.Qh = [(2 * torch.randn(s + q, H * rep, D, generator=g)).to(dtype) for s, q in plans]
         starts = [s for s, _ in plans]
         ends = [s + q for s, q in plans]
@@ -323,5 +326,40 @@ def test_store_ring_window_writes_what_the_reference_step_writes(bits, residual)
     kvcomp_store(*args, None, *tail)
     kvcomp_store(*args, ring_window_slots(d["residual_slot_mapping"], d["query_start_loc"],
                                           d["seq_lens"], cfg), *tail, handover=False)
+    compare_packed(packed, d["packed"].cpu(), step.layout)
+    assert torch.equal(res[1:], d["residual"].cpu()[1:])
+
+
+@pytest.mark.parametrize("bits, key_axis, ring, D, dtype", [
+    ((4, 4), "channel", False, 64, torch.float32), ((2, 2), "channel", True, 128, torch.bfloat16),
+    ((4, 2), "token", False, 64, torch.float16), ((16, 16), "channel", True, 64, torch.bfloat16)],
+    ids=["k4v4-fp32", "k2v2-ring-bf16", "k4v2-token-fp16", "k16v16-ring-bf16"])
+def test_store_fp8_window(bits, key_axis, ring, D, dtype):
+    """residual_dtype="fp8_e4m3": the kernel's hand-over reads the e4m3
+    window back and its residual write stores e4m3, byte for byte what the
+    reference step writes (by position, or as a ring: hand-over, then the new
+    window's tokens)."""
+    from vllm_kvcomp.kernels.triton_store import ring_window_slots
+
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16, residual_tokens=24,
+                       key_axis=key_axis, residual_ring=ring, residual_dtype="fp8_e4m3")
+    step = Step(cfg, mixed_plans(cfg), H=2, D=D, dtype=dtype, seed=sum(bits) + D,
+                pad_residual=True)
+    assert step.sim.residual.dtype == torch.float8_e4m3fn
+    packed, res = step.sim.packed.clone(), step.sim.residual.clone()
+    kvcomp_step_reference(step.query, step.key, step.value, torch.empty_like(step.query),
+                          packed, res, step.layout, cfg, step.scale, step.batch)
+    d = step.dev()
+    args = (d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
+            d["residual_block_table"])
+    tail = (d["query_start_loc"], d["seq_lens"], step.layout, cfg, step.bs_r,
+            step.max_query_len)
+    if ring:
+        kvcomp_store(*args, None, *tail)
+        kvcomp_store(*args, ring_window_slots(d["residual_slot_mapping"], d["query_start_loc"],
+                                              d["seq_lens"], cfg), *tail, handover=False)
+    else:
+        kvcomp_store(*args, d["residual_slot_mapping"], *tail)
+    assert not torch.equal(res[1:], step.sim.residual[1:])  # the step wrote its window
     compare_packed(packed, d["packed"].cpu(), step.layout)
     assert torch.equal(res[1:], d["residual"].cpu()[1:])
