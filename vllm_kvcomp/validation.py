@@ -244,6 +244,20 @@ def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
             "have not been verified on a GPU yet; remove quest from the kvcomp settings, or "
             f"set {QUEST_GPU_ENV}=1 to serve with them unverified")
 
+def check_window_dtype_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> str | None:
+    """The fp8 window's Triton reads and writes (``residual_dtype``) have
+    passed their interpreter tests and an sm_90 build, never a GPU run: a GPU
+    start-up says so (returned, and logged)."""
+    if not cfg.residual_fp8 or _on_cpu_path(on_cpu):
+        return None
+    from vllm.logger import init_logger
+
+    msg = (f"kvcomp residual_dtype={cfg.residual_dtype!r} on the GPU path: its Triton launches "
+           "are checked under the interpreter and built for sm_90, not yet verified on a GPU")
+    init_logger("vllm.kvcomp").warning(msg)
+    return msg
+
+
 
 def request_prompt_lengths(cfg: KvcompConfig, model_config) -> None:
     """SnapKV selects in the step that completes a prompt, and H2O / A2SF
@@ -343,6 +357,7 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
             raise KvcompConfigError(
                 f"--block-size {cc.block_size} conflicts with kvcomp block_size={cfg.block_size}"
             )
+    check_window_dtype_platform(cfg)
         cc.block_size = cfg.block_size
     elif cc.block_size % align:
         if cc.user_specified_block_size:
