@@ -192,7 +192,7 @@ def request_attention(
     block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
     start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
     window: tuple[torch.Tensor, torch.Tensor] | None = None, quest=None,
-    prompt_len: int | None = None, probs_out: list | None = None,
+    prompt_len: int | None = None, probs_out: list | None = None, from_row: int = 0,
 ) -> torch.Tensor:
     """One request's step attention (module docstring, 2.) over the cache as it
     is after the step's hand-over: packed pages hold [0, Q(n)). ``window``: the
@@ -201,7 +201,9 @@ def request_attention(
     per KV head, only the packed pages the policy selects (prompts attend
     every page). ``prompt_len``: the request's prompt length (SnapKV); a step
     that starts inside the prompt attends the whole cache (``snapkv_step``
-    splits the step that completes it). ``probs_out``: see ``attend_split``."""
+    splits the step that completes it). ``probs_out``: see ``attend_split``.
+    ``from_row``: only the queries from that row on attend (over what the
+    whole step reads), returning their rows."""
     Tq = q.shape[0]
     q_old = cfg.quantized_prefix_len(start)
     bounds = torch.tensor([cfg.quantized_prefix_len(start + t) if as_stored else q_old
@@ -247,8 +249,11 @@ def request_attention(
         kr, vr = window or gather_residual(residual_cache, residual_row, residual_block_size,
                                            q_old, start)
         k_full, v_full = torch.cat([kr.to(k_new.dtype), k_new]), torch.cat([vr.to(v_new.dtype), v_new])
-    return attend_split(q, start, k_packed, v_packed, k_full, v_full, q_old, bounds, scale,
-                        packed_pos, dropped, head_mask, probs_out)
+    if from_row:
+        q, bounds = q[from_row:], bounds[from_row:]
+        dropped = dropped[from_row:] if dropped is not None else None
+    return attend_split(q, start + from_row, k_packed, v_packed, k_full, v_full, q_old, bounds,
+                        scale, packed_pos, dropped, head_mask, probs_out)
 
 
 # Observation-window scores of prompts whose window a chunk boundary splits,
@@ -270,25 +275,68 @@ def snapkv_step(
     2.), after its hand-over. The window's attention is summed over its
     queries chunk by chunk, so a window split by chunked prefill scores as a
     whole; the chunk that completes the prompt selects and compacts."""
+    step = (q, k_new, v_new, packed_cache, residual_cache, layout, cfg, block_row, residual_row,
+            residual_block_size, start, scale, model_dtype, as_stored, window, prompt_len)
+    m, w0 = _snapkv_rows(cfg, layout, start, q.shape[0], prompt_len)
+    probs = []
+    out = request_attention(q[:m], k_new[:m], v_new[:m], *step[3:-1], prompt_len=prompt_len,
+                            probs_out=probs)
+    p, pos = probs[0]  # [H, rep, m, K], [K]
+    rest = snapkv_settle((p[:, :, w0:], pos), *step)
+    return out if rest is None else torch.cat([out, rest])
+
+
+def _snapkv_rows(cfg: KvcompConfig, layout: PageLayout, start: int, Tq: int,
+                 prompt_len: int) -> tuple[int, int]:
+    """(the step's prompt queries, the first of them in the observation window)."""
+    window = cfg.eviction.policy(layout.block_size).window
+    return min(prompt_len, start + Tq) - start, max(prompt_len - window, start) - start
+
+
+def snapkv_window_probs(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
+    block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
+    start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
+    window: tuple[torch.Tensor, torch.Tensor] | None, prompt_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``snapkv_step``'s softmax ``[H, rep, w, K]`` of the step's
+    observation-window queries alone, and the keys' positions ``[K]``: what
+    a path whose attention kernel keeps no probabilities scores with."""
+    m, w0 = _snapkv_rows(cfg, layout, start, q.shape[0], prompt_len)
+    probs = []
+    request_attention(q[:m], k_new[:m], v_new[:m], packed_cache, residual_cache, layout, cfg,
+                      block_row, residual_row, residual_block_size, start, scale, model_dtype,
+                      as_stored, window, prompt_len=prompt_len, probs_out=probs, from_row=w0)
+    return probs[0]
+
+
+def snapkv_settle(
+    window_probs: tuple[torch.Tensor, torch.Tensor],
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
+    residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
+    block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
+    start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
+    window: tuple[torch.Tensor, torch.Tensor] | None, prompt_len: int,
+) -> torch.Tensor | None:
+    """The window's attention ``window_probs`` (``snapkv_window_probs``)
+    added to the sums of the prompt's earlier chunks; in the chunk that
+    completes the prompt, the selection and its compaction. Returns the
+    attention of the step's queries past the prompt (None: there are none)."""
     from vllm_kvcomp.kernels.compaction import compact_kept
 
     policy = cfg.eviction.policy(layout.block_size)
     P = prompt_len
     n = start + q.shape[0]
     kept, end = policy.plan(P, cfg.quantized_prefix_len(P))
-    m = min(P, n) - start
-    probs = []
-    out = request_attention(q[:m], k_new[:m], v_new[:m], packed_cache, residual_cache, layout,
-                            cfg, block_row, residual_row, residual_block_size, start, scale,
-                            model_dtype, as_stored, window, prompt_len=P, probs_out=probs)
-    p, pos = probs[0]  # [H, rep, m, K], [K]
+    m, _ = _snapkv_rows(cfg, layout, start, q.shape[0], P)
+    p, pos = window_probs
     H, rep = p.shape[:2]
-    w0 = max(P - policy.window, start) - start
     # a position read both packed and in full precision is one or the other
     # for each query, so summing over copies gives each query's probability
     L = P - policy.window
     cols = pos < L
-    obs = p[:, :, w0:, cols].sum(dim=2).reshape(H * rep, -1)
+    obs = p[:, :, :, cols].sum(dim=2).reshape(H * rep, -1)
     sums = torch.zeros(H * rep, L, dtype=obs.dtype, device=obs.device)
     sums.index_add_(1, pos[cols].to(obs.device), obs)
     key = (packed_cache.data_ptr(), int(block_row[0]), P)
@@ -300,11 +348,11 @@ def snapkv_step(
             while len(_WINDOW_SCORES) >= _WINDOW_SCORES_MAX:
                 _WINDOW_SCORES.pop(next(iter(_WINDOW_SCORES)))
             _WINDOW_SCORES[key] = (n, sums)
-        return out
+        return None
     kept_pos = policy.select(policy.scores(sums[:, None], H)[:, :end], kept)
     compact_kept(packed_cache, layout, block_row, kept_pos, model_dtype)
     if m == q.shape[0]:
-        return out
+        return None
     # a recomputed request's generated tokens: they attend the kept view, as
     # the decode steps that first produced them did
     q_old, q_p = cfg.quantized_prefix_len(start), cfg.quantized_prefix_len(P)
@@ -312,10 +360,9 @@ def snapkv_step(
     parts.append((k_new[:m], v_new[:m]))
     k_full = torch.cat([x[0].to(k_new.dtype) for x in parts])[q_p - q_old:]
     v_full = torch.cat([x[1].to(v_new.dtype) for x in parts])[q_p - q_old:]
-    rest = request_attention(q[m:], k_new[m:], v_new[m:], packed_cache, residual_cache, layout,
+    return request_attention(q[m:], k_new[m:], v_new[m:], packed_cache, residual_cache, layout,
                              cfg, block_row, residual_row, residual_block_size, P, scale,
                              model_dtype, as_stored, (k_full, v_full), prompt_len=P)
-    return torch.cat([out, rest])
 
 
 def quest_selection(q: torch.Tensor, packed_cache: torch.Tensor, layout: PageLayout,

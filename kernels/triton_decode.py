@@ -97,7 +97,7 @@ def _kvcomp_decode_kernel(
     cache_ptr, stride_cb, stride_ch,
     res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt,
     bt_ptr, stride_bt, rbt_ptr, stride_rbt,
-    seq_lens_ptr, qk_scale,
+    seq_lens_ptr, qk_scale, hole_ptr,
     D: tl.constexpr, BS: tl.constexpr, BS_R: tl.constexpr,
     R: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
@@ -110,6 +110,7 @@ def _kvcomp_decode_kernel(
     REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, WT: tl.constexpr,
+    HOLE: tl.constexpr = False,
 ):
     """Decode attention of one (request, KV head, split).
 
@@ -281,10 +282,21 @@ def _kvcomp_decode_kernel(
     wp = cache_ptr.to(tl.pointer_type(tl.int32))
 
     # 1. this split's share of the packed tiles of [0, Q(start))
-    n_tiles = tl.cdiv(q_old, BLOCK_N)
+    q_end = q_old
+    if HOLE:
+        # evicted [ev_lo, ev_hi) (kernels/eviction_gpu.py): its pages may be
+        # other requests' by now, so the tiles run over the stored positions,
+        # [0, ev_lo) then [ev_hi, Q(start)), and the tile holding ev_lo masks
+        # its stale rest
+        ev_lo = tl.load(hole_ptr + i * 2)
+        ev_hi = tl.load(hole_ptr + i * 2 + 1)
+        lo_al = tl.cdiv(ev_lo, BLOCK_N) * BLOCK_N
+        gap = tl.maximum(ev_hi - lo_al, 0)
+        q_end = q_old - gap
+    n_tiles = tl.cdiv(q_end, BLOCK_N)
     per_split = tl.cdiv(n_tiles, NUM_SPLITS)
     lo = sp * per_split * BLOCK_N
-    hi = tl.minimum(lo + per_split * BLOCK_N, q_old)
+    hi = tl.minimum(lo + per_split * BLOCK_N, q_end)
     nn = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + i64 * stride_bt
     if WT > 1:
@@ -309,8 +321,13 @@ def _kvcomp_decode_kernel(
         b5 = b0
         b6 = b0
         b7 = b0
-        for n0 in range(lo, hi, BLOCK_N):
+        for m0 in range(lo, hi, BLOCK_N):
+            n0 = m0
+            if HOLE:
+                n0 = tl.where(m0 >= lo_al, m0 + gap, m0)
             valid3 = n0 + nn3 < q_old
+            if HOLE:
+                valid3 = valid3 & ((n0 + nn3 < ev_lo) | (n0 + nn3 >= ev_hi))
             blk = tl.load(bt_row + n0 // BS).to(tl.int64)
             page_off = blk * stride_cb + h * stride_ch
             s0 = n0 % BS
@@ -404,8 +421,13 @@ def _kvcomp_decode_kernel(
         acc6 = tl.trans(tl.sum(b6 * w3, axis=0))
         acc7 = tl.trans(tl.sum(b7 * w3, axis=0))
     else:
-        for n0 in range(lo, hi, BLOCK_N):
+        for m0 in range(lo, hi, BLOCK_N):
+            n0 = m0
+            if HOLE:
+                n0 = tl.where(m0 >= lo_al, m0 + gap, m0)
             valid = n0 + nn < q_old
+            if HOLE:
+                valid = valid & ((n0 + nn < ev_lo) | (n0 + nn >= ev_hi))
             blk = tl.load(bt_row + n0 // BS).to(tl.int64)
             page_off = blk * stride_cb + h * stride_ch
             s0 = n0 % BS
@@ -626,6 +648,7 @@ def kvcomp_decode_attention(
     elem_bits: int | None = None,
     warp_tiles: int | None = None,
     max_registers: int | None = None,
+    evicted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per request; returns ``out``
     [B, Hq, D] in the query dtype (see the module docstring).
@@ -638,6 +661,8 @@ def kvcomp_decode_attention(
     keywords are tuning knobs (``code_cvt``: see ``code_conversion``;
     ``warp_tiles``: see ``decode_warp_tiles``; ``max_registers``: Triton's
     ``maxnreg``, a cap that trades spills for resident programs).
+    ``evicted``: int32 ``[B, 2]`` packed positions ``[lo, hi)`` each request
+    does not read (``eviction_gpu.evicted_ranges``; None: all are read).
     """
     assert layout.config == cfg
     B, Hq, H, D = check_decode_inputs(query, key_new, value_new, packed_cache, layout)
@@ -714,12 +739,13 @@ def kvcomp_decode_attention(
         packed_cache, packed_cache.stride(0), packed_cache.stride(1),
         res, *rs,
         block_table, block_table.stride(0), rbt, rbt.stride(0),
-        seq_lens, float(scale) * math.log2(math.e),
+        seq_lens, float(scale) * math.log2(math.e), evicted,
         BS_R=bs_r,
         R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
         REP=rep, REP_P=rep_p, BLOCK_N=bn, BLOCK_R=br, SPLIT=num_splits > 1,
         HAS_RESIDUAL=residual_cache is not None, IEEE=ieee, WT=wt,
         K_SPLIT_FOLD=fold == "split", K_FP16_FOLD=fp16_keys,
+        **({"HOLE": True} if evicted is not None else {}),
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": max_registers} if max_registers else {}),
         **consts,

@@ -182,7 +182,7 @@ def _kvcomp_prefill_kernel(
     res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt,
     bt_ptr, stride_bt, rbt_ptr, stride_rbt,
     qsl_ptr, seq_lens_ptr, qk_scale,
-    lse_ptr, stride_lh, out_row_base,
+    lse_ptr, stride_lh, out_row_base, hole_ptr,
     D: tl.constexpr, BS: tl.constexpr, BS_R: tl.constexpr,
     R: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
@@ -193,6 +193,7 @@ def _kvcomp_prefill_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
     FRESH: tl.constexpr, WRITE_LSE: tl.constexpr, AS_STORED: tl.constexpr = False,
+    HOLE: tl.constexpr = False, HOLE_RECENT: tl.constexpr = 0,
 ):
     i = tl.program_id(0)
     tile = tl.program_id(1)
@@ -241,7 +242,28 @@ def _kvcomp_prefill_kernel(
     # 1. packed prefix [0, Q(start)) (AS_STORED: [0, Q(last query)), each row
     # below its own bound): tiles of BLOCK_N slots of one page
     bt_row = bt_ptr + i.to(tl.int64) * stride_bt
-    for n0 in range(0, q_hi, BLOCK_N):
+    q_end = q_hi
+    if HOLE:
+        # evicted [ev_lo, ev_hi) of the request's first query
+        # (kernels/eviction_gpu.py): the tiles run over the stored positions,
+        # [0, ev_lo) then [ev_hi, ...), the tile holding ev_lo masks its stale
+        # rest; under StreamingLLM (HOLE_RECENT) each row's own range ends
+        # where its recent window does
+        ev_lo = tl.load(hole_ptr + i * 2)
+        ev_hi = tl.load(hole_ptr + i * 2 + 1)
+        lo_al = tl.cdiv(ev_lo, BLOCK_N) * BLOCK_N
+        gap = tl.maximum(ev_hi - lo_al, 0)
+        q_end = q_hi - gap
+        if HOLE_RECENT > 0:
+            row_bound = q_old
+            if AS_STORED:
+                row_bound = bound
+            row_hi = tl.maximum(tl.minimum(start + tq + 1 - HOLE_RECENT, row_bound), 0)
+            row_hi = tl.maximum(row_hi // BS * BS, ev_lo)
+    for m0 in range(0, q_end, BLOCK_N):
+        n0 = m0
+        if HOLE:
+            n0 = tl.where(m0 >= lo_al, m0 + gap, m0)
         valid = n0 + nn < q_hi
         blk = tl.load(bt_row + n0 // BS).to(tl.int64)
         page_off = blk * stride_cb + h * stride_ch
@@ -255,6 +277,12 @@ def _kvcomp_prefill_kernel(
         seen = valid[None, :]
         if AS_STORED:
             seen = seen & ((n0 + nn)[None, :] < bound[:, None])
+        if HOLE:
+            kpos = (n0 + nn)[None, :]
+            if HOLE_RECENT > 0:
+                seen = seen & ((kpos < ev_lo) | (kpos >= row_hi[:, None]))
+            else:
+                seen = seen & ((kpos < ev_lo) | (kpos >= ev_hi))
         m_i, l_i, acc = _attend_block(q, k, v, seen, m_i, l_i, acc, qk_scale, IEEE, True)
 
     # 2. residual [Q(start), start) (AS_STORED: from the tile's first bound,
@@ -408,6 +436,8 @@ def kvcomp_prefill_attention(
     out_row_base: int = 0,
     allow_smaller_launch: bool = True,
     as_stored: bool = False,
+    evicted: torch.Tensor | None = None,
+    evicted_recent: int = 0,
 ) -> torch.Tensor:
     """Attention (1) for all requests of a batch; writes ``out`` [T, Hq, D].
 
@@ -432,6 +462,10 @@ def kvcomp_prefill_attention(
     pages, which must already hold the step's hand-over (store first), and
     the rest in full precision: what a decode step there reads
     (``KvcompConfig.prompt_attention``).
+    ``evicted``: int32 ``[B, 2]`` packed positions ``[lo, hi)`` each
+    request's first query does not read (``eviction_gpu.evicted_ranges``);
+    ``evicted_recent`` > 0: a later query's range ends where its last
+    ``evicted_recent`` tokens begin, rounded down to a page (StreamingLLM).
     """
     assert layout.config == cfg
     num_reqs = seq_lens.shape[0]
@@ -484,6 +518,7 @@ def kvcomp_prefill_attention(
         block_table, block_table.stride(0), rbt, rbt.stride(0),
         query_start_loc, seq_lens, float(scale) * math.log2(math.e),
         lse if lse is not None else out, lse.stride(0) if lse is not None else 0, out_row_base,
+        evicted,
     )
     consts = dict(
         BS_R=bs_r,
@@ -495,6 +530,10 @@ def kvcomp_prefill_attention(
     if as_stored:
         assert include_fresh, "as-stored prompts attend their own tokens in the same pass"
         consts["AS_STORED"] = True
+    if evicted is not None:
+        consts["HOLE"] = True
+        if evicted_recent:
+            consts["HOLE_RECENT"] = evicted_recent
     asked = (block_rows, block_n, num_warps, num_stages)
     fit_key = (asked, D, query.dtype, layout.config.k_bits, layout.config.v_bits, query.device)
     error = None
@@ -524,7 +563,8 @@ def prefill_with_flash_attn(
     query, key, value, out, packed_cache, residual_cache, block_table, residual_block_table,
     query_start_loc, seq_lens, layout: PageLayout, cfg: KvcompConfig, scale: float,
     residual_block_size: int, max_query_len: int, row_base: int, num_tokens: int,
-    flash_attn_varlen_func, fa_version, merge_attn_states,
+    flash_attn_varlen_func, fa_version, merge_attn_states, evicted: torch.Tensor | None = None,
+    evicted_recent: int = 0,
 ) -> torch.Tensor:
     """``kvcomp_prefill_attention`` for batch rows [row_base, num_tokens) in
     two parts merged through their LSEs: the fresh tokens (causal, the
@@ -545,7 +585,8 @@ def prefill_with_flash_attn(
     kvcomp_prefill_attention(
         query, key, value, packed_cache, residual_cache, block_table, residual_block_table,
         query_start_loc, seq_lens, layout, cfg, scale, residual_block_size, max_query_len,
-        ctx_out, include_fresh=False, lse=ctx_lse, out_row_base=row_base,
+        ctx_out, include_fresh=False, lse=ctx_lse, out_row_base=row_base, evicted=evicted,
+        evicted_recent=evicted_recent,
     )
     merge_attn_states(out[row_base:num_tokens], ctx_out, ctx_lse, fresh_out, fresh_lse)
     return out

@@ -79,6 +79,8 @@ class KvcompMetadata:
     seq_lens_cpu: list[int] | None = None
     # prompt lengths (CPU path, SnapKV / H2O / A2SF only: validation asks vLLM for them)
     prompt_lens_cpu: list[int] | None = None
+    # the same on the device (GPU path, SnapKV / H2O / A2SF)
+    prompt_lens: torch.Tensor | None = None
 
 
 class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
@@ -96,6 +98,11 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         self._init_reorder_batch_threshold(1)
         self.on_cpu = torch.device(device).type == "cpu"
         self.max_model_len = vllm_config.model_config.max_model_len
+        from vllm_kvcomp.config import config_from_vllm_config
+        from vllm_kvcomp.kernels.eviction_gpu import selects_on_host
+
+        # the GPU path's SnapKV / H2O / A2SF select host-side: they get the host lists too
+        self.host_lists = self.on_cpu or selects_on_host(config_from_vllm_config(vllm_config))
         from vllm_kvcomp.spec import KvcompSpec
 
         if not self.on_cpu and isinstance(kv_cache_spec, KvcompSpec):
@@ -113,7 +120,10 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
+        from vllm_kvcomp.config import config_from_vllm_config
+        from vllm_kvcomp.kernels.eviction_gpu import selects_on_host
+
+        if current_platform.is_cpu() or selects_on_host(config_from_vllm_config(vllm_config)):
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 
@@ -137,11 +147,13 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
             max_seq_len=cam.max_seq_len,
             num_decodes=split_decodes_and_prefills(cam, decode_threshold=1)[0],
         )
-        if self.on_cpu:
+        if self.host_lists:
             md.query_start_loc_cpu = cam.query_start_loc_cpu[: num_reqs + 1].tolist()
             md.seq_lens_cpu = cam.seq_lens_cpu[:num_reqs].tolist()
             if cam.rswa_prefix_lens is not None:
                 md.prompt_lens_cpu = cam.rswa_prefix_lens[:num_reqs].tolist()
+                md.prompt_lens = cam.rswa_prefix_lens[:num_reqs].to(
+                    cam.seq_lens.device, non_blocking=True)
         return md
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata):
@@ -460,7 +472,6 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
             self._forward_triton_ring(query, key, value, output, packed_cache, residual_cache,
                                       md, res_md, layout, quest)
             return
-        from vllm_kvcomp.kernels.triton_prefill import kvcomp_prefill_attention
         from vllm_kvcomp.kernels.triton_store import kvcomp_store
 
         cfg = self.config
@@ -479,6 +490,11 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # A decode-only batch (the CUDA-graph case) takes all num_reqs rows,
         # padding included; a mixed one its leading decode requests.
         nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
+        ev = None
+        if cfg.eviction is not None:
+            from vllm_kvcomp.kernels import eviction_gpu
+
+            ev = eviction_gpu.step_ranges(cfg, layout.block_size, md)
         if nd > 0 and self._decode_launch is None:
             from vllm_kvcomp.kernels.decode_launch import check_decode_launch
 
@@ -502,10 +518,22 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
                 q[:nd], key[:nd], value[:nd], packed_cache, residual_cache,
                 md.block_table[:nd], res_table[:nd] if res_table is not None else None,
                 md.seq_lens[:nd], layout, cfg, self.scale, bs_r, md.max_seq_len, out=out[:nd],
-                **self._decode_launch,
+                **self._decode_launch, **({"evicted": ev[0][:nd]} if ev else {}),
             )
-        if nd == md.num_reqs:
-            return
+        if nd < md.num_reqs:
+            self._prefill_triton(q, key, value, out, packed_cache, residual_cache, md, layout,
+                                 res_table, bs_r, nd, ev)
+        if ev is not None:
+            eviction_gpu.after_attention(q, key, value, out, packed_cache, residual_cache, layout,
+                                         cfg, self.scale, md, res_table, bs_r)
+
+    def _prefill_triton(self, q, key, value, out, packed_cache, residual_cache,
+                        md: KvcompMetadata, layout, res_table, bs_r: int, nd: int,
+                        ev: tuple | None) -> None:
+        """The prefill requests ``[nd, num_reqs)`` of ``_forward_triton``'s
+        batch (``ev``: ``eviction_gpu.step_ranges``)."""
+        cfg = self.config
+        evicted = {"evicted": ev[0][nd:], "evicted_recent": ev[1]} if ev else {}
         if self._flash_attn is not None:
             from vllm_kvcomp.kernels.triton_prefill import prefill_with_flash_attn
 
@@ -513,16 +541,18 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
                 q, key, value, out, packed_cache, residual_cache, md.block_table[nd:],
                 res_table[nd:] if res_table is not None else None, md.query_start_loc[nd:],
                 md.seq_lens[nd:], layout, cfg, self.scale, bs_r, md.max_query_len, nd,
-                md.num_actual_tokens, *self._flash_attn,
+                md.num_actual_tokens, *self._flash_attn, **evicted,
             )
             return
+        from vllm_kvcomp.kernels.triton_prefill import kvcomp_prefill_attention
+
         # query_start_loc holds absolute row offsets, so the prefill kernel
         # takes the tail of every per-request tensor and the whole q/k/v/out.
         kvcomp_prefill_attention(
             q, key, value, packed_cache, residual_cache, md.block_table[nd:],
             res_table[nd:] if res_table is not None else None,
             md.query_start_loc[nd:], md.seq_lens[nd:], layout, cfg, self.scale, bs_r,
-            md.max_query_len, out, as_stored=cfg.prompt_as_stored,
+            md.max_query_len, out, as_stored=cfg.prompt_as_stored, **evicted,
         )
 
     def _forward_triton_split(self, query, key, value, output, packed_cache, residual_cache,

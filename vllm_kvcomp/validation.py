@@ -203,17 +203,31 @@ def check_tensor_parallel(cfg: KvcompConfig, tp_size: int, hf_config,
             raise KvcompConfigError(f"kvcomp head_map {cfg.head_map!r}: {e}") from None
 
 
+# what the GPU (Triton) path evicts with (kernels/eviction_gpu.py)
+GPU_EVICTION = ("snapkv", "streamingllm")
+
+
 def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
-    """Eviction frees pages whose block-table entries then go stale; only the
-    CPU (PyTorch) attention skips them so far, the Triton kernels would read
-    pages already handed to other requests."""
-    if cfg.eviction is None:
+    """Eviction frees pages whose block-table entries then go stale. The
+    Triton kernels skip them (``kernels/eviction_gpu.py``) and have passed
+    their interpreter tests and an sm_90 build, never a GPU run: a GPU serves
+    eviction only when asked to (``KVCOMP_EVICTION_GPU=1``), and only the
+    methods that path has."""
+    from vllm_kvcomp.launch_env import EVICTION_GPU_ENV
+
+    if cfg.eviction is None or _on_cpu_path(on_cpu):
         return
-    if not _on_cpu_path(on_cpu):
+    method = cfg.eviction.method
+    if method not in GPU_EVICTION:
         raise KvcompConfigError(
-            f"kvcomp eviction (method={cfg.eviction.method!r}) runs only on the CPU path for "
-            "now: the GPU (Triton) kernels do not skip evicted pages yet; remove eviction "
-            "from the kvcomp settings")
+            f"kvcomp eviction (method={method!r}) runs only on the CPU path: the GPU (Triton) "
+            f"path evicts with {list(GPU_EVICTION)}; remove eviction from the kvcomp settings "
+            "or choose one of those")
+    if os.environ.get(EVICTION_GPU_ENV, "0") != "1":
+        raise KvcompConfigError(
+            f"kvcomp eviction (method={method!r}) runs only on the CPU path by default: its "
+            "GPU (Triton) path has not been verified on a GPU yet; remove eviction from the "
+            f"kvcomp settings, or set {EVICTION_GPU_ENV}=1 to serve it unverified")
 
 
 def check_ring_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> str | None:

@@ -1,0 +1,179 @@
+"""Eviction on the GPU (Triton) path: the packed range a step does not read,
+and SnapKV's selection beside the kernels.
+
+Every eviction policy leaves a request's packed positions in one shape: kept
+tokens below ``lo`` (StreamingLLM's sinks, SnapKV's and H2O's kept tokens
+moved to the front by ``kernels/compaction.py``), nothing in ``[lo, hi)``
+(``hi`` a page boundary: those pages are back in vLLM's pool, the rest of the
+page holding ``lo`` is stale) and the tokens from ``hi`` on in place, up to
+``Q(start)``. ``evicted_ranges`` gives ``[lo, hi)`` of each request's first
+query as torch ops on the device, without a host sync, so a captured decode
+graph computes it at every replay; the prefill and decode kernels run their
+packed tiles over the stored ``[0, lo)`` and ``[hi, Q(start))`` only and mask
+the rest of the tile holding ``lo``. Keys were cached after RoPE, so where a
+kept token now sits changes nothing but what the kernels skip. Only
+StreamingLLM's range grows along a prefill chunk (``hi`` follows each query's
+recent window): the prefill kernel is given its ``recent_tokens`` for that.
+``evicted_ranges_reference`` is the same from the policy objects, as the
+reference path (``attention_ref.request_attention``) asks them.
+
+SnapKV selects once, in the step whose chunk completes a prompt: the prefill
+kernel attends that chunk over the whole cache, then ``snapkv_after_attention``
+scores the observation window's queries with the reference's own torch ops
+(``attention_ref.snapkv_window_probs``: those queries alone, over the keys
+each of them read), selects and compacts as the reference does. That step is
+a prefill, never inside a captured graph, so its host loop costs no replay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvcomp.config import SCORED_EVICTION, KvcompConfig
+
+
+def _q(cfg: KvcompConfig, n: torch.Tensor) -> torch.Tensor:
+    """``cfg.quantized_prefix_len`` on a tensor of token counts."""
+    a = cfg.key_token_align
+    return torch.div((n - cfg.residual_tokens).clamp(min=0), a, rounding_mode="floor") * a
+
+
+def _floor_to(x: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.div(x, b, rounding_mode="floor") * b
+
+
+def evicted_ranges(cfg: KvcompConfig, block_size: int, seq_lens: torch.Tensor,
+                   query_lens: torch.Tensor, prompt_lens: torch.Tensor | None) -> torch.Tensor:
+    """``[B, 2]`` int32: packed positions ``[lo, hi)`` that the first query
+    of each request's step (``start = seq_lens - query_lens``) does not read;
+    ``(0, 0)`` where nothing is evicted (StreamingLLM: ``(lo, lo)``, module
+    docstring)."""
+    ev = cfg.eviction
+    bs = block_size
+    n = seq_lens.long()
+    start = n - query_lens.long()
+    zero = torch.zeros_like(n)
+    if ev.method == "streamingllm":
+        # lo stays the sinks' end even where nothing is dropped yet: a
+        # prefill row's own range grows from there (evicted_recent)
+        policy = ev.policy(bs)
+        lo = torch.full_like(n, policy.sink_pages * bs)
+        hi = torch.maximum(lo, _floor_to(torch.minimum(start + 1 - ev.recent_tokens,
+                                                       _q(cfg, start)).clamp(min=0), bs))
+        return torch.stack([lo, hi], dim=1).to(torch.int32)
+    assert prompt_lens is not None, "SnapKV / H2O / A2SF need each request's prompt length"
+    P = prompt_lens.long()
+    if ev.method == "snapkv":
+        policy = ev.policy(bs)
+        qp = _q(cfg, P)
+        hi = _floor_to(torch.minimum(P - policy.window, qp).clamp(min=0), bs)
+        if policy.budget_tokens is not None:
+            budget = torch.full_like(n, policy.budget_tokens)
+        else:  # int(ratio * P): floor of the same double product
+            budget = (P.double() * policy.budget_ratio).floor().long()
+        lo = (budget - (torch.maximum(qp, hi) - hi)).clamp(min=0)
+        planned = -torch.div(-lo, bs, rounding_mode="floor") < torch.div(
+            hi, bs, rounding_mode="floor")
+        hi = torch.where(planned & (start >= P), hi, zero)
+    else:
+        assert ev.method in SCORED_EVICTION
+        policy = ev.policy(bs)
+        hi = _floor_to(torch.minimum(start - policy.rule.recent_tokens,
+                                     _q(cfg, start)).clamp(min=0), bs)
+        hi = torch.where(start >= P, hi, zero)
+        lo = torch.minimum(torch.full_like(n, policy.heavy_tokens), hi)
+    some = hi > lo
+    return torch.stack([torch.where(some, lo, zero), torch.where(some, hi, zero)],
+                       dim=1).to(torch.int32)
+
+
+def evicted_ranges_reference(cfg: KvcompConfig, block_size: int, seq_lens, query_lens,
+                             prompt_lens) -> list[tuple[int, int]]:
+    """``evicted_ranges`` from the policy objects, per request."""
+    ev = cfg.eviction
+    policy = ev.policy(block_size)
+    out = []
+    for i, (n, t) in enumerate(zip(seq_lens, query_lens)):
+        start = n - t
+        q0 = cfg.quantized_prefix_len(start)
+        lo = hi = 0
+        if ev.method == "streamingllm":
+            out.append(policy.dropped(start + 1, q0))
+            continue
+        if ev.method == "snapkv":
+            P = prompt_lens[i]
+            plan = policy.plan(P, cfg.quantized_prefix_len(P))
+            if plan is not None and start >= P:
+                lo, hi = plan
+        else:
+            lo, hi = policy.layout(start, q0, prompt_lens[i])
+        out.append((lo, hi) if hi > lo else (0, 0))
+    return out
+
+
+def selects_on_host(cfg: KvcompConfig) -> bool:
+    """Whether the GPU path's eviction selects with host-side torch ops
+    (SnapKV, H2O, A2SF): its steps then run eagerly, never replayed from a
+    captured graph, which would skip the selection (a prompt's last chunk
+    can be a one-token step inside a uniform decode batch)."""
+    return cfg.eviction is not None and cfg.eviction.method != "streamingllm"
+
+
+def step_ranges(cfg: KvcompConfig, block_size: int, md) -> tuple[torch.Tensor, int]:
+    """(``evicted_ranges`` of a step's batch, StreamingLLM's recent_tokens
+    for the prefill rows' growing ranges, else 0) from its metadata
+    (``backend.KvcompMetadata``)."""
+    qsl = md.query_start_loc
+    ranges = evicted_ranges(cfg, block_size, md.seq_lens, qsl[1:] - qsl[:-1], md.prompt_lens)
+    ev = cfg.eviction
+    return ranges, ev.recent_tokens if ev.method == "streamingllm" else 0
+
+
+def after_attention(query, key, value, out, packed_cache, residual_cache, layout,
+                    cfg: KvcompConfig, scale: float, md, residual_block_table,
+                    residual_block_size: int) -> None:
+    """What eviction does after a step's kernels ran (SnapKV's selection);
+    ``md``: the step's ``backend.KvcompMetadata`` with its host lists."""
+    if cfg.eviction.method == "snapkv":
+        snapkv_after_attention(query, key, value, out, packed_cache, residual_cache, layout,
+                               cfg, scale, md.block_table, residual_block_table,
+                               residual_block_size, md.query_start_loc_cpu, md.seq_lens_cpu,
+                               md.prompt_lens_cpu, cfg.prompt_as_stored)
+
+
+def snapkv_after_attention(query, key, value, out, packed_cache, residual_cache, layout,
+                           cfg: KvcompConfig, scale: float, block_table, residual_block_table,
+                           residual_block_size: int, query_start_loc: list[int],
+                           seq_lens: list[int], prompt_lens: list[int],
+                           as_stored: bool) -> None:
+    """SnapKV's part of a step after the kernels ran (module docstring): for
+    each request whose step holds observation-window queries (a one-token
+    step too), the window's scores (summed over chunks as the reference
+    does), and at the prompt's end the selection and compaction; queries of
+    the step past the prompt (a recomputed request's generated tokens)
+    attend the kept view again, as the decode steps that produced them did.
+    Per-request host lists; tensors on the device, rows as in the batch."""
+    from vllm_kvcomp.kernels import attention_ref as ar
+
+    policy = cfg.eviction.policy(layout.block_size)
+    model_dtype = residual_cache.dtype if residual_cache is not None else query.dtype
+    for i, n in enumerate(seq_lens):
+        qs, qe = query_start_loc[i], query_start_loc[i + 1]
+        P = prompt_lens[i]
+        start = n - (qe - qs)
+        if qe == qs or not (start < P and n > P - policy.window) or \
+                policy.plan(P, cfg.quantized_prefix_len(P)) is None:
+            continue
+        row = block_table[i]
+        res_row = residual_block_table[i] if residual_block_table is not None else None
+        q_old = cfg.quantized_prefix_len(start)
+        window = None
+        if start > q_old:
+            window = ar.gather_residual(residual_cache, res_row, residual_block_size, q_old,
+                                        start)
+        step = (query[qs:qe], key[qs:qe], value[qs:qe], packed_cache, residual_cache, layout,
+                cfg, row, res_row, residual_block_size, start, scale, model_dtype, as_stored,
+                window, P)
+        rest = ar.snapkv_settle(ar.snapkv_window_probs(*step), *step)
+        if rest is not None:
+            out[qe - rest.shape[0]: qe] = rest.to(out.dtype)

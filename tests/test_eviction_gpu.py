@@ -1,0 +1,210 @@
+"""Eviction on the GPU (Triton) path, under the interpreter: the evicted
+ranges the kernels skip against the policies, and the backend's Triton steps
+(store, decode and prefill kernels skipping the evicted pages, SnapKV's
+selection beside them) against the reference steps, over requests whose
+freed pages point at a page of NaNs. The engine end to end is in
+test_e2e_triton_path.py."""
+import random
+
+import pytest
+import torch
+
+import vllm_kvcomp
+from sim_paged import SimPagedCache
+from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
+from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
+from vllm_kvcomp.kernels.eviction_gpu import evicted_ranges, evicted_ranges_reference
+
+vllm_kvcomp.register()
+
+H, REP, D = 2, 2, 32
+
+
+# ------------------------------------------------------------ evicted ranges
+
+RANGE_CONFIGS = [
+    {"eviction": {"method": "snapkv", "budget_tokens": 40, "window": 8}},
+    {"eviction": {"method": "snapkv", "budget_ratio": 0.3, "window": 16},
+     "residual_tokens": 48, "group_size": 32},
+    {"eviction": {"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 24}},
+    {"eviction": {"method": "streamingllm", "sink_tokens": 20, "recent_tokens": 40},
+     "k_bits": 4, "v_bits": 4, "key_axis": "token", "group_size": 16, "residual_tokens": 8},
+    {"eviction": {"method": "h2o", "budget_tokens": 64}},
+    {"eviction": {"method": "a2sf", "budget_tokens": 48, "recent_tokens": 20, "alpha": 0.5},
+     "residual_tokens": 16},
+]
+
+
+@pytest.mark.parametrize("kvcomp", RANGE_CONFIGS,
+                         ids=lambda c: c["eviction"]["method"] + str(len(c)))
+@pytest.mark.parametrize("bs", [16, 32])
+def test_evicted_ranges_are_the_policies(kvcomp, bs):
+    """The device ranges (torch ops, no host sync) equal what the reference
+    path asks the policy objects, over prompts, chunks and decode steps."""
+    cfg = KvcompConfig.from_dict(kvcomp)
+    rng = random.Random(bs)
+    P = [rng.randrange(1, 600) for _ in range(400)]
+    n = [p + rng.choice([-rng.randrange(0, p), 0, rng.randrange(1, 300)]) for p in P]
+    n = [max(1, x) for x in n]
+    t = [rng.choice([1, 1, rng.randrange(1, x + 1)]) for x in n]
+    got = evicted_ranges(cfg, bs, torch.tensor(n, dtype=torch.int32),
+                         torch.tensor(t, dtype=torch.int32), torch.tensor(P, dtype=torch.int32))
+    want = evicted_ranges_reference(cfg, bs, n, t, P)
+    assert got.dtype == torch.int32
+    assert got.tolist() == [list(w) for w in want]
+    assert any(hi > lo for lo, hi in want)  # the cases evict something
+
+
+# ---------------------------------------------- the backend's Triton steps
+
+def _impl(cfg):
+    """The backend's layer implementation without vLLM's layer around it."""
+    from vllm_kvcomp.backend import KvcompImpl
+
+    impl = KvcompImpl.__new__(KvcompImpl)
+    impl.config, impl.head_size, impl.scale = cfg, D, D ** -0.5
+    impl.num_heads, impl.num_kv_heads = H * REP, H
+    impl._flash_attn = impl._decode_launch = impl.head_split = None
+    return impl
+
+
+def _metadata(sim, batch, prompt_lens):
+    from vllm_kvcomp.backend import KvcompMetadata
+
+    qsl, lens = batch.query_start_loc, batch.seq_lens
+    q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+    nd = next((i for i, x in enumerate(q_lens) if x > 1), len(q_lens))
+    i32 = dict(dtype=torch.int32)
+    md = KvcompMetadata(
+        num_actual_tokens=qsl[-1], num_reqs=len(lens), query_start_loc=torch.tensor(qsl, **i32),
+        seq_lens=torch.tensor(lens, **i32), block_table=sim.block_table, slot_mapping=None,
+        block_size=sim.bs, max_query_len=max(q_lens), max_seq_len=max(lens), num_decodes=nd,
+        query_start_loc_cpu=qsl, seq_lens_cpu=lens, prompt_lens_cpu=prompt_lens,
+        prompt_lens=torch.tensor(prompt_lens, **i32))
+    res = None
+    if sim.residual is not None:
+        res = KvcompMetadata(
+            num_actual_tokens=qsl[-1], num_reqs=len(lens), query_start_loc=md.query_start_loc,
+            seq_lens=md.seq_lens, block_table=batch.residual_block_table,
+            slot_mapping=batch.residual_slot_mapping, block_size=sim.bs_r,
+            max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
+    return md, res
+
+
+def _freed(cfg, bs, c, P):
+    """Pages the block manager has given back once ``c`` tokens are cached."""
+    if cfg.eviction is None:
+        return 0, 0
+    policy = cfg.eviction.policy(bs)
+    if cfg.eviction.method == "streamingllm":
+        return policy.dropped_pages(c, cfg.quantized_prefix_len(c))
+    if c < P:
+        return 0, 0
+    return policy.freed_pages(P, cfg.quantized_prefix_len(P))
+
+
+def _run(cfg, prompts, schedule, q, k, v, bs, triton):
+    """Requests (prompt lengths ``prompts``, token rows one after another in
+    q/k/v) through the steps of ``schedule`` (per step, each request's new
+    tokens, one-token steps first as vLLM orders them), by the reference or
+    by the backend's Triton path; freed pages point at a page of NaNs."""
+    R = len(prompts)
+    totals = [sum(s[i] for s in schedule) for i in range(R)]
+    base = [sum(totals[:i]) for i in range(R)]
+    sim = SimPagedCache(cfg, bs, H, D, R, max(totals), seed=1)
+    sim.packed[0].fill_(0xFF)
+    out = torch.zeros_like(q)
+    done = [0] * R
+    for step in schedule:
+        for i in range(R):
+            lo, hi = _freed(cfg, bs, done[i], prompts[i])
+            sim.block_table[i, lo:max(lo, hi)] = 0
+        ends = [c + s for c, s in zip(done, step)]
+        batch = sim.batch(done, ends)
+        batch.prompt_lens = list(prompts)
+        rows = torch.cat([torch.arange(base[i] + done[i], base[i] + ends[i]) for i in range(R)])
+        o = torch.zeros(len(rows), H * REP, D)
+        if triton:
+            md, res = _metadata(sim, batch, list(prompts))
+            layout = sim.layout
+            _impl(cfg)._forward_triton(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
+                                       md, res, layout)
+        else:
+            kvcomp_step_reference(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
+                                  sim.layout, cfg, D ** -0.5, batch)
+        out[rows] = o
+        done = ends
+    return out
+
+
+def _inputs(total, prompts, window, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(total, h, D, generator=g) for h in (H * REP, H, H))
+    return q, k, v
+
+
+SNAP = {"method": "snapkv", "window": 8}
+STEP_CASES = [
+    # two prompts in one batch: chunks, a decode beside a prefill, decodes
+    ({"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 16,
+      "eviction": {**SNAP, "budget_tokens": 40}}, 16, [100, 190],
+     [[64, 100], [36, 84], [1, 6]] + [[1, 1]] * 10),
+    # the prompt's last chunk one token long: a decode-kernel step selects
+    ({"k_bits": 4, "v_bits": 2, "key_axis": "token", "group_size": 16, "residual_tokens": 8,
+      "eviction": {**SNAP, "budget_tokens": 52}}, 16, [70, 190],
+     [[64, 100], [6, 89], [1, 1]] + [[1, 1]] * 10),
+    # generated tokens in the completing step (recompute after preemption)
+    ({"k_bits": 8, "v_bits": 4, "key_axis": "token", "group_size": 16, "residual_tokens": 8,
+      "eviction": {**SNAP, "budget_tokens": 70}}, 16, [190], [[100], [110]] + [[1]] * 8),
+    # per-channel keys regrouped, 32-token pages, prompts as stored
+    ({"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 16,
+      "prompt_attention": "as_stored", "eviction": {**SNAP, "budget_ratio": 0.4}}, 32,
+     [251], [[120], [131]] + [[1]] * 12),
+    # 16 bits, prompts in full precision
+    ({"k_bits": 16, "v_bits": 16, "residual_tokens": 16, "prompt_attention": "full_precision",
+      "eviction": {**SNAP, "budget_tokens": 100}}, 16, [230], [[230]] + [[1]] * 12),
+    # StreamingLLM: the dropped range grows inside prefill chunks and decodes
+    ({"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 16,
+      "eviction": {"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 24}}, 16,
+     [150, 90], [[64, 40], [64, 50], [1, 22]] + [[1, 1]] * 40),
+    ({"k_bits": 2, "v_bits": 2, "key_axis": "token", "group_size": 16, "residual_tokens": 8,
+      "prompt_attention": "full_precision",
+      "eviction": {"method": "streamingllm", "sink_tokens": 20, "recent_tokens": 40}}, 16,
+     [200], [[128], [72]] + [[1]] * 30),
+]
+
+
+@pytest.mark.parametrize("kvcomp,bs,prompts,schedule", STEP_CASES)
+def test_triton_steps_match_the_reference_steps(kvcomp, bs, prompts, schedule):
+    """Every query's output on the Triton path equals the reference path's
+    (float32 summation order apart) with pages freed under it, and the
+    eviction changed what later queries read."""
+    cfg = KvcompConfig.from_dict(kvcomp)
+    total = sum(map(sum, schedule))
+    q, k, v = _inputs(total, prompts, 8, seed=len(schedule))
+    ref = _run(cfg, prompts, schedule, q, k, v, bs, triton=False)
+    tri = _run(cfg, prompts, schedule, q, k, v, bs, triton=True)
+    assert torch.isfinite(ref).all() and torch.isfinite(tri).all()
+    torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-5)
+    plain = KvcompConfig.from_dict({x: y for x, y in kvcomp.items() if x != "eviction"})
+    full = _run(plain, prompts, schedule, q, k, v, bs, triton=False)
+    assert (full - ref).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- start-up
+
+def test_gpu_serves_eviction_only_when_asked(monkeypatch):
+    from vllm_kvcomp.validation import check_eviction_platform
+
+    snap = KvcompConfig.from_dict({"eviction": {"method": "snapkv", "budget_tokens": 64}})
+    stream = KvcompConfig.from_dict({"eviction": {"method": "streamingllm"}})
+    h2o = KvcompConfig.from_dict({"eviction": {"method": "h2o", "budget_tokens": 64}})
+    monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
+    for cfg in (snap, stream):
+        with pytest.raises(KvcompConfigError, match="set KVCOMP_EVICTION_GPU=1"):
+            check_eviction_platform(cfg, on_cpu=False)
+    monkeypatch.setenv("KVCOMP_EVICTION_GPU", "1")
+    check_eviction_platform(snap, on_cpu=False)
+    check_eviction_platform(stream, on_cpu=False)
+    with pytest.raises(KvcompConfigError, match="runs only on the CPU path"):
+        check_eviction_platform(h2o, on_cpu=False)
