@@ -159,3 +159,25 @@ def test_fp8_window_pages_hold_e4m3():
         assert auto.dtype == torch.bfloat16 and fp8.dtype == torch.float8_e4m3fn
         assert fp8.block_size == 2 * auto.block_size
         assert fp8.page_size_bytes == auto.page_size_bytes
+
+
+def test_fp8_ring_window_logged_capacity_at_4096(tiny_llama):
+    """The "GPU KV cache size" vLLM logs for the CPU demo's tiny Llama (bf16, 1
+    GiB of KV, max_model_len 4096, 128-token pages) with the window as a ring
+    in fp8, against upstream's bf16 cache (CPU_ATTN): the capacity bar, k4v4
+    >= 3.4x and k2v2 >= 5.5x. Logged: bf16 262,144 tokens, k4v4 928,828
+    (3.54x), k2v2 1,529,488 (5.83x)."""
+    from e2e_util import run_engines, token_prompts
+
+    engine = dict(max_model_len=4096, dtype="bfloat16", block_size=128)
+    prompts = token_prompts([5], seed=3)
+    fp8 = {"residual_ring": True, "residual_dtype": "fp8_e4m3"}
+
+    def spec(backend, kv=None):
+        return dict(spec=dict(model=tiny_llama, backend=backend, kvcomp=kv, engine=engine,
+                              prompts=prompts, max_tokens=2))
+    bf16, k4, k2 = (r["kv_cache_tokens"] for r in run_engines(
+        spec("CPU_ATTN"), spec("kvcomp", {"k_bits": 4, "v_bits": 4, **fp8}),
+        spec("kvcomp", {"k_bits": 2, "v_bits": 2, **fp8})))
+    print("logged", bf16, k4, k2, k4 / bf16, k2 / bf16)
+    assert k4 / bf16 >= 3.4 and k2 / bf16 >= 5.5
