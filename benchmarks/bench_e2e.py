@@ -75,6 +75,12 @@ SETTINGS = {
     "kvcomp_k4v4_quest2048": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "quest": {"budget_tokens": 2048}}},
         "_env": {"KVCOMP_QUEST_GPU": "1"}},
+    # SnapKV keeping 2048 prompt tokens a KV head, with the eviction path a GPU serves
+    # only when asked (KVCOMP_EVICTION_GPU): W1 and W4 beside kvcomp_k4v4
+    "kvcomp_k4v4_snapkv2048": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4,
+                   "eviction": {"method": "snapkv", "budget_tokens": 2048}}},
+        "_env": {"KVCOMP_EVICTION_GPU": "1"}},
     # half of each layer's KV heads streaming (sinks 64 + window 256), with the split's
     # kernels a GPU serves only when asked (KVCOMP_HEAD_SPLIT_GPU): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map

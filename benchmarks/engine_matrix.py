@@ -70,6 +70,13 @@ SETTINGS = [
     # its residual write after the attention; the longer prompts' chunks outrun the ring
     ("k4v4_ring", "d128", "bfloat16", {"k_bits": 4, "v_bits": 4, "residual_ring": True}),
     ("k2v2_ring", "d256", "float16", {"k_bits": 2, "v_bits": 2, "residual_ring": True}),
+    # opt-in (KVCOMP_EVICTION_GPU): SnapKV keeps 512 of the longer prompts' tokens a KV
+    # head, StreamingLLM sinks 4 + 256 recent; the kernels skip the freed pages
+    ("k4v4_snapkv", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "snapkv", "budget_tokens": 512}}),
+    ("k4v2_g32_streaming", "d64", "float16",
+     {"k_bits": 4, "v_bits": 2, "group_size": 32,
+      "eviction": {"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 256}}),
 ]
 REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
 MAX_MODEL_LEN = 4096
@@ -98,6 +105,10 @@ def run_one(spec: dict) -> None:
         from vllm_kvcomp.launch_env import QUEST_GPU_ENV
 
         os.environ[QUEST_GPU_ENV] = "1"
+    if kvcomp is not None and "eviction" in kvcomp:
+        from vllm_kvcomp.launch_env import EVICTION_GPU_ENV
+
+        os.environ[EVICTION_GPU_ENV] = "1"
     if kvcomp is not None and isinstance(kvcomp.get("head_map"), dict):
         from vllm_kvcomp.launch_env import HEAD_SPLIT_GPU_ENV
 

@@ -12,6 +12,8 @@ with the reference on the device once, before serving.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import logging
 import math
@@ -195,6 +197,10 @@ def check_decode_launch(cfg: KvcompConfig, block_size: int, head_size: int,
     device = torch.device(device)
     if device.type != "cuda" and not check_on_cpu:
         return launch
+    if cfg.eviction is not None:
+        # the launch is the same with or without the evicted ranges
+        # (eviction_gpu), which the check's batch has none of
+        cfg = dataclasses.replace(cfg, eviction=None)
     key = (cfg, block_size, head_size, dtype, rep, str(device), tuple(sorted(launch.items())))
     if key in _CHECKED_LAUNCHES:
         return _CHECKED_LAUNCHES[key]

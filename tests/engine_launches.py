@@ -25,6 +25,7 @@ shapes, strides and dtypes; nothing runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from unittest import mock
 
@@ -86,7 +87,9 @@ ENGINE_SETTINGS = [
 # layer (KVCOMP_HEAD_SPLIT_GPU=1), the value being the share of KV heads that
 # stream (the rest through the packed kernels), at the default sinks and window;
 # the window held as a ring (residual_ring: its residual write after the attention);
-# the window in float8 e4m3 (residual_dtype), by position and as a ring.
+# the window in float8 e4m3 (residual_dtype), by position and as a ring;
+# eviction (KVCOMP_EVICTION_GPU=1), the value being its method at a 2048-token
+# budget (the kernels skipping each request's evicted range).
 OPT_IN_SETTINGS = [
     setting(quest=2048),
     setting(quest=512, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
@@ -97,6 +100,8 @@ OPT_IN_SETTINGS = [
     setting(residual_dtype="fp8_e4m3", residual_tokens=128),
     setting(residual_ring=True, residual_dtype="fp8_e4m3", k_bits=2, v_bits=2, head_size=64,
             dtype="fp16", rep=8),
+    setting(eviction="snapkv"),
+    setting(eviction="streamingllm", k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
 ]
 
 
@@ -203,7 +208,14 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     kvcomp = dict(s.kvcomp)
     budget = kvcomp.pop("quest", None)
     streaming_share = kvcomp.pop("head_split", None)
+    method = kvcomp.pop("eviction", None)
     cfg = KvcompConfig(**kvcomp)
+    if method is not None:
+        from vllm_kvcomp.config import EvictionConfig
+
+        ev = {"method": method} if method == "streamingllm" else \
+            {"method": method, "budget_tokens": 2048}
+        cfg = dataclasses.replace(cfg, eviction=EvictionConfig.from_dict(ev))
     if budget is not None:
         cfg = type(cfg)(**{**cfg.to_dict(), "quest": QuestConfig(budget, dense_layers=0)})
     dtype = DTYPES[s.dtype]
@@ -244,6 +256,13 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
                             slot_mapping=torch.zeros(T, dtype=torch.int64), block_size=bs,
                             max_query_len=max(qlens),
                             max_seq_len=max_seq_len or int(seq_lens.max()), num_decodes=nd)
+        if cfg.eviction is not None:
+            # prompts longer than any step: the kernels take the evicted
+            # ranges, the selection beside them (host-side torch ops) never runs
+            md.prompt_lens = torch.full((B,), 1 << 30, dtype=torch.int32)
+            md.query_start_loc_cpu = qsl[:B + 1].tolist()
+            md.seq_lens_cpu = seq_lens.tolist()
+            md.prompt_lens_cpu = md.prompt_lens.tolist()
         res_md = None
         if residual is not None:
             res_md = KvcompMetadata(num_actual_tokens=T, num_reqs=B, query_start_loc=qsl[:B + 1],
@@ -271,7 +290,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream)
     # an opt-in setting's launches are all off the default path
     opt_in_path = (quest is not None or head_split is not None or cfg.residual_ring
-                   or cfg.residual_fp8)
+                   or cfg.residual_fp8 or cfg.eviction is not None)
     calls, default = [], [not opt_in_path]
 
     def seen(jit, args, kw):
@@ -297,7 +316,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
                         forward(impl, reqs)
         default[0] = False
         fa = _impl(s, cfg, flash_attn=True)
-        stored = _impl(s, type(cfg)(**{**cfg.to_dict(), "prompt_attention": "as_stored"}),
+        stored = _impl(s, dataclasses.replace(cfg, prompt_attention="as_stored"),
                        flash_attn=False)
         for opt_in in (fa, stored):
             opt_in._decode_launch = impl._decode_launch

@@ -208,3 +208,34 @@ def test_gpu_serves_eviction_only_when_asked(monkeypatch):
     check_eviction_platform(stream, on_cpu=False)
     with pytest.raises(KvcompConfigError, match="runs only on the CPU path"):
         check_eviction_platform(h2o, on_cpu=False)
+
+
+# -------------------------------------------------------------- end to end
+
+def test_engine_snapkv_triton_path_matches_reference_path(tiny_llama):
+    """The engine on the Triton path (interpreter, KVCOMP_EVICTION_GPU=1)
+    with SnapKV gives the reference path's tokens over chunked prefill,
+    prefix hits and decode, pages freed under it; a budget covering every
+    prompt gives the tokens of no eviction. Prompts attend in full precision,
+    where the two paths are token-identical without eviction too
+    (test_e2e_triton_path.py)."""
+    from e2e_util import run_engines, token_prompts
+
+    base = {"k_bits": 4, "v_bits": 4, "group_size": 32, "residual_tokens": 32,
+            "block_size": 32, "prompt_attention": "full_precision"}
+    snap = {**base, "eviction": {"method": "snapkv", "budget_tokens": 96, "window": 16}}
+    wide = {**base, "eviction": {"method": "snapkv", "budget_tokens": 2048, "window": 16}}
+    triton = {"KVCOMP_FORCE_TRITON": "1", "TRITON_INTERPRET": "1", "KVCOMP_EVICTION_GPU": "1"}
+
+    def run(kvcomp, env=None):
+        spec = dict(model=tiny_llama, backend="kvcomp", kvcomp=kvcomp,
+                    engine=dict(max_model_len=1024, max_num_batched_tokens=128, max_num_seqs=4,
+                                enable_chunked_prefill=True, enable_prefix_caching=True),
+                    prompts=token_prompts([400, 250, 40], seed=5), max_tokens=12)
+        return dict(spec=spec, env=env) if env else dict(spec=spec)
+
+    ref, plain, tri, tri_wide = run_engines(run(snap), run(base), run(snap, triton),
+                                            run(wide, triton))
+    assert tri["tokens"] == ref["tokens"]
+    assert tri_wide["tokens"] == plain["tokens"]
+    assert ref["tokens"][:2] != plain["tokens"][:2]  # the long prompts lost tokens
