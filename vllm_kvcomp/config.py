@@ -263,7 +263,9 @@ class KvcompConfig:
         vLLM's own fp8 KV cache, saturating at +-448; half the bytes, so a
         page holds twice the tokens and the window takes half the pages
         (with ``residual_ring``, k4v4 3.54x and k2v2 5.83x the bf16 capacity
-        at ``max_model_len`` 4096). The layer's new K and V are rounded to
+        at ``max_model_len`` 4096). The quality harness finds k4v4 within
+        noise of the model-dtype window, while k2v2 misses 3 more needles of
+        30 (``docs/quality.md``). The layer's new K and V are rounded to
         e4m3 as they arrive, so the window, the hand-over to the packed pages
         and a prompt's own tokens all read the same values whatever the
         chunking. No effect where there is no window. Not combined with
