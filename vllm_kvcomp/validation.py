@@ -244,20 +244,6 @@ def check_ring_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> str | 
     return msg
 
 
-def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
-    """Quest's Triton kernels (page scoring and selection, sparse decode) have
-    passed their interpreter tests and an sm_90 build, never a GPU run: a GPU
-    serves with them only when asked to (``KVCOMP_QUEST_GPU=1``)."""
-    from vllm_kvcomp.launch_env import QUEST_GPU_ENV
-
-    if cfg.quest is None or _on_cpu_path(on_cpu):
-        return
-    if os.environ.get(QUEST_GPU_ENV, "0") != "1":
-        raise KvcompConfigError(
-            "kvcomp quest runs only on the CPU path by default: its GPU (Triton) kernels "
-            "have not been verified on a GPU yet; remove quest from the kvcomp settings, or "
-            f"set {QUEST_GPU_ENV}=1 to serve with them unverified")
-
 def check_window_dtype_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> str | None:
     """The fp8 window's Triton reads and writes (``residual_dtype``) have
     passed their interpreter tests and an sm_90 build, never a GPU run: a GPU
@@ -271,6 +257,20 @@ def check_window_dtype_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -
     init_logger("vllm.kvcomp").warning(msg)
     return msg
 
+
+def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
+    """Quest's Triton kernels (page scoring and selection, sparse decode) have
+    passed their interpreter tests and an sm_90 build, never a GPU run: a GPU
+    serves with them only when asked to (``KVCOMP_QUEST_GPU=1``)."""
+    from vllm_kvcomp.launch_env import QUEST_GPU_ENV
+
+    if cfg.quest is None or _on_cpu_path(on_cpu):
+        return
+    if os.environ.get(QUEST_GPU_ENV, "0") != "1":
+        raise KvcompConfigError(
+            "kvcomp quest runs only on the CPU path by default: its GPU (Triton) kernels "
+            "have not been verified on a GPU yet; remove quest from the kvcomp settings, or "
+            f"set {QUEST_GPU_ENV}=1 to serve with them unverified")
 
 
 def request_prompt_lengths(cfg: KvcompConfig, model_config) -> None:
@@ -357,6 +357,7 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
                           mc.hf_text_config if mc is not None else None)
     check_eviction_platform(cfg)
     check_ring_platform(cfg)
+    check_window_dtype_platform(cfg)
     request_prompt_lengths(cfg, mc)
     check_quest_platform(cfg)
 
@@ -371,7 +372,6 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
             raise KvcompConfigError(
                 f"--block-size {cc.block_size} conflicts with kvcomp block_size={cfg.block_size}"
             )
-    check_window_dtype_platform(cfg)
         cc.block_size = cfg.block_size
     elif cc.block_size % align:
         if cc.user_specified_block_size:
