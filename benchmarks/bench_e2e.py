@@ -96,6 +96,14 @@ SETTINGS = {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_ring": True}}},
     "kvcomp_k2v2_ring": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 2, "v_bits": 2, "residual_ring": True}}},
+    # the ring in float8 e4m3 (residual_dtype): 3.54x / 5.83x bf16's KV capacity at
+    # max_model_len 4096; build-checked, not yet run on a GPU
+    "kvcomp_k4v4_ring_fp8": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_ring": True,
+                   "residual_dtype": "fp8_e4m3"}}},
+    "kvcomp_k2v2_ring_fp8": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 2, "v_bits": 2, "residual_ring": True,
+                   "residual_dtype": "fp8_e4m3"}}},
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
     # the quality-recommended 2-bit setting (KIVI: 32-token key groups, 32-channel value
