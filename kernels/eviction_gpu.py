@@ -23,6 +23,18 @@ scores the observation window's queries with the reference's own torch ops
 (``attention_ref.snapkv_window_probs``: those queries alone, over the keys
 each of them read), selects and compacts as the reference does. That step is
 a prefill, never inside a captured graph, so its host loop costs no replay.
+
+H2O / A2SF score every step by its own attention. A decode step's
+probabilities come from the decode kernel itself (``probs``: each read
+position's logit, normalised once the splits are merged), so scoring reads
+the KV cache no second time; ``add_decode_scores`` sums them over each KV
+head's query group and adds them to the in-page score slots with torch ops
+on the device, as ``h2o_ref.add_step_scores`` does. A prefill step's
+probabilities are the reference's (``attention_ref.request_attention``, a
+second pass over the request's cache, prefills only). The eviction step
+that follows (selection and compaction) is the reference's
+(``h2o_ref.evict_step``), per request on the host lists: these steps too run
+eagerly (``selects_on_host``).
 """
 
 from __future__ import annotations
@@ -131,10 +143,16 @@ def step_ranges(cfg: KvcompConfig, block_size: int, md) -> tuple[torch.Tensor, i
 
 def after_attention(query, key, value, out, packed_cache, residual_cache, layout,
                     cfg: KvcompConfig, scale: float, md, residual_block_table,
-                    residual_block_size: int) -> None:
-    """What eviction does after a step's kernels ran (SnapKV's selection);
-    ``md``: the step's ``backend.KvcompMetadata`` with its host lists."""
-    if cfg.eviction.method == "snapkv":
+                    residual_block_size: int, decode_probs: torch.Tensor | None = None) -> None:
+    """What eviction does after a step's kernels ran (SnapKV's selection,
+    H2O / A2SF's scores and eviction step); ``md``: the step's
+    ``backend.KvcompMetadata`` with its host lists; ``decode_probs``: the
+    decode kernel's ``probs`` of the step's leading decode rows."""
+    if cfg.eviction.method in SCORED_EVICTION:
+        scored_after_attention(query, key, value, packed_cache, residual_cache, layout, cfg,
+                               scale, md, residual_block_table, residual_block_size,
+                               decode_probs)
+    elif cfg.eviction.method == "snapkv":
         snapkv_after_attention(query, key, value, out, packed_cache, residual_cache, layout,
                                cfg, scale, md.block_table, residual_block_table,
                                residual_block_size, md.query_start_loc_cpu, md.seq_lens_cpu,
@@ -177,3 +195,101 @@ def snapkv_after_attention(query, key, value, out, packed_cache, residual_cache,
         rest = ar.snapkv_settle(ar.snapkv_window_probs(*step), *step)
         if rest is not None:
             out[qe - rest.shape[0]: qe] = rest.to(out.dtype)
+
+
+def scores_by_decode(cfg: KvcompConfig) -> bool:
+    """Whether the decode kernel reports its probabilities (H2O / A2SF)."""
+    return cfg.eviction is not None and cfg.eviction.method in SCORED_EVICTION
+
+
+def decode_read_width(cfg: KvcompConfig, block_size: int, md, nd: int) -> int:
+    """The most positions any of a step's ``nd`` leading one-token rows
+    reads (``add_decode_scores``' ``W``), from the host lists: the kept
+    heavy hitters and recent tokens under eviction, far fewer than the
+    longest sequence."""
+    if nd == 0:
+        return 1
+    lens = torch.tensor(md.seq_lens_cpu[:nd])
+    ev = evicted_ranges(cfg, block_size, lens, torch.ones_like(lens),
+                        torch.tensor(md.prompt_lens_cpu[:nd]))
+    return max(1, int((lens - (ev[:, 1] - ev[:, 0])).max()))
+
+
+def add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor, layout,
+                      cfg: KvcompConfig, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                      evicted: torch.Tensor | None) -> None:
+    """``h2o_ref.add_step_scores`` for a batch of one-token steps, as torch
+    ops on the device without a host sync: ``probs`` ``[B, Hq, W]`` (the
+    decode kernel's: over the positions each request read, ``[0, seq_len)``
+    less its ``evicted`` range, in order) summed over each KV head's query
+    group and added to those positions' score slots, the request's own from
+    nothing and the others first multiplied by ``alpha``. The writes add a difference
+    (0 at every position not read), so block-table entries past a request's
+    pages or into its freed ones, which may be any page by now, change
+    nothing."""
+    from vllm_kvcomp.kernels.h2o_ref import score_view
+
+    B, Hq, L = probs.shape
+    if B == 0:
+        return
+    H = packed_cache.shape[1]
+    bs = layout.block_size
+    dev = probs.device
+    step = probs.view(B, H, Hq // H, L).sum(dim=2)
+    t = torch.arange(L, device=dev)[None, :].expand(B, L)
+    if evicted is not None:
+        ev = evicted.long()
+        t = torch.where(t >= ev[:, :1], t + (ev[:, 1:] - ev[:, :1]), t)
+    n = seq_lens.long()[:, None]
+    read = t < n
+    page = torch.div(t, bs, rounding_mode="floor").clamp(max=block_table.shape[1] - 1)
+    blk = block_table.long().gather(1, page)[:, None, :].expand(B, H, L)
+    heads = torch.arange(H, device=dev)[None, :, None].expand(B, H, L)
+    slot = (t % bs)[:, None, :].expand(B, H, L)
+    sc = score_view(packed_cache, layout)
+    old = sc[blk, heads, slot]
+    decay = cfg.eviction.policy(bs).decay
+    new = torch.where((t == n - 1)[:, None, :], step, old * decay + step)
+    sc.index_put_((blk, heads, slot), torch.where(read[:, None, :], new - old, 0.0),
+                  accumulate=True)
+
+
+def scored_after_attention(query, key, value, packed_cache, residual_cache, layout,
+                           cfg: KvcompConfig, scale: float, md, residual_block_table,
+                           residual_block_size: int, decode_probs: torch.Tensor | None) -> None:
+    """H2O / A2SF's part of a step after the kernels ran (module docstring):
+    the step's scores (its ``decode_probs`` rows from the decode kernel, the
+    prefill rows' from the reference), then each request's eviction step
+    where its layout moves."""
+    from vllm_kvcomp.kernels import attention_ref as ar
+    from vllm_kvcomp.kernels import h2o_ref
+
+    bs = layout.block_size
+    qsl, lens, prompts = md.query_start_loc_cpu, md.seq_lens_cpu, md.prompt_lens_cpu
+    nd = 0 if decode_probs is None else decode_probs.shape[0]
+    if nd:
+        ranges = evicted_ranges(cfg, bs, md.seq_lens[:nd], md.query_start_loc[1:nd + 1] -
+                                md.query_start_loc[:nd], md.prompt_lens[:nd])
+        add_decode_scores(decode_probs, packed_cache, layout, cfg, md.block_table[:nd],
+                          md.seq_lens[:nd], ranges)
+    model_dtype = (residual_cache.dtype if residual_cache is not None and not cfg.residual_fp8
+                   else query.dtype)
+    for i, n in enumerate(lens[:len(qsl) - 1]):
+        qs, qe = qsl[i], qsl[i + 1]
+        if qe == qs:
+            continue
+        start, P, row = n - (qe - qs), prompts[i], md.block_table[i]
+        if i >= nd:
+            res_row = residual_block_table[i] if residual_block_table is not None else None
+            q_old = cfg.quantized_prefix_len(start)
+            window = None
+            if start > q_old:
+                window = ar.gather_residual(residual_cache, res_row, residual_block_size,
+                                            q_old, start)
+            probs = []
+            ar.request_attention(query[qs:qe], key[qs:qe], value[qs:qe], packed_cache,
+                                 residual_cache, layout, cfg, row, res_row,
+                                 residual_block_size, start, scale, model_dtype,
+                                 cfg.prompt_as_stored, window, prompt_len=P, probs_out=probs)
+            h2o_ref.add_step_scores(packed_cache, layout, cfg, row, start, P, *probs[0])
+        h2o_ref.evict_step(packed_cache, layout, cfg, row, start, n, P, model_dtype)

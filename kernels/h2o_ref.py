@@ -50,46 +50,82 @@ def scored_step(
     older scores first multiplied by ``alpha ** Tq``), and, when the layout
     of ``start + Tq`` tokens differs, the eviction step that reaches it."""
     from vllm_kvcomp.kernels.attention_ref import request_attention
-    from vllm_kvcomp.kernels.compaction import compact_kept
 
-    policy = cfg.eviction.policy(layout.block_size)
-    P, bs = prompt_len, layout.block_size
+    P = prompt_len
     Tq = q.shape[0]
-    n = start + Tq
-    k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), P)
-    sc = score_view(packed_cache, layout)  # index writes go to the cache
-    row = block_row.long()
-    # the step's own tokens start from nothing (their slots may hold a
-    # previous owner's scores)
-    fresh = torch.arange(start, n)
-    sc[row[fresh // bs], :, fresh % bs] = 0.0
     probs = []
     out = request_attention(q, k_new, v_new, packed_cache, residual_cache, layout, cfg,
                             block_row, residual_row, residual_block_size, start, scale,
                             model_dtype, as_stored, window, prompt_len=P, probs_out=probs)
     p, pos = probs[0]  # [H, rep, Tq, Kn], [Kn]
+    add_step_scores(packed_cache, layout, cfg, block_row, start, P, p, pos)
+    evict_step(packed_cache, layout, cfg, block_row, start, start + Tq, P, model_dtype)
+    return out
+
+
+def add_step_scores(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
+                    block_row: torch.Tensor, start: int, prompt_len: int, p: torch.Tensor,
+                    pos: torch.Tensor) -> None:
+    """A step's queries' probabilities ``p`` ``[H, rep, Tq, Kn]`` over the
+    positions ``pos`` ``[Kn]`` added to the scores of the slots they read,
+    the step's own slots from nothing and the older scores first multiplied
+    by ``alpha ** Tq``."""
+    policy = cfg.eviction.policy(layout.block_size)
+    bs = layout.block_size
+    Tq = p.shape[2]
+    n = start + Tq
+    k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), prompt_len)
+    sc = score_view(packed_cache, layout)  # index writes go to the cache
+    row = block_row.long()
+    dev = row.device
+    # the step's own tokens start from nothing (their slots may hold a
+    # previous owner's scores)
+    fresh = torch.arange(start, n, device=dev)
+    sc[row[fresh // bs], :, fresh % bs] = 0.0
     H = p.shape[0]
     decay = policy.decay
     if decay != 1.0:
-        held = slot_ranges([(0, k0), (e0, start)])
+        held = slot_ranges([(0, k0), (e0, start)]).to(dev)
         sc[row[held // bs], :, held % bs] *= decay ** Tq
-        w = decay ** torch.arange(Tq - 1, -1, -1, dtype=torch.float64)
+        w = decay ** torch.arange(Tq - 1, -1, -1, dtype=torch.float64, device=p.device)
         step = (p.double() * w[None, None, :, None]).sum(dim=(1, 2))
     else:
         step = p.double().sum(dim=(1, 2))
     # a position read packed by some queries and in full precision by others
     # (prompts as stored) is one key for each query: its columns add up
-    add = torch.zeros(H, n, dtype=torch.float64)
-    add.index_add_(1, pos.long().cpu(), step.cpu())
-    slots = pos.long().unique()
+    add = torch.zeros(H, n, dtype=torch.float64, device=dev)
+    add.index_add_(1, pos.long().to(dev), step.to(dev))
+    slots = pos.long().to(dev).unique()
     cur = sc[row[slots // bs], :, slots % bs].double()  # [S, H]
     sc[row[slots // bs], :, slots % bs] = (cur + add[:, slots].T).float()
 
+
+def evict_step(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
+               block_row: torch.Tensor, start: int, n: int, prompt_len: int,
+               model_dtype: torch.dtype) -> None:
+    """When the layout of ``n`` tokens differs from that of ``start``, the
+    eviction step that reaches it: the best-scoring of the old heavy hitters
+    and of the tokens leaving the in-place range moved to the front."""
+    from vllm_kvcomp.kernels.compaction import compact_kept
+
+    policy = cfg.eviction.policy(layout.block_size)
+    P = prompt_len
+    k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), P)
     k1, e1 = policy.layout(n, cfg.quantized_prefix_len(n), P)
     if (k1, e1) != (k0, e0):
         cand = slot_ranges([(0, k0), (e0, e1)])
         if not (k1 == len(cand) and torch.equal(cand, torch.arange(k1))):
+            cand = cand.to(block_row.device)
             scores = read_scores(packed_cache, layout, block_row, cand)
             kept = cand[policy.select(scores, k1)]
             compact_kept(packed_cache, layout, block_row, kept, model_dtype)
+
+
+def dense_probs(p: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
+    """``[Tq, H * rep, length]`` probabilities by position from a step's
+    ``p`` ``[H, rep, Tq, Kn]`` over ``pos`` ``[Kn]`` (0 where not read)."""
+    H, rep, Tq, _ = p.shape
+    out = torch.zeros(Tq, H * rep, length, dtype=torch.float64)
+    out.index_add_(2, pos.long().cpu(), p.double().cpu().permute(2, 0, 1, 3).reshape(
+        Tq, H * rep, -1))
     return out

@@ -97,7 +97,7 @@ def _kvcomp_decode_kernel(
     cache_ptr, stride_cb, stride_ch,
     res_ptr, stride_rb, stride_rkv, stride_rh, stride_rt,
     bt_ptr, stride_bt, rbt_ptr, stride_rbt,
-    seq_lens_ptr, qk_scale, hole_ptr,
+    seq_lens_ptr, qk_scale, hole_ptr, logit_ptr, stride_lh,
     D: tl.constexpr, BS: tl.constexpr, BS_R: tl.constexpr,
     R: tl.constexpr, ALIGN: tl.constexpr, G: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
@@ -110,7 +110,7 @@ def _kvcomp_decode_kernel(
     REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, IEEE: tl.constexpr, WT: tl.constexpr,
-    HOLE: tl.constexpr = False,
+    HOLE: tl.constexpr = False, LOGITS: tl.constexpr = False,
 ):
     """Decode attention of one (request, KV head, split).
 
@@ -281,6 +281,10 @@ def _kvcomp_decode_kernel(
     # (scale, min) fp16 pairs as 32-bit words (regions are 4-byte aligned)
     wp = cache_ptr.to(tl.pointer_type(tl.int32))
 
+    if LOGITS:
+        # each read position's base-2 logit, for H2O / A2SF (``probs``)
+        lg_row = logit_ptr + (i64 * (H * REP) + hq) * stride_lh
+
     # 1. this split's share of the packed tiles of [0, Q(start))
     q_end = q_old
     if HOLE:
@@ -382,6 +386,12 @@ def _kvcomp_decode_kernel(
                 sc, mn = load_params(wp, pbase + slot3, valid3)
                 s = s * sc[:, :, None] + qsum[None, None, :] * mn[:, :, None]
             s = tl.where(valid3[:, :, None], s * qk_scale, float("-inf"))
+            if LOGITS:
+                ix3 = n0 + nn3
+                if HOLE:
+                    ix3 = tl.where(ix3 >= ev_hi, ix3 - (ev_hi - ev_lo), ix3)
+                tl.store(lg_row[None, None, :] + ix3[:, :, None], s,
+                         mask=valid3[:, :, None] & row_ok[None, None, :])
             m_new = tl.maximum(m3, tl.max(s, axis=1))
             alpha = tl.exp2(m3 - m_new)
             p = tl.exp2(s - m_new[:, None, :])
@@ -498,6 +508,12 @@ def _kvcomp_decode_kernel(
                         qsum[:, None] * (mn * qk_scale)[None, :]
                 else:
                     s = s * qk_scale
+            if LOGITS:
+                ix = n0 + nn
+                if HOLE:
+                    ix = tl.where(ix >= ev_hi, ix - (ev_hi - ev_lo), ix)
+                tl.store(lg_row[:, None] + ix[None, :], s + s_row[:, None],
+                         mask=row_ok[:, None] & valid[None, :])
             p, alpha, m_i, l_i = softmax_step(s, s_row, valid[None, :], m_i, l_i)
 
             # ---- p @ V of the tile, per phase
@@ -566,6 +582,12 @@ def _kvcomp_decode_kernel(
             k = tl.where(is_new, kn[None, :], zero)
             v = tl.where(is_new, vn[None, :], zero)
         s = matmul(qn, tl.trans(k), IEEE, MODEL_DTYPE) * qk_scale
+        if LOGITS:
+            ix = pos
+            if HOLE:
+                ix = pos - (ev_hi - ev_lo)  # the window lies past the evicted range
+            tl.store(lg_row[:, None] + ix[None, :], s,
+                     mask=row_ok[:, None] & (pos <= start)[None, :])
         p, alpha, m_i, l_i = softmax_step(s, tl.zeros([REP_P], tl.float32),
                                           (pos <= start)[None, :], m_i, l_i)
         vba = vba * alpha
@@ -590,7 +612,7 @@ def _kvcomp_decode_kernel(
         else:
             tl.store(o_ptr + i64 * stride_ob + hq[:, None] * stride_oh + ch[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=m)
-    if SPLIT:
+    if SPLIT or LOGITS:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), -1.0e30)
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
 
@@ -649,6 +671,7 @@ def kvcomp_decode_attention(
     warp_tiles: int | None = None,
     max_registers: int | None = None,
     evicted: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per request; returns ``out``
     [B, Hq, D] in the query dtype (see the module docstring).
@@ -663,6 +686,11 @@ def kvcomp_decode_attention(
     ``maxnreg``, a cap that trades spills for resident programs).
     ``evicted``: int32 ``[B, 2]`` packed positions ``[lo, hi)`` each request
     does not read (``eviction_gpu.evicted_ranges``; None: all are read).
+    ``probs``: fp32 ``[B, Hq, W]`` (position stride 1) that receives each
+    query's attention probabilities over the positions it reads, in
+    position order: ``[0, lo)`` then ``[hi, seq_len)`` (``evicted``), 0
+    past them; ``W`` at least each request's count of those (H2O / A2SF's
+    scores, ``eviction_gpu.add_decode_scores``).
     """
     assert layout.config == cfg
     B, Hq, H, D = check_decode_inputs(query, key_new, value_new, packed_cache, layout)
@@ -730,6 +758,13 @@ def kvcomp_decode_attention(
         part_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=query.device)
     else:
         part_o = part_lse = out  # unused
+    if probs is not None:
+        assert probs.shape[:2] == (B, Hq) and \
+            probs.dtype == torch.float32 and probs.stride(2) == 1 and \
+            probs.stride(0) == Hq * probs.stride(1)
+        # the kernel writes the logits it reads; the rest stays at probability 0
+        probs.fill_(float("-inf"))
+        part_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=query.device)
     _kvcomp_decode_kernel[(B, H, num_splits)](
         query, query.stride(0), query.stride(1),
         key_new, key_new.stride(0), key_new.stride(1),
@@ -740,12 +775,14 @@ def kvcomp_decode_attention(
         res, *rs,
         block_table, block_table.stride(0), rbt, rbt.stride(0),
         seq_lens, float(scale) * math.log2(math.e), evicted,
+        probs, None if probs is None else probs.stride(1),
         BS_R=bs_r,
         R=cfg.residual_tokens, ALIGN=cfg.key_token_align, G=cfg.group_size,
         REP=rep, REP_P=rep_p, BLOCK_N=bn, BLOCK_R=br, SPLIT=num_splits > 1,
         HAS_RESIDUAL=residual_cache is not None, IEEE=ieee, WT=wt,
         K_SPLIT_FOLD=fold == "split", K_FP16_FOLD=fp16_keys,
         **({"HOLE": True} if evicted is not None else {}),
+        **({"LOGITS": True} if probs is not None else {}),
         num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": max_registers} if max_registers else {}),
         **consts,
@@ -756,6 +793,10 @@ def kvcomp_decode_attention(
             D=D, BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
         )
+    if probs is not None:
+        # the splits' base-2 log-sum-exps merged: the softmax's normaliser
+        lse = torch.logsumexp(part_lse * math.log(2.0), dim=-1) / math.log(2.0)
+        probs.sub_(lse[:, :, None]).exp2_()
     return out
 
 # --------------------------------------------------------------------------
@@ -799,7 +840,33 @@ def decode_attention_reference(
     return out
 
 
+
+def decode_probs_reference(
+    query, key_new, value_new, packed_cache, residual_cache, block_table,
+    residual_block_table, seq_lens, layout: PageLayout, cfg: KvcompConfig, scale: float,
+    residual_block_size: int, length: int,
+) -> torch.Tensor:
+    """``kvcomp_decode_attention``'s ``probs`` (fp64 ``[B, Hq, length]``):
+    the probabilities ``attention_ref.request_attention`` gives each
+    request's one query, by position."""
+    from vllm_kvcomp.kernels.h2o_ref import dense_probs
+
+    out = torch.zeros(query.shape[0], query.shape[1], length, dtype=torch.float64)
+    for i, n in enumerate(int(x) for x in seq_lens):
+        if n <= 0:
+            continue
+        res_row = None if residual_block_table is None else residual_block_table[i]
+        probs = []
+        attention_ref.request_attention(
+            query[i: i + 1], key_new[i: i + 1], value_new[i: i + 1], packed_cache,
+            residual_cache, layout, cfg, block_table[i], res_row, residual_block_size,
+            n - 1, scale, key_new.dtype, as_stored=True, probs_out=probs)
+        out[i] = dense_probs(*probs[0], length)[0]
+    return out
+
+
 __all__ = [
     "decode_attention_reference",
+    "decode_probs_reference",
     "kvcomp_decode_attention",
 ]

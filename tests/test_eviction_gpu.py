@@ -1,7 +1,8 @@
 """Eviction on the GPU (Triton) path, under the interpreter: the evicted
-ranges the kernels skip against the policies, and the backend's Triton steps
-(store, decode and prefill kernels skipping the evicted pages, SnapKV's
-selection beside them) against the reference steps, over requests whose
+ranges the kernels skip against the policies, H2O / A2SF's scores from the
+decode kernel against the reference's, and the backend's Triton steps
+(store, decode and prefill kernels skipping the evicted pages, SnapKV's and
+H2O / A2SF's selection beside them) against the reference steps, over requests whose
 freed pages point at a page of NaNs. The engine end to end is in
 test_e2e_triton_path.py."""
 import random
@@ -11,7 +12,7 @@ import torch
 
 import vllm_kvcomp
 from sim_paged import SimPagedCache
-from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
+from vllm_kvcomp.config import SCORED_EVICTION, KvcompConfig, KvcompConfigError
 from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
 from vllm_kvcomp.kernels.eviction_gpu import evicted_ranges, evicted_ranges_reference
 
@@ -53,6 +54,95 @@ def test_evicted_ranges_are_the_policies(kvcomp, bs):
     assert got.dtype == torch.int32
     assert got.tolist() == [list(w) for w in want]
     assert any(hi > lo for lo, hi in want)  # the cases evict something
+
+
+# ------------------------------------- H2O / A2SF: the decode kernel's scores
+
+PROB_CASES = [  # (bits, key axis, group, window, head size, GQA, dtype, warp tiles)
+    ((4, 4), "channel", 16, 8, 64, 1, torch.float32, None),
+    ((2, 2), "channel", 32, 16, 64, 4, torch.float32, None),
+    ((4, 2), "token", 16, 8, 64, 8, torch.float32, None),
+    ((16, 16), "channel", 16, 8, 32, 4, torch.float32, None),
+    ((4, 4), "channel", 64, 16, 64, 4, torch.float32, 4),
+    ((8, 8), "channel", 16, 8, 64, 4, torch.bfloat16, None),
+    ((2, 2), "token", 16, 8, 64, 8, torch.bfloat16, None),
+]
+
+
+@pytest.mark.parametrize("bits,axis,G,R,D,rep,dtype,wt", PROB_CASES,
+                         ids=[f"k{c[0][0]}v{c[0][1]}-{c[1]}-g{c[2]}-rep{c[5]}-"
+                              f"{str(c[6])[6:]}-wt{c[7]}" for c in PROB_CASES])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_kernel_probs_are_the_reference_probs(bits, axis, G, R, D, rep, dtype, wt,
+                                                     splits):
+    """The decode kernel's per-position probabilities (its own logits,
+    normalised by the merged splits' sums) equal the reference attention's,
+    over lengths that are not block or group multiples, and its output is
+    the one it gives without them."""
+    from vllm_kvcomp.kernels.decode_batch import DecodeBatch, lens_for
+    from vllm_kvcomp.kernels.triton_decode import decode_probs_reference
+
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=G, residual_tokens=R,
+                       key_axis=axis)
+    batch = DecodeBatch(cfg, lens_for(cfg), D=D, rep=rep, dtype=dtype, block_size=max(32, G),
+                        seed=G + rep)
+    L = max(batch.lens) + 5
+    probs = torch.full((len(batch.lens), batch.query.shape[1], L), 7.0)
+    kw = {"warp_tiles": wt} if wt else {}
+    out = batch.triton(num_splits=splits, probs=probs, **kw)
+    want = decode_probs_reference(*batch.args(), L)
+    torch.testing.assert_close(probs.double(), want, atol=2e-6, rtol=1e-4)
+    assert torch.equal(out, batch.triton(num_splits=splits, **kw))
+    assert (want[:, :, max(batch.lens):] == 0).all() and (want > 0.01).any()
+
+
+@pytest.mark.parametrize("method", ["h2o", "a2sf"])
+def test_decode_scores_are_the_reference_step_scores(method):
+    """``add_decode_scores`` (device ops, one batch) leaves every score slot
+    as ``h2o_ref.add_step_scores`` (per request) does, with evicted ranges,
+    block-table entries past a request's pages and freed pages pointing at
+    other requests' pages (which must stay untouched)."""
+    from vllm_kvcomp.kernels.eviction_gpu import add_decode_scores
+    from vllm_kvcomp.kernels.h2o_ref import add_step_scores, score_view
+    from vllm_kvcomp.layout import PageLayout
+
+    ev = {"method": method, "budget_tokens": 48, "recent_tokens": 16}
+    if method == "a2sf":
+        ev["alpha"] = 0.7
+    cfg = KvcompConfig.from_dict({"k_bits": 4, "v_bits": 4, "group_size": 16,
+                                  "residual_tokens": 16, "eviction": ev})
+    bs, rep = 16, 4
+    layout = PageLayout(cfg, bs, D, 4)
+    lens, prompts = [1, 37, 150, 201, 96], [1, 30, 100, 60, 97]
+    B, W = len(lens), 14
+    g = torch.Generator().manual_seed(3)
+    table = torch.randperm(B * W, generator=g).view(B, W).int() + 1
+    table[2, 3:5] = table[3, 0]  # freed pages now another request's
+    cache = torch.randint(0, 255, (B * W + 1, H, layout.head_page_bytes), dtype=torch.uint8,
+                          generator=g)
+    score_view(cache, layout).copy_(torch.rand(B * W + 1, H, bs, generator=g))
+    seq = torch.tensor(lens, dtype=torch.int32)
+    ranges = evicted_ranges(cfg, bs, seq, torch.ones(B, dtype=torch.int32),
+                            torch.tensor(prompts, dtype=torch.int32))
+    assert (ranges[:, 1] > ranges[:, 0]).sum() >= 2
+    L = max(lens) + 3
+    probs = torch.zeros(B, H * rep, L)
+    want = cache.clone()
+    for i, n in enumerate(lens):
+        lo, hi = ranges[i].tolist()
+        pos = torch.cat([torch.arange(0, lo), torch.arange(hi, n)])
+        p = torch.softmax(torch.randn(H, rep, 1, len(pos), generator=g), dim=-1)
+        probs[i][:, :len(pos)] = p.view(H * rep, -1)  # in the order read
+        add_step_scores(want, layout, cfg, table[i], n - 1, prompts[i], p, pos)
+    got = cache.clone()
+    add_decode_scores(probs, got, layout, cfg, table, seq, ranges)
+    torch.testing.assert_close(score_view(got, layout), score_view(want, layout),
+                               atol=1e-6, rtol=1e-6)
+    assert not torch.equal(score_view(got, layout), score_view(cache, layout))
+    # nothing but the score slots changes
+    off = layout.scores_offset
+    got[:, :, off: off + 4 * bs] = want[:, :, off: off + 4 * bs] = 0
+    assert torch.equal(got, want)
 
 
 # ---------------------------------------------- the backend's Triton steps
@@ -98,6 +188,8 @@ def _freed(cfg, bs, c, P):
     policy = cfg.eviction.policy(bs)
     if cfg.eviction.method == "streamingllm":
         return policy.dropped_pages(c, cfg.quantized_prefix_len(c))
+    if cfg.eviction.method in SCORED_EVICTION:
+        return policy.freed_pages(c, cfg.quantized_prefix_len(c), P)
     if c < P:
         return 0, 0
     return policy.freed_pages(P, cfg.quantized_prefix_len(P))
@@ -171,6 +263,21 @@ STEP_CASES = [
       "prompt_attention": "full_precision",
       "eviction": {"method": "streamingllm", "sink_tokens": 20, "recent_tokens": 40}}, 16,
      [200], [[128], [72]] + [[1]] * 30),
+    # H2O: scores from the decode kernel and (prefill rows) the reference,
+    # eviction steps at the prompt's end and every page of decodes after it
+    ({"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 16,
+      "eviction": {"method": "h2o", "budget_tokens": 64, "recent_tokens": 24}}, 16, [100, 190],
+     [[64, 100], [36, 84], [1, 6]] + [[1, 1]] * 40),
+    # A2SF: the prompt in one step, a 32-token page, prompts as stored
+    ({"k_bits": 4, "v_bits": 2, "key_axis": "token", "group_size": 16, "residual_tokens": 8,
+      "prompt_attention": "as_stored",
+      "eviction": {"method": "a2sf", "budget_tokens": 72, "recent_tokens": 24, "alpha": 0.6}},
+     32, [150], [[150]] + [[1]] * 70),
+    # A2SF, per-channel keys regrouped, a recomputed request (generated tokens
+    # in the prefill that completes its prompt)
+    ({"k_bits": 2, "v_bits": 2, "group_size": 16, "residual_tokens": 16,
+      "eviction": {"method": "a2sf", "budget_tokens": 56, "recent_tokens": 16, "alpha": 0.3}},
+     16, [120], [[64], [80]] + [[1]] * 36),
 ]
 
 
@@ -199,15 +306,14 @@ def test_gpu_serves_eviction_only_when_asked(monkeypatch):
     snap = KvcompConfig.from_dict({"eviction": {"method": "snapkv", "budget_tokens": 64}})
     stream = KvcompConfig.from_dict({"eviction": {"method": "streamingllm"}})
     h2o = KvcompConfig.from_dict({"eviction": {"method": "h2o", "budget_tokens": 64}})
+    a2sf = KvcompConfig.from_dict({"eviction": {"method": "a2sf", "budget_tokens": 64}})
     monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
-    for cfg in (snap, stream):
+    for cfg in (snap, stream, h2o, a2sf):
         with pytest.raises(KvcompConfigError, match="set KVCOMP_EVICTION_GPU=1"):
             check_eviction_platform(cfg, on_cpu=False)
     monkeypatch.setenv("KVCOMP_EVICTION_GPU", "1")
-    check_eviction_platform(snap, on_cpu=False)
-    check_eviction_platform(stream, on_cpu=False)
-    with pytest.raises(KvcompConfigError, match="runs only on the CPU path"):
-        check_eviction_platform(h2o, on_cpu=False)
+    for cfg in (snap, stream, h2o, a2sf):
+        check_eviction_platform(cfg, on_cpu=False)
 
 
 # -------------------------------------------------------------- end to end

@@ -490,7 +490,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # A decode-only batch (the CUDA-graph case) takes all num_reqs rows,
         # padding included; a mixed one its leading decode requests.
         nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
-        ev = None
+        ev = probs = None
         if cfg.eviction is not None:
             from vllm_kvcomp.kernels import eviction_gpu
 
@@ -514,18 +514,24 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         elif nd > 0:
             from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
 
+            if ev is not None and eviction_gpu.scores_by_decode(cfg):
+                # H2O / A2SF score from the decode kernel's own probabilities
+                width = eviction_gpu.decode_read_width(cfg, layout.block_size, md, nd)
+                probs = torch.empty(nd, q.shape[1], width, dtype=torch.float32,
+                                    device=q.device)
             kvcomp_decode_attention(
                 q[:nd], key[:nd], value[:nd], packed_cache, residual_cache,
                 md.block_table[:nd], res_table[:nd] if res_table is not None else None,
                 md.seq_lens[:nd], layout, cfg, self.scale, bs_r, md.max_seq_len, out=out[:nd],
                 **self._decode_launch, **({"evicted": ev[0][:nd]} if ev else {}),
+                **({"probs": probs} if probs is not None else {}),
             )
         if nd < md.num_reqs:
             self._prefill_triton(q, key, value, out, packed_cache, residual_cache, md, layout,
                                  res_table, bs_r, nd, ev)
         if ev is not None:
             eviction_gpu.after_attention(q, key, value, out, packed_cache, residual_cache, layout,
-                                         cfg, self.scale, md, res_table, bs_r)
+                                         cfg, self.scale, md, res_table, bs_r, probs)
 
     def _prefill_triton(self, q, key, value, out, packed_cache, residual_cache,
                         md: KvcompMetadata, layout, res_table, bs_r: int, nd: int,

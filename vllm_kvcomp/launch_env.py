@@ -25,8 +25,8 @@ QUEST_GPU_ENV = "KVCOMP_QUEST_GPU"
 # kernels/triton_stream.py), which have passed interpreter tests and an sm_90
 # build but not yet a GPU run; otherwise a GPU start-up refuses head_map
 HEAD_SPLIT_GPU_ENV = "KVCOMP_HEAD_SPLIT_GPU"
-# "1": a GPU serves eviction (SnapKV, StreamingLLM) with the Triton kernels
-# skipping the evicted pages (kernels/eviction_gpu.py), which have passed
+# "1": a GPU serves eviction (SnapKV, StreamingLLM, H2O, A2SF) with the Triton
+# kernels skipping the evicted pages (kernels/eviction_gpu.py), which have passed
 # interpreter tests and an sm_90 build but not yet a GPU run; otherwise a GPU
 # start-up refuses eviction
 EVICTION_GPU_ENV = "KVCOMP_EVICTION_GPU"

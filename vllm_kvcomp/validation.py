@@ -204,7 +204,7 @@ def check_tensor_parallel(cfg: KvcompConfig, tp_size: int, hf_config,
 
 
 # what the GPU (Triton) path evicts with (kernels/eviction_gpu.py)
-GPU_EVICTION = ("snapkv", "streamingllm")
+GPU_EVICTION = ("snapkv", "streamingllm", "h2o", "a2sf")
 
 
 def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
