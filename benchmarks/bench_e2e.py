@@ -81,6 +81,13 @@ SETTINGS = {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "snapkv", "budget_tokens": 2048}}},
         "_env": {"KVCOMP_EVICTION_GPU": "1"}},
+    # H2O keeping 2048 tokens a KV head (heavy hitters + recent), scored by the decode
+    # kernel's probabilities, evicting a page at a time as requests grow: W1 and W4
+    # beside kvcomp_k4v4 (only when asked, KVCOMP_EVICTION_GPU)
+    "kvcomp_k4v4_h2o2048": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4,
+                   "eviction": {"method": "h2o", "budget_tokens": 2048}}},
+        "_env": {"KVCOMP_EVICTION_GPU": "1"}},
     # half of each layer's KV heads streaming (sinks 64 + window 256), with the split's
     # kernels a GPU serves only when asked (KVCOMP_HEAD_SPLIT_GPU): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map

@@ -82,6 +82,10 @@ SETTINGS = [
     ("k4v2_g32_streaming", "d64", "float16",
      {"k_bits": 4, "v_bits": 2, "group_size": 32,
       "eviction": {"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 256}}),
+    # opt-in (KVCOMP_EVICTION_GPU): H2O keeps 512 tokens a KV head (256 heavy hitters
+    # scored by the decode kernel's own probabilities, 256 recent)
+    ("k4v4_h2o", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512}}),
 ]
 REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
 MAX_MODEL_LEN = 4096

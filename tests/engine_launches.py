@@ -102,6 +102,7 @@ OPT_IN_SETTINGS = [
             dtype="fp16", rep=8),
     setting(eviction="snapkv"),
     setting(eviction="streamingllm", k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
+    setting(eviction="h2o"),
 ]
 
 
@@ -257,9 +258,12 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
                             max_query_len=max(qlens),
                             max_seq_len=max_seq_len or int(seq_lens.max()), num_decodes=nd)
         if cfg.eviction is not None:
-            # prompts longer than any step: the kernels take the evicted
-            # ranges, the selection beside them (host-side torch ops) never runs
-            md.prompt_lens = torch.full((B,), 1 << 30, dtype=torch.int32)
+            # SnapKV / StreamingLLM: prompts longer than any step, the kernels
+            # take the evicted ranges; H2O: one-token prompts, so its decode
+            # steps read what a long generation keeps (the scores' width).
+            # The selection beside them (host-side torch ops) launches no kernel.
+            P = 1 if cfg.eviction.method == "h2o" else 1 << 30
+            md.prompt_lens = torch.full((B,), P, dtype=torch.int32)
             md.query_start_loc_cpu = qsl[:B + 1].tolist()
             md.seq_lens_cpu = seq_lens.tolist()
             md.prompt_lens_cpu = md.prompt_lens.tolist()
@@ -298,7 +302,10 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
             on_launch(jit, args, kw, default[0])
         calls.append((jit, args, kw, default[0]))
 
-    with recorded_launches(*mods, on_launch=seen):
+    from vllm_kvcomp.kernels import eviction_gpu
+
+    with recorded_launches(*mods, on_launch=seen), \
+            mock.patch.object(eviction_gpu, "after_attention", lambda *a, **k: None):
         impl = _impl(s, cfg, flash_attn=False)
         try:  # the builder's start-up check: its outputs are garbage here, so it raises
             decode_launch.check_decode_launch(cfg, bs, D, dtype, s.rep, torch.device("cpu"),
