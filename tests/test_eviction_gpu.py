@@ -263,11 +263,13 @@ STEP_CASES = [
       "prompt_attention": "full_precision",
       "eviction": {"method": "streamingllm", "sink_tokens": 20, "recent_tokens": 40}}, 16,
      [200], [[128], [72]] + [[1]] * 30),
-    # H2O: scores from the decode kernel and (prefill rows) the reference,
-    # eviction steps at the prompt's end and every page of decodes after it
+    # H2O: scores from the decode kernel and (prefill rows) the reference, a
+    # decode beside a prompt's last chunk, eviction steps at the prompts' ends
+    # and every page of decodes after them; short prompts and long decodes, so
+    # the decode steps' scores decide what stays
     ({"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 16,
-      "eviction": {"method": "h2o", "budget_tokens": 64, "recent_tokens": 24}}, 16, [100, 190],
-     [[64, 100], [36, 84], [1, 6]] + [[1, 1]] * 40),
+      "eviction": {"method": "h2o", "budget_tokens": 48, "recent_tokens": 16}}, 16, [40, 60],
+     [[40, 30], [1, 30]] + [[1, 1]] * 70),
     # A2SF: the prompt in one step, a 32-token page, prompts as stored
     ({"k_bits": 4, "v_bits": 2, "key_axis": "token", "group_size": 16, "residual_tokens": 8,
       "prompt_attention": "as_stored",
