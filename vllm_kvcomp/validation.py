@@ -89,6 +89,11 @@ def log_startup(cfg: KvcompConfig, vllm_config) -> None:
                 "prompt_attention": "as_stored" if cfg.prompt_as_stored else "full_precision"}
     if mc is not None:
         resolved["value_group_size"] = cfg.value_group(mc.get_head_size())
+    if resolved.get("residual_dtype") == "auto":
+        if mc is not None:
+            resolved["residual_dtype"] = str(mc.dtype).replace("torch.", "")
+        else:
+            resolved.pop("residual_dtype")
     if resolved.get("head_map") is None:
         # the head split's own settings mean nothing without a map
         for key in ("head_map", "streaming_ratio", "sink_tokens", "recent_tokens"):
