@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vllm_kvcomp
+from sim_paged import CAPACITY_SHAPES, reported_tokens, shape_specs
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.layout import PageLayout
 from vllm_kvcomp.residual_layer import packed_spec, residual_spec
@@ -96,27 +97,7 @@ def test_reported_capacity_vs_bf16(model, max_model_len, k4_floor, k2_floor):
     assert k4 / bf16 < 512 / 136 and k2 / bf16 < 512 / 72
 
 
-# (layers, KV heads, memory): the CPU demo's tiny Llama on 1 GiB, and
-# Llama-3.1-8B's shape on an H100's 54.3 GiB of KV
-SHAPES = {"tiny": (NUM_LAYERS, KV_HEADS, MEMORY), "llama8b": (32, 8, int(54.3 * (1 << 30)))}
-
-
-def _shape_specs(cfg, layers, heads, steps):
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-    if cfg is None:
-        return {f"l.{i}": FullAttentionSpec(block_size=128, num_kv_heads=heads, head_size=HEAD,
-                                            dtype=torch.bfloat16) for i in range(layers)}
-    packed = packed_spec(cfg, 128, heads, HEAD, torch.bfloat16)
-    res = residual_spec(packed, steps)
-    specs = {}
-    for i in range(layers):
-        specs[f"l.{i}"] = packed
-        specs[f"l.{i}.kvcomp_residual"] = res
-    return specs
-
-
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", list(CAPACITY_SHAPES))
 def test_fp8_ring_window_capacity_at_4096(model, shape):
     """The capacity bar at max_model_len 4096 (k4v4 >= 3.4x bf16, k2v2 >=
     5.5x), reported by vLLM's ``get_kv_cache_capacity`` with async
@@ -124,21 +105,19 @@ def test_fp8_ring_window_capacity_at_4096(model, shape):
     (``residual_ring``) holding float8 e4m3 (``residual_dtype``), so a page
     holds twice the window's tokens. Measured: k4v4 3.54x, k2v2 5.83x (both
     shapes), against 3.35x / 4.84x with the ring in bf16."""
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
-
-    layers, heads, memory = SHAPES[shape]
+    layers, heads, memory = CAPACITY_SHAPES[shape]
     vc = _vllm_config(model, 4096)
 
     def tokens(specs):
-        return get_kv_cache_capacity(vc, get_kv_cache_configs(vc, [specs], [memory])[0])[0]
+        return reported_tokens(vc, specs, memory)
 
-    bf16 = tokens(_shape_specs(None, layers, heads, 2))
+    bf16 = tokens(shape_specs(None, layers, heads, 2))
     ratio = {}
     for bits in (4, 2):
         for dtype in ("auto", "fp8_e4m3"):
             cfg = KvcompConfig(k_bits=bits, v_bits=bits, residual_ring=True,
                                residual_dtype=dtype)
-            ratio[bits, dtype] = tokens(_shape_specs(cfg, layers, heads, 2)) / bf16
+            ratio[bits, dtype] = tokens(shape_specs(cfg, layers, heads, 2)) / bf16
     print(shape, {k: round(v, 3) for k, v in ratio.items()})
     assert ratio[4, "fp8_e4m3"] >= 3.4 and ratio[2, "fp8_e4m3"] >= 5.5
     # the bf16 ring misses the bar: the half-size window is what makes it

@@ -15,6 +15,7 @@ import torch
 
 import vllm_kvcomp
 from e2e_util import run_engines, token_prompts
+from sim_paged import CAPACITY_SHAPES, reported_tokens, shape_specs
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.residual_layer import packed_spec, residual_spec
 from vllm_kvcomp.spec import KvcompRingWindowManager, KvcompRingWindowSpec
@@ -94,33 +95,7 @@ def test_the_gpu_path_says_it_is_not_gpu_verified():
 
 # ------------------------------------------------------------------ capacity
 
-def _tokens(vc, specs, memory):
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
-
-    return get_kv_cache_capacity(vc, get_kv_cache_configs(vc, [specs], [memory])[0])[0]
-
-
-def _specs(cfg, layers, heads, steps):
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-    if cfg is None:
-        return {f"l.{i}": FullAttentionSpec(block_size=128, num_kv_heads=heads, head_size=128,
-                                            dtype=torch.bfloat16) for i in range(layers)}
-    packed = packed_spec(cfg, 128, heads, 128, torch.bfloat16)
-    res = residual_spec(packed, steps)
-    specs = {}
-    for i in range(layers):
-        specs[f"l.{i}"] = packed
-        specs[f"l.{i}.kvcomp_residual"] = res
-    return specs
-
-
-# (layers, KV heads, memory): the CPU demo's tiny Llama on 1 GiB, and
-# Llama-3.1-8B's shape on an H100's 54.3 GiB of KV
-SHAPES = {"tiny": (4, 2, 1 << 30), "llama8b": (32, 8, int(54.3 * (1 << 30)))}
-
-
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", list(CAPACITY_SHAPES))
 def test_reported_capacity_at_4096(tiny_llama, shape):
     """vLLM's reported capacity (``get_kv_cache_capacity``, the code behind
     its "GPU KV cache size" log line) at max_model_len 4096, 128-token pages,
@@ -130,15 +105,16 @@ def test_reported_capacity_at_4096(tiny_llama, shape):
     5.5x) also needs a window half this size."""
     from vllm.engine.arg_utils import EngineArgs
 
-    layers, heads, memory = SHAPES[shape]
+    layers, heads, memory = CAPACITY_SHAPES[shape]
     vc = EngineArgs(model=tiny_llama, max_model_len=4096, block_size=128,
                     max_num_batched_tokens=8192).create_engine_config()
-    bf16 = _tokens(vc, _specs(None, layers, heads, 2), memory)
+    bf16 = reported_tokens(vc, shape_specs(None, layers, heads, 2), memory)
     ratio = {}
     for bits in (4, 2):
         for ring in (False, True):
             cfg = KvcompConfig(k_bits=bits, v_bits=bits, residual_ring=ring)
-            ratio[bits, ring] = _tokens(vc, _specs(cfg, layers, heads, 2), memory) / bf16
+            specs = shape_specs(cfg, layers, heads, 2)
+            ratio[bits, ring] = reported_tokens(vc, specs, memory) / bf16
     print(shape, {k: round(v, 3) for k, v in ratio.items()})
     assert ratio[4, True] > 3.3 and ratio[2, True] > 4.8
     assert ratio[4, False] < 2.8 and ratio[2, False] < 2.9

@@ -308,8 +308,6 @@ def test_store_ring_window_writes_what_the_reference_step_writes(bits, residual)
     the caches as the reference step does, with a chunk longer than the
     ring's span (its early tokens share slots with its last ones) and a
     decode that hands a key group over."""
-    from vllm_kvcomp.kernels.triton_store import ring_window_slots
-
     cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16,
                        residual_tokens=residual, residual_ring=True)
     plans = [(residual + 3 * 16 - 1, 1), (10, 150), (0, 45), (70, 29), (0, 0)]
@@ -319,15 +317,26 @@ def test_store_ring_window_writes_what_the_reference_step_writes(bits, residual)
     kvcomp_step_reference(step.query, step.key, step.value, torch.empty_like(step.query),
                           packed, res, step.layout, cfg, step.scale, step.batch)
     d = step.dev()
-    args = (d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
-            d["residual_block_table"])
-    tail = (d["query_start_loc"], d["seq_lens"], step.layout, cfg, step.bs_r,
-            step.max_query_len)
-    kvcomp_store(*args, None, *tail)
-    kvcomp_store(*args, ring_window_slots(d["residual_slot_mapping"], d["query_start_loc"],
-                                          d["seq_lens"], cfg), *tail, handover=False)
+    _store_as_ring(step, cfg, d)
     compare_packed(packed, d["packed"].cpu(), step.layout)
     assert torch.equal(res[1:], d["residual"].cpu()[1:])
+
+
+def _store_args(step, cfg, d, residual_slots):
+    return (d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
+            d["residual_block_table"], residual_slots, d["query_start_loc"], d["seq_lens"],
+            step.layout, cfg, step.bs_r, step.max_query_len)
+
+
+def _store_as_ring(step, cfg, d):
+    """The ring's two launches: the hand-over alone, then the new window's
+    tokens into their ring slots (as the backend runs them, after attention)."""
+    from vllm_kvcomp.kernels.triton_store import ring_window_slots
+
+    kvcomp_store(*_store_args(step, cfg, d, None))
+    slots = ring_window_slots(d["residual_slot_mapping"], d["query_start_loc"], d["seq_lens"],
+                              cfg)
+    kvcomp_store(*_store_args(step, cfg, d, slots), handover=False)
 
 
 @pytest.mark.parametrize("bits, key_axis, ring, D, dtype", [
@@ -339,8 +348,6 @@ def test_store_fp8_window(bits, key_axis, ring, D, dtype):
     window back and its residual write stores e4m3, byte for byte what the
     reference step writes (by position, or as a ring: hand-over, then the new
     window's tokens)."""
-    from vllm_kvcomp.kernels.triton_store import ring_window_slots
-
     cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=16, residual_tokens=24,
                        key_axis=key_axis, residual_ring=ring, residual_dtype="fp8_e4m3")
     step = Step(cfg, mixed_plans(cfg), H=2, D=D, dtype=dtype, seed=sum(bits) + D,
@@ -350,16 +357,10 @@ def test_store_fp8_window(bits, key_axis, ring, D, dtype):
     kvcomp_step_reference(step.query, step.key, step.value, torch.empty_like(step.query),
                           packed, res, step.layout, cfg, step.scale, step.batch)
     d = step.dev()
-    args = (d["key"], d["value"], d["packed"], d["residual"], d["block_table"],
-            d["residual_block_table"])
-    tail = (d["query_start_loc"], d["seq_lens"], step.layout, cfg, step.bs_r,
-            step.max_query_len)
     if ring:
-        kvcomp_store(*args, None, *tail)
-        kvcomp_store(*args, ring_window_slots(d["residual_slot_mapping"], d["query_start_loc"],
-                                              d["seq_lens"], cfg), *tail, handover=False)
+        _store_as_ring(step, cfg, d)
     else:
-        kvcomp_store(*args, d["residual_slot_mapping"], *tail)
+        kvcomp_store(*_store_args(step, cfg, d, d["residual_slot_mapping"]))
     assert not torch.equal(res[1:], step.sim.residual[1:])  # the step wrote its window
     compare_packed(packed, d["packed"].cpu(), step.layout)
     assert torch.equal(res[1:], d["residual"].cpu()[1:])
