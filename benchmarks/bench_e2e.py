@@ -132,7 +132,10 @@ WORKLOADS = {"W1": (256, 4096, 256), "W2": (512, 1024, 2048), "W4": (256, 512, 8
              "W1ps": (16, 4096, 1),
              # W2's decode at batch 512: profile with --profile-delay 520 (prefill done,
              # 512 requests at ~1.5K context, which still fit a whole H200 in bf16)
-             "W2ps": (512, 1024, 600)}
+             "W2ps": (512, 1024, 600),
+             # KV capacity as vLLM logs it at max_model_len 4096 (run first, its engine then
+             # serves the next workload at that length): the capacity bar's context length
+             "C4K": (8, 4079, 1)}
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
