@@ -131,6 +131,15 @@ def selects_on_host(cfg: KvcompConfig) -> bool:
     return cfg.eviction is not None and cfg.eviction.method != "streamingllm"
 
 
+def step_evicts(cfg: KvcompConfig, md) -> bool:
+    """Whether eviction takes part in a step. vLLM's GPU model runner builds
+    its warm-up, profiling and CUDA-graph capture batches without prompt
+    lengths (``rswa_prefix_lens`` None), while every scheduled step carries
+    them: those dummy rows hold no request, so nothing is evicted, scored or
+    selected for them. StreamingLLM needs no prompt length."""
+    return cfg.eviction.method == "streamingllm" or md.prompt_lens is not None
+
+
 def step_ranges(cfg: KvcompConfig, block_size: int, md) -> tuple[torch.Tensor, int]:
     """(``evicted_ranges`` of a step's batch, StreamingLLM's recent_tokens
     for the prefill rows' growing ranges, else 0) from its metadata

@@ -300,6 +300,39 @@ def test_triton_steps_match_the_reference_steps(kvcomp, bs, prompts, schedule):
     assert (full - ref).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+def test_dummy_steps_without_prompt_lengths_evict_nothing(method):
+    """vLLM's GPU model runner builds its warm-up, profiling and CUDA-graph
+    capture batches without prompt lengths: the Triton path serves them as
+    steps of requests still in their prompts (nothing evicted: the same
+    output and stored K/V), rather than failing the engine's start."""
+    cfg = KvcompConfig.from_dict({"k_bits": 4, "v_bits": 4, "group_size": 16,
+                                  "residual_tokens": 16,
+                                  "eviction": {"method": method, "budget_tokens": 32}})
+    bs, done, ends = 16, [150, 0], [151, 70]
+    sim = SimPagedCache(cfg, bs, H, D, len(done), max(ends), seed=3)
+    batch = sim.batch(done, ends)
+    q, k, v = _inputs(sum(e - d for d, e in zip(done, ends)), None, 0, seed=5)
+    outs = []
+    for prompt_lens in (None, [e + 1000 for e in ends]):
+        md, res = _metadata(sim, batch, prompt_lens or [1] * len(done))
+        if prompt_lens is None:
+            md.prompt_lens = md.prompt_lens_cpu = None
+        packed = sim.packed.clone()
+        residual = sim.residual.clone() if sim.residual is not None else None
+        o = torch.zeros(q.shape[0], H * REP, D)
+        _impl(cfg)._forward_triton(q, k, v, o, packed, residual, md, res, sim.layout)
+        outs.append((o, packed))
+    (o_dummy, packed_dummy), (o_running, packed_running) = outs
+    assert torch.isfinite(o_dummy).all()
+    torch.testing.assert_close(o_dummy, o_running, atol=0, rtol=0)
+    if method in SCORED_EVICTION:  # a running prompt's rows score; dummy rows do not
+        off = sim.layout.scores_offset
+        assert torch.equal(packed_dummy[:, :, off:], sim.packed[:, :, off:])
+        packed_dummy[:, :, off:] = packed_running[:, :, off:] = 0
+    assert torch.equal(packed_dummy, packed_running)
+
+
 # ---------------------------------------------------------------- start-up
 
 def test_gpu_serves_eviction_only_when_asked(monkeypatch):

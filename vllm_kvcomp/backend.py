@@ -494,7 +494,8 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         if cfg.eviction is not None:
             from vllm_kvcomp.kernels import eviction_gpu
 
-            ev = eviction_gpu.step_ranges(cfg, layout.block_size, md)
+            if eviction_gpu.step_evicts(cfg, md):
+                ev = eviction_gpu.step_ranges(cfg, layout.block_size, md)
         if nd > 0 and self._decode_launch is None:
             from vllm_kvcomp.kernels.decode_launch import check_decode_launch
 
