@@ -191,26 +191,33 @@ def test_engine_preempted_ring_keeps_its_tokens(tiny_llama):
 
 # ------------------------------------------------------------------ Triton path
 
-def test_backend_triton_steps_equal_the_reference_steps():
+@pytest.mark.parametrize("residual_dtype", ["auto", "fp8_e4m3"])
+def test_backend_triton_steps_equal_the_reference_steps(residual_dtype):
     """The backend's Triton launch code with the ring (``_forward_triton``:
     hand-over, attention, then the new window's residual write), interpreted,
-    over prefill chunks longer than the ring's span and decodes that go round
-    it, gives the reference step's outputs (CPU path) step by step."""
+    over prefill chunks longer than the ring's span, a decode beside a chunk
+    and decodes that go round it, gives the reference step's outputs (CPU
+    path) step by step and leaves the ring's pages byte for byte as the
+    reference does; with the window in e4m3 too (K/V rounded on arrival, as
+    ``forward`` hands them over)."""
     from unittest import mock
 
     from sim_paged import SimPagedCache
     from vllm_kvcomp import backend
     from vllm_kvcomp.backend import KvcompImpl, KvcompMetadata
     from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
+    from vllm_kvcomp.kernels.packing import residual_torch_dtype, round_to_window
 
     H, REP, D, bs = 2, 2, 64, 32
-    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=8, residual_ring=True)
-    # per step, tokens of each request: prefill chunks, then decodes
-    plan = [(100, 40), (90, 50), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1)]
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=8, residual_ring=True,
+                       residual_dtype=residual_dtype)
+    # per step, tokens of each request: prefill chunks, a decode beside a chunk, decodes
+    plan = [(100, 40), (90, 50), (1, 37), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1)]
     T = sum(a for a, _ in plan), sum(b for _, b in plan)
     g = torch.Generator().manual_seed(3)
-    qkv = [(torch.randn(t, H * REP, D, generator=g), 2 * torch.randn(t, H, D, generator=g),
-            torch.randn(t, H, D, generator=g)) for t in T]
+    qkv = [(torch.randn(t, H * REP, D, generator=g),
+            round_to_window(2 * torch.randn(t, H, D, generator=g), cfg),
+            round_to_window(torch.randn(t, H, D, generator=g), cfg)) for t in T]
     sims = [SimPagedCache(cfg, bs, H, D, 2, max(T), seed=5) for _ in range(2)]
     assert sims[0].ring_pages * sims[0].bs_r < 90
     with mock.patch.object(backend, "current_config", lambda: cfg):
@@ -234,7 +241,7 @@ def test_backend_triton_steps_equal_the_reference_steps():
                 num_actual_tokens=q.shape[0], num_reqs=2, query_start_loc=qsl, seq_lens=lens,
                 block_table=table, slot_mapping=slots, block_size=block,
                 max_query_len=max(chunks), max_seq_len=max(ends),
-                num_decodes=2 if max(chunks) == 1 else 0)
+                num_decodes=2 if max(chunks) == 1 else int(chunks[0] == 1))
         out = torch.zeros_like(q)
         impl._forward_triton(q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1),
                              v.reshape(v.shape[0], -1), out.view(q.shape[0], -1),
@@ -244,3 +251,5 @@ def test_backend_triton_steps_equal_the_reference_steps():
                                 b.residual_slot_mapping), sims[1].layout)
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
         done = ends
+    assert sims[1].residual.dtype == residual_torch_dtype(cfg, torch.float32)
+    assert torch.equal(sims[1].residual.view(torch.uint8), sims[0].residual.view(torch.uint8))
