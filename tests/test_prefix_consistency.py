@@ -50,3 +50,12 @@ def test_full_precision_prompts_are_not_cache_consistent(model):
                                      "prompt_attention": "full_precision"})
     print("worst logprob change, full_precision prompts:", _worst(lp1, lp2))
     assert _worst(lp1, lp2) > 1e-2
+
+
+def test_fp8_window_is_cache_consistent(model):
+    """A hit reads the e4m3 window blocks an earlier request cached, which
+    hold what a cold run's window holds (K and V rounded on arrival)."""
+    first, second, lp1, lp2 = _rounds(model, {"k_bits": 2, "v_bits": 2,
+                                              "residual_dtype": "fp8_e4m3"})
+    assert first == second
+    assert _worst(lp1, lp2) < 1e-4

@@ -153,3 +153,40 @@ def test_the_check_after_kv_sizing_keeps_a_users_block_size(llama):
     config.cache_config.block_size = 32
     current_platform.check_and_update_config(config)
     assert config.cache_config.block_size == 32
+
+
+# Pairs of settings that do not compose. Each is refused at start-up with a
+# message naming both; every other pair of the features is served (pairs of
+# the window's storage with eviction, Quest and head maps: test_combinations.py).
+PAIR_REFUSALS = [
+    ({"eviction": {"method": "streamingllm"}, "head_map": "MAP"}, ("eviction", "head_map")),
+    ({"eviction": {"method": "snapkv", "budget_tokens": 512}, "head_map": "MAP"},
+     ("eviction", "head_map")),
+    ({"eviction": {"method": "h2o", "budget_tokens": 512}, "quest": {}},
+     ("quest", "eviction", "h2o")),
+    ({"eviction": {"method": "snapkv", "budget_ratio": 0.5}, "quest": {}},
+     ("quest", "eviction", "snapkv")),
+    ({"residual_dtype": "fp8_e4m3", "head_map": "MAP"}, ("residual_dtype", "head_map")),
+    ({"quest": {}, "key_axis": "token"}, ("quest", "key_axis='token'")),
+    ({"quest": {}, "k_bits": 16}, ("quest", "k_bits=16")),
+    ({"fresh_prefill": "flash_attn", "prompt_attention": "as_stored"},
+     ("fresh_prefill='flash_attn'", "prompt_attention", "as_stored")),
+]
+
+
+@pytest.mark.parametrize("kvcomp, names", PAIR_REFUSALS)
+def test_pairs_that_do_not_compose_are_named_at_startup(llama, tmp_path, kvcomp, names):
+    import json
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"layers": [["retrieval", "streaming"]] * 4}))
+    kvcomp = {k: str(path) if v == "MAP" else v for k, v in kvcomp.items()}
+    with pytest.raises(ValueError) as e:
+        engine_config(llama, kvcomp)
+    for name in names:
+        assert name in str(e.value), (name, str(e.value))
+    for key in kvcomp:  # each alone starts
+        alone = {key: kvcomp[key]}
+        if key == "quest" or alone.get("prompt_attention") == "as_stored":
+            alone = {**alone, "block_size": 128}
+        engine_config(llama, alone)

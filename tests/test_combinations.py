@@ -1,0 +1,215 @@
+"""Settings that compose, each pair against the reference of the simpler
+setting. Pairs that do not compose are start-up errors naming both
+(``test_config.py``, ``test_validation.py``).
+
+The window's storage (``residual_ring``: a ring of pages; ``residual_dtype``
+fp8: e4m3 values) must not change what attention computes: with K and V
+rounded to e4m3 as the backend rounds them on arrival, a ring of e4m3 pages
+holds exactly the values a sliding window in the model dtype holds. So under
+eviction, a head map and Quest, the ring and the fp8 window must give the
+outputs of the plain window, on the reference path and on the Triton path.
+"""
+import pytest
+import torch
+
+import vllm_kvcomp
+from sim_paged import SimPagedCache
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.kernels.packing import round_to_window
+
+vllm_kvcomp.register()
+
+STORAGE = {"residual_ring": True, "residual_dtype": "fp8_e4m3"}
+
+
+def _rounded(*kv):
+    """K, V as the backend hands them on with an fp8 window: every setting
+    compared here gets these values."""
+    fp8 = KvcompConfig(residual_dtype="fp8_e4m3")
+    assert fp8.residual_fp8
+    return tuple(round_to_window(x, fp8) for x in kv)
+
+
+# ------------------------------------------------ eviction, step by step
+
+BASE = {"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 16}
+# (settings, eviction, prompts, schedule: per step, each request's new
+# tokens); SnapKV with 16-bit values, which its selection reads back in the
+# model dtype
+EVICTION_CASES = {
+    "streamingllm": (BASE, {"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 24},
+                     [150, 90], [[64, 40], [64, 50], [1, 22]] + [[1, 1]] * 30),
+    "snapkv": ({**BASE, "v_bits": 16}, {"method": "snapkv", "window": 8, "budget_tokens": 40},
+               [100, 190], [[64, 100], [36, 84], [1, 6]] + [[1, 1]] * 30),
+    "h2o": (BASE, {"method": "h2o", "budget_tokens": 48, "recent_tokens": 16},
+            [40, 60], [[40, 30], [1, 30]] + [[1, 1]] * 40),
+    "a2sf": (BASE, {"method": "a2sf", "budget_tokens": 56, "recent_tokens": 16, "alpha": 0.3},
+             [120], [[64], [56]] + [[1]] * 40),
+}
+
+
+@pytest.mark.parametrize("method", list(EVICTION_CASES))
+def test_ring_and_fp8_window_under_eviction(method):
+    """Each eviction method with the window as an e4m3 ring: the reference
+    steps give the plain window's outputs (eviction compacts and frees packed
+    pages only; the ring goes round many times), and the backend's Triton
+    steps (``KVCOMP_EVICTION_GPU``) give the reference's. The eviction did
+    change what later queries read."""
+    from test_eviction_gpu import _inputs, _run
+
+    base, ev, prompts, schedule = EVICTION_CASES[method]
+    cfg = KvcompConfig.from_dict({**base, **STORAGE, "eviction": ev})
+    plain = KvcompConfig.from_dict({**base, "eviction": ev})
+    bs = 16
+    sim = SimPagedCache(cfg, bs, 2, 32, 1, 1)
+    assert sim.ring_pages * sim.bs_r < max(map(sum, zip(*schedule)))  # the ring wraps
+    total = sum(map(sum, schedule))
+    q, k, v = _inputs(total, prompts, 8, seed=len(schedule))
+    k, v = _rounded(k, v)
+    ref = _run(cfg, prompts, schedule, q, k, v, bs, triton=False)
+    want = _run(plain, prompts, schedule, q, k, v, bs, triton=False)
+    torch.testing.assert_close(ref, want, atol=1e-6, rtol=1e-6)
+    tri = _run(cfg, prompts, schedule, q, k, v, bs, triton=True)
+    assert torch.isfinite(tri).all()
+    torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-5)
+    kept_all = KvcompConfig.from_dict(base)
+    full = _run(kept_all, prompts, schedule, q, k, v, bs, triton=False)
+    assert (full - ref).abs().max() > 1e-2
+
+
+# ------------------------------------------- Quest and head maps, step by step
+
+H, REP, D, BS = 2, 2, 64, 32
+# per step, tokens of each request: prefill chunks longer than the ring's
+# span, then decodes that go round it (one-token rows first, as vLLM orders
+# them)
+PLAN = [(100, 40), (90, 150), (1, 70)] + [(1, 1)] * 40
+
+
+def _steps(cfg, quest=None, head_split=None, triton=False):
+    """Two requests through ``PLAN``, on the reference path or through the
+    backend's Triton launch code (interpreted); the outputs, step after step."""
+    from unittest import mock
+
+    from vllm_kvcomp import backend
+    from vllm_kvcomp.backend import KvcompImpl, KvcompMetadata
+    from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
+    from vllm_kvcomp.kernels.head_split_ref import split_step_reference
+
+    T = [sum(p[i] for p in PLAN) for i in range(2)]
+    g = torch.Generator().manual_seed(3)
+    heads = len(head_split[0]) if head_split else H
+    qkv = [(torch.randn(t, H * REP, D, generator=g),
+            *_rounded(2 * torch.randn(t, H, D, generator=g),
+                      torch.randn(t, H, D, generator=g))) for t in T]
+    sim = SimPagedCache(cfg, BS, heads, D, 2, max(T), seed=5)
+    # the streaming heads' pages by position, every one held (as a window
+    # longer than the sequences): sinks and recent tokens stay where they were
+    stream = SimPagedCache(KvcompConfig(k_bits=16, v_bits=16, residual_tokens=max(T)), BS,
+                           H - heads, D, 2, max(T), seed=6) if head_split else None
+    if triton:
+        with mock.patch.object(backend, "current_config", lambda: cfg):
+            impl = KvcompImpl(num_heads=H * REP, head_size=D, scale=D ** -0.5,
+                              num_kv_heads=H)
+        impl._decode_launch = {}
+    outs, done = [], [0, 0]
+    for chunks in PLAN:
+        ends = [s + c for s, c in zip(done, chunks)]
+        b = sim.batch(list(done), ends)
+        q, k, v = (torch.cat([qkv[i][j][s:e] for i, (s, e) in enumerate(zip(done, ends))])
+                   for j in range(3))
+        out = torch.zeros_like(q)
+        if head_split:
+            sb = stream.batch(list(done), ends)
+            split_step_reference(q, k, v, out, sim.packed, sim.residual, sim.layout, cfg,
+                                 D ** -0.5, b, head_split, stream.residual,
+                                 sb.residual_block_table, sb.residual_slot_mapping,
+                                 sb.residual_block_size, quest=quest)
+        elif not triton:
+            kvcomp_step_reference(q, k, v, out, sim.packed, sim.residual, sim.layout, cfg,
+                                  D ** -0.5, b, quest=quest)
+        else:
+            qsl = torch.tensor(b.query_start_loc, dtype=torch.int32)
+            lens = torch.tensor(b.seq_lens, dtype=torch.int32)
+
+            def md(table, block, slots):
+                return KvcompMetadata(
+                    num_actual_tokens=q.shape[0], num_reqs=2, query_start_loc=qsl,
+                    seq_lens=lens, block_table=table, slot_mapping=slots, block_size=block,
+                    max_query_len=max(chunks), max_seq_len=max(ends),
+                    num_decodes=2 if max(chunks) == 1 else (1 if chunks[0] == 1 else 0))
+            impl._forward_triton(q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1),
+                                 v.reshape(v.shape[0], -1), out.view(q.shape[0], -1),
+                                 sim.packed, sim.residual, md(b.block_table, BS, None),
+                                 md(b.residual_block_table, b.residual_block_size,
+                                    b.residual_slot_mapping), sim.layout, quest)
+        outs.append(out)
+        done = ends
+    assert sim.ring_pages * sim.bs_r < 90 or not cfg.residual_ring
+    return torch.cat(outs)
+
+
+QUEST_KV = {"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 8}
+
+
+def test_ring_and_fp8_window_under_quest():
+    """Quest's decode steps with the window as an e4m3 ring: the reference
+    gives the plain window's outputs, and the backend's Triton launch code
+    (``KVCOMP_QUEST_GPU``: page selection, then the decode kernel over the
+    selected pages and the window, whose block-table row repeats the ring's
+    pages) gives the reference's. The selection left pages out."""
+    from vllm_kvcomp.policies.quest import Quest
+
+    quest = Quest(64, BS)
+    cfg = KvcompConfig(**QUEST_KV, **STORAGE, quest={"budget_tokens": 64})
+    ref = _steps(cfg, quest)
+    want = _steps(KvcompConfig(**QUEST_KV, quest={"budget_tokens": 64}), quest)
+    torch.testing.assert_close(ref, want, atol=1e-6, rtol=1e-6)
+    tri = _steps(cfg, quest, triton=True)
+    torch.testing.assert_close(tri, ref, atol=2e-3, rtol=2e-3)
+    assert (_steps(cfg) - ref).abs().max() > 1e-2
+
+
+def test_ring_under_a_head_map_with_quest():
+    """A split layer (one retrieval, one streaming KV head) whose retrieval
+    head's window is a ring, with Quest selecting its pages: the reference
+    gives the outputs of the sliding window. (fp8 windows are refused with a
+    head map.)"""
+    from vllm_kvcomp.policies.quest import Quest
+
+    quest = Quest(64, BS)
+    split = ([1], [0])
+    kv = {**QUEST_KV, "sink_tokens": 8, "recent_tokens": 48}
+    ring = _steps(KvcompConfig(**kv, residual_ring=True), quest, split)
+    sliding = _steps(KvcompConfig(**kv), quest, split)
+    torch.testing.assert_close(ring, sliding, atol=0, rtol=0)
+    assert (_steps(KvcompConfig(**kv), None, split) - sliding).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("policy", ["h2o", "head_map_quest"])
+def test_engine_ring_serves_the_sliding_windows_tokens(tiny_llama, tmp_path, policy):
+    """The ring's block manager beside eviction's (H2O frees and compacts
+    packed pages during decode, and holds a page for every token still in
+    the window) or beside a head map's streaming group and Quest: chunked
+    prompts up to 1400 tokens, prefix caching on, the same tokens as the
+    sliding window, with more capacity reported."""
+    import json
+
+    from e2e_util import POLICY_BASE, policy_spec, run_engines
+
+    if policy == "h2o":
+        kv = {**POLICY_BASE, "eviction": {"method": "h2o", "budget_tokens": 128,
+                                          "recent_tokens": 64}}
+    else:
+        path = tmp_path / "map.json"
+        path.write_text(json.dumps({"layers": [["retrieval", "streaming"],
+                                               ["streaming", "retrieval"]] * 2}))
+        kv = {**POLICY_BASE, "head_map": str(path), "sink_tokens": 16, "recent_tokens": 64,
+              "quest": {"budget_tokens": 128, "dense_layers": 1}}
+    sliding, ring = run_engines(dict(spec=policy_spec(tiny_llama, kv)),
+                                dict(spec=policy_spec(tiny_llama, {**kv, "residual_ring": True})))
+    assert ring["tokens"] == sliding["tokens"]
+    assert ring["kv_cache_tokens"] > sliding["kv_cache_tokens"]
+    assert ring["kv_cache_usage"] == 0
