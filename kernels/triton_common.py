@@ -451,3 +451,19 @@ def softmax_step(s, s_row, mask, m_i, l_i):
     p = tl.exp2(s - (m_new - s_row)[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     return p, alpha, m_new, l_i
+
+
+@triton.jit
+def evicted_walk(hole_ptr, i, end, BLOCK_N: tl.constexpr):
+    """Request ``i``'s evicted range ``[ev_lo, ev_hi)`` (``hole_ptr``: int32
+    ``[B, 2]``, ``kernels/eviction_gpu.py``) and how a walk of BLOCK_N-token
+    tiles over ``[0, end)`` skips it: ``(ev_lo, ev_hi, lo_al, gap, end - gap)``.
+    The evicted pages may be other requests' by now, so the tiles run over the
+    stored positions only: a tile starting at ``m0 >= lo_al`` (the first tile
+    boundary at or past ``ev_lo``) reads from ``m0 + gap``, and the tile
+    holding ``ev_lo`` masks its stale rest itself."""
+    ev_lo = tl.load(hole_ptr + i * 2)
+    ev_hi = tl.load(hole_ptr + i * 2 + 1)
+    lo_al = tl.cdiv(ev_lo, BLOCK_N) * BLOCK_N
+    gap = tl.maximum(ev_hi - lo_al, 0)
+    return ev_lo, ev_hi, lo_al, gap, end - gap

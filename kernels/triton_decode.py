@@ -66,6 +66,7 @@ from vllm_kvcomp.kernels.triton_common import (
     codes_operand,
     dequant,
     dot_operand,
+    evicted_walk,
     interpreted,
     layout_constexprs,
     load_code_elems,
@@ -288,15 +289,8 @@ def _kvcomp_decode_kernel(
     # 1. this split's share of the packed tiles of [0, Q(start))
     q_end = q_old
     if HOLE:
-        # evicted [ev_lo, ev_hi) (kernels/eviction_gpu.py): its pages may be
-        # other requests' by now, so the tiles run over the stored positions,
-        # [0, ev_lo) then [ev_hi, Q(start)), and the tile holding ev_lo masks
-        # its stale rest
-        ev_lo = tl.load(hole_ptr + i * 2)
-        ev_hi = tl.load(hole_ptr + i * 2 + 1)
-        lo_al = tl.cdiv(ev_lo, BLOCK_N) * BLOCK_N
-        gap = tl.maximum(ev_hi - lo_al, 0)
-        q_end = q_old - gap
+        # [0, ev_lo) then [ev_hi, Q(start)): the splits share the stored tiles only
+        ev_lo, ev_hi, lo_al, gap, q_end = evicted_walk(hole_ptr, i, q_old, BLOCK_N)
     n_tiles = tl.cdiv(q_end, BLOCK_N)
     per_split = tl.cdiv(n_tiles, NUM_SPLITS)
     lo = sp * per_split * BLOCK_N

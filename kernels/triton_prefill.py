@@ -44,6 +44,7 @@ from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref
 from vllm_kvcomp.kernels.triton_common import (
     check_alignment,
+    evicted_walk,
     interpreted,
     layout_constexprs,
     residual_window_args,
@@ -244,16 +245,9 @@ def _kvcomp_prefill_kernel(
     bt_row = bt_ptr + i.to(tl.int64) * stride_bt
     q_end = q_hi
     if HOLE:
-        # evicted [ev_lo, ev_hi) of the request's first query
-        # (kernels/eviction_gpu.py): the tiles run over the stored positions,
-        # [0, ev_lo) then [ev_hi, ...), the tile holding ev_lo masks its stale
-        # rest; under StreamingLLM (HOLE_RECENT) each row's own range ends
-        # where its recent window does
-        ev_lo = tl.load(hole_ptr + i * 2)
-        ev_hi = tl.load(hole_ptr + i * 2 + 1)
-        lo_al = tl.cdiv(ev_lo, BLOCK_N) * BLOCK_N
-        gap = tl.maximum(ev_hi - lo_al, 0)
-        q_end = q_hi - gap
+        # the range is the request's first query's; under StreamingLLM
+        # (HOLE_RECENT) each row's own range ends where its recent window does
+        ev_lo, ev_hi, lo_al, gap, q_end = evicted_walk(hole_ptr, i, q_hi, BLOCK_N)
         if HOLE_RECENT > 0:
             row_bound = q_old
             if AS_STORED:
