@@ -41,6 +41,7 @@ This is the CPU implementation and the oracle for the Triton kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -263,73 +264,85 @@ _WINDOW_SCORES: dict = {}
 _WINDOW_SCORES_MAX = 4096
 
 
-def snapkv_step(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
-    residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
-    block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
-    start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
-    window: tuple[torch.Tensor, torch.Tensor] | None, prompt_len: int,
-) -> torch.Tensor:
-    """A step over ``[start, start + Tq)`` of a prompt that SnapKV evicts
-    from, whose chunk holds observation-window queries (module docstring,
-    2.), after its hand-over. The window's attention is summed over its
-    queries chunk by chunk, so a window split by chunked prefill scores as a
-    whole; the chunk that completes the prompt selects and compacts."""
-    step = (q, k_new, v_new, packed_cache, residual_cache, layout, cfg, block_row, residual_row,
-            residual_block_size, start, scale, model_dtype, as_stored, window, prompt_len)
-    m, w0 = _snapkv_rows(cfg, layout, start, q.shape[0], prompt_len)
+class RequestStep(NamedTuple):
+    """One request's step over ``[start, start + Tq)`` after its hand-over,
+    as the references of an evicting step take it (``snapkv_step``,
+    ``snapkv_window_probs``, ``snapkv_settle``, ``h2o_ref.scored_step``).
+    ``window``: the residual K, V of ``[Q(start), start)`` when gathered;
+    ``prompt_len``: the request's prompt length."""
+
+    q: torch.Tensor
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    packed_cache: torch.Tensor
+    residual_cache: torch.Tensor | None
+    layout: PageLayout
+    cfg: KvcompConfig
+    block_row: torch.Tensor
+    residual_row: torch.Tensor | None
+    residual_block_size: int
+    start: int
+    scale: float
+    model_dtype: torch.dtype
+    as_stored: bool
+    window: tuple[torch.Tensor, torch.Tensor] | None
+    prompt_len: int
+
+    def rows(self, lo: int = 0, hi: int | None = None) -> RequestStep:
+        """The step of queries ``[lo, hi)`` alone (fresh K/V sliced alike)."""
+        return self._replace(q=self.q[lo:hi], k_new=self.k_new[lo:hi], v_new=self.v_new[lo:hi])
+
+    def attention(self, **kw) -> torch.Tensor:
+        """``request_attention`` of the step (``kw``: its keywords)."""
+        # the fields up to ``window`` are request_attention's positional arguments
+        return request_attention(*self[:15], prompt_len=self.prompt_len, **kw)
+
+
+def snapkv_step(step: RequestStep) -> torch.Tensor:
+    """A step of a prompt that SnapKV evicts from, whose chunk holds
+    observation-window queries (module docstring, 2.). The window's
+    attention is summed over its queries chunk by chunk, so a window split
+    by chunked prefill scores as a whole; the chunk that completes the
+    prompt selects and compacts."""
+    m, w0 = _snapkv_rows(step)
     probs = []
-    out = request_attention(q[:m], k_new[:m], v_new[:m], *step[3:-1], prompt_len=prompt_len,
-                            probs_out=probs)
+    out = step.rows(0, m).attention(probs_out=probs)
     p, pos = probs[0]  # [H, rep, m, K], [K]
-    rest = snapkv_settle((p[:, :, w0:], pos), *step)
+    rest = snapkv_settle((p[:, :, w0:], pos), step)
     return out if rest is None else torch.cat([out, rest])
 
 
-def _snapkv_rows(cfg: KvcompConfig, layout: PageLayout, start: int, Tq: int,
-                 prompt_len: int) -> tuple[int, int]:
+def _snapkv_rows(step: RequestStep) -> tuple[int, int]:
     """(the step's prompt queries, the first of them in the observation window)."""
-    window = cfg.eviction.policy(layout.block_size).window
-    return min(prompt_len, start + Tq) - start, max(prompt_len - window, start) - start
+    window = step.cfg.eviction.policy(step.layout.block_size).window
+    P, start = step.prompt_len, step.start
+    return min(P, start + step.q.shape[0]) - start, max(P - window, start) - start
 
 
-def snapkv_window_probs(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
-    residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
-    block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
-    start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
-    window: tuple[torch.Tensor, torch.Tensor] | None, prompt_len: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def snapkv_window_probs(step: RequestStep) -> tuple[torch.Tensor, torch.Tensor]:
     """``snapkv_step``'s softmax ``[H, rep, w, K]`` of the step's
     observation-window queries alone, and the keys' positions ``[K]``: what
     a path whose attention kernel keeps no probabilities scores with."""
-    m, w0 = _snapkv_rows(cfg, layout, start, q.shape[0], prompt_len)
+    m, w0 = _snapkv_rows(step)
     probs = []
-    request_attention(q[:m], k_new[:m], v_new[:m], packed_cache, residual_cache, layout, cfg,
-                      block_row, residual_row, residual_block_size, start, scale, model_dtype,
-                      as_stored, window, prompt_len=prompt_len, probs_out=probs, from_row=w0)
+    step.rows(0, m).attention(probs_out=probs, from_row=w0)
     return probs[0]
 
 
-def snapkv_settle(
-    window_probs: tuple[torch.Tensor, torch.Tensor],
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
-    residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
-    block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
-    start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
-    window: tuple[torch.Tensor, torch.Tensor] | None, prompt_len: int,
-) -> torch.Tensor | None:
+def snapkv_settle(window_probs: tuple[torch.Tensor, torch.Tensor],
+                  step: RequestStep) -> torch.Tensor | None:
     """The window's attention ``window_probs`` (``snapkv_window_probs``)
     added to the sums of the prompt's earlier chunks; in the chunk that
     completes the prompt, the selection and its compaction. Returns the
     attention of the step's queries past the prompt (None: there are none)."""
     from vllm_kvcomp.kernels.compaction import compact_kept
 
+    cfg, layout, block_row = step.cfg, step.layout, step.block_row
+    start, P, Tq = step.start, step.prompt_len, step.q.shape[0]
     policy = cfg.eviction.policy(layout.block_size)
-    P = prompt_len
-    n = start + q.shape[0]
+    n = start + Tq
     kept, end = policy.plan(P, cfg.quantized_prefix_len(P))
-    m, _ = _snapkv_rows(cfg, layout, start, q.shape[0], P)
+    m, _ = _snapkv_rows(step)
     p, pos = window_probs
     H, rep = p.shape[:2]
     # a position read both packed and in full precision is one or the other
@@ -339,7 +352,7 @@ def snapkv_settle(
     obs = p[:, :, :, cols].sum(dim=2).reshape(H * rep, -1)
     sums = torch.zeros(H * rep, L, dtype=obs.dtype, device=obs.device)
     sums.index_add_(1, pos[cols].to(obs.device), obs)
-    key = (packed_cache.data_ptr(), int(block_row[0]), P)
+    key = (step.packed_cache.data_ptr(), int(block_row[0]), P)
     earlier = _WINDOW_SCORES.pop(key, None)
     if earlier is not None and earlier[0] == start:
         sums += earlier[1]
@@ -350,19 +363,17 @@ def snapkv_settle(
             _WINDOW_SCORES[key] = (n, sums)
         return None
     kept_pos = policy.select(policy.scores(sums[:, None], H)[:, :end], kept)
-    compact_kept(packed_cache, layout, block_row, kept_pos, model_dtype)
-    if m == q.shape[0]:
+    compact_kept(step.packed_cache, layout, block_row, kept_pos, step.model_dtype)
+    if m == Tq:
         return None
     # a recomputed request's generated tokens: they attend the kept view, as
     # the decode steps that first produced them did
     q_old, q_p = cfg.quantized_prefix_len(start), cfg.quantized_prefix_len(P)
-    parts = [window] if window is not None else []
-    parts.append((k_new[:m], v_new[:m]))
-    k_full = torch.cat([x[0].to(k_new.dtype) for x in parts])[q_p - q_old:]
-    v_full = torch.cat([x[1].to(v_new.dtype) for x in parts])[q_p - q_old:]
-    return request_attention(q[m:], k_new[m:], v_new[m:], packed_cache, residual_cache, layout,
-                             cfg, block_row, residual_row, residual_block_size, P, scale,
-                             model_dtype, as_stored, (k_full, v_full), prompt_len=P)
+    parts = [step.window] if step.window is not None else []
+    parts.append((step.k_new[:m], step.v_new[:m]))
+    k_full = torch.cat([x[0].to(step.k_new.dtype) for x in parts])[q_p - q_old:]
+    v_full = torch.cat([x[1].to(step.v_new.dtype) for x in parts])[q_p - q_old:]
+    return step.rows(m)._replace(start=P, window=(k_full, v_full)).attention()
 
 
 def quest_selection(q: torch.Tensor, packed_cache: torch.Tensor, layout: PageLayout,
@@ -485,19 +496,18 @@ def kvcomp_step_reference(
                 vs.append(v_new[: q_new - start])
             _handover(packed_cache, layout, cfg, row, torch.cat(ks), torch.cat(vs), q_old)
         P = batch.prompt_lens[i] if batch.prompt_lens is not None else None
+        step = RequestStep(query[qs:qe], k_new, v_new, packed_cache, residual_cache, layout, cfg,
+                           row, res_row, batch.residual_block_size, start, scale, model_dtype,
+                           as_stored, window, P)
         if cfg.eviction is not None and cfg.eviction.method in SCORED_EVICTION:
             from vllm_kvcomp.kernels.h2o_ref import scored_step
 
-            out = scored_step(query[qs:qe], k_new, v_new, packed_cache, residual_cache, layout,
-                              cfg, row, res_row, batch.residual_block_size, start, scale,
-                              model_dtype, as_stored, window, P)
+            out = scored_step(step)
         elif (cfg.eviction is not None and cfg.eviction.method == "snapkv"
                 and start < P and n > P - cfg.eviction.window
                 and cfg.eviction.policy(layout.block_size).plan(
                     P, cfg.quantized_prefix_len(P)) is not None):
-            out = snapkv_step(query[qs:qe], k_new, v_new, packed_cache, residual_cache,
-                              layout, cfg, row, res_row, batch.residual_block_size, start,
-                              scale, model_dtype, as_stored, window, P)
+            out = snapkv_step(step)
         else:
             out = request_attention(query[qs:qe], k_new, v_new, packed_cache, residual_cache,
                                     layout, cfg, row, res_row, batch.residual_block_size, start,

@@ -207,10 +207,10 @@ def snapkv_after_attention(query, key, value, out, packed_cache, residual_cache,
         if start > q_old:
             window = ar.gather_residual(residual_cache, res_row, residual_block_size, q_old,
                                         start)
-        step = (query[qs:qe], key[qs:qe], value[qs:qe], packed_cache, residual_cache, layout,
-                cfg, row, res_row, residual_block_size, start, scale, model_dtype, as_stored,
-                window, P)
-        rest = ar.snapkv_settle(ar.snapkv_window_probs(*step), *step)
+        step = ar.RequestStep(query[qs:qe], key[qs:qe], value[qs:qe], packed_cache,
+                              residual_cache, layout, cfg, row, res_row, residual_block_size,
+                              start, scale, model_dtype, as_stored, window, P)
+        rest = ar.snapkv_settle(ar.snapkv_window_probs(step), step)
         if rest is not None:
             out[qe - rest.shape[0]: qe] = rest.to(out.dtype)
 

@@ -13,10 +13,15 @@ the full-precision window have their slots too. The layout (heavy hitters in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.layout import PageLayout
+
+if TYPE_CHECKING:
+    from vllm_kvcomp.kernels.attention_ref import RequestStep
 
 
 def score_view(cache: torch.Tensor, layout: PageLayout) -> torch.Tensor:
@@ -37,29 +42,19 @@ def slot_ranges(ranges) -> torch.Tensor:
                      or [torch.zeros(0, dtype=torch.long)])
 
 
-def scored_step(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, packed_cache: torch.Tensor,
-    residual_cache: torch.Tensor | None, layout: PageLayout, cfg: KvcompConfig,
-    block_row: torch.Tensor, residual_row: torch.Tensor | None, residual_block_size: int,
-    start: int, scale: float, model_dtype: torch.dtype, as_stored: bool,
-    window, prompt_len: int,
-) -> torch.Tensor:
-    """One request's step over ``[start, start + Tq)`` under H2O / A2SF, after
-    its hand-over: attention over the layout of ``start`` tokens, the
-    queries' probabilities added to the scores of the slots they read (the
-    older scores first multiplied by ``alpha ** Tq``), and, when the layout
-    of ``start + Tq`` tokens differs, the eviction step that reaches it."""
-    from vllm_kvcomp.kernels.attention_ref import request_attention
-
-    P = prompt_len
-    Tq = q.shape[0]
+def scored_step(step: RequestStep) -> torch.Tensor:
+    """One request's step (``attention_ref.RequestStep``) under H2O / A2SF:
+    attention over the layout of ``start`` tokens, the queries'
+    probabilities added to the scores of the slots they read (the older
+    scores first multiplied by ``alpha ** Tq``), and, when the layout of
+    ``start + Tq`` tokens differs, the eviction step that reaches it."""
+    cache, layout, cfg, row = step.packed_cache, step.layout, step.cfg, step.block_row
+    start, P = step.start, step.prompt_len
     probs = []
-    out = request_attention(q, k_new, v_new, packed_cache, residual_cache, layout, cfg,
-                            block_row, residual_row, residual_block_size, start, scale,
-                            model_dtype, as_stored, window, prompt_len=P, probs_out=probs)
+    out = step.attention(probs_out=probs)
     p, pos = probs[0]  # [H, rep, Tq, Kn], [Kn]
-    add_step_scores(packed_cache, layout, cfg, block_row, start, P, p, pos)
-    evict_step(packed_cache, layout, cfg, block_row, start, start + Tq, P, model_dtype)
+    add_step_scores(cache, layout, cfg, row, start, P, p, pos)
+    evict_step(cache, layout, cfg, row, start, start + step.q.shape[0], P, step.model_dtype)
     return out
 
 
