@@ -60,7 +60,13 @@ bandwidth. ``--out`` writes JSON (``rows``, ``baselines``, ``info``).
 at that token budget (``kernels/triton_quest.py``: page scoring, top-k
 selection and the attention over the selected pages, timed together as one
 decode call): rows ``<config>+quest<budget>``; its bytes are the key
-(scale, min) of every page, the selected pages, the window, q/k/v/o.
+(scale, min) of every page, the selected pages, the window, q/k/v/o. The row
+also times the two halves alone: ``quest_select_us`` (scoring and top-k) and
+``quest_attention_us`` (the rewritten batch and the split-K attention over a
+selection made before); ``num_splits`` is the split count the attention ran
+with (``triton_quest.quest_num_splits``). ``--quest-splits 1,2,5,10`` adds rows
+``<config>+quest<budget>-s<splits>`` with the attention at each of these split
+counts instead.
 
 ``--head-split 0.5`` adds, for each config, a layer whose head map streams that
 share of the KV heads (``kernels/triton_stream.py``: sinks ``--sink-tokens``
@@ -111,6 +117,7 @@ from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
 from vllm_kvcomp.kernels.triton_quest import (  # noqa: E402
     quest_decode_attention,
     quest_decode_reference,
+    quest_num_splits,
     quest_select,
 )
 from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
@@ -203,12 +210,17 @@ class Problem:
         return kvcomp_decode_attention(*self.args(), self.ctx, num_splits=num_splits,
                                        out=self.out, **kw)
 
-    def run_quest(self, quest):
+    def run_quest(self, quest, num_splits=None):
         """Quest's decode call: selection, then attention over the selected pages."""
-        sel = quest_select(self.query, self.packed, self.block_table, self.seq_lens,
-                           self.layout, self.cfg, quest)
+        return self.quest_attention(quest, self.quest_select(quest), num_splits)
+
+    def quest_select(self, quest):
+        return quest_select(self.query, self.packed, self.block_table, self.seq_lens,
+                            self.layout, self.cfg, quest)
+
+    def quest_attention(self, quest, sel, num_splits=None):
         return quest_decode_attention(*self.args()[:8], sel, *self.args()[8:], quest,
-                                      out=self.out)
+                                      out=self.out, num_splits=num_splits)
 
     def quest_bytes(self, quest):
         """What Quest's decode must move: every page's key (scale, min), the
@@ -871,6 +883,9 @@ def main(argv=None):
     ap.add_argument("--quest-budgets", default="", metavar="LIST",
                     help="also time Quest's decode at these token budgets (per-channel "
                          "key configs)")
+    ap.add_argument("--quest-splits", default="", metavar="LIST",
+                    help="with --quest-budgets: also time Quest's attention at each of these "
+                         "split counts (default: its rule's only)")
     ap.add_argument("--head-split", default="", metavar="LIST",
                     help="also time a split layer's decode with these shares of the KV heads "
                          "streaming")
@@ -979,10 +994,10 @@ def main(argv=None):
                 if cache_gib(cfg, B, ctx, H, D, bs) > a.max_cache_gib:
                     continue
                 p = Problem(cfg, B, ctx, Hq, H, D, bs, dtype, device)
+                sms = (torch.cuda.get_device_properties(0).multi_processor_count
+                       if device == "cuda" else 132)
                 splits = a.num_splits or decode_num_splits(
-                    B, H, ctx, cfg, _tile(p.layout, a.block_n, a.warp_tiles),
-                    num_sms=(torch.cuda.get_device_properties(0).multi_processor_count
-                             if device == "cuda" else 132))
+                    B, H, ctx, cfg, _tile(p.layout, a.block_n, a.warp_tiles), num_sms=sms)
                 out = p.run(a.num_splits, **kw).clone()
                 if a.smoke:
                     ref = decode_attention_reference(*p.args())
@@ -1000,31 +1015,44 @@ def main(argv=None):
                     if cfg.k_bits == 16 or cfg.key_axis != "channel":
                         continue
                     quest = Quest(budget, bs)
-                    out = p.run_quest(quest).clone()
+                    # Quest runs the kernel's default launch, whatever --block-n says
+                    qsplits = quest_num_splits(B, H, quest, cfg,
+                                               _tile(p.layout, DEFAULT_LAUNCH["block_n"], None),
+                                               num_sms=sms)
                     # the reference walks requests in Python: two of them on a GPU;
                     # bf16 outputs there (one rounding of values of magnitude ~1)
                     n, tol = (B, 2e-3) if a.smoke else (2, 3e-2)
                     args = [x[:n] if torch.is_tensor(x) and x.shape[0] == B else x
                             for x in p.args()]
                     try:
-                        err = (out[:n].float() - quest_decode_reference(*args, quest).float()
-                               ).abs().max().item()
+                        ref = quest_decode_reference(*args, quest).float()
                     except Exception as e:  # the timing still counts; the JSON says why
-                        err = f"failed: {type(e).__name__}: {e}"
-                    if a.smoke:
-                        assert isinstance(err, float) and err < tol, f"{name}: |err| {err}"
-                    elif not (isinstance(err, float) and err < tol):
-                        print(f"WARNING {name}+quest{budget}: reference check {err}")
-                    assert torch.isfinite(out).all(), f"{name}+quest: non-finite output"
-                    qus = timer(lambda: p.run_quest(quest))
+                        ref = f"failed: {type(e).__name__}: {e}"
                     qb = p.quest_bytes(quest)
-                    gbs = qb["total"] / (qus * 1e-6) / 1e9
-                    rows.append(dict(config=f"{name}+quest{budget}", batch=B, context=ctx,
-                                     num_splits=1, us=qus, bytes=qb, GBps=gbs,
-                                     pct_copy_bw=100 * gbs / copy_gbs,
-                                     cache_GiB=cache_gib(cfg, B, ctx, H, D, bs),
-                                     dense_us=us, speedup_vs_dense=us / qus,
-                                     ref_max_abs_err=err, ref_tol=tol))
+                    sel = p.quest_select(quest)
+                    for s in [None] + _ints(a.quest_splits):
+                        label = f"{name}+quest{budget}" + (f"-s{s}" if s else "")
+                        out = p.run_quest(quest, s)
+                        err = ref if isinstance(ref, str) else \
+                            (out[:n].float() - ref).abs().max().item()
+                        if a.smoke:
+                            assert isinstance(err, float) and err < tol, f"{label}: |err| {err}"
+                        elif not (isinstance(err, float) and err < tol):
+                            print(f"WARNING {label}: reference check {err}")
+                        assert torch.isfinite(out).all(), f"{label}: non-finite output"
+                        qus = timer(lambda: p.run_quest(quest, s))
+                        gbs = qb["total"] / (qus * 1e-6) / 1e9
+                        row = dict(config=label, batch=B, context=ctx, num_splits=s or qsplits,
+                                   heuristic_splits=qsplits, us=qus, bytes=qb, GBps=gbs,
+                                   pct_copy_bw=100 * gbs / copy_gbs,
+                                   cache_GiB=cache_gib(cfg, B, ctx, H, D, bs),
+                                   dense_us=us, speedup_vs_dense=us / qus,
+                                   quest_attention_us=timer(
+                                       lambda: p.quest_attention(quest, sel, s)),
+                                   ref_max_abs_err=err, ref_tol=tol)
+                        if s is None:
+                            row["quest_select_us"] = timer(lambda: p.quest_select(quest))
+                        rows.append(row)
                 for share in (float(x) for x in a.head_split.split(",") if x):
                     rows.append(split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype,
                                           device, timer, kw, us, copy_gbs))

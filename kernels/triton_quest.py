@@ -2,8 +2,9 @@
 attention over the selected pages (``vllm_kvcomp/policies/quest.py`` is the
 rule), each beside its PyTorch reference.
 
-Three launches per decode batch, all of fixed shape (CUDA-graph safe: every
-range comes from ``seq_lens`` on the device, none from the host):
+Four launches per decode batch (five with the split merge), all of fixed
+shape (CUDA-graph safe: every range comes from ``seq_lens`` on the device,
+none from the host):
 
 * ``_quest_score_kernel``, grid ``(B, H, pages / BLOCK_P)``: each page's bound
   from its key groups' (scale, min) (``packing.key_group_ranges``), the largest
@@ -15,12 +16,18 @@ range comes from ``seq_lens`` on the device, none from the host):
   sort), plus the newest page; every page when there are no more than the
   budget. Output: ``selected [B, H, budget_pages]`` int32 page indices, -1
   where unused;
+* ``_quest_rewrite_kernel``, grid ``(B, H)``: the rewritten batch the
+  attention runs on, one request of one KV head per (request, KV head): its
+  block table the selected pages in ascending order, its length, its window's
+  block-table row (``quest_rewrite``; ``quest_rewrite_reference`` builds the
+  same from PyTorch ops, some forty small kernels in a CUDA graph);
 * the attention over the selected pages is the dense decode kernel
-  (``triton_decode``) on a rewritten batch: one request of one KV head per
-  (request, KV head), its block table the selected pages
-  (``quest_decode_attention``). So Quest reads its pages with the dense
-  kernel's split-K tiles and code folding, and adds no attention kernel of its
-  own to verify on a GPU.
+  (``triton_decode``) on that batch (``quest_decode_attention``). So Quest
+  reads its pages with the dense kernel's split-K tiles, merge and code
+  folding, and adds no attention kernel of its own to verify on a GPU. Its
+  split count is the dense launch's rule applied to the rewritten batch
+  (``quest_num_splits``: B * H requests of one KV head, at most
+  ``quest_span`` tokens each), or the caller's ``num_splits``.
 
 A plain kernel of its own (one program per (request, KV head) walking the
 selected pages, no split) ran 4.2x slower than the dense kernel on an H200 at
@@ -39,6 +46,7 @@ import triton.language as tl
 
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref
+from vllm_kvcomp.kernels.decode_launch import decode_num_splits
 from vllm_kvcomp.kernels.triton_common import (
     check_alignment,
     check_decode_inputs,
@@ -122,6 +130,43 @@ def _quest_select_kernel(
     tl.store(sel_row + j, out, mask=j < KP)
 
 
+@triton.jit
+def _quest_rewrite_kernel(
+    sel_ptr, stride_selb, stride_selh, bt_ptr, stride_bt, bt_cols, seq_lens_ptr,
+    rbt_ptr, stride_rbt, rbt_cols, table_ptr, lens_ptr, res_table_ptr, mb, mh, rmb, rmh,
+    BS: tl.constexpr, BS_R: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
+    KP: tl.constexpr, KP_P: tl.constexpr, WIDTH: tl.constexpr, WIDTH_P: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    i64 = i.to(tl.int64)
+    row = i64 * tl.num_programs(1) + h
+    n = tl.load(seq_lens_ptr + i)
+    _, npages = _packed_pages(n, R, ALIGN, BS)
+    # whole pages are dropped, so the window keeps its offset in its own pages
+    dropped = (npages - tl.minimum(npages, KP)) * BS
+    tl.store(lens_ptr + row, n - dropped)
+    j = tl.arange(0, KP_P)
+    UNUSED: tl.constexpr = 2147483647
+    sel = tl.load(sel_ptr + i64 * stride_selb + h * stride_selh + j, mask=j < KP, other=-1)
+    # ascending, unused last: the newest (maybe partial) page ends the list,
+    # so only the rewritten request's last packed tile is partial
+    page = tl.sort(tl.where(sel < 0, UNUSED, sel))
+    used = page != UNUSED
+    # clamped: a launch recorded without running the selection stays in bounds
+    page = tl.minimum(tl.where(used, page, 0), bt_cols - 1)
+    blk = tl.load(bt_ptr + i64 * stride_bt + page, mask=used, other=0).to(tl.int64)
+    tl.store(table_ptr + row * KP + j, tl.where(used, blk * mb + h * mh, 0).to(tl.int32),
+             mask=j < KP)
+    if HAS_RESIDUAL:
+        c = tl.arange(0, WIDTH_P)
+        col = tl.minimum(c + dropped // BS_R, rbt_cols - 1)
+        rb = tl.load(rbt_ptr + i64 * stride_rbt + col, mask=c < WIDTH, other=0).to(tl.int64)
+        tl.store(res_table_ptr + row * WIDTH + c, (rb * rmb + h * rmh).to(tl.int32),
+                 mask=c < WIDTH)
+
+
 # --------------------------------------------------------------------------
 # host wrappers
 # --------------------------------------------------------------------------
@@ -168,6 +213,73 @@ def quest_select(query: torch.Tensor, packed_cache: torch.Tensor, block_table: t
     return sel
 
 
+def quest_span(quest, cfg: KvcompConfig) -> int:
+    """The longest request of Quest's rewritten batch (``quest_rewrite``):
+    the budget's pages, a window, the fresh token."""
+    return quest.budget_pages * quest.block_size + cfg.residual_tokens + cfg.key_token_align
+
+
+def quest_num_splits(num_reqs: int, num_kv_heads: int, quest, cfg: KvcompConfig, block_n: int,
+                     num_sms: int = 132) -> int:
+    """Splits of Quest's attention launch with no ``num_splits`` given: the
+    dense launch's rule (``decode_num_splits``) for the rewritten batch,
+    ``num_reqs * num_kv_heads`` requests of one KV head and at most
+    ``quest_span`` tokens. ``block_n``: the decode kernel's tile. Python ints
+    only, like the dense rule: the same answer at capture and replay."""
+    return decode_num_splits(num_reqs * num_kv_heads, 1, quest_span(quest, cfg), cfg, block_n,
+                             num_sms=num_sms)
+
+
+def _window_columns(layout: PageLayout, cfg: KvcompConfig, quest, residual_block_size: int,
+                    residual_block_table: torch.Tensor | None) -> int:
+    """Columns of the rewritten window table: only those a rewritten
+    request's positions reach, whatever the context."""
+    bs = layout.block_size
+    assert quest.block_size == bs
+    # whole pages are dropped, so the window keeps its offset in its own pages
+    assert bs % cfg.key_token_align == 0 and bs % residual_block_size == 0
+    if residual_block_table is None:
+        return 0
+    reach = -(-quest_span(quest, cfg) // residual_block_size) + 1
+    return min(residual_block_table.shape[1], reach)
+
+
+def quest_rewrite(selected: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  residual_block_table: torch.Tensor | None, layout: PageLayout,
+                  cfg: KvcompConfig, quest, residual_block_size: int, heads: tuple[int, int],
+                  res_heads: tuple[int, int] | None) -> tuple:
+    """The batch ``quest_decode_attention`` runs the dense decode kernel on:
+    ``(table [B*H, KP], lens [B*H], res_table [B*H, W] | None)``, int32. Row
+    ``i * H + h`` is request i's KV head h: its selected pages in ascending
+    order (unused entries last, as block 0) as blocks ``blk * mb + h * mh`` of the
+    per-head cache view (``heads = (mb, mh)``, ``_per_head_blocks``), its
+    length shortened by the unselected pages' tokens, and its window's
+    block-table row shifted by as many pages (``res_heads``: the window
+    view's ``(mb, mh)``). One launch, no host sync."""
+    B, H, KP = selected.shape
+    assert selected.dtype == torch.int32 and selected.stride(2) == 1
+    width = _window_columns(layout, cfg, quest, residual_block_size, residual_block_table)
+    dev = selected.device
+    table = torch.empty(B * H, KP, dtype=torch.int32, device=dev)
+    lens = torch.empty(B * H, dtype=torch.int32, device=dev)
+    res_table = None
+    if residual_block_table is not None:
+        res_table = torch.empty(B * H, width, dtype=torch.int32, device=dev)
+    if B == 0:
+        return table, lens, res_table
+    rbt = residual_block_table if residual_block_table is not None else block_table
+    rmb, rmh = res_heads if res_heads is not None else (0, 0)
+    _quest_rewrite_kernel[(B, H)](
+        selected, selected.stride(0), selected.stride(1), block_table, block_table.stride(0),
+        block_table.shape[1], seq_lens, rbt, rbt.stride(0), rbt.shape[1], table, lens,
+        res_table if res_table is not None else table, heads[0], heads[1], rmb, rmh,
+        BS=layout.block_size, BS_R=residual_block_size, R=cfg.residual_tokens,
+        ALIGN=cfg.key_token_align, KP=KP, KP_P=triton.next_power_of_2(max(KP, 2)),
+        WIDTH=max(width, 1), WIDTH_P=triton.next_power_of_2(max(width, 2)),
+        HAS_RESIDUAL=residual_block_table is not None, num_warps=1)
+    return table, lens, res_table
+
+
 def _per_head_blocks(cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, int, int]:
     """``cache`` with its head folded into the block index: a view whose block
     ``blk * mb + h * mh`` is block ``blk``'s head ``h`` (one KV head left, of
@@ -193,65 +305,43 @@ def quest_decode_attention(
     """Decode attention over each (request, KV head)'s ``selected`` pages
     (``quest_select``), the full-precision window and the fresh token; the
     arguments are ``triton_decode.kvcomp_decode_attention``'s (``launch``: its
-    tuning keywords). -> out [B, Hq, D].
+    tuning keywords, ``num_splits`` among them; without it
+    ``quest_num_splits``). -> out [B, Hq, D].
 
-    It runs the dense decode kernel itself, split-K tiles and all, on a
-    rewritten batch: each (request, KV head) becomes a request of one KV head
-    whose block table lists its selected pages in ascending order (the newest,
-    maybe partial, page last), through views of the caches with the head
-    folded into the block index (``_per_head_blocks``), and whose length is
-    shortened by the unselected pages' tokens, so its packed prefix ends where
-    the selected pages end and its window (the residual block table shifted by
-    as many pages) and fresh token are the request's own. A selection has fixed
-    shape and lives on the device, so this is CUDA-graph safe."""
+    It runs the dense decode kernel itself, split-K tiles, merge and all, on
+    the rewritten batch of ``quest_rewrite``: each (request, KV head) a
+    request of one KV head whose block table lists its selected pages
+    through views of the caches with the head folded into the block index
+    (``_per_head_blocks``), so its packed prefix ends where the selected
+    pages end and its window and fresh token are the request's own. A
+    selection has fixed shape and lives on the device, so this is CUDA-graph
+    safe."""
     from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
 
     _check_quest(layout, cfg, quest)
     B, Hq, H, D = check_decode_inputs(query, key_new, value_new, packed_cache, layout)
-    KP, bs = quest.budget_pages, layout.block_size
+    KP = quest.budget_pages
     assert selected.shape == (B, H, KP) and selected.dtype == torch.int32
     if out is None:
         out = torch.empty_like(query)
     if B == 0:
         return out
     rep = Hq // H
-    dev = query.device
-    n = seq_lens.to(torch.int64)
-    ALIGN, R = cfg.key_token_align, cfg.residual_tokens
-    q_old = (n - 1 - R).clamp(min=0) // ALIGN * ALIGN
-    # whole pages are dropped, so the window keeps its offset in its own pages
-    assert bs % ALIGN == 0 and bs % residual_block_size == 0
-    pages = (q_old + bs - 1) // bs
-    dropped = ((pages - pages.clamp(max=KP)) * bs)[:, None]  # [B, 1]
-    # ascending, unused (-1) entries last: the partial newest page ends the list
-    order = torch.where(selected < 0, torch.iinfo(torch.int32).max, selected)
-    order = torch.sort(order, dim=-1).values
-    used = order != torch.iinfo(torch.int32).max
-    # clamped: a selection is page indices into the row (the clamp only keeps a
-    # launch recorded without running the selection in bounds)
-    page = torch.where(used, order, 0).clamp(0, block_table.shape[1] - 1).to(torch.int64)
     packed, mb, mh = _per_head_blocks(packed_cache, 1)
-    heads = torch.arange(H, device=dev)[None, :, None]
-    blk = block_table.to(torch.int64).gather(1, page.view(B, H * KP)).view(B, H, KP)
-    table = torch.where(used, blk * mb + heads * mh, 0).to(torch.int32).view(B * H, KP)
-    lens = (n[:, None] - dropped).expand(B, H).reshape(B * H).to(torch.int32)
-    # the longest rewritten request: the budget's pages, a window, the fresh token
-    longest = KP * bs + R + ALIGN
-    res_view, res_table = residual_cache, None
+    res_view, res_heads = residual_cache, None
     if residual_cache is not None:
         res_view, rmb, rmh = _per_head_blocks(residual_cache, 2)
-        # only the columns a rewritten request's positions reach, whatever the context
-        cols = residual_block_table.shape[1]
-        width = min(cols, -(-longest // residual_block_size) + 1)
-        shift = torch.arange(width, device=dev)[None, :] + dropped // residual_block_size
-        rb = residual_block_table.to(torch.int64).gather(1, shift.clamp(max=cols - 1))
-        res_table = (rb[:, None, :] * rmb + heads * rmh).to(torch.int32).view(B * H, width)
+        res_heads = (rmb, rmh)
+    table, lens, res_table = quest_rewrite(
+        selected, block_table, seq_lens, residual_block_table if residual_cache is not None
+        else None, layout, cfg, quest, residual_block_size, (mb, mh), res_heads)
     head_view = out.view(B * H, rep, D) if out.is_contiguous() else torch.empty(
-        B * H, rep, D, dtype=out.dtype, device=dev)
+        B * H, rep, D, dtype=out.dtype, device=query.device)
+    # max_seq_len = quest_span: the dense rule then picks quest_num_splits
     kvcomp_decode_attention(
         query.reshape(B * H, rep, D), key_new.reshape(B * H, 1, D),
         value_new.reshape(B * H, 1, D), packed, res_view, table, res_table, lens, layout, cfg,
-        scale, residual_block_size, longest, out=head_view, **launch)
+        scale, residual_block_size, quest_span(quest, cfg), out=head_view, **launch)
     if head_view.data_ptr() != out.data_ptr():
         out.copy_(head_view.view(B, Hq, D))
     return out
@@ -278,6 +368,35 @@ def quest_select_reference(query, packed_cache, block_table, seq_lens, layout, c
     return sel
 
 
+def quest_rewrite_reference(selected, block_table, seq_lens, residual_block_table, layout, cfg,
+                            quest, residual_block_size, heads, res_heads) -> tuple:
+    """``quest_rewrite`` in PyTorch ops."""
+    B, H, KP = selected.shape
+    width = _window_columns(layout, cfg, quest, residual_block_size, residual_block_table)
+    bs, dev = layout.block_size, selected.device
+    n = seq_lens.to(torch.int64)
+    ALIGN, R = cfg.key_token_align, cfg.residual_tokens
+    q_old = (n - 1 - R).clamp(min=0) // ALIGN * ALIGN
+    pages = (q_old + bs - 1) // bs
+    dropped = ((pages - pages.clamp(max=KP)) * bs)[:, None]  # [B, 1]
+    unused = torch.iinfo(torch.int32).max
+    order = torch.sort(torch.where(selected < 0, unused, selected), dim=-1).values
+    used = order != unused
+    page = torch.where(used, order, 0).clamp(0, block_table.shape[1] - 1).to(torch.int64)
+    heads_ix = torch.arange(H, device=dev)[None, :, None]
+    blk = block_table.to(torch.int64).gather(1, page.view(B, H * KP)).view(B, H, KP)
+    table = torch.where(used, blk * heads[0] + heads_ix * heads[1], 0).to(torch.int32)
+    lens = (n[:, None] - dropped).expand(B, H).reshape(B * H).to(torch.int32)
+    res_table = None
+    if residual_block_table is not None:
+        cols = residual_block_table.shape[1]
+        shift = torch.arange(width, device=dev)[None, :] + dropped // residual_block_size
+        rb = residual_block_table.to(torch.int64).gather(1, shift.clamp(max=cols - 1))
+        res_table = (rb[:, None, :] * res_heads[0] + heads_ix * res_heads[1]).to(
+            torch.int32).view(B * H, width)
+    return table.view(B * H, KP), lens, res_table
+
+
 def quest_decode_reference(query, key_new, value_new, packed_cache, residual_cache,
                            block_table, residual_block_table, seq_lens, layout, cfg, scale,
                            residual_block_size, quest, out=None) -> torch.Tensor:
@@ -301,6 +420,10 @@ def quest_decode_reference(query, key_new, value_new, packed_cache, residual_cac
 __all__ = [
     "quest_decode_attention",
     "quest_decode_reference",
+    "quest_num_splits",
+    "quest_rewrite",
+    "quest_rewrite_reference",
     "quest_select",
     "quest_select_reference",
+    "quest_span",
 ]

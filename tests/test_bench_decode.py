@@ -7,16 +7,24 @@ from e2e_util import bench_smoke
 
 
 def test_decode_bench_smoke_with_quest(tmp_path):
+    """Quest's rows name the split count its attention ran with (its rule's,
+    and each of ``--quest-splits``), and time its selection and attention
+    apart."""
     report, _ = bench_smoke("bench_decode_kernel.py", "--smoke", "--configs", "k4v4,k2v2,k16v16",
-                            "--no-baselines", "--quest-budgets", "64",
+                            "--no-baselines", "--quest-budgets", "64", "--quest-splits", "3",
                             out=tmp_path / "smoke.json")
     rows = {row["config"]: row for row in report["rows"]}
     # Quest needs per-channel packed keys: none for 16-bit pages
-    assert set(rows) == {"k4v4", "k2v2", "k16v16", "k4v4+quest64", "k2v2+quest64"}
+    assert set(rows) == {"k4v4", "k2v2", "k16v16", "k4v4+quest64", "k2v2+quest64",
+                         "k4v4+quest64-s3", "k2v2+quest64-s3"}
     for name in ("k4v4", "k2v2"):
         quest, dense = rows[f"{name}+quest64"], rows[name]
         assert quest["bytes"]["packed"] < dense["bytes"]["packed"], name
         assert quest["speedup_vs_dense"] == dense["us"] / quest["us"]
+        assert quest["num_splits"] == quest["heuristic_splits"] > 1
+        assert quest["quest_select_us"] > 0 and quest["quest_attention_us"] > 0
+        swept = rows[f"{name}+quest64-s3"]
+        assert swept["num_splits"] == 3 and swept["ref_max_abs_err"] < swept["ref_tol"]
 
 
 def test_decode_bench_smoke_with_a_head_split(tmp_path):

@@ -104,7 +104,7 @@ def test_engine_launches_compile_for_sm90(compiled, setting):
     assert res["builds"].count("_kvcomp_prefill_kernel") >= 2, res
     opt_in = dict(next((s.kvcomp for s in OPT_IN_SETTINGS if s.id == setting), ()))
     if "quest" in opt_in:  # Quest's decode steps: selection, then the dense decode on it
-        assert {"_quest_score_kernel", "_quest_select_kernel"} <= built
+        assert {"_quest_score_kernel", "_quest_select_kernel", "_quest_rewrite_kernel"} <= built
     if "head_split" in opt_in:  # the streaming heads' step, decode-only and mixed batches
         assert res["builds"].count("_stream_kernel") >= 2, res
 
@@ -192,12 +192,12 @@ def test_prefill_and_store_compile_for_sm90(compiled, case):
 
 @pytest.mark.parametrize("case", QUEST_IDS)
 def test_quest_compiles_for_sm90(compiled, case):
-    """Quest's page scoring and top-k selection build for sm_90, and the dense
-    decode kernel on the selected pages (one KV head a rewritten request), its
-    dots as tensor-core instructions."""
+    """Quest's page scoring, top-k selection and batch rewrite build for
+    sm_90, and the dense decode kernel on the selected pages (one KV head a
+    rewritten request), split-K with its merge, its dots as tensor-core
+    instructions."""
     k = _kernels(compiled, "quest-" + case)
-    assert {"_quest_score_kernel", "_quest_select_kernel", "_kvcomp_decode_kernel"} <= set(k)
-    assert set(k) <= {"_quest_score_kernel", "_quest_select_kernel", "_kvcomp_decode_kernel",
-                      "_kvcomp_decode_merge_kernel"}
+    assert set(k) == {"_quest_score_kernel", "_quest_select_kernel", "_quest_rewrite_kernel",
+                      "_kvcomp_decode_kernel", "_kvcomp_decode_merge_kernel"}
     assert all(v["cubin_bytes"] > 0 for v in k.values())
     assert k["_kvcomp_decode_kernel"]["mma"] > 0, k

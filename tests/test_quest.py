@@ -221,6 +221,125 @@ def test_sparse_decode_kernel_matches_reference(rep, dtype, case):
     assert (out[0] == 0).all()
 
 
+class _Grids:
+    """A kernel that runs as before and records each launch's grid."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("rep,case,splits", [
+    (1, 0, 2), (4, 1, 3), (8, 2, 5), (4, 3, 1), (4, 4, 4), (8, 1, None), (1, 3, None)])
+def test_sparse_decode_over_splits_matches_reference(rep, case, splits, monkeypatch):
+    """Quest's attention with its selected pages shared out to ``splits``
+    split-K programs (None: ``quest_num_splits``), the splits merged, against
+    the reference: GQA 1-8, contexts off the block size, requests within the
+    budget and past it. The decode kernel runs with that many splits, the
+    merge exactly when there are several."""
+    from vllm_kvcomp.kernels import triton_decode
+    from vllm_kvcomp.kernels.decode_launch import DEFAULT_LAUNCH, decode_tiles_and_slices
+    from vllm_kvcomp.kernels.triton_common import layout_constexprs
+    from vllm_kvcomp.kernels.triton_quest import (
+        quest_decode_attention,
+        quest_decode_reference,
+        quest_num_splits,
+        quest_select,
+    )
+
+    kv, bs, budget = CASES[case]
+    cfg = KvcompConfig(**kv)
+    rng = random.Random(case * 7 + rep)
+    lens = [0, 1, budget // 2 + 3, budget + bs + 5] + [rng.randrange(bs * 4, bs * 12)
+                                                       for _ in range(2)]
+    b = _batch(cfg, lens, rep, bs, seed=case * 7 + rep + 60)
+    quest = Quest(budget, bs)
+    ref = quest_decode_reference(*b.args(), quest)
+    args = b.args(DEVICE)
+    sel = quest_select(args[0], args[3], args[5], args[7], b.layout, cfg, quest)
+    main = _Grids(triton_decode._kvcomp_decode_kernel)
+    merge = _Grids(triton_decode._kvcomp_decode_merge_kernel)
+    monkeypatch.setattr(triton_decode, "_kvcomp_decode_kernel", main)
+    monkeypatch.setattr(triton_decode, "_kvcomp_decode_merge_kernel", merge)
+    out = quest_decode_attention(*args[:8], sel, *args[8:], quest,
+                                 **({} if splits is None else {"num_splits": splits}))
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+    B, H = len(lens), b.packed.shape[1]
+    if splits is None:
+        bn = decode_tiles_and_slices(b.layout, layout_constexprs(b.layout),
+                                     DEFAULT_LAUNCH["block_n"], DEFAULT_LAUNCH["warp_tiles"])[0]
+        splits = quest_num_splits(B, H, quest, cfg, bn)
+        assert splits > 1  # the rule's own choice is split-K here
+    assert main.grids == [(B * H, 1, splits)]
+    assert merge.grids == ([(B * H, rep)] if splits > 1 else [])
+    # past the budget the pages read are fewer than the context's
+    assert (out.cpu()[3:] - b.reference()[3:]).abs().max() > 1e-2
+
+
+def test_measured_quest_shape_splits_like_dense():
+    """At the shape Quest was measured at on an H200 (batch 32 x 32K, 8 KV
+    heads, budget 2048 in pages of 128, k4v4, 128-token key groups and
+    window) its attention launch takes 5 splits, as many as the dense
+    kernel there: 1280 programs, not one per (request, KV head)."""
+    from vllm_kvcomp.kernels.decode_launch import decode_num_splits
+    from vllm_kvcomp.kernels.triton_quest import quest_num_splits
+
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=128, residual_tokens=128)
+    quest = Quest(2048, 128)
+    assert quest_num_splits(32, 8, quest, cfg, 128) == 5
+    assert decode_num_splits(32, 8, 32768, cfg, 128) == 5
+
+
+@pytest.mark.parametrize("case,pad", [(0, False), (1, True), (2, False), (3, True)])
+def test_rewrite_kernel_matches_reference(case, pad):
+    """The rewritten batch Quest's attention runs on (block tables of the
+    selected pages in ascending order, lengths, window rows), from one
+    kernel, equals the PyTorch construction exactly: selections in any
+    order with unused entries anywhere, padding rows, short requests, a
+    window view padded like vLLM's."""
+    from vllm_kvcomp.kernels.triton_quest import (
+        _per_head_blocks,
+        quest_rewrite,
+        quest_rewrite_reference,
+    )
+
+    kv, bs, budget = CASES[case]
+    cfg = KvcompConfig(**kv)
+    rng = random.Random(case + 90)
+    lens = [0, 1, 7, budget + 1] + [rng.randrange(bs * 3, bs * 14) for _ in range(3)]
+    b = DecodeBatch(cfg, lens, H=2, D=64, rep=4, block_size=bs, seed=case,
+                    pad_residual=pad)
+    quest = Quest(budget, bs)
+    KP, B, H = quest.budget_pages, len(lens), 2
+    sel = torch.full((B, H, KP), -1, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        pages = -(-cfg.quantized_prefix_len(max(n - 1, 0)) // bs)
+        for h in range(H):
+            pick = rng.sample(range(pages), min(pages, KP))
+            slots = rng.sample(range(KP), len(pick))
+            for p, j in zip(pick, slots):
+                sel[i, h, j] = p
+    args = b.args(DEVICE)
+    heads = _per_head_blocks(args[3], 1)[1:]
+    res_heads = _per_head_blocks(args[4], 2)[1:] if args[4] is not None else None
+    rows = args[6] if args[4] is not None else None
+    got = quest_rewrite(sel.to(DEVICE), args[5], args[7], rows, b.layout, cfg, quest, b.bs_r,
+                        heads, res_heads)
+    want = quest_rewrite_reference(sel, b.block_table, b.seq_lens,
+                                   b.residual_table if rows is not None else None, b.layout,
+                                   cfg, quest, b.bs_r, heads, res_heads)
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert torch.equal(g.cpu(), w), (g, w)
+    assert (got[1].cpu() < torch.tensor(lens).repeat_interleave(H)).any()  # pages dropped
+
+
 def _backend_decode(b: DecodeBatch, quest) -> torch.Tensor:
     """One decode step of ``b`` through the backend's own Triton path (the
     GPU's launch code: store, then Quest's selection and sparse decode or the
