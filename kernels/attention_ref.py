@@ -449,6 +449,16 @@ def _handover(
     packing.store_per_token(packed_cache, layout, "v", v_src, blocks, slots)
 
 
+def step_model_dtype(cfg: KvcompConfig, residual_cache: torch.Tensor | None,
+                     query: torch.Tensor) -> torch.dtype:
+    """The model dtype, which 16-bit pages are read in and kept keys
+    requantized from: the window's dtype, unless the window holds float8
+    (``residual_dtype``), a storage format that 16-bit pages are not in."""
+    if residual_cache is not None and not cfg.residual_fp8:
+        return residual_cache.dtype
+    return query.dtype
+
+
 def kvcomp_step_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -468,8 +478,7 @@ def kvcomp_step_reference(
     the layer's page selection at decode (``request_attention``)."""
     if as_stored is None:
         as_stored = cfg.prompt_as_stored
-    model_dtype = (residual_cache.dtype if residual_cache is not None and not cfg.residual_fp8
-                   else query.dtype)
+    model_dtype = step_model_dtype(cfg, residual_cache, query)
     for i in range(len(batch.seq_lens)):
         qs, qe = batch.query_start_loc[i], batch.query_start_loc[i + 1]
         if qe == qs:

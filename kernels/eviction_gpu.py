@@ -150,15 +150,6 @@ def step_ranges(cfg: KvcompConfig, block_size: int, md) -> tuple[torch.Tensor, i
     return ranges, ev.recent_tokens if ev.method == "streamingllm" else 0
 
 
-def _model_dtype(cfg: KvcompConfig, residual_cache, query) -> torch.dtype:
-    """The model dtype, which the reference reads 16-bit pages and requantizes
-    kept keys in: the window's dtype, unless the window holds float8
-    (``residual_dtype``), a storage format that 16-bit pages are not in."""
-    if residual_cache is not None and not cfg.residual_fp8:
-        return residual_cache.dtype
-    return query.dtype
-
-
 def after_attention(query, key, value, out, packed_cache, residual_cache, layout,
                     cfg: KvcompConfig, scale: float, md, residual_block_table,
                     residual_block_size: int, decode_probs: torch.Tensor | None = None) -> None:
@@ -192,7 +183,7 @@ def snapkv_after_attention(query, key, value, out, packed_cache, residual_cache,
     from vllm_kvcomp.kernels import attention_ref as ar
 
     policy = cfg.eviction.policy(layout.block_size)
-    model_dtype = _model_dtype(cfg, residual_cache, query)
+    model_dtype = ar.step_model_dtype(cfg, residual_cache, query)
     for i, n in enumerate(seq_lens):
         qs, qe = query_start_loc[i], query_start_loc[i + 1]
         P = prompt_lens[i]
@@ -290,7 +281,7 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
                                 md.query_start_loc[:nd], md.prompt_lens[:nd])
         add_decode_scores(decode_probs, packed_cache, layout, cfg, md.block_table[:nd],
                           md.seq_lens[:nd], ranges)
-    model_dtype = _model_dtype(cfg, residual_cache, query)
+    model_dtype = ar.step_model_dtype(cfg, residual_cache, query)
     for i, n in enumerate(lens[:len(qsl) - 1]):
         qs, qe = qsl[i], qsl[i + 1]
         if qe == qs:
