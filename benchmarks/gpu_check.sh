@@ -8,7 +8,8 @@
 #      (torch.compile, default CUDA graphs), the same KV memory for both (KV_GIB);
 #   4. (step "decode", not by default) bench_decode_kernel.py at DECODE_BATCHES x DECODE_CONTEXTS
 #      (default 32 x 32768) for DECODE_CONFIGS, Quest at DECODE_QUEST budgets, a head map's split
-#      layer at DECODE_SPLIT shares of streaming KV heads (sinks 64 + window 256), FA3 bf16 beside.
+#      layer at DECODE_SPLIT shares of streaming KV heads (sinks 64 + window 256), FA3 bf16 beside;
+#      DECODE_QUEST_SPLITS (e.g. 1,2,5,10) adds Quest rows at those split counts.
 # STEPS picks the steps and their order (default "tests matrix e2e").
 #   start:  setsid nohup bash benchmarks/gpu_check.sh > /tmp/gpu_check.out 2>&1 < /dev/null &
 #   poll:   bash benchmarks/gpu_check.sh poll 570     # waits, then packs /tmp/res into $OUT
@@ -61,7 +62,8 @@ for step in $STEPS; do
       wait
       python3 benchmarks/bench_decode_kernel.py --batches "${DECODE_BATCHES:-32}" \
           --contexts "${DECODE_CONTEXTS:-32768}" --configs "${DECODE_CONFIGS:-k4v4,k2v2}" \
-          --quest-budgets "${DECODE_QUEST:-2048}" --head-split "${DECODE_SPLIT:-0.5}" \
+          --quest-budgets "${DECODE_QUEST:-2048}" ${DECODE_QUEST_SPLITS:+--quest-splits "$DECODE_QUEST_SPLITS"} \
+          --head-split "${DECODE_SPLIT:-0.5}" \
           --baselines "${DECODE_BASELINES:-fa3_bf16}" \
           --out "$RES/decode.json" > "$RES/decode.md" 2>&1
       log "decode: $(grep -c '^| k' "$RES/decode.md") rows" ;;
