@@ -330,12 +330,15 @@ def snapkv_window_probs(step: RequestStep) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def snapkv_settle(window_probs: tuple[torch.Tensor, torch.Tensor],
-                  step: RequestStep) -> torch.Tensor | None:
+                  step: RequestStep, compact=None) -> torch.Tensor | None:
     """The window's attention ``window_probs`` (``snapkv_window_probs``)
     added to the sums of the prompt's earlier chunks; in the chunk that
-    completes the prompt, the selection and its compaction. Returns the
+    completes the prompt, the selection and its compaction (``compact``:
+    ``compaction.compact_kept`` or a function of its arguments). Returns the
     attention of the step's queries past the prompt (None: there are none)."""
     from vllm_kvcomp.kernels.compaction import compact_kept
+
+    compact = compact or compact_kept
 
     cfg, layout, block_row = step.cfg, step.layout, step.block_row
     start, P, Tq = step.start, step.prompt_len, step.q.shape[0]
@@ -363,7 +366,7 @@ def snapkv_settle(window_probs: tuple[torch.Tensor, torch.Tensor],
             _WINDOW_SCORES[key] = (n, sums)
         return None
     kept_pos = policy.select(policy.scores(sums[:, None], H)[:, :end], kept)
-    compact_kept(step.packed_cache, layout, block_row, kept_pos, step.model_dtype)
+    compact(step.packed_cache, layout, block_row, kept_pos, step.model_dtype)
     if m == Tq:
         return None
     # a recomputed request's generated tokens: they attend the kept view, as

@@ -21,8 +21,10 @@ SnapKV selects once, in the step whose chunk completes a prompt: the prefill
 kernel attends that chunk over the whole cache, then ``snapkv_after_attention``
 scores the observation window's queries with the reference's own torch ops
 (``attention_ref.snapkv_window_probs``: those queries alone, over the keys
-each of them read), selects and compacts as the reference does. That step is
-a prefill, never inside a captured graph, so its host loop costs no replay.
+each of them read) and selects as the reference does; the compaction is the
+Triton kernel ``triton_compaction.triton_compact``, which writes the bytes
+``compaction.compact_kept`` writes. That step is a prefill, never inside a
+captured graph, so its host loop costs no replay.
 
 H2O / A2SF score every step by its own attention. A decode step's
 probabilities come from the decode kernel itself (``probs``: each read
@@ -32,9 +34,9 @@ head's query group and adds them to the in-page score slots with torch ops
 on the device, as ``h2o_ref.add_step_scores`` does. A prefill step's
 probabilities are the reference's (``attention_ref.request_attention``, a
 second pass over the request's cache, prefills only). The eviction step
-that follows (selection and compaction) is the reference's
-(``h2o_ref.evict_step``), per request on the host lists: these steps too run
-eagerly (``selects_on_host``).
+that follows is the reference's (``h2o_ref.evict_step``: the selection, per
+request on the host lists, so these steps too run eagerly,
+``selects_on_host``) with the Triton compaction.
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ def snapkv_after_attention(query, key, value, out, packed_cache, residual_cache,
     attend the kept view again, as the decode steps that produced them did.
     Per-request host lists; tensors on the device, rows as in the batch."""
     from vllm_kvcomp.kernels import attention_ref as ar
+    from vllm_kvcomp.kernels.triton_compaction import triton_compact
 
     policy = cfg.eviction.policy(layout.block_size)
     model_dtype = ar.step_model_dtype(cfg, residual_cache, query)
@@ -201,7 +204,7 @@ def snapkv_after_attention(query, key, value, out, packed_cache, residual_cache,
         step = ar.RequestStep(query[qs:qe], key[qs:qe], value[qs:qe], packed_cache,
                               residual_cache, layout, cfg, row, res_row, residual_block_size,
                               start, scale, model_dtype, as_stored, window, P)
-        rest = ar.snapkv_settle(ar.snapkv_window_probs(step), step)
+        rest = ar.snapkv_settle(ar.snapkv_window_probs(step), step, compact=triton_compact)
         if rest is not None:
             out[qe - rest.shape[0]: qe] = rest.to(out.dtype)
 
@@ -272,6 +275,7 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
     where its layout moves."""
     from vllm_kvcomp.kernels import attention_ref as ar
     from vllm_kvcomp.kernels import h2o_ref
+    from vllm_kvcomp.kernels.triton_compaction import triton_compact
 
     bs = layout.block_size
     qsl, lens, prompts = md.query_start_loc_cpu, md.seq_lens_cpu, md.prompt_lens_cpu
@@ -300,4 +304,5 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
                                  residual_block_size, start, scale, model_dtype,
                                  cfg.prompt_as_stored, window, prompt_len=P, probs_out=probs)
             h2o_ref.add_step_scores(packed_cache, layout, cfg, row, start, P, *probs[0])
-        h2o_ref.evict_step(packed_cache, layout, cfg, row, start, n, P, model_dtype)
+        h2o_ref.evict_step(packed_cache, layout, cfg, row, start, n, P, model_dtype,
+                           compact=triton_compact)

@@ -97,11 +97,14 @@ def add_step_scores(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompC
 
 def evict_step(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
                block_row: torch.Tensor, start: int, n: int, prompt_len: int,
-               model_dtype: torch.dtype) -> None:
+               model_dtype: torch.dtype, compact=None) -> None:
     """When the layout of ``n`` tokens differs from that of ``start``, the
     eviction step that reaches it: the best-scoring of the old heavy hitters
-    and of the tokens leaving the in-place range moved to the front."""
+    and of the tokens leaving the in-place range moved to the front
+    (``compact``: ``compaction.compact_kept`` or a function of its arguments)."""
     from vllm_kvcomp.kernels.compaction import compact_kept
+
+    compact = compact or compact_kept
 
     policy = cfg.eviction.policy(layout.block_size)
     P = prompt_len
@@ -113,7 +116,7 @@ def evict_step(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig
             cand = cand.to(block_row.device)
             scores = read_scores(packed_cache, layout, block_row, cand)
             kept = cand[policy.select(scores, k1)]
-            compact_kept(packed_cache, layout, block_row, kept, model_dtype)
+            compact(packed_cache, layout, block_row, kept, model_dtype)
 
 
 def dense_probs(p: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
