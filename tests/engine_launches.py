@@ -19,8 +19,9 @@ The steps, as vLLM 0.26's GPU model runner makes them:
 each with the store's hand-over unsplit (the default) and split
 (``KVCOMP_STORE_SPLIT``), and the prefill with ``fresh_prefill`` "triton" and
 "flash_attn" (the Triton pass over the compressed context that FlashAttention's
-fresh part is merged with) and with ``prompt_attention`` "as_stored". Tensors are CPU stand-ins with the engine's
-shapes, strides and dtypes; nothing runs.
+fresh part is merged with) and with ``prompt_attention`` "as_stored"; under an
+eviction that selects (SnapKV, H2O, A2SF), its compaction of a request's pages.
+Tensors are CPU stand-ins with the engine's shapes, strides and dtypes; nothing runs.
 """
 from __future__ import annotations
 
@@ -202,7 +203,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     from vllm_kvcomp.residual_layer import packed_spec, residual_spec
 
     from vllm_kvcomp.config import QuestConfig
-    from vllm_kvcomp.kernels import triton_quest, triton_stream
+    from vllm_kvcomp.kernels import triton_compaction, triton_quest, triton_stream
     from vllm_kvcomp.stream_layer import stream_spec
 
     L = max_model_len or s.max_model_len
@@ -291,7 +292,8 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
         else:
             impl._forward_triton(q, k, v, out, packed, residual, md, res_md, lay, quest)
 
-    mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream)
+    mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream,
+            triton_compaction)
     # an opt-in setting's launches are all off the default path
     opt_in_path = (quest is not None or head_split is not None or cfg.residual_ring
                    or cfg.residual_fp8 or cfg.eviction is not None)
@@ -331,4 +333,11 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
                 for _, reqs in _steps(L, C):
                     if max(q for _, q in reqs) > 1:
                         forward(opt_in, reqs)
+        if cfg.eviction is not None and eviction_gpu.selects_on_host(cfg):
+            # the compaction after a selection (after_attention's, stood in for
+            # above) of a 2048-token budget's kept tokens, and of a count no
+            # multiple of 16 (Triton specializes the count on that)
+            for n_kept in (2048, 2047):
+                kept = torch.arange(n_kept).expand(H_packed, n_kept).contiguous()
+                triton_compaction.triton_compact(packed, layout, block_table[1], kept, dtype)
     return calls

@@ -210,11 +210,32 @@ def quest_case(c) -> list:
     return [summary(jit, compile_sm90(jit, args, kw)) for jit, args, kw in calls]
 
 
+def compact_case(c) -> list:
+    """The compaction of a request's pages after an eviction's selection, at
+    a kept count no multiple of a page or key group."""
+    from vllm_kvcomp.kernels import triton_compaction
+    from vllm_kvcomp.layout import PageLayout
+
+    D, dtype, bs, G = c["D"], DTYPES[c["dtype"]], c["BS"], c["G"]
+    ev = {"method": c["method"], "budget_tokens": 2048}
+    cfg = KvcompConfig.from_dict({"k_bits": c["bits"][0], "v_bits": c["bits"][1],
+                                  "key_axis": c["axis"], "group_size": G,
+                                  "residual_tokens": 0, "eviction": ev})
+    layout = PageLayout(cfg, bs, D, dtype.itemsize)
+    H = 2
+    cache = torch.zeros(64, H, layout.head_page_bytes, dtype=torch.uint8)
+    row = torch.zeros(64, dtype=torch.int32)
+    kept = torch.arange(1001).expand(H, 1001).contiguous()
+    with recorded_launches(triton_compaction) as calls:
+        triton_compaction.triton_compact(cache, layout, row, kept, dtype)
+    return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
+
+
 def main(cases):
     out = {}
     for c in cases:
         fn = {"decode": decode_case, "prefill_store": prefill_store_case,
-              "engine": engine_case, "quest": quest_case}[c["what"]]
+              "engine": engine_case, "quest": quest_case, "compact": compact_case}[c["what"]]
         try:
             out[c["id"]] = fn(c)
         except Exception as e:  # reported per case; the test names it

@@ -41,6 +41,15 @@ PREFILL_STORE_IDS = [f"k{b[0]}v{b[1]}-d{D}-{t}" for b, D, t in PREFILL_STORE]
 QUEST = [((4, 4), 128, "bf16", 4, 128, 128), ((2, 2), 128, "fp16", 8, 128, 32),
          ((4, 16), 64, "bf16", 1, 32, 32)]
 QUEST_IDS = [f"k{b[0]}v{b[1]}-d{D}-{t}-rep{r}-bs{bs}-g{g}" for b, D, t, r, bs, g in QUEST]
+# Compaction after an eviction's selection: (bits, key axis, key group, block
+# size, head size, dtype, method; H2O / A2SF pages carry score slots)
+COMPACT = [((4, 4), "channel", 128, 128, 128, "bf16", "snapkv"),
+           ((2, 2), "channel", 32, 128, 128, "fp16", "h2o"),
+           ((8, 8), "channel", 64, 64, 64, "bf16", "a2sf"),
+           ((16, 16), "channel", 128, 16, 128, "bf16", "h2o"),
+           ((2, 2), "token", 64, 16, 64, "bf16", "snapkv"),
+           ((4, 2), "token", 32, 32, 256, "fp16", "a2sf")]
+COMPACT_IDS = [f"k{b[0]}v{b[1]}-{a}-g{g}-bs{bs}-d{D}-{t}-{m}" for b, a, g, bs, D, t, m in COMPACT]
 
 
 def _cases():
@@ -63,6 +72,8 @@ def _cases():
               for i, (b, D, t) in zip(PREFILL_STORE_IDS, PREFILL_STORE)]
     cases += [dict(id="quest-" + i, what="quest", bits=b, D=D, dtype=t, rep=r, BS=bs, G=g)
               for i, (b, D, t, r, bs, g) in zip(QUEST_IDS, QUEST)]
+    cases += [dict(id="compact-" + i, what="compact", bits=b, axis=a, G=g, BS=bs, D=D, dtype=t,
+                   method=m) for i, (b, a, g, bs, D, t, m) in zip(COMPACT_IDS, COMPACT)]
     return cases
 
 
@@ -107,6 +118,8 @@ def test_engine_launches_compile_for_sm90(compiled, setting):
         assert {"_quest_score_kernel", "_quest_select_kernel", "_quest_rewrite_kernel"} <= built
     if "head_split" in opt_in:  # the streaming heads' step, decode-only and mixed batches
         assert res["builds"].count("_stream_kernel") >= 2, res
+    if opt_in.get("eviction") in ("snapkv", "h2o", "a2sf"):  # compaction after a selection
+        assert "_kvcomp_compact_kernel" in built, res
 
 
 @pytest.mark.parametrize("setting", ENGINE_IDS)
@@ -201,3 +214,15 @@ def test_quest_compiles_for_sm90(compiled, case):
                       "_kvcomp_decode_kernel", "_kvcomp_decode_merge_kernel"}
     assert all(v["cubin_bytes"] > 0 for v in k.values())
     assert k["_kvcomp_decode_kernel"]["mma"] > 0, k
+
+
+@pytest.mark.parametrize("case", COMPACT_IDS)
+def test_compaction_compiles_for_sm90(compiled, case):
+    """The compaction after an eviction's selection (per-channel keys
+    requantized in channel slices, every other region copied as words, the
+    score slots of H2O / A2SF with them) builds for sm_90, its tiles
+    separated by barriers (each read whole before it is written)."""
+    k = _kernels(compiled, "compact-" + case)
+    assert set(k) == {"_kvcomp_compact_kernel"}
+    main = k["_kvcomp_compact_kernel"]
+    assert main["cubin_bytes"] > 0 and main["loop_barriers"] > 0, main
