@@ -11,7 +11,8 @@ is only meaningful inside a group quantized with it: those are dequantized as
 stored and quantized again as the new groups (one more rounding of at most
 half a code step). Keys were cached after RoPE, so moving them changes
 nothing about their phase. Under H2O / A2SF the pages' score slots move with
-their tokens.
+their tokens. ``compact_kept`` is the reference of the GPU path's kernel
+(``triton_compaction.triton_compact``), which writes the same bytes.
 """
 
 from __future__ import annotations
