@@ -433,7 +433,7 @@ def test_fp8_window_reads_what_a_model_dtype_window_would():
     fp8 = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=16,
                        residual_dtype="fp8_e4m3")
     b = DecodeBatch(fp8, [3, 29, 70], D=64, rep=4, dtype=torch.bfloat16, seed=5)
-    args = list(b.args())
+    args = list(b.args(DEVICE))
     auto = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=16)
     auto_args = list(args)
     auto_args[4] = b.residual.to(torch.bfloat16)
