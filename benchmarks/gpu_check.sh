@@ -45,7 +45,7 @@ for step in $STEPS; do
       # -v: each failure is named in the log as it happens, so a job cut short still says which
       (python3 -P -m pytest -v -rf -n 8 -p no:cacheprovider tests/test_triton_store.py \
           tests/test_triton_prefill.py tests/test_triton_decode.py tests/test_triton_stream.py \
-          > "$RES/kernel_tests.log" 2>&1
+          tests/test_triton_compaction.py > "$RES/kernel_tests.log" 2>&1
        log "kernel tests: $(tail -n 1 "$RES/kernel_tests.log")") & ;;
     matrix)
       python3 benchmarks/engine_matrix.py --out "$RES" --modes "${MATRIX_MODES:-default,fast}" \

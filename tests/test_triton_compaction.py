@@ -7,7 +7,8 @@ for byte, requantized per-channel keys included: both quantize with the same
 fp32 operations and rounding (``packing.quantize_lastdim``, the store
 kernel's ``_store_region``), and the dequantized keys they start from are
 exact products (a code of at most 8 bits times an fp16 scale fits fp32's
-mantissa), so a fused multiply-add on the GPU gives the same values."""
+mantissa), so a fused multiply-add on the GPU gives the same values. On a
+GPU the kernel runs there, against the reference on the CPU."""
 import random
 
 import pytest
@@ -20,6 +21,7 @@ from vllm_kvcomp.kernels.h2o_ref import score_view
 from vllm_kvcomp.kernels.triton_compaction import SUB_ELEMS, key_slices, triton_compact
 from vllm_kvcomp.layout import PageLayout
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H2O = {"method": "h2o", "budget_tokens": 64}
 A2SF = {"method": "a2sf", "budget_tokens": 64, "alpha": 0.5}
 
@@ -110,8 +112,9 @@ def test_kernel_cache_is_the_reference_cache(bits, axis, G, VG, bs, H, D, es, ev
     compact_kept(want, layout, row, kept, dtype)
     assert not torch.equal(want, cache)
     for sub in (SUB_ELEMS, 64):
-        got = cache.clone()
-        triton_compact(got, layout, row, kept, dtype, sub_elems=sub)
+        got = cache.clone().to(DEVICE)
+        triton_compact(got, layout, row.to(DEVICE), kept.to(DEVICE), dtype, sub_elems=sub)
+        got = got.cpu()
         bad = (got != want).nonzero()
         assert bad.shape[0] == 0, (f"sub_elems={sub}: {bad.shape[0]} bytes differ, first "
                                    f"(block, head, byte) {bad[:4].tolist()}")
@@ -126,8 +129,9 @@ def test_requantized_keys_are_the_kept_keys_regrouped():
     cfg, layout, row, cache, kept, dtype = _setup(bits, "channel", G, None, bs, H, D, 4, None, k)
     assert keys_regrouped(layout)
     k_st, _ = packing.dequantize_pages(cache, layout, row.long(), dtype)
-    triton_compact(cache, layout, row, kept, dtype, sub_elems=64)
-    k2, _ = packing.dequantize_pages(cache, layout, row.long(), dtype)
+    dev = cache.to(DEVICE)
+    triton_compact(dev, layout, row.to(DEVICE), kept.to(DEVICE), dtype, sub_elems=64)
+    k2, _ = packing.dequantize_pages(dev.cpu(), layout, row.long(), dtype)
     sel = k_st[kept, torch.arange(H)[:, None]]  # [H, k, D]
     n = -(-k // G)
     padded = torch.cat([sel, sel[:, -1:].expand(H, n * G - k, D)], 1).view(H, n, G, D)
@@ -146,9 +150,11 @@ def test_nothing_but_the_kept_rows_changes(regrouped):
     bs, G, H, k = 32, 32, 2, 45
     cfg, layout, row, cache, kept, dtype = _setup((4, 4), axis, G, None, bs, H, 64, 2, H2O, k)
     before = cache.clone()
+    cache, row, kept = cache.to(DEVICE), row.to(DEVICE), kept.to(DEVICE)
     triton_compact(cache, layout, row, kept[:, :0], dtype)
-    assert torch.equal(cache, before)
+    assert torch.equal(cache.cpu(), before)
     triton_compact(cache, layout, row, kept, dtype)
+    cache, row = cache.cpu(), row.cpu()
     others = sorted(set(range(cache.shape[0])) - set(row.tolist()))
     assert torch.equal(cache[others], before[others])
     end = -(-k // G) * G if regrouped else k
