@@ -666,6 +666,7 @@ def kvcomp_decode_attention(
     max_registers: int | None = None,
     evicted: torch.Tensor | None = None,
     probs: torch.Tensor | None = None,
+    programs_per_sm: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per request; returns ``out``
     [B, Hq, D] in the query dtype (see the module docstring).
@@ -684,7 +685,8 @@ def kvcomp_decode_attention(
     query's attention probabilities over the positions it reads, in
     position order: ``[0, lo)`` then ``[hi, seq_len)`` (``evicted``), 0
     past them; ``W`` at least each request's count of those (H2O / A2SF's
-    scores, ``eviction_gpu.add_decode_scores``).
+    scores, ``eviction_gpu.add_decode_scores``). ``programs_per_sm``:
+    ``decode_num_splits``'s occupancy aim when it picks the splits.
     """
     assert layout.config == cfg
     B, Hq, H, D = check_decode_inputs(query, key_new, value_new, packed_cache, layout)
@@ -724,7 +726,8 @@ def kvcomp_decode_attention(
             DEFAULT_LAUNCH["warp_tiles"] if warp_tiles is None else warp_tiles)
     if num_splits is None:
         sms = device_sm_count(query.device.index or 0) if query.is_cuda else 132
-        num_splits = decode_num_splits(B, H, max_seq_len, cfg, bn, num_sms=sms)
+        aim = {} if programs_per_sm is None else {"programs_per_sm": programs_per_sm}
+        num_splits = decode_num_splits(B, H, max_seq_len, cfg, bn, num_sms=sms, **aim)
     num_splits = max(1, int(num_splits))
     # the fold exists only where a slice lies in one key group (per-channel keys)
     fp16_keys = (fold == "fp16" and cfg.key_axis == "channel" and cfg.k_bits < 16

@@ -27,7 +27,8 @@ none from the host):
   folding, and adds no attention kernel of its own to verify on a GPU. Its
   split count is the dense launch's rule applied to the rewritten batch
   (``quest_num_splits``: B * H requests of one KV head, at most
-  ``quest_span`` tokens each), or the caller's ``num_splits``.
+  ``quest_span`` tokens each, at a lower occupancy aim), or the caller's
+  ``num_splits``.
 
 A plain kernel of its own (one program per (request, KV head) walking the
 selected pages, no split) ran 4.2x slower than the dense kernel on an H200 at
@@ -219,15 +220,24 @@ def quest_span(quest, cfg: KvcompConfig) -> int:
     return quest.budget_pages * quest.block_size + cfg.residual_tokens + cfg.key_token_align
 
 
+# Occupancy aim of Quest's attention splits. Its rewritten batch has many short requests
+# (one per request and KV head), so a lower aim than the dense kernel's 8 programs per SM
+# suits it: on an H200 at batch 32 x 32K, budget 2048, 2 splits ran 47.8 µs, the dense
+# aim's 5 splits 53.4 µs, 1 split 63.9, 10 splits 56.0
+# (benchmarks/results/2026-12-04-h200-quest-eviction)
+QUEST_PROGRAMS_PER_SM = 3
+
+
 def quest_num_splits(num_reqs: int, num_kv_heads: int, quest, cfg: KvcompConfig, block_n: int,
                      num_sms: int = 132) -> int:
     """Splits of Quest's attention launch with no ``num_splits`` given: the
     dense launch's rule (``decode_num_splits``) for the rewritten batch,
     ``num_reqs * num_kv_heads`` requests of one KV head and at most
-    ``quest_span`` tokens. ``block_n``: the decode kernel's tile. Python ints
-    only, like the dense rule: the same answer at capture and replay."""
+    ``quest_span`` tokens, aiming at ``QUEST_PROGRAMS_PER_SM``. ``block_n``:
+    the decode kernel's tile. Python ints only, like the dense rule: the
+    same answer at capture and replay."""
     return decode_num_splits(num_reqs * num_kv_heads, 1, quest_span(quest, cfg), cfg, block_n,
-                             num_sms=num_sms)
+                             num_sms=num_sms, programs_per_sm=QUEST_PROGRAMS_PER_SM)
 
 
 def _window_columns(layout: PageLayout, cfg: KvcompConfig, quest, residual_block_size: int,
@@ -341,7 +351,8 @@ def quest_decode_attention(
     kvcomp_decode_attention(
         query.reshape(B * H, rep, D), key_new.reshape(B * H, 1, D),
         value_new.reshape(B * H, 1, D), packed, res_view, table, res_table, lens, layout, cfg,
-        scale, residual_block_size, quest_span(quest, cfg), out=head_view, **launch)
+        scale, residual_block_size, quest_span(quest, cfg), out=head_view,
+        programs_per_sm=QUEST_PROGRAMS_PER_SM, **launch)
     if head_view.data_ptr() != out.data_ptr():
         out.copy_(head_view.view(B, Hq, D))
     return out
