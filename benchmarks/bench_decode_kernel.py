@@ -61,7 +61,8 @@ at that token budget (``kernels/triton_quest.py``: page scoring, top-k
 selection and the attention over the selected pages, timed together as one
 decode call): rows ``<config>+quest<budget>``; its bytes are the key
 (scale, min) of every page, the selected pages, the window, q/k/v/o. The row
-also times the two halves alone: ``quest_select_us`` (scoring and top-k) and
+also times the two halves alone: ``quest_select_us`` (scoring and top-k;
+``quest_score_us`` the scoring alone) and
 ``quest_attention_us`` (the rewritten batch and the split-K attention over a
 selection made before); ``num_splits`` is the split count the attention ran
 with (``triton_quest.quest_num_splits``). ``--quest-splits 1,2,5,10`` adds rows
@@ -118,6 +119,7 @@ from vllm_kvcomp.kernels.triton_quest import (  # noqa: E402
     quest_decode_attention,
     quest_decode_reference,
     quest_num_splits,
+    quest_page_scores,
     quest_select,
 )
 from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
@@ -217,6 +219,10 @@ class Problem:
     def quest_select(self, quest):
         return quest_select(self.query, self.packed, self.block_table, self.seq_lens,
                             self.layout, self.cfg, quest)
+
+    def quest_scores(self, quest):
+        return quest_page_scores(self.query, self.packed, self.block_table, self.seq_lens,
+                                 self.layout, self.cfg, quest)
 
     def quest_attention(self, quest, sel, num_splits=None):
         return quest_decode_attention(*self.args()[:8], sel, *self.args()[8:], quest,
@@ -1052,6 +1058,7 @@ def main(argv=None):
                                    ref_max_abs_err=err, ref_tol=tol)
                         if s is None:
                             row["quest_select_us"] = timer(lambda: p.quest_select(quest))
+                            row["quest_score_us"] = timer(lambda: p.quest_scores(quest))
                         rows.append(row)
                 for share in (float(x) for x in a.head_split.split(",") if x):
                     rows.append(split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype,

@@ -178,25 +178,22 @@ def _check_quest(layout: PageLayout, cfg: KvcompConfig, quest) -> None:
     assert cfg.k_bits < 16 and cfg.key_axis == "channel", "Quest bounds per-channel keys"
 
 
-def quest_select(query: torch.Tensor, packed_cache: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
-                 quest) -> torch.Tensor:
-    """Pages each (request, KV head) of a decode batch attends:
-    ``[B, H, quest.budget_pages]`` int32 page indices (positions in the
-    request's block-table row), -1 where unused; any order. query [B, Hq, D],
+def quest_page_scores(query: torch.Tensor, packed_cache: torch.Tensor,
+                      block_table: torch.Tensor, seq_lens: torch.Tensor, layout: PageLayout,
+                      cfg: KvcompConfig, quest) -> torch.Tensor:
+    """Each packed page's Quest score for each (request, KV head) of a decode
+    batch: fp32 ``[B, H, max_pages]`` (a power of two at least the block
+    table's width), -inf past a request's packed pages. query [B, Hq, D],
     packed_cache uint8 [nb, H, head_page_bytes], block_table int32 [B, maxb]."""
     _check_quest(layout, cfg, quest)
     B, Hq, D = query.shape
     H = packed_cache.shape[1]
     assert query.stride(-1) == 1 and packed_cache.stride(-1) == 1
     check_alignment(layout, layout.model_dtype_bytes, packed_cache)
-    kp = quest.budget_pages
-    max_pages = triton.next_power_of_2(max(block_table.shape[1], kp, 2))
+    max_pages = triton.next_power_of_2(max(block_table.shape[1], quest.budget_pages, 2))
     scores = torch.empty(B, H, max_pages, dtype=torch.float32, device=query.device)
-    sel = torch.empty(B, H, kp, dtype=torch.int32, device=query.device)
     if B == 0:
-        return sel
-    common = dict(BS=layout.block_size, R=cfg.residual_tokens, ALIGN=cfg.key_token_align)
+        return scores
     # pages a program scores: [pages, query heads, channels] stays ~4K elements
     block_p = min(16, max_pages, max(2, 4096 // (triton.next_power_of_2(Hq // H) *
                                                 triton.next_power_of_2(D))))
@@ -206,12 +203,36 @@ def quest_select(query: torch.Tensor, packed_cache: torch.Tensor, block_table: t
         scores, scores.stride(0), scores.stride(1),
         D=D, G=cfg.group_size, K_BITS=cfg.k_bits, K_PARAMS_OFF=layout.k_params_offset,
         REP=Hq // H, REP_P=triton.next_power_of_2(Hq // H), BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_P=block_p, MAX_PAGES=max_pages, **common)
+        BLOCK_P=block_p, MAX_PAGES=max_pages, BS=layout.block_size, R=cfg.residual_tokens,
+        ALIGN=cfg.key_token_align)
+    return scores
+
+
+def quest_top_pages(scores: torch.Tensor, seq_lens: torch.Tensor, layout: PageLayout,
+                    cfg: KvcompConfig, quest) -> torch.Tensor:
+    """The pages each (request, KV head) attends, from ``quest_page_scores``:
+    ``[B, H, quest.budget_pages]`` int32 page indices, -1 where unused."""
+    B, H, max_pages = scores.shape
+    kp = quest.budget_pages
+    sel = torch.empty(B, H, kp, dtype=torch.int32, device=scores.device)
+    if B == 0:
+        return sel
     _quest_select_kernel[(B, H)](
         scores, scores.stride(0), scores.stride(1), seq_lens, sel, sel.stride(0),
         sel.stride(1), MAX_PAGES=max_pages, KP=kp, KP_P=triton.next_power_of_2(max(kp, 2)),
-        **common)
+        BS=layout.block_size, R=cfg.residual_tokens, ALIGN=cfg.key_token_align)
     return sel
+
+
+def quest_select(query: torch.Tensor, packed_cache: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
+                 quest) -> torch.Tensor:
+    """Pages each (request, KV head) of a decode batch attends:
+    ``[B, H, quest.budget_pages]`` int32 page indices (positions in the
+    request's block-table row), -1 where unused; any order: the page scores,
+    then their top-k."""
+    scores = quest_page_scores(query, packed_cache, block_table, seq_lens, layout, cfg, quest)
+    return quest_top_pages(scores, seq_lens, layout, cfg, quest)
 
 
 def quest_span(quest, cfg: KvcompConfig) -> int:
@@ -432,6 +453,8 @@ __all__ = [
     "quest_decode_attention",
     "quest_decode_reference",
     "quest_num_splits",
+    "quest_page_scores",
+    "quest_top_pages",
     "quest_rewrite",
     "quest_rewrite_reference",
     "quest_select",
