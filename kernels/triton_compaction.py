@@ -122,7 +122,7 @@ def _regroup_keys(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k, cb,
                   D: tl.constexpr, BS: tl.constexpr, G: tl.constexpr,
                   K_BITS: tl.constexpr, K_CODES_OFF: tl.constexpr,
                   K_PARAMS_OFF: tl.constexpr, K_ROW: tl.constexpr, K_GC: tl.constexpr,
-                  K_NG: tl.constexpr, BLOCK_D: tl.constexpr, KCB: tl.constexpr):
+                  K_NG: tl.constexpr, KCB: tl.constexpr):
     """Channel slice ``cb`` (code bytes ``[cb * KCB, (cb + 1) * KCB)``) of
     the kept keys, group by group: dequantized as stored, quantized again as
     new groups of ``G`` kept keys, the last padded with its last key."""
@@ -174,8 +174,7 @@ def _kvcomp_compact_kernel(
     if KEY_CHANNEL:
         if part < N_KP:
             _regroup_keys(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k, part,
-                          D, BS, G, K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW, K_GC, K_NG,
-                          BLOCK_D, KCB)
+                          D, BS, G, K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW, K_GC, K_NG, KCB)
     if C0_ROW > 0:
         if part == N_KP:
             _copy_words(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k,
