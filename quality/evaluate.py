@@ -56,8 +56,11 @@ KV_SIZE_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
 
 # ---------------------------------------------------------------- settings
 def _kvcomp(k, v, residual=128, axis="channel", group=None, value_group=None, quest=None,
-            snapkv=None, head_map=None, scored=None, fp8_window=False):
+            snapkv=None, head_map=None, scored=None, fp8_window=False, ring=False):
     kv = {"k_bits": k, "v_bits": v, "residual_tokens": residual, "key_axis": axis}
+    if ring:
+        # the window's pages as one ring a request: the same tokens, the capacity it logs
+        kv["residual_ring"] = True
     if fp8_window:
         # the full-precision window held in float8 e4m3
         kv["residual_dtype"] = "fp8_e4m3"
@@ -118,7 +121,7 @@ ALIASES = {"kvcomp_k4v4": "kvcomp_k4v4_r128_channel", "kvcomp_k8v8": "kvcomp_k8v
 KVCOMP_NAME_RE = re.compile(
     r"kvcomp_k(\d+)v(\d+)_r(\d+)_(channel|token)(?:_g(\d+))?(?:_vg(\d+))?(?:_quest(\d+))?"
     r"(?:_snapkv(\d+))?(?:_(h2o|a2sf|streamingllm)(\d+))?(?:_map([a-z0-9-]+))?"
-    r"(_fp8window)?")
+    r"(_ring)?(_fp8window)?")
 
 
 def settings_for(names) -> dict:
@@ -129,11 +132,11 @@ def settings_for(names) -> dict:
     for n in names:
         m = KVCOMP_NAME_RE.fullmatch(n)
         if n not in cat and m:
-            k, v, r, axis, g, vg, quest, snap, method, tokens, head_map, fp8 = m.groups()
+            k, v, r, axis, g, vg, quest, snap, method, tokens, head_map, ring, fp8 = m.groups()
             cat[n] = _kvcomp(int(k), int(v), int(r), axis, int(g) if g else None,
                              int(vg) if vg else None, int(quest) if quest else None,
                              int(snap) if snap else None, head_map,
-                             (method, int(tokens)) if method else None, bool(fp8))
+                             (method, int(tokens)) if method else None, bool(fp8), bool(ring))
     return cat
 
 
@@ -148,7 +151,7 @@ def select_settings(names: str | None, quick: bool) -> list:
             raise SystemExit(f"unknown setting {n!r}; known: {', '.join(known)}, or "
                              "kvcomp_k<bits>v<bits>_r<residual>_<channel|token>[_g<group>][_vg<value group>]"
                              "[_quest<budget tokens>][_snapkv<budget %>][_<h2o|a2sf|streamingllm><tokens>]"
-                             "[_map<quality/maps/NAME.json>][_fp8window]")
+                             "[_map<quality/maps/NAME.json>][_ring][_fp8window]")
         out.append(n)
     if "baseline" not in out:
         out.insert(0, "baseline")  # agreement is measured against it

@@ -180,6 +180,11 @@ def test_settings_and_engine_kwargs():
     assert vg["kvcomp_k2v2_r128_channel_g32_vg128"]["kvcomp"] == {
         "k_bits": 2, "v_bits": 2, "residual_tokens": 128, "key_axis": "channel",
         "group_size": 32, "value_group_size": 128}
+    ring = evaluate.settings_for(["kvcomp_k4v4_r64_channel_g64_vg128_ring_fp8window"])
+    assert ring["kvcomp_k4v4_r64_channel_g64_vg128_ring_fp8window"]["kvcomp"] == {
+        "k_bits": 4, "v_bits": 4, "residual_tokens": 64, "key_axis": "channel",
+        "group_size": 64, "value_group_size": 128, "residual_ring": True,
+        "residual_dtype": "fp8_e4m3"}
     quest = evaluate.settings_for(["kvcomp_k4v4_r128_channel_quest512"])
     assert quest["kvcomp_k4v4_r128_channel_quest512"]["kvcomp"]["quest"] == {"budget_tokens": 512}
     scored = evaluate.settings_for(["kvcomp_k4v4_r128_channel_a2sf512",
