@@ -111,6 +111,25 @@ SETTINGS = {
     "kvcomp_k2v2_ring_fp8": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 2, "v_bits": 2, "residual_ring": True,
                    "residual_dtype": "fp8_e4m3"}}},
+    # capacity bar at max_model_len 4096 (CPU estimates) with the window's quality measured
+    # (quality/results/2026-12-04-cpu-6m-window-defaults):
+    # k4v4, 64-token key groups, one value group a head, a 0..63-token model-dtype ring: 3.44x
+    "kvcomp_k4v4_ring_g64": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "group_size": 64, "value_group_size": 128,
+                   "residual_ring": True}}},
+    # k4v4, the same groups, a 64..127-token e4m3 ring: 3.44x, the closest of them to bf16
+    "kvcomp_k4v4_ring_fp8_g64_r64": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "group_size": 64, "value_group_size": 128,
+                   "residual_tokens": 64, "residual_ring": True,
+                   "residual_dtype": "fp8_e4m3"}}},
+    # k2v2, a 160..287-token e4m3 ring: 5.83x as kvcomp_k2v2_ring_fp8, with less lost to 2 bits
+    "kvcomp_k2v2_ring_fp8_r160": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 2, "v_bits": 2, "residual_tokens": 160, "residual_ring": True,
+                   "residual_dtype": "fp8_e4m3"}}},
+    # k2v2, a 224..351-token e4m3 ring: 5.55x, the largest window that passes 5.5x
+    "kvcomp_k2v2_ring_fp8_r224": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 2, "v_bits": 2, "residual_tokens": 224, "residual_ring": True,
+                   "residual_dtype": "fp8_e4m3"}}},
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
     # the quality-recommended 2-bit setting (KIVI: 32-token key groups, 32-channel value

@@ -75,6 +75,22 @@ SETTINGS = [
      {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3"}),
     ("k2v2_ring_fp8", "d256", "float16",
      {"k_bits": 2, "v_bits": 2, "residual_ring": True, "residual_dtype": "fp8_e4m3"}),
+    # opt-in window settings at the capacity bar (bench_e2e.py's kvcomp_k4v4_ring_g64, ...):
+    # 64-token key groups with one value group, a 0..63-token ring in the model dtype
+    ("k4v4_ring_g64", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "group_size": 64, "value_group_size": 128,
+      "residual_ring": True}),
+    # the same groups, a 64..127-token ring in e4m3
+    ("k4v4_ring_fp8_g64_r64", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "group_size": 64, "value_group_size": 128,
+      "residual_tokens": 64, "residual_ring": True, "residual_dtype": "fp8_e4m3"}),
+    # k2v2, windows of 160..287 and 224..351 tokens in e4m3
+    ("k2v2_ring_fp8_r160", "d128", "bfloat16",
+     {"k_bits": 2, "v_bits": 2, "residual_tokens": 160, "residual_ring": True,
+      "residual_dtype": "fp8_e4m3"}),
+    ("k2v2_ring_fp8_r224", "d64", "float16",
+     {"k_bits": 2, "v_bits": 2, "residual_tokens": 224, "residual_ring": True,
+      "residual_dtype": "fp8_e4m3"}),
     # opt-in (KVCOMP_EVICTION_GPU): SnapKV keeps 512 of the longer prompts' tokens a KV
     # head, StreamingLLM sinks 4 + 256 recent; the kernels skip the freed pages
     ("k4v4_snapkv", "d128", "bfloat16",

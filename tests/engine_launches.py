@@ -90,7 +90,10 @@ ENGINE_SETTINGS = [
 # the window held as a ring (residual_ring: its residual write after the attention);
 # the window in float8 e4m3 (residual_dtype), by position and as a ring;
 # eviction (KVCOMP_EVICTION_GPU=1), the value being its method at a 2048-token
-# budget (the kernels skipping each request's evicted range).
+# budget (the kernels skipping each request's evicted range); the window
+# settings that reach the capacity bar at max_model_len 4096 (64-token key
+# groups with one value group a head, and windows past 128 tokens in e4m3: key
+# groups, value groups and the window's length are the kernels' constants).
 OPT_IN_SETTINGS = [
     setting(quest=2048),
     setting(quest=512, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
@@ -101,6 +104,13 @@ OPT_IN_SETTINGS = [
     setting(residual_dtype="fp8_e4m3", residual_tokens=128),
     setting(residual_ring=True, residual_dtype="fp8_e4m3", k_bits=2, v_bits=2, head_size=64,
             dtype="fp16", rep=8),
+    setting(residual_ring=True, group_size=64, value_group_size=128),
+    setting(residual_ring=True, residual_dtype="fp8_e4m3", group_size=64, value_group_size=128,
+            residual_tokens=64),
+    setting(residual_ring=True, residual_dtype="fp8_e4m3", k_bits=2, v_bits=2,
+            residual_tokens=160),
+    setting(residual_ring=True, residual_dtype="fp8_e4m3", k_bits=2, v_bits=2,
+            residual_tokens=224, head_size=64, dtype="fp16", rep=8),
     setting(eviction="snapkv"),
     setting(eviction="streamingllm", k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
     setting(eviction="h2o"),
