@@ -29,6 +29,14 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # every parallel region for a core that anything else on the machine may
 # hold (an engine took up to 3x as long).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No torch.compile: the model runs eager already, and what vLLM still compiles
+# is its sampler's helpers (a random sample at warm-up, where these engines
+# sample greedily, and the logprobs' rank count). Compiling them probes the
+# CPU's vector instructions with a fresh Python process per probe, each
+# importing torch (ten here): 12-30 s of a 20-40 s test engine on two cores.
+# The helpers run as plain PyTorch instead, with the same results; the
+# backend's code paths are the same.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 
 def _counter(metrics, name):

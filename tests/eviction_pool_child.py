@@ -17,8 +17,9 @@ from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# one compute thread, as in engine_runner.py
+# one compute thread and no torch.compile, as in engine_runner.py
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 
 def _external(request_id):
