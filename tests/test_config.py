@@ -79,12 +79,3 @@ def test_round_to_window_is_e4m3_saturating():
     assert torch.equal(round_to_window(r, cfg), r)
     assert torch.equal(to_window(r, torch.float8_e4m3fn).to(torch.bfloat16), r)
     assert round_to_window(x, KvcompConfig()) is x
-
-
-def test_fp8_window_gpu_start_up_says_it_is_not_gpu_verified():
-    from vllm_kvcomp.validation import check_window_dtype_platform
-
-    cfg = KvcompConfig(residual_dtype="fp8_e4m3")
-    assert check_window_dtype_platform(cfg, on_cpu=True) is None
-    assert "not yet verified on a GPU" in check_window_dtype_platform(cfg, on_cpu=False)
-    assert check_window_dtype_platform(KvcompConfig(), on_cpu=False) is None

@@ -270,34 +270,28 @@ def test_eviction_with_a_head_map_is_refused(tmp_path):
         KvcompConfig.from_dict({"eviction": _ev(4, 64), "head_map": str(f)})
 
 
-def test_eviction_is_refused_on_gpu(monkeypatch):
-    from vllm_kvcomp.validation import check_eviction_platform
-
-    cfg = KvcompConfig.from_dict({"eviction": _ev(4, 64)})
-    with pytest.raises(KvcompConfigError, match="eviction .* runs only on the CPU"):
-        check_eviction_platform(cfg, on_cpu=False)
-    check_eviction_platform(cfg, on_cpu=True)
-    check_eviction_platform(KvcompConfig(), on_cpu=False)
-    monkeypatch.setenv("KVCOMP_FORCE_TRITON", "1")
-    with pytest.raises(KvcompConfigError, match="CPU"):
-        check_eviction_platform(cfg, on_cpu=True)
-
-
-def test_gpu_platform_refuses_eviction_through_vllms_config_path(tmp_path, monkeypatch):
-    """The same refusal through EngineArgs, with the platform check answering
-    as a GPU would."""
+def test_gpu_platform_serves_streamingllm_through_vllms_config_path(tmp_path, monkeypatch):
+    """StreamingLLM's Triton path has served on a GPU: a start-up with the
+    platform check answering as a GPU would takes it with no further switch;
+    A2SF, which has not run there, is refused unless asked for."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
     from vllm_kvcomp.tiny_model import make_tiny_llama
 
     model = make_tiny_llama(str(tmp_path / "tiny"))
+    monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
-    args = EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024,
-                      additional_config={"kvcomp": {"eviction": _ev(4, 64)}})
-    with pytest.raises(ValueError, match="runs only on the CPU path"):
-        args.create_engine_config()
+
+    def config(eviction):
+        return EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024,
+                          additional_config={"kvcomp": {"eviction": eviction}}
+                          ).create_engine_config()
+
+    assert config(_ev(4, 64)).additional_config["kvcomp"]["eviction"] == _ev(4, 64)
+    with pytest.raises(ValueError, match="method='a2sf'.* runs only on the CPU path"):
+        config({"method": "a2sf", "budget_tokens": 256, "alpha": 0.5})
 
 
 # --------------------------------------------------------------- end to end

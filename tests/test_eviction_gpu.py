@@ -335,7 +335,7 @@ def test_dummy_steps_without_prompt_lengths_evict_nothing(method):
 
 # ---------------------------------------------------------------- start-up
 
-def test_gpu_serves_eviction_only_when_asked(monkeypatch):
+def test_gpu_serves_eviction_that_has_run_there_and_a2sf_only_when_asked(monkeypatch):
     from vllm_kvcomp.validation import check_eviction_platform
 
     snap = KvcompConfig.from_dict({"eviction": {"method": "snapkv", "budget_tokens": 64}})
@@ -343,9 +343,10 @@ def test_gpu_serves_eviction_only_when_asked(monkeypatch):
     h2o = KvcompConfig.from_dict({"eviction": {"method": "h2o", "budget_tokens": 64}})
     a2sf = KvcompConfig.from_dict({"eviction": {"method": "a2sf", "budget_tokens": 64}})
     monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
-    for cfg in (snap, stream, h2o, a2sf):
-        with pytest.raises(KvcompConfigError, match="set KVCOMP_EVICTION_GPU=1"):
-            check_eviction_platform(cfg, on_cpu=False)
+    for cfg in (snap, stream, h2o):
+        check_eviction_platform(cfg, on_cpu=False)
+    with pytest.raises(KvcompConfigError, match="set KVCOMP_EVICTION_GPU=1"):
+        check_eviction_platform(a2sf, on_cpu=False)
     monkeypatch.setenv("KVCOMP_EVICTION_GPU", "1")
     for cfg in (snap, stream, h2o, a2sf):
         check_eviction_platform(cfg, on_cpu=False)

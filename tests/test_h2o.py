@@ -387,7 +387,9 @@ def test_combinations_not_served_are_named(tmp_path):
         KvcompConfig.from_dict({"eviction": _ev("a2sf", 64, 8), "quest": {}})
 
 
-def test_start_up_asks_for_prompt_lengths_and_a_gpu_refuses(tmp_path, monkeypatch):
+def test_start_up_asks_for_prompt_lengths_and_a_gpu_refuses_a2sf(tmp_path, monkeypatch):
+    """H2O's Triton path has served on a GPU; A2SF's (H2O's with a decay) has
+    not, so a GPU start-up refuses it unless asked for."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
@@ -403,15 +405,20 @@ def test_start_up_asks_for_prompt_lengths_and_a_gpu_refuses(tmp_path, monkeypatc
 
     # the runner passes prompt lengths to attention metadata only then
     assert config("a2sf").model_config.rswa_window is not None
+    monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
     for method in ("h2o", "a2sf"):
         cfg = KvcompConfig.from_dict({"eviction": _ev(method, 512, 64)})
         check_eviction_platform(cfg, on_cpu=True)
-        with pytest.raises(KvcompConfigError, match=f"method='{method}'.* runs only on the CPU"):
-            check_eviction_platform(cfg, on_cpu=False)
+    check_eviction_platform(KvcompConfig.from_dict({"eviction": _ev("h2o", 512, 64)}),
+                            on_cpu=False)
+    with pytest.raises(KvcompConfigError, match="method='a2sf'.* runs only on the CPU"):
+        check_eviction_platform(KvcompConfig.from_dict({"eviction": _ev("a2sf", 512, 64)}),
+                                on_cpu=False)
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
-    with pytest.raises(ValueError, match="method='h2o'.* runs only on the CPU path"):
-        config("h2o")
+    assert config("h2o").model_config.rswa_window is not None
+    with pytest.raises(ValueError, match="method='a2sf'.* runs only on the CPU path"):
+        config("a2sf")
 
 
 # --------------------------------------------------------------- end to end

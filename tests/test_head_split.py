@@ -13,7 +13,7 @@ import torch
 import vllm_kvcomp
 from e2e_util import engine_config
 from sim_paged import SimPagedCache, manager_on_pool
-from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
+from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
 from vllm_kvcomp.kernels.head_split_ref import split_step_reference
 from vllm_kvcomp.policies.attention import window_mask
@@ -364,28 +364,24 @@ def test_head_map_without_the_hybrid_kv_cache_manager_is_named(tmp_path):
                               "residual_tokens": 0}, disable_hybrid_kv_cache_manager=True)
 
 
-def test_gpu_platform_refuses_a_head_map(tmp_path, monkeypatch):
+def test_gpu_platform_serves_a_head_map(tmp_path, monkeypatch):
+    """The split's Triton path has served on a GPU: a GPU start-up takes a
+    valid map with no further switch, and still refuses a map for another
+    model."""
     from vllm.platforms import current_platform
 
     from vllm_kvcomp.tiny_model import make_tiny_llama
-    from vllm_kvcomp.validation import check_head_map
 
     model = make_tiny_llama(str(tmp_path / "tiny"))
     path = _write(tmp_path, {"gates": [[0.9, 0.1]] * 4})
-    cfg = KvcompConfig.from_dict({"head_map": path})
-    check_head_map(cfg, None, on_cpu=True)
-    with pytest.raises(KvcompConfigError, match="runs only on the CPU path"):
-        check_head_map(cfg, None, on_cpu=False)
-    monkeypatch.setenv("KVCOMP_FORCE_TRITON", "1")
-    with pytest.raises(KvcompConfigError, match="runs only on the CPU path"):
-        check_head_map(cfg, None, on_cpu=True)
-    monkeypatch.delenv("KVCOMP_FORCE_TRITON")
+    monkeypatch.delenv("KVCOMP_HEAD_SPLIT_GPU", raising=False)
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
-    with pytest.raises(ValueError, match=r"1 streaming per layer at streaming_ratio=0.5\) but "
-                                         "serving a retrieval/streaming head split runs only "
-                                         "on the CPU path"):
-        engine_config(model, {"head_map": path})
+    config = engine_config(model, {"head_map": path})
+    assert config.additional_config["kvcomp"]["head_map"] == path
+    other = _write(tmp_path, {"gates": [[0.9, 0.1]] * 3}, "three_layers.json")
+    with pytest.raises(ValueError, match="head_map"):
+        engine_config(model, {"head_map": other})
 
 
 # --------------------------------------------------------------- end to end
@@ -442,13 +438,12 @@ def test_engine_reports_the_split_capacity(tiny_llama, tmp_path):
     assert split >= 1.8 * plain
 
 
-def test_head_map_with_quest_is_accepted_on_the_cpu_path(tmp_path):
+def test_head_map_with_quest_is_accepted(tmp_path):
     """Quest selects pages for the retrieval heads; the streaming heads read
     only their sinks and window, so there is nothing to select."""
     from vllm_kvcomp.validation import check_head_map
 
     cfg = KvcompConfig.from_dict({"head_map": _write(tmp_path, {"gates": [[0.9, 0.1]] * 4}),
                                   "quest": {"budget_tokens": 512}})
-    check_head_map(cfg, None, on_cpu=True)
-    with pytest.raises(KvcompConfigError, match="runs only on the CPU path"):
-        check_head_map(cfg, None, on_cpu=False)
+    check_head_map(cfg, None)
+    assert cfg.quest is not None and cfg.head_map is not None

@@ -436,22 +436,6 @@ def test_bad_quest_settings_are_named(kv, message):
     assert message in str(e.value)
 
 
-def test_quest_is_refused_on_gpu(monkeypatch):
-    from vllm_kvcomp.validation import check_quest_platform
-
-    cfg = KvcompConfig.from_dict(_quest())
-    with pytest.raises(KvcompConfigError, match="not been verified on a GPU yet.*KVCOMP_QUEST_GPU=1"):
-        check_quest_platform(cfg, on_cpu=False)
-    check_quest_platform(cfg, on_cpu=True)
-    check_quest_platform(KvcompConfig(), on_cpu=False)
-    monkeypatch.setenv("KVCOMP_FORCE_TRITON", "1")
-    with pytest.raises(KvcompConfigError, match="CPU path"):
-        check_quest_platform(cfg, on_cpu=True)
-    # asked for: the GPU path serves Quest with its Triton kernels
-    monkeypatch.setenv("KVCOMP_QUEST_GPU", "1")
-    check_quest_platform(cfg, on_cpu=False)
-
-
 def test_first_layers_stay_dense():
     from types import SimpleNamespace
 
@@ -477,14 +461,19 @@ def _engine_args(tmp_path, kvcomp, **kw):
                       additional_config={"kvcomp": kvcomp}, **kw)
 
 
-def test_gpu_platform_refuses_quest_through_vllms_config_path(tmp_path, monkeypatch):
+def test_gpu_platform_serves_quest_through_vllms_config_path(tmp_path, monkeypatch):
+    """Quest's Triton kernels have served on a GPU: a GPU start-up takes it
+    with no further switch, and still refuses what Quest cannot serve."""
     from vllm.platforms import current_platform
 
-    args = _engine_args(tmp_path, _quest(budget_tokens=512))
+    monkeypatch.delenv("KVCOMP_QUEST_GPU", raising=False)
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
-    with pytest.raises(ValueError, match="quest runs only on the CPU path by default.*not been verified"):
-        args.create_engine_config()
+    config = _engine_args(tmp_path, _quest(budget_tokens=512)).create_engine_config()
+    assert config.additional_config["kvcomp"]["quest"] == {"budget_tokens": 512}
+    with pytest.raises(ValueError, match="needs keys quantized per channel"):
+        _engine_args(tmp_path, {**_quest(budget_tokens=512), "key_axis": "token"}
+                     ).create_engine_config()
 
 
 def test_budget_below_the_resolved_block_size_is_refused(tmp_path):

@@ -82,17 +82,6 @@ def test_spec_reserves_one_ring_not_one_window_per_unsettled_step():
     assert sliding.max_admission_blocks_per_request(8192, 4096) == 3 * 4
 
 
-def test_the_gpu_path_says_it_is_not_gpu_verified():
-    from vllm_kvcomp.validation import check_ring_platform
-
-    cfg = KvcompConfig(k_bits=4, v_bits=4, residual_ring=True)
-    assert check_ring_platform(cfg, on_cpu=True) is None
-    assert "not yet verified on a GPU" in check_ring_platform(cfg, on_cpu=False)
-    # no window, nothing held as a ring
-    assert check_ring_platform(KvcompConfig(k_bits=4, v_bits=4, key_axis="token",
-                                            residual_ring=True), on_cpu=False) is None
-
-
 # ------------------------------------------------------------------ capacity
 
 @pytest.mark.parametrize("shape", list(CAPACITY_SHAPES))

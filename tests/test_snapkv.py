@@ -361,12 +361,11 @@ def test_engine_budget_covering_the_context_changes_nothing(tiny_llama):
 # ---------------------------------------------------------------- start-up
 
 
-def test_start_up_asks_vllm_for_prompt_lengths_and_a_gpu_refuses(tmp_path, monkeypatch):
+def test_start_up_asks_vllm_for_prompt_lengths_on_either_platform(tmp_path, monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
     from vllm_kvcomp.tiny_model import make_tiny_llama
-    from vllm_kvcomp.validation import check_eviction_platform
 
     model = make_tiny_llama(str(tmp_path / "tiny"))
     kvcomp = {"eviction": _snap(budget_ratio=0.25)}
@@ -376,10 +375,10 @@ def test_start_up_asks_vllm_for_prompt_lengths_and_a_gpu_refuses(tmp_path, monke
     assert args.create_engine_config().model_config.rswa_window is not None
     plain = EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024)
     assert plain.create_engine_config().model_config.rswa_window is None
-    with pytest.raises(KvcompConfigError, match="eviction .*snapkv.* runs only on the CPU"):
-        check_eviction_platform(KvcompConfig.from_dict(kvcomp), on_cpu=False)
+    # SnapKV's Triton path has served on a GPU: a GPU start-up takes it as it is
+    monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
-    with pytest.raises(ValueError, match="runs only on the CPU path"):
-        EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024,
-                   additional_config={"kvcomp": kvcomp}).create_engine_config()
+    gpu = EngineArgs(model=model, attention_backend="kvcomp", max_model_len=1024,
+                     additional_config={"kvcomp": kvcomp}).create_engine_config()
+    assert gpu.model_config.rswa_window is not None

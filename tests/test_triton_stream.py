@@ -328,21 +328,3 @@ def test_backend_split_layer_triton_step_is_the_reference_step(kvcomp, H, rep, s
     s = torch.tensor(split[1])
     for o in got:
         assert (o.view(o.shape[0], H, rep, D)[:, s].abs().sum(-1) > 0).all()
-
-
-def test_gpu_start_up_serves_a_head_map_only_when_asked(tmp_path, monkeypatch):
-    import json
-
-    from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
-    from vllm_kvcomp.validation import check_head_map
-
-    path = tmp_path / "map.json"
-    path.write_text(json.dumps({"gates": [[0.9, 0.1]] * 4}))
-    cfg = KvcompConfig.from_dict({"head_map": str(path)})
-    # the GPU check runs the kernel tests with the split's kernels asked for
-    monkeypatch.delenv("KVCOMP_HEAD_SPLIT_GPU", raising=False)
-    with pytest.raises(KvcompConfigError,
-                       match="not been verified on a GPU yet.*KVCOMP_HEAD_SPLIT_GPU=1"):
-        check_head_map(cfg, None, on_cpu=False)
-    monkeypatch.setenv("KVCOMP_HEAD_SPLIT_GPU", "1")
-    check_head_map(cfg, None, on_cpu=False)

@@ -145,13 +145,10 @@ def served_head_split(cfg: KvcompConfig):
     return split if split.num_streaming else None
 
 
-def check_head_map(cfg: KvcompConfig, hf_config, on_cpu: bool | None = None) -> None:
+def check_head_map(cfg: KvcompConfig, hf_config) -> None:
     """Load ``cfg.head_map``, check it against the model's layers and KV heads
     and that it can be served (the same number of streaming heads in every
-    layer, at least one retrieval head). The GPU (Triton) split has passed
-    its interpreter tests and an sm_90 build, never a GPU run: a GPU serves
-    it only when asked to (``KVCOMP_HEAD_SPLIT_GPU=1``)."""
-    from vllm_kvcomp.launch_env import HEAD_SPLIT_GPU_ENV
+    layer, at least one retrieval head)."""
     from vllm_kvcomp.policies.head_map import HeadMapError, load_head_map, served_split
 
     try:
@@ -161,19 +158,9 @@ def check_head_map(cfg: KvcompConfig, hf_config, on_cpu: bool | None = None) -> 
             kv_heads = getattr(hf_config, "num_key_value_heads", None) or \
                 hf_config.num_attention_heads
             head_map.check_model_shape(layers, kv_heads)
-        split = served_split(head_map, cfg.streaming_ratio)
+        served_split(head_map, cfg.streaming_ratio)
     except HeadMapError as e:
         raise KvcompConfigError(f"kvcomp head_map: {e}") from None
-    if not _on_cpu_path(on_cpu) and os.environ.get(HEAD_SPLIT_GPU_ENV, "0") != "1":
-        how = ("as the map's roles say" if head_map.roles is not None
-               else f"at streaming_ratio={cfg.streaming_ratio}")
-        raise KvcompConfigError(
-            f"kvcomp head_map={cfg.head_map!r} is valid ({head_map.num_layers} layers x "
-            f"{head_map.num_kv_heads} KV heads, {split.num_streaming} streaming per layer "
-            f"{how}) but serving a retrieval/streaming head split runs only on the CPU path "
-            "by default: its GPU (Triton) path has not been verified on a GPU yet; remove "
-            f"head_map to serve every head with the whole context, or set "
-            f"{HEAD_SPLIT_GPU_ENV}=1 to serve the split unverified")
 
 
 def check_tensor_parallel(cfg: KvcompConfig, tp_size: int, hf_config,
@@ -210,14 +197,17 @@ def check_tensor_parallel(cfg: KvcompConfig, tp_size: int, hf_config,
 
 # what the GPU (Triton) path evicts with (kernels/eviction_gpu.py)
 GPU_EVICTION = ("snapkv", "streamingllm", "h2o", "a2sf")
+# those of them whose engines have served on a GPU (H200, vLLM's default engine
+# settings: benchmarks/results/2026-12-04-h200-quest-eviction); A2SF is H2O's path
+# with a decay but has not itself run there
+GPU_RUN_EVICTION = ("snapkv", "streamingllm", "h2o")
 
 
 def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
-    """Eviction frees pages whose block-table entries then go stale. The
-    Triton kernels skip them (``kernels/eviction_gpu.py``) and have passed
-    their interpreter tests and an sm_90 build, never a GPU run: a GPU serves
-    eviction only when asked to (``KVCOMP_EVICTION_GPU=1``), and only the
-    methods that path has."""
+    """Eviction frees pages whose block-table entries then go stale; the
+    Triton kernels skip them (``kernels/eviction_gpu.py``). A GPU serves the
+    methods that path has, and a method whose engine has not yet run on a GPU
+    only when asked to (``KVCOMP_EVICTION_GPU=1``)."""
     from vllm_kvcomp.launch_env import EVICTION_GPU_ENV
 
     if cfg.eviction is None or _on_cpu_path(on_cpu):
@@ -228,54 +218,12 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
             f"kvcomp eviction (method={method!r}) runs only on the CPU path: the GPU (Triton) "
             f"path evicts with {list(GPU_EVICTION)}; remove eviction from the kvcomp settings "
             "or choose one of those")
-    if os.environ.get(EVICTION_GPU_ENV, "0") != "1":
+    if method not in GPU_RUN_EVICTION and os.environ.get(EVICTION_GPU_ENV, "0") != "1":
         raise KvcompConfigError(
             f"kvcomp eviction (method={method!r}) runs only on the CPU path by default: its "
-            "GPU (Triton) path has not been verified on a GPU yet; remove eviction from the "
-            f"kvcomp settings, or set {EVICTION_GPU_ENV}=1 to serve it unverified")
-
-
-def check_ring_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> str | None:
-    """The ring's Triton launches (hand-over, attention, then the new window's
-    residual write) have passed their interpreter tests and an sm_90 build,
-    never a GPU run: a GPU start-up says so (returned, and logged)."""
-    if not (cfg.residual_ring and cfg.needs_residual_cache) or _on_cpu_path(on_cpu):
-        return None
-    from vllm.logger import init_logger
-
-    msg = ("kvcomp residual_ring on the GPU path: its Triton launches are checked under the "
-           "interpreter and built for sm_90, not yet verified on a GPU")
-    init_logger("vllm.kvcomp").warning(msg)
-    return msg
-
-
-def check_window_dtype_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> str | None:
-    """The fp8 window's Triton reads and writes (``residual_dtype``) have
-    passed their interpreter tests and an sm_90 build, never a GPU run: a GPU
-    start-up says so (returned, and logged)."""
-    if not cfg.residual_fp8 or _on_cpu_path(on_cpu):
-        return None
-    from vllm.logger import init_logger
-
-    msg = (f"kvcomp residual_dtype={cfg.residual_dtype!r} on the GPU path: its Triton launches "
-           "are checked under the interpreter and built for sm_90, not yet verified on a GPU")
-    init_logger("vllm.kvcomp").warning(msg)
-    return msg
-
-
-def check_quest_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
-    """Quest's Triton kernels (page scoring and selection, sparse decode) have
-    passed their interpreter tests and an sm_90 build, never a GPU run: a GPU
-    serves with them only when asked to (``KVCOMP_QUEST_GPU=1``)."""
-    from vllm_kvcomp.launch_env import QUEST_GPU_ENV
-
-    if cfg.quest is None or _on_cpu_path(on_cpu):
-        return
-    if os.environ.get(QUEST_GPU_ENV, "0") != "1":
-        raise KvcompConfigError(
-            "kvcomp quest runs only on the CPU path by default: its GPU (Triton) kernels "
-            "have not been verified on a GPU yet; remove quest from the kvcomp settings, or "
-            f"set {QUEST_GPU_ENV}=1 to serve with them unverified")
+            "GPU (Triton) path has passed its interpreter tests and an sm_90 build but has "
+            f"not yet served on a GPU; choose one of {list(GPU_RUN_EVICTION)}, or set "
+            f"{EVICTION_GPU_ENV}=1 to serve it unverified")
 
 
 def request_prompt_lengths(cfg: KvcompConfig, model_config) -> None:
@@ -361,10 +309,7 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
     check_tensor_parallel(cfg, pc.tensor_parallel_size,
                           mc.hf_text_config if mc is not None else None)
     check_eviction_platform(cfg)
-    check_ring_platform(cfg)
-    check_window_dtype_platform(cfg)
     request_prompt_lengths(cfg, mc)
-    check_quest_platform(cfg)
 
     align = cfg.key_token_align
     if cc.num_gpu_blocks is not None:
