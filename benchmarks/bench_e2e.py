@@ -70,31 +70,25 @@ SETTINGS = {
     "kvcomp_k4v4_r0_split_store": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4, "residual_tokens": 0}},
         "_env": {"KVCOMP_STORE_SPLIT": "1"}},
-    # Quest's page selection at decode (2048 tokens, two dense layers), with kernels a GPU
-    # serves only when asked (KVCOMP_QUEST_GPU): W4 beside kvcomp_k4v4
+    # Quest's page selection at decode (2048 tokens, two dense layers): W4 beside kvcomp_k4v4
     "kvcomp_k4v4_quest2048": {"attention_backend": "kvcomp", "additional_config": {
-        "kvcomp": {"k_bits": 4, "v_bits": 4, "quest": {"budget_tokens": 2048}}},
-        "_env": {"KVCOMP_QUEST_GPU": "1"}},
-    # SnapKV keeping 2048 prompt tokens a KV head, with the eviction path a GPU serves
-    # only when asked (KVCOMP_EVICTION_GPU): W1 and W4 beside kvcomp_k4v4
+        "kvcomp": {"k_bits": 4, "v_bits": 4, "quest": {"budget_tokens": 2048}}}},
+    # SnapKV keeping 2048 prompt tokens a KV head: W1 and W4 beside kvcomp_k4v4
     "kvcomp_k4v4_snapkv2048": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
-                   "eviction": {"method": "snapkv", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_EVICTION_GPU": "1"}},
+                   "eviction": {"method": "snapkv", "budget_tokens": 2048}}}},
     # H2O keeping 2048 tokens a KV head (heavy hitters + recent), scored by the decode
     # kernel's probabilities, evicting a page at a time as requests grow: W1 and W4
-    # beside kvcomp_k4v4 (only when asked, KVCOMP_EVICTION_GPU)
+    # beside kvcomp_k4v4
     "kvcomp_k4v4_h2o2048": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
-                   "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_EVICTION_GPU": "1"}},
-    # half of each layer's KV heads streaming (sinks 64 + window 256), with the split's
-    # kernels a GPU serves only when asked (KVCOMP_HEAD_SPLIT_GPU): W4 beside kvcomp_k4v4
+                   "eviction": {"method": "h2o", "budget_tokens": 2048}}}},
+    # half of each layer's KV heads streaming (sinks 64 + window 256): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map
     # written for the model at start-up marks streaming (a fixed map, not a calibrated
     # one: this measures speed and capacity, not quality)
     "kvcomp_k4v4_split50": {"attention_backend": "kvcomp", "additional_config": {
-        "kvcomp": {"k_bits": 4, "v_bits": 4}}, "_env": {"KVCOMP_HEAD_SPLIT_GPU": "1"},
+        "kvcomp": {"k_bits": 4, "v_bits": 4}},
         "_head_map_streaming": 0.5},
     # the full-precision window as one ring of pages per request (residual_ring), not one
     # per unsettled step: 3.35x / 4.84x bf16's KV capacity at max_model_len 4096 against

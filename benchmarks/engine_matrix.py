@@ -54,10 +54,10 @@ SETTINGS = [
      {"k_bits": 4, "v_bits": 4, "prompt_attention": "full_precision"}),
     ("k4v4_flash_attn", "d128", "float16",
      {"k_bits": 4, "v_bits": 4, "fresh_prefill": "flash_attn"}),
-    # opt-in (KVCOMP_QUEST_GPU): both layers sparse, 4 of the longest prompts' 32 pages
+    # Quest: both layers sparse, 4 of the longest prompts' 32 pages
     ("k4v4_quest512", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "quest": {"budget_tokens": 512, "dense_layers": 0}}),
-    # opt-in (KVCOMP_HEAD_SPLIT_GPU): one of each layer's two KV heads streaming, sinks
+    # head split: one of each layer's two KV heads streaming, sinks
     # 64 + window 256, so the longer prompts' streaming heads drop most of their context;
     # the map (a dict here) is written to a file beside the model, what head_map takes
     ("k4v4_split50", "d128", "bfloat16",
@@ -126,23 +126,16 @@ def run_one(spec: dict) -> None:
 
     kw = {}
     kvcomp = spec["kvcomp"]
-    if kvcomp is not None and "quest" in kvcomp:
-        from vllm_kvcomp.launch_env import QUEST_GPU_ENV
-
-        os.environ[QUEST_GPU_ENV] = "1"
     if kvcomp is not None and "eviction" in kvcomp:
         from vllm_kvcomp.launch_env import EVICTION_GPU_ENV
 
         os.environ[EVICTION_GPU_ENV] = "1"
     if kvcomp is not None and isinstance(kvcomp.get("head_map"), dict):
-        from vllm_kvcomp.launch_env import HEAD_SPLIT_GPU_ENV
-
         # one file per engine: both modes of a row may start at once
         path = os.path.join(spec["model"], f"head_map_{spec['name']}_{os.getpid()}.json")
         with open(path, "w") as f:
             json.dump(kvcomp["head_map"], f)
         kvcomp = {**kvcomp, "head_map": path}
-        os.environ[HEAD_SPLIT_GPU_ENV] = "1"
     if kvcomp is not None:
         kw = dict(attention_backend="kvcomp", additional_config={"kvcomp": kvcomp})
     if spec["mode"] == "fast":

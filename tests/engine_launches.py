@@ -83,13 +83,13 @@ ENGINE_SETTINGS = [
     setting(k_bits=16, v_bits=16),
 ]
 # Opt-in GPU paths checked beside them (not on the default path, so not in
-# benchmarks/results/gpu_verified.json): Quest's selection and sparse decode
-# (KVCOMP_QUEST_GPU=1), the value being its budget_tokens; a head map's split
-# layer (KVCOMP_HEAD_SPLIT_GPU=1), the value being the share of KV heads that
+# benchmarks/results/gpu_verified.json): Quest's selection and sparse decode,
+# the value being its budget_tokens; a head map's split
+# layer, the value being the share of KV heads that
 # stream (the rest through the packed kernels), at the default sinks and window;
 # the window held as a ring (residual_ring: its residual write after the attention);
 # the window in float8 e4m3 (residual_dtype), by position and as a ring;
-# eviction (KVCOMP_EVICTION_GPU=1), the value being its method at a 2048-token
+# eviction, the value being its method at a 2048-token
 # budget (the kernels skipping each request's evicted range); the window
 # settings that reach the capacity bar at max_model_len 4096 (64-token key
 # groups with one value group a head, and windows past 128 tokens in e4m3: key

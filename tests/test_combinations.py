@@ -155,7 +155,7 @@ QUEST_KV = {"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 8}
 def test_ring_and_fp8_window_under_quest():
     """Quest's decode steps with the window as an e4m3 ring: the reference
     gives the plain window's outputs, and the backend's Triton launch code
-    (``KVCOMP_QUEST_GPU``: page selection, then the decode kernel over the
+    (page selection, then the decode kernel over the
     selected pages and the window, whose block-table row repeats the ring's
     pages) gives the reference's. The selection left pages out."""
     from vllm_kvcomp.policies.quest import Quest

@@ -84,7 +84,7 @@ def test_triton_path_matches_reference_path(model, kv, tol, exact):
 
 
 def test_head_split_triton_path_matches_reference_path(model, tmp_path):
-    """A head map's split layers on the GPU path (KVCOMP_HEAD_SPLIT_GPU=1):
+    """A head map's split layers on the GPU path (Triton):
     the retrieval heads through the packed kernels and the streaming heads
     through the stream kernel, with vLLM's metadata of the streaming heads'
     own KV cache group, give the reference path's tokens. 16 bits, so the
@@ -100,7 +100,7 @@ def test_head_split_triton_path_matches_reference_path(model, tmp_path):
     no_map = {k: v for k, v in kv.items() if k != "head_map"}
     ref, tri, full = run_engines(dict(spec=_spec(model, kv)),
                                  dict(spec=_spec(model, kv),
-                                      env={**TRITON_ENV, "KVCOMP_HEAD_SPLIT_GPU": "1"}),
+                                      env=TRITON_ENV),
                                  dict(spec=_spec(model, no_map)))
     assert tri["tokens"] == ref["tokens"]
     assert ref["tokens"] != full["tokens"]  # the streaming heads' window cut something

@@ -374,7 +374,6 @@ def test_gpu_platform_serves_a_head_map(tmp_path, monkeypatch):
 
     model = make_tiny_llama(str(tmp_path / "tiny"))
     path = _write(tmp_path, {"gates": [[0.9, 0.1]] * 4})
-    monkeypatch.delenv("KVCOMP_HEAD_SPLIT_GPU", raising=False)
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
     config = engine_config(model, {"head_map": path})

@@ -466,7 +466,6 @@ def test_gpu_platform_serves_quest_through_vllms_config_path(tmp_path, monkeypat
     with no further switch, and still refuses what Quest cannot serve."""
     from vllm.platforms import current_platform
 
-    monkeypatch.delenv("KVCOMP_QUEST_GPU", raising=False)
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
     config = _engine_args(tmp_path, _quest(budget_tokens=512)).create_engine_config()

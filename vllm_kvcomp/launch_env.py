@@ -16,19 +16,9 @@ PREFILL_LAUNCH_KEYS = ("block_rows", "block_n", "num_warps", "num_stages")
 # tiles (``kvcomp_decode_attention``'s warp_tiles) and register cap
 DECODE_LAUNCH_ENV = "KVCOMP_DECODE_LAUNCH"
 DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_registers")
-# "1": a GPU serves Quest with its Triton kernels (kernels/triton_quest.py),
-# which have passed interpreter tests and an sm_90 build but not yet a GPU run;
-# otherwise a GPU start-up refuses quest
-QUEST_GPU_ENV = "KVCOMP_QUEST_GPU"
-# "1": a GPU serves a head map's split layers with the Triton kernels (the
-# retrieval heads through the packed kernels, the streaming heads through
-# kernels/triton_stream.py), which have passed interpreter tests and an sm_90
-# build but not yet a GPU run; otherwise a GPU start-up refuses head_map
-HEAD_SPLIT_GPU_ENV = "KVCOMP_HEAD_SPLIT_GPU"
-# "1": a GPU serves eviction (SnapKV, StreamingLLM, H2O, A2SF) with the Triton
-# kernels skipping the evicted pages (kernels/eviction_gpu.py), which have passed
-# interpreter tests and an sm_90 build but not yet a GPU run; otherwise a GPU
-# start-up refuses eviction
+# "1": a GPU serves eviction methods whose engines have not yet run on a GPU
+# (validation.GPU_RUN_EVICTION names those that have) with the Triton path
+# (kernels/eviction_gpu.py); otherwise a GPU start-up refuses them
 EVICTION_GPU_ENV = "KVCOMP_EVICTION_GPU"
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
