@@ -1,10 +1,11 @@
 """Triton pieces the KVCOMP kernels share.
 
 Host side: the page geometry every kernel takes as constexprs
-(``layout_constexprs``), the alignment its pointer casts rely on
-(``check_alignment``, ``check_decode_inputs``), the residual window's
-arguments (``residual_window_args``), and whether Triton runs under its CPU
-interpreter (``interpreted``: the launchers then choose fp32 dots).
+(``layout_constexprs``), the alignment and strides its pointer casts rely
+on (``check_alignment``, ``check_kv_inputs``, ``check_decode_inputs``), the
+residual window's arguments (``residual_window_args``), and whether Triton
+runs under its CPU interpreter (``interpreted``: the launchers then choose
+fp32 dots).
 
 Device side (``@triton.jit``, inlined into the kernels that call them): the
 decode kernel's work on packed pages without shuffling codes back into
@@ -56,23 +57,33 @@ def check_alignment(layout: PageLayout, es: int, packed_cache: torch.Tensor) -> 
         f"packed page regions are not {align}-byte aligned: {offs}")
 
 
+def check_kv_inputs(key: torch.Tensor, value: torch.Tensor, packed_cache: torch.Tensor,
+                    layout: PageLayout) -> None:
+    """The checks the store, prefill and decode kernels' pointer arithmetic
+    relies on: key / value [T, H, D] in the model dtype (channel stride 1,
+    any row/head strides), packed_cache uint8 [nb, H, head_page_bytes] with
+    aligned regions."""
+    assert key.shape[-1] == layout.head_size
+    assert key.stride(-1) == 1 and value.stride(-1) == 1
+    assert key.dtype == value.dtype and key.element_size() == layout.model_dtype_bytes
+    assert packed_cache.dtype == torch.uint8 and packed_cache.stride(-1) == 1
+    assert packed_cache.shape[1] == key.shape[1]
+    assert packed_cache.shape[2] == layout.head_page_bytes
+    check_alignment(layout, key.element_size(), packed_cache)
+
+
 def check_decode_inputs(query: torch.Tensor, key_new: torch.Tensor, value_new: torch.Tensor,
                         packed_cache: torch.Tensor,
                         layout: PageLayout) -> tuple[int, int, int, int]:
-    """(B, Hq, H, D) of a decode batch, after the checks the decode kernels'
-    pointer arithmetic relies on: query [B, Hq, D], key_new / value_new
-    [B, H, D] in the model dtype (channel stride 1, any row/head strides),
-    packed_cache uint8 [nb, H, head_page_bytes]."""
+    """(B, Hq, H, D) of a decode batch, after ``check_kv_inputs`` and the
+    query's checks: query [B, Hq, D] (channel stride 1), key_new / value_new
+    [B, H, D]."""
     B, Hq, D = query.shape
     H = key_new.shape[1]
     assert D == layout.head_size and Hq % H == 0
     assert key_new.shape == (B, H, D) and value_new.shape == (B, H, D)
-    assert query.stride(-1) == 1 and key_new.stride(-1) == 1 and value_new.stride(-1) == 1
-    assert key_new.dtype == value_new.dtype
-    assert key_new.element_size() == layout.model_dtype_bytes
-    assert packed_cache.dtype == torch.uint8 and packed_cache.stride(-1) == 1
-    assert packed_cache.shape[1] == H and packed_cache.shape[2] == layout.head_page_bytes
-    check_alignment(layout, key_new.element_size(), packed_cache)
+    assert query.stride(-1) == 1
+    check_kv_inputs(key_new, value_new, packed_cache, layout)
     return B, Hq, H, D
 
 

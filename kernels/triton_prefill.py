@@ -43,7 +43,7 @@ import triton.language as tl
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref
 from vllm_kvcomp.kernels.triton_common import (
-    check_alignment,
+    check_kv_inputs,
     evicted_walk,
     interpreted,
     layout_constexprs,
@@ -466,12 +466,8 @@ def kvcomp_prefill_attention(
     T, Hq, D = query.shape
     H = key.shape[1]
     assert D == layout.head_size and Hq % H == 0
-    assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
-    assert out.stride(-1) == 1
-    assert key.dtype == value.dtype and key.element_size() == layout.model_dtype_bytes
-    assert packed_cache.dtype == torch.uint8 and packed_cache.stride(-1) == 1
-    assert packed_cache.shape[1] == H and packed_cache.shape[2] == layout.head_page_bytes
-    check_alignment(layout, key.element_size(), packed_cache)
+    assert query.stride(-1) == 1 and out.stride(-1) == 1
+    check_kv_inputs(key, value, packed_cache, layout)
     if num_reqs == 0 or max_query_len <= 0:
         return out
     res, rs, rbt, bs_r = residual_window_args(cfg, residual_cache, residual_block_table,

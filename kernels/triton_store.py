@@ -51,7 +51,7 @@ import triton.language as tl
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import attention_ref, packing
 from vllm_kvcomp.kernels.triton_common import (
-    check_alignment,
+    check_kv_inputs,
     layout_constexprs,
     residual_window_args,
 )
@@ -408,13 +408,7 @@ def kvcomp_store(
     assert layout.config == cfg
     num_reqs = seq_lens.shape[0]
     H = key.shape[1]
-    D = layout.head_size
-    assert key.shape[-1] == D and key.stride(-1) == 1 and value.stride(-1) == 1
-    assert key.dtype == value.dtype
-    assert packed_cache.dtype == torch.uint8 and packed_cache.stride(-1) == 1
-    assert packed_cache.shape[1] == H and packed_cache.shape[2] == layout.head_page_bytes
-    assert key.element_size() == layout.model_dtype_bytes
-    check_alignment(layout, key.element_size(), packed_cache)
+    check_kv_inputs(key, value, packed_cache, layout)
     if num_reqs == 0:
         return
     has_res = residual_cache is not None
