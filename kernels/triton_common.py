@@ -3,9 +3,9 @@
 Host side: the page geometry every kernel takes as constexprs
 (``layout_constexprs``), the alignment and strides its pointer casts rely
 on (``check_alignment``, ``check_kv_inputs``, ``check_decode_inputs``), the
-residual window's arguments (``residual_window_args``), and whether Triton
-runs under its CPU interpreter (``interpreted``: the launchers then choose
-fp32 dots).
+page arguments they take, the residual window's included (``page_args``),
+and whether Triton runs under its CPU interpreter (``interpreted``: the
+launchers then choose fp32 dots).
 
 Device side (``@triton.jit``, inlined into the kernels that call them): the
 decode kernel's work on packed pages without shuffling codes back into
@@ -87,23 +87,30 @@ def check_decode_inputs(query: torch.Tensor, key_new: torch.Tensor, value_new: t
     return B, Hq, H, D
 
 
-def residual_window_args(cfg, residual_cache: torch.Tensor | None,
-                         residual_block_table: torch.Tensor | None, residual_block_size: int,
-                         block_table: torch.Tensor, fresh_keys: torch.Tensor) -> tuple:
-    """The full-precision window's kernel arguments: (cache, its block, K/V,
-    head and token strides, its block table, its block size). Without a
-    window the kernels compile its reads out (``HAS_RESIDUAL``), so the fresh
-    keys and the packed pages' block table fill those slots."""
+def page_args(cfg, packed_cache: torch.Tensor, residual_cache: torch.Tensor | None,
+              residual_block_table: torch.Tensor | None, residual_block_size: int,
+              block_table: torch.Tensor, fresh_keys: torch.Tensor) -> tuple[tuple, int]:
+    """(the pages' kernel arguments, the window's block size ``BS_R``) of
+    the store, prefill and decode kernels: the packed cache and its block /
+    head strides, the full-precision window and its block, K/V, head and
+    token strides, the packed block table and the window's, each with its
+    row stride. Without a window the kernels compile its reads out
+    (``HAS_RESIDUAL``), so the fresh keys and the packed pages' block table
+    fill its slots."""
     if cfg.needs_residual_cache:
         assert residual_cache is not None, (
             "this config keeps a residual window: residual_cache is required")
     if residual_cache is None:
-        return fresh_keys, (0, 0, 0, 0), block_table, 1
-    assert residual_cache.stride(-1) == 1
-    assert residual_cache.dtype == residual_torch_dtype(cfg, fresh_keys.dtype), (
-        f"residual_dtype={cfg.residual_dtype!r} with {fresh_keys.dtype} K/V: the window "
-        f"cannot hold {residual_cache.dtype}")
-    return residual_cache, residual_cache.stride()[:4], residual_block_table, residual_block_size
+        res, rs, rbt, bs_r = fresh_keys, (0, 0, 0, 0), block_table, 1
+    else:
+        assert residual_cache.stride(-1) == 1
+        assert residual_cache.dtype == residual_torch_dtype(cfg, fresh_keys.dtype), (
+            f"residual_dtype={cfg.residual_dtype!r} with {fresh_keys.dtype} K/V: the window "
+            f"cannot hold {residual_cache.dtype}")
+        res, rs, rbt, bs_r = (residual_cache, residual_cache.stride()[:4], residual_block_table,
+                              residual_block_size)
+    return (packed_cache, packed_cache.stride(0), packed_cache.stride(1), res, *rs,
+            block_table, block_table.stride(0), rbt, rbt.stride(0)), bs_r
 
 
 def layout_constexprs(layout: PageLayout) -> dict:

@@ -74,9 +74,9 @@ from vllm_kvcomp.kernels.triton_common import (
     load_params,
     load_raw_rows,
     matmul,
+    page_args,
     phase_codes,
     pick,
-    residual_window_args,
     softmax_step,
     split_phases,
     unpack_asm,
@@ -695,8 +695,8 @@ def kvcomp_decode_attention(
     assert out.shape == query.shape and out.stride(-1) == 1
     if B == 0:
         return out
-    res, rs, rbt, bs_r = residual_window_args(cfg, residual_cache, residual_block_table,
-                                              residual_block_size, block_table, key_new)
+    pages, bs_r = page_args(cfg, packed_cache, residual_cache, residual_block_table,
+                            residual_block_size, block_table, key_new)
 
     rep = Hq // H
     # Triton pads small M to the tensor-core tile itself; padding here to 16
@@ -768,9 +768,7 @@ def kvcomp_decode_attention(
         value_new, value_new.stride(0), value_new.stride(1),
         out, out.stride(0), out.stride(1),
         part_o, part_lse,
-        packed_cache, packed_cache.stride(0), packed_cache.stride(1),
-        res, *rs,
-        block_table, block_table.stride(0), rbt, rbt.stride(0),
+        *pages,
         seq_lens, float(scale) * math.log2(math.e), evicted,
         probs, None if probs is None else probs.stride(1),
         BS_R=bs_r,

@@ -47,7 +47,7 @@ from vllm_kvcomp.kernels.triton_common import (
     evicted_walk,
     interpreted,
     layout_constexprs,
-    residual_window_args,
+    page_args,
 )
 from vllm_kvcomp.launch_env import PREFILL_LAUNCH_ENV, parse_prefill_launch
 from vllm_kvcomp.layout import PageLayout
@@ -470,8 +470,8 @@ def kvcomp_prefill_attention(
     check_kv_inputs(key, value, packed_cache, layout)
     if num_reqs == 0 or max_query_len <= 0:
         return out
-    res, rs, rbt, bs_r = residual_window_args(cfg, residual_cache, residual_block_table,
-                                              residual_block_size, block_table, key)
+    pages, bs_r = page_args(cfg, packed_cache, residual_cache, residual_block_table,
+                            residual_block_size, block_table, key)
     launch = PREFILL_LAUNCH
     if query.dtype == torch.float32:
         launch = {k: min(v, _FP32_LAUNCH_CAP[k]) for k, v in launch.items()}
@@ -503,9 +503,7 @@ def kvcomp_prefill_attention(
         key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1),
         out, out.stride(0), out.stride(1),
-        packed_cache, packed_cache.stride(0), packed_cache.stride(1),
-        res, *rs,
-        block_table, block_table.stride(0), rbt, rbt.stride(0),
+        *pages,
         query_start_loc, seq_lens, float(scale) * math.log2(math.e),
         lse if lse is not None else out, lse.stride(0) if lse is not None else 0, out_row_base,
         evicted,

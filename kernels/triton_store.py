@@ -53,7 +53,7 @@ from vllm_kvcomp.kernels import attention_ref, packing
 from vllm_kvcomp.kernels.triton_common import (
     check_kv_inputs,
     layout_constexprs,
-    residual_window_args,
+    page_args,
 )
 from vllm_kvcomp.layout import PageLayout
 
@@ -412,8 +412,8 @@ def kvcomp_store(
     if num_reqs == 0:
         return
     has_res = residual_cache is not None
-    res, rs, rbt, bs_r = residual_window_args(
-        cfg, residual_cache,
+    pages, bs_r = page_args(
+        cfg, packed_cache, residual_cache,
         residual_block_table if residual_block_table is not None else block_table,
         residual_block_size, block_table, key)
     do_res = has_res and residual_slot_mapping is not None
@@ -439,9 +439,7 @@ def kvcomp_store(
     )
     args = (
         key, value, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        packed_cache, packed_cache.stride(0), packed_cache.stride(1),
-        res, *rs,
-        block_table, block_table.stride(0), rbt, rbt.stride(0),
+        *pages,
         slots, query_start_loc, seq_lens,
     )
     grid = (num_reqs, nprog, H)
