@@ -297,6 +297,8 @@ def _kvcomp_decode_kernel(
     hi = tl.minimum(lo + per_split * BLOCK_N, q_end)
     nn = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + i64 * stride_bt
+    # the tile's token offsets: [BLOCK_N], or [WT, TS] with warp tiles
+    offs = nn
     if WT > 1:
         # Warp tiles: each of the WT warps owns its own TS-token slice of every
         # tile (the leading dimension of batched dots), with its own softmax
@@ -319,19 +321,21 @@ def _kvcomp_decode_kernel(
         b5 = b0
         b6 = b0
         b7 = b0
-        for m0 in range(lo, hi, BLOCK_N):
-            n0 = m0
-            if HOLE:
-                n0 = tl.where(m0 >= lo_al, m0 + gap, m0)
-            valid3 = n0 + nn3 < q_old
-            if HOLE:
-                valid3 = valid3 & ((n0 + nn3 < ev_lo) | (n0 + nn3 >= ev_hi))
-            blk = tl.load(bt_row + n0 // BS).to(tl.int64)
-            page_off = blk * stride_cb + h * stride_ch
-            s0 = n0 % BS
-            slot3 = s0 + nn3
+        offs = nn3
+    for m0 in range(lo, hi, BLOCK_N):
+        n0 = m0
+        if HOLE:
+            n0 = tl.where(m0 >= lo_al, m0 + gap, m0)
+        valid = n0 + offs < q_old
+        if HOLE:
+            valid = valid & ((n0 + offs < ev_lo) | (n0 + offs >= ev_hi))
+        blk = tl.load(bt_row + n0 // BS).to(tl.int64)
+        page_off = blk * stride_cb + h * stride_ch
+        s0 = n0 % BS
+        slot = s0 + offs
+        if WT > 1:
             # keys as the A operand [WT, TS, K_RP]: s^T = codes @ (q * s)^T
-            kraw = load_code_slices(cache_ptr, page_off + K_CODES_OFF, slot3, valid3, K_ROW, K_RP,
+            kraw = load_code_slices(cache_ptr, page_off + K_CODES_OFF, slot, valid, K_ROW, K_RP,
                                     K_EW, False)
             if K_ASM:
                 k0, k1, k2, k3, k4, k5, k6, k7 = unpack_asm(kraw, K_BITS, K_EW, K_DT)
@@ -377,28 +381,28 @@ def _kvcomp_decode_kernel(
             else:
                 s = s + tl.sum(corr, axis=1)[None, None, :]
             if not K_FOLD_CH:
-                sc, mn = load_params(wp, pbase + slot3, valid3)
+                sc, mn = load_params(wp, pbase + slot, valid)
                 s = s * sc[:, :, None] + qsum[None, None, :] * mn[:, :, None]
-            s = tl.where(valid3[:, :, None], s * qk_scale, float("-inf"))
+            s = tl.where(valid[:, :, None], s * qk_scale, float("-inf"))
             if LOGITS:
                 ix3 = n0 + nn3
                 if HOLE:
                     ix3 = tl.where(ix3 >= ev_hi, ix3 - (ev_hi - ev_lo), ix3)
                 tl.store(lg_row[None, None, :] + ix3[:, :, None], s,
-                         mask=valid3[:, :, None] & row_ok[None, None, :])
+                         mask=valid[:, :, None] & row_ok[None, None, :])
             m_new = tl.maximum(m3, tl.max(s, axis=1))
             alpha = tl.exp2(m3 - m_new)
             p = tl.exp2(s - m_new[:, None, :])
             l3 = l3 * alpha + tl.sum(p, axis=1)
             m3 = m_new
             # values as the A operand [WT, V_RP, TS]: o^T = codes^T @ (p * s)^T
-            vraw = load_code_slices(cache_ptr, page_off + V_CODES_OFF, slot3, valid3, V_ROW, V_RP,
+            vraw = load_code_slices(cache_ptr, page_off + V_CODES_OFF, slot, valid, V_ROW, V_RP,
                                     V_EW, True)
             if V_ASM:
                 v0, v1, v2, v3, v4, v5, v6, v7 = unpack_asm(vraw, V_BITS, V_EW, MODEL_DTYPE)
             else:
                 vint = vraw.to(tl.int32)
-            sc, mn = load_params(wp, (page_off + V_PARAMS_OFF) // 4 + slot3, valid3)
+            sc, mn = load_params(wp, (page_off + V_PARAMS_OFF) // 4 + slot, valid)
             a = dot_operand(p * sc[:, :, None], IEEE, MODEL_DTYPE)
             # the bias is one number per head: kept apart and added at the end
             vb3 = vb3 * alpha + tl.sum(p * mn[:, :, None] - V_MAGIC * a.to(tl.float32), axis=1)
@@ -410,33 +414,7 @@ def _kvcomp_decode_kernel(
                 pv = matmul(vop, a, IEEE, MODEL_DTYPE)
                 b0, b1, b2, b3, b4, b5, b6, b7 = accumulate_phase(
                     j, pv, alpha[:, None, :], b0, b1, b2, b3, b4, b5, b6, b7)
-        # merge the warps' states (a slice that saw nothing has l = 0, acc = 0)
-        m_i = tl.max(m3, axis=0)
-        w3 = tl.exp2(m3 - m_i[None, :])
-        l_i = tl.sum(l3 * w3, axis=0)
-        vba = tl.sum(vb3 * w3, axis=0)
-        w3 = w3[:, None, :]
-        acc0 = tl.trans(tl.sum(b0 * w3, axis=0))
-        acc1 = tl.trans(tl.sum(b1 * w3, axis=0))
-        acc2 = tl.trans(tl.sum(b2 * w3, axis=0))
-        acc3 = tl.trans(tl.sum(b3 * w3, axis=0))
-        acc4 = tl.trans(tl.sum(b4 * w3, axis=0))
-        acc5 = tl.trans(tl.sum(b5 * w3, axis=0))
-        acc6 = tl.trans(tl.sum(b6 * w3, axis=0))
-        acc7 = tl.trans(tl.sum(b7 * w3, axis=0))
-    else:
-        for m0 in range(lo, hi, BLOCK_N):
-            n0 = m0
-            if HOLE:
-                n0 = tl.where(m0 >= lo_al, m0 + gap, m0)
-            valid = n0 + nn < q_old
-            if HOLE:
-                valid = valid & ((n0 + nn < ev_lo) | (n0 + nn >= ev_hi))
-            blk = tl.load(bt_row + n0 // BS).to(tl.int64)
-            page_off = blk * stride_cb + h * stride_ch
-            s0 = n0 % BS
-            slot = s0 + nn
-
+        else:
             # ---- scores q.k of the tile
             s_row = tl.zeros([REP_P], tl.float32)
             if K_BITS == 16:
@@ -548,6 +526,21 @@ def _kvcomp_decode_kernel(
                         pv = matmul(p, x, IEEE, MODEL_DTYPE)
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = accumulate_phase(
                         j, pv, alpha[:, None], acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7)
+    if WT > 1:
+        # merge the warps' states (a slice that saw nothing has l = 0, acc = 0)
+        m_i = tl.max(m3, axis=0)
+        w3 = tl.exp2(m3 - m_i[None, :])
+        l_i = tl.sum(l3 * w3, axis=0)
+        vba = tl.sum(vb3 * w3, axis=0)
+        w3 = w3[:, None, :]
+        acc0 = tl.trans(tl.sum(b0 * w3, axis=0))
+        acc1 = tl.trans(tl.sum(b1 * w3, axis=0))
+        acc2 = tl.trans(tl.sum(b2 * w3, axis=0))
+        acc3 = tl.trans(tl.sum(b3 * w3, axis=0))
+        acc4 = tl.trans(tl.sum(b4 * w3, axis=0))
+        acc5 = tl.trans(tl.sum(b5 * w3, axis=0))
+        acc6 = tl.trans(tl.sum(b6 * w3, axis=0))
+        acc7 = tl.trans(tl.sum(b7 * w3, axis=0))
 
     # 2. residual [Q(start), start) + the fresh token at `start`, in tiles of
     # BLOCK_R dealt round-robin to the splits: the window is up to R + G
