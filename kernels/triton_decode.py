@@ -808,11 +808,13 @@ def decode_attention_reference(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    quest=None,
 ) -> torch.Tensor:
     """The attention half of ``attention_ref.kvcomp_step_reference`` for a
     decode batch (``attention_ref.request_attention`` of each request's one
-    query); ``max_seq_len``/``num_splits`` are ignored. A request with
-    ``seq_lens[i] <= 0`` gets zeros."""
+    query, over the pages ``quest`` selects where given); ``max_seq_len`` /
+    ``num_splits`` are ignored. A request with ``seq_lens[i] <= 0`` gets
+    zeros."""
     if out is None:
         out = torch.empty_like(query)
     for i, n in enumerate(int(x) for x in seq_lens):
@@ -823,7 +825,7 @@ def decode_attention_reference(
         o = attention_ref.request_attention(
             query[i: i + 1], key_new[i: i + 1], value_new[i: i + 1], packed_cache,
             residual_cache, layout, cfg, block_table[i], res_row, residual_block_size,
-            n - 1, scale, key_new.dtype, as_stored=True)
+            n - 1, scale, key_new.dtype, as_stored=True, quest=quest)
         out[i] = o[0].to(out.dtype)
     return out
 

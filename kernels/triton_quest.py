@@ -433,20 +433,14 @@ def quest_decode_reference(query, key_new, value_new, packed_cache, residual_cac
                            block_table, residual_block_table, seq_lens, layout, cfg, scale,
                            residual_block_size, quest, out=None) -> torch.Tensor:
     """The decode step of ``attention_ref.request_attention`` with ``quest``,
-    per request (zeros for ``seq_lens[i] <= 0``)."""
-    if out is None:
-        out = torch.empty_like(query)
-    for i, n in enumerate(int(x) for x in seq_lens):
-        if n <= 0:
-            out[i] = 0
-            continue
-        res_row = None if residual_block_table is None else residual_block_table[i]
-        o = attention_ref.request_attention(
-            query[i: i + 1], key_new[i: i + 1], value_new[i: i + 1], packed_cache,
-            residual_cache, layout, cfg, block_table[i], res_row, residual_block_size,
-            n - 1, scale, key_new.dtype, as_stored=True, quest=quest)
-        out[i] = o[0].to(out.dtype)
-    return out
+    per request (zeros for ``seq_lens[i] <= 0``): the dense reference
+    (``triton_decode.decode_attention_reference``) over the selected pages."""
+    from vllm_kvcomp.kernels.triton_decode import decode_attention_reference
+
+    return decode_attention_reference(
+        query, key_new, value_new, packed_cache, residual_cache, block_table,
+        residual_block_table, seq_lens, layout, cfg, scale, residual_block_size, out=out,
+        quest=quest)
 
 
 __all__ = [
