@@ -64,6 +64,18 @@ class BatchView:
     prompt_lens: list[int] | None = None
 
 
+def step_requests(query_start_loc, seq_lens):
+    """``(i, qs, qe, n, start)`` of each request with tokens in the step:
+    its rows ``[qs, qe)`` of the step's tokens, ``n`` tokens after the step,
+    the first of them at position ``start``."""
+    for i in range(len(seq_lens)):
+        qs, qe = int(query_start_loc[i]), int(query_start_loc[i + 1])
+        if qe == qs:
+            continue
+        n = int(seq_lens[i])
+        yield i, qs, qe, n, n - (qe - qs)
+
+
 def gather_residual(
     residual_cache: torch.Tensor, block_row: torch.Tensor, bs_r: int, lo: int, hi: int,
     dtype: torch.dtype | None = None,
@@ -482,12 +494,7 @@ def kvcomp_step_reference(
     if as_stored is None:
         as_stored = cfg.prompt_as_stored
     model_dtype = step_model_dtype(cfg, residual_cache, query)
-    for i in range(len(batch.seq_lens)):
-        qs, qe = batch.query_start_loc[i], batch.query_start_loc[i + 1]
-        if qe == qs:
-            continue
-        n = batch.seq_lens[i]
-        start = n - (qe - qs)
+    for i, qs, qe, n, start in step_requests(batch.query_start_loc, batch.seq_lens):
         q_old, q_new = cfg.quantized_prefix_len(start), cfg.quantized_prefix_len(n)
         row = batch.block_table[i]
         res_row = batch.residual_block_table[i] if batch.residual_block_table is not None else None

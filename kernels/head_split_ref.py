@@ -25,6 +25,7 @@ from vllm_kvcomp.kernels.attention_ref import (
     attend_split,
     gather_residual,
     kvcomp_step_reference,
+    step_requests,
 )
 
 
@@ -39,12 +40,7 @@ def stream_step_reference(
     at ``slot_mapping`` (pages ``[nb, 2, H, block_size, D]``)."""
     S, R = sink_tokens, recent_tokens
     H, D = key.shape[1], key.shape[2]
-    for i in range(len(seq_lens)):
-        qs, qe = query_start_loc[i], query_start_loc[i + 1]
-        if qe == qs:
-            continue
-        n = seq_lens[i]
-        start = n - (qe - qs)
+    for i, qs, qe, n, start in step_requests(query_start_loc, seq_lens):
         row = block_table[i]
         sink_hi = min(S, start)
         recent_lo = max(sink_hi, start + 1 - R)

@@ -615,13 +615,7 @@ def prefill_attention_reference(
     if out is None:
         out = torch.empty_like(query)
     model_dtype = key.dtype
-    qsl = [int(x) for x in query_start_loc]
-    lens = [int(x) for x in seq_lens]
-    for i in range(len(lens)):
-        qs, qe = qsl[i], qsl[i + 1]
-        if qe == qs:
-            continue
-        start = lens[i] - (qe - qs)
+    for i, qs, qe, _, start in attention_ref.step_requests(query_start_loc, seq_lens):
         res_row = residual_block_table[i] if residual_block_table is not None else None
         if include_fresh:
             o = attention_ref.request_attention(

@@ -493,13 +493,7 @@ def store_reference(
     """What ``kvcomp_step_reference`` writes (hand-over, then residual
     write), without the attention: built from ``attention_ref._handover``."""
     qsl = [int(x) for x in query_start_loc]
-    lens = [int(x) for x in seq_lens]
-    for i in range(len(lens)):
-        qs, qe = qsl[i], qsl[i + 1]
-        if qe == qs:
-            continue
-        n = lens[i]
-        start = n - (qe - qs)
+    for i, qs, qe, n, start in attention_ref.step_requests(qsl, seq_lens):
         q_old, q_new = cfg.quantized_prefix_len(start), cfg.quantized_prefix_len(n)
         if q_new <= q_old:
             continue
