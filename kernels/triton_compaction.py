@@ -41,7 +41,7 @@ import triton.language as tl
 
 from vllm_kvcomp.kernels.compaction import keys_regrouped
 from vllm_kvcomp.kernels.triton_common import layout_constexprs, load_params
-from vllm_kvcomp.kernels.triton_store import _store_region
+from vllm_kvcomp.kernels.triton_store import _store_region, key_slices
 from vllm_kvcomp.layout import PARAM_BYTES, SCORE_BYTES, PageLayout
 
 SUB_ELEMS = 4096  # elements a program holds per tile (a key slice's, a copy tile's words)
@@ -56,16 +56,6 @@ def _pow2_at_least(n):
 def _copy_tile(words, sub_elems):
     """Tokens a copy step moves: ``sub_elems`` words, at most 256 rows."""
     return max(1, min(256, sub_elems // triton.next_power_of_2(words)))
-
-
-def key_slices(layout: PageLayout, sub_elems: int = SUB_ELEMS) -> tuple[int, int]:
-    """(code bytes of a per-channel key slice, slices): a group of
-    ``group_size`` tokens cut along channels as the store kernel cuts one."""
-    cfg = layout.config
-    kpb = 8 // cfg.k_bits
-    knb = triton.next_power_of_2(layout.head_size) // kpb
-    kcb = max(1, min(sub_elems // (cfg.group_size * kpb), knb))
-    return kcb, knb // kcb
 
 
 def copy_regions(layout: PageLayout) -> list[tuple[int, int]]:

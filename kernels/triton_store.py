@@ -71,15 +71,24 @@ def handover_unit(cfg: KvcompConfig) -> int:
     return TOKEN_UNIT
 
 
+def key_slices(layout: PageLayout, sub_elems: int = 4096) -> tuple[int, int]:
+    """(code bytes of a per-channel key slice, slices): a key group of
+    ``group_size`` tokens cut along channels into slices of at most
+    ``sub_elems`` codes, as the kernel cuts one (``KCB``)."""
+    cfg = layout.config
+    kpb = 8 // cfg.k_bits
+    knb = triton.next_power_of_2(layout.head_size) // kpb
+    kcb = max(1, min(sub_elems // (cfg.group_size * kpb), knb))
+    return kcb, knb // kcb
+
+
 def handover_pieces(cfg: KvcompConfig, layout: PageLayout, sub_tokens: int = 32,
                     sub_elems: int = 4096) -> int:
     """Independent pieces of one unit's hand-over, as the kernel cuts it: key
     channel slices (per-channel keys) plus value token sub-tiles."""
     unit = handover_unit(cfg)
-    kpb = 1 if cfg.k_bits == 16 else 8 // cfg.k_bits
-    knb = triton.next_power_of_2(layout.head_size) // kpb
     key_channel = cfg.k_bits < 16 and cfg.key_axis == "channel"
-    n_key = knb // min(sub_elems // (unit * kpb), knb) if key_channel else 0
+    n_key = key_slices(layout, sub_elems)[1] if key_channel else 0
     return n_key + unit // min(sub_tokens, unit)
 
 
@@ -527,6 +536,7 @@ def store_reference(
 __all__ = [
     "TOKEN_UNIT",
     "handover_unit",
+    "key_slices",
     "kvcomp_store",
     "ring_window_slots",
     "store_grid_bound",
