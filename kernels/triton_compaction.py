@@ -152,12 +152,10 @@ def _kvcomp_compact_kernel(
     K_CODES_OFF: tl.constexpr, K_PARAMS_OFF: tl.constexpr, K_ROW: tl.constexpr,
     V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
     BLOCK_D: tl.constexpr, G: tl.constexpr, KCB: tl.constexpr, N_KP: tl.constexpr,
-    C0_OFF: tl.constexpr, C0_ROW: tl.constexpr, C1_OFF: tl.constexpr, C1_ROW: tl.constexpr,
-    C2_OFF: tl.constexpr, C2_ROW: tl.constexpr, C3_OFF: tl.constexpr, C3_ROW: tl.constexpr,
-    C4_OFF: tl.constexpr, C4_ROW: tl.constexpr, SUB: tl.constexpr,
+    COPIES: tl.constexpr, SUB: tl.constexpr,
 ):
     """Parts ``[0, N_KP)``: key channel slices; then one part per copied
-    region ``c`` (``C{c}_ROW`` 0: no such region)."""
+    region, ``COPIES[c]`` its (offset, row bytes)."""
     h = tl.program_id(0)
     part = tl.program_id(1)
     kept_row = kept_ptr + h.to(tl.int64) * stride_kh
@@ -165,26 +163,10 @@ def _kvcomp_compact_kernel(
         if part < N_KP:
             _regroup_keys(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k, part,
                           D, BS, G, K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW, K_GC, K_NG, KCB)
-    if C0_ROW > 0:
-        if part == N_KP:
+    for c in tl.static_range(len(COPIES)):
+        if part == N_KP + c:
             _copy_words(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k,
-                        C0_OFF, C0_ROW, BS, SUB)
-    if C1_ROW > 0:
-        if part == N_KP + 1:
-            _copy_words(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k,
-                        C1_OFF, C1_ROW, BS, SUB)
-    if C2_ROW > 0:
-        if part == N_KP + 2:
-            _copy_words(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k,
-                        C2_OFF, C2_ROW, BS, SUB)
-    if C3_ROW > 0:
-        if part == N_KP + 3:
-            _copy_words(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k,
-                        C3_OFF, C3_ROW, BS, SUB)
-    if C4_ROW > 0:
-        if part == N_KP + 4:
-            _copy_words(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k,
-                        C4_OFF, C4_ROW, BS, SUB)
+                        COPIES[c][0], COPIES[c][1], BS, SUB)
 
 
 # --------------------------------------------------------------------------
@@ -214,15 +196,11 @@ def triton_compact(cache: torch.Tensor, layout: PageLayout, block_row: torch.Ten
     row = block_row.to(dev).contiguous()
     regroup = keys_regrouped(layout)
     kcb, n_kp = key_slices(layout, sub_elems) if regroup else (1, 0)
-    copies = {}
-    for c in range(5):
-        off, width = regions[c] if c < len(regions) else (0, 0)
-        copies[f"C{c}_OFF"], copies[f"C{c}_ROW"] = off, width
     grid = (H, n_kp + len(regions))
     _kvcomp_compact_kernel[grid](
         cache, cache.stride(0), cache.stride(1), row, kept, kept.stride(0), k,
-        G=layout.config.group_size, KCB=kcb, N_KP=n_kp, SUB=sub_elems,
-        num_warps=num_warps, **copies, **layout_constexprs(layout),
+        G=layout.config.group_size, KCB=kcb, N_KP=n_kp, COPIES=tuple(regions), SUB=sub_elems,
+        num_warps=num_warps, **layout_constexprs(layout),
     )
 
 
