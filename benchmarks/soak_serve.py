@@ -12,6 +12,13 @@ mid-stream, on a pool small enough (``--blocks``) to force preemption. Checks:
   gauge (1 - free blocks / pool, from the scheduler's block pool) reads 0
   and no request is running or waiting.
 
+With ``--burst N`` the random load is followed by N requests sent at once,
+each a distinct ``max_model_len / 8``-token prompt asking for
+``max_model_len / 4`` tokens: their prompts fit the pool together, their
+outputs do not, so the scheduler must preempt (a random load preempts only
+when long requests happen to overlap). Each must still return exactly its
+tokens.
+
 Prints ``RESULT <json>`` and exits 1 when a check fails. Bounded: every
 request has a deadline, the whole run ``--deadline`` seconds.
 
@@ -47,11 +54,13 @@ def _metrics(text: str) -> dict[str, float]:
     return out
 
 
-async def _one(session, url, model, rng, args, stats):
+async def _one(session, url, model, rng, args, stats, fixed=None):
     n = rng.choice([1, rng.randrange(2, 64), rng.randrange(64, args.max_model_len)])
     max_tokens = rng.randrange(1, args.max_tokens + 1)
     too_long = rng.random() < args.too_long
-    if too_long:
+    if fixed:
+        n, max_tokens = fixed
+    elif too_long:
         n = args.max_model_len + rng.randrange(1, 64)
     else:
         n = min(n, args.max_model_len - max_tokens)
@@ -114,6 +123,14 @@ async def _load(base, model, args):
                 await _one(session, base + "/v1/completions", model, random.Random(rng.random()),
                            args, stats)
         await asyncio.gather(*(run(i) for i in range(args.requests)))
+        if args.burst:
+            burst = {k: 0 for k in stats if k != "errors"}
+            burst_args = argparse.Namespace(**{**vars(args), "too_long": 0.0, "cancel": 0.0})
+            await asyncio.gather(*(_one(session, base + "/v1/completions", model,
+                                        random.Random(rng.random()), burst_args, burst,
+                                        fixed=(args.max_model_len // 8, args.max_model_len // 4))
+                                   for _ in range(args.burst)))
+            stats["burst"] = burst
         # the engine frees an aborted request's blocks on its next step
         for _ in range(60):
             async with session.get(base + "/metrics") as r:
@@ -140,6 +157,8 @@ def main() -> int:
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--deadline", type=float, default=3600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--burst", type=int, default=0,
+                    help="requests sent at once after the load, sized to force preemption")
     ap.add_argument("--serve-arg", action="append", default=[],
                     help="extra `vllm serve` argument (repeatable)")
     args = ap.parse_args()
@@ -188,7 +207,8 @@ def main() -> int:
             os.killpg(server.pid, signal.SIGKILL)
     m = stats["metrics_at_end"]
     served = stats["complete"] + stats["cancelled"] + stats["rejected"]
-    stats["ok"] = (served == args.requests and m["vllm:kv_cache_usage_perc"] == 0
+    burst_ok = not args.burst or stats["burst"]["complete"] == args.burst
+    stats["ok"] = (served == args.requests and burst_ok and m["vllm:kv_cache_usage_perc"] == 0
                    and not m["vllm:num_requests_running"] and not m["vllm:num_requests_waiting"])
     print("RESULT " + json.dumps(stats), flush=True)
     return 0 if stats["ok"] else 1

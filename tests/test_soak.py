@@ -2,7 +2,8 @@
 preempt (benchmarks/soak_serve.py, a smaller run than the recorded soak of
 1,000 requests): every request completes with its exact token count, is
 cancelled mid-stream by its client, or (too long for max_model_len) is
-rejected with a 4xx; no 5xx, no time-outs; at the end vLLM's pool is back
+rejected with a 4xx; a burst sized so that its outputs outgrow the pool
+preempts and still completes exactly; no 5xx, no time-outs; at the end vLLM's pool is back
 to full and nothing runs or waits."""
 import json
 import subprocess
@@ -19,7 +20,7 @@ def test_soak_serve_small(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "soak_serve.py"), "--model", model,
          "--requests", "80", "--concurrency", "8", "--too-long", "0.08", "--cancel", "0.3",
-         "--deadline", "900", "--seed", "1"],
+         "--deadline", "900", "--seed", "1", "--burst", "8"],
         capture_output=True, text=True, timeout=1200)
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, out.stdout[-3000:] + out.stderr[-3000:]
@@ -30,3 +31,4 @@ def test_soak_serve_small(tmp_path):
     assert r["cancelled"] > 0 and r["rejected"] > 0, r
     assert r["metrics_at_end"]["vllm:num_preemptions_total"] > 0, r
     assert r["complete"] + r["cancelled"] + r["rejected"] == 80, r
+    assert r["burst"]["complete"] == 8, r
