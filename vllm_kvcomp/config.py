@@ -56,6 +56,24 @@ def _check_positive_ints(settings: Any, names: tuple[str, ...], prefix: str) -> 
             raise KvcompConfigError(f"{prefix} {name}={n!r} must be a positive integer")
 
 
+def _check_choice(prefix: str, name: str, value: Any, choices: Any, note: str = "") -> None:
+    if value not in choices:
+        raise KvcompConfigError(
+            f"{prefix} {name}={value!r} is not supported; choose one of {choices}{note}")
+
+
+def _check_dict(raw: Any, setting: str, example: str) -> None:
+    if not isinstance(raw, dict):
+        raise KvcompConfigError(
+            f"kvcomp {setting}={raw!r} must be a dict such as {example} or null")
+
+
+def _reject_unknown(raw: dict, known: list[str], prefix: str, known_label: str) -> None:
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise KvcompConfigError(f"unknown {prefix} setting(s) {unknown}; {known_label}: {known}")
+
+
 @dataclass(frozen=True)
 class EvictionConfig:
     """Token eviction inside each head's cache (the ``eviction`` setting).
@@ -92,20 +110,12 @@ class EvictionConfig:
     def from_dict(cls, raw: Any) -> "EvictionConfig | None":
         if raw is None or isinstance(raw, cls):
             return raw
-        if not isinstance(raw, dict):
-            raise KvcompConfigError(
-                f"kvcomp eviction={raw!r} must be a dict such as "
-                '{"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 1024} or null')
+        _check_dict(raw, "eviction",
+                    '{"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 1024}')
         method = raw.get("method")
-        if method not in EVICTION_METHODS:
-            raise KvcompConfigError(
-                f"kvcomp eviction method={method!r} is not supported; choose one of "
-                f"{list(EVICTION_METHODS)}")
-        known = ["method", *EVICTION_SETTINGS[method]]
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise KvcompConfigError(
-                f"unknown kvcomp eviction setting(s) {unknown}; known for {method}: {known}")
+        _check_choice("kvcomp eviction", "method", method, list(EVICTION_METHODS))
+        _reject_unknown(raw, ["method", *EVICTION_SETTINGS[method]], "kvcomp eviction",
+                        f"known for {method}")
         if method in SCORED_EVICTION:
             return cls._scored(raw)
         ev = cls(**raw)
@@ -149,10 +159,7 @@ class EvictionConfig:
         if self.kernel % 2 == 0:
             raise KvcompConfigError(
                 f"kvcomp eviction kernel={self.kernel} must be odd (the pooling is centred)")
-        if self.pooling not in SNAPKV_POOLING:
-            raise KvcompConfigError(
-                f"kvcomp eviction pooling={self.pooling!r} is not supported; choose one of "
-                f"{SNAPKV_POOLING}")
+        _check_choice("kvcomp eviction", "pooling", self.pooling, SNAPKV_POOLING)
 
     def policy(self, block_size: int):
         """The policy object both the block manager and the attention ask."""
@@ -191,15 +198,8 @@ class QuestConfig:
     def from_dict(cls, raw: Any) -> "QuestConfig | None":
         if raw is None or isinstance(raw, cls):
             return raw
-        if not isinstance(raw, dict):
-            raise KvcompConfigError(
-                f"kvcomp quest={raw!r} must be a dict such as "
-                '{"budget_tokens": 2048, "dense_layers": 2} or null')
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise KvcompConfigError(
-                f"unknown kvcomp quest setting(s) {unknown}; known: {known}")
+        _check_dict(raw, "quest", '{"budget_tokens": 2048, "dense_layers": 2}')
+        _reject_unknown(raw, [f.name for f in dataclasses.fields(cls)], "kvcomp quest", "known")
         quest = cls(**raw)
         _check_positive_ints(quest, ("budget_tokens",), "kvcomp quest")
         d = quest.dense_layers
@@ -297,8 +297,7 @@ class KvcompConfig:
         or JSON, see ``vllm_kvcomp/policies/head_map.py``) splitting the KV heads
         into retrieval heads (whole context) and streaming heads (sink + recent
         window). ``None`` (default): no split. Checked against the model at
-        start-up. Served on the CPU path only (a start-up error on a GPU): each
-        layer's streaming heads live in a sub-layer of their own
+        start-up. Each layer's streaming heads live in a sub-layer of their own
         (``stream_layer``) that keeps only the sinks and the recent window,
         unquantized; the retrieval heads keep k_bits / v_bits.
     streaming_ratio: fraction of the KV heads of a gate map that stream, the
@@ -317,13 +316,16 @@ class KvcompConfig:
         ``{"method": "h2o", "budget_tokens": 512}`` / ``{"method": "a2sf",
         "budget_tokens": 512, "alpha": 0.5}``: each KV head keeps the tokens
         that received the most attention (A2SF: with older attention
-        forgotten) plus the recent ones, evicting as decode goes. CPU only
-        for now.
+        forgotten) plus the recent ones, evicting as decode goes. With a
+        head map, snapkv / h2o / a2sf evict from the retrieval heads (the
+        streaming heads keep their sinks and window). A GPU serves a2sf, and
+        eviction beside a head map, only with KVCOMP_EVICTION_GPU=1 until
+        they have served on one.
     quest: ``None`` (default) or a dict ``{"budget_tokens": 2048,
         "dense_layers": 2}`` (``QuestConfig``): decode steps attend only the
         packed pages whose key bounds promise the largest scores (Quest), from
         the per-channel key (scale, min) the pages already hold. Needs keys
-        quantized per channel. CPU only for now.
+        quantized per channel.
     """
 
     k_bits: int = 4
@@ -412,12 +414,8 @@ class KvcompConfig:
             raise KvcompConfigError(
                 f"additional_config['kvcomp'] must be a dict, got {type(raw).__name__}"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise KvcompConfigError(
-                f"unknown kvcomp setting(s) {unknown}; known settings: {sorted(known)}"
-            )
+        _reject_unknown(raw, sorted(f.name for f in dataclasses.fields(cls)), "kvcomp",
+                        "known settings")
         _check_types(raw)
         cfg = cls(**raw)
         cfg.validate()
@@ -446,35 +444,17 @@ class KvcompConfig:
             raise KvcompConfigError(
                 f"kvcomp residual_tokens={r!r} must be an integer >= 0"
             )
-        if self.key_axis not in KEY_AXES:
-            raise KvcompConfigError(
-                f"kvcomp key_axis={self.key_axis!r} is not supported; choose one of {KEY_AXES}"
-            )
-        if self.value_axis not in VALUE_AXES:
-            raise KvcompConfigError(
-                f"kvcomp value_axis={self.value_axis!r} is not supported; "
-                f"choose one of {VALUE_AXES} (values are quantized per token, as in KIVI)"
-            )
-        if self.residual_dtype not in RESIDUAL_DTYPES:
-            raise KvcompConfigError(
-                f"kvcomp residual_dtype={self.residual_dtype!r} is not supported; "
-                f"choose one of {RESIDUAL_DTYPES}"
-            )
+        _check_choice("kvcomp", "key_axis", self.key_axis, KEY_AXES)
+        _check_choice("kvcomp", "value_axis", self.value_axis, VALUE_AXES,
+                      " (values are quantized per token, as in KIVI)")
+        _check_choice("kvcomp", "residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
         if self.residual_dtype != "auto" and self.head_map is not None:
             raise KvcompConfigError(
                 f"kvcomp residual_dtype={self.residual_dtype!r} cannot be combined with "
                 "head_map: the streaming heads keep their window in the model dtype"
             )
-        if self.fresh_prefill not in FRESH_PREFILL:
-            raise KvcompConfigError(
-                f"kvcomp fresh_prefill={self.fresh_prefill!r} is not supported; "
-                f"choose one of {FRESH_PREFILL}"
-            )
-        if self.prompt_attention not in PROMPT_ATTENTION:
-            raise KvcompConfigError(
-                f"kvcomp prompt_attention={self.prompt_attention!r} is not supported; "
-                f"choose one of {PROMPT_ATTENTION}"
-            )
+        _check_choice("kvcomp", "fresh_prefill", self.fresh_prefill, FRESH_PREFILL)
+        _check_choice("kvcomp", "prompt_attention", self.prompt_attention, PROMPT_ATTENTION)
         if self.prompt_attention == "as_stored" and self.fresh_prefill == "flash_attn":
             raise KvcompConfigError(
                 "kvcomp fresh_prefill='flash_attn' attends a chunk's own tokens in full "
@@ -491,10 +471,14 @@ class KvcompConfig:
                     f"{self.group_size} when keys are quantized per channel"
                 )
         self._validate_head_split()
-        if self.eviction is not None and self.head_map is not None:
+        if (self.eviction is not None and self.head_map is not None
+                and self.eviction.method == "streamingllm"):
+            # the retrieval heads would stream too: nothing would be left of the split
             raise KvcompConfigError(
-                "kvcomp eviction and head_map cannot be combined: eviction already "
-                "applies to every head")
+                "kvcomp eviction method 'streamingllm' and head_map cannot be combined: "
+                "streamingllm keeps sinks + a recent window in every head, the head map's "
+                "retrieval heads included; use one or the other (a head map with "
+                "snapkv, h2o or a2sf evicts from its retrieval heads)")
         if self.quest is not None:
             self._validate_quest()
 
