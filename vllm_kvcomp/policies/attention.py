@@ -56,6 +56,15 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         query, expand_kv(key, heads), expand_kv(value, heads), attn_mask=mask, scale=scaling)
 
 
+def register(name: str, function) -> str:
+    """Register ``function`` in transformers' ``AttentionInterface`` as
+    ``name`` (for ``attention_implementation``); returns ``name``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, function)
+    return name
+
+
 @contextmanager
 def attention_implementation(model, name: str):
     """Run ``model`` with the attention function registered as ``name`` in

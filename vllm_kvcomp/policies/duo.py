@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from vllm_kvcomp.policies.attention import attend, attention_implementation, window_mask
+from vllm_kvcomp.policies.attention import attend, attention_implementation, register, window_mask
 
 ATTENTION_NAME = "kvcomp_duo"
 
@@ -55,10 +55,7 @@ def _mixed_attention(module, query, key, value, attention_mask, scaling, dropout
 
 
 def register_attention() -> str:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, _mixed_attention)
-    return ATTENTION_NAME
+    return register(ATTENTION_NAME, _mixed_attention)
 
 
 def hidden_states(model, ids: torch.Tensor, gates: torch.Tensor | None = None,

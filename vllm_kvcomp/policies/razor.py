@@ -20,6 +20,7 @@ from vllm_kvcomp.policies.attention import (
     attention_implementation,
     attention_probs,
     expand_kv,
+    register,
     window_mask,
 )
 
@@ -79,10 +80,7 @@ def _scoring_attention(module, query, key, value, attention_mask, scaling, dropo
 
 
 def register_attention() -> str:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, _scoring_attention)
-    return ATTENTION_NAME
+    return register(ATTENTION_NAME, _scoring_attention)
 
 
 def repeated_random_tokens(batch: int, period: int, repeats: int, vocab: int,
