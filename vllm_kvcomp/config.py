@@ -49,7 +49,7 @@ class KvcompConfigError(ValueError):
     """Raised for any invalid kvcomp setting or unsupported model feature."""
 
 
-def _check_positive_ints(settings: Any, names: tuple[str, ...], prefix: str) -> None:
+def check_positive_ints(settings: Any, names: tuple[str, ...], prefix: str) -> None:
     for name in names:
         n = getattr(settings, name)
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
@@ -122,7 +122,7 @@ class EvictionConfig:
         if method == "snapkv":
             ev._validate_snapkv()
         else:
-            _check_positive_ints(ev, ("sink_tokens", "recent_tokens"), "kvcomp eviction")
+            check_positive_ints(ev, ("sink_tokens", "recent_tokens"), "kvcomp eviction")
         return ev
 
     @classmethod
@@ -132,9 +132,9 @@ class EvictionConfig:
             raise KvcompConfigError(
                 f"kvcomp eviction {raw['method']} needs budget_tokens (e.g. 2048)")
         probe = cls(method=raw["method"], budget_tokens=budget)
-        _check_positive_ints(probe, ("budget_tokens",), "kvcomp eviction")
+        check_positive_ints(probe, ("budget_tokens",), "kvcomp eviction")
         ev = cls(**{"recent_tokens": max(1, budget // 2), **raw})
-        _check_positive_ints(ev, ("recent_tokens",), "kvcomp eviction")
+        check_positive_ints(ev, ("recent_tokens",), "kvcomp eviction")
         if ev.recent_tokens > budget:
             raise KvcompConfigError(
                 f"kvcomp eviction recent_tokens={ev.recent_tokens} exceeds "
@@ -150,12 +150,12 @@ class EvictionConfig:
                 "kvcomp eviction snapkv needs exactly one of budget_tokens (e.g. 2048) and "
                 "budget_ratio (e.g. 0.25)")
         if self.budget_tokens is not None:
-            _check_positive_ints(self, ("budget_tokens",), "kvcomp eviction")
+            check_positive_ints(self, ("budget_tokens",), "kvcomp eviction")
         r = self.budget_ratio
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
                               or not 0.0 < r <= 1.0):
             raise KvcompConfigError(f"kvcomp eviction budget_ratio={r!r} must be in (0, 1]")
-        _check_positive_ints(self, ("window", "kernel"), "kvcomp eviction")
+        check_positive_ints(self, ("window", "kernel"), "kvcomp eviction")
         if self.kernel % 2 == 0:
             raise KvcompConfigError(
                 f"kvcomp eviction kernel={self.kernel} must be odd (the pooling is centred)")
@@ -201,7 +201,7 @@ class QuestConfig:
         _check_dict(raw, "quest", '{"budget_tokens": 2048, "dense_layers": 2}')
         _reject_unknown(raw, [f.name for f in dataclasses.fields(cls)], "kvcomp quest", "known")
         quest = cls(**raw)
-        _check_positive_ints(quest, ("budget_tokens",), "kvcomp quest")
+        check_positive_ints(quest, ("budget_tokens",), "kvcomp quest")
         d = quest.dense_layers
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise KvcompConfigError(f"kvcomp quest dense_layers={d!r} must be an integer >= 0")
@@ -499,7 +499,7 @@ class KvcompConfig:
         r = self.streaming_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
             raise KvcompConfigError(f"kvcomp streaming_ratio={r!r} must be in [0, 1]")
-        _check_positive_ints(self, ("sink_tokens", "recent_tokens"), "kvcomp")
+        check_positive_ints(self, ("sink_tokens", "recent_tokens"), "kvcomp")
         path = self.head_map
         if path is not None:
             if not isinstance(path, str) or not path:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvcomp.config import check_positive_ints
+
 
 @dataclass(frozen=True)
 class H2O:
@@ -36,10 +38,7 @@ class H2O:
     recent_tokens: int
 
     def __post_init__(self) -> None:
-        for name in ("budget_tokens", "recent_tokens"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{type(self).__name__} {name}={v!r} must be a positive integer")
+        check_positive_ints(self, ("budget_tokens", "recent_tokens"), type(self).__name__)
         if self.recent_tokens > self.budget_tokens:
             raise ValueError(f"{type(self).__name__} recent_tokens={self.recent_tokens} exceeds "
                              f"budget_tokens={self.budget_tokens}")

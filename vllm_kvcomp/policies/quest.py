@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvcomp.config import check_positive_ints
+
 
 @dataclass(frozen=True)
 class Quest:
@@ -52,10 +54,7 @@ class Quest:
     block_size: int
 
     def __post_init__(self) -> None:
-        for name in ("budget_tokens", "block_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"Quest {name}={v!r} must be a positive integer")
+        check_positive_ints(self, ("budget_tokens", "block_size"), "Quest")
         if self.budget_tokens < self.block_size:
             raise ValueError(f"Quest budget_tokens={self.budget_tokens} is below one page "
                              f"({self.block_size} tokens)")

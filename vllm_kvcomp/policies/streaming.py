@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_kvcomp.config import check_positive_ints
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -53,10 +55,7 @@ class StreamingLLM:
     block_size: int
 
     def __post_init__(self) -> None:
-        for name in ("sink_tokens", "recent_tokens", "block_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"StreamingLLM {name}={v!r} must be a positive integer")
+        check_positive_ints(self, ("sink_tokens", "recent_tokens", "block_size"), "StreamingLLM")
 
     @property
     def sink_pages(self) -> int:
