@@ -102,6 +102,13 @@ SETTINGS = [
     # scored by the decode kernel's own probabilities, 256 recent)
     ("k4v4_h2o", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512}}),
+    # opt-in (KVCOMP_EVICTION_GPU): a head map with eviction from its retrieval heads
+    ("k4v4_split50_h2o", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
+      "head_map": {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]]}}),
+    ("k4v4_split50_snapkv", "d64", "float16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "snapkv", "budget_tokens": 512},
+      "head_map": {"layers": [["streaming", "retrieval"], ["retrieval", "streaming"]]}}),
 ]
 REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
 MAX_MODEL_LEN = 4096

@@ -77,6 +77,46 @@ def test_ring_and_fp8_window_under_eviction(method):
     assert (full - ref).abs().max() > 1e-2
 
 
+# ------------------------------------------- eviction under a head map
+
+SPLIT = ([0, 3], [1, 2])  # (retrieval, streaming) KV heads of a 4-head layer
+SINK_RECENT = {"sink_tokens": 8, "recent_tokens": 40}
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "a2sf"])
+def test_eviction_on_the_retrieval_heads_of_a_split_layer(method):
+    """A layer split by a head map, evicting from its retrieval heads: each
+    KV head's kept set is its own (SnapKV / H2O / A2SF score per KV head, a
+    budget per head), so the retrieval heads equal the unsplit evicting
+    layer on those heads, and the streaming heads equal the split layer
+    without eviction (they keep sinks and window). The backend's Triton
+    steps of the split layer give the reference's, pages freed under them.
+    Tolerances: the same float32 arithmetic on fewer heads (1e-6); Triton
+    against the reference as in test_eviction_gpu (1e-5)."""
+    from test_eviction_gpu import D, _run
+
+    base, ev, prompts, schedule = EVICTION_CASES[method]
+    cfg = KvcompConfig.from_dict({**base, **SINK_RECENT, "eviction": ev})
+    total = sum(map(sum, schedule))
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(total, h, D, generator=g) for h in (8, 4, 4))
+    split = _run(cfg, prompts, schedule, q, k, v, 16, triton=False, head_split=SPLIT)
+    whole = _run(cfg, prompts, schedule, q, k, v, 16, triton=False)
+    kept_all = KvcompConfig.from_dict({**base, **SINK_RECENT})
+    no_eviction = _run(kept_all, prompts, schedule, q, k, v, 16, triton=False,
+                       head_split=SPLIT)
+    r, s_ = list(SPLIT[0]), list(SPLIT[1])
+    heads = (lambda x: x.view(total, 4, 2, D))
+    assert torch.isfinite(split).all()
+    torch.testing.assert_close(heads(split)[:, r], heads(whole)[:, r], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(heads(split)[:, s_], heads(no_eviction)[:, s_], atol=0, rtol=0)
+    # eviction did change what the retrieval heads read
+    assert (heads(split)[:, r] - heads(no_eviction)[:, r]).abs().max() > 1e-2
+    tri = _run(cfg, prompts, schedule, q, k, v, 16, triton=True, head_split=SPLIT)
+    assert torch.isfinite(tri).all()
+    torch.testing.assert_close(tri, split, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------- Quest and head maps, step by step
 
 H, REP, D, BS = 2, 2, 64, 32
@@ -213,3 +253,66 @@ def test_engine_ring_serves_the_sliding_windows_tokens(tiny_llama, tmp_path, pol
     assert ring["tokens"] == sliding["tokens"]
     assert ring["kv_cache_tokens"] > sliding["kv_cache_tokens"]
     assert ring["kv_cache_usage"] == 0
+
+
+def _half_map(tmp_path):
+    import json
+
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"layers": [["retrieval", "streaming"],
+                                           ["streaming", "retrieval"]] * 2}))
+    return str(path)
+
+
+def test_engine_head_map_with_eviction_on_its_retrieval_heads(tiny_llama, tmp_path):
+    """A head map beside eviction from its retrieval heads: a SnapKV budget
+    covering every prompt gives the head map's tokens alone; H2O at 128
+    tokens serves every request with prefix caching on, changes what the
+    long prompts generate and not the 40-token one, and gives every page
+    back."""
+    from e2e_util import POLICY_BASE, policy_spec, run_engines
+
+    kv = {**POLICY_BASE, "head_map": _half_map(tmp_path), "sink_tokens": 16,
+          "recent_tokens": 64}
+    split, wide, h2o = run_engines(
+        dict(spec=policy_spec(tiny_llama, kv)),
+        dict(spec=policy_spec(tiny_llama, {**kv, "eviction": {"method": "snapkv",
+                                                               "budget_tokens": 2048}})),
+        dict(spec=policy_spec(tiny_llama, {**kv, "eviction": {
+            "method": "h2o", "budget_tokens": 128, "recent_tokens": 32}})))
+    assert wide["tokens"] == split["tokens"]
+    assert [len(t) for t in h2o["tokens"]] == [24] * 4
+    assert h2o["tokens"][:3] != split["tokens"][:3]
+    assert h2o["tokens"][3] == split["tokens"][3]
+    assert h2o["kv_cache_usage"] == 0
+
+
+def test_engine_pool_holds_snapkvs_budget_beside_a_head_map(tiny_llama, tmp_path):
+    """~4K-token prompts, SnapKV at 512 tokens on the retrieval heads of a
+    head map: once its prompt is processed a request holds exactly SnapKV's
+    pages in the packed group (read from vLLM's block manager after every
+    step), given-back pages serve other requests, and the pool (packed,
+    window and streaming-head pages alike) ends as full as it started."""
+    import json
+
+    from e2e_util import HERE, POLICY_BASE, child_result, env_without_interpreter
+
+    kv = {**POLICY_BASE, "head_map": _half_map(tmp_path), "sink_tokens": 16,
+          "recent_tokens": 64, "eviction": {"method": "snapkv", "budget_tokens": 512}}
+    spec = dict(model=tiny_llama, kvcomp=kv,
+                engine=dict(max_num_batched_tokens=1024, max_num_seqs=4,
+                            num_gpu_blocks_override=600),
+                long=[4000, 3900, 4050], short=[50, 300, 700, 120, 33], max_tokens=8,
+                abort_every=4, in_flight=5, seed=2)
+    f = tmp_path / "spec.json"
+    f.write_text(json.dumps(spec))
+    r, _ = child_result([str(HERE / "eviction_pool_child.py"), "@" + str(f)], 1800,
+                        env_without_interpreter())
+    assert r["checked"] > 0 and r["mismatches"] == []
+    longs = [held for P, held, _ in r["held_after_prompt"].values() if P > 3000]
+    # 512 compressed tokens are 16 pages of 32; one more once decode packs
+    # past the prompt's last packed page
+    assert longs and all(h in (16, 17) for h in longs), r["held_after_prompt"]
+    assert r["reused"] > 0
+    assert r["aborted"] > 0 and r["finished"] + r["aborted"] == 8
+    assert r["free_end"] == r["free_start"] and r["usage"] == 0

@@ -12,7 +12,6 @@ import vllm_kvcomp
 from sim_paged import SimPagedCache, manager_on_pool
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.kernels import packing
-from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
 from vllm_kvcomp.policies.streaming import StreamingLLM
 
 vllm_kvcomp.register()
@@ -187,11 +186,7 @@ def _run(cfg, chunks, q, k, v, bs, poison_dropped):
             lo, hi = cfg.eviction.policy(bs).dropped_pages(c, cfg.quantized_prefix_len(c))
             sim.block_table[0, lo:max(lo, hi)] = 0
         n = c + step
-        batch = sim.batch([c], [n])
-        o = torch.zeros(step, H * REP, D)
-        kvcomp_step_reference(q[c:n], k[c:n], v[c:n], o, sim.packed, sim.residual,
-                              sim.layout, cfg, D ** -0.5, batch)
-        out[c:n] = o
+        out[c:n] = sim.reference_step(q, k, v, c, n)
         c = n
     return out, sim
 
@@ -263,10 +258,11 @@ def test_bad_eviction_settings_are_named(ev, message):
     assert message in str(e.value)
 
 
-def test_eviction_with_a_head_map_is_refused(tmp_path):
+def test_streamingllm_with_a_head_map_is_refused(tmp_path):
+    """StreamingLLM would make the head map's retrieval heads stream too."""
     f = tmp_path / "map.json"
     f.write_text("{}")
-    with pytest.raises(KvcompConfigError, match="eviction and head_map"):
+    with pytest.raises(KvcompConfigError, match="'streamingllm' and head_map"):
         KvcompConfig.from_dict({"eviction": _ev(4, 64), "head_map": str(f)})
 
 

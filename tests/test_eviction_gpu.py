@@ -195,16 +195,25 @@ def _freed(cfg, bs, c, P):
     return policy.freed_pages(P, cfg.quantized_prefix_len(P))
 
 
-def _run(cfg, prompts, schedule, q, k, v, bs, triton):
+def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None):
     """Requests (prompt lengths ``prompts``, token rows one after another in
     q/k/v) through the steps of ``schedule`` (per step, each request's new
     tokens, one-token steps first as vLLM orders them), by the reference or
-    by the backend's Triton path; freed pages point at a page of NaNs."""
+    by the backend's Triton path; freed pages point at a page of NaNs.
+    ``head_split``: (retrieval, streaming) KV heads of a split layer, whose
+    packed pages hold the retrieval heads and whose streaming heads' pages
+    are all held (sinks and window stay where they were written)."""
+    from vllm_kvcomp.kernels.head_split_ref import split_step_reference
+
     R = len(prompts)
     totals = [sum(s[i] for s in schedule) for i in range(R)]
     base = [sum(totals[:i]) for i in range(R)]
-    sim = SimPagedCache(cfg, bs, H, D, R, max(totals), seed=1)
+    heads = len(head_split[0]) if head_split else k.shape[1]
+    sim = SimPagedCache(cfg, bs, heads, D, R, max(totals), seed=1)
     sim.packed[0].fill_(0xFF)
+    stream = SimPagedCache(
+        KvcompConfig(k_bits=16, v_bits=16, residual_tokens=max(totals)), bs,
+        len(head_split[1]), D, R, max(totals), seed=2) if head_split else None
     out = torch.zeros_like(q)
     done = [0] * R
     for step in schedule:
@@ -214,13 +223,30 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton):
         ends = [c + s for c, s in zip(done, step)]
         batch = sim.batch(done, ends)
         batch.prompt_lens = list(prompts)
+        sb = stream.batch(done, ends) if head_split else None
         rows = torch.cat([torch.arange(base[i] + done[i], base[i] + ends[i]) for i in range(R)])
-        o = torch.zeros(len(rows), H * REP, D)
+        o = torch.zeros(len(rows), q.shape[1], D)
         if triton:
             md, res = _metadata(sim, batch, list(prompts))
-            layout = sim.layout
-            _impl(cfg)._forward_triton(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
-                                       md, res, layout)
+            impl = _impl(cfg)
+            if head_split:
+                from dataclasses import replace
+
+                impl.head_split = head_split
+                smd = replace(md, block_table=sb.residual_block_table,
+                              slot_mapping=sb.residual_slot_mapping,
+                              block_size=sb.residual_block_size)
+                impl._forward_triton_split(q[rows], k[rows], v[rows], o, sim.packed,
+                                           sim.residual, md, res, sim.layout, None,
+                                           stream.residual, smd)
+            else:
+                impl._forward_triton(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
+                                     md, res, sim.layout)
+        elif head_split:
+            split_step_reference(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
+                                 sim.layout, cfg, D ** -0.5, batch, head_split, stream.residual,
+                                 sb.residual_block_table, sb.residual_slot_mapping,
+                                 sb.residual_block_size)
         else:
             kvcomp_step_reference(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
                                   sim.layout, cfg, D ** -0.5, batch)

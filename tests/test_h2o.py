@@ -11,7 +11,6 @@ import vllm_kvcomp
 from sim_paged import SimPagedCache, manager_on_pool
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.kernels import packing
-from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
 from vllm_kvcomp.kernels.h2o_ref import score_view
 from vllm_kvcomp.policies.a2sf import A2SF
 from vllm_kvcomp.policies.h2o import H2O
@@ -141,12 +140,7 @@ def _serve(cfg, P, chunks, q, k, v, bs, poison_freed, record=None):
     c = 0
     for step in chunks:
         n = c + step
-        batch = sim.batch([c], [n])
-        batch.prompt_lens = [P]
-        o = torch.zeros(step, q.shape[1], D)
-        kvcomp_step_reference(q[c:n], k[c:n], v[c:n], o, sim.packed, sim.residual,
-                              sim.layout, cfg, D ** -0.5, batch)
-        out[c:n] = o
+        out[c:n] = sim.reference_step(q, k, v, c, n, P)
         c = n
         if policy is not None and poison_freed:
             lo, hi = policy.freed_pages(c, cfg.quantized_prefix_len(c), P)
@@ -378,11 +372,20 @@ def test_manager_frees_the_evicted_pages_where_the_worker_empties_them(kvcomp):
     assert pool.get_num_free_blocks() == free0
 
 
-def test_combinations_not_served_are_named(tmp_path):
+def test_combinations_not_served_are_named(tmp_path, monkeypatch):
+    """H2O beside a head map is served (from the retrieval heads) on the CPU
+    path, and on a GPU only when asked for; beside Quest it is refused."""
+    from vllm_kvcomp.validation import check_eviction_platform
+
     f = tmp_path / "map.json"
     f.write_text("{}")
-    with pytest.raises(KvcompConfigError, match="eviction and head_map"):
-        KvcompConfig.from_dict({"eviction": _ev("h2o", 64, 8), "head_map": str(f)})
+    with_map = KvcompConfig.from_dict({"eviction": _ev("h2o", 64, 8), "head_map": str(f)})
+    monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
+    check_eviction_platform(with_map, on_cpu=True)
+    with pytest.raises(KvcompConfigError, match="with a head_map runs only on the CPU path"):
+        check_eviction_platform(with_map, on_cpu=False)
+    monkeypatch.setenv("KVCOMP_EVICTION_GPU", "1")
+    check_eviction_platform(with_map, on_cpu=False)
     with pytest.raises(KvcompConfigError, match="quest and eviction .method='a2sf'."):
         KvcompConfig.from_dict({"eviction": _ev("a2sf", 64, 8), "quest": {}})
 

@@ -159,9 +159,8 @@ def test_the_check_after_kv_sizing_keeps_a_users_block_size(llama):
 # message naming both; every other pair of the features is served (pairs of
 # the window's storage with eviction, Quest and head maps: test_combinations.py).
 PAIR_REFUSALS = [
-    ({"eviction": {"method": "streamingllm"}, "head_map": "MAP"}, ("eviction", "head_map")),
-    ({"eviction": {"method": "snapkv", "budget_tokens": 512}, "head_map": "MAP"},
-     ("eviction", "head_map")),
+    ({"eviction": {"method": "streamingllm"}, "head_map": "MAP"},
+     ("eviction", "streamingllm", "head_map")),
     ({"eviction": {"method": "h2o", "budget_tokens": 512}, "quest": {}},
      ("quest", "eviction", "h2o")),
     ({"eviction": {"method": "snapkv", "budget_ratio": 0.5}, "quest": {}},

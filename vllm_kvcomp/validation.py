@@ -218,7 +218,14 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
             f"kvcomp eviction (method={method!r}) runs only on the CPU path: the GPU (Triton) "
             f"path evicts with {list(GPU_EVICTION)}; remove eviction from the kvcomp settings "
             "or choose one of those")
-    if method not in GPU_RUN_EVICTION and os.environ.get(EVICTION_GPU_ENV, "0") != "1":
+    asked = os.environ.get(EVICTION_GPU_ENV, "0") == "1"
+    if cfg.head_map is not None and not asked:
+        raise KvcompConfigError(
+            f"kvcomp eviction (method={method!r}) with a head_map runs only on the CPU path "
+            "by default: the split layer's Triton path with eviction has passed its "
+            "interpreter tests but has not yet served on a GPU; remove one of the two, or set "
+            f"{EVICTION_GPU_ENV}=1 to serve it unverified")
+    if method not in GPU_RUN_EVICTION and not asked:
         raise KvcompConfigError(
             f"kvcomp eviction (method={method!r}) runs only on the CPU path by default: its "
             "GPU (Triton) path has passed its interpreter tests and an sm_90 build but has "
