@@ -14,7 +14,7 @@ import random
 import torch
 
 from vllm_kvcomp.config import KvcompConfig
-from vllm_kvcomp.kernels.attention_ref import BatchView
+from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference
 from vllm_kvcomp.kernels.packing import residual_torch_dtype
 from vllm_kvcomp.layout import PageLayout, residual_block_size
 
@@ -62,6 +62,20 @@ class SimPagedCache:
             residual_block_table=self.residual_table.clone(),
             residual_slot_mapping=torch.tensor(slots, dtype=torch.int64),
             residual_block_size=self.bs_r)
+
+    def reference_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                       end: int, prompt_len: int | None = None) -> torch.Tensor:
+        """Output of ``kvcomp_step_reference`` for the step that takes request 0
+        from ``start`` to ``end`` cached tokens, its fresh tokens the rows
+        ``[start, end)`` of ``q`` / ``k`` / ``v``; ``prompt_len``: its prompt's
+        length, for the policies that act once the prompt is processed."""
+        batch = self.batch([start], [end])
+        if prompt_len is not None:
+            batch.prompt_lens = [prompt_len]
+        out = torch.zeros(end - start, *q.shape[1:])
+        kvcomp_step_reference(q[start:end], k[start:end], v[start:end], out, self.packed,
+                              self.residual, self.layout, self.cfg, q.shape[-1] ** -0.5, batch)
+        return out
 
 
 def manager_on_pool(spec, num_blocks: int, max_in_flight_tokens: int = 512,

@@ -12,7 +12,6 @@ import vllm_kvcomp
 from sim_paged import SimPagedCache, manager_on_pool
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
 from vllm_kvcomp.kernels import packing
-from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
 from vllm_kvcomp.kernels.compaction import compact_kept
 from vllm_kvcomp.policies.snapkv import SnapKV
 
@@ -160,12 +159,7 @@ def _run(cfg, P, chunks, q, k, v, bs, poison_freed):
             lo, hi = cfg.eviction.policy(bs).freed_pages(P, cfg.quantized_prefix_len(P))
             sim.block_table[0, lo:hi] = 0
         n = c + step
-        batch = sim.batch([c], [n])
-        batch.prompt_lens = [P]
-        o = torch.zeros(step, H * REP, D)
-        kvcomp_step_reference(q[c:n], k[c:n], v[c:n], o, sim.packed, sim.residual,
-                              sim.layout, cfg, D ** -0.5, batch)
-        out[c:n] = o
+        out[c:n] = sim.reference_step(q, k, v, c, n, P)
         c = n
     return out, sim
 
