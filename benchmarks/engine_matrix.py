@@ -102,6 +102,10 @@ SETTINGS = [
     # scored by the decode kernel's own probabilities, 256 recent)
     ("k4v4_h2o", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512}}),
+    # a head map whose retrieval heads keep their window as an e4m3 ring
+    ("k4v4_split50_ring_fp8", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3",
+      "head_map": {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]]}}),
     # opt-in (KVCOMP_EVICTION_GPU): a head map with eviction from its retrieval heads
     ("k4v4_split50_h2o", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},

@@ -27,6 +27,7 @@ from vllm_kvcomp.kernels.attention_ref import (
     kvcomp_step_reference,
     step_requests,
 )
+from vllm_kvcomp.kernels.packing import round_to_window
 
 
 def stream_step_reference(
@@ -94,9 +95,12 @@ def split_step_reference(
     retrieval, streaming = (torch.tensor(h, dtype=torch.long, device=key.device)
                             for h in head_split)
     out_r = output.new_empty(T, len(retrieval) * rep, D)
-    kvcomp_step_reference(q4[:, retrieval].reshape(T, -1, D), key[:, retrieval],
-                          value[:, retrieval], out_r, packed_cache, residual_cache, layout,
-                          cfg, scale, batch, quest=quest)
+    # the retrieval heads' window may be e4m3 (residual_dtype); the
+    # streaming heads' pages stay in the model dtype
+    kvcomp_step_reference(q4[:, retrieval].reshape(T, -1, D),
+                          round_to_window(key[:, retrieval], cfg),
+                          round_to_window(value[:, retrieval], cfg), out_r, packed_cache,
+                          residual_cache, layout, cfg, scale, batch, quest=quest)
     out_s = output.new_empty(T, len(streaming) * rep, D)
     stream_step_reference(q4[:, streaming].reshape(T, -1, D), key[:, streaming],
                           value[:, streaming], out_s, stream_cache, stream_block_table,

@@ -116,6 +116,8 @@ OPT_IN_SETTINGS = [
     setting(eviction="streamingllm", k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
     setting(eviction="h2o"),
     setting(eviction="h2o", head_split=0.5),
+    setting(head_split=0.5, residual_ring=True, residual_dtype="fp8_e4m3",
+            residual_tokens=128),
 ]
 
 

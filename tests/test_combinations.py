@@ -117,6 +117,37 @@ def test_eviction_on_the_retrieval_heads_of_a_split_layer(method):
     torch.testing.assert_close(tri, split, atol=1e-5, rtol=1e-5)
 
 
+def test_fp8_ring_on_the_retrieval_heads_of_a_split_layer():
+    """A split layer whose retrieval heads keep their window as an e4m3 ring:
+    the retrieval heads give the plain window's outputs on K/V rounded to
+    e4m3, the streaming heads read their K/V unrounded (their pages are in
+    the model dtype), on the reference path and the backend's Triton steps.
+    Tolerances: exact against the plain window (the same values on the same
+    path); Triton against the reference as in test_eviction_gpu (1e-5)."""
+    from test_eviction_gpu import D, _run
+
+    base, _, prompts, schedule = EVICTION_CASES["streamingllm"]
+    cfg = KvcompConfig.from_dict({**base, **STORAGE, **SINK_RECENT})
+    plain = KvcompConfig.from_dict({**base, **SINK_RECENT})
+    total = sum(map(sum, schedule))
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(total, h, D, generator=g) for h in (8, 4, 4))
+    r = list(SPLIT[0])
+    k_r, v_r = k.clone(), v.clone()
+    k_r[:, r], v_r[:, r] = _rounded(k[:, r], v[:, r])
+    assert not torch.equal(k_r, k)
+    ref = _run(cfg, prompts, schedule, q, k, v, 16, triton=False, head_split=SPLIT)
+    want = _run(plain, prompts, schedule, q, k_r, v_r, 16, triton=False, head_split=SPLIT)
+    torch.testing.assert_close(ref, want, atol=0, rtol=0)
+    tri = _run(cfg, prompts, schedule, q, k, v, 16, triton=True, head_split=SPLIT)
+    assert torch.isfinite(tri).all()
+    torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-5)
+    # rounding every head instead would change the streaming heads
+    every = _run(plain, prompts, schedule, q, *_rounded(k, v), 16, triton=False,
+                 head_split=SPLIT)
+    assert (every - ref).abs().max() > 1e-4
+
+
 # ------------------------------------------- Quest and head maps, step by step
 
 H, REP, D, BS = 2, 2, 64, 32
@@ -228,26 +259,24 @@ def test_ring_under_a_head_map_with_quest():
 
 # --------------------------------------------------------------- end to end
 
-@pytest.mark.parametrize("policy", ["h2o", "head_map_quest"])
+@pytest.mark.parametrize("policy", ["h2o", "head_map_quest", "head_map_fp8"])
 def test_engine_ring_serves_the_sliding_windows_tokens(tiny_llama, tmp_path, policy):
     """The ring's block manager beside eviction's (H2O frees and compacts
     packed pages during decode, and holds a page for every token still in
-    the window) or beside a head map's streaming group and Quest: chunked
-    prompts up to 1400 tokens, prefix caching on, the same tokens as the
-    sliding window, with more capacity reported."""
-    import json
-
+    the window) or beside a head map's streaming group, with Quest or with
+    the retrieval heads' window in e4m3: chunked prompts up to 1400 tokens,
+    prefix caching on, the same tokens as the sliding window, with more
+    capacity reported."""
     from e2e_util import POLICY_BASE, policy_spec, run_engines
 
     if policy == "h2o":
         kv = {**POLICY_BASE, "eviction": {"method": "h2o", "budget_tokens": 128,
                                           "recent_tokens": 64}}
     else:
-        path = tmp_path / "map.json"
-        path.write_text(json.dumps({"layers": [["retrieval", "streaming"],
-                                               ["streaming", "retrieval"]] * 2}))
-        kv = {**POLICY_BASE, "head_map": str(path), "sink_tokens": 16, "recent_tokens": 64,
-              "quest": {"budget_tokens": 128, "dense_layers": 1}}
+        kv = {**POLICY_BASE, "head_map": _half_map(tmp_path), "sink_tokens": 16,
+              "recent_tokens": 64}
+        kv.update({"quest": {"budget_tokens": 128, "dense_layers": 1}}
+                  if policy == "head_map_quest" else {"residual_dtype": "fp8_e4m3"})
     sliding, ring = run_engines(dict(spec=policy_spec(tiny_llama, kv)),
                                 dict(spec=policy_spec(tiny_llama, {**kv, "residual_ring": True})))
     assert ring["tokens"] == sliding["tokens"]

@@ -165,7 +165,6 @@ PAIR_REFUSALS = [
      ("quest", "eviction", "h2o")),
     ({"eviction": {"method": "snapkv", "budget_ratio": 0.5}, "quest": {}},
      ("quest", "eviction", "snapkv")),
-    ({"residual_dtype": "fp8_e4m3", "head_map": "MAP"}, ("residual_dtype", "head_map")),
     ({"quest": {}, "key_axis": "token"}, ("quest", "key_axis='token'")),
     ({"quest": {}, "k_bits": 16}, ("quest", "k_bits=16")),
     ({"fresh_prefill": "flash_attn", "prompt_attention": "as_stored"},

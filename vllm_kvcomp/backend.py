@@ -367,10 +367,12 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         n = attn_metadata.num_actual_tokens
         cfg = self.config
         layout = _layout(cfg, attn_metadata.block_size, self.head_size, query.dtype.itemsize)
-        if cfg.residual_fp8:
+        if cfg.residual_fp8 and self.head_split is None:
             from vllm_kvcomp.kernels.packing import round_to_window
 
-            # every path then reads the values the e4m3 window will hold
+            # every path then reads the values the e4m3 window will hold (a
+            # split layer rounds its retrieval heads only: the streaming
+            # heads keep theirs in the model dtype)
             key, value = round_to_window(key, cfg), round_to_window(value, cfg)
 
         residual_cache = None
@@ -570,6 +572,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         the streaming heads through the stream kernel, which reads the layer's
         own query / K / V and writes its output rows in place through a head
         index (attention over sinks + window, and the store of its pages)."""
+        from vllm_kvcomp.kernels.packing import round_to_window
         from vllm_kvcomp.kernels.triton_stream import stream_attention
 
         D = self.head_size
@@ -581,12 +584,14 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         retrieval, streaming = self._split_index(key.device)
         q_r = q4.index_select(1, retrieval)
         out_r = torch.empty_like(q_r)
-        self._forward_triton(q_r.view(T, -1, D), key.index_select(1, retrieval),
-                             value.index_select(1, retrieval), out_r.view(T, -1, D),
-                             packed_cache, residual_cache, md, res_md, layout, quest)
+        cfg = self.config
+        self._forward_triton(q_r.view(T, -1, D),
+                             round_to_window(key.index_select(1, retrieval), cfg),
+                             round_to_window(value.index_select(1, retrieval), cfg),
+                             out_r.view(T, -1, D), packed_cache, residual_cache, md, res_md,
+                             layout, quest)
         out = output.view(T, H, -1, D)
         out.index_copy_(1, retrieval, out_r)
-        cfg = self.config
         stream_attention(query.view(T, -1, D), key, value, stream_cache, stream_md.block_table,
                          stream_md.slot_mapping, md.query_start_loc, md.seq_lens,
                          cfg.sink_tokens, cfg.recent_tokens, self.scale, md.max_query_len,

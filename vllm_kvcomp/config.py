@@ -268,9 +268,9 @@ class KvcompConfig:
         30 (``docs/quality.md``). The layer's new K and V are rounded to
         e4m3 as they arrive, so the window, the hand-over to the packed pages
         and a prompt's own tokens all read the same values whatever the
-        chunking. No effect where there is no window. Not combined with
-        ``head_map`` (the streaming heads keep their window in the model
-        dtype).
+        chunking. No effect where there is no window. With ``head_map``,
+        the retrieval heads' window (the streaming heads keep their sinks
+        and window in the model dtype, as they arrive).
     key_axis: "channel" (KIVI) or "token" (per-token, QServe/KVQuant style).
     value_axis: only "token" (KIVI; per-channel values gain nothing).
     block_size: tokens per packed page; must be a multiple of group_size for
@@ -448,11 +448,6 @@ class KvcompConfig:
         _check_choice("kvcomp", "value_axis", self.value_axis, VALUE_AXES,
                       " (values are quantized per token, as in KIVI)")
         _check_choice("kvcomp", "residual_dtype", self.residual_dtype, RESIDUAL_DTYPES)
-        if self.residual_dtype != "auto" and self.head_map is not None:
-            raise KvcompConfigError(
-                f"kvcomp residual_dtype={self.residual_dtype!r} cannot be combined with "
-                "head_map: the streaming heads keep their window in the model dtype"
-            )
         _check_choice("kvcomp", "fresh_prefill", self.fresh_prefill, FRESH_PREFILL)
         _check_choice("kvcomp", "prompt_attention", self.prompt_attention, PROMPT_ATTENTION)
         if self.prompt_attention == "as_stored" and self.fresh_prefill == "flash_attn":
