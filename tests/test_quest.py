@@ -11,20 +11,16 @@ exactly (page sets per KV head).
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import vllm_kvcomp  # noqa: E402
-from vllm_kvcomp.config import KvcompConfig, KvcompConfigError  # noqa: E402
-from vllm_kvcomp.kernels import attention_ref, packing  # noqa: E402
-from vllm_kvcomp.kernels.decode_batch import TOL, DecodeBatch  # noqa: E402
-from vllm_kvcomp.policies.quest import Quest  # noqa: E402
+import vllm_kvcomp
+from vllm_kvcomp.config import KvcompConfig, KvcompConfigError
+from vllm_kvcomp.kernels import attention_ref, packing
+from vllm_kvcomp.kernels.decode_batch import TOL, DecodeBatch
+from vllm_kvcomp.policies.quest import Quest
 
 vllm_kvcomp.register()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,7 +9,7 @@ group or block size; some with ``Q(start) = 0``, i.e. residual and fresh
 token only; one of length 1). Every kernel case runs with one split (the
 kernel writes the output) and with several (partials + merge kernel).
 
-Runs on CPU under ``TRITON_INTERPRET=1`` (set here when there is no GPU).
+Runs on CPU under ``TRITON_INTERPRET=1`` (conftest sets it when there is no GPU).
 Tolerances: float32 models atol = rtol = 2e-3 (IEEE fp32 dots; ~1e-6 seen in
 the interpreter), bf16 models atol = rtol = 2e-2 (output rounded to bf16; on a
 GPU the dots take bf16 operands). The interpreter runs every dot in fp32 (its
@@ -17,19 +17,13 @@ bf16 ``tl.dot`` is broken), so the tensor-core path is only covered on a GPU.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton", reason="Triton is not installed")
-
-from vllm_kvcomp.config import KvcompConfig  # noqa: E402
-from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference  # noqa: E402
-from vllm_kvcomp.kernels.decode_batch import TOL, DecodeBatch, lens_for  # noqa: E402
-from vllm_kvcomp.kernels.decode_launch import (  # noqa: E402
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference
+from vllm_kvcomp.kernels.decode_batch import TOL, DecodeBatch, lens_for
+from vllm_kvcomp.kernels.decode_launch import (
     DEFAULT_LAUNCH,
     decode_num_splits,
     decode_tiles,
@@ -37,9 +31,9 @@ from vllm_kvcomp.kernels.decode_launch import (  # noqa: E402
     decode_warp_tiles,
     decode_warps_stages,
 )
-from vllm_kvcomp.kernels.triton_common import layout_constexprs  # noqa: E402
-from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention  # noqa: E402
-from vllm_kvcomp.layout import PageLayout  # noqa: E402
+from vllm_kvcomp.kernels.triton_common import layout_constexprs
+from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
+from vllm_kvcomp.layout import PageLayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter turns a 1-element array into a loop bound (numpy warns).
@@ -350,8 +344,8 @@ def test_warp_tiles_fall_back_where_not_folded():
 # (check_decode_launch); here the same check runs under the interpreter, with
 # the kernel wrapped so that a chosen launch returns wrong output.
 
-import vllm_kvcomp.kernels.decode_launch as decode_launch  # noqa: E402
-import vllm_kvcomp.kernels.triton_decode as triton_decode  # noqa: E402
+import vllm_kvcomp.kernels.decode_launch as decode_launch
+import vllm_kvcomp.kernels.triton_decode as triton_decode
 
 SMALL = KvcompConfig(k_bits=4, v_bits=4, group_size=32, residual_tokens=16)
 

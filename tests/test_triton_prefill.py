@@ -2,7 +2,7 @@
 tokens against its PyTorch reference (the attention half of
 ``kvcomp_step_reference``), on mixed batches through simulated paged blocks.
 
-Runs on CPU under ``TRITON_INTERPRET=1`` (set here when there is no GPU).
+Runs on CPU under ``TRITON_INTERPRET=1`` (conftest sets it when there is no GPU).
 Tolerances: float32 models atol = rtol = 2e-3 (IEEE fp32 dots; measured
 ~1e-6 in the interpreter), fp16/bf16 models atol = rtol = 2e-2 (outputs are
 rounded to the model dtype; on a GPU the dots take bf16/fp16 K/V tiles). Note
@@ -11,30 +11,25 @@ so the half-precision tensor-core path is only exercised on a GPU.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+import triton
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton", reason="Triton is not installed")
-
-from sim_paged import SimPagedCache  # noqa: E402
-from test_triton_store import BITS_AXES, BITS_AXES_IDS, DEVICE, Step, mixed_plans  # noqa: E402
-from vllm_kvcomp.config import KvcompConfig  # noqa: E402
-from vllm_kvcomp.kernels.attention_ref import (  # noqa: E402
+from sim_paged import SimPagedCache
+from test_triton_store import BITS_AXES, BITS_AXES_IDS, DEVICE, Step, mixed_plans
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.kernels.attention_ref import (
     attention_lse,
     kvcomp_step_reference,
     merge_partials,
 )
-from vllm_kvcomp.kernels import attention_ref  # noqa: E402
-from vllm_kvcomp.kernels.packing import round_to_window  # noqa: E402
-from vllm_kvcomp.kernels.triton_prefill import (  # noqa: E402
+from vllm_kvcomp.kernels import attention_ref
+from vllm_kvcomp.kernels.packing import round_to_window
+from vllm_kvcomp.kernels.triton_prefill import (
     kvcomp_prefill_attention,
     prefill_attention_reference,
 )
-from vllm_kvcomp.kernels.triton_store import kvcomp_store  # noqa: E402
+from vllm_kvcomp.kernels.triton_store import kvcomp_store
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim")
 

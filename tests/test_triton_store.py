@@ -2,7 +2,7 @@
 the PyTorch reference writers, byte for byte, on mixed batches driven through
 simulated paged blocks (``sim_paged``).
 
-Runs on CPU under ``TRITON_INTERPRET=1`` (set here when there is no GPU).
+Runs on CPU under ``TRITON_INTERPRET=1`` (conftest sets it when there is no GPU).
 Tolerance: packed bytes must be equal, except that codes may differ by one
 where a float rounding tie falls differently (< 0.1 % of the codes, none by
 more than one) and fp16 scale/min by one ulp. Under the interpreter both sides
@@ -11,21 +11,15 @@ require, exact equality.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton", reason="Triton is not installed")
-
-from sim_paged import SimPagedCache  # noqa: E402
-from vllm_kvcomp.config import KvcompConfig  # noqa: E402
-from vllm_kvcomp.kernels import packing  # noqa: E402
-from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference  # noqa: E402
-from vllm_kvcomp.layout import PageLayout  # noqa: E402
-from vllm_kvcomp.kernels.triton_store import (  # noqa: E402
+from sim_paged import SimPagedCache
+from vllm_kvcomp.config import KvcompConfig
+from vllm_kvcomp.kernels import packing
+from vllm_kvcomp.kernels.attention_ref import kvcomp_step_reference
+from vllm_kvcomp.layout import PageLayout
+from vllm_kvcomp.kernels.triton_store import (
     handover_pieces,
     kvcomp_store,
     store_grid_bound,
