@@ -33,7 +33,8 @@ the KV cache no second time; ``add_decode_scores`` sums them over each KV
 head's query group and adds them to the in-page score slots with torch ops
 on the device, as ``h2o_ref.add_step_scores`` does. A prefill step's
 probabilities are the reference's (``attention_ref.request_attention``, a
-second pass over the request's cache, prefills only). The eviction step
+second pass over the request's cache, prefills only), computed for as many
+of the chunk's queries at a time as fit ``SCORE_PIECE_BYTES``. The eviction step
 that follows is the reference's (``h2o_ref.evict_step``: the selection, per
 request on the host lists, so these steps too run eagerly,
 ``selects_on_host``) with the Triton compaction.
@@ -266,6 +267,23 @@ def add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor, layout,
                   accumulate=True)
 
 
+# fp32 probabilities one piece of a prefill chunk's scoring may hold (its
+# scores, probabilities and float64 sums are a few times that): a whole
+# 8K-token chunk over 32K keys with 32 query heads would be 34 GB, outside
+# what vLLM's profiling run set aside (dummy steps score nothing)
+SCORE_PIECE_BYTES = 256 << 20
+
+
+def score_row_pieces(num_queries: int, num_query_heads: int, num_keys: int,
+                     piece_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Query rows ``[r0, r1)`` whose probabilities over ``num_keys`` keys
+    fit ``piece_bytes`` (``SCORE_PIECE_BYTES``) each; one piece for the
+    whole step where it fits."""
+    cap = SCORE_PIECE_BYTES if piece_bytes is None else piece_bytes
+    rows = max(1, cap // (4 * num_query_heads * max(num_keys, 1)))
+    return [(r0, min(num_queries, r0 + rows)) for r0 in range(0, num_queries, rows)]
+
+
 def scored_after_attention(query, key, value, packed_cache, residual_cache, layout,
                            cfg: KvcompConfig, scale: float, md, residual_block_table,
                            residual_block_size: int, decode_probs: torch.Tensor | None) -> None:
@@ -298,11 +316,16 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
             if start > q_old:
                 window = ar.gather_residual(residual_cache, res_row, residual_block_size,
                                             q_old, start)
-            probs = []
-            ar.request_attention(query[qs:qe], key[qs:qe], value[qs:qe], packed_cache,
-                                 residual_cache, layout, cfg, row, res_row,
-                                 residual_block_size, start, scale, model_dtype,
-                                 cfg.prompt_as_stored, window, prompt_len=P, probs_out=probs)
-            h2o_ref.add_step_scores(packed_cache, layout, cfg, row, start, P, *probs[0])
+            T = qe - qs
+            h2o_ref.begin_step_scores(packed_cache, layout, cfg, row, start, T, P)
+            for r0, r1 in score_row_pieces(T, query.shape[1], n):
+                probs = []
+                ar.request_attention(query[qs:qs + r1], key[qs:qs + r1], value[qs:qs + r1],
+                                     packed_cache, residual_cache, layout, cfg, row, res_row,
+                                     residual_block_size, start, scale, model_dtype,
+                                     cfg.prompt_as_stored, window, prompt_len=P,
+                                     probs_out=probs, from_row=r0)
+                h2o_ref.add_query_scores(packed_cache, layout, cfg, row, start, T, *probs[0],
+                                         first_query=r0)
         h2o_ref.evict_step(packed_cache, layout, cfg, row, start, n, P, model_dtype,
                            compact=triton_compact)

@@ -65,30 +65,53 @@ def add_step_scores(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompC
     positions ``pos`` ``[Kn]`` added to the scores of the slots they read,
     the step's own slots from nothing and the older scores first multiplied
     by ``alpha ** Tq``."""
+    Tq = p.shape[2]
+    begin_step_scores(packed_cache, layout, cfg, block_row, start, Tq, prompt_len)
+    add_query_scores(packed_cache, layout, cfg, block_row, start, Tq, p, pos, 0)
+
+
+def begin_step_scores(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
+                      block_row: torch.Tensor, start: int, num_queries: int,
+                      prompt_len: int) -> None:
+    """The part of ``add_step_scores`` that precedes the queries' own: the
+    step's slots from nothing (they may hold a previous owner's scores), the
+    held ones multiplied by ``alpha ** num_queries``."""
     policy = cfg.eviction.policy(layout.block_size)
     bs = layout.block_size
-    Tq = p.shape[2]
-    n = start + Tq
     k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), prompt_len)
     sc = score_view(packed_cache, layout)  # index writes go to the cache
     row = block_row.long()
-    dev = row.device
-    # the step's own tokens start from nothing (their slots may hold a
-    # previous owner's scores)
-    fresh = torch.arange(start, n, device=dev)
+    fresh = torch.arange(start, start + num_queries, device=row.device)
     sc[row[fresh // bs], :, fresh % bs] = 0.0
-    H = p.shape[0]
-    decay = policy.decay
+    if policy.decay != 1.0:
+        held = slot_ranges([(0, k0), (e0, start)]).to(row.device)
+        sc[row[held // bs], :, held % bs] *= policy.decay ** num_queries
+
+
+def add_query_scores(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
+                     block_row: torch.Tensor, start: int, num_queries: int, p: torch.Tensor,
+                     pos: torch.Tensor, first_query: int) -> None:
+    """Queries ``first_query`` .. ``first_query + p.shape[2]`` of a step of
+    ``num_queries`` from ``start``: their probabilities ``p`` ``[H, rep, Tq,
+    Kn]`` over ``pos`` added to the slots they read, query ``t`` weighted
+    ``alpha ** (num_queries - 1 - t)`` (its age once the step is over). A
+    step's queries may come in several pieces after one
+    ``begin_step_scores``."""
+    bs = layout.block_size
+    decay = cfg.eviction.policy(bs).decay
+    sc = score_view(packed_cache, layout)
+    row = block_row.long()
+    dev = row.device
+    H, _, Tq, _ = p.shape
     if decay != 1.0:
-        held = slot_ranges([(0, k0), (e0, start)]).to(dev)
-        sc[row[held // bs], :, held % bs] *= decay ** Tq
-        w = decay ** torch.arange(Tq - 1, -1, -1, dtype=torch.float64, device=p.device)
-        step = (p.double() * w[None, None, :, None]).sum(dim=(1, 2))
+        age = torch.arange(num_queries - 1 - first_query, num_queries - 1 - first_query - Tq, -1,
+                           dtype=torch.float64, device=p.device)
+        step = (p.double() * (decay ** age)[None, None, :, None]).sum(dim=(1, 2))
     else:
         step = p.double().sum(dim=(1, 2))
     # a position read packed by some queries and in full precision by others
     # (prompts as stored) is one key for each query: its columns add up
-    add = torch.zeros(H, n, dtype=torch.float64, device=dev)
+    add = torch.zeros(H, start + num_queries, dtype=torch.float64, device=dev)
     add.index_add_(1, pos.long().to(dev), step.to(dev))
     slots = pos.long().to(dev).unique()
     cur = sc[row[slots // bs], :, slots % bs].double()  # [S, H]

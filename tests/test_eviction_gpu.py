@@ -325,6 +325,29 @@ def test_triton_steps_match_the_reference_steps(kvcomp, bs, prompts, schedule):
     full = _run(plain, prompts, schedule, q, k, v, bs, triton=False)
     assert (full - ref).abs().max() > 1e-2
 
+SCORED_CASES = [c for c in STEP_CASES if c[0]["eviction"]["method"] in SCORED_EVICTION]
+
+
+@pytest.mark.parametrize("kvcomp,bs,prompts,schedule", SCORED_CASES)
+def test_prefill_scores_in_pieces_give_the_reference_steps(monkeypatch, kvcomp, bs, prompts,
+                                                           schedule):
+    """H2O / A2SF score a prefill chunk's queries a few at a time where the
+    whole chunk's probabilities would not fit (``SCORE_PIECE_BYTES``; here
+    small enough for pieces of a few rows): the Triton steps still equal the
+    reference steps, A2SF's ages counted from the whole step."""
+    from vllm_kvcomp.kernels import eviction_gpu
+
+    assert eviction_gpu.score_row_pieces(10, 4, 100, piece_bytes=4 * 4 * 100 * 3) == [
+        (0, 3), (3, 6), (6, 9), (9, 10)]
+    monkeypatch.setattr(eviction_gpu, "SCORE_PIECE_BYTES", 4 * H * REP * 200 * 5)
+    cfg = KvcompConfig.from_dict(kvcomp)
+    total = sum(map(sum, schedule))
+    q, k, v = _inputs(total, prompts, 8, seed=len(schedule))
+    ref = _run(cfg, prompts, schedule, q, k, v, bs, triton=False)
+    tri = _run(cfg, prompts, schedule, q, k, v, bs, triton=True)
+    torch.testing.assert_close(tri, ref, atol=1e-5, rtol=1e-5)
+
+
 
 @pytest.mark.parametrize("method", ["snapkv", "h2o"])
 def test_dummy_steps_without_prompt_lengths_evict_nothing(method):
