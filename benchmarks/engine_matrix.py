@@ -110,6 +110,10 @@ SETTINGS = [
     ("k4v4_split50_h2o", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "head_map": {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]]}}),
+    # opt-in (KVCOMP_EVICTION_GPU): Quest over the pages SnapKV kept
+    ("k4v4_snapkv_quest256", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "snapkv", "budget_tokens": 1024},
+      "quest": {"budget_tokens": 256, "dense_layers": 0}}),
     ("k4v4_split50_snapkv", "d64", "float16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "snapkv", "budget_tokens": 512},
       "head_map": {"layers": [["streaming", "retrieval"], ["retrieval", "streaming"]]}}),

@@ -28,7 +28,8 @@ after this step (``Q`` = ``KvcompConfig.quantized_prefix_len``):
    adds its probabilities to the scores of what it read, and compacts when
    ``E`` moves up a page. Under Quest (``policies.quest``) a one-token step whose
    packed pages exceed the budget reads, per KV head, only the pages its
-   query selects (``quest_pages``);
+   query selects (``quest_pages``), under SnapKV among the pages the
+   request still holds;
 3. the fresh tokens are written, unquantized (cast to float8 e4m3 under
    ``residual_dtype``, where the backend has rounded them on arrival,
    ``packing.round_to_window``), into the residual pages
@@ -176,9 +177,8 @@ def packed_kept(
     """K, V and positions of [0, hi) dequantized from a request's packed
     pages, leaving out the pages ``[skip_pages[0], skip_pages[1])``: their
     block-table entries may be stale (given back to the pool)."""
-    lo_pg, hi_pg = skip_pages
-    pages = [i for i in range(-(-hi // layout.block_size)) if not lo_pg <= i < hi_pg]
-    return packed_pages(packed_cache, layout, block_row, hi, pages, model_dtype, num_kv_heads)
+    return packed_pages(packed_cache, layout, block_row, hi, held_pages(layout, hi, skip_pages),
+                        model_dtype, num_kv_heads)
 
 
 def packed_pages(
@@ -237,10 +237,17 @@ def request_attention(
         # positions [kept, end) hold nothing: the moved-out tokens' pages are
         # (or will be) back in the pool, the rest of the last kept page is stale
         kept, end = snap
-        k_packed, v_packed, packed_pos = packed_kept(
-            packed_cache, layout, block_row, int(bounds.max()),
-            (-(-kept // layout.block_size), end // layout.block_size), model_dtype,
-            k_new.shape[1])
+        skip = (-(-kept // layout.block_size), end // layout.block_size)
+        if (quest is not None and Tq == 1
+                and len(held_pages(layout, q_old, skip)) > quest.budget_pages):
+            # Quest among the pages SnapKV kept and those written since
+            k_packed, v_packed, packed_pos, head_mask = quest_pages(
+                q[0], packed_cache, layout, block_row, q_old, quest, model_dtype,
+                k_new.shape[1], skip)
+        else:
+            k_packed, v_packed, packed_pos = packed_kept(
+                packed_cache, layout, block_row, int(bounds.max()), skip, model_dtype,
+                k_new.shape[1])
         dropped = torch.tensor([[kept, end]] * Tq, dtype=torch.long)
     elif quest is not None and Tq == 1 and quest.is_sparse(q_old):
         k_packed, v_packed, packed_pos, head_mask = quest_pages(
@@ -391,20 +398,31 @@ def snapkv_settle(window_probs: tuple[torch.Tensor, torch.Tensor],
     return step.rows(m)._replace(start=P, window=(k_full, v_full)).attention()
 
 
+def held_pages(layout: PageLayout, hi: int, skip_pages: tuple[int, int] = (0, 0)) -> list[int]:
+    """A request's packed pages below position ``hi``, leaving out the pages
+    ``[skip_pages[0], skip_pages[1])`` that eviction gave back."""
+    lo_pg, hi_pg = skip_pages
+    return [i for i in range(-(-hi // layout.block_size)) if not lo_pg <= i < hi_pg]
+
+
 def quest_selection(q: torch.Tensor, packed_cache: torch.Tensor, layout: PageLayout,
-                    block_row: torch.Tensor, hi: int, quest) -> torch.Tensor:
+                    block_row: torch.Tensor, hi: int, quest,
+                    skip_pages: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """Page indices ``[H, K]`` that a decode query ``q [Hq, D]`` reading
     packed positions ``[0, hi)`` attends under ``quest``, scored on the key
-    groups' ranges of every page below ``hi``."""
-    ids = block_row[: -(-hi // layout.block_size)].long()
-    lo, up = packing.key_group_ranges(packed_cache, layout, ids)
-    return quest.select(quest.page_scores(q, lo, up))
+    groups' ranges of every page below ``hi`` that the request still holds
+    (``skip_pages``: evicted, see ``held_pages``): Quest over the held pages
+    as one sequence, its newest page the last held one."""
+    held = torch.tensor(held_pages(layout, hi, skip_pages), dtype=torch.long)
+    lo, up = packing.key_group_ranges(packed_cache, layout, block_row.long()[held])
+    return held.to(q.device)[quest.select(quest.page_scores(q, lo, up))]
 
 
-def quest_pages(q, packed_cache, layout, block_row, hi, quest, model_dtype, num_kv_heads):
+def quest_pages(q, packed_cache, layout, block_row, hi, quest, model_dtype, num_kv_heads,
+                skip_pages: tuple[int, int] = (0, 0)):
     """K, V, positions of the pages some KV head selected (``packed_pages``),
     and which KV head reads which of them ``[H, len(positions)]``."""
-    sel = quest_selection(q, packed_cache, layout, block_row, hi, quest)
+    sel = quest_selection(q, packed_cache, layout, block_row, hi, quest, skip_pages)
     pages = sorted(set(sel.flatten().tolist()))
     k, v, pos = packed_pages(packed_cache, layout, block_row, hi, pages, model_dtype,
                              num_kv_heads)

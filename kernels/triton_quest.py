@@ -331,13 +331,15 @@ def quest_decode_attention(
     packed_cache: torch.Tensor, residual_cache: torch.Tensor | None, block_table: torch.Tensor,
     residual_block_table: torch.Tensor | None, seq_lens: torch.Tensor,
     selected: torch.Tensor, layout: PageLayout, cfg: KvcompConfig, scale: float,
-    residual_block_size: int, quest, out: torch.Tensor | None = None, **launch,
+    residual_block_size: int, quest, out: torch.Tensor | None = None,
+    stale: torch.Tensor | None = None, **launch,
 ) -> torch.Tensor:
     """Decode attention over each (request, KV head)'s ``selected`` pages
     (``quest_select``), the full-precision window and the fresh token; the
     arguments are ``triton_decode.kvcomp_decode_attention``'s (``launch``: its
     tuning keywords, ``num_splits`` among them; without it
-    ``quest_num_splits``). -> out [B, Hq, D].
+    ``quest_num_splits``). ``stale``: positions of the rewritten batch not to
+    read (``quest_stale_ranges``, under SnapKV). -> out [B, Hq, D].
 
     It runs the dense decode kernel itself, split-K tiles, merge and all, on
     the rewritten batch of ``quest_rewrite``: each (request, KV head) a
@@ -373,10 +375,61 @@ def quest_decode_attention(
         query.reshape(B * H, rep, D), key_new.reshape(B * H, 1, D),
         value_new.reshape(B * H, 1, D), packed, res_view, table, res_table, lens, layout, cfg,
         scale, residual_block_size, quest_span(quest, cfg), out=head_view,
-        programs_per_sm=QUEST_PROGRAMS_PER_SM, **launch)
+        programs_per_sm=QUEST_PROGRAMS_PER_SM,
+        **({"evicted": stale} if stale is not None else {}), **launch)
     if head_view.data_ptr() != out.data_ptr():
         out.copy_(head_view.view(B, Hq, D))
     return out
+
+
+def quest_held_batch(evicted: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                     residual_block_table: torch.Tensor | None, layout: PageLayout,
+                     residual_block_size: int) -> tuple:
+    """A decode batch under SnapKV as Quest sees it: each request's held
+    pages as one sequence. ``evicted`` ``[B, 2]`` (``eviction_gpu``): packed
+    positions ``[lo, hi)`` not read, ``hi`` a page boundary; the whole pages
+    ``[ceil(lo / bs), hi / bs)`` are given back. Returns ``(block_table,
+    seq_lens, residual_block_table)`` with those pages' columns removed and
+    every later position (the window's too) moved down by their tokens. Keys
+    were cached after RoPE, so where a page sits changes nothing but which
+    page Quest calls the newest. Torch ops on the device, fixed shapes."""
+    bs = layout.block_size
+    lo, hi = evicted[:, 0].long(), evicted[:, 1].long()
+    lo_pg = torch.div(lo + bs - 1, bs, rounding_mode="floor")
+    gone = (torch.div(hi, bs, rounding_mode="floor") - lo_pg).clamp(min=0)
+    cols = torch.arange(block_table.shape[1], device=block_table.device)
+    src = cols[None, :] + torch.where(cols[None, :] >= lo_pg[:, None], gone[:, None], 0)
+    table = torch.gather(block_table, 1, src.clamp(max=block_table.shape[1] - 1))
+    lens = (seq_lens.long() - gone * bs).to(seq_lens.dtype)
+    res_table = None
+    if residual_block_table is not None:
+        assert bs % residual_block_size == 0
+        rcols = torch.arange(residual_block_table.shape[1], device=block_table.device)
+        rsrc = rcols[None, :] + (gone * (bs // residual_block_size))[:, None]
+        res_table = torch.gather(residual_block_table, 1,
+                                 rsrc.clamp(max=residual_block_table.shape[1] - 1))
+    return table, lens, res_table
+
+
+def quest_stale_ranges(selected: torch.Tensor, evicted: torch.Tensor,
+                       layout: PageLayout) -> torch.Tensor:
+    """``[B * H, 2]`` int32: in the batch ``quest_rewrite`` makes of
+    ``selected`` (pages of ``quest_held_batch``'s sequences), the positions
+    of the page holding SnapKV's kept end ``lo`` past ``lo`` (stale; ``(0,
+    0)`` where that page is whole or not selected): the decode kernel's
+    evicted range there."""
+    bs = layout.block_size
+    B, H, _ = selected.shape
+    lo = evicted[:, 0].long()
+    part = torch.div(lo, bs, rounding_mode="floor")  # the page holding lo
+    torn = (lo % bs != 0)[:, None]
+    sel = selected.long()
+    rank = ((sel >= 0) & (sel < part[:, None, None])).sum(-1)  # its place among the selected
+    chosen = (sel == part[:, None, None]).any(-1) & torn
+    start = rank * bs + (lo % bs)[:, None]
+    ranges = torch.stack([torch.where(chosen, start, 0), torch.where(chosen, (rank + 1) * bs, 0)],
+                         dim=-1)
+    return ranges.view(B * H, 2).to(torch.int32)
 
 
 # --------------------------------------------------------------------------

@@ -90,8 +90,8 @@ ENGINE_SETTINGS = [
 # the window held as a ring (residual_ring: its residual write after the attention);
 # the window in float8 e4m3 (residual_dtype), by position and as a ring;
 # eviction, the value being its method at a 2048-token
-# budget (the kernels skipping each request's evicted range), alone and on
-# the retrieval heads of a split layer; the window
+# budget (the kernels skipping each request's evicted range), alone, on
+# the retrieval heads of a split layer and (SnapKV) under Quest; the window
 # settings that reach the capacity bar at max_model_len 4096 (64-token key
 # groups with one value group a head, and windows past 128 tokens in e4m3: key
 # groups, value groups and the window's length are the kernels' constants).
@@ -116,6 +116,7 @@ OPT_IN_SETTINGS = [
     setting(eviction="streamingllm", k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
     setting(eviction="h2o"),
     setting(eviction="h2o", head_split=0.5),
+    setting(eviction="snapkv", quest=512),
     setting(head_split=0.5, residual_ring=True, residual_dtype="fp8_e4m3",
             residual_tokens=128),
 ]

@@ -148,6 +148,75 @@ def test_fp8_ring_on_the_retrieval_heads_of_a_split_layer():
     assert (every - ref).abs().max() > 1e-4
 
 
+# ------------------------------------------------- Quest under SnapKV
+
+# (settings, SnapKV, block size, prompts, schedule): decodes long enough that
+# the pages SnapKV kept and those written since exceed Quest's budget
+QUEST_SNAP_CASES = [
+    ({"k_bits": 4, "v_bits": 4, "group_size": 16, "residual_tokens": 16},
+     {"method": "snapkv", "window": 8, "budget_tokens": 40}, 16, [100, 190],
+     [[64, 100], [36, 84], [1, 6]] + [[1, 1]] * 40),
+    ({"k_bits": 2, "v_bits": 4, "group_size": 16, "residual_tokens": 16,
+      "prompt_attention": "as_stored"},
+     {"method": "snapkv", "window": 8, "budget_ratio": 0.4}, 32, [251],
+     [[120], [131]] + [[1]] * 50),
+]
+
+
+@pytest.mark.parametrize("kvcomp,snap,bs,prompts,schedule", QUEST_SNAP_CASES)
+def test_quest_selects_among_the_pages_snapkv_kept(kvcomp, snap, bs, prompts, schedule):
+    """Quest under SnapKV reads, per KV head, its budget of the pages a
+    request still holds (those SnapKV kept, the last of them maybe part
+    stale, and those written since), never a page given back: freed pages
+    point at a page of NaNs. A budget covering every held page gives
+    SnapKV's own outputs (exactly); a small one leaves pages out; the
+    backend's Triton steps (Quest over each request's held pages as one
+    sequence, the stale part of a selected page masked) give the
+    reference's. Tolerance: Quest's Triton steps against its reference as
+    in test_quest (2e-3)."""
+    from test_eviction_gpu import _inputs, _run
+
+    from vllm_kvcomp.policies.quest import Quest
+
+    cfg = KvcompConfig.from_dict({**kvcomp, "eviction": snap,
+                                  "quest": {"budget_tokens": 2 * bs}})
+    total = sum(map(sum, schedule))
+    q, k, v = _inputs(total, prompts, 8, seed=7)
+    alone = _run(cfg, prompts, schedule, q, k, v, bs, triton=False)
+    wide = _run(cfg, prompts, schedule, q, k, v, bs, triton=False, quest=Quest(4096, bs))
+    torch.testing.assert_close(wide, alone, atol=0, rtol=0)
+    quest = Quest(2 * bs, bs)
+    ref = _run(cfg, prompts, schedule, q, k, v, bs, triton=False, quest=quest)
+    assert torch.isfinite(ref).all()
+    assert (ref - alone).abs().max() > 1e-2
+    tri = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, quest=quest)
+    assert torch.isfinite(tri).all()
+    torch.testing.assert_close(tri, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_quest_with_snapkv_only_and_on_a_gpu_only_when_asked(monkeypatch):
+    """Quest composes with SnapKV; H2O / A2SF (which score what decode reads)
+    and StreamingLLM are refused beside it; a GPU serves Quest with SnapKV
+    only with KVCOMP_EVICTION_GPU=1 until it has served there."""
+    from vllm_kvcomp.config import KvcompConfigError
+    from vllm_kvcomp.validation import check_eviction_platform
+
+    quest = {"quest": {"budget_tokens": 256}}
+    cfg = KvcompConfig.from_dict({**quest, "eviction": {"method": "snapkv",
+                                                        "budget_tokens": 512}})
+    for method in ("h2o", "a2sf", "streamingllm"):
+        ev = {"method": method} if method == "streamingllm" else {
+            "method": method, "budget_tokens": 512}
+        with pytest.raises(KvcompConfigError, match=f"quest and eviction .method='{method}'"):
+            KvcompConfig.from_dict({**quest, "eviction": ev})
+    monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
+    check_eviction_platform(cfg, on_cpu=True)
+    with pytest.raises(KvcompConfigError, match="with quest runs only on the CPU path"):
+        check_eviction_platform(cfg, on_cpu=False)
+    monkeypatch.setenv("KVCOMP_EVICTION_GPU", "1")
+    check_eviction_platform(cfg, on_cpu=False)
+
+
 # ------------------------------------------- Quest and head maps, step by step
 
 H, REP, D, BS = 2, 2, 64, 32
@@ -345,3 +414,25 @@ def test_engine_pool_holds_snapkvs_budget_beside_a_head_map(tiny_llama, tmp_path
     assert r["reused"] > 0
     assert r["aborted"] > 0 and r["finished"] + r["aborted"] == 8
     assert r["free_end"] == r["free_start"] and r["usage"] == 0
+
+
+def test_engine_quest_over_the_pages_snapkv_kept(tiny_llama):
+    """SnapKV with Quest: a Quest budget covering every page gives SnapKV's
+    tokens alone; a 64-token budget serves every request with prefix
+    caching on, changes what the long prompts generate and not the
+    40-token one, and gives every page back."""
+    from e2e_util import POLICY_BASE, policy_spec, run_engines
+
+    snap = {**POLICY_BASE, "eviction": {"method": "snapkv", "budget_tokens": 256}}
+    alone, wide, small = run_engines(
+        dict(spec=policy_spec(tiny_llama, snap)),
+        dict(spec=policy_spec(tiny_llama, {**snap, "quest": {"budget_tokens": 2048,
+                                                            "dense_layers": 0}})),
+        dict(spec=policy_spec(tiny_llama, {**snap, "quest": {"budget_tokens": 64,
+                                                            "dense_layers": 0}},
+                              max_tokens=48)))
+    assert wide["tokens"] == alone["tokens"]
+    assert [len(t) for t in small["tokens"]] == [48] * 4
+    assert [t[:24] for t in small["tokens"][:3]] != alone["tokens"][:3]
+    assert small["tokens"][3][:24] == alone["tokens"][3]
+    assert small["kv_cache_usage"] == 0

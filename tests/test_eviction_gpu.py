@@ -195,14 +195,15 @@ def _freed(cfg, bs, c, P):
     return policy.freed_pages(P, cfg.quantized_prefix_len(P))
 
 
-def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None):
+def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=None):
     """Requests (prompt lengths ``prompts``, token rows one after another in
     q/k/v) through the steps of ``schedule`` (per step, each request's new
     tokens, one-token steps first as vLLM orders them), by the reference or
     by the backend's Triton path; freed pages point at a page of NaNs.
     ``head_split``: (retrieval, streaming) KV heads of a split layer, whose
     packed pages hold the retrieval heads and whose streaming heads' pages
-    are all held (sinks and window stay where they were written)."""
+    are all held (sinks and window stay where they were written). ``quest``:
+    the layer's Quest page selection (``policies.quest.Quest``)."""
     from vllm_kvcomp.kernels.head_split_ref import split_step_reference
 
     R = len(prompts)
@@ -241,7 +242,7 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None):
                                            stream.residual, smd)
             else:
                 impl._forward_triton(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
-                                     md, res, sim.layout)
+                                     md, res, sim.layout, quest)
         elif head_split:
             split_step_reference(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
                                  sim.layout, cfg, D ** -0.5, batch, head_split, stream.residual,
@@ -249,7 +250,7 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None):
                                  sb.residual_block_size)
         else:
             kvcomp_step_reference(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
-                                  sim.layout, cfg, D ** -0.5, batch)
+                                  sim.layout, cfg, D ** -0.5, batch, quest=quest)
         out[rows] = o
         done = ends
     return out

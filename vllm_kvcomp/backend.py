@@ -507,13 +507,20 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         if nd > 0 and quest is not None:
             from vllm_kvcomp.kernels.triton_quest import quest_decode_attention, quest_select
 
+            table, lens = md.block_table[:nd], md.seq_lens[:nd]
             rt = res_table[:nd] if res_table is not None else None
-            selected = quest_select(q[:nd], packed_cache, md.block_table[:nd], md.seq_lens[:nd],
-                                    layout, cfg, quest)
+            stale = None
+            if ev is not None:  # SnapKV: Quest over the pages each request holds
+                from vllm_kvcomp.kernels.triton_quest import quest_held_batch, quest_stale_ranges
+
+                table, lens, rt = quest_held_batch(ev[0][:nd], table, lens, rt, layout, bs_r)
+            selected = quest_select(q[:nd], packed_cache, table, lens, layout, cfg, quest)
+            if ev is not None:
+                stale = quest_stale_ranges(selected, ev[0][:nd], layout)
             quest_decode_attention(
-                q[:nd], key[:nd], value[:nd], packed_cache, residual_cache, md.block_table[:nd],
-                rt, md.seq_lens[:nd], selected, layout, cfg, self.scale, bs_r, quest,
-                out=out[:nd], **self._decode_launch)
+                q[:nd], key[:nd], value[:nd], packed_cache, residual_cache, table, rt, lens,
+                selected, layout, cfg, self.scale, bs_r, quest, out=out[:nd], stale=stale,
+                **self._decode_launch)
         elif nd > 0:
             from vllm_kvcomp.kernels.triton_decode import kvcomp_decode_attention
 

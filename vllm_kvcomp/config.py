@@ -318,9 +318,10 @@ class KvcompConfig:
         that received the most attention (A2SF: with older attention
         forgotten) plus the recent ones, evicting as decode goes. With a
         head map, snapkv / h2o / a2sf evict from the retrieval heads (the
-        streaming heads keep their sinks and window). A GPU serves a2sf, and
-        eviction beside a head map, only with KVCOMP_EVICTION_GPU=1 until
-        they have served on one.
+        streaming heads keep their sinks and window); with ``quest``, snapkv
+        only (Quest then selects among the pages a request still holds). A
+        GPU serves a2sf, and eviction beside a head map or Quest, only with
+        KVCOMP_EVICTION_GPU=1 until they have served on one.
     quest: ``None`` (default) or a dict ``{"budget_tokens": 2048,
         "dense_layers": 2}`` (``QuestConfig``): decode steps attend only the
         packed pages whose key bounds promise the largest scores (Quest), from
@@ -478,10 +479,12 @@ class KvcompConfig:
             self._validate_quest()
 
     def _validate_quest(self) -> None:
-        if self.eviction is not None:
+        if self.eviction is not None and self.eviction.method != "snapkv":
             raise KvcompConfigError(
                 f"kvcomp quest and eviction (method={self.eviction.method!r}) cannot be "
-                "combined: Quest selects among pages that eviction may already have freed")
+                "combined: H2O / A2SF score every token a decode step reads, while Quest "
+                "reads only the pages it selects, and StreamingLLM leaves no more than its "
+                "window to select from; Quest combines with snapkv")
         if self.k_bits == 16 or self.key_axis != "channel":
             raise KvcompConfigError(
                 f"kvcomp quest bounds keys by their per-channel (scale, min): it needs keys "

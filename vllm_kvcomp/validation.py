@@ -219,6 +219,12 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
             f"path evicts with {list(GPU_EVICTION)}; remove eviction from the kvcomp settings "
             "or choose one of those")
     asked = os.environ.get(EVICTION_GPU_ENV, "0") == "1"
+    if cfg.quest is not None and not asked:
+        raise KvcompConfigError(
+            f"kvcomp eviction (method={method!r}) with quest runs only on the CPU path by "
+            "default: Quest over the pages SnapKV kept has passed its interpreter tests but "
+            "has not yet served on a GPU; remove one of the two, or set "
+            f"{EVICTION_GPU_ENV}=1 to serve it unverified")
     if cfg.head_map is not None and not asked:
         raise KvcompConfigError(
             f"kvcomp eviction (method={method!r}) with a head_map runs only on the CPU path "
