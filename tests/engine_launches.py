@@ -234,7 +234,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
             {"method": method, "budget_tokens": 2048}
         cfg = dataclasses.replace(cfg, eviction=EvictionConfig.from_dict(ev))
     if budget is not None:
-        cfg = type(cfg)(**{**cfg.to_dict(), "quest": QuestConfig(budget, dense_layers=0)})
+        cfg = dataclasses.replace(cfg, quest=QuestConfig(budget, dense_layers=0))
     dtype = DTYPES[s.dtype]
     H, D, Hq = 2, s.head_size, 2 * s.rep
     # (retrieval, streaming) KV heads of a split layer; the packed pages and
