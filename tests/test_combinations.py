@@ -194,6 +194,42 @@ def test_quest_selects_among_the_pages_snapkv_kept(kvcomp, snap, bs, prompts, sc
     torch.testing.assert_close(tri, ref, atol=2e-3, rtol=2e-3)
 
 
+def test_head_map_snapkv_and_quest_together():
+    """All of it in one layer: k4v4 pages, a head map, SnapKV on the
+    retrieval heads and Quest over the pages they kept. The retrieval heads
+    equal the unsplit layer with SnapKV and Quest on those heads, the
+    streaming heads the split layer with neither, and the backend's Triton
+    steps the reference's (tolerances as above: 1e-6 / exact / 2e-3)."""
+    from test_eviction_gpu import D, _run
+
+    from vllm_kvcomp.policies.quest import Quest
+
+    kvcomp, snap, bs, prompts, schedule = QUEST_SNAP_CASES[0]
+    cfg = KvcompConfig.from_dict({**kvcomp, **SINK_RECENT, "eviction": snap,
+                                  "quest": {"budget_tokens": 2 * bs}})
+    quest = Quest(2 * bs, bs)
+    total = sum(map(sum, schedule))
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(total, h, D, generator=g) for h in (8, 4, 4))
+    split = _run(cfg, prompts, schedule, q, k, v, bs, triton=False, head_split=SPLIT,
+                 quest=quest)
+    whole = _run(cfg, prompts, schedule, q, k, v, bs, triton=False, quest=quest)
+    plain = _run(KvcompConfig.from_dict({**kvcomp, **SINK_RECENT}), prompts, schedule, q, k, v,
+                 bs, triton=False, head_split=SPLIT)
+    r, s_ = list(SPLIT[0]), list(SPLIT[1])
+    heads = (lambda x: x.view(total, 4, 2, D))
+    assert torch.isfinite(split).all()
+    torch.testing.assert_close(heads(split)[:, r], heads(whole)[:, r], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(heads(split)[:, s_], heads(plain)[:, s_], atol=0, rtol=0)
+    assert (heads(split)[:, r] - heads(plain)[:, r]).abs().max() > 1e-2
+    # Quest left some of SnapKV's pages out
+    snap_only = _run(cfg, prompts, schedule, q, k, v, bs, triton=False, head_split=SPLIT)
+    assert (heads(split)[:, r] - heads(snap_only)[:, r]).abs().max() > 1e-2
+    tri = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, head_split=SPLIT, quest=quest)
+    assert torch.isfinite(tri).all()
+    torch.testing.assert_close(tri, split, atol=2e-3, rtol=2e-3)
+
+
 def test_quest_with_snapkv_only_and_on_a_gpu_only_when_asked(monkeypatch):
     """Quest composes with SnapKV; H2O / A2SF (which score what decode reads)
     and StreamingLLM are refused beside it; a GPU serves Quest with SnapKV
@@ -416,23 +452,27 @@ def test_engine_pool_holds_snapkvs_budget_beside_a_head_map(tiny_llama, tmp_path
     assert r["free_end"] == r["free_start"] and r["usage"] == 0
 
 
-def test_engine_quest_over_the_pages_snapkv_kept(tiny_llama):
+def test_engine_quest_over_the_pages_snapkv_kept(tiny_llama, tmp_path):
     """SnapKV with Quest: a Quest budget covering every page gives SnapKV's
     tokens alone; a 64-token budget serves every request with prefix
     caching on, changes what the long prompts generate and not the
-    40-token one, and gives every page back."""
+    40-token one, and gives every page back; so does an engine with a head
+    map besides (SnapKV and Quest on its retrieval heads)."""
     from e2e_util import POLICY_BASE, policy_spec, run_engines
 
     snap = {**POLICY_BASE, "eviction": {"method": "snapkv", "budget_tokens": 256}}
-    alone, wide, small = run_engines(
+    small_quest = {"quest": {"budget_tokens": 64, "dense_layers": 0}}
+    alone, wide, small, with_map = run_engines(
         dict(spec=policy_spec(tiny_llama, snap)),
         dict(spec=policy_spec(tiny_llama, {**snap, "quest": {"budget_tokens": 2048,
                                                             "dense_layers": 0}})),
-        dict(spec=policy_spec(tiny_llama, {**snap, "quest": {"budget_tokens": 64,
-                                                            "dense_layers": 0}},
-                              max_tokens=48)))
+        dict(spec=policy_spec(tiny_llama, {**snap, **small_quest}, max_tokens=48)),
+        dict(spec=policy_spec(tiny_llama, {**snap, **small_quest, **SINK_RECENT,
+                                           "head_map": _half_map(tmp_path)}, max_tokens=48)))
     assert wide["tokens"] == alone["tokens"]
     assert [len(t) for t in small["tokens"]] == [48] * 4
     assert [t[:24] for t in small["tokens"][:3]] != alone["tokens"][:3]
     assert small["tokens"][3][:24] == alone["tokens"][3]
     assert small["kv_cache_usage"] == 0
+    assert [len(t) for t in with_map["tokens"]] == [48] * 4
+    assert with_map["kv_cache_usage"] == 0

@@ -238,7 +238,7 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=Non
                               slot_mapping=sb.residual_slot_mapping,
                               block_size=sb.residual_block_size)
                 impl._forward_triton_split(q[rows], k[rows], v[rows], o, sim.packed,
-                                           sim.residual, md, res, sim.layout, None,
+                                           sim.residual, md, res, sim.layout, quest,
                                            stream.residual, smd)
             else:
                 impl._forward_triton(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
@@ -247,7 +247,7 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=Non
             split_step_reference(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
                                  sim.layout, cfg, D ** -0.5, batch, head_split, stream.residual,
                                  sb.residual_block_table, sb.residual_slot_mapping,
-                                 sb.residual_block_size)
+                                 sb.residual_block_size, quest=quest)
         else:
             kvcomp_step_reference(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
                                   sim.layout, cfg, D ** -0.5, batch, quest=quest)
