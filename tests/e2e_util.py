@@ -88,6 +88,31 @@ def run_engine(spec: dict, timeout: int = 1200, env: dict | None = None,
     return result
 
 
+def eviction_pool_run(tmp_path, spec: dict) -> dict:
+    """``eviction_pool_child.py`` (one engine watched step by step, its
+    docstring says what it reports) on ``spec``, as a user's engine runs."""
+    f = Path(tmp_path) / "pool_spec.json"
+    f.write_text(json.dumps(spec))
+    result, _ = child_result([str(HERE / "eviction_pool_child.py"), "@" + str(f)], 1800,
+                             env_without_interpreter())
+    return result
+
+
+def check_snapkv_pool(r: dict, requests: int) -> None:
+    """What a SnapKV pool run (``eviction_pool_run``, 32-token pages, a
+    512-token budget, prompts over 3,000 tokens among others, some aborted)
+    must show: every checked step held the policy's pages, a long prompt
+    holds 16 pages once processed (512 tokens; one more once decode packs
+    past the prompt's last packed page), given-back pages served others,
+    every request finished or was aborted and the pool ends as it started."""
+    assert r["checked"] > 0 and r["mismatches"] == [], r
+    longs = [held for P, held, _ in r["held_after_prompt"].values() if P > 3000]
+    assert longs and all(h in (16, 17) for h in longs), r["held_after_prompt"]
+    assert r["reused"] > 0, r
+    assert r["aborted"] > 0 and r["finished"] + r["aborted"] == requests, r
+    assert r["free_end"] == r["free_start"] and r["usage"] == 0, r
+
+
 def run_engines(*runs: dict) -> list[dict]:
     """``run_engine(**run)`` for each of ``runs`` (results in that order), two
     engines at a time: an engine computes on one thread (engine_runner.py)

@@ -230,24 +230,37 @@ def test_head_map_snapkv_and_quest_together():
     torch.testing.assert_close(tri, split, atol=2e-3, rtol=2e-3)
 
 
-def test_quest_with_snapkv_only_and_on_a_gpu_only_when_asked(monkeypatch):
-    """Quest composes with SnapKV; H2O / A2SF (which score what decode reads)
-    and StreamingLLM are refused beside it; a GPU serves Quest with SnapKV
-    only with KVCOMP_EVICTION_GPU=1 until it has served there."""
+def test_quest_composes_with_snapkv_only():
+    """H2O / A2SF score what decode reads, and StreamingLLM leaves only its
+    window: beside Quest each is refused, naming the pair."""
     from vllm_kvcomp.config import KvcompConfigError
-    from vllm_kvcomp.validation import check_eviction_platform
 
     quest = {"quest": {"budget_tokens": 256}}
-    cfg = KvcompConfig.from_dict({**quest, "eviction": {"method": "snapkv",
-                                                        "budget_tokens": 512}})
+    KvcompConfig.from_dict({**quest, "eviction": {"method": "snapkv", "budget_tokens": 512}})
     for method in ("h2o", "a2sf", "streamingllm"):
         ev = {"method": method} if method == "streamingllm" else {
             "method": method, "budget_tokens": 512}
         with pytest.raises(KvcompConfigError, match=f"quest and eviction .method='{method}'"):
             KvcompConfig.from_dict({**quest, "eviction": ev})
+
+
+@pytest.mark.parametrize("method, other", [("snapkv", "head_map"), ("h2o", "head_map"),
+                                           ("snapkv", "quest")])
+def test_gpu_serves_eviction_beside_a_head_map_or_quest_only_when_asked(tmp_path, monkeypatch,
+                                                                       method, other):
+    """Eviction beside a head map or Quest: served on the CPU path; on a GPU,
+    until it has served there, only with KVCOMP_EVICTION_GPU=1."""
+    from vllm_kvcomp.config import KvcompConfigError
+    from vllm_kvcomp.validation import check_eviction_platform
+
+    f = tmp_path / "map.json"
+    f.write_text("{}")
+    extra = {"head_map": str(f)} if other == "head_map" else {"quest": {"budget_tokens": 256}}
+    cfg = KvcompConfig.from_dict({**extra, "eviction": {"method": method, "budget_tokens": 512}})
     monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
     check_eviction_platform(cfg, on_cpu=True)
-    with pytest.raises(KvcompConfigError, match="with quest runs only on the CPU path"):
+    named = "a head_map" if other == "head_map" else "quest"
+    with pytest.raises(KvcompConfigError, match=f"with {named} runs only on the CPU path"):
         check_eviction_platform(cfg, on_cpu=False)
     monkeypatch.setenv("KVCOMP_EVICTION_GPU", "1")
     check_eviction_platform(cfg, on_cpu=False)
@@ -427,29 +440,15 @@ def test_engine_pool_holds_snapkvs_budget_beside_a_head_map(tiny_llama, tmp_path
     pages in the packed group (read from vLLM's block manager after every
     step), given-back pages serve other requests, and the pool (packed,
     window and streaming-head pages alike) ends as full as it started."""
-    import json
-
-    from e2e_util import HERE, POLICY_BASE, child_result, env_without_interpreter
+    from e2e_util import POLICY_BASE, check_snapkv_pool, eviction_pool_run
 
     kv = {**POLICY_BASE, "head_map": _half_map(tmp_path), "sink_tokens": 16,
           "recent_tokens": 64, "eviction": {"method": "snapkv", "budget_tokens": 512}}
-    spec = dict(model=tiny_llama, kvcomp=kv,
-                engine=dict(max_num_batched_tokens=1024, max_num_seqs=4,
-                            num_gpu_blocks_override=600),
-                long=[4000, 3900, 4050], short=[50, 300, 700, 120, 33], max_tokens=8,
-                abort_every=4, in_flight=5, seed=2)
-    f = tmp_path / "spec.json"
-    f.write_text(json.dumps(spec))
-    r, _ = child_result([str(HERE / "eviction_pool_child.py"), "@" + str(f)], 1800,
-                        env_without_interpreter())
-    assert r["checked"] > 0 and r["mismatches"] == []
-    longs = [held for P, held, _ in r["held_after_prompt"].values() if P > 3000]
-    # 512 compressed tokens are 16 pages of 32; one more once decode packs
-    # past the prompt's last packed page
-    assert longs and all(h in (16, 17) for h in longs), r["held_after_prompt"]
-    assert r["reused"] > 0
-    assert r["aborted"] > 0 and r["finished"] + r["aborted"] == 8
-    assert r["free_end"] == r["free_start"] and r["usage"] == 0
+    check_snapkv_pool(eviction_pool_run(tmp_path, dict(
+        model=tiny_llama, kvcomp=kv, engine=dict(max_num_batched_tokens=1024, max_num_seqs=4,
+                                                 num_gpu_blocks_override=600),
+        long=[4000, 3900, 4050], short=[50, 300, 700, 120, 33], max_tokens=8,
+        abort_every=4, in_flight=5, seed=2)), requests=8)
 
 
 def test_engine_quest_over_the_pages_snapkv_kept(tiny_llama, tmp_path):

@@ -372,24 +372,6 @@ def test_manager_frees_the_evicted_pages_where_the_worker_empties_them(kvcomp):
     assert pool.get_num_free_blocks() == free0
 
 
-def test_combinations_not_served_are_named(tmp_path, monkeypatch):
-    """H2O beside a head map is served (from the retrieval heads) on the CPU
-    path, and on a GPU only when asked for; beside Quest it is refused."""
-    from vllm_kvcomp.validation import check_eviction_platform
-
-    f = tmp_path / "map.json"
-    f.write_text("{}")
-    with_map = KvcompConfig.from_dict({"eviction": _ev("h2o", 64, 8), "head_map": str(f)})
-    monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
-    check_eviction_platform(with_map, on_cpu=True)
-    with pytest.raises(KvcompConfigError, match="with a head_map runs only on the CPU path"):
-        check_eviction_platform(with_map, on_cpu=False)
-    monkeypatch.setenv("KVCOMP_EVICTION_GPU", "1")
-    check_eviction_platform(with_map, on_cpu=False)
-    with pytest.raises(KvcompConfigError, match="quest and eviction .method='a2sf'."):
-        KvcompConfig.from_dict({"eviction": _ev("a2sf", 64, 8), "quest": {}})
-
-
 def test_start_up_asks_for_prompt_lengths_and_a_gpu_refuses_a2sf(tmp_path, monkeypatch):
     """H2O's Triton path has served on a GPU; A2SF's (H2O's with a decay) has
     not, so a GPU start-up refuses it unless asked for."""
@@ -467,9 +449,7 @@ def test_engine_decode_holds_the_budget_and_the_pool_ends_empty(tiny_llama, tmp_
     most the budget plus a page of slack plus the pages of the
     full-precision window; pages given back serve other requests; the pool
     ends as it started."""
-    import json
-
-    from e2e_util import HERE, POLICY_BASE, child_result, env_without_interpreter
+    from e2e_util import POLICY_BASE, eviction_pool_run
 
     budget, recent, bs = 256, 64, POLICY_BASE["block_size"]
     spec = dict(model=tiny_llama,
@@ -477,10 +457,7 @@ def test_engine_decode_holds_the_budget_and_the_pool_ends_empty(tiny_llama, tmp_
                 engine=dict(max_num_batched_tokens=512, max_num_seqs=4, max_model_len=2048),
                 lengths=[1500, 60, 900, 1200, 300, 40, 700], max_tokens=96,
                 abort_every=5, in_flight=5, seed=1)
-    f = tmp_path / "spec.json"
-    f.write_text(json.dumps(spec))
-    r, _ = child_result([str(HERE / "eviction_pool_child.py"), "@" + str(f)], 1800,
-                        env_without_interpreter())
+    r = eviction_pool_run(tmp_path, spec)
     assert r["checked"] > 200 and r["mismatches"] == [], r["mismatches"]
     # heavy hitters' pages, a page of slack, the recent tokens and the
     # window not yet packed (residual 32 + a key group of 32 - 1), the token

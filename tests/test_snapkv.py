@@ -309,27 +309,13 @@ def test_engine_pool_holds_the_budget_and_reuses_freed_pages(tiny_llama, tmp_pat
     from vLLM's block manager after every step), pages it gave back serve
     other requests, and the pool ends empty. (13 requests here, for time; the
     same run at larger counts is a matter of patience.)"""
-    import json
+    from e2e_util import POLICY_BASE, check_snapkv_pool, eviction_pool_run
 
-    from e2e_util import HERE, POLICY_BASE, child_result, env_without_interpreter
-
-    spec = dict(model=tiny_llama, kvcomp={**POLICY_BASE, "eviction": _snap(budget_tokens=512)},
-                engine=dict(max_num_batched_tokens=1024, max_num_seqs=4,
-                            num_gpu_blocks_override=600),
-                long=[4000, 3900, 4100, 4050, 3999], short=[50, 300, 700, 120, 900, 60, 33, 510],
-                max_tokens=8, abort_every=4, in_flight=6, seed=1)
-    f = tmp_path / "spec.json"
-    f.write_text(json.dumps(spec))
-    r, _ = child_result([str(HERE / "eviction_pool_child.py"), "@" + str(f)], 1800,
-                        env_without_interpreter())
-    assert r["checked"] > 0 and r["mismatches"] == []
-    longs = [held for P, held, _ in r["held_after_prompt"].values() if P > 3000]
-    # 512 compressed tokens are 16 pages of 32; one more once decode packs
-    # past the prompt's last packed page
-    assert longs and all(h in (16, 17) for h in longs), r["held_after_prompt"]
-    assert r["reused"] > 0
-    assert r["aborted"] > 0 and r["finished"] + r["aborted"] == 13
-    assert r["free_end"] == r["free_start"] and r["usage"] == 0
+    check_snapkv_pool(eviction_pool_run(tmp_path, dict(
+        model=tiny_llama, kvcomp={**POLICY_BASE, "eviction": _snap(budget_tokens=512)},
+        engine=dict(max_num_batched_tokens=1024, max_num_seqs=4, num_gpu_blocks_override=600),
+        long=[4000, 3900, 4100, 4050, 3999], short=[50, 300, 700, 120, 900, 60, 33, 510],
+        max_tokens=8, abort_every=4, in_flight=6, seed=1)), requests=13)
 
 
 def test_engine_budget_covering_the_context_changes_nothing(tiny_llama):
