@@ -121,6 +121,7 @@ from vllm_kvcomp.kernels.triton_quest import (  # noqa: E402
     quest_num_splits,
     quest_page_scores,
     quest_select,
+    quest_top_pages,
 )
 from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
     stream_attention,
@@ -140,6 +141,10 @@ CONFIGS = {
     # KIVI's key groups, one value group a head: near-KIVI quality (docs/quality.md),
     # 128-token warp tiles with one key group a slice
     "k2v2-g32-vg128": dict(k_bits=2, v_bits=2, group_size=32, value_group_size=128),
+    # 64-token key groups, one value group a head: the packed pages of the k4v4
+    # setting at the capacity bar (quality/results/2026-12-04-cpu-6m-window-defaults;
+    # its ring changes where the window's pages are, not what decode reads)
+    "k4v4-g64-vg128": dict(k_bits=4, v_bits=4, group_size=64, value_group_size=128),
 }
 GiB = 1 << 30
 
@@ -224,6 +229,14 @@ class Problem:
         return quest_page_scores(self.query, self.packed, self.block_table, self.seq_lens,
                                  self.layout, self.cfg, quest)
 
+    def quest_scores_at(self, quest, **launch):
+        return quest_page_scores(self.query, self.packed, self.block_table, self.seq_lens,
+                                 self.layout, self.cfg, quest, **launch)
+
+    def quest_top_at(self, quest, scores, num_warps):
+        return quest_top_pages(scores, self.seq_lens, self.layout, self.cfg, quest,
+                               num_warps=num_warps)
+
     def quest_attention(self, quest, sel, num_splits=None):
         return quest_decode_attention(*self.args()[:8], sel, *self.args()[8:], quest,
                                       out=self.out, num_splits=num_splits)
@@ -295,6 +308,28 @@ class StreamProblem:
         args[3] = self.cache.clone()
         stream_attention_reference(*args, ref)
         return (out.float() - ref.float()).abs().max().item()
+
+
+def quest_launch_sweep(p, quest, timer) -> dict:
+    """µs of Quest's scoring at each launch choice (pages a program, one query
+    head at a time or all, warps) and of its top-k at each warp count; every
+    choice's scores are checked against the default launch's first."""
+    base = p.quest_scores(quest)
+    score = {}
+    for block_p in (4, 8, 16, 32):
+        for split_heads in (False, True):
+            for warps in (2, 4, 8):
+                kw = dict(block_p=block_p, split_heads=split_heads, num_warps=warps)
+                got = p.quest_scores_at(quest, **kw)
+                torch.testing.assert_close(got, base, rtol=1e-4, atol=1e-4)
+                score[f"p{block_p}-{'split' if split_heads else 'all'}-w{warps}"] = timer(
+                    lambda: p.quest_scores_at(quest, **kw))
+    top = {f"w{w}": timer(lambda: p.quest_top_at(quest, base, w)) for w in (1, 2, 4, 8)}
+    best = min(score, key=score.get)
+    print(f"quest launches: scoring best {best} {score[best]:.1f} us of "
+          f"{', '.join(f'{k} {v:.1f}' for k, v in sorted(score.items(), key=lambda x: x[1]))}; "
+          f"top-k {', '.join(f'{k} {v:.1f}' for k, v in top.items())} us")
+    return {"score_us": score, "top_us": top}
 
 
 def cache_gib(cfg, B, ctx, H, D, block_size, es=2) -> float:
@@ -892,6 +927,10 @@ def main(argv=None):
     ap.add_argument("--quest-splits", default="", metavar="LIST",
                     help="with --quest-budgets: also time Quest's attention at each of these "
                          "split counts (default: its rule's only)")
+    ap.add_argument("--quest-launches", action="store_true",
+                    help="with --quest-budgets: also time the scoring launch at each tile "
+                         "(pages a program), query-head loop and warp count, and the top-k "
+                         "at each warp count (row key quest_launches)")
     ap.add_argument("--head-split", default="", metavar="LIST",
                     help="also time a split layer's decode with these shares of the KV heads "
                          "streaming")
@@ -1059,6 +1098,8 @@ def main(argv=None):
                         if s is None:
                             row["quest_select_us"] = timer(lambda: p.quest_select(quest))
                             row["quest_score_us"] = timer(lambda: p.quest_scores(quest))
+                            if a.quest_launches:
+                                row["quest_launches"] = quest_launch_sweep(p, quest, timer)
                         rows.append(row)
                 for share in (float(x) for x in a.head_split.split(",") if x):
                     rows.append(split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype,

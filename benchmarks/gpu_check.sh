@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of a change to the kernels or the backend, as one detached job on a GPU host
 # where vLLM (CUDA) is installed into /tmp/site (an offline host: ../shared/gpu/make-kit.sh):
-#   1. the kernel tests against their PyTorch references, on the GPU;
+#   1. the kernel tests against their PyTorch references, on the GPU (Quest's and the
+#      eviction policies' Triton steps after them);
 #   2. benchmarks/engine_matrix.py: every supported setting starts an engine and serves, with
 #      vLLM's default engine settings and with the benchmarks' fast start (beside step 1);
 #   3. W1 + W2 (bench_e2e.py) for kvcomp k4v4 and bf16 with vLLM's default engine settings
@@ -9,7 +10,8 @@
 #   4. (step "decode", not by default) bench_decode_kernel.py at DECODE_BATCHES x DECODE_CONTEXTS
 #      (default 32 x 32768) for DECODE_CONFIGS, Quest at DECODE_QUEST budgets, a head map's split
 #      layer at DECODE_SPLIT shares of streaming KV heads (sinks 64 + window 256), FA3 bf16 beside;
-#      DECODE_QUEST_SPLITS (e.g. 1,2,5,10) adds Quest rows at those split counts.
+#      DECODE_QUEST_SPLITS (e.g. 1,2,5,10) adds Quest rows at those split counts;
+#      DECODE_QUEST_LAUNCHES=1 times Quest's scoring and top-k at each launch choice.
 # STEPS picks the steps and their order (default "tests matrix e2e").
 #   start:  setsid nohup bash benchmarks/gpu_check.sh > /tmp/gpu_check.out 2>&1 < /dev/null &
 #   poll:   bash benchmarks/gpu_check.sh poll 570     # waits, then packs /tmp/res into $OUT
@@ -46,7 +48,14 @@ for step in $STEPS; do
       (python3 -P -m pytest -v -rf -n 8 -p no:cacheprovider tests/test_triton_store.py \
           tests/test_triton_prefill.py tests/test_triton_decode.py tests/test_triton_stream.py \
           tests/test_triton_compaction.py > "$RES/kernel_tests.log" 2>&1
-       log "kernel tests: $(tail -n 1 "$RES/kernel_tests.log")") & ;;
+       log "kernel tests: $(tail -n 1 "$RES/kernel_tests.log")"
+       # Quest's and eviction's Triton steps against their references (engines and
+       # start-up checks left out: the matrix serves them)
+       python3 -P -m pytest -v -rf -n 8 -p no:cacheprovider tests/test_quest.py \
+          tests/test_eviction_gpu.py tests/test_combinations.py \
+          -k "not engine and not serves and not refused and not gate" \
+          > "$RES/policy_tests.log" 2>&1
+       log "policy kernel tests: $(tail -n 1 "$RES/policy_tests.log")") & ;;
     matrix)
       python3 benchmarks/engine_matrix.py --out "$RES" --modes "${MATRIX_MODES:-default,fast}" \
           --parallel "${MATRIX_PARALLEL:-4}" ${MATRIX_ROWS:+--rows "$MATRIX_ROWS"} \
@@ -63,6 +72,7 @@ for step in $STEPS; do
       python3 benchmarks/bench_decode_kernel.py --batches "${DECODE_BATCHES:-32}" \
           --contexts "${DECODE_CONTEXTS:-32768}" --configs "${DECODE_CONFIGS:-k4v4,k2v2}" \
           --quest-budgets "${DECODE_QUEST:-2048}" ${DECODE_QUEST_SPLITS:+--quest-splits "$DECODE_QUEST_SPLITS"} \
+          ${DECODE_QUEST_LAUNCHES:+--quest-launches} \
           --head-split "${DECODE_SPLIT:-0.5}" \
           --baselines "${DECODE_BASELINES:-fa3_bf16}" \
           --out "$RES/decode.json" > "$RES/decode.md" 2>&1

@@ -70,7 +70,7 @@ def _quest_score_kernel(
     D: tl.constexpr, BS: tl.constexpr, R: tl.constexpr, ALIGN: tl.constexpr,
     G: tl.constexpr, K_BITS: tl.constexpr, K_PARAMS_OFF: tl.constexpr,
     REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    MAX_PAGES: tl.constexpr,
+    MAX_PAGES: tl.constexpr, SPLIT_HEADS: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -82,8 +82,10 @@ def _quest_score_kernel(
     row_ok = r < REP
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    q = tl.load(q_ptr + i64 * stride_qb + (h * REP + r)[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    q_row = q_ptr + i64 * stride_qb + h * REP * stride_qh
+    if not SPLIT_HEADS:
+        q = tl.load(q_row + r[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & dm[None, :], other=0.0).to(tl.float32)
     blk = tl.load(bt_ptr + i64 * stride_bt + pg, mask=pm, other=0).to(tl.int64)
     # (scale, min) fp16 pairs as 32-bit words, one per channel per key group
     wp = cache_ptr.to(tl.pointer_type(tl.int32))
@@ -93,11 +95,19 @@ def _quest_score_kernel(
     for g in tl.static_range(BS // G):
         sc, lo = load_params(wp, pbase[:, None] + g * D + d[None, :], pm[:, None] & dm[None, :])
         hi = lo + sc * QMAX
-        # sum_c max(q_c hi_c, q_c lo_c): [BLOCK_P, REP_P]
-        qb = q[None, :, :]
-        bound = tl.sum(tl.maximum(qb * hi[:, None, :], qb * lo[:, None, :]), axis=2)
-        bound = tl.where(row_ok[None, :], bound, float("-inf"))
-        score = tl.maximum(score, tl.max(bound, axis=1))
+        if SPLIT_HEADS:
+            # one query head at a time: [BLOCK_P, BLOCK_D] temporaries, not
+            # [BLOCK_P, REP_P, BLOCK_D] (registers, at GQA 4 and wide tiles)
+            for rr in tl.static_range(REP):
+                qr = tl.load(q_row + rr * stride_qh + d, mask=dm, other=0.0).to(tl.float32)
+                bound = tl.sum(tl.maximum(qr[None, :] * hi, qr[None, :] * lo), axis=1)
+                score = tl.maximum(score, bound)
+        else:
+            # sum_c max(q_c hi_c, q_c lo_c): [BLOCK_P, REP_P]
+            qb = q[None, :, :]
+            bound = tl.sum(tl.maximum(qb * hi[:, None, :], qb * lo[:, None, :]), axis=2)
+            bound = tl.where(row_ok[None, :], bound, float("-inf"))
+            score = tl.maximum(score, tl.max(bound, axis=1))
     score = tl.where(pm, score, float("-inf"))
     tl.store(score_ptr + i64 * stride_sb + h * stride_sh + pg, score, mask=pg < MAX_PAGES)
 
@@ -180,11 +190,14 @@ def _check_quest(layout: PageLayout, cfg: KvcompConfig, quest) -> None:
 
 def quest_page_scores(query: torch.Tensor, packed_cache: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, layout: PageLayout,
-                      cfg: KvcompConfig, quest) -> torch.Tensor:
+                      cfg: KvcompConfig, quest, block_p: int | None = None,
+                      split_heads: bool = False, num_warps: int = 4) -> torch.Tensor:
     """Each packed page's Quest score for each (request, KV head) of a decode
     batch: fp32 ``[B, H, max_pages]`` (a power of two at least the block
     table's width), -inf past a request's packed pages. query [B, Hq, D],
-    packed_cache uint8 [nb, H, head_page_bytes], block_table int32 [B, maxb]."""
+    packed_cache uint8 [nb, H, head_page_bytes], block_table int32 [B, maxb].
+    ``block_p`` (pages a program scores), ``split_heads`` (one query head at
+    a time) and ``num_warps`` pick the launch; the scores are the same."""
     _check_quest(layout, cfg, quest)
     B, Hq, D = query.shape
     H = packed_cache.shape[1]
@@ -195,8 +208,10 @@ def quest_page_scores(query: torch.Tensor, packed_cache: torch.Tensor,
     if B == 0:
         return scores
     # pages a program scores: [pages, query heads, channels] stays ~4K elements
-    block_p = min(16, max_pages, max(2, 4096 // (triton.next_power_of_2(Hq // H) *
-                                                triton.next_power_of_2(D))))
+    if block_p is None:
+        block_p = min(16, max_pages, max(2, 4096 // (triton.next_power_of_2(Hq // H) *
+                                                    triton.next_power_of_2(D))))
+    block_p = min(block_p, max_pages)
     _quest_score_kernel[(B, H, max_pages // block_p)](
         query, query.stride(0), query.stride(1), packed_cache, packed_cache.stride(0),
         packed_cache.stride(1), block_table, block_table.stride(0), seq_lens,
@@ -204,12 +219,12 @@ def quest_page_scores(query: torch.Tensor, packed_cache: torch.Tensor,
         D=D, G=cfg.group_size, K_BITS=cfg.k_bits, K_PARAMS_OFF=layout.k_params_offset,
         REP=Hq // H, REP_P=triton.next_power_of_2(Hq // H), BLOCK_D=triton.next_power_of_2(D),
         BLOCK_P=block_p, MAX_PAGES=max_pages, BS=layout.block_size, R=cfg.residual_tokens,
-        ALIGN=cfg.key_token_align)
+        ALIGN=cfg.key_token_align, SPLIT_HEADS=split_heads, num_warps=num_warps)
     return scores
 
 
 def quest_top_pages(scores: torch.Tensor, seq_lens: torch.Tensor, layout: PageLayout,
-                    cfg: KvcompConfig, quest) -> torch.Tensor:
+                    cfg: KvcompConfig, quest, num_warps: int = 4) -> torch.Tensor:
     """The pages each (request, KV head) attends, from ``quest_page_scores``:
     ``[B, H, quest.budget_pages]`` int32 page indices, -1 where unused."""
     B, H, max_pages = scores.shape
@@ -220,7 +235,8 @@ def quest_top_pages(scores: torch.Tensor, seq_lens: torch.Tensor, layout: PageLa
     _quest_select_kernel[(B, H)](
         scores, scores.stride(0), scores.stride(1), seq_lens, sel, sel.stride(0),
         sel.stride(1), MAX_PAGES=max_pages, KP=kp, KP_P=triton.next_power_of_2(max(kp, 2)),
-        BS=layout.block_size, R=cfg.residual_tokens, ALIGN=cfg.key_token_align)
+        BS=layout.block_size, R=cfg.residual_tokens, ALIGN=cfg.key_token_align,
+        num_warps=num_warps)
     return sel
 
 

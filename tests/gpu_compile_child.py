@@ -207,6 +207,9 @@ def quest_case(c) -> list:
     with recorded_launches(triton_quest, triton_decode) as calls:
         sel = triton_quest.quest_select(a[0], a[3], a[5], a[7], b.layout, cfg, quest)
         triton_quest.quest_decode_attention(*a[:8], sel, *a[8:], quest)
+        # the scoring launch with one query head at a time (a launch choice)
+        triton_quest.quest_page_scores(a[0], a[3], a[5], a[7], b.layout, cfg, quest,
+                                       block_p=32, split_heads=True, num_warps=8)
     return [summary(jit, compile_sm90(jit, args, kw)) for jit, args, kw in calls]
 
 

@@ -8,11 +8,11 @@ from e2e_util import bench_smoke
 
 def test_decode_bench_smoke_with_quest(tmp_path):
     """Quest's rows name the split count its attention ran with (its rule's,
-    and each of ``--quest-splits``), and time its selection and attention
-    apart."""
+    and each of ``--quest-splits``), time its selection and attention apart,
+    and its scoring at each launch choice (``--quest-launches``)."""
     report, _ = bench_smoke("bench_decode_kernel.py", "--smoke", "--configs", "k4v4,k2v2,k16v16",
                             "--no-baselines", "--quest-budgets", "64", "--quest-splits", "3",
-                            out=tmp_path / "smoke.json")
+                            "--quest-launches", out=tmp_path / "smoke.json")
     rows = {row["config"]: row for row in report["rows"]}
     # Quest needs per-channel packed keys: none for 16-bit pages
     assert set(rows) == {"k4v4", "k2v2", "k16v16", "k4v4+quest64", "k2v2+quest64",
@@ -23,6 +23,11 @@ def test_decode_bench_smoke_with_quest(tmp_path):
         assert quest["speedup_vs_dense"] == dense["us"] / quest["us"]
         assert quest["num_splits"] == quest["heuristic_splits"] > 1
         assert quest["quest_select_us"] > 0 and quest["quest_attention_us"] > 0
+        # every scoring launch choice (each checked against the default's scores in
+        # the script) and the top-k at each warp count are timed
+        launches = quest["quest_launches"]
+        assert len(launches["score_us"]) == 24 and len(launches["top_us"]) == 4
+        assert min(launches["score_us"].values()) > 0
         swept = rows[f"{name}+quest64-s3"]
         assert swept["num_splits"] == 3 and swept["ref_max_abs_err"] < swept["ref_tol"]
 

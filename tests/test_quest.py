@@ -106,6 +106,27 @@ def test_selection_matches_float_reference(case, rep):
     assert len({frozenset(s) for req in want for s in req if len(s) >= quest.budget_pages}) > 2
 
 
+@pytest.mark.parametrize("launch", [dict(split_heads=True), dict(block_p=2, num_warps=1),
+                                    dict(block_p=32, split_heads=True, num_warps=8)])
+def test_scoring_launch_choices_select_alike(launch):
+    """The scoring launch's tile, query-head loop and warps change how the
+    bounds are summed, not which pages are selected (float reference)."""
+    from vllm_kvcomp.kernels.triton_quest import (quest_page_scores, quest_select,
+                                                  quest_top_pages)
+
+    kv, bs, budget = CASES[0]
+    cfg = KvcompConfig(**kv)
+    b = _batch(cfg, [5, budget + 3, 7 * bs + 3, 13 * bs + 5], 4, bs, seed=21)
+    quest = Quest(budget, bs)
+    args = [t.to(DEVICE) for t in (b.query, b.packed, b.block_table, b.seq_lens)]
+    base = quest_page_scores(*args, b.layout, cfg, quest)
+    scores = quest_page_scores(*args, b.layout, cfg, quest, **launch)
+    torch.testing.assert_close(scores, base, rtol=1e-5, atol=1e-5)
+    got = quest_top_pages(scores, args[3], b.layout, cfg, quest, num_warps=2)
+    assert _as_sets(got) == _float_selection(b, quest)
+    assert _as_sets(got) == _as_sets(quest_select(*args, b.layout, cfg, quest))
+
+
 def test_score_bounds_every_stored_key():
     """A page's score is at least every q.k over its stored (dequantized) keys,
     for every query head of the KV head."""
