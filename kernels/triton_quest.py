@@ -191,7 +191,7 @@ def _check_quest(layout: PageLayout, cfg: KvcompConfig, quest) -> None:
 def quest_page_scores(query: torch.Tensor, packed_cache: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, layout: PageLayout,
                       cfg: KvcompConfig, quest, block_p: int | None = None,
-                      split_heads: bool = False, num_warps: int = 4) -> torch.Tensor:
+                      split_heads: bool = True, num_warps: int = 8) -> torch.Tensor:
     """Each packed page's Quest score for each (request, KV head) of a decode
     batch: fp32 ``[B, H, max_pages]`` (a power of two at least the block
     table's width), -inf past a request's packed pages. query [B, Hq, D],
@@ -209,8 +209,14 @@ def quest_page_scores(query: torch.Tensor, packed_cache: torch.Tensor,
         return scores
     # pages a program scores: [pages, query heads, channels] stays ~4K elements
     if block_p is None:
-        block_p = min(16, max_pages, max(2, 4096 // (triton.next_power_of_2(Hq // H) *
-                                                    triton.next_power_of_2(D))))
+        # a program's temporaries ([pages, channels], or [pages, query heads,
+        # channels] with all heads at once) stay ~4K elements. One head at a
+        # time, 32 pages and 8 warps scored 32 x 32K (GQA 4) in 14.0 µs on an
+        # H200, all heads at once (16 pages, 4 warps) in 43.7
+        # (benchmarks/results/2026-12-04-h200-window-defaults-quest)
+        rows = 1 if split_heads else triton.next_power_of_2(Hq // H)
+        block_p = min(32 if split_heads else 16,
+                      max(2, 4096 // (rows * triton.next_power_of_2(D))))
     block_p = min(block_p, max_pages)
     _quest_score_kernel[(B, H, max_pages // block_p)](
         query, query.stride(0), query.stride(1), packed_cache, packed_cache.stride(0),

@@ -20,7 +20,8 @@ from vllm_kvcomp.layout import PageLayout
     ({"residual_dtype": "float8_e4m3fn"}, "residual_dtype='float8_e4m3fn'"),
     ({"residual_dtype": "bfloat16"}, "residual_dtype='bfloat16'"),
     ({"residual_dtype": 8}, "residual_dtype=8 must be str"),
-    ({"residual_dtype": None}, "residual_dtype=None must be str"),
+    ({"residual_dtype": 1.0}, "residual_dtype=1.0 must be str"),
+    ({"residual_ring": "yes"}, "residual_ring='yes' must be bool"),
 ])
 def test_bad_settings_are_named(raw, msg):
     with pytest.raises(KvcompConfigError, match=msg):
@@ -29,8 +30,38 @@ def test_bad_settings_are_named(raw, msg):
 
 @pytest.mark.parametrize("kb, vb, per_token", [(16, 16, 512), (8, 8, 264), (4, 4, 136), (2, 2, 72)])
 def test_bytes_per_token_head(kb, vb, per_token):
-    layout = PageLayout(KvcompConfig(k_bits=kb, v_bits=vb), 128, 128, 2)
+    layout = PageLayout(KvcompConfig(k_bits=kb, v_bits=vb, group_size=128), 128, 128, 2)
     assert layout.head_page_bytes == 128 * per_token
+
+
+def test_layout_defaults_follow_the_bits_and_policies(tmp_path):
+    """Unset packing and window settings: k4v4 64-token key groups, one value
+    group a head (140 bytes a token and head), a ring of 0..63 model-dtype
+    tokens; k2v2 a 160..287-token e4m3 ring; other bits, and any setting with
+    a head map, eviction or Quest, 128-token groups and the window by
+    position. What is named is kept, and null means unset."""
+    def layout(**kw):
+        c = KvcompConfig.from_dict(kw)
+        return (c.group_size, c.value_group_size, c.residual_tokens, c.residual_ring,
+                c.residual_dtype)
+
+    assert layout() == layout(k_bits=4, v_bits=4) == (64, 128, 0, True, "auto")
+    assert PageLayout(KvcompConfig(), 128, 128, 2).head_page_bytes == 128 * 140
+    assert layout(k_bits=2, v_bits=2) == (128, None, 160, True, "fp8_e4m3")
+    assert layout(k_bits=2, v_bits=2, residual_dtype="auto") == (128, None, 128, True, "auto")
+    assert layout(group_size=32) == (32, None, 0, True, "auto")
+    assert layout(group_size=None, residual_ring=None) == layout()
+    assert layout(residual_ring=False) == (64, 128, 0, False, "auto")
+    for bits in (16, 8):
+        assert layout(k_bits=bits, v_bits=bits) == (128, None, 0, False, "auto")
+    assert layout(k_bits=4, v_bits=2) == (128, None, 128, False, "auto")
+    assert layout(key_axis="token") == (128, None, 0, False, "auto")
+    head_map = tmp_path / "map.json"
+    head_map.write_text("{}")
+    for policy in ({"eviction": {"method": "snapkv", "budget_tokens": 512}},
+                   {"quest": {"budget_tokens": 512}}, {"head_map": str(head_map)}):
+        assert layout(**policy) == (128, None, 0, False, "auto"), policy
+        assert layout(k_bits=2, v_bits=2, **policy) == (128, None, 128, False, "auto"), policy
 
 
 def test_value_groups_apart_from_key_groups():
@@ -50,6 +81,7 @@ def test_fp8_window_setting(tmp_path):
     window, nothing without one; with a head map, the retrieval heads'
     window."""
     assert KvcompConfig().residual_dtype == "auto" and not KvcompConfig().residual_fp8
+    assert KvcompConfig(k_bits=2, v_bits=2).residual_fp8
     cfg = KvcompConfig.from_dict({"residual_dtype": "fp8_e4m3", "residual_ring": True})
     assert cfg.residual_fp8
     assert PageLayout(cfg, 128, 128, 2).residual_dtype_bytes == 1

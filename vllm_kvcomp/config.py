@@ -31,6 +31,9 @@ EVICTION_SETTINGS = {
 }
 # methods that score tokens by the attention they accumulate during decode
 SCORED_EVICTION = ("h2o", "a2sf")
+# settings whose default follows the bits and the policies named (default_layout)
+LAYOUT_DEFAULTED = ("group_size", "value_group_size", "residual_ring", "residual_dtype",
+                    "residual_tokens")
 SNAPKV_POOLING = ("avg", "max")
 
 
@@ -43,6 +46,45 @@ def default_residual_tokens(k_bits: Any, v_bits: Any) -> int:
     bits or more, where the harness finds it nearly free, KIVI's 128 below."""
     low = [b for b in (k_bits, v_bits) if isinstance(b, int) and b < 4]
     return 128 if low else 0
+
+
+def default_layout(raw: dict[str, Any]) -> dict[str, Any]:
+    """The packing and window settings a config gets for those it leaves
+    unset (``None``), from the ones it names.
+
+    k4v4 and k2v2 with per-channel keys get the settings that reach 3.4x and
+    5.5x the bf16 KV capacity at ``max_model_len`` 4096 within the quality
+    harness's bars (quality/results/2026-12-04-cpu-6m-window-defaults; served
+    and logged at 3.44x / 5.83x on an H200 with vLLM's default engine
+    settings, benchmarks/results/2026-12-04-h200-window-defaults-quest):
+
+    * k4v4: 64-token key groups, one value group a head, the window as a ring
+      of 0..63 model-dtype tokens (+0.54 % perplexity at 2K and 4K, every
+      passkey kept; prefix-cache hits on whole 64-token groups);
+    * k2v2: a ring of 160..287 e4m3 tokens (+12.7 % against +18.4 % for the
+      128-token window by position, as many passkeys).
+
+    Every other setting, and any with a head map, eviction or Quest (whose
+    engines have served on a GPU only with the window by position), keeps
+    128-token groups and the window by position in the model dtype."""
+    k_bits, v_bits = raw.get("k_bits", 4), raw.get("v_bits", 4)
+    out = {"group_size": 128, "value_group_size": None, "residual_ring": False,
+           "residual_dtype": "auto", "residual_tokens": None}
+    plain = (raw.get("key_axis", "channel") == "channel" and raw.get("head_map") is None
+             and raw.get("eviction") is None and raw.get("quest") is None)
+    if plain and (k_bits, v_bits) == (4, 4):
+        out.update(group_size=64, residual_ring=True)
+        if raw.get("group_size") is None:
+            out["value_group_size"] = 128
+    elif plain and (k_bits, v_bits) == (2, 2):
+        out.update(residual_ring=True, residual_dtype="fp8_e4m3")
+    dtype = raw.get("residual_dtype") or out["residual_dtype"]
+    window = default_residual_tokens(k_bits, v_bits)
+    # e4m3 halves the window's bytes: twice KIVI's 128 tokens (less a key
+    # group) cost what 128 in the model dtype cost, for the same capacity
+    out["residual_tokens"] = 160 if (plain and (k_bits, v_bits) == (2, 2)
+                                     and dtype == "fp8_e4m3") else window
+    return out
 
 
 class KvcompConfigError(ValueError):
@@ -224,12 +266,18 @@ class KvcompConfig:
     """Quantization settings of the compressed KV cache.
 
     k_bits / v_bits: code width of keys / values; 16 stores them unquantized.
+    Unset (``None``) packing and window settings take ``default_layout``'s
+    values for the bits and policies named: k4v4 64-token key groups, one
+    value group a head and a 0..63-token ring; k2v2 a 160..287-token e4m3
+    ring; everything else 128-token groups and the window by position.
+
     group_size: tokens per key group when ``key_axis == "channel"`` (KIVI keeps
         one scale/zero per channel per group of tokens), and channels per group
         for per-token quantization (values, and keys when ``key_axis ==
-        "token"``), capped at head_size.
+        "token"``), capped at head_size. Default 64 for k4v4, else 128.
     value_group_size: channels per value group (values are quantized per
-        token); ``None`` (default) uses ``group_size``, as KIVI does. Apart
+        token); ``None`` uses ``group_size``, as KIVI does (default, but 128
+        for k4v4 left at its default groups). Apart
         from it, small key groups (KIVI-2's 32 tokens) need not force small
         value groups, and value groups as wide as the head let the decode
         kernel fold the value scales into its dots.
@@ -240,12 +288,14 @@ class KvcompConfig:
         footprint for R = 128 (0..127 tokens). The window lives in a second,
         sliding KV cache group whose pages come from vLLM's block pool, so it
         is counted in the budget. ``None`` (default): 0 when keys and values
-        have 4 bits or more, 128 with 2-bit keys or values. The quality
+        have 4 bits or more, 128 with 2-bit keys or values (160 for k2v2's
+        default e4m3 ring). The quality
         harness at decode-like positions puts the window's worth at +0.35 %
         perplexity for k4v4 and 0.00 % for k8v8 (every passkey kept), against
         +48 % for k2v2, while at 4K contexts the window costs k4v4 a fifth of
         its capacity (``docs/quality.md``).
-    residual_ring: how the window's pages are held. ``False`` (default): by
+    residual_ring: how the window's pages are held (default ``True`` for k4v4
+        and k2v2 without a head map, eviction or Quest). ``False``: by
         position, as a sliding window; vLLM frees a page only once the steps
         that read it are settled, so with async scheduling a request holds
         up to three windows at once, and ``max_model_len`` 4096 gives k4v4
@@ -258,8 +308,9 @@ class KvcompConfig:
         empty (``residual_tokens`` 0, hits on whole key groups). Served on
         an H200 with vLLM's default engine settings, in the model dtype and
         in fp8.
-    residual_dtype: what the window's K and V are stored as. "auto"
-        (default): the model dtype. "fp8_e4m3": float8 e4m3 with scale 1, as
+    residual_dtype: what the window's K and V are stored as (default
+        "fp8_e4m3" for k2v2 without a head map, eviction or Quest, else
+        "auto"). "auto": the model dtype. "fp8_e4m3": float8 e4m3 with scale 1, as
         vLLM's own fp8 KV cache, saturating at +-448; half the bytes, so a
         page holds twice the tokens and the window takes half the pages
         (with ``residual_ring``, k4v4 3.54x and k2v2 5.83x the bf16 capacity
@@ -331,10 +382,10 @@ class KvcompConfig:
 
     k_bits: int = 4
     v_bits: int = 4
-    group_size: int = 128
+    group_size: int | None = None
     residual_tokens: int | None = None
-    residual_ring: bool = False
-    residual_dtype: str = "auto"
+    residual_ring: bool | None = None
+    residual_dtype: str | None = None
     key_axis: str = "channel"
     value_axis: str = "token"
     block_size: int | None = None
@@ -349,9 +400,12 @@ class KvcompConfig:
     quest: QuestConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.residual_tokens is None:
-            object.__setattr__(self, "residual_tokens", default_residual_tokens(self.k_bits,
-                                                                                self.v_bits))
+        unset = [f for f in LAYOUT_DEFAULTED if getattr(self, f) is None]
+        if unset:
+            named = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+            defaults = default_layout(named)
+            for name in unset:
+                object.__setattr__(self, name, defaults[name])
         # a dict here (from JSON) becomes the frozen, hashable EvictionConfig
         object.__setattr__(self, "eviction", EvictionConfig.from_dict(self.eviction))
         object.__setattr__(self, "quest", QuestConfig.from_dict(self.quest))
