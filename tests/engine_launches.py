@@ -63,7 +63,9 @@ def setting(head_size=128, dtype="bf16", rep=4, **kvcomp) -> Setting:
 # The settings the engine is checked on: each bit width, window and key group of
 # the supported set at least once, each head size and dtype at least once.
 ENGINE_SETTINGS = [
-    setting(),  # the default: k4v4, 128-token groups, no window beyond a partial key group
+    # the default: k4v4, 64-token key groups, one value group a head, the window a
+    # ring of 0..63 tokens (k2v2's default below: a ring of 160..287 e4m3 tokens)
+    setting(),
     setting(dtype="fp16"),
     setting(head_size=64),
     setting(head_size=256),
@@ -91,25 +93,21 @@ ENGINE_SETTINGS = [
 # the window in float8 e4m3 (residual_dtype), by position and as a ring;
 # eviction, the value being its method at a 2048-token
 # budget (the kernels skipping each request's evicted range), alone, on
-# the retrieval heads of a split layer and (SnapKV) under Quest; the window
-# settings that reach the capacity bar at max_model_len 4096 (64-token key
-# groups with one value group a head, and windows past 128 tokens in e4m3: key
-# groups, value groups and the window's length are the kernels' constants).
+# the retrieval heads of a split layer and (SnapKV) under Quest; other windows
+# in e4m3 at the capacity bar (key groups, value groups and the window's
+# length are the kernels' constants).
 OPT_IN_SETTINGS = [
     setting(quest=2048),
     setting(quest=512, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
     setting(head_split=0.5),
     setting(head_split=0.5, head_size=64, dtype="fp16", rep=8),
-    setting(residual_ring=True),
+    setting(residual_ring=True),  # 128-token groups, a 0..127-token ring
     setting(residual_ring=True, k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
     setting(residual_dtype="fp8_e4m3", residual_tokens=128),
     setting(residual_ring=True, residual_dtype="fp8_e4m3", k_bits=2, v_bits=2, head_size=64,
             dtype="fp16", rep=8),
-    setting(residual_ring=True, group_size=64, value_group_size=128),
     setting(residual_ring=True, residual_dtype="fp8_e4m3", group_size=64, value_group_size=128,
             residual_tokens=64),
-    setting(residual_ring=True, residual_dtype="fp8_e4m3", k_bits=2, v_bits=2,
-            residual_tokens=160),
     setting(residual_ring=True, residual_dtype="fp8_e4m3", k_bits=2, v_bits=2,
             residual_tokens=224, head_size=64, dtype="fp16", rep=8),
     setting(eviction="snapkv"),
@@ -310,8 +308,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream,
             triton_compaction)
     # an opt-in setting's launches are all off the default path
-    opt_in_path = (quest is not None or head_split is not None or cfg.residual_ring
-                   or cfg.residual_fp8 or cfg.eviction is not None)
+    opt_in_path = s not in ENGINE_SETTINGS
     calls, default = [], [not opt_in_path]
 
     def seen(jit, args, kw):

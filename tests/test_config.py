@@ -35,11 +35,12 @@ def test_bytes_per_token_head(kb, vb, per_token):
 
 
 def test_layout_defaults_follow_the_bits_and_policies(tmp_path):
-    """Unset packing and window settings: k4v4 64-token key groups, one value
-    group a head (140 bytes a token and head), a ring of 0..63 model-dtype
-    tokens; k2v2 a 160..287-token e4m3 ring; other bits, and any setting with
-    a head map, eviction or Quest, 128-token groups and the window by
-    position. What is named is kept, and null means unset."""
+    """k4v4 and k2v2 naming no packing or window setting get the capacity-bar
+    layouts: k4v4 64-token key groups, one value group a head (140 bytes a
+    token and head), a ring of 0..63 model-dtype tokens; k2v2 a
+    160..287-token e4m3 ring. Other bits, settings naming any of these, and
+    any with a head map, eviction or Quest start from 128-token groups and
+    the window by position. Null means unset."""
     def layout(**kw):
         c = KvcompConfig.from_dict(kw)
         return (c.group_size, c.value_group_size, c.residual_tokens, c.residual_ring,
@@ -48,10 +49,12 @@ def test_layout_defaults_follow_the_bits_and_policies(tmp_path):
     assert layout() == layout(k_bits=4, v_bits=4) == (64, 128, 0, True, "auto")
     assert PageLayout(KvcompConfig(), 128, 128, 2).head_page_bytes == 128 * 140
     assert layout(k_bits=2, v_bits=2) == (128, None, 160, True, "fp8_e4m3")
-    assert layout(k_bits=2, v_bits=2, residual_dtype="auto") == (128, None, 128, True, "auto")
-    assert layout(group_size=32) == (32, None, 0, True, "auto")
-    assert layout(group_size=None, residual_ring=None) == layout()
-    assert layout(residual_ring=False) == (64, 128, 0, False, "auto")
+    assert layout(group_size=None, residual_ring=None, residual_tokens=None) == layout()
+    assert layout(group_size=32) == (32, None, 0, False, "auto")
+    assert layout(residual_ring=True) == (128, None, 0, True, "auto")
+    assert layout(residual_tokens=32) == (128, None, 32, False, "auto")
+    assert layout(k_bits=2, v_bits=2, residual_dtype="auto") == (128, None, 128, False, "auto")
+    assert layout(k_bits=2, v_bits=2, residual_ring=True) == (128, None, 128, True, "auto")
     for bits in (16, 8):
         assert layout(k_bits=bits, v_bits=bits) == (128, None, 0, False, "auto")
     assert layout(k_bits=4, v_bits=2) == (128, None, 128, False, "auto")

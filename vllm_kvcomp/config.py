@@ -50,13 +50,14 @@ def default_residual_tokens(k_bits: Any, v_bits: Any) -> int:
 
 def default_layout(raw: dict[str, Any]) -> dict[str, Any]:
     """The packing and window settings a config gets for those it leaves
-    unset (``None``), from the ones it names.
+    unset (``None``).
 
-    k4v4 and k2v2 with per-channel keys get the settings that reach 3.4x and
-    5.5x the bf16 KV capacity at ``max_model_len`` 4096 within the quality
-    harness's bars (quality/results/2026-12-04-cpu-6m-window-defaults; served
-    and logged at 3.44x / 5.83x on an H200 with vLLM's default engine
-    settings, benchmarks/results/2026-12-04-h200-window-defaults-quest):
+    k4v4 and k2v2 with per-channel keys that name none of them get the
+    layouts that reach 3.4x and 5.5x the bf16 KV capacity at
+    ``max_model_len`` 4096 within the quality harness's bars
+    (quality/results/2026-12-04-cpu-6m-window-defaults; served and logged at
+    3.44x / 5.83x on an H200 with vLLM's default engine settings,
+    benchmarks/results/2026-12-04-h200-window-defaults-quest):
 
     * k4v4: 64-token key groups, one value group a head, the window as a ring
       of 0..63 model-dtype tokens (+0.54 % perplexity at 2K and 4K, every
@@ -64,26 +65,22 @@ def default_layout(raw: dict[str, Any]) -> dict[str, Any]:
     * k2v2: a ring of 160..287 e4m3 tokens (+12.7 % against +18.4 % for the
       128-token window by position, as many passkeys).
 
-    Every other setting, and any with a head map, eviction or Quest (whose
-    engines have served on a GPU only with the window by position), keeps
-    128-token groups and the window by position in the model dtype."""
+    Everything else starts from 128-token groups and the window by position
+    in the model dtype: other bits, settings that name any of these (they
+    choose their own layout) and settings with a head map, eviction or Quest
+    (whose engines have served on a GPU with the window by position)."""
     k_bits, v_bits = raw.get("k_bits", 4), raw.get("v_bits", 4)
     out = {"group_size": 128, "value_group_size": None, "residual_ring": False,
-           "residual_dtype": "auto", "residual_tokens": None}
-    plain = (raw.get("key_axis", "channel") == "channel" and raw.get("head_map") is None
-             and raw.get("eviction") is None and raw.get("quest") is None)
-    if plain and (k_bits, v_bits) == (4, 4):
-        out.update(group_size=64, residual_ring=True)
-        if raw.get("group_size") is None:
-            out["value_group_size"] = 128
-    elif plain and (k_bits, v_bits) == (2, 2):
-        out.update(residual_ring=True, residual_dtype="fp8_e4m3")
-    dtype = raw.get("residual_dtype") or out["residual_dtype"]
-    window = default_residual_tokens(k_bits, v_bits)
-    # e4m3 halves the window's bytes: twice KIVI's 128 tokens (less a key
-    # group) cost what 128 in the model dtype cost, for the same capacity
-    out["residual_tokens"] = 160 if (plain and (k_bits, v_bits) == (2, 2)
-                                     and dtype == "fp8_e4m3") else window
+           "residual_dtype": "auto", "residual_tokens": default_residual_tokens(k_bits, v_bits)}
+    preset = (raw.get("key_axis", "channel") == "channel"
+              and all(raw.get(name) is None for name in
+                      LAYOUT_DEFAULTED + ("head_map", "eviction", "quest")))
+    if preset and (k_bits, v_bits) == (4, 4):
+        out.update(group_size=64, value_group_size=128, residual_ring=True)
+    elif preset and (k_bits, v_bits) == (2, 2):
+        # e4m3 halves the window's bytes: 160..287 tokens cost what KIVI's
+        # 128..255 cost in the model dtype
+        out.update(residual_ring=True, residual_dtype="fp8_e4m3", residual_tokens=160)
     return out
 
 
@@ -267,17 +264,18 @@ class KvcompConfig:
 
     k_bits / v_bits: code width of keys / values; 16 stores them unquantized.
     Unset (``None``) packing and window settings take ``default_layout``'s
-    values for the bits and policies named: k4v4 64-token key groups, one
-    value group a head and a 0..63-token ring; k2v2 a 160..287-token e4m3
-    ring; everything else 128-token groups and the window by position.
+    values: k4v4 and k2v2 that name none of them (and no head map, eviction
+    or Quest) get the capacity-bar layouts (k4v4 64-token key groups, one
+    value group a head, a 0..63-token ring; k2v2 a 160..287-token e4m3 ring),
+    everything else 128-token groups and the window by position.
 
     group_size: tokens per key group when ``key_axis == "channel"`` (KIVI keeps
         one scale/zero per channel per group of tokens), and channels per group
         for per-token quantization (values, and keys when ``key_axis ==
-        "token"``), capped at head_size. Default 64 for k4v4, else 128.
+        "token"``), capped at head_size. Default 128 (64 in k4v4's layout).
     value_group_size: channels per value group (values are quantized per
-        token); ``None`` uses ``group_size``, as KIVI does (default, but 128
-        for k4v4 left at its default groups). Apart
+        token); ``None`` (default) uses ``group_size``, as KIVI does (128 in
+        k4v4's layout). Apart
         from it, small key groups (KIVI-2's 32 tokens) need not force small
         value groups, and value groups as wide as the head let the decode
         kernel fold the value scales into its dots.
@@ -288,15 +286,15 @@ class KvcompConfig:
         footprint for R = 128 (0..127 tokens). The window lives in a second,
         sliding KV cache group whose pages come from vLLM's block pool, so it
         is counted in the budget. ``None`` (default): 0 when keys and values
-        have 4 bits or more, 128 with 2-bit keys or values (160 for k2v2's
-        default e4m3 ring). The quality
+        have 4 bits or more, 128 with 2-bit keys or values (160 in k2v2's
+        e4m3 ring layout). The quality
         harness at decode-like positions puts the window's worth at +0.35 %
         perplexity for k4v4 and 0.00 % for k8v8 (every passkey kept), against
         +48 % for k2v2, while at 4K contexts the window costs k4v4 a fifth of
         its capacity (``docs/quality.md``).
-    residual_ring: how the window's pages are held (default ``True`` for k4v4
-        and k2v2 without a head map, eviction or Quest). ``False``: by
-        position, as a sliding window; vLLM frees a page only once the steps
+    residual_ring: how the window's pages are held (``True`` in k4v4's and
+        k2v2's layouts, else ``False``). ``False``: by position, as a
+        sliding window; vLLM frees a page only once the steps
         that read it are settled, so with async scheduling a request holds
         up to three windows at once, and ``max_model_len`` 4096 gives k4v4
         2.7x the bf16 capacity. ``True``: one ring of
@@ -308,9 +306,8 @@ class KvcompConfig:
         empty (``residual_tokens`` 0, hits on whole key groups). Served on
         an H200 with vLLM's default engine settings, in the model dtype and
         in fp8.
-    residual_dtype: what the window's K and V are stored as (default
-        "fp8_e4m3" for k2v2 without a head map, eviction or Quest, else
-        "auto"). "auto": the model dtype. "fp8_e4m3": float8 e4m3 with scale 1, as
+    residual_dtype: what the window's K and V are stored as ("fp8_e4m3" in
+        k2v2's layout, else "auto"). "auto": the model dtype. "fp8_e4m3": float8 e4m3 with scale 1, as
         vLLM's own fp8 KV cache, saturating at +-448; half the bytes, so a
         page holds twice the tokens and the window takes half the pages
         (with ``residual_ring``, k4v4 3.54x and k2v2 5.83x the bf16 capacity
