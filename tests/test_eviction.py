@@ -143,7 +143,8 @@ def test_capacity_counts_only_kept_pages():
         class model_config:
             max_model_len = 32768
 
-    full = packed_spec(KvcompConfig(), 128, 8, 128, torch.bfloat16)
+    # the eviction's layout: 128-token groups (k4v4's default layout is for plain settings)
+    full = packed_spec(KvcompConfig(group_size=128), 128, 8, 128, torch.bfloat16)
     ev = packed_spec(KvcompConfig.from_dict({"eviction": _ev(4, 1024)}), 128, 8, 128,
                      torch.bfloat16, 512)
     assert ev.page_size_bytes == full.page_size_bytes

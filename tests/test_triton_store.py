@@ -245,7 +245,7 @@ def test_decode_batch_with_grid_bound_one(key_axis, split):
 def test_handover_pieces():
     """Serving shape (k4v4, group 128, head 128): 4 key channel slices of 32
     channels (4096 elements) and 4 value sub-tiles of 32 tokens."""
-    cfg = KvcompConfig(k_bits=4, v_bits=4)
+    cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=128)
     assert handover_pieces(cfg, PageLayout(cfg, 128, 128, 2)) == 8
     cfg2 = KvcompConfig(k_bits=2, v_bits=2, group_size=32)  # 32 x 128 keys fit one slice
     assert handover_pieces(cfg2, PageLayout(cfg2, 128, 128, 2)) == 2
