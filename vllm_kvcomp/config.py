@@ -368,8 +368,8 @@ class KvcompConfig:
         head map, snapkv / h2o / a2sf evict from the retrieval heads (the
         streaming heads keep their sinks and window); with ``quest``, snapkv
         only (Quest then selects among the pages a request still holds). A
-        GPU serves a2sf, and eviction beside a head map or Quest, only with
-        KVCOMP_EVICTION_GPU=1 until they have served on one.
+        GPU serves a2sf, and eviction beside both a head map and Quest, only
+        with KVCOMP_EVICTION_GPU=1 until they have served on one.
     quest: ``None`` (default) or a dict ``{"budget_tokens": 2048,
         "dense_layers": 2}`` (``QuestConfig``): decode steps attend only the
         packed pages whose key bounds promise the largest scores (Quest), from

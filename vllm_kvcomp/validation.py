@@ -198,8 +198,10 @@ def check_tensor_parallel(cfg: KvcompConfig, tp_size: int, hf_config,
 # what the GPU (Triton) path evicts with (kernels/eviction_gpu.py)
 GPU_EVICTION = ("snapkv", "streamingllm", "h2o", "a2sf")
 # those of them whose engines have served on a GPU (H200, vLLM's default engine
-# settings: benchmarks/results/2026-12-04-h200-quest-eviction); A2SF is H2O's path
-# with a decay but has not itself run there
+# settings: benchmarks/results/2026-12-04-h200-quest-eviction), SnapKV and H2O
+# beside a head map and SnapKV under Quest too (2026-12-04-h200-window-defaults-quest);
+# A2SF is H2O's path with a decay but has not itself run there, nor have a head map,
+# eviction and Quest all in one layer
 GPU_RUN_EVICTION = ("snapkv", "streamingllm", "h2o")
 
 
@@ -219,17 +221,11 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
             f"path evicts with {list(GPU_EVICTION)}; remove eviction from the kvcomp settings "
             "or choose one of those")
     asked = os.environ.get(EVICTION_GPU_ENV, "0") == "1"
-    if cfg.quest is not None and not asked:
+    if cfg.quest is not None and cfg.head_map is not None and not asked:
         raise KvcompConfigError(
-            f"kvcomp eviction (method={method!r}) with quest runs only on the CPU path by "
-            "default: Quest over the pages SnapKV kept has passed its interpreter tests but "
-            "has not yet served on a GPU; remove one of the two, or set "
-            f"{EVICTION_GPU_ENV}=1 to serve it unverified")
-    if cfg.head_map is not None and not asked:
-        raise KvcompConfigError(
-            f"kvcomp eviction (method={method!r}) with a head_map runs only on the CPU path "
-            "by default: the split layer's Triton path with eviction has passed its "
-            "interpreter tests but has not yet served on a GPU; remove one of the two, or set "
+            f"kvcomp eviction (method={method!r}) with quest and a head_map runs only on the "
+            "CPU path by default: the three in one layer have passed their interpreter tests "
+            "but have not yet served on a GPU (each pair has); remove one of them, or set "
             f"{EVICTION_GPU_ENV}=1 to serve it unverified")
     if method not in GPU_RUN_EVICTION and not asked:
         raise KvcompConfigError(
