@@ -38,15 +38,32 @@ def _worst(lp1, lp2):
     return max(abs(a - b) for x, y in zip(lp1, lp2) for a, b in zip(x, y))
 
 
-@pytest.mark.parametrize("bits", [(4, 4), (2, 2)])
-def test_same_tokens_with_and_without_a_prefix_hit(model, bits):
-    first, second, lp1, lp2 = _rounds(model, {"k_bits": bits[0], "v_bits": bits[1]})
+# k4v4's default (a ring whose window empties at each 64-token group) and k2v2
+# with its window by position; k2v2's default ring always holds a window, so it
+# gets no hits (test_k2v2_default_ring_gets_no_hits)
+@pytest.mark.parametrize("kv", [{"k_bits": 4, "v_bits": 4},
+                                {"k_bits": 2, "v_bits": 2, "residual_ring": False}])
+def test_same_tokens_with_and_without_a_prefix_hit(model, kv):
+    first, second, lp1, lp2 = _rounds(model, kv)
     assert first == second
     assert _worst(lp1, lp2) < 1e-4
 
 
+def test_k2v2_default_ring_gets_no_hits(model):
+    """k2v2's default window (a ring of 160..287 e4m3 tokens) is never empty:
+    the second round finds no hit and gives the first round's tokens."""
+    res = run_engine(dict(model=model, backend="kvcomp", kvcomp={"k_bits": 2, "v_bits": 2},
+                          prompts=PROMPTS, max_tokens=MAX_TOKENS, rounds=2,
+                          engine=dict(max_model_len=1024, max_num_batched_tokens=256,
+                                      enable_chunked_prefill=True,
+                                      enable_prefix_caching=True)))
+    n = len(PROMPTS)
+    assert res["prefix_cache_hits"] == 0
+    assert res["tokens"][:n] == res["tokens"][n:]
+
+
 def test_full_precision_prompts_are_not_cache_consistent(model):
-    _, _, lp1, lp2 = _rounds(model, {"k_bits": 2, "v_bits": 2,
+    _, _, lp1, lp2 = _rounds(model, {"k_bits": 2, "v_bits": 2, "residual_ring": False,
                                      "prompt_attention": "full_precision"})
     print("worst logprob change, full_precision prompts:", _worst(lp1, lp2))
     assert _worst(lp1, lp2) > 1e-2

@@ -63,7 +63,9 @@ def default_layout(raw: dict[str, Any]) -> dict[str, Any]:
       of 0..63 model-dtype tokens (+0.54 % perplexity at 2K and 4K, every
       passkey kept; prefix-cache hits on whole 64-token groups);
     * k2v2: a ring of 160..287 e4m3 tokens (+12.7 % against +18.4 % for the
-      128-token window by position, as many passkeys).
+      128-token window by position, as many passkeys). A ring that always
+      holds a window gets no prefix-cache hits: ``residual_ring: false``
+      keeps them, at 2.88x.
 
     Everything else starts from 128-token groups and the window by position
     in the model dtype: other bits, settings that name any of these (they
