@@ -18,6 +18,9 @@ from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels.packing import round_to_window
 
 vllm_kvcomp.register()
+# the Triton steps' tensors: on a GPU where there is one (the interpreter
+# only runs without one); the references on the host
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 STORAGE = {"residual_ring": True, "residual_dtype": "fp8_e4m3"}
 
@@ -296,7 +299,9 @@ def _steps(cfg, quest=None, head_split=None, triton=False):
     # longer than the sequences): sinks and recent tokens stay where they were
     stream = SimPagedCache(KvcompConfig(k_bits=16, v_bits=16, residual_tokens=max(T)), BS,
                            H - heads, D, 2, max(T), seed=6) if head_split else None
-    if triton:
+    if triton:  # the caches the kernels read and write on DEVICE
+        sim.packed = sim.packed.to(DEVICE)
+        sim.residual = None if sim.residual is None else sim.residual.to(DEVICE)
         with mock.patch.object(backend, "current_config", lambda: cfg):
             impl = KvcompImpl(num_heads=H * REP, head_size=D, scale=D ** -0.5,
                               num_kv_heads=H)
@@ -318,8 +323,9 @@ def _steps(cfg, quest=None, head_split=None, triton=False):
             kvcomp_step_reference(q, k, v, out, sim.packed, sim.residual, sim.layout, cfg,
                                   D ** -0.5, b, quest=quest)
         else:
-            qsl = torch.tensor(b.query_start_loc, dtype=torch.int32)
-            lens = torch.tensor(b.seq_lens, dtype=torch.int32)
+            qsl = torch.tensor(b.query_start_loc, dtype=torch.int32, device=DEVICE)
+            lens = torch.tensor(b.seq_lens, dtype=torch.int32, device=DEVICE)
+            dev = lambda t: t.to(DEVICE)  # noqa: E731
 
             def md(table, block, slots):
                 return KvcompMetadata(
@@ -327,11 +333,13 @@ def _steps(cfg, quest=None, head_split=None, triton=False):
                     seq_lens=lens, block_table=table, slot_mapping=slots, block_size=block,
                     max_query_len=max(chunks), max_seq_len=max(ends),
                     num_decodes=2 if max(chunks) == 1 else (1 if chunks[0] == 1 else 0))
-            impl._forward_triton(q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1),
-                                 v.reshape(v.shape[0], -1), out.view(q.shape[0], -1),
-                                 sim.packed, sim.residual, md(b.block_table, BS, None),
-                                 md(b.residual_block_table, b.residual_block_size,
-                                    b.residual_slot_mapping), sim.layout, quest)
+            o = dev(out)
+            impl._forward_triton(dev(q).reshape(q.shape[0], -1), dev(k).reshape(k.shape[0], -1),
+                                 dev(v).reshape(v.shape[0], -1), o.view(q.shape[0], -1),
+                                 sim.packed, sim.residual, md(dev(b.block_table), BS, None),
+                                 md(dev(b.residual_block_table), b.residual_block_size,
+                                    dev(b.residual_slot_mapping)), sim.layout, quest)
+            out = o.cpu()
         outs.append(out)
         done = ends
     assert sim.ring_pages * sim.bs_r < 90 or not cfg.residual_ring

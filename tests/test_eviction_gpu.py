@@ -19,6 +19,9 @@ from vllm_kvcomp.kernels.eviction_gpu import evicted_ranges, evicted_ranges_refe
 vllm_kvcomp.register()
 
 H, REP, D = 2, 2, 32
+# the Triton steps' tensors: on a GPU where there is one (the interpreter
+# only runs without one); the references and the bookkeeping on the host
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ------------------------------------------------------------ evicted ranges
@@ -87,12 +90,12 @@ def test_decode_kernel_probs_are_the_reference_probs(bits, axis, G, R, D, rep, d
     batch = DecodeBatch(cfg, lens_for(cfg), D=D, rep=rep, dtype=dtype, block_size=max(32, G),
                         seed=G + rep)
     L = max(batch.lens) + 5
-    probs = torch.full((len(batch.lens), batch.query.shape[1], L), 7.0)
+    probs = torch.full((len(batch.lens), batch.query.shape[1], L), 7.0, device=DEVICE)
     kw = {"warp_tiles": wt} if wt else {}
-    out = batch.triton(num_splits=splits, probs=probs, **kw)
+    out = batch.triton(num_splits=splits, probs=probs, device=DEVICE, **kw)
     want = decode_probs_reference(*batch.args(), L)
-    torch.testing.assert_close(probs.double(), want, atol=2e-6, rtol=1e-4)
-    assert torch.equal(out, batch.triton(num_splits=splits, **kw))
+    torch.testing.assert_close(probs.cpu().double(), want, atol=2e-6, rtol=1e-4)
+    assert torch.equal(out, batch.triton(num_splits=splits, device=DEVICE, **kw))
     assert (want[:, :, max(batch.lens):] == 0).all() and (want > 0.01).any()
 
 
@@ -164,10 +167,11 @@ def _metadata(sim, batch, prompt_lens):
     qsl, lens = batch.query_start_loc, batch.seq_lens
     q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
     nd = next((i for i, x in enumerate(q_lens) if x > 1), len(q_lens))
-    i32 = dict(dtype=torch.int32)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
     md = KvcompMetadata(
         num_actual_tokens=qsl[-1], num_reqs=len(lens), query_start_loc=torch.tensor(qsl, **i32),
-        seq_lens=torch.tensor(lens, **i32), block_table=sim.block_table, slot_mapping=None,
+        seq_lens=torch.tensor(lens, **i32), block_table=sim.block_table.to(DEVICE),
+        slot_mapping=None,
         block_size=sim.bs, max_query_len=max(q_lens), max_seq_len=max(lens), num_decodes=nd,
         query_start_loc_cpu=qsl, seq_lens_cpu=lens, prompt_lens_cpu=prompt_lens,
         prompt_lens=torch.tensor(prompt_lens, **i32))
@@ -175,8 +179,8 @@ def _metadata(sim, batch, prompt_lens):
     if sim.residual is not None:
         res = KvcompMetadata(
             num_actual_tokens=qsl[-1], num_reqs=len(lens), query_start_loc=md.query_start_loc,
-            seq_lens=md.seq_lens, block_table=batch.residual_block_table,
-            slot_mapping=batch.residual_slot_mapping, block_size=sim.bs_r,
+            seq_lens=md.seq_lens, block_table=batch.residual_block_table.to(DEVICE),
+            slot_mapping=batch.residual_slot_mapping.to(DEVICE), block_size=sim.bs_r,
             max_query_len=md.max_query_len, max_seq_len=md.max_seq_len)
     return md, res
 
@@ -215,6 +219,11 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=Non
     stream = SimPagedCache(
         KvcompConfig(k_bits=16, v_bits=16, residual_tokens=max(totals)), bs,
         len(head_split[1]), D, R, max(totals), seed=2) if head_split else None
+    if triton:  # the caches the kernels read and write on DEVICE; block tables stay here
+        sim.packed = sim.packed.to(DEVICE)
+        sim.residual = None if sim.residual is None else sim.residual.to(DEVICE)
+        if stream is not None:
+            stream.residual = stream.residual.to(DEVICE)
     out = torch.zeros_like(q)
     done = [0] * R
     for step in schedule:
@@ -226,22 +235,23 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=Non
         batch.prompt_lens = list(prompts)
         sb = stream.batch(done, ends) if head_split else None
         rows = torch.cat([torch.arange(base[i] + done[i], base[i] + ends[i]) for i in range(R)])
-        o = torch.zeros(len(rows), q.shape[1], D)
+        o = torch.zeros(len(rows), q.shape[1], D, device=DEVICE if triton else "cpu")
         if triton:
+            qr, kr, vr = (x[rows].to(DEVICE) for x in (q, k, v))
             md, res = _metadata(sim, batch, list(prompts))
             impl = _impl(cfg)
             if head_split:
                 from dataclasses import replace
 
                 impl.head_split = head_split
-                smd = replace(md, block_table=sb.residual_block_table,
-                              slot_mapping=sb.residual_slot_mapping,
+                smd = replace(md, block_table=sb.residual_block_table.to(DEVICE),
+                              slot_mapping=sb.residual_slot_mapping.to(DEVICE),
                               block_size=sb.residual_block_size)
-                impl._forward_triton_split(q[rows], k[rows], v[rows], o, sim.packed,
+                impl._forward_triton_split(qr, kr, vr, o, sim.packed,
                                            sim.residual, md, res, sim.layout, quest,
                                            stream.residual, smd)
             else:
-                impl._forward_triton(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
+                impl._forward_triton(qr, kr, vr, o, sim.packed, sim.residual,
                                      md, res, sim.layout, quest)
         elif head_split:
             split_step_reference(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
@@ -251,7 +261,7 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=Non
         else:
             kvcomp_step_reference(q[rows], k[rows], v[rows], o, sim.packed, sim.residual,
                                   sim.layout, cfg, D ** -0.5, batch, quest=quest)
-        out[rows] = o
+        out[rows] = o.cpu()
         done = ends
     return out
 
@@ -368,11 +378,12 @@ def test_dummy_steps_without_prompt_lengths_evict_nothing(method):
         md, res = _metadata(sim, batch, prompt_lens or [1] * len(done))
         if prompt_lens is None:
             md.prompt_lens = md.prompt_lens_cpu = None
-        packed = sim.packed.clone()
-        residual = sim.residual.clone() if sim.residual is not None else None
-        o = torch.zeros(q.shape[0], H * REP, D)
-        _impl(cfg)._forward_triton(q, k, v, o, packed, residual, md, res, sim.layout)
-        outs.append((o, packed))
+        packed = sim.packed.clone().to(DEVICE)
+        residual = sim.residual.clone().to(DEVICE) if sim.residual is not None else None
+        o = torch.zeros(q.shape[0], H * REP, D, device=DEVICE)
+        _impl(cfg)._forward_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), o, packed,
+                                   residual, md, res, sim.layout)
+        outs.append((o.cpu(), packed.cpu()))
     (o_dummy, packed_dummy), (o_running, packed_running) = outs
     assert torch.isfinite(o_dummy).all()
     torch.testing.assert_close(o_dummy, o_running, atol=0, rtol=0)

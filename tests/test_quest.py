@@ -375,25 +375,28 @@ def _backend_decode(b: DecodeBatch, quest) -> torch.Tensor:
         impl = KvcompImpl(num_heads=Hq, head_size=D, scale=b.scale, num_kv_heads=H)
     impl._decode_launch = {}
     last = torch.tensor(b.lens) - 1
-    qsl = torch.arange(B + 1, dtype=torch.int32)
+    qsl = torch.arange(B + 1, dtype=torch.int32, device=DEVICE)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
 
     def md(table, bs, slots):
         return KvcompMetadata(num_actual_tokens=B, num_reqs=B, query_start_loc=qsl,
-                              seq_lens=b.seq_lens, block_table=table, slot_mapping=slots,
+                              seq_lens=dev(b.seq_lens), block_table=dev(table),
+                              slot_mapping=dev(slots),
                               block_size=bs, max_query_len=1, max_seq_len=max(b.lens),
                               num_decodes=B)
     rows = torch.arange(B)
     res_slots = (b.residual_table[rows, last // b.bs_r].long() * b.bs_r + last % b.bs_r)
     packed_slots = b.block_table[rows, last // b.layout.block_size].long() * \
         b.layout.block_size + last % b.layout.block_size
-    out = torch.zeros_like(b.query)
-    residual = b.residual.clone() if b.residual is not None else None
-    impl._forward_triton(b.query.reshape(B, -1), b.key_new.reshape(B, -1),
-                         b.value_new.reshape(B, -1), out.view(B, -1), b.packed.clone(),
-                         residual, md(b.block_table, b.layout.block_size, packed_slots),
+    out = torch.zeros_like(b.query, device=DEVICE)
+    residual = dev(b.residual.clone()) if b.residual is not None else None
+    impl._forward_triton(dev(b.query).reshape(B, -1), dev(b.key_new).reshape(B, -1),
+                         dev(b.value_new).reshape(B, -1), out.view(B, -1),
+                         dev(b.packed.clone()), residual,
+                         md(b.block_table, b.layout.block_size, packed_slots),
                          md(b.residual_table, b.bs_r, res_slots) if residual is not None
                          else None, b.layout, quest)
-    return out
+    return out.cpu()
 
 
 @pytest.mark.parametrize("case", [0, 1, 3])

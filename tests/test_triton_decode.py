@@ -430,7 +430,7 @@ def test_fp8_window_reads_what_a_model_dtype_window_would():
     args = list(b.args(DEVICE))
     auto = KvcompConfig(k_bits=4, v_bits=4, group_size=16, residual_tokens=16)
     auto_args = list(args)
-    auto_args[4] = b.residual.to(torch.bfloat16)
+    auto_args[4] = args[4].to(torch.bfloat16)
     auto_args[8] = PageLayout(auto, b.layout.block_size, 64, 2)
     auto_args[9] = auto
     assert torch.equal(decode_attention_reference(*args), decode_attention_reference(*auto_args))
