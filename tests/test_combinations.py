@@ -248,22 +248,26 @@ def test_quest_composes_with_snapkv_only():
 
 
 @pytest.mark.parametrize("method, other", [("snapkv", "head_map"), ("h2o", "head_map"),
-                                           ("snapkv", "quest")])
-def test_gpu_serves_eviction_beside_a_head_map_or_quest_only_when_asked(tmp_path, monkeypatch,
-                                                                       method, other):
-    """Eviction beside a head map or Quest: served on the CPU path; on a GPU,
-    until it has served there, only with KVCOMP_EVICTION_GPU=1."""
+                                           ("snapkv", "quest"), ("snapkv", "both")])
+def test_gpu_serves_eviction_beside_a_head_map_or_quest(tmp_path, monkeypatch, method, other):
+    """Eviction beside a head map or under Quest served on an H200, so a GPU
+    serves each pair; a head map, eviction and Quest in one layer have not run
+    there, so a GPU serves the three only with KVCOMP_EVICTION_GPU=1. The CPU
+    path serves all."""
     from vllm_kvcomp.config import KvcompConfigError
     from vllm_kvcomp.validation import check_eviction_platform
 
     f = tmp_path / "map.json"
     f.write_text("{}")
-    extra = {"head_map": str(f)} if other == "head_map" else {"quest": {"budget_tokens": 256}}
+    extra = {"head_map": {"head_map": str(f)}, "quest": {"quest": {"budget_tokens": 256}},
+             "both": {"head_map": str(f), "quest": {"budget_tokens": 256}}}[other]
     cfg = KvcompConfig.from_dict({**extra, "eviction": {"method": method, "budget_tokens": 512}})
     monkeypatch.delenv("KVCOMP_EVICTION_GPU", raising=False)
     check_eviction_platform(cfg, on_cpu=True)
-    named = "a head_map" if other == "head_map" else "quest"
-    with pytest.raises(KvcompConfigError, match=f"with {named} runs only on the CPU path"):
+    if other != "both":
+        check_eviction_platform(cfg, on_cpu=False)
+        return
+    with pytest.raises(KvcompConfigError, match="with quest and a head_map runs only on the CPU"):
         check_eviction_platform(cfg, on_cpu=False)
     monkeypatch.setenv("KVCOMP_EVICTION_GPU", "1")
     check_eviction_platform(cfg, on_cpu=False)
