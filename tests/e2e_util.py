@@ -113,6 +113,18 @@ def check_snapkv_pool(r: dict, requests: int) -> None:
     assert r["free_end"] == r["free_start"] and r["usage"] == 0, r
 
 
+def logged_kv_tokens(model: str, *kvcomp: dict, max_model_len: int = 4096) -> list[int]:
+    """The "GPU KV cache size" vLLM logs for ``model`` (bf16, 128-token pages)
+    with upstream's CPU_ATTN cache, then with each kvcomp setting, in that
+    order; one short request each."""
+    engine = dict(max_model_len=max_model_len, dtype="bfloat16", block_size=128)
+    prompts = token_prompts([5], seed=3)
+    specs = [dict(spec=dict(model=model, backend=backend, kvcomp=kv, engine=engine,
+                            prompts=prompts, max_tokens=2))
+             for backend, kv in [("CPU_ATTN", None)] + [("kvcomp", kv) for kv in kvcomp]]
+    return [r["kv_cache_tokens"] for r in run_engines(*specs)]
+
+
 def run_engines(*runs: dict) -> list[dict]:
     """``run_engine(**run)`` for each of ``runs`` (results in that order), two
     engines at a time: an engine computes on one thread (engine_runner.py)

@@ -172,16 +172,9 @@ def test_default_window_logged_capacity_at_4096(tiny_llama):
     settings, against upstream's bf16 cache (CPU_ATTN): the capacity bar,
     k4v4 >= 3.4x and k2v2 >= 5.5x (an H200 logged 3.44x and 5.83x for the
     Llama-3.1-8B shape)."""
-    from e2e_util import run_engines, token_prompts
+    from e2e_util import logged_kv_tokens
 
-    engine = dict(max_model_len=4096, dtype="bfloat16", block_size=128)
-    prompts = token_prompts([5], seed=3)
-
-    def spec(backend, kv=None):
-        return dict(spec=dict(model=tiny_llama, backend=backend, kvcomp=kv, engine=engine,
-                              prompts=prompts, max_tokens=2))
-    bf16, k4, k2 = (r["kv_cache_tokens"] for r in run_engines(
-        spec("CPU_ATTN"), spec("kvcomp", {"k_bits": 4, "v_bits": 4}),
-        spec("kvcomp", {"k_bits": 2, "v_bits": 2})))
+    bf16, k4, k2 = logged_kv_tokens(tiny_llama, {"k_bits": 4, "v_bits": 4},
+                                    {"k_bits": 2, "v_bits": 2})
     print("logged", bf16, k4, k2, k4 / bf16, k2 / bf16)
     assert k4 / bf16 >= 3.4 and k2 / bf16 >= 5.5

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vllm_kvcomp
-from e2e_util import run_engines, token_prompts
+from e2e_util import logged_kv_tokens, run_engines, token_prompts
 from sim_paged import CAPACITY_SHAPES, reported_tokens, shape_specs
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.residual_layer import packed_spec, residual_spec
@@ -115,15 +115,8 @@ def test_logged_capacity_at_4096(tiny_llama):
     GiB of KV, max_model_len 4096, 128-token pages) with the ring, against
     upstream's bf16 cache (CPU_ATTN). Logged: bf16 262,144 tokens, ring k4v4
     877,226 (3.35x), k2v2 1,269,149 (4.84x)."""
-    engine = dict(max_model_len=4096, dtype="bfloat16", block_size=128)
-    prompts = token_prompts([5], seed=3)
-
-    def spec(backend, kv=None):
-        return dict(spec=dict(model=tiny_llama, backend=backend, kvcomp=kv, engine=engine,
-                              prompts=prompts, max_tokens=2))
-    bf16, k4, k2 = (r["kv_cache_tokens"] for r in run_engines(
-        spec("CPU_ATTN"), spec("kvcomp", {"k_bits": 4, "v_bits": 4, "residual_ring": True}),
-        spec("kvcomp", {"k_bits": 2, "v_bits": 2, "residual_ring": True})))
+    bf16, k4, k2 = logged_kv_tokens(tiny_llama, {"k_bits": 4, "v_bits": 4, "residual_ring": True},
+                                    {"k_bits": 2, "v_bits": 2, "residual_ring": True})
     print("logged", bf16, k4, k2, k4 / bf16, k2 / bf16)
     assert k4 / bf16 > 3.3 and k2 / bf16 > 4.8
 
