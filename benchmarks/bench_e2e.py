@@ -35,7 +35,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 SETTINGS = {
     "bf16": {},
@@ -316,6 +318,55 @@ def _save(args, device, rows):
                            command=" ".join(sys.argv), rows=rows), f, indent=1)
 
 
+def run_setting(args, s, gpu):
+    """One setting's engine in its own process (on GPU ``gpu`` when given):
+    its rows, one per workload, the failure's log where one did not finish."""
+    cmd = [sys.executable, __file__, "--setting", s, "--model", args.model,
+           "--workload", args.workload, "--gpu-mem", str(args.gpu_mem)]
+    if args.eager:
+        cmd.append("--eager")
+    if args.fast_start:
+        cmd.append("--fast-start")
+    if args.kv_gib:
+        cmd += ["--kv-gib", str(args.kv_gib)]
+    if args.max_num_seqs:
+        cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.capture_sizes:
+        cmd += ["--capture-sizes", args.capture_sizes]
+    if args.profile:
+        cmd += ["--profile", args.profile, "--profile-delay", str(args.profile_delay),
+                "--profile-iters", str(args.profile_iters)]
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
+    t = time.time()
+    # Own process group: on timeout the engine core and workers it spawned
+    # die with it (an orphaned engine keeps its GPU memory, and every later
+    # setting then fails to start).
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True, env=env)
+    try:
+        log = p.communicate(timeout=args.timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        log = p.communicate()[0] + f"\n[timed out after {args.timeout} s]"
+    m = KV_TOKENS.search(log)
+    kv_tokens = int(m.group(1).replace(",", "")) if m else None
+    done = {}
+    for line in log.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            done[r["workload"]] = r
+    rows = []
+    for w in args.workload.split(","):
+        row = done.get(w, {"setting": s, "workload": w, "error": log[-1500:]})
+        row["kv_cache_tokens"] = kv_tokens
+        row["wall_s"] = time.time() - t
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+    if len(done) < len(args.workload.split(",")):
+        print(log[-2500:], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/tmp/llama8b-shape")
@@ -346,6 +397,9 @@ def main():
                          "--settings order) and exit")
     ap.add_argument("--setting", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="run up to this many settings at once, one GPU each (a multi-GPU "
+                         "host); 1: one after another on the visible device")
     args = ap.parse_args()
     if args.setting:
         return run_one(args)
@@ -355,50 +409,29 @@ def main():
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    rows = []
-    for s in args.settings.split(","):
-        cmd = [sys.executable, __file__, "--setting", s, "--model", args.model,
-               "--workload", args.workload, "--gpu-mem", str(args.gpu_mem)]
-        if args.eager:
-            cmd.append("--eager")
-        if args.fast_start:
-            cmd.append("--fast-start")
-        if args.kv_gib:
-            cmd += ["--kv-gib", str(args.kv_gib)]
-        if args.max_num_seqs:
-            cmd += ["--max-num-seqs", str(args.max_num_seqs)]
-        if args.capture_sizes:
-            cmd += ["--capture-sizes", args.capture_sizes]
-        if args.profile:
-            cmd += ["--profile", args.profile, "--profile-delay", str(args.profile_delay),
-                    "--profile-iters", str(args.profile_iters)]
-        t = time.time()
-        # Own process group: on timeout the engine core and workers it spawned
-        # die with it (an orphaned engine keeps its GPU memory, and every later
-        # setting then fails to start).
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    settings = args.settings.split(",")
+    by_setting = {}
+    # one GPU per engine: settings run side by side on a multi-GPU host, each
+    # pinned to its own device, all with the same KV memory (--kv-gib)
+    free = list(range(max(1, args.gpus)))
+    lock = threading.Lock()
+
+    def one(s):
+        with lock:
+            gpu = free.pop(0)
         try:
-            log = p.communicate(timeout=args.timeout)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            log = p.communicate()[0] + f"\n[timed out after {args.timeout} s]"
-        m = KV_TOKENS.search(log)
-        kv_tokens = int(m.group(1).replace(",", "")) if m else None
-        done = {}
-        for line in log.splitlines():
-            if line.startswith("RESULT "):
-                r = json.loads(line[7:])
-                done[r["workload"]] = r
-        for w in args.workload.split(","):
-            row = done.get(w, {"setting": s, "workload": w, "error": log[-1500:]})
-            row["kv_cache_tokens"] = kv_tokens
-            row["wall_s"] = time.time() - t
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
-        if len(done) < len(args.workload.split(",")):
-            print(log[-2500:], flush=True)
-        _save(args, device, rows)  # after every setting: a killed run keeps what it measured
+            got = run_setting(args, s, gpu if args.gpus > 1 else None)
+        finally:
+            with lock:
+                free.append(gpu)
+        with lock:
+            by_setting[s] = got
+            _save(args, device, [r for x in settings for r in by_setting.get(x, [])])
+        return got
+
+    with ThreadPoolExecutor(max(1, args.gpus)) as pool:
+        list(pool.map(one, settings))
+    rows = [r for s in settings for r in by_setting[s]]
     print_tables(rows, device, args.workload.split(","), args.kv_gib, args.fast_start,
                  time.strftime("%Y-%m-%d"))
     _save(args, device, rows)

@@ -7,6 +7,7 @@
 #      vLLM's default engine settings and with the benchmarks' fast start (beside step 1);
 #   3. W1 + W2 (bench_e2e.py) for kvcomp k4v4 and bf16 with vLLM's default engine settings
 #      (torch.compile, default CUDA graphs), the same KV memory for both (KV_GIB);
+#      E2E_GPUS=N on a multi-GPU host runs N settings side by side, one GPU each;
 #   4. (step "decode", not by default) bench_decode_kernel.py at DECODE_BATCHES x DECODE_CONTEXTS
 #      (default 32 x 32768) for DECODE_CONFIGS, Quest at DECODE_QUEST budgets, a head map's split
 #      layer at DECODE_SPLIT shares of streaming KV heads (sinks 64 + window 256), FA3 bf16 beside;
@@ -65,7 +66,8 @@ for step in $STEPS; do
       wait  # the kernel tests and the e2e engines would share the GPU
       python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
           --workload "${E2E_WORKLOADS:-W1,W2}" --settings "${E2E_SETTINGS:-kvcomp_k4v4,bf16}" \
-          --timeout "${E2E_TIMEOUT:-900}" --out "$RES/e2e.json" > "$RES/e2e.md" 2>&1
+          --timeout "${E2E_TIMEOUT:-900}" --gpus "${E2E_GPUS:-1}" \
+          --out "$RES/e2e.json" > "$RES/e2e.md" 2>&1
       log "e2e: $(grep -c '"output_tok_s"' "$RES/e2e.json") runs" ;;
     decode)
       wait
