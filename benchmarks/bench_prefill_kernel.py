@@ -4,8 +4,8 @@ launch-parameter sweep against vLLM's FlashAttention at the same shapes.
     python benchmarks/bench_prefill_kernel.py --quick --out prefill_kernel.json
 
 One layer at Llama-3.1-8B's attention shape (Hq=32, H=8, D=128, bf16), k4v4
-(``KvcompConfig(k_bits=4, v_bits=4)``: per-channel keys, group 128, residual
-128), packed block 128, residual block ``residual_block_size(layout)``, cases
+(``KvcompConfig(k_bits=4, v_bits=4, group_size=128)``: per-channel keys, group 128,
+the window by position), packed block 128, residual block ``residual_block_size(layout)``, cases
 
   w1      4 requests x 4096 fresh tokens, no context;
   chunk2  1 request, 8192 tokens already stored (a first prefill step through
@@ -118,7 +118,7 @@ class Case:
 
     def __init__(self, plans, Hq, H, D, block_size, dtype, device, seed=0):
         self.plans, self.Hq, self.H, self.D = plans, Hq, H, D
-        self.cfg = cfg = KvcompConfig(k_bits=4, v_bits=4)
+        self.cfg = cfg = KvcompConfig(k_bits=4, v_bits=4, group_size=128)
         self.layout = layout = PageLayout(cfg, block_size, D, torch.finfo(dtype).bits // 8)
         self.bs_r = bs_r = residual_block_size(layout)
         self.scale = D ** -0.5

@@ -27,10 +27,12 @@ from vllm_kvcomp.config import KvcompConfig  # noqa: E402
 from vllm_kvcomp.kernels.triton_store import handover_pieces, kvcomp_store  # noqa: E402
 from vllm_kvcomp.layout import PageLayout, residual_block_size  # noqa: E402
 
+# 128-token key groups and the window by position, named (k4v4's and k2v2's
+# defaults are other layouts: config.default_layout)
 CONFIGS = {
-    "k4v4": dict(k_bits=4, v_bits=4),
+    "k4v4": dict(k_bits=4, v_bits=4, group_size=128),
     "k4v4-r0": dict(k_bits=4, v_bits=4, residual_tokens=0),
-    "k2v2": dict(k_bits=2, v_bits=2),
+    "k2v2": dict(k_bits=2, v_bits=2, group_size=128),
     "k2v2-g32-vg128": dict(k_bits=2, v_bits=2, group_size=32, value_group_size=128),
 }
 
