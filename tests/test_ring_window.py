@@ -147,9 +147,10 @@ def test_engine_tokens_equal_the_sliding_windows(tiny_llama, bits):
     rewritten in place and never cached), while the sliding window's pages
     are cached: there the sliding window runs without prefix caching, since a
     hit starts the prompt's chunks elsewhere and rounds differently."""
-    kv = {"k_bits": bits, "v_bits": bits}
-    sliding, ring = run_engines(_spec(tiny_llama, kv, prefix_caching=bits == 4),
-                                _spec(tiny_llama, {**kv, "residual_ring": True}))
+    kv = {"k_bits": bits, "v_bits": bits}  # 128-token groups: each names its window
+    sliding, ring = run_engines(
+        _spec(tiny_llama, {**kv, "residual_ring": False}, prefix_caching=bits == 4),
+        _spec(tiny_llama, {**kv, "residual_ring": True}))
     if bits == 4:
         assert ring["prefix_cache_hits"] >= 512, ring["prefix_cache_hits"]
     else:
