@@ -225,11 +225,7 @@ class Problem:
         return quest_select(self.query, self.packed, self.block_table, self.seq_lens,
                             self.layout, self.cfg, quest)
 
-    def quest_scores(self, quest):
-        return quest_page_scores(self.query, self.packed, self.block_table, self.seq_lens,
-                                 self.layout, self.cfg, quest)
-
-    def quest_scores_at(self, quest, **launch):
+    def quest_scores(self, quest, **launch):
         return quest_page_scores(self.query, self.packed, self.block_table, self.seq_lens,
                                  self.layout, self.cfg, quest, **launch)
 
@@ -320,10 +316,10 @@ def quest_launch_sweep(p, quest, timer) -> dict:
         for split_heads in (False, True):
             for warps in (2, 4, 8):
                 kw = dict(block_p=block_p, split_heads=split_heads, num_warps=warps)
-                got = p.quest_scores_at(quest, **kw)
+                got = p.quest_scores(quest, **kw)
                 torch.testing.assert_close(got, base, rtol=1e-4, atol=1e-4)
                 score[f"p{block_p}-{'split' if split_heads else 'all'}-w{warps}"] = timer(
-                    lambda: p.quest_scores_at(quest, **kw))
+                    lambda: p.quest_scores(quest, **kw))
     top = {f"w{w}": timer(lambda: p.quest_top_at(quest, base, w)) for w in (1, 2, 4, 8)}
     best = min(score, key=score.get)
     print(f"quest launches: scoring best {best} {score[best]:.1f} us of "

@@ -277,8 +277,7 @@ class KvcompConfig:
         "token"``), capped at head_size. Default 128 (64 in k4v4's layout).
     value_group_size: channels per value group (values are quantized per
         token); ``None`` (default) uses ``group_size``, as KIVI does (128 in
-        k4v4's layout). Apart
-        from it, small key groups (KIVI-2's 32 tokens) need not force small
+        k4v4's layout). Apart from it, small key groups (KIVI-2's 32 tokens) need not force small
         value groups, and value groups as wide as the head let the decode
         kernel fold the value scales into its dots.
     residual_tokens: how many of the most recent tokens always stay in full
@@ -309,8 +308,8 @@ class KvcompConfig:
         an H200 with vLLM's default engine settings, in the model dtype and
         in fp8.
     residual_dtype: what the window's K and V are stored as ("fp8_e4m3" in
-        k2v2's layout, else "auto"). "auto": the model dtype. "fp8_e4m3": float8 e4m3 with scale 1, as
-        vLLM's own fp8 KV cache, saturating at +-448; half the bytes, so a
+        k2v2's layout, else "auto"). "auto": the model dtype. "fp8_e4m3":
+        float8 e4m3 with scale 1, as vLLM's own fp8 KV cache, saturating at +-448; half the bytes, so a
         page holds twice the tokens and the window takes half the pages
         (with ``residual_ring``, k4v4 3.54x and k2v2 5.83x the bf16 capacity
         at ``max_model_len`` 4096). The quality harness finds k4v4 within
