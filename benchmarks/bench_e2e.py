@@ -150,12 +150,17 @@ WORKLOADS = {"W1": (256, 4096, 256), "W2": (512, 1024, 2048), "W4": (256, 512, 8
              "W2ps": (512, 1024, 600),
              # KV capacity as vLLM logs it at max_model_len 4096 (run first, its engine then
              # serves the next workload at that length): the capacity bar's context length
-             "C4K": (8, 4079, 1)}
+             "C4K": (8, 4079, 1),
+             # the same at max_model_len 32768, where a head map's streaming heads free most
+             # of their pages (two requests of that length show the engine serves it)
+             "C32K": (2, 32751, 1)}
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
                 rms_norm_eps=1e-5, tie_word_embeddings=False)
 KV_TOKENS = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
+# vLLM's periodic stats line: what a run cut short by --timeout still tells
+GEN_RATE = re.compile(r"Avg generation throughput: ([\d.]+) tokens/s.*?Running: (\d+) reqs")
 
 
 def make_model_dir(path, layers=None):
@@ -358,6 +363,9 @@ def run_setting(args, s, gpu):
     rows = []
     for w in args.workload.split(","):
         row = done.get(w, {"setting": s, "workload": w, "error": log[-1500:]})
+        if w not in done:
+            # the engine's own (tok/s, running requests) of its last ten stats intervals
+            row["logged_generation"] = [(float(a), int(b)) for a, b in GEN_RATE.findall(log)][-10:]
         row["kv_cache_tokens"] = kv_tokens
         row["wall_s"] = time.time() - t
         rows.append(row)

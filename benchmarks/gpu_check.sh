@@ -12,7 +12,10 @@
 #      (default 32 x 32768) for DECODE_CONFIGS, Quest at DECODE_QUEST budgets, a head map's split
 #      layer at DECODE_SPLIT shares of streaming KV heads (sinks 64 + window 256), FA3 bf16 beside;
 #      DECODE_QUEST_SPLITS (e.g. 1,2,5,10) adds Quest rows at those split counts;
-#      DECODE_QUEST_LAUNCHES=1 times Quest's scoring and top-k at each launch choice.
+#      DECODE_QUEST_LAUNCHES=1 times Quest's scoring and top-k at each launch choice;
+#   5. (step "capacity", not by default) the KV capacity vLLM logs at CAP_WORKLOAD's length
+#      (default C32K: max_model_len 32768) for CAP_SETTINGS, engines in fast start: the
+#      capacity is fixed when the KV cache is allocated, before torch.compile or graphs.
 # STEPS picks the steps and their order (default "tests matrix e2e").
 #   start:  setsid nohup bash benchmarks/gpu_check.sh > /tmp/gpu_check.out 2>&1 < /dev/null &
 #   poll:   bash benchmarks/gpu_check.sh poll 570     # waits, then packs /tmp/res into $OUT
@@ -69,6 +72,13 @@ for step in $STEPS; do
           --timeout "${E2E_TIMEOUT:-900}" --gpus "${E2E_GPUS:-1}" \
           --out "$RES/e2e.json" > "$RES/e2e.md" 2>&1
       log "e2e: $(grep -c '"output_tok_s"' "$RES/e2e.json") runs" ;;
+    capacity)
+      wait
+      python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
+          --workload "${CAP_WORKLOAD:-C32K}" --fast-start \
+          --settings "${CAP_SETTINGS:-kvcomp_k4v4,kvcomp_k4v4_split50}" --timeout 600 \
+          --out "$RES/capacity.json" > "$RES/capacity.md" 2>&1
+      log "capacity: $(grep -c '"kv_cache_tokens"' "$RES/capacity.json") engines" ;;
     decode)
       wait
       python3 benchmarks/bench_decode_kernel.py --batches "${DECODE_BATCHES:-32}" \
