@@ -77,6 +77,18 @@ together as one decode call: rows ``<config>+split<percent>``; its bytes are
 the retrieval heads' packed pages and window, the streaming heads' sinks and
 window, q/k/v/o.
 
+``--eviction h2o,a2sf`` (with ``--eviction-budget 2048``) adds, for each config,
+an H2O / A2SF layer on one packed cache (a score slot per token, every
+request in the layout the policy gives it at that context): rows
+``<config>+<method><budget>`` (``eviction_row``) time (a) the decode launch
+over the positions the step reads, (b) the engine's decode under that
+eviction (the launch with its attention-mass output, the mass accumulated
+into the score slots, each request's eviction check) and (c) the eviction
+step of a batch in which every request moves a page (selection and
+compaction); (b) - (a) per layer and x ``--num-layers`` per step, and (c)
+amortized over the steps between a request's page moves, make
+``eviction_step_us``. A second table prints them.
+
 ``--smoke`` runs a tiny shape on CPU under ``TRITON_INTERPRET=1`` (checked
 against the PyTorch reference, baselines included) so the script can be tested
 without a GPU.
@@ -104,13 +116,18 @@ if "--check" in sys.argv and not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path in tests
 import triton  # noqa: E402
 
-from vllm_kvcomp.config import KvcompConfig  # noqa: E402
+from vllm_kvcomp.config import SCORED_EVICTION, KvcompConfig  # noqa: E402
+from vllm_kvcomp.kernels import eviction_gpu, h2o_ref  # noqa: E402
+from vllm_kvcomp.kernels.attention_ref import RequestStep, step_model_dtype  # noqa: E402
+from vllm_kvcomp.kernels.compaction import compact_kept  # noqa: E402
 from vllm_kvcomp.kernels.decode_launch import (  # noqa: E402
     DEFAULT_LAUNCH,
     decode_num_splits,
     decode_tiles_and_slices,
 )
+from vllm_kvcomp.kernels.h2o_ref import score_view  # noqa: E402
 from vllm_kvcomp.kernels.triton_common import layout_constexprs  # noqa: E402
+from vllm_kvcomp.kernels.triton_compaction import triton_compact  # noqa: E402
 from vllm_kvcomp.kernels.triton_decode import (  # noqa: E402
     decode_attention_reference,
     kvcomp_decode_attention,
@@ -154,9 +171,12 @@ GiB = 1 << 30
 
 class Problem:
     """Random packed pages (valid fp16 params), a residual window, shuffled
-    block tables, all requests at the same length ``ctx``."""
+    block tables, all requests at the same length ``ctx``. ``all_pages``: a
+    packed page for every token, the window's too, as a request holds them
+    under H2O / A2SF (its window's tokens have score slots); random scores."""
 
-    def __init__(self, cfg, B, ctx, Hq, H, D, block_size, dtype, device, seed=0):
+    def __init__(self, cfg, B, ctx, Hq, H, D, block_size, dtype, device, seed=0,
+                 all_pages=False):
         self.cfg, self.B, self.ctx = cfg, B, ctx
         self.layout = layout = PageLayout(cfg, block_size, D, torch.finfo(dtype).bits // 8)
         self.bs_r = bs_r = residual_block_size(layout)
@@ -164,7 +184,7 @@ class Problem:
         g = torch.Generator(device=device).manual_seed(seed)
         start = ctx - 1
         self.q_old = Q = cfg.quantized_prefix_len(start)
-        nblk = max(1, -(-Q // block_size))
+        nblk = max(1, -(-(ctx if all_pages else Q) // block_size))
         self.packed = torch.randint(0, 256, (B * nblk + 1, H, layout.head_page_bytes),
                                     dtype=torch.uint8, device=device, generator=g)
         for off, rows, cols, bits in (
@@ -180,6 +200,8 @@ class Problem:
             if bits == 16:  # raw model-dtype rows
                 raw = self.packed[:, :, off: off + block_size * row_bytes].view(dtype)
                 raw.normal_(generator=g)
+        if layout.has_scores:  # finite, as accumulated attention is
+            score_view(self.packed, layout).uniform_(0, 1, generator=g)
         perm = torch.randperm(B * nblk, device=device, generator=g) + 1
         self.block_table = perm.to(torch.int32).view(B, nblk)
         # residual pages only for the live window [Q, start), as vLLM keeps them
@@ -932,6 +954,14 @@ def main(argv=None):
                          "streaming")
     ap.add_argument("--sink-tokens", type=int, default=64, help="with --head-split")
     ap.add_argument("--recent-tokens", type=int, default=256, help="with --head-split")
+    ap.add_argument("--eviction", default="", metavar="LIST",
+                    help=f"also time an H2O / A2SF layer's decode step and eviction step "
+                         f"(methods of {', '.join(SCORED_EVICTION)}) per config")
+    ap.add_argument("--eviction-budget", type=int, default=2048,
+                    help="with --eviction: tokens each KV head keeps (budget_tokens)")
+    ap.add_argument("--num-layers", type=int, default=32,
+                    help="with --eviction: attention layers a decode step runs (Llama-3.1-8B's "
+                         "32), for the per-step figures")
     ap.add_argument("--block-n", type=int, default=128)
     ap.add_argument("--num-warps", type=int, default=None, help="default: the kernel's")
     ap.add_argument("--num-stages", type=int, default=None, help="default: the kernel's")
@@ -969,6 +999,9 @@ def main(argv=None):
     unknown = sorted(set(names) - set(BASELINES))
     if unknown:
         ap.error(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
+    methods = [m for m in a.eviction.split(",") if m]
+    if set(methods) - set(SCORED_EVICTION):
+        ap.error(f"--eviction {a.eviction}: choose from {', '.join(SCORED_EVICTION)}")
 
     if a.check:
         cuda = torch.cuda.is_available()
@@ -1100,6 +1133,18 @@ def main(argv=None):
                 for share in (float(x) for x in a.head_split.split(",") if x):
                     rows.append(split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype,
                                           device, timer, kw, us, copy_gbs))
+                for method in methods:
+                    try:
+                        rows.append(eviction_row(
+                            a, {"group_size": G, "residual_tokens": R, "block_size": bs,
+                                **CONFIGS[name]}, name, method, B, ctx, Hq, H, D, bs, dtype,
+                            device, timer, kw, copy_gbs))
+                    except Exception as e:  # noqa: BLE001 - must not cost the other rows
+                        if a.smoke:
+                            raise
+                        info.setdefault("eviction_failed", []).append(dict(
+                            config=name, method=method, batch=B, context=ctx, error=_failed(e)))
+                        print(f"WARNING {name}+{method} at {B} x {ctx}: {_failed(e)}")
                 del p
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -1161,10 +1206,33 @@ def main(argv=None):
                 else:
                     print(f"| {b['label']} | {B} | {ctx} | - | {b['us']} | - | - | - "
                           f"| - | - | -{dash} |")
+    ev_rows = [r for r in rows if "scored_us" in r]
+    if ev_rows:
+        print_eviction(ev_rows)
     info["wall_s"] = time.time() - t_start
     print(f"\n{len(rows)} rows + {len(base_rows)} baseline rows in {info['wall_s']:.0f} s")
     save()
     return rows
+
+
+def print_eviction(rows) -> None:
+    """The eviction rows' per-layer and per-step figures (``eviction_row``)."""
+    def f(r, key):
+        return f"{r[key]:.1f}" if key in r else "-"
+
+    L = rows[0]["num_layers"]
+    print(f"\n# eviction overhead per decode step (H2O / A2SF; us, eager; x{L} layers)\n")
+    print("| config | batch | context | read tokens | plain us | (a) kept us | (b) scored us "
+          "| (b-a) us/layer | (b-a) us/step | (b) - plain us/step | (c) evict us, batch "
+          "| (c) us/request | (c) amortized us/step | eviction us/step | checks |")
+    print("|---" * 15 + "|")
+    for r in rows:
+        print(f"| {r['config']} | {r['batch']} | {r['context']} | {r['read_tokens']} "
+              f"| {r['plain_us']:.1f} | {r['kept_us']:.1f} | {r['scored_us']:.1f} "
+              f"| {r['overhead_us']:.1f} | {r['overhead_step_us']:.1f} | {r['net_step_us']:.1f} "
+              f"| {f(r, 'evict_us')} | {f(r, 'evict_request_us')} "
+              f"| {f(r, 'evict_amortized_step_us')} | {r['eviction_step_us']:.1f} "
+              f"| {'ok' if r['checks_ok'] else 'NO'} |")
 
 
 def split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype, device, timer, kw, dense_us,
@@ -1205,6 +1273,195 @@ def split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype, device, timer, k
                 pct_copy_bw=100 * gbs / copy_gbs, dense_us=dense_us,
                 speedup_vs_dense=dense_us / us, ref_max_abs_err=err, ref_tol=tol,
                 sink_tokens=a.sink_tokens, recent_tokens=a.recent_tokens)
+
+
+def _scored_layout(cfg, policy, n: int, prompt_len: int) -> tuple[int, int]:
+    return policy.layout(n, cfg.quantized_prefix_len(n), prompt_len)
+
+
+def _steady_len(cfg, policy, ctx: int, prompt_len: int) -> int:
+    """The longest length up to ``ctx`` whose decode step moves no page
+    (its layout is its start's): the step most decode steps are."""
+    n = ctx
+    while _scored_layout(cfg, policy, n - 1, prompt_len) != \
+            _scored_layout(cfg, policy, n, prompt_len):
+        n -= 1
+    return n
+
+
+def _evicting_len(cfg, policy, n_max: int, prompt_len: int) -> int | None:
+    """The longest length up to ``n_max`` whose decode step runs
+    ``h2o_ref.evict_step``'s selection and compaction (the in-place range
+    moves up a page and the kept set is not simply the positions it held);
+    None where no step within two pages of ``n_max`` does (a context within
+    the budget)."""
+    bs = policy.block_size
+    for n in range(n_max, max(prompt_len, n_max - 2 * bs), -1):
+        k0, e0 = _scored_layout(cfg, policy, n - 1, prompt_len)
+        k1, e1 = _scored_layout(cfg, policy, n, prompt_len)
+        if (k1, e1) != (k0, e0) and not (k0 == e0 and k1 == e1):
+            return n
+    return None
+
+
+def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, timer, kw,
+                 copy_gbs) -> dict:
+    """One H2O / A2SF layer's decode (``--eviction``) on one packed cache, at
+    the longest length up to ``ctx`` whose step moves no page, every request
+    in the same layout (kept heavy hitters, the pages between them and the
+    recent tokens skipped):
+
+    * ``kept_us`` (a): the decode launch over the positions the step reads,
+      without the attention-mass output (``plain_us``: the same launch over
+      every position, as without eviction);
+    * ``scored_us`` (b): the layer's decode under H2O / A2SF as
+      ``backend.KvcompImpl._forward_triton`` issues it for a decode batch:
+      the evicted ranges, the read width from the host lists, the launch
+      with ``evicted`` and ``probs``, and ``eviction_gpu.after_attention``
+      (the mass accumulated into the score slots, each request's eviction
+      check);
+    * ``evict_us`` (c): ``h2o_ref.evict_step`` with the Triton compaction,
+      as ``after_attention`` runs it, for every request of the batch at the
+      longest length whose step evicts a page (selection among the heavy
+      hitters and the page leaving the in-place range, the kept set moved
+      to the front).
+
+    The engine runs these steps eagerly (``eviction_gpu.selects_on_host``),
+    so all three are timed eagerly (launches included, L2 flushed);
+    ``plain_graph_us`` is the plain launch under the run's ``--timing``,
+    what a captured decode without eviction costs. Checks: (b)'s output is
+    (a)'s bit for bit, and (b)'s output and score slots are those of
+    ``h2o_ref.scored_step`` (fp64 mass), (c)'s pages those of
+    ``compaction.compact_kept``, for the first requests."""
+    cfg = KvcompConfig(**{**base, "eviction": {"method": method,
+                                               "budget_tokens": a.eviction_budget}})
+    policy = cfg.eviction.policy(bs)
+    P = ctx // 2  # any prompt up to the step's start gives the same layout
+    n = _steady_len(cfg, policy, ctx, P)
+    n_evict = _evicting_len(cfg, policy, n, P)
+    p = Problem(cfg, B, n, Hq, H, D, bs, dtype, device, all_pages=True)
+    layout, table, lens = p.layout, p.block_table, p.seq_lens
+    res_table = p.residual_table if p.residual is not None else None
+    i32 = dict(dtype=torch.int32, device=device)
+    # the fields of backend.KvcompMetadata that eviction reads (that module
+    # needs vLLM, which the kernel rows do without)
+    md = types.SimpleNamespace(
+        query_start_loc=torch.arange(B + 1, **i32), seq_lens=lens, block_table=table,
+        prompt_lens=torch.full((B,), P, **i32), query_start_loc_cpu=list(range(B + 1)),
+        seq_lens_cpu=[n] * B, prompt_lens_cpu=[P] * B)
+    ranges = eviction_gpu.step_ranges(cfg, bs, md)[0]
+    width = eviction_gpu.decode_read_width(cfg, bs, md, B)
+
+    def plain():
+        return p.run(a.num_splits, **kw)
+
+    def kept():
+        return p.run(a.num_splits, evicted=ranges, **kw)
+
+    def scored():
+        ev = eviction_gpu.step_ranges(cfg, bs, md)
+        probs = torch.empty(B, Hq, eviction_gpu.decode_read_width(cfg, bs, md, B),
+                            dtype=torch.float32, device=device)
+        kvcomp_decode_attention(*p.args(), n, num_splits=a.num_splits, out=p.out,
+                                evicted=ev[0], probs=probs, **kw)
+        eviction_gpu.after_attention(p.query, p.key_new, p.value_new, p.out, p.packed,
+                                     p.residual, layout, cfg, p.scale, md, res_table, p.bs_r,
+                                     probs)
+
+    model_dtype = step_model_dtype(cfg, p.residual, p.query)
+
+    def evict():
+        for i in range(B):
+            h2o_ref.evict_step(p.packed, layout, cfg, table[i], n_evict - 1, n_evict, P,
+                               model_dtype, compact=triton_compact)
+
+    # the references walk requests in Python: two of them on a GPU; bf16 there
+    m, tol, mass_tol = (B, 2e-3, 1e-5) if a.smoke else (min(B, 2), 3e-2, 1e-2)
+    label = f"{name}+{method}{a.eviction_budget}"
+    assert torch.isfinite(plain()).all(), f"{label}: non-finite output"
+    out_kept = kept().clone()
+    pages = table[:m].flatten().long()
+    ref_cache = p.packed.clone()
+    scores_before = score_view(ref_cache, layout)[pages]
+    scored()
+    out_equal = torch.equal(p.out, out_kept)
+    ref_err = 0.0
+    for i in range(m):
+        res_row = res_table[i] if res_table is not None else None
+        o = h2o_ref.scored_step(RequestStep(
+            p.query[i: i + 1], p.key_new[i: i + 1], p.value_new[i: i + 1], ref_cache,
+            p.residual, layout, cfg, table[i], res_row, p.bs_r, n - 1, p.scale, model_dtype,
+            True, None, P))
+        ref_err = max(ref_err, (p.out[i].float() - o[0].float()).abs().max().item())
+    got = score_view(p.packed, layout)[pages]
+    mass_err = (got - score_view(ref_cache, layout)[pages]).abs().max().item()
+    checks = dict(out_equal=out_equal,
+                  out_max_abs_diff=(p.out.float() - out_kept.float()).abs().max().item(),
+                  ref_max_abs_err=ref_err, ref_tol=tol, mass_max_abs_err=mass_err,
+                  mass_tol=mass_tol, mass_accumulated=not torch.equal(got, scores_before))
+    del ref_cache
+    ok = (out_equal and ref_err < tol and mass_err < mass_tol and checks["mass_accumulated"])
+    row = {}
+    if n_evict is not None:
+        before = p.packed[pages].clone()
+        ref_cache = p.packed.clone()
+        evict()
+        for i in range(m):
+            h2o_ref.evict_step(ref_cache, layout, cfg, table[i], n_evict - 1, n_evict, P,
+                               model_dtype, compact=compact_kept)
+        checks["compact_equal"] = torch.equal(p.packed[pages], ref_cache[pages])
+        checks["compacted"] = not torch.equal(p.packed[pages], before)
+        del ref_cache, before
+        ok = ok and checks["compact_equal"] and checks["compacted"]
+        k0, e0 = _scored_layout(cfg, policy, n_evict - 1, P)
+        k1, e1 = _scored_layout(cfg, policy, n_evict, P)
+        row.update(evict_seq_len=n_evict, evict_candidates=k0 + e1 - e0, evict_kept=k1)
+    checks["checks_ok"] = ok
+    if a.smoke:
+        assert ok, f"{label}: checks {checks}"
+    elif not ok:
+        print(f"WARNING {label}: checks {checks}")
+
+    etimer = make_timer(device, a.warmup_ms, a.rep_ms, "eager")
+    plain_us, kept_us, scored_us = etimer(plain), etimer(kept), etimer(scored)
+    L = a.num_layers
+    lo, hi = ranges[0].tolist()
+    start = n - 1
+    q_old = cfg.quantized_prefix_len(start)
+    es = dtype.itemsize
+    b = {"packed": B * H * (q_old - (hi - lo)) * layout.scores_offset // bs,
+         "residual": B * H * (start - q_old) * 2 * D * es,
+         "qkvo": (2 * B * Hq * D + 2 * B * H * D) * es,
+         # probabilities written, read back; each read slot's score read and written
+         "probs": 2 * B * Hq * width * 4, "scores": 2 * B * H * width * 4}
+    b["total"] = sum(b.values())
+    gbs = b["total"] / (scored_us * 1e-6) / 1e9
+    row = dict(
+        config=label, method=method, batch=B, context=ctx, seq_len=n, prompt_len=P,
+        budget_tokens=cfg.eviction.budget_tokens, recent_tokens=cfg.eviction.recent_tokens,
+        evicted=[lo, hi], read_tokens=n - (hi - lo), probs_width=width,
+        num_splits=a.num_splits or decode_num_splits(
+            B, H, n, cfg, _tile(layout, a.block_n, a.warp_tiles),
+            num_sms=(torch.cuda.get_device_properties(0).multi_processor_count
+                     if device == "cuda" else 132)),
+        us=scored_us, bytes=b, GBps=gbs, pct_copy_bw=100 * gbs / copy_gbs,
+        cache_GiB=cache_gib(cfg, B, n, H, D, bs), num_layers=L,
+        plain_us=plain_us, plain_graph_us=timer(plain), kept_us=kept_us, scored_us=scored_us,
+        overhead_us=scored_us - kept_us, overhead_step_us=L * (scored_us - kept_us),
+        net_us=scored_us - plain_us, net_step_us=L * (scored_us - plain_us),
+        **row, **checks)
+    if n_evict is not None:
+        evict_us = etimer(evict)
+        # a request's in-place range moves a page every block_size of its
+        # steps: requests at spread lengths evict B / block_size of a batch a
+        # step, while a batch admitted together evicts all at once
+        row.update(evict_us=evict_us, evict_request_us=evict_us / B,
+                   evict_amortized_step_us=L * evict_us / bs, evict_peak_step_us=L * evict_us)
+        row["eviction_step_us"] = row["overhead_step_us"] + row["evict_amortized_step_us"]
+    else:
+        row["eviction_step_us"] = row["overhead_step_us"]
+    del p
+    return row
 
 
 def _ints(csv: str) -> list[int]:

@@ -1,8 +1,9 @@
 """``benchmarks/bench_decode_kernel.py --smoke`` keeps working: the packed decode
-kernel and Quest's decode (selection + attention over the selected pages) at a
-tiny shape, each checked against its PyTorch reference inside the script
-(max |err| < 2e-3, fp32), with a budget below the context so that Quest reads
-fewer pages than the dense kernel. Triton interpreter on CPU, child process."""
+kernel, Quest's decode (selection + attention over the selected pages), a head
+split's layer and H2O / A2SF's decode and eviction steps at a tiny shape, each
+checked against its PyTorch reference inside the script (max |err| < 2e-3,
+fp32), with budgets below the context so that Quest reads fewer pages than the
+dense kernel and eviction skips some. Triton interpreter on CPU, child process."""
 from e2e_util import bench_smoke
 
 
@@ -44,3 +45,40 @@ def test_decode_bench_smoke_with_a_head_split(tmp_path):
     split = rows["k4v4+split50"]
     assert split["ref_max_abs_err"] < split["ref_tol"] and split["stream_us"] > 0
     assert split["bytes"]["streaming"] > 0 and split["dense_us"] == rows["k4v4"]["us"]
+
+
+def test_decode_bench_smoke_with_eviction(tmp_path):
+    """``--eviction``: an H2O and an A2SF layer per config (per-channel keys,
+    regrouped by the compaction, and 16-bit rows, copied), each past its
+    budget: the scored decode's output is the plain launch's over the same
+    positions, its accumulated mass and the eviction step's pages the
+    references' (the script checks them and fails otherwise), and the
+    per-step figures are the per-layer ones times the layers."""
+    report, stdout = bench_smoke("bench_decode_kernel.py", "--smoke", "--configs", "k4v4,k16v16",
+                                 "--no-baselines", "--eviction", "h2o,a2sf",
+                                 "--eviction-budget", "64", "--num-layers", "4",
+                                 out=tmp_path / "eviction.json")
+    rows = {row["config"]: row for row in report["rows"]}
+    assert set(rows) == {"k4v4", "k16v16", "k4v4+h2o64", "k4v4+a2sf64", "k16v16+h2o64",
+                         "k16v16+a2sf64"}
+    for name in ("k4v4", "k16v16"):
+        for method in ("h2o", "a2sf"):
+            r = rows[f"{name}+{method}64"]
+            assert r["recent_tokens"] == 32 and r["seq_len"] <= r["context"]
+            # the pages between the heavy hitters and the recent tokens are skipped
+            lo, hi = r["evicted"]
+            assert 0 < lo < hi and r["read_tokens"] == r["seq_len"] - (hi - lo) == \
+                r["probs_width"]
+            assert r["checks_ok"] and r["out_equal"] and r["out_max_abs_diff"] == 0
+            assert r["ref_max_abs_err"] < r["ref_tol"]
+            assert r["mass_accumulated"] and r["mass_max_abs_err"] < r["mass_tol"]
+            # every request evicts a page: a page's worth of candidates more than it keeps
+            assert r["compacted"] and r["compact_equal"]
+            assert r["evict_candidates"] - r["evict_kept"] == 32
+            assert min(r["plain_us"], r["kept_us"], r["scored_us"], r["evict_us"]) > 0
+            assert r["overhead_us"] == r["scored_us"] - r["kept_us"]
+            assert r["overhead_step_us"] == 4 * r["overhead_us"]
+            assert r["evict_amortized_step_us"] == 4 * r["evict_us"] / 32
+            assert r["eviction_step_us"] == r["overhead_step_us"] + r["evict_amortized_step_us"]
+    assert "eviction overhead per decode step" in stdout
+    assert stdout.count("+h2o64 |") == 4 and stdout.count("+a2sf64 |") == 4
