@@ -18,7 +18,11 @@
 #      eviction step, and both per decode step of 32 layers;
 #   5. (step "capacity", not by default) the KV capacity vLLM logs at CAP_WORKLOAD's length
 #      (default C32K: max_model_len 32768) for CAP_SETTINGS, engines in fast start: the
-#      capacity is fixed when the KV cache is allocated, before torch.compile or graphs.
+#      capacity is fixed when the KV cache is allocated, before torch.compile or graphs;
+#   6. (step "calibrate", not by default) calibrate-heads razor and duo on /tmp/l32 with random
+#      weights (the host has no checkpoint, so the maps say nothing about any model): wall time
+#      and peak GPU memory of each at 8B shapes; CAL_RAZOR_ARGS / CAL_DUO_ARGS replace their
+#      settings (duo: 2048-token samples, CAL_DUO_STEPS Adam steps, default 200 of the CLI's 300).
 # STEPS picks the steps and their order (default "tests matrix e2e").
 #   start:  setsid nohup bash benchmarks/gpu_check.sh > /tmp/gpu_check.out 2>&1 < /dev/null &
 #   poll:   bash benchmarks/gpu_check.sh poll 570     # waits, then packs /tmp/res into $OUT
@@ -93,6 +97,19 @@ for step in $STEPS; do
           --baselines "${DECODE_BASELINES:-fa3_bf16}" \
           --out "$RES/decode.json" > "$RES/decode.md" 2>&1
       log "decode: $(grep -c '"config":' "$RES/decode.json") rows" ;;
+    calibrate)
+      wait
+      # the e2e step's model directory (config.json only), made here too when it runs alone
+      python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_e2e; bench_e2e.make_model_dir('/tmp/l32')"
+      for m in razor duo; do
+        [ $m = razor ] && a=${CAL_RAZOR_ARGS:-} || a=${CAL_DUO_ARGS:---steps ${CAL_DUO_STEPS:-200}}
+        # $a unquoted: its settings are words of their own
+        python3 -m vllm_kvcomp.calibrate_heads /tmp/l32 --random-weights --method $m $a \
+            --out "$RES/calibrate_$m.json" --stats "$RES/calibrate_${m}_stats.json" \
+            > "$RES/calibrate_$m.log" 2>&1
+        log "calibrate $m: $(grep '^wrote' "$RES/calibrate_$m.log" | sed 's/^wrote .* in /in /' \
+            || tail -n 1 "$RES/calibrate_$m.log")"
+      done ;;
     *) log "unknown step $step" ;;
   esac
 done

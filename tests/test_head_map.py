@@ -233,6 +233,21 @@ def test_razor_scores_match_eager_attention_probabilities(model):
     assert echo.shape == (cfg.num_hidden_layers, cfg.num_key_value_heads)
 
 
+def test_razor_scores_do_not_depend_on_the_row_chunks(model, monkeypatch):
+    """Probabilities taken ten query rows at a time (as a long sequence on a
+    large model is) score as the whole matrix does."""
+    from vllm_kvcomp.policies import razor as razor_module
+
+    razor = razor_module.RazorAttention(seq_len=96, repeats=3, samples=2, seed=5)
+    whole = razor.score(model)
+    heads, t = model.config.num_attention_heads, 97
+    monkeypatch.setattr(razor_module, "PROB_ELEMENTS", heads * t * 10)
+    chunked = razor.score(model)
+    for a, b in zip(whole, chunked):
+        # float32 either way; only the order of the output's sums may differ
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def _uniform_causal(heads, t):
     return torch.tril(torch.ones(t, t)) / torch.arange(1, t + 1)[:, None].expand(heads, t, t)
 
@@ -349,6 +364,38 @@ def test_duo_gates_all_stream_when_the_window_sees_everything(model, llama):
     assert not any(p.requires_grad is False for p in model.parameters())
 
 
+def test_duo_checkpointed_layers_fit_the_same_gates(model, llama):
+    """Recomputing the layers in the backward pass changes the memory, not the
+    gradient: the same samples give the same gates, and the layers are left
+    as they were."""
+    from transformers import AutoTokenizer
+
+    from vllm_kvcomp.policies.duo import DuoAttention
+
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    calls = []
+    hook = model.base_model.layers[0].self_attn.register_forward_hook(
+        lambda *_: calls.append(1))
+    fits = []
+    try:
+        for c in (False, True):
+            calls.clear()
+            fits.append(DuoAttention(sink_tokens=8, recent_tokens=32, seq_len=160, passkeys=1,
+                                     steps=4, lr=0.05, checkpoint_layers=c)
+                        .calibrate(model, tokenizer))
+            fits[-1] += (len(calls),)
+    finally:
+        hook.remove()
+    (plain, plain_losses, plain_calls), (ckpt, ckpt_losses, ckpt_calls) = fits
+    # a step: the target pass and the mixed one, and with checkpointing the
+    # mixed one again in the backward pass
+    assert (plain_calls, ckpt_calls) == (2 * 4, 3 * 4)
+    assert plain.min() < 1.0  # the gates moved, so the comparison says something
+    torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=0)
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert all("forward" not in layer.__dict__ for layer in model.base_model.layers)
+
+
 # ------------------------------------------------------------------ CLI
 def _check_written(out, method):
     hm = load_head_map(out)
@@ -391,3 +438,62 @@ def test_cli_names_a_too_short_sequence(llama, tmp_path, capsys):
     assert main([llama, "--method", "duo", "--out", str(tmp_path / "m.json"),
                  "--seq-len", "20", "--steps", "1"]) == 2
     assert "seq_len=20 cannot hold 4 passkey(s)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def config_only(llama, tmp_path):
+    """A model directory with the tiny Llama's config.json and nothing else."""
+    path = tmp_path / "config_only"
+    path.mkdir()
+    (path / "config.json").write_text(open(os.path.join(llama, "config.json")).read())
+    return str(path)
+
+
+def test_cli_random_weights_calibrate_a_config_only_directory(config_only, tmp_path, capsys):
+    from vllm_kvcomp.calibrate_heads import main
+
+    out, stats = str(tmp_path / "duo.json"), str(tmp_path / "stats" / "duo.json")
+    with pytest.raises(OSError):  # no weights: only --random-weights can run here
+        main([config_only, "--method", "razor", "--out", str(tmp_path / "r.json"),
+              "--seq-len", "64", "--samples", "1"])
+    assert main([config_only, "--random-weights", "--method", "duo", "--out", out,
+                 "--stats", stats, "--seq-len", "256", "--steps", "2", "--sink-tokens", "8",
+                 "--recent-tokens", "32", "--passkeys", "1"]) == 0
+    assert "do not serve it" in capsys.readouterr().out
+    _check_written(out, "duo")
+    assert load_head_map(out).metadata["calibration"]["random_weights"] is True
+    with open(stats) as f:
+        s = json.load(f)
+    gpu = torch.cuda.is_available()
+    assert s["method"] == "duo" and s["random_weights"] is True
+    assert s["device"] == ("cuda" if gpu else "cpu")
+    assert s["seq_len"] == 256 and s["steps"] == 2 and s["json"] == out
+    assert 0 < s["load_seconds"] <= s["seconds"]
+    if gpu:
+        assert s["peak_gpu_memory_bytes"] > 0
+    else:
+        assert s["peak_gpu_memory_bytes"] is None and s["peak_gpu_memory_gib"] is None
+
+
+def test_cli_random_weights_follow_the_seed(config_only, tmp_path):
+    from vllm_kvcomp.calibrate_heads import main
+
+    def echo(seed, name):
+        out = str(tmp_path / f"{name}.json")
+        assert main([config_only, "--random-weights", "--method", "razor", "--out", out,
+                     "--seq-len", "64", "--samples", "1", "--seed", str(seed)]) == 0
+        return load_head_map(out).metadata["calibration"]["echo"]
+
+    assert echo(1, "a") == echo(1, "b") != echo(2, "c")
+
+
+def test_byte_tokens_avoid_the_special_ids(llama):
+    from transformers import AutoConfig
+
+    from vllm_kvcomp.calibrate_heads import ByteTokenizer
+
+    cfg = AutoConfig.from_pretrained(llama)
+    ids = ByteTokenizer(cfg).encode("pass key 123456 \u00e9")
+    assert len(ids) == len("pass key 123456 \u00e9".encode())
+    assert not {cfg.bos_token_id, cfg.eos_token_id} & set(ids)
+    assert all(0 <= i < cfg.vocab_size for i in ids)

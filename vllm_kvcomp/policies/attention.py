@@ -14,15 +14,18 @@ import torch
 
 
 def window_mask(q_len: int, k_len: int, sink: int | None = None, recent: int | None = None,
-                device: torch.device | str | None = None) -> torch.Tensor:
+                device: torch.device | str | None = None, first: int | None = None
+                ) -> torch.Tensor:
     """``[q_len, k_len]`` bool, ``True`` where the query may attend the key.
 
-    The queries are the last ``q_len`` of ``k_len`` positions. Without ``sink``
+    The queries are the last ``q_len`` of ``k_len`` positions, or, with
+    ``first``, the positions ``first`` to ``first + q_len - 1``. Without ``sink``
     / ``recent``: causal. With them, a streaming head's view: causal, and the key
     is among the first ``sink`` tokens or the last ``recent`` up to the query
     (the query itself included), as DuoAttention's streaming heads.
     """
-    i = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    first = k_len - q_len if first is None else first
+    i = torch.arange(first, first + q_len, device=device)[:, None]
     j = torch.arange(k_len, device=device)[None, :]
     mask = j <= i
     if sink is not None or recent is not None:

@@ -13,7 +13,9 @@ passkeys.
 
 from __future__ import annotations
 
+import functools
 import random
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,10 +40,13 @@ def mix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return full
     stream = attend(query, key, value,
                     window_mask(q_len, k_len, sink, recent, device=query.device), scaling)
-    # mixed in float32 at least: bf16 would round small gate changes away
+    # mixed in float32 at least: bf16 would round small gate changes away; as
+    # stream + g * (full - stream), autograd keeps one float32 copy for the
+    # gates' gradient instead of one of each output
     dtype = torch.promote_types(query.dtype, torch.float32)
     g = gates.to(dtype).repeat_interleave(query.shape[1] // gates.shape[0])[None, :, None, None]
-    return (g * full.to(dtype) + (1 - g) * stream.to(dtype)).to(query.dtype)
+    stream = stream.to(dtype)
+    return (stream + g * (full.to(dtype) - stream)).to(query.dtype)
 
 
 def _mixed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0,
@@ -65,6 +70,25 @@ def hidden_states(model, ids: torch.Tensor, gates: torch.Tensor | None = None,
     (``None``: full attention)."""
     return model.base_model(input_ids=ids, use_cache=False, kvcomp_gates=gates,
                             kvcomp_sink=sink, kvcomp_recent=recent).last_hidden_state
+
+
+@contextmanager
+def checkpointed_layers(model):
+    """Run ``model``'s decoder layers under activation checkpointing: each
+    layer keeps only its input for the backward pass and recomputes the rest
+    there. The gates' gradient must cross every layer above them, so without
+    it a step holds every layer's activations at once (of the order of 0.4 GB
+    a layer at 2048 tokens on an 8B model, growing with the sequence)."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(model.base_model.layers)
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def passkey_sample(tokenizer, seq_len: int, passkeys: int, rng: random.Random
@@ -111,6 +135,10 @@ class DuoAttention:
         MSE between the mixed and the full model's final hidden states on the
         answer span.
     seed: of the samples.
+    checkpoint_layers: recompute each decoder layer's activations in the
+        backward pass instead of keeping them (``checkpointed_layers``): the
+        activation memory of about one layer instead of all, for about one more
+        forward pass a step; for long ``seq_len`` on large models.
 
     Gates start at 1 (all retrieval) and are clamped to [0, 1] after every step.
     """
@@ -123,6 +151,7 @@ class DuoAttention:
     lr: float = 0.02
     reg_weight: float = 0.05
     seed: int = 0
+    checkpoint_layers: bool = False
 
     def calibrate(self, model, tokenizer, progress: Callable[[int], Any] | None = None
                   ) -> tuple[torch.Tensor, list[float]]:
@@ -137,7 +166,8 @@ class DuoAttention:
         model.requires_grad_(False)
         losses = []
         try:
-            with attention_implementation(model, register_attention()):
+            with attention_implementation(model, register_attention()), \
+                    (checkpointed_layers(model) if self.checkpoint_layers else nullcontext()):
                 for _ in range(self.steps):
                     ids, answer = passkey_sample(tokenizer, self.seq_len, self.passkeys, rng)
                     ids = torch.tensor([ids], device=device)

@@ -27,6 +27,28 @@ from vllm_kvcomp.policies.attention import (
 ATTENTION_NAME = "kvcomp_razor"
 
 
+# Query rows scored at once: the explicit probabilities ([batch, heads, rows,
+# k_len] float32, and the scores they come from) stay near 256 MiB each at any
+# sequence length. Whole, an 8B model's 32 heads take 8 GiB a copy at 8K tokens
+# and 32 GiB at 16K, a few copies at a time.
+PROB_ELEMENTS = 1 << 26
+
+
+def _echo_induction_sums(probs: torch.Tensor, period: int, start: int, first: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Echo and induction mass summed over the batch and the scored positions
+    of ``probs``, whose rows are the query positions ``first, first + 1, ...``;
+    -> ``([heads], [heads], positions summed)``."""
+    t = probs.shape[-1]
+    if not period <= start < t:
+        raise ValueError(f"need period <= start < sequence length, got {period}, {start}, {t}")
+    end = first + probs.shape[-2]
+    i = torch.arange(min(max(start, first), end), end, device=probs.device)
+    echo = probs[:, :, i - first, i - period].float().sum(dim=(0, 2))
+    induction = probs[:, :, i - first, i - period + 1].float().sum(dim=(0, 2))
+    return echo, induction, probs.shape[0] * len(i)
+
+
 def echo_induction_scores(probs: torch.Tensor, period: int, start: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean echo and induction attention per query head, ``([heads], [heads])``.
@@ -36,13 +58,8 @@ def echo_induction_scores(probs: torch.Tensor, period: int, start: int
     Echo: mass from ``i`` to ``i - period``; induction: mass to ``i - period + 1``,
     averaged over the positions ``i`` in ``[start, T)`` and the batch.
     """
-    t = probs.shape[-1]
-    if not period <= start < t:
-        raise ValueError(f"need period <= start < sequence length, got {period}, {start}, {t}")
-    i = torch.arange(start, t, device=probs.device)
-    echo = probs[:, :, i, i - period].float().mean(dim=(0, 2))
-    induction = probs[:, :, i, i - period + 1].float().mean(dim=(0, 2))
-    return echo, induction
+    echo, induction, n = _echo_induction_sums(probs, period, start)
+    return echo / n, induction / n
 
 
 def per_kv_head(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -58,25 +75,38 @@ class _Accumulator:
         self.period, self.start = period, start
         self.echo: dict[int, torch.Tensor] = {}
         self.induction: dict[int, torch.Tensor] = {}
-        self.count = 0
+        self.count: dict[int, int] = {}
 
-    def add(self, layer: int, probs: torch.Tensor) -> None:
-        echo, induction = echo_induction_scores(probs, self.period, self.start)
+    def add(self, layer: int, probs: torch.Tensor, first: int) -> None:
+        echo, induction, n = _echo_induction_sums(probs, self.period, self.start, first)
         self.echo[layer] = self.echo.get(layer, 0) + echo.cpu()
         self.induction[layer] = self.induction.get(layer, 0) + induction.cpu()
+        self.count[layer] = self.count.get(layer, 0) + n
+
+    def means(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.echo[layer] / self.count[layer], self.induction[layer] / self.count[layer]
 
 
 def _scoring_attention(module, query, key, value, attention_mask, scaling, dropout=0.0,
                        kvcomp_razor: _Accumulator | None = None, **kwargs):
     # Full causal attention computed explicitly, so the probabilities can be
-    # scored layer by layer instead of kept for every layer at once.
-    mask = window_mask(query.shape[2], key.shape[2], device=query.device)
-    probs = attention_probs(query, key, mask, scaling)
-    if kvcomp_razor is not None:
-        kvcomp_razor.add(module.layer_idx, probs)
-    v = expand_kv(value, query.shape[1]).to(probs.dtype)
-    out = torch.matmul(probs, v).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
+    # scored layer by layer instead of kept for every layer at once, and in
+    # chunks of query rows, so no [T, T] matrix is held whole.
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    rows = max(1, PROB_ELEMENTS // (batch * heads * k_len))
+    v = expand_kv(value, heads).to(torch.promote_types(query.dtype, torch.float32))
+    out = []
+    for r in range(0, q_len, rows):
+        q = query[:, :, r:r + rows]
+        first = k_len - q_len + r
+        mask = window_mask(q.shape[2], k_len, device=query.device, first=first)
+        probs = attention_probs(q, key, mask, scaling)
+        if kvcomp_razor is not None:
+            kvcomp_razor.add(module.layer_idx, probs, first)
+        out.append(torch.matmul(probs, v).to(query.dtype))
+        del probs  # before the next chunk's scores are allocated
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
 def register_attention() -> str:
@@ -162,13 +192,13 @@ class RazorAttention:
         with attention_implementation(model, register_attention()), torch.no_grad():
             for _ in range(self.samples):
                 ids = self.sample_ids(config, generator)
-                model(input_ids=ids.to(device), use_cache=False, kvcomp_razor=acc)
+                # the decoder only: the scores are taken inside it, and the LM
+                # head's logits ([T, vocab]) would be memory spent on nothing
+                model.base_model(input_ids=ids.to(device), use_cache=False, kvcomp_razor=acc)
                 if progress:
                     progress(1)
-        layers = sorted(acc.echo)
+        echo, induction = (torch.stack(s) for s in zip(*(acc.means(l) for l in sorted(acc.echo))))
         kv_heads = config.num_key_value_heads
-        echo = torch.stack([acc.echo[l] for l in layers]) / self.samples
-        induction = torch.stack([acc.induction[l] for l in layers]) / self.samples
         return per_kv_head(echo, kv_heads), per_kv_head(induction, kv_heads)
 
     def gates(self, echo: torch.Tensor, induction: torch.Tensor) -> torch.Tensor:
