@@ -146,11 +146,46 @@ def step_evicts(cfg: KvcompConfig, md) -> bool:
 def step_ranges(cfg: KvcompConfig, block_size: int, md) -> tuple[torch.Tensor, int]:
     """(``evicted_ranges`` of a step's batch, StreamingLLM's recent_tokens
     for the prefill rows' growing ranges, else 0) from its metadata
-    (``backend.KvcompMetadata``)."""
+    (``backend.KvcompMetadata``); once a step where the metadata shares it
+    across layers (``eviction_shared``)."""
+    shared = md.eviction_shared
+    if shared is not None and "ranges" in shared:
+        return shared["ranges"]
     qsl = md.query_start_loc
     ranges = evicted_ranges(cfg, block_size, md.seq_lens, qsl[1:] - qsl[:-1], md.prompt_lens)
     ev = cfg.eviction
-    return ranges, ev.recent_tokens if ev.method == "streamingllm" else 0
+    got = ranges, ev.recent_tokens if ev.method == "streamingllm" else 0
+    if shared is not None:
+        shared["ranges"] = got
+    return got
+
+
+def host_rows(cfg: KvcompConfig, block_size: int, md) -> list[int]:
+    """The rows of a step (``backend.KvcompMetadata`` with its host lists)
+    whose host work after attention can do anything, once a step from the
+    host lists: SnapKV's requests with observation-window queries in the
+    step whose prompt plans an eviction; H2O / A2SF's requests whose layout
+    moves in the step (an eviction step; their prefill rows, scored by the
+    reference, are added where the step's decode rows are known). Every
+    other row's host work is a no-op, so a layer need not walk it."""
+    qsl, lens, prompts = md.query_start_loc_cpu, md.seq_lens_cpu, md.prompt_lens_cpu
+    policy = cfg.eviction.policy(block_size)
+    snap = cfg.eviction.method == "snapkv"
+    rows = []
+    for i in range(len(qsl) - 1):
+        t = qsl[i + 1] - qsl[i]
+        if t == 0:
+            continue
+        n, P = lens[i], prompts[i]
+        start = n - t
+        if snap:
+            if start < P and n > P - policy.window and \
+                    policy.plan(P, cfg.quantized_prefix_len(P)) is not None:
+                rows.append(i)
+        elif policy.layout(start, cfg.quantized_prefix_len(start), P) != \
+                policy.layout(n, cfg.quantized_prefix_len(n), P):
+            rows.append(i)
+    return rows
 
 
 def after_attention(query, key, value, out, packed_cache, residual_cache, layout,
@@ -168,27 +203,29 @@ def after_attention(query, key, value, out, packed_cache, residual_cache, layout
         snapkv_after_attention(query, key, value, out, packed_cache, residual_cache, layout,
                                cfg, scale, md.block_table, residual_block_table,
                                residual_block_size, md.query_start_loc_cpu, md.seq_lens_cpu,
-                               md.prompt_lens_cpu, cfg.prompt_as_stored)
+                               md.prompt_lens_cpu, cfg.prompt_as_stored, md.eviction_rows)
 
 
 def snapkv_after_attention(query, key, value, out, packed_cache, residual_cache, layout,
                            cfg: KvcompConfig, scale: float, block_table, residual_block_table,
                            residual_block_size: int, query_start_loc: list[int],
                            seq_lens: list[int], prompt_lens: list[int],
-                           as_stored: bool) -> None:
+                           as_stored: bool, rows: list[int] | None = None) -> None:
     """SnapKV's part of a step after the kernels ran (module docstring): for
     each request whose step holds observation-window queries (a one-token
     step too), the window's scores (summed over chunks as the reference
     does), and at the prompt's end the selection and compaction; queries of
     the step past the prompt (a recomputed request's generated tokens)
     attend the kept view again, as the decode steps that produced them did.
-    Per-request host lists; tensors on the device, rows as in the batch."""
+    Per-request host lists; tensors on the device, rows as in the batch;
+    ``rows``: the only rows to look at (``host_rows``), else all."""
     from vllm_kvcomp.kernels import attention_ref as ar
     from vllm_kvcomp.kernels.triton_compaction import triton_compact
 
     policy = cfg.eviction.policy(layout.block_size)
     model_dtype = ar.step_model_dtype(cfg, residual_cache, query)
-    for i, n in enumerate(seq_lens):
+    for i in range(len(seq_lens)) if rows is None else rows:
+        n = seq_lens[i]
         qs, qe = query_start_loc[i], query_start_loc[i + 1]
         P = prompt_lens[i]
         start = n - (qe - qs)
@@ -222,10 +259,16 @@ def decode_read_width(cfg: KvcompConfig, block_size: int, md, nd: int) -> int:
     longest sequence."""
     if nd == 0:
         return 1
+    shared = md.eviction_shared
+    if shared is not None and ("width", nd) in shared:
+        return shared[("width", nd)]
     lens = torch.tensor(md.seq_lens_cpu[:nd])
     ev = evicted_ranges(cfg, block_size, lens, torch.ones_like(lens),
                         torch.tensor(md.prompt_lens_cpu[:nd]))
-    return max(1, int((lens - (ev[:, 1] - ev[:, 0])).max()))
+    width = max(1, int((lens - (ev[:, 1] - ev[:, 0])).max()))
+    if shared is not None:
+        shared[("width", nd)] = width
+    return width
 
 
 def add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor, layout,
@@ -304,7 +347,11 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
         add_decode_scores(decode_probs, packed_cache, layout, cfg, md.block_table[:nd],
                           md.seq_lens[:nd], ranges)
     model_dtype = ar.step_model_dtype(cfg, residual_cache, query)
-    for i, n in enumerate(lens[:len(qsl) - 1]):
+    rows = range(len(qsl) - 1)
+    if md.eviction_rows is not None:  # the rows whose layout moves, and the prefill rows
+        rows = sorted(set(md.eviction_rows).union(range(nd, len(qsl) - 1)))
+    for i in rows:
+        n = lens[i]
         qs, qe = qsl[i], qsl[i + 1]
         if qe == qs:
             continue

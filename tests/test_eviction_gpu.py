@@ -161,8 +161,11 @@ def _impl(cfg):
     return impl
 
 
-def _metadata(sim, batch, prompt_lens):
+def _metadata(sim, batch, prompt_lens, rows_config=None):
+    """The step's metadata as the backend's builder makes it; ``rows_config``:
+    with the rows whose host work matters (``KVCOMP_EVICTION_ROWS``)."""
     from vllm_kvcomp.backend import KvcompMetadata
+    from vllm_kvcomp.kernels.eviction_gpu import host_rows
 
     qsl, lens = batch.query_start_loc, batch.seq_lens
     q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
@@ -175,6 +178,9 @@ def _metadata(sim, batch, prompt_lens):
         block_size=sim.bs, max_query_len=max(q_lens), max_seq_len=max(lens), num_decodes=nd,
         query_start_loc_cpu=qsl, seq_lens_cpu=lens, prompt_lens_cpu=prompt_lens,
         prompt_lens=torch.tensor(prompt_lens, **i32))
+    if rows_config is not None:
+        md.eviction_rows = host_rows(rows_config, sim.bs, md)
+        md.eviction_shared = {}
     res = None
     if sim.residual is not None:
         res = KvcompMetadata(
@@ -199,7 +205,8 @@ def _freed(cfg, bs, c, P):
     return policy.freed_pages(P, cfg.quantized_prefix_len(P))
 
 
-def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=None):
+def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=None,
+         by_rows=False, rows_seen=None):
     """Requests (prompt lengths ``prompts``, token rows one after another in
     q/k/v) through the steps of ``schedule`` (per step, each request's new
     tokens, one-token steps first as vLLM orders them), by the reference or
@@ -207,7 +214,9 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=Non
     ``head_split``: (retrieval, streaming) KV heads of a split layer, whose
     packed pages hold the retrieval heads and whose streaming heads' pages
     are all held (sinks and window stay where they were written). ``quest``:
-    the layer's Quest page selection (``policies.quest.Quest``)."""
+    the layer's Quest page selection (``policies.quest.Quest``). ``by_rows``: the
+    Triton path with the step's eviction rows (``host_rows``), each step's
+    appended to ``rows_seen``."""
     from vllm_kvcomp.kernels.head_split_ref import split_step_reference
 
     R = len(prompts)
@@ -238,7 +247,9 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=Non
         o = torch.zeros(len(rows), q.shape[1], D, device=DEVICE if triton else "cpu")
         if triton:
             qr, kr, vr = (x[rows].to(DEVICE) for x in (q, k, v))
-            md, res = _metadata(sim, batch, list(prompts))
+            md, res = _metadata(sim, batch, list(prompts), cfg if by_rows else None)
+            if rows_seen is not None:
+                rows_seen.append(md.eviction_rows)
             impl = _impl(cfg)
             if head_split:
                 from dataclasses import replace
@@ -337,6 +348,27 @@ def test_triton_steps_match_the_reference_steps(kvcomp, bs, prompts, schedule):
     assert (full - ref).abs().max() > 1e-2
 
 SCORED_CASES = [c for c in STEP_CASES if c[0]["eviction"]["method"] in SCORED_EVICTION]
+
+
+@pytest.mark.parametrize("kvcomp,bs,prompts,schedule", [
+    c for c in STEP_CASES if c[0]["eviction"]["method"] != "streamingllm"])
+def test_host_work_on_the_eviction_rows_alone_gives_the_same_steps(kvcomp, bs, prompts,
+                                                                    schedule):
+    """With the rows whose host work matters computed once a step
+    (``host_rows``, KVCOMP_EVICTION_ROWS) and the ranges and read width
+    shared across layers, the Triton path's every output is bit for bit the
+    path that walks every request; most steps' rows are a few of the batch
+    (none at all once every request decodes between evictions)."""
+    cfg = KvcompConfig.from_dict(kvcomp)
+    total = sum(map(sum, schedule))
+    q, k, v = _inputs(total, prompts, 8, seed=len(schedule))
+    every = _run(cfg, prompts, schedule, q, k, v, bs, triton=True)
+    seen = []
+    some = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True,
+                rows_seen=seen)
+    assert torch.equal(some, every)
+    assert any(seen) and sum(map(len, seen)) < sum(map(len, schedule)) / 2
+    assert any(not r for r in seen)
 
 
 @pytest.mark.parametrize("kvcomp,bs,prompts,schedule", SCORED_CASES)
@@ -444,3 +476,44 @@ def test_engine_snapkv_triton_path_matches_reference_path(tiny_llama):
     assert tri["tokens"] == ref["tokens"]
     assert tri_wide["tokens"] == plain["tokens"]
     assert ref["tokens"][:2] != plain["tokens"][:2]  # the long prompts lost tokens
+
+
+@pytest.mark.parametrize("opt_in", ["1", ""])
+def test_builder_gives_the_eviction_rows_when_asked(monkeypatch, opt_in):
+    """The GPU builder's metadata for an H2O step carries its eviction rows
+    (the one request whose layout moves) and a fresh per-step share only
+    under KVCOMP_EVICTION_ROWS=1; otherwise every layer walks every request."""
+    from types import SimpleNamespace
+
+    from vllm_kvcomp.backend import KvcompMetadataBuilder
+    from vllm_kvcomp.launch_env import EVICTION_ROWS_ENV
+
+    monkeypatch.setenv(EVICTION_ROWS_ENV, opt_in)
+    cfg = KvcompConfig.from_dict({"k_bits": 4, "v_bits": 4, "group_size": 16,
+                                  "residual_tokens": 16, "eviction": {
+                                      "method": "h2o", "budget_tokens": 48,
+                                      "recent_tokens": 16}})
+    policy = cfg.eviction.policy(16)
+    # decodes from lengths 100 .. 139 for prompts of 40: the steps whose layout moves
+    moving = [n for n in range(100, 140) if policy.layout(n - 1, cfg.quantized_prefix_len(n - 1),
+                                                          40) != policy.layout(
+        n, cfg.quantized_prefix_len(n), 40)]
+    assert moving
+    lens = [moving[0], moving[0] + 1, moving[0] + 2]
+    builder = KvcompMetadataBuilder.__new__(KvcompMetadataBuilder)
+    builder.kv_cache_spec = SimpleNamespace(block_size=16)
+    builder.on_cpu, builder.host_lists = False, True
+    builder.rows_config = cfg if opt_in else None
+    i32 = dict(dtype=torch.int32)
+    cam = SimpleNamespace(
+        num_reqs=3, num_actual_tokens=3, max_query_len=1, max_seq_len=max(lens),
+        query_start_loc=torch.arange(4, **i32), query_start_loc_cpu=torch.arange(4, **i32),
+        seq_lens=torch.tensor(lens, **i32), seq_lens_cpu=torch.tensor(lens, **i32),
+        block_table_tensor=torch.zeros(3, 16, **i32), slot_mapping=torch.zeros(3, **i32),
+        rswa_prefix_lens=torch.tensor([40] * 3, **i32))
+    md = builder.build(0, cam)
+    assert md.prompt_lens_cpu == [40] * 3
+    if opt_in:
+        assert md.eviction_rows == [0] and md.eviction_shared == {}
+    else:
+        assert md.eviction_rows is None and md.eviction_shared is None

@@ -81,6 +81,12 @@ class KvcompMetadata:
     prompt_lens_cpu: list[int] | None = None
     # the same on the device (GPU path, SnapKV / H2O / A2SF)
     prompt_lens: torch.Tensor | None = None
+    # GPU path's SnapKV / H2O / A2SF under KVCOMP_EVICTION_ROWS: the rows whose host work
+    # after attention does anything (``eviction_gpu.host_rows``, once a step rather than
+    # every layer walking every request) and what the step's layers share, filled by the
+    # first layer that needs it
+    eviction_rows: list[int] | None = None
+    eviction_shared: dict | None = None
 
 
 class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
@@ -102,7 +108,17 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         from vllm_kvcomp.kernels.eviction_gpu import selects_on_host
 
         # the GPU path's SnapKV / H2O / A2SF select host-side: they get the host lists too
-        self.host_lists = self.on_cpu or selects_on_host(config_from_vllm_config(vllm_config))
+        cfg = config_from_vllm_config(vllm_config)
+        self.host_lists = self.on_cpu or selects_on_host(cfg)
+        # the config whose eviction rows each step's metadata carries (KVCOMP_EVICTION_ROWS)
+        self.rows_config = None
+        if not self.on_cpu and selects_on_host(cfg):
+            import os
+
+            from vllm_kvcomp.launch_env import EVICTION_ROWS_ENV
+
+            if os.environ.get(EVICTION_ROWS_ENV) == "1":
+                self.rows_config = cfg
         from vllm_kvcomp.spec import KvcompSpec
 
         if not self.on_cpu and isinstance(kv_cache_spec, KvcompSpec):
@@ -154,6 +170,11 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
                 md.prompt_lens_cpu = cam.rswa_prefix_lens[:num_reqs].tolist()
                 md.prompt_lens = cam.rswa_prefix_lens[:num_reqs].to(
                     cam.seq_lens.device, non_blocking=True)
+                if self.rows_config is not None:
+                    from vllm_kvcomp.kernels.eviction_gpu import host_rows
+
+                    md.eviction_rows = host_rows(self.rows_config, md.block_size, md)
+                    md.eviction_shared = {}
         return md
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata):
