@@ -85,6 +85,12 @@ SETTINGS = {
     "kvcomp_k4v4_h2o2048": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}}},
+    # the same with the eviction host work once a step for the requests it concerns
+    # (KVCOMP_EVICTION_ROWS): without it H2O's W4 was host-bound at batch 256
+    "kvcomp_k4v4_h2o2048_rows": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4,
+                   "eviction": {"method": "h2o", "budget_tokens": 2048}}},
+        "_env": {"KVCOMP_EVICTION_ROWS": "1"}},
     # half of each layer's KV heads streaming (sinks 64 + window 256): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map
     # written for the model at start-up marks streaming (a fixed map, not a calibrated
