@@ -375,4 +375,4 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
                 h2o_ref.add_query_scores(packed_cache, layout, cfg, row, start, T, *probs[0],
                                          first_query=r0)
         h2o_ref.evict_step(packed_cache, layout, cfg, row, start, n, P, model_dtype,
-                           compact=triton_compact)
+                           compact=triton_compact, on_device=md.eviction_rows is not None)

@@ -120,11 +120,13 @@ def add_query_scores(packed_cache: torch.Tensor, layout: PageLayout, cfg: Kvcomp
 
 def evict_step(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
                block_row: torch.Tensor, start: int, n: int, prompt_len: int,
-               model_dtype: torch.dtype, compact=None) -> None:
+               model_dtype: torch.dtype, compact=None, on_device: bool = False) -> None:
     """When the layout of ``n`` tokens differs from that of ``start``, the
     eviction step that reaches it: the best-scoring of the old heavy hitters
     and of the tokens leaving the in-place range moved to the front
-    (``compact``: ``compaction.compact_kept`` or a function of its arguments)."""
+    (``compact``: ``compaction.compact_kept`` or a function of its arguments).
+    ``on_device``: the candidates made where the cache is, not copied there
+    from the host (a copy from pageable memory waits for the device)."""
     from vllm_kvcomp.kernels.compaction import compact_kept
 
     compact = compact or compact_kept
@@ -133,13 +135,23 @@ def evict_step(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig
     P = prompt_len
     k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), P)
     k1, e1 = policy.layout(n, cfg.quantized_prefix_len(n), P)
-    if (k1, e1) != (k0, e0):
+    if (k1, e1) == (k0, e0):
+        return
+    if on_device:
+        # [0, k0) then [e0, e1): the kept tokens already in place iff one run from 0
+        if k0 + max(0, e1 - e0) == k1 and (e1 <= e0 or e0 == k0):
+            return
+        dev = block_row.device
+        cand = torch.cat([torch.arange(0, k0, device=dev),
+                          torch.arange(e0, max(e0, e1), device=dev)])
+    else:
         cand = slot_ranges([(0, k0), (e0, e1)])
-        if not (k1 == len(cand) and torch.equal(cand, torch.arange(k1))):
-            cand = cand.to(block_row.device)
-            scores = read_scores(packed_cache, layout, block_row, cand)
-            kept = cand[policy.select(scores, k1)]
-            compact(packed_cache, layout, block_row, kept, model_dtype)
+        if k1 == len(cand) and torch.equal(cand, torch.arange(k1)):
+            return
+        cand = cand.to(block_row.device)
+    scores = read_scores(packed_cache, layout, block_row, cand)
+    kept = cand[policy.select(scores, k1)]
+    compact(packed_cache, layout, block_row, kept, model_dtype)
 
 
 def dense_probs(p: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:

@@ -517,3 +517,34 @@ def test_builder_gives_the_eviction_rows_when_asked(monkeypatch, opt_in):
         assert md.eviction_rows == [0] and md.eviction_shared == {}
     else:
         assert md.eviction_rows is None and md.eviction_shared is None
+
+
+@pytest.mark.parametrize("method", sorted(SCORED_EVICTION))
+def test_evict_step_candidates_on_the_device_are_the_host_ones(method):
+    """``h2o_ref.evict_step(on_device=True)`` (KVCOMP_EVICTION_ROWS) compacts
+    the same kept tokens at the same steps as the candidates made on the
+    host, over every step of prompts short and long, decodes included."""
+    from vllm_kvcomp.kernels import h2o_ref
+    from vllm_kvcomp.layout import PageLayout
+
+    cfg = KvcompConfig.from_dict({"k_bits": 4, "v_bits": 4, "group_size": 16,
+                                  "residual_tokens": 16, "eviction": {
+                                      "method": method, "budget_tokens": 48,
+                                      "recent_tokens": 16}})
+    bs = 16
+    layout = PageLayout(cfg, bs, D, 2)
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randint(0, 256, (40, H, layout.head_page_bytes), dtype=torch.uint8,
+                          generator=g)
+    row = torch.randperm(40, generator=g)[:30]
+    calls = {True: [], False: []}
+    for P in (20, 50, 130):
+        for start in range(P - 3, 400):
+            for t in (1, 7):
+                for on_device in (True, False):
+                    h2o_ref.evict_step(cache, layout, cfg, row, start, start + t, P,
+                                       torch.bfloat16, on_device=on_device,
+                                       compact=lambda *a, od=on_device: calls[od].append(
+                                           a[3].clone()))
+    assert len(calls[True]) == len(calls[False]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(calls[True], calls[False]))
