@@ -102,6 +102,14 @@ SETTINGS = [
     # scored by the decode kernel's own probabilities, 256 recent)
     ("k4v4_h2o", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512}}),
+    # A2SF (H2O with a forgetting factor), and H2O with its host work once a step for the
+    # requests it concerns ("_env": set in the engine's process before it starts)
+    ("k4v4_a2sf", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4,
+      "eviction": {"method": "a2sf", "budget_tokens": 512, "alpha": 0.9}}),
+    ("k4v4_h2o_rows", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
+      "_env": {"KVCOMP_EVICTION_ROWS": "1"}}),
     # a head map whose retrieval heads keep their window as an e4m3 ring
     ("k4v4_split50_ring_fp8", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3",
@@ -141,6 +149,9 @@ def run_one(spec: dict) -> None:
 
     kw = {}
     kvcomp = spec["kvcomp"]
+    if kvcomp is not None and "_env" in kvcomp:  # set before the engine's processes start
+        kvcomp = dict(kvcomp)
+        os.environ.update(kvcomp.pop("_env"))
     if kvcomp is not None and "eviction" in kvcomp:
         from vllm_kvcomp.launch_env import EVICTION_GPU_ENV
 
