@@ -350,8 +350,12 @@ def test_triton_steps_match_the_reference_steps(kvcomp, bs, prompts, schedule):
 SCORED_CASES = [c for c in STEP_CASES if c[0]["eviction"]["method"] in SCORED_EVICTION]
 
 
-@pytest.mark.parametrize("kvcomp,bs,prompts,schedule", [
-    c for c in STEP_CASES if c[0]["eviction"]["method"] != "streamingllm"])
+# SnapKV's chunks with a decode beside a prefill, and H2O's decode-kernel scores and page
+# steps (A2SF's rows are H2O's: the same layouts)
+ROWS_CASES = [STEP_CASES[0], next(c for c in STEP_CASES if c[0]["eviction"]["method"] == "h2o")]
+
+
+@pytest.mark.parametrize("kvcomp,bs,prompts,schedule", ROWS_CASES)
 def test_host_work_on_the_eviction_rows_alone_gives_the_same_steps(kvcomp, bs, prompts,
                                                                     schedule):
     """With the rows whose host work matters computed once a step
