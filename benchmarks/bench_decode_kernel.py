@@ -959,6 +959,9 @@ def main(argv=None):
                          f"(methods of {', '.join(SCORED_EVICTION)}) per config")
     ap.add_argument("--eviction-budget", type=int, default=2048,
                     help="with --eviction: tokens each KV head keeps (budget_tokens)")
+    ap.add_argument("--eviction-rows", action="store_true",
+                    help="with --eviction: the host work once a step for the requests it "
+                         "concerns, candidates made on the device (KVCOMP_EVICTION_ROWS)")
     ap.add_argument("--num-layers", type=int, default=32,
                     help="with --eviction: attention layers a decode step runs (Llama-3.1-8B's "
                          "32), for the per-step figures")
@@ -1348,7 +1351,13 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
     md = types.SimpleNamespace(
         query_start_loc=torch.arange(B + 1, **i32), seq_lens=lens, block_table=table,
         prompt_lens=torch.full((B,), P, **i32), query_start_loc_cpu=list(range(B + 1)),
-        seq_lens_cpu=[n] * B, prompt_lens_cpu=[P] * B)
+        seq_lens_cpu=[n] * B, prompt_lens_cpu=[P] * B, eviction_rows=None,
+        eviction_shared=None)
+    if a.eviction_rows:
+        # as the builder makes them once a step (KVCOMP_EVICTION_ROWS); the share is the
+        # step's, so repeated timings count the first layer's ranges once, as 32 layers do
+        md.eviction_rows = eviction_gpu.host_rows(cfg, bs, md)
+        md.eviction_shared = {}
     ranges = eviction_gpu.step_ranges(cfg, bs, md)[0]
     width = eviction_gpu.decode_read_width(cfg, bs, md, B)
 
@@ -1373,11 +1382,11 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
     def evict():
         for i in range(B):
             h2o_ref.evict_step(p.packed, layout, cfg, table[i], n_evict - 1, n_evict, P,
-                               model_dtype, compact=triton_compact)
+                               model_dtype, compact=triton_compact, on_device=a.eviction_rows)
 
     # the references walk requests in Python: two of them on a GPU; bf16 there
     m, tol, mass_tol = (B, 2e-3, 1e-5) if a.smoke else (min(B, 2), 3e-2, 1e-2)
-    label = f"{name}+{method}{a.eviction_budget}"
+    label = f"{name}+{method}{a.eviction_budget}{'+rows' if a.eviction_rows else ''}"
     assert torch.isfinite(plain()).all(), f"{label}: non-finite output"
     out_kept = kept().clone()
     pages = table[:m].flatten().long()

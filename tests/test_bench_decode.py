@@ -4,6 +4,7 @@ split's layer and H2O / A2SF's decode and eviction steps at a tiny shape, each
 checked against its PyTorch reference inside the script (max |err| < 2e-3,
 fp32), with budgets below the context so that Quest reads fewer pages than the
 dense kernel and eviction skips some. Triton interpreter on CPU, child process."""
+import pytest
 from e2e_util import bench_smoke
 
 
@@ -47,23 +48,26 @@ def test_decode_bench_smoke_with_a_head_split(tmp_path):
     assert split["bytes"]["streaming"] > 0 and split["dense_us"] == rows["k4v4"]["us"]
 
 
-def test_decode_bench_smoke_with_eviction(tmp_path):
+@pytest.mark.parametrize("rows_flag", [(), ("--eviction-rows",)])
+def test_decode_bench_smoke_with_eviction(tmp_path, rows_flag):
     """``--eviction``: an H2O and an A2SF layer per config (per-channel keys,
     regrouped by the compaction, and 16-bit rows, copied), each past its
     budget: the scored decode's output is the plain launch's over the same
     positions, its accumulated mass and the eviction step's pages the
     references' (the script checks them and fails otherwise), and the
-    per-step figures are the per-layer ones times the layers."""
+    per-step figures are the per-layer ones times the layers; the same with
+    the host work on the step's eviction rows (``--eviction-rows``)."""
     report, stdout = bench_smoke("bench_decode_kernel.py", "--smoke", "--configs", "k4v4,k16v16",
                                  "--no-baselines", "--eviction", "h2o,a2sf",
-                                 "--eviction-budget", "64", "--num-layers", "4",
+                                 "--eviction-budget", "64", "--num-layers", "4", *rows_flag,
                                  out=tmp_path / "eviction.json")
     rows = {row["config"]: row for row in report["rows"]}
-    assert set(rows) == {"k4v4", "k16v16", "k4v4+h2o64", "k4v4+a2sf64", "k16v16+h2o64",
-                         "k16v16+a2sf64"}
+    tag = "+rows" if rows_flag else ""
+    assert set(rows) == {"k4v4", "k16v16", f"k4v4+h2o64{tag}", f"k4v4+a2sf64{tag}",
+                         f"k16v16+h2o64{tag}", f"k16v16+a2sf64{tag}"}
     for name in ("k4v4", "k16v16"):
         for method in ("h2o", "a2sf"):
-            r = rows[f"{name}+{method}64"]
+            r = rows[f"{name}+{method}64{tag}"]
             assert r["recent_tokens"] == 32 and r["seq_len"] <= r["context"]
             # the pages between the heavy hitters and the recent tokens are skipped
             lo, hi = r["evicted"]
@@ -81,4 +85,4 @@ def test_decode_bench_smoke_with_eviction(tmp_path):
             assert r["evict_amortized_step_us"] == 4 * r["evict_us"] / 32
             assert r["eviction_step_us"] == r["overhead_step_us"] + r["evict_amortized_step_us"]
     assert "eviction overhead per decode step" in stdout
-    assert stdout.count("+h2o64 |") == 4 and stdout.count("+a2sf64 |") == 4
+    assert stdout.count(f"+h2o64{tag} |") == 4 and stdout.count(f"+a2sf64{tag} |") == 4
