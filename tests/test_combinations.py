@@ -95,7 +95,8 @@ def test_eviction_on_the_retrieval_heads_of_a_split_layer(method):
     without eviction (they keep sinks and window). The backend's Triton
     steps of the split layer give the reference's, pages freed under them.
     Tolerances: the same float32 arithmetic on fewer heads (1e-6); Triton
-    against the reference as in test_eviction_gpu (1e-5)."""
+    against the reference as in test_eviction_gpu (1e-5); H2O's host work on
+    the step's eviction rows alone, the same Triton outputs bit for bit."""
     from test_eviction_gpu import D, _run
 
     base, ev, prompts, schedule = EVICTION_CASES[method]
@@ -118,6 +119,10 @@ def test_eviction_on_the_retrieval_heads_of_a_split_layer(method):
     tri = _run(cfg, prompts, schedule, q, k, v, 16, triton=True, head_split=SPLIT)
     assert torch.isfinite(tri).all()
     torch.testing.assert_close(tri, split, atol=1e-5, rtol=1e-5)
+    if method == "h2o":  # the host work on the step's eviction rows (KVCOMP_EVICTION_ROWS)
+        rows = _run(cfg, prompts, schedule, q, k, v, 16, triton=True, head_split=SPLIT,
+                    by_rows=True)
+        assert torch.equal(rows, tri)
 
 
 def test_fp8_ring_on_the_retrieval_heads_of_a_split_layer():
