@@ -342,8 +342,12 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
     qsl, lens, prompts = md.query_start_loc_cpu, md.seq_lens_cpu, md.prompt_lens_cpu
     nd = 0 if decode_probs is None else decode_probs.shape[0]
     if nd:
-        ranges = evicted_ranges(cfg, bs, md.seq_lens[:nd], md.query_start_loc[1:nd + 1] -
-                                md.query_start_loc[:nd], md.prompt_lens[:nd])
+        shared = md.eviction_shared
+        if shared is not None and "ranges" in shared:  # the step's, row by row the same
+            ranges = shared["ranges"][0][:nd]
+        else:
+            ranges = evicted_ranges(cfg, bs, md.seq_lens[:nd], md.query_start_loc[1:nd + 1] -
+                                    md.query_start_loc[:nd], md.prompt_lens[:nd])
         add_decode_scores(decode_probs, packed_cache, layout, cfg, md.block_table[:nd],
                           md.seq_lens[:nd], ranges)
     model_dtype = ar.step_model_dtype(cfg, residual_cache, query)
