@@ -167,8 +167,8 @@ def test_engine_preempted_ring_keeps_its_tokens(tiny_llama):
     near-tie tokens, with either window)."""
     kv = {"k_bits": 16, "v_bits": 16, "residual_tokens": 128}
     sliding, ring = run_engines(
-        _spec(tiny_llama, kv, max_tokens=160),
-        _spec(tiny_llama, {**kv, "residual_ring": True}, blocks=10, max_tokens=160))
+        _spec(tiny_llama, kv, max_tokens=130),
+        _spec(tiny_llama, {**kv, "residual_ring": True}, blocks=10, max_tokens=130))
     assert ring["preemptions"] >= 1, ring["preemptions"]
     assert sliding["preemptions"] == 0
     assert ring["tokens"] == sliding["tokens"]
