@@ -135,20 +135,12 @@ def evict_step(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig
     P = prompt_len
     k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), P)
     k1, e1 = policy.layout(n, cfg.quantized_prefix_len(n), P)
-    if (k1, e1) == (k0, e0):
+    # candidates [0, k0) then [e0, e1): already in place where they make one run from 0
+    if (k1, e1) == (k0, e0) or (k0 + max(0, e1 - e0) == k1 and (e1 <= e0 or e0 == k0)):
         return
-    if on_device:
-        # [0, k0) then [e0, e1): the kept tokens already in place iff one run from 0
-        if k0 + max(0, e1 - e0) == k1 and (e1 <= e0 or e0 == k0):
-            return
-        dev = block_row.device
-        cand = torch.cat([torch.arange(0, k0, device=dev),
-                          torch.arange(e0, max(e0, e1), device=dev)])
-    else:
-        cand = slot_ranges([(0, k0), (e0, e1)])
-        if k1 == len(cand) and torch.equal(cand, torch.arange(k1)):
-            return
-        cand = cand.to(block_row.device)
+    made = block_row.device if on_device else "cpu"
+    cand = torch.cat([torch.arange(0, k0, device=made),
+                      torch.arange(e0, max(e0, e1), device=made)]).to(block_row.device)
     scores = read_scores(packed_cache, layout, block_row, cand)
     kept = cand[policy.select(scores, k1)]
     compact(packed_cache, layout, block_row, kept, model_dtype)
