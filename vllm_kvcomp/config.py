@@ -277,9 +277,9 @@ class KvcompConfig:
         "token"``), capped at head_size. Default 128 (64 in k4v4's layout).
     value_group_size: channels per value group (values are quantized per
         token); ``None`` (default) uses ``group_size``, as KIVI does (128 in
-        k4v4's layout). Apart from it, small key groups (KIVI-2's 32 tokens) need not force small
-        value groups, and value groups as wide as the head let the decode
-        kernel fold the value scales into its dots.
+        k4v4's layout). Apart from it, small key groups (KIVI-2's 32 tokens)
+        need not force small value groups, and value groups as wide as the
+        head let the decode kernel fold the value scales into its dots.
     residual_tokens: how many of the most recent tokens always stay in full
         precision. Tokens are handed to the packed pages in whole key groups,
         so the window holds ``residual_tokens`` to ``residual_tokens +
@@ -309,17 +309,18 @@ class KvcompConfig:
         in fp8.
     residual_dtype: what the window's K and V are stored as ("fp8_e4m3" in
         k2v2's layout, else "auto"). "auto": the model dtype. "fp8_e4m3":
-        float8 e4m3 with scale 1, as vLLM's own fp8 KV cache, saturating at +-448; half the bytes, so a
-        page holds twice the tokens and the window takes half the pages
-        (with ``residual_ring``, k4v4 3.54x and k2v2 5.83x the bf16 capacity
-        at ``max_model_len`` 4096). The quality harness finds k4v4 within
-        noise of the model-dtype window, while k2v2 misses 3 more needles of
-        30 (``docs/quality.md``). The layer's new K and V are rounded to
-        e4m3 as they arrive, so the window, the hand-over to the packed pages
-        and a prompt's own tokens all read the same values whatever the
-        chunking. No effect where there is no window. With ``head_map``,
-        the retrieval heads' window (the streaming heads keep their sinks
-        and window in the model dtype, as they arrive).
+        float8 e4m3 with scale 1, as vLLM's own fp8 KV cache, saturating at
+        +-448; half the bytes, so a page holds twice the tokens and the
+        window takes half the pages (with ``residual_ring``, k4v4 3.54x and
+        k2v2 5.83x the bf16 capacity at ``max_model_len`` 4096). The quality
+        harness finds k4v4 within noise of the model-dtype window, while
+        k2v2 misses 3 more needles of 30 (``docs/quality.md``). The layer's
+        new K and V are rounded to e4m3 as they arrive, so the window, the
+        hand-over to the packed pages and a prompt's own tokens all read the
+        same values whatever the chunking. No effect where there is no
+        window. With ``head_map``, the retrieval heads' window (the
+        streaming heads keep their sinks and window in the model dtype, as
+        they arrive).
     key_axis: "channel" (KIVI) or "token" (per-token, QServe/KVQuant style).
     value_axis: only "token" (KIVI; per-channel values gain nothing).
     block_size: tokens per packed page; must be a multiple of group_size for
