@@ -134,6 +134,19 @@ def selects_on_host(cfg: KvcompConfig) -> bool:
     return cfg.eviction is not None and cfg.eviction.method != "streamingllm"
 
 
+def eviction_rows_config(cfg: KvcompConfig) -> KvcompConfig | None:
+    """The config whose eviction rows (``host_rows``) the GPU builder gives
+    each step: SnapKV / H2O / A2SF's, unless ``KVCOMP_EVICTION_ROWS=0``
+    (``launch_env.EVICTION_ROWS_ENV``) has every layer walk every request."""
+    import os
+
+    from vllm_kvcomp.launch_env import EVICTION_ROWS_ENV
+
+    if not selects_on_host(cfg) or os.environ.get(EVICTION_ROWS_ENV, "1") == "0":
+        return None
+    return cfg
+
+
 def step_evicts(cfg: KvcompConfig, md) -> bool:
     """Whether eviction takes part in a step. vLLM's GPU model runner builds
     its warm-up, profiling and CUDA-graph capture batches without prompt

@@ -81,7 +81,7 @@ class KvcompMetadata:
     prompt_lens_cpu: list[int] | None = None
     # the same on the device (GPU path, SnapKV / H2O / A2SF)
     prompt_lens: torch.Tensor | None = None
-    # GPU path's SnapKV / H2O / A2SF under KVCOMP_EVICTION_ROWS: the rows whose host work
+    # GPU path's SnapKV / H2O / A2SF (unless KVCOMP_EVICTION_ROWS=0): the rows whose host work
     # after attention does anything (``eviction_gpu.host_rows``, once a step rather than
     # every layer walking every request) and what the step's layers share, filled by the
     # first layer that needs it
@@ -105,20 +105,13 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         self.on_cpu = torch.device(device).type == "cpu"
         self.max_model_len = vllm_config.model_config.max_model_len
         from vllm_kvcomp.config import config_from_vllm_config
-        from vllm_kvcomp.kernels.eviction_gpu import selects_on_host
+        from vllm_kvcomp.kernels.eviction_gpu import eviction_rows_config, selects_on_host
 
         # the GPU path's SnapKV / H2O / A2SF select host-side: they get the host lists too
         cfg = config_from_vllm_config(vllm_config)
         self.host_lists = self.on_cpu or selects_on_host(cfg)
-        # the config whose eviction rows each step's metadata carries (KVCOMP_EVICTION_ROWS)
-        self.rows_config = None
-        if not self.on_cpu and selects_on_host(cfg):
-            import os
-
-            from vllm_kvcomp.launch_env import EVICTION_ROWS_ENV
-
-            if os.environ.get(EVICTION_ROWS_ENV) == "1":
-                self.rows_config = cfg
+        # the config whose eviction rows each step's metadata carries, or None
+        self.rows_config = None if self.on_cpu else eviction_rows_config(cfg)
         from vllm_kvcomp.spec import KvcompSpec
 
         if not self.on_cpu and isinstance(kv_cache_spec, KvcompSpec):

@@ -20,11 +20,11 @@ DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_r
 # (validation.GPU_RUN_EVICTION names those that have) with the Triton path
 # (kernels/eviction_gpu.py); otherwise a GPU start-up refuses them
 EVICTION_GPU_ENV = "KVCOMP_EVICTION_GPU"
-# "1": the GPU path's SnapKV / H2O / A2SF do their host work after attention once a step,
-# for the requests it concerns (a prompt's observation window, a layout that moves), and
-# share the step's ranges and read width across layers (kernels/eviction_gpu.py
-# ``host_rows``), instead of every layer walking every request; the same launches, so
-# the same output. Off until a GPU has run it.
+# "0": the GPU path's SnapKV / H2O / A2SF walk every request of a step after each layer's
+# attention, as before; by default their host work is done once a step, for the requests
+# it concerns (a prompt's observation window, a layout that moves), and the step's ranges
+# and read width are shared across layers (kernels/eviction_gpu.py ``host_rows``): the
+# same launches, so the same output (H200 run 2026-12-04-h200-w4-rows-scores)
 EVICTION_ROWS_ENV = "KVCOMP_EVICTION_ROWS"
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
