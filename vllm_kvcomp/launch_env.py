@@ -24,7 +24,8 @@ EVICTION_GPU_ENV = "KVCOMP_EVICTION_GPU"
 # attention, as before; by default their host work is done once a step, for the requests
 # it concerns (a prompt's observation window, a layout that moves), and the step's ranges
 # and read width are shared across layers (kernels/eviction_gpu.py ``host_rows``): the
-# same launches, so the same output (an H200 ran it: benchmarks/results/2026-12-04-h200-w4-eviction-rows)
+# same launches, so the same output (an H200 ran it:
+# benchmarks/results/2026-12-04-h200-w4-eviction-rows)
 EVICTION_ROWS_ENV = "KVCOMP_EVICTION_ROWS"
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
