@@ -372,12 +372,14 @@ def test_manager_frees_the_evicted_pages_where_the_worker_empties_them(kvcomp):
     assert pool.get_num_free_blocks() == free0
 
 
-def test_start_up_asks_for_prompt_lengths_and_a_gpu_refuses_a2sf(tmp_path, monkeypatch):
-    """H2O's Triton path has served on a GPU; A2SF's (H2O's with a decay) has
-    not, so a GPU start-up refuses it unless asked for."""
+def test_start_up_asks_for_prompt_lengths_and_a_gpu_serves_both(tmp_path, monkeypatch):
+    """H2O's and A2SF's Triton paths have served on a GPU: a GPU start-up
+    takes both and asks vLLM for prompt lengths; a method the GPU path does
+    not have is refused there, with the ones it has named."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
+    from vllm_kvcomp import validation
     from vllm_kvcomp.tiny_model import make_tiny_llama
     from vllm_kvcomp.validation import check_eviction_platform
 
@@ -394,16 +396,20 @@ def test_start_up_asks_for_prompt_lengths_and_a_gpu_refuses_a2sf(tmp_path, monke
     for method in ("h2o", "a2sf"):
         cfg = KvcompConfig.from_dict({"eviction": _ev(method, 512, 64)})
         check_eviction_platform(cfg, on_cpu=True)
-    check_eviction_platform(KvcompConfig.from_dict({"eviction": _ev("h2o", 512, 64)}),
-                            on_cpu=False)
+        check_eviction_platform(cfg, on_cpu=False)
+    # a method that has not served on a GPU is refused there unless asked for
+    monkeypatch.setattr(validation, "GPU_RUN_EVICTION", ("snapkv", "streamingllm", "h2o"))
     with pytest.raises(KvcompConfigError, match="method='a2sf'.* runs only on the CPU"):
         check_eviction_platform(KvcompConfig.from_dict({"eviction": _ev("a2sf", 512, 64)}),
                                 on_cpu=False)
+    monkeypatch.setenv("KVCOMP_EVICTION_GPU", "1")
+    check_eviction_platform(KvcompConfig.from_dict({"eviction": _ev("a2sf", 512, 64)}),
+                            on_cpu=False)
+    monkeypatch.undo()
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False,
                         raising=False)
-    assert config("h2o").model_config.rswa_window is not None
-    with pytest.raises(ValueError, match="method='a2sf'.* runs only on the CPU path"):
-        config("a2sf")
+    for method in ("h2o", "a2sf"):
+        assert config(method).model_config.rswa_window is not None
 
 
 # --------------------------------------------------------------- end to end

@@ -21,7 +21,7 @@ DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_r
 # (kernels/eviction_gpu.py); otherwise a GPU start-up refuses them
 EVICTION_GPU_ENV = "KVCOMP_EVICTION_GPU"
 # "0": the GPU path's SnapKV / H2O / A2SF walk every request of a step after each layer's
-# attention, as before; by default their host work is done once a step, for the requests
+# attention; by default their host work is done once a step, for the requests
 # it concerns (a prompt's observation window, a layout that moves), and the step's ranges
 # and read width are shared across layers (kernels/eviction_gpu.py ``host_rows``): the
 # same launches, so the same output (an H200 ran it:

@@ -198,11 +198,11 @@ def check_tensor_parallel(cfg: KvcompConfig, tp_size: int, hf_config,
 # what the GPU (Triton) path evicts with (kernels/eviction_gpu.py)
 GPU_EVICTION = ("snapkv", "streamingllm", "h2o", "a2sf")
 # those of them whose engines have served on a GPU (H200, vLLM's default engine
-# settings: benchmarks/results/2026-12-04-h200-quest-eviction), SnapKV and H2O
-# beside a head map and SnapKV under Quest too (2026-12-04-h200-window-defaults-quest);
-# A2SF is H2O's path with a decay but has not itself run there, nor have a head map,
-# eviction and Quest all in one layer
-GPU_RUN_EVICTION = ("snapkv", "streamingllm", "h2o")
+# settings: benchmarks/results/2026-12-04-h200-quest-eviction; A2SF in
+# 2026-12-04-h200-w4-eviction-rows), SnapKV and H2O beside a head map and SnapKV
+# under Quest too (2026-12-04-h200-window-defaults-quest); a head map, eviction and
+# Quest all in one layer have not run there
+GPU_RUN_EVICTION = ("snapkv", "streamingllm", "h2o", "a2sf")
 
 
 def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> None:
