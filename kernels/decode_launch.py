@@ -212,10 +212,18 @@ def check_decode_launch(cfg: KvcompConfig, block_size: int, head_size: int,
                         block_size=block_size, seed=7)
     ref = batch.reference().float()
 
+    compile_errors = []
+
     def error(kw) -> float:
         worst = 0.0
         for splits in (1, 3):
-            out = batch.triton(num_splits=splits, device=device, **kw).float()
+            try:
+                out = batch.triton(num_splits=splits, device=device, **kw).float()
+            except triton.CompilationError as e:
+                # e.g. a head too small for the tensor-core dots of the key bits'
+                # phases: a start-up refusal that names it, not a traceback
+                compile_errors.append(str(e).strip().splitlines()[-1])
+                return math.inf
             # scaled like assert_close(atol=rtol=tol): <= 1 passes
             err = (out - ref).abs() / (TOL[dtype] * (1 + ref.abs()))
             worst = max(worst, float(err.max()) if torch.isfinite(out).all() else math.inf)
@@ -237,6 +245,12 @@ def check_decode_launch(cfg: KvcompConfig, block_size: int, head_size: int,
                     launch, where, dtype, head_size, rep, errors[0], kw)
             _CHECKED_LAUNCHES[key] = kw
             return kw
+    if compile_errors:
+        raise RuntimeError(
+            f"kvcomp: the decode kernel does not compile on {where} for k_bits={cfg.k_bits}, "
+            f"v_bits={cfg.v_bits}, key_axis={cfg.key_axis!r} with head_size {head_size} "
+            f"({dtype}, {rep} query heads a KV head): {compile_errors[-1]}. Choose other "
+            "bits (2-bit keys need head_size >= 64 on a GPU) or another attention backend.")
     raise RuntimeError(
         f"kvcomp: the decode kernel disagrees with its reference on "
         f"{where} for {cfg} ({dtype}, head_size {head_size}, "

@@ -391,6 +391,23 @@ def test_startup_check_refuses_a_wrong_kernel(monkeypatch):
         _check(DEFAULT_LAUNCH)
 
 
+def test_startup_check_names_a_launch_that_does_not_compile(monkeypatch):
+    """A head too small for the key bits' tensor-core dots fails to compile
+    on a GPU (the interpreter does not check dot shapes): the check refuses
+    with the bits and head size named, not Triton's traceback."""
+    from triton.compiler.errors import CompilationError
+
+    def does_not_compile(*args, **kw):
+        raise CompilationError("src", None, "Input shapes should have M >= 1, N >= 1 and "
+                                            "K >= 16")
+
+    monkeypatch.setattr(triton_decode, "kvcomp_decode_attention", does_not_compile)
+    monkeypatch.setattr(decode_launch, "_CHECKED_LAUNCHES", {})
+    with pytest.raises(RuntimeError, match=r"does not compile .* k_bits=4, v_bits=4.*"
+                                           r"head_size 64.*K >= 16"):
+        _check(DEFAULT_LAUNCH)
+
+
 def test_startup_check_is_skipped_on_cpu(monkeypatch):
     calls = _corrupting(monkeypatch, lambda kw: True)
     launch = decode_launch.check_decode_launch(SMALL, 32, 64, torch.float32, 4, "cpu")
