@@ -1386,7 +1386,8 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
 
     # the references walk requests in Python: two of them on a GPU; bf16 there
     m, tol, mass_tol = (B, 2e-3, 1e-5) if a.smoke else (min(B, 2), 3e-2, 1e-2)
-    label = f"{name}+{method}{a.eviction_budget}{'+rows' if a.eviction_rows else ''}"
+    label = (f"{name}+{method}{a.eviction_budget}{'+rows' if a.eviction_rows else ''}"
+             f"{'+scores' if os.environ.get('KVCOMP_SCORE_KERNEL') == '1' else ''}")
     assert torch.isfinite(plain()).all(), f"{label}: non-finite output"
     out_kept = kept().clone()
     pages = table[:m].flatten().long()

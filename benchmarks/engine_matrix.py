@@ -110,6 +110,10 @@ SETTINGS = [
     ("k4v4_h2o_rows", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "_env": {"KVCOMP_EVICTION_ROWS": "1"}}),
+    # H2O with its decode scores accumulated by the Triton kernel (KVCOMP_SCORE_KERNEL)
+    ("k4v4_h2o_scores", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
+      "_env": {"KVCOMP_SCORE_KERNEL": "1"}}),
     # a head map whose retrieval heads keep their window as an e4m3 ring
     ("k4v4_split50_ring_fp8", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3",

@@ -16,7 +16,8 @@
 #      H2O / A2SF layers for DECODE_EVICTION methods (default h2o,a2sf; '' for none) at
 #      DECODE_EVICTION_BUDGET tokens (default 2048): the decode step's scoring overhead, the
 #      eviction step, and both per decode step of 32 layers (DECODE_EVICTION_ROWS=1: with the
-#      host work on the step's eviction rows, KVCOMP_EVICTION_ROWS);
+#      host work on the step's eviction rows, KVCOMP_EVICTION_ROWS; DECODE_SCORE_KERNEL=1: the
+#      scores accumulated by the Triton kernel, KVCOMP_SCORE_KERNEL=1);
 #   5. (step "capacity", not by default) the KV capacity vLLM logs at CAP_WORKLOAD's length
 #      (default C32K: max_model_len 32768) for CAP_SETTINGS, engines in fast start: the
 #      capacity is fixed when the KV cache is allocated, before torch.compile or graphs;
@@ -59,7 +60,7 @@ for step in $STEPS; do
       # -v: each failure is named in the log as it happens, so a job cut short still says which
       (python3 -P -m pytest -v -rf -n 8 -p no:cacheprovider tests/test_triton_store.py \
           tests/test_triton_prefill.py tests/test_triton_decode.py tests/test_triton_stream.py \
-          tests/test_triton_compaction.py > "$RES/kernel_tests.log" 2>&1
+          tests/test_triton_compaction.py tests/test_triton_scores.py > "$RES/kernel_tests.log" 2>&1
        log "kernel tests: $(tail -n 1 "$RES/kernel_tests.log")"
        # Quest's and eviction's Triton steps against their references (engines and
        # start-up checks left out: the matrix serves them)
@@ -89,6 +90,7 @@ for step in $STEPS; do
       log "capacity: $(grep -c '"kv_cache_tokens"' "$RES/capacity.json") engines" ;;
     decode)
       wait
+      ${DECODE_SCORE_KERNEL:+env KVCOMP_SCORE_KERNEL=1} \
       python3 benchmarks/bench_decode_kernel.py --batches "${DECODE_BATCHES:-32}" \
           --contexts "${DECODE_CONTEXTS:-32768}" --configs "${DECODE_CONFIGS:-k4v4,k2v2}" \
           --quest-budgets "${DECODE_QUEST:-2048}" ${DECODE_QUEST_SPLITS:+--quest-splits "$DECODE_QUEST_SPLITS"} \

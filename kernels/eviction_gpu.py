@@ -31,7 +31,8 @@ probabilities come from the decode kernel itself (``probs``: each read
 position's logit, normalised once the splits are merged), so scoring reads
 the KV cache no second time; ``add_decode_scores`` sums them over each KV
 head's query group and adds them to the in-page score slots with torch ops
-on the device, as ``h2o_ref.add_step_scores`` does. A prefill step's
+on the device, as ``h2o_ref.add_step_scores`` does (or, with
+``KVCOMP_SCORE_KERNEL=1``, in one Triton launch: ``triton_scores``). A prefill step's
 probabilities are the reference's (``attention_ref.request_attention``, a
 second pass over the request's cache, prefills only), computed for as many
 of the chunk's queries at a time as fit ``SCORE_PIECE_BYTES``. The eviction step
@@ -295,7 +296,8 @@ def add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor, layout,
     nothing and the others first multiplied by ``alpha``. The writes add a difference
     (0 at every position not read), so block-table entries past a request's
     pages or into its freed ones, which may be any page by now, change
-    nothing."""
+    nothing. The PyTorch reference of ``triton_scores.triton_add_decode_scores``
+    (one launch, chosen by ``KVCOMP_SCORE_KERNEL``: ``score_adder``)."""
     from vllm_kvcomp.kernels.h2o_ref import score_view
 
     B, Hq, L = probs.shape
@@ -321,6 +323,21 @@ def add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor, layout,
     new = torch.where((t == n - 1)[:, None, :], step, old * decay + step)
     sc.index_put_((blk, heads, slot), torch.where(read[:, None, :], new - old, 0.0),
                   accumulate=True)
+
+
+def score_adder():
+    """The decode scores' accumulation a step runs: the Triton kernel
+    (``triton_scores.triton_add_decode_scores``) where ``KVCOMP_SCORE_KERNEL=1``
+    (``launch_env.SCORE_KERNEL_ENV``), else ``add_decode_scores``' torch ops."""
+    import os
+
+    from vllm_kvcomp.launch_env import SCORE_KERNEL_ENV
+
+    if os.environ.get(SCORE_KERNEL_ENV) == "1":
+        from vllm_kvcomp.kernels.triton_scores import triton_add_decode_scores
+
+        return triton_add_decode_scores
+    return add_decode_scores
 
 
 # fp32 probabilities one piece of a prefill chunk's scoring may hold (its
@@ -360,8 +377,8 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
         else:
             ranges = evicted_ranges(cfg, bs, md.seq_lens[:nd], md.query_start_loc[1:nd + 1] -
                                     md.query_start_loc[:nd], md.prompt_lens[:nd])
-        add_decode_scores(decode_probs, packed_cache, layout, cfg, md.block_table[:nd],
-                          md.seq_lens[:nd], ranges)
+        score_adder()(decode_probs, packed_cache, layout, cfg, md.block_table[:nd],
+                      md.seq_lens[:nd], ranges)
     model_dtype = ar.step_model_dtype(cfg, residual_cache, query)
     rows = range(len(qsl) - 1)
     if md.eviction_rows is not None:  # the rows whose layout moves, and the prefill rows

@@ -234,11 +234,41 @@ def compact_case(c) -> list:
     return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
 
 
+def scores_case(c) -> list:
+    """H2O's decode scores accumulated by the Triton kernel
+    (``KVCOMP_SCORE_KERNEL=1``) as a decode step hands them over: the
+    default config's k4v4 pages and block size with score slots, the decode
+    kernel's fp32 probabilities over a read width that is a multiple of 16
+    and one that is not (Triton specializes the width and strides on that)."""
+    from unittest import mock
+
+    from vllm_kvcomp.backend import KvcompBackend
+    from vllm_kvcomp.kernels import triton_scores
+    from vllm_kvcomp.layout import PageLayout
+
+    D, H, rep = c["D"], c["H"], c["rep"]
+    cfg = KvcompConfig.from_dict({"eviction": {"method": "h2o", "budget_tokens": 2048}})
+    with mock.patch("vllm_kvcomp.backend.current_config", lambda: cfg):
+        bs = KvcompBackend.get_preferred_block_size(16)
+    layout = PageLayout(cfg, bs, D, 2)
+    cache = torch.zeros(64, H, layout.head_page_bytes, dtype=torch.uint8)
+    table = torch.zeros(1024, 64, dtype=torch.int32)
+    lens = torch.full((1024,), 4000, dtype=torch.int32)
+    with recorded_launches(triton_scores) as calls:
+        for B, W in ((32, 2175), (1, 2048)):
+            probs = torch.zeros(B, H * rep, W)
+            ranges = torch.zeros(B, 2, dtype=torch.int32)
+            triton_scores.triton_add_decode_scores(probs, cache, layout, cfg, table[:B],
+                                                   lens[:B], ranges)
+    return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
+
+
 def main(cases):
     out = {}
     for c in cases:
         fn = {"decode": decode_case, "prefill_store": prefill_store_case,
-              "engine": engine_case, "quest": quest_case, "compact": compact_case}[c["what"]]
+              "engine": engine_case, "quest": quest_case, "compact": compact_case,
+              "scores": scores_case}[c["what"]]
         try:
             out[c["id"]] = fn(c)
         except Exception as e:  # reported per case; the test names it

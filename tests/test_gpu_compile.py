@@ -50,6 +50,9 @@ COMPACT = [((4, 4), "channel", 128, 128, 128, "bf16", "snapkv"),
            ((2, 2), "token", 64, 16, 64, "bf16", "snapkv"),
            ((4, 2), "token", 32, 32, 256, "fp16", "a2sf")]
 COMPACT_IDS = [f"k{b[0]}v{b[1]}-{a}-g{g}-bs{bs}-d{D}-{t}-{m}" for b, a, g, bs, D, t, m in COMPACT]
+# H2O / A2SF's decode scores by the Triton kernel (KVCOMP_SCORE_KERNEL, opt-in: not
+# on the default path): the default config's k4v4 pages, 8 KV heads of 4 query heads
+SCORES = dict(id="scores-k4v4-d128-h8-rep4", what="scores", D=128, H=8, rep=4)
 
 
 def _cases():
@@ -74,6 +77,7 @@ def _cases():
               for i, (b, D, t, r, bs, g) in zip(QUEST_IDS, QUEST)]
     cases += [dict(id="compact-" + i, what="compact", bits=b, axis=a, G=g, BS=bs, D=D, dtype=t,
                    method=m) for i, (b, a, g, bs, D, t, m) in zip(COMPACT_IDS, COMPACT)]
+    cases.append(SCORES)
     return cases
 
 
@@ -226,3 +230,13 @@ def test_compaction_compiles_for_sm90(compiled, case):
     assert set(k) == {"_kvcomp_compact_kernel"}
     main = k["_kvcomp_compact_kernel"]
     assert main["cubin_bytes"] > 0 and main["loop_barriers"] > 0, main
+
+
+def test_score_kernel_compiles_for_sm90(compiled):
+    """The decode-score kernel (``triton_scores``) builds for sm_90 at both
+    specializations a decode step gives it (read widths a multiple of 16
+    and not, one request and many)."""
+    res = compiled[SCORES["id"]]
+    assert "error" not in res, res
+    assert len(res) == 2 and {k["kernel"] for k in res} == {"_kvcomp_decode_scores_kernel"}, res
+    assert all(k["cubin_bytes"] > 0 for k in res), res

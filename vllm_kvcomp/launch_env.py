@@ -27,6 +27,10 @@ EVICTION_GPU_ENV = "KVCOMP_EVICTION_GPU"
 # same launches, so the same output (an H200 ran it:
 # benchmarks/results/2026-12-04-h200-w4-eviction-rows)
 EVICTION_ROWS_ENV = "KVCOMP_EVICTION_ROWS"
+# "1": H2O / A2SF's decode scores are accumulated by one Triton launch a layer
+# (kernels/triton_scores.py) instead of the torch ops of eviction_gpu.add_decode_scores,
+# which cost a GPU far more time than the launch; off until a GPU has run the kernel
+SCORE_KERNEL_ENV = "KVCOMP_SCORE_KERNEL"
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
 
