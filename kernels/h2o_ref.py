@@ -133,17 +133,78 @@ def evict_step(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig
 
     policy = cfg.eviction.policy(layout.block_size)
     P = prompt_len
-    k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), P)
-    k1, e1 = policy.layout(n, cfg.quantized_prefix_len(n), P)
-    # candidates [0, k0) then [e0, e1): already in place where they make one run from 0
-    if (k1, e1) == (k0, e0) or (k0 + max(0, e1 - e0) == k1 and (e1 <= e0 or e0 == k0)):
+    step = _eviction_layouts(cfg, policy, start, n, P)
+    if step is None:
         return
+    k0, e0, k1, e1 = step
     made = block_row.device if on_device else "cpu"
     cand = torch.cat([torch.arange(0, k0, device=made),
                       torch.arange(e0, max(e0, e1), device=made)]).to(block_row.device)
     scores = read_scores(packed_cache, layout, block_row, cand)
     kept = cand[policy.select(scores, k1)]
     compact(packed_cache, layout, block_row, kept, model_dtype)
+
+
+def _eviction_layouts(cfg: KvcompConfig, policy, start: int, n: int,
+                      P: int) -> tuple[int, int, int, int] | None:
+    """``(k0, e0, k1, e1)``: the layouts of ``start`` and ``n`` tokens, or
+    None where the step moves nothing."""
+    k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), P)
+    k1, e1 = policy.layout(n, cfg.quantized_prefix_len(n), P)
+    # candidates [0, k0) then [e0, e1): already in place where they make one run from 0
+    if (k1, e1) == (k0, e0) or (k0 + max(0, e1 - e0) == k1 and (e1 <= e0 or e0 == k0)):
+        return None
+    return k0, e0, k1, e1
+
+
+def evict_steps(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
+                block_table: torch.Tensor, rows, starts, ns, prompt_lens,
+                model_dtype: torch.dtype) -> None:
+    """``evict_step(..., compact=triton_compact, on_device=True)`` for each
+    request ``rows[i]`` of ``block_table`` (``starts[i]``, ``ns[i]``,
+    ``prompt_lens[i]``: host ints), the same bytes written, in a fixed
+    number of launches for all of them: a request's launches, not its
+    work, are what an eviction step costs the host. Candidates are padded
+    to the longest request's count with scores of ``-inf``, which a stable
+    sort puts before every real (accumulated, so finite) score without
+    changing the order of those: the ``k1`` best are ``policy.select``'s.
+    Requests keeping fewer than the most drop their surplus from the
+    front of that tail. ``model_dtype`` is not read (``triton_compact``)."""
+    from vllm_kvcomp.kernels.triton_compaction import triton_compact_batch
+
+    policy = cfg.eviction.policy(layout.block_size)
+    plan = []
+    for i, start, n, P in zip(rows, starts, ns, prompt_lens):
+        step = _eviction_layouts(cfg, policy, start, n, P)
+        if step is not None:
+            k0, e0, k1, e1 = step
+            plan.append((i, k0, e0, k0 + max(0, e1 - e0), k1))
+    if not plan:
+        return
+    R, C, kmax = len(plan), max(p[3] for p in plan), max(p[4] for p in plan)
+    if kmax == 0:
+        return
+    dev = block_table.device
+    # one copy of the whole plan, from pinned memory so that it does not wait for the device
+    host = torch.tensor(plan, dtype=torch.long).T.contiguous()
+    if dev.type == "cuda":
+        host = host.pin_memory()
+    row, k0, e0, count, k1 = host.to(dev, non_blocking=True)[:, :, None]
+    bs = layout.block_size
+    c = torch.arange(C, device=dev)[None]
+    real = c < count
+    cand = torch.where(c < k0, c, c - k0 + e0)
+    cand = torch.where(real, cand, cand[:, :1])  # a real slot: every block-table entry read holds
+    block_rows = block_table[row[:, 0]]
+    blk = block_rows.long().gather(1, cand // bs)
+    heads = torch.arange(packed_cache.shape[1], device=dev)[None, :, None]
+    scores = score_view(packed_cache, layout)[blk[:, None], heads, (cand % bs)[:, None]]
+    scores = scores.masked_fill(~real[:, None], float("-inf"))  # [R, H, C]
+    best = torch.sort(scores, dim=-1, stable=True).indices[..., C - kmax:]
+    j = torch.arange(kmax, device=dev)
+    best = torch.where(j >= kmax - k1[:, :, None], best, C - 1)  # dropped, sorted last
+    kept = cand.gather(1, torch.sort(best, dim=-1).values.flatten(1)).view(best.shape)
+    triton_compact_batch(packed_cache, layout, block_rows, kept, k1[:, 0])
 
 
 def dense_probs(p: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
