@@ -38,7 +38,9 @@ second pass over the request's cache, prefills only), computed for as many
 of the chunk's queries at a time as fit ``SCORE_PIECE_BYTES``. The eviction step
 that follows is the reference's (``h2o_ref.evict_step``: the selection, per
 request on the host lists, so these steps too run eagerly,
-``selects_on_host``) with the Triton compaction.
+``selects_on_host``) with the Triton compaction; with
+``KVCOMP_EVICTION_BATCH=1`` and the eviction rows, one batch for all of a
+layer's evicting requests (``h2o_ref.evict_steps``, the same bytes).
 """
 
 from __future__ import annotations
@@ -340,6 +342,18 @@ def score_adder():
     return add_decode_scores
 
 
+def eviction_batch() -> bool:
+    """Whether a layer's H2O / A2SF eviction steps run as one batch
+    (``h2o_ref.evict_steps``, the same bytes as ``evict_step`` row by row)
+    where the step has its eviction rows: ``KVCOMP_EVICTION_BATCH=1``
+    (``launch_env.EVICTION_BATCH_ENV``)."""
+    import os
+
+    from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV
+
+    return os.environ.get(EVICTION_BATCH_ENV) == "1"
+
+
 # fp32 probabilities one piece of a prefill chunk's scoring may hold (its
 # scores, probabilities and float64 sums are a few times that): a whole
 # 8K-token chunk over 32K keys with 32 query heads would be 34 GB, outside
@@ -383,6 +397,9 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
     rows = range(len(qsl) - 1)
     if md.eviction_rows is not None:  # the rows whose layout moves, and the prefill rows
         rows = sorted(set(md.eviction_rows).union(range(nd, len(qsl) - 1)))
+    # a row's eviction reads and writes its own pages alone, so all of them may follow
+    # every row's scoring
+    batch = [] if md.eviction_rows is not None and eviction_batch() else None
     for i in rows:
         n = lens[i]
         qs, qe = qsl[i], qsl[i + 1]
@@ -407,5 +424,11 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
                                      probs_out=probs, from_row=r0)
                 h2o_ref.add_query_scores(packed_cache, layout, cfg, row, start, T, *probs[0],
                                          first_query=r0)
-        h2o_ref.evict_step(packed_cache, layout, cfg, row, start, n, P, model_dtype,
-                           compact=triton_compact, on_device=md.eviction_rows is not None)
+        if batch is not None:
+            batch.append((i, start, n, P))
+        else:
+            h2o_ref.evict_step(packed_cache, layout, cfg, row, start, n, P, model_dtype,
+                               compact=triton_compact, on_device=md.eviction_rows is not None)
+    if batch:
+        h2o_ref.evict_steps(packed_cache, layout, cfg, md.block_table, *zip(*batch),
+                            model_dtype)

@@ -133,3 +133,54 @@ def test_requests_keeping_different_counts(monkeypatch):
     h2o_ref.evict_steps(got, layout, cfg, table, rows, *zip(*steps), torch.bfloat16)
     assert not torch.equal(want.cpu(), cache)
     assert torch.equal(got.cpu(), want.cpu())
+
+
+# ------------------------------------------------ the backend's Triton steps
+
+def _scored_step_cases():
+    from test_eviction_gpu import SCORED_CASES
+
+    return SCORED_CASES
+
+
+def _through_evictions(cfg, bs, prompts, schedule, count):
+    """``schedule`` up to its ``count``-th step in which a request compacts
+    (the rest of a long decode costs the interpreter time and shows nothing new)."""
+    policy = cfg.eviction.policy(bs)
+    done = [0] * len(prompts)
+    for si, step in enumerate(schedule):
+        count -= any(t and h2o_ref._eviction_layouts(cfg, policy, c, c + t, P) is not None
+                     for c, t, P in zip(done, step, prompts))
+        if count == 0:
+            return schedule[:si + 1]
+        done = [c + t for c, t in zip(done, step)]
+    return schedule
+
+
+@pytest.mark.parametrize("kvcomp,bs,prompts,schedule", _scored_step_cases())
+def test_triton_steps_with_the_batched_eviction_are_the_same(monkeypatch, kvcomp, bs, prompts,
+                                                              schedule):
+    """With the eviction rows, ``KVCOMP_EVICTION_BATCH=1`` gives every
+    output of the Triton steps bit for bit: its eviction steps taken by
+    ``evict_steps`` (compactions among them), none by ``evict_step``."""
+    from test_eviction_gpu import _inputs, _run
+
+    from vllm_kvcomp.kernels import triton_compaction
+    from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV
+
+    cfg = KvcompConfig.from_dict(kvcomp)
+    total = sum(map(sum, schedule))
+    q, k, v = _inputs(total, prompts, 8, seed=len(schedule))
+    schedule = _through_evictions(cfg, bs, prompts, schedule, 2)
+    monkeypatch.delenv(EVICTION_BATCH_ENV, raising=False)
+    plain = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True)
+    compacted, single = [], []
+    compact, evict_step = triton_compaction.triton_compact_batch, h2o_ref.evict_step
+    monkeypatch.setattr(triton_compaction, "triton_compact_batch",
+                        lambda *a: compacted.append(1) or compact(*a))
+    monkeypatch.setattr(h2o_ref, "evict_step",
+                        lambda *a, **kw: single.append(1) or evict_step(*a, **kw))
+    monkeypatch.setenv(EVICTION_BATCH_ENV, "1")
+    got = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True)
+    assert torch.equal(got, plain)
+    assert len(compacted) >= 2 and not single

@@ -31,6 +31,11 @@ EVICTION_ROWS_ENV = "KVCOMP_EVICTION_ROWS"
 # (kernels/triton_scores.py) instead of the torch ops of eviction_gpu.add_decode_scores,
 # which cost a GPU far more time than the launch; off until a GPU has run the kernel
 SCORE_KERNEL_ENV = "KVCOMP_SCORE_KERNEL"
+# "1": with the eviction rows, a layer's H2O / A2SF eviction steps run as one batch
+# for all of its evicting requests (h2o_ref.evict_steps, one compaction launch)
+# instead of a dozen small launches a request, host time that outgrew the step;
+# the same bytes written; off until a GPU has run it
+EVICTION_BATCH_ENV = "KVCOMP_EVICTION_BATCH"
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
 
