@@ -270,10 +270,12 @@ def test_streamingllm_with_a_head_map_is_refused(tmp_path):
 def test_gpu_platform_serves_streamingllm_through_vllms_config_path(tmp_path, monkeypatch):
     """StreamingLLM's Triton path has served on a GPU: a start-up with the
     platform check answering as a GPU would takes it with no further switch;
-    A2SF, which has not run there, is refused unless asked for."""
+    a method that has not run there (A2SF, made one here) is refused through
+    vLLM's config path, naming it."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
+    from vllm_kvcomp import validation
     from vllm_kvcomp.tiny_model import make_tiny_llama
 
     model = make_tiny_llama(str(tmp_path / "tiny"))
@@ -287,6 +289,7 @@ def test_gpu_platform_serves_streamingllm_through_vllms_config_path(tmp_path, mo
                           ).create_engine_config()
 
     assert config(_ev(4, 64)).additional_config["kvcomp"]["eviction"] == _ev(4, 64)
+    monkeypatch.setattr(validation, "GPU_RUN_EVICTION", ("snapkv", "streamingllm", "h2o"))
     with pytest.raises(ValueError, match="method='a2sf'.* runs only on the CPU path"):
         config({"method": "a2sf", "budget_tokens": 256, "alpha": 0.5})
 
