@@ -181,7 +181,7 @@ def evict_steps(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfi
             plan.append((i, k0, e0, k0 + max(0, e1 - e0), k1))
     if not plan:
         return
-    R, C, kmax = len(plan), max(p[3] for p in plan), max(p[4] for p in plan)
+    C, kmax = max(p[3] for p in plan), max(p[4] for p in plan)
     if kmax == 0:
         return
     dev = block_table.device

@@ -215,7 +215,8 @@ def quest_case(c) -> list:
 
 def compact_case(c) -> list:
     """The compaction of a request's pages after an eviction's selection, at
-    a kept count no multiple of a page or key group."""
+    a kept count no multiple of a page or key group; ``batch``: several
+    requests' in one launch."""
     from vllm_kvcomp.kernels import triton_compaction
     from vllm_kvcomp.layout import PageLayout
 
@@ -230,7 +231,12 @@ def compact_case(c) -> list:
     row = torch.zeros(64, dtype=torch.int32)
     kept = torch.arange(1001).expand(H, 1001).contiguous()
     with recorded_launches(triton_compaction) as calls:
-        triton_compaction.triton_compact(cache, layout, row, kept, dtype)
+        if c.get("batch"):  # H2O / A2SF's batched step (KVCOMP_EVICTION_BATCH): 3 requests
+            triton_compaction.triton_compact_batch(
+                cache, layout, row.expand(3, 64), kept.expand(3, H, 1001),
+                torch.tensor([1001, 1001, 700]))
+        else:
+            triton_compaction.triton_compact(cache, layout, row, kept, dtype)
     return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
 
 

@@ -8,12 +8,14 @@ import random
 
 import pytest
 import torch
+from test_eviction_gpu import SCORED_CASES, _inputs, _run
 from test_triton_compaction import random_pages
 
 from vllm_kvcomp.config import KvcompConfig
-from vllm_kvcomp.kernels import h2o_ref
+from vllm_kvcomp.kernels import h2o_ref, triton_compaction
 from vllm_kvcomp.kernels.h2o_ref import score_view
 from vllm_kvcomp.kernels.triton_compaction import triton_compact
+from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV
 from vllm_kvcomp.layout import PageLayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,7 +124,7 @@ def test_requests_keeping_different_counts(monkeypatch):
 
     monkeypatch.setattr(h2o_ref, "_eviction_layouts", fewer)
     cfg, layout, steps, table, cache, rows = _setup((4, 4), "channel", 16, 16, 2, "h2o", 3)
-    assert len({s[0] % 7 for s, r in zip(steps, rows)
+    assert len({s[0] % 7 for s in steps
                 if fewer(cfg, cfg.eviction.policy(16), *s) is not None}) > 1
     want = cache.clone().to(DEVICE)
     table = table.to(DEVICE)
@@ -136,12 +138,6 @@ def test_requests_keeping_different_counts(monkeypatch):
 
 
 # ------------------------------------------------ the backend's Triton steps
-
-def _scored_step_cases():
-    from test_eviction_gpu import SCORED_CASES
-
-    return SCORED_CASES
-
 
 def _through_evictions(cfg, bs, prompts, schedule, count):
     """``schedule`` up to its ``count``-th step in which a request compacts
@@ -157,17 +153,12 @@ def _through_evictions(cfg, bs, prompts, schedule, count):
     return schedule
 
 
-@pytest.mark.parametrize("kvcomp,bs,prompts,schedule", _scored_step_cases())
+@pytest.mark.parametrize("kvcomp,bs,prompts,schedule", SCORED_CASES)
 def test_triton_steps_with_the_batched_eviction_are_the_same(monkeypatch, kvcomp, bs, prompts,
                                                               schedule):
     """With the eviction rows, ``KVCOMP_EVICTION_BATCH=1`` gives every
     output of the Triton steps bit for bit: its eviction steps taken by
     ``evict_steps`` (compactions among them), none by ``evict_step``."""
-    from test_eviction_gpu import _inputs, _run
-
-    from vllm_kvcomp.kernels import triton_compaction
-    from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV
-
     cfg = KvcompConfig.from_dict(kvcomp)
     total = sum(map(sum, schedule))
     q, k, v = _inputs(total, prompts, 8, seed=len(schedule))

@@ -50,6 +50,8 @@ COMPACT = [((4, 4), "channel", 128, 128, 128, "bf16", "snapkv"),
            ((2, 2), "token", 64, 16, 64, "bf16", "snapkv"),
            ((4, 2), "token", 32, 32, 256, "fp16", "a2sf")]
 COMPACT_IDS = [f"k{b[0]}v{b[1]}-{a}-g{g}-bs{bs}-d{D}-{t}-{m}" for b, a, g, bs, D, t, m in COMPACT]
+# H2O / A2SF's batched compaction (KVCOMP_EVICTION_BATCH), on those cases
+COMPACT_BATCH_IDS = [i for i, c in zip(COMPACT_IDS, COMPACT) if c[-1] != "snapkv"]
 # H2O / A2SF's decode scores by the Triton kernel (KVCOMP_SCORE_KERNEL, opt-in: not
 # on the default path): the default config's k4v4 pages, 8 KV heads of 4 query heads
 SCORES = dict(id="scores-k4v4-d128-h8-rep4", what="scores", D=128, H=8, rep=4)
@@ -77,6 +79,9 @@ def _cases():
               for i, (b, D, t, r, bs, g) in zip(QUEST_IDS, QUEST)]
     cases += [dict(id="compact-" + i, what="compact", bits=b, axis=a, G=g, BS=bs, D=D, dtype=t,
                    method=m) for i, (b, a, g, bs, D, t, m) in zip(COMPACT_IDS, COMPACT)]
+    cases += [dict(id="compact-batch-" + i, what="compact", bits=b, axis=a, G=g, BS=bs, D=D,
+                   dtype=t, method=m, batch=True)
+              for i, (b, a, g, bs, D, t, m) in zip(COMPACT_IDS, COMPACT) if m != "snapkv"]
     cases.append(SCORES)
     return cases
 
@@ -229,6 +234,18 @@ def test_compaction_compiles_for_sm90(compiled, case):
     k = _kernels(compiled, "compact-" + case)
     assert set(k) == {"_kvcomp_compact_kernel"}
     main = k["_kvcomp_compact_kernel"]
+    assert main["cubin_bytes"] > 0 and main["loop_barriers"] > 0, main
+
+
+@pytest.mark.parametrize("case", COMPACT_BATCH_IDS)
+def test_batched_compaction_compiles_for_sm90(compiled, case):
+    """H2O / A2SF's compaction of several requests in one launch
+    (``triton_compact_batch``, a request grid axis and each request's kept
+    count read on the device) builds for sm_90, its tiles separated by
+    barriers as the one-request kernel's."""
+    k = _kernels(compiled, "compact-batch-" + case)
+    assert set(k) == {"_kvcomp_compact_batch_kernel"}
+    main = k["_kvcomp_compact_batch_kernel"]
     assert main["cubin_bytes"] > 0 and main["loop_barriers"] > 0, main
 
 
