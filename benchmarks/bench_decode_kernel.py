@@ -144,6 +144,7 @@ from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
     stream_attention,
     stream_attention_reference,
 )
+from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV  # noqa: E402
 from vllm_kvcomp.layout import PageLayout, residual_block_size  # noqa: E402
 from vllm_kvcomp.policies.quest import Quest  # noqa: E402
 
@@ -1327,7 +1328,8 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
       as ``after_attention`` runs it, for every request of the batch at the
       longest length whose step evicts a page (selection among the heavy
       hitters and the page leaving the in-place range, the kept set moved
-      to the front).
+      to the front); with ``KVCOMP_EVICTION_BATCH=1`` one ``h2o_ref.evict_steps``
+      for the whole batch.
 
     The engine runs these steps eagerly (``eviction_gpu.selects_on_host``),
     so all three are timed eagerly (launches included, L2 flushed);
@@ -1379,7 +1381,13 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
 
     model_dtype = step_model_dtype(cfg, p.residual, p.query)
 
+    batch = os.environ.get(EVICTION_BATCH_ENV) == "1"
+
     def evict():
+        if batch:
+            h2o_ref.evict_steps(p.packed, layout, cfg, table, range(B), [n_evict - 1] * B,
+                                [n_evict] * B, [P] * B, model_dtype)
+            return
         for i in range(B):
             h2o_ref.evict_step(p.packed, layout, cfg, table[i], n_evict - 1, n_evict, P,
                                model_dtype, compact=triton_compact, on_device=a.eviction_rows)
@@ -1387,7 +1395,8 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
     # the references walk requests in Python: two of them on a GPU; bf16 there
     m, tol, mass_tol = (B, 2e-3, 1e-5) if a.smoke else (min(B, 2), 3e-2, 1e-2)
     label = (f"{name}+{method}{a.eviction_budget}{'+rows' if a.eviction_rows else ''}"
-             f"{'+scores' if os.environ.get('KVCOMP_SCORE_KERNEL') == '1' else ''}")
+             f"{'+scores' if os.environ.get('KVCOMP_SCORE_KERNEL') == '1' else ''}"
+             f"{'+batch' if batch else ''}")
     assert torch.isfinite(plain()).all(), f"{label}: non-finite output"
     out_kept = kept().clone()
     pages = table[:m].flatten().long()
