@@ -85,12 +85,6 @@ SETTINGS = {
     "kvcomp_k4v4_h2o2048": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}}},
-    # the same with the eviction host work once a step for the requests it concerns
-    # (KVCOMP_EVICTION_ROWS): without it H2O's W4 was host-bound at batch 256
-    "kvcomp_k4v4_h2o2048_rows": {"attention_backend": "kvcomp", "additional_config": {
-        "kvcomp": {"k_bits": 4, "v_bits": 4,
-                   "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_EVICTION_ROWS": "1"}},
     # the same with the decode scores accumulated by one Triton launch a layer
     # (KVCOMP_SCORE_KERNEL) instead of torch ops that made H2O slower than bf16
     "kvcomp_k4v4_h2o2048_scores": {"attention_backend": "kvcomp", "additional_config": {

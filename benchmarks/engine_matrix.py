@@ -91,26 +91,23 @@ SETTINGS = [
     ("k2v2_ring_fp8_r224", "d64", "float16",
      {"k_bits": 2, "v_bits": 2, "residual_tokens": 224, "residual_ring": True,
       "residual_dtype": "fp8_e4m3"}),
-    # opt-in (KVCOMP_EVICTION_GPU): SnapKV keeps 512 of the longer prompts' tokens a KV
+    # SnapKV keeps 512 of the longer prompts' tokens a KV
     # head, StreamingLLM sinks 4 + 256 recent; the kernels skip the freed pages
     ("k4v4_snapkv", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "snapkv", "budget_tokens": 512}}),
     ("k4v2_g32_streaming", "d64", "float16",
      {"k_bits": 4, "v_bits": 2, "group_size": 32,
       "eviction": {"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 256}}),
-    # opt-in (KVCOMP_EVICTION_GPU): H2O keeps 512 tokens a KV head (256 heavy hitters
+    # H2O keeps 512 tokens a KV head (256 heavy hitters
     # scored by the decode kernel's own probabilities, 256 recent)
     ("k4v4_h2o", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512}}),
-    # A2SF (H2O with a forgetting factor), and H2O with its host work once a step for the
-    # requests it concerns ("_env": set in the engine's process before it starts)
+    # A2SF (H2O with a forgetting factor)
     ("k4v4_a2sf", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4,
       "eviction": {"method": "a2sf", "budget_tokens": 512, "alpha": 0.9}}),
-    ("k4v4_h2o_rows", "d128", "bfloat16",
-     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_env": {"KVCOMP_EVICTION_ROWS": "1"}}),
-    # H2O with its decode scores accumulated by the Triton kernel (KVCOMP_SCORE_KERNEL)
+    # H2O with its decode scores accumulated by the Triton kernel (KVCOMP_SCORE_KERNEL;
+    # "_env": set in the engine's process before it starts)
     ("k4v4_h2o_scores", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "_env": {"KVCOMP_SCORE_KERNEL": "1"}}),
@@ -122,11 +119,11 @@ SETTINGS = [
     ("k4v4_split50_ring_fp8", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3",
       "head_map": {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]]}}),
-    # opt-in (KVCOMP_EVICTION_GPU): a head map with eviction from its retrieval heads
+    # a head map with eviction from its retrieval heads
     ("k4v4_split50_h2o", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "head_map": {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]]}}),
-    # opt-in (KVCOMP_EVICTION_GPU): Quest over the pages SnapKV kept
+    # Quest over the pages SnapKV kept
     ("k4v4_snapkv_quest256", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "snapkv", "budget_tokens": 1024},
       "quest": {"budget_tokens": 256, "dense_layers": 0}}),
