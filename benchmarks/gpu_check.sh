@@ -15,8 +15,9 @@
 #      DECODE_QUEST_LAUNCHES=1 times Quest's scoring and top-k at each launch choice;
 #      H2O / A2SF layers for DECODE_EVICTION methods (default h2o,a2sf; '' for none) at
 #      DECODE_EVICTION_BUDGET tokens (default 2048): the decode step's scoring overhead, the
-#      eviction step, and both per decode step of 32 layers (DECODE_EVICTION_ROWS=1: with the
-#      host work on the step's eviction rows, KVCOMP_EVICTION_ROWS; DECODE_SCORE_KERNEL=1: the
+#      eviction step, and both per decode step of 32 layers, the host work on the step's
+#      eviction rows as the engine does it (DECODE_EVICTION_ROWS=0: every request walked, as
+#      KVCOMP_EVICTION_ROWS=0 has it); DECODE_SCORE_KERNEL=1: the
 #      scores accumulated by the Triton kernel, KVCOMP_SCORE_KERNEL=1; DECODE_EVICTION_BATCH=1:
 #      the batch's eviction steps as one batched step, KVCOMP_EVICTION_BATCH=1);
 #   5. (step "capacity", not by default) the KV capacity vLLM logs at CAP_WORKLOAD's length
@@ -97,7 +98,7 @@ for step in $STEPS; do
           --quest-budgets "${DECODE_QUEST:-2048}" ${DECODE_QUEST_SPLITS:+--quest-splits "$DECODE_QUEST_SPLITS"} \
           ${DECODE_QUEST_LAUNCHES:+--quest-launches} \
           --eviction "${DECODE_EVICTION-h2o,a2sf}" --eviction-budget "${DECODE_EVICTION_BUDGET:-2048}" \
-          ${DECODE_EVICTION_ROWS:+--eviction-rows} \
+          $([ "${DECODE_EVICTION_ROWS:-1}" = 0 ] || echo --eviction-rows) \
           --head-split "${DECODE_SPLIT:-0.5}" \
           --baselines "${DECODE_BASELINES:-fa3_bf16}" \
           --out "$RES/decode.json" > "$RES/decode.md" 2>&1
