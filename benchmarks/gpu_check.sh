@@ -27,7 +27,8 @@
 #      weights (the host has no checkpoint, so the maps say nothing about any model): wall time
 #      and peak GPU memory of each at 8B shapes; CAL_RAZOR_ARGS / CAL_DUO_ARGS replace their
 #      settings (duo: 2048-token samples, CAL_DUO_STEPS Adam steps, default 200 of the CLI's 300).
-# STEPS picks the steps and their order (default "tests matrix e2e").
+# STEPS picks the steps and their order (default "tests matrix e2e"); TEST_FILES (test paths)
+# has the tests step run those alone.
 #   start:  setsid nohup bash benchmarks/gpu_check.sh > /tmp/gpu_check.out 2>&1 < /dev/null &
 #   poll:   bash benchmarks/gpu_check.sh poll 570     # waits, then packs /tmp/res into $OUT
 # The job runs a copy of the tree taken at its start, so files may change while it runs; start
@@ -60,6 +61,12 @@ for step in $STEPS; do
   case $step in
     tests)
       # -v: each failure is named in the log as it happens, so a job cut short still says which
+      if [ -n "${TEST_FILES:-}" ]; then  # those files alone, beside the next step
+        (python3 -P -m pytest -v -rf -n 8 -p no:cacheprovider $TEST_FILES \
+            > "$RES/kernel_tests.log" 2>&1
+         log "tests ($TEST_FILES): $(tail -n 1 "$RES/kernel_tests.log")") &
+        continue
+      fi
       (python3 -P -m pytest -v -rf -n 8 -p no:cacheprovider tests/test_triton_store.py \
           tests/test_triton_prefill.py tests/test_triton_decode.py tests/test_triton_stream.py \
           tests/test_triton_compaction.py tests/test_triton_scores.py > "$RES/kernel_tests.log" 2>&1
@@ -67,7 +74,7 @@ for step in $STEPS; do
        # Quest's and eviction's Triton steps against their references (engines and
        # start-up checks left out: the matrix serves them)
        python3 -P -m pytest -v -rf -n 8 -p no:cacheprovider tests/test_quest.py \
-          tests/test_eviction_gpu.py tests/test_combinations.py \
+          tests/test_eviction_gpu.py tests/test_eviction_batch.py tests/test_combinations.py \
           -k "not engine and not serves and not refused and not gate" \
           > "$RES/policy_tests.log" 2>&1
        log "policy kernel tests: $(tail -n 1 "$RES/policy_tests.log")") & ;;
