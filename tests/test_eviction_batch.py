@@ -81,6 +81,19 @@ def _setup(bits, axis, G, bs, H, method, seed):
     return cfg, layout, steps, table, cache, rows
 
 
+def _batched_and_per_request(cfg, layout, steps, table, cache, rows):
+    """The cache on the host after ``evict_steps`` for ``rows`` and after
+    ``evict_step`` row by row (the kernels on DEVICE)."""
+    want = cache.clone().to(DEVICE)
+    table = table.to(DEVICE)
+    for r, (start, n, P) in zip(rows, steps):
+        h2o_ref.evict_step(want, layout, cfg, table[r], start, n, P, torch.bfloat16,
+                           compact=triton_compact, on_device=True)
+    got = cache.clone().to(DEVICE)
+    h2o_ref.evict_steps(got, layout, cfg, table, rows, *zip(*steps), torch.bfloat16)
+    return got.cpu(), want.cpu()
+
+
 @pytest.mark.parametrize("bits,axis,G,bs,H,method", CASES, ids=IDS)
 def test_batched_step_is_the_per_request_steps(bits, axis, G, bs, H, method):
     """Byte for byte the cache of ``evict_step`` request by request, over a
@@ -94,14 +107,7 @@ def test_batched_step_is_the_per_request_steps(bits, axis, G, bs, H, method):
     assert any(policy.layout(s, cfg.quantized_prefix_len(s), P) !=
                policy.layout(n, cfg.quantized_prefix_len(n), P) and not m
                for (s, n, P), m in zip(steps, moves))  # in place, not merely unmoved
-    want = cache.clone().to(DEVICE)
-    table = table.to(DEVICE)
-    for r, (start, n, P) in zip(rows, steps):
-        h2o_ref.evict_step(want, layout, cfg, table[r], start, n, P, torch.bfloat16,
-                           compact=triton_compact, on_device=True)
-    got = cache.clone().to(DEVICE)
-    h2o_ref.evict_steps(got, layout, cfg, table, rows, *zip(*steps), torch.bfloat16)
-    got, want = got.cpu(), want.cpu()
+    got, want = _batched_and_per_request(cfg, layout, steps, table, cache, rows)
     assert not torch.equal(want, cache)
     bad = (got != want).nonzero()
     assert bad.shape[0] == 0, f"{bad.shape[0]} bytes differ, first {bad[:4].tolist()}"
@@ -126,15 +132,9 @@ def test_requests_keeping_different_counts(monkeypatch):
     cfg, layout, steps, table, cache, rows = _setup((4, 4), "channel", 16, 16, 2, "h2o", 3)
     assert len({s[0] % 7 for s in steps
                 if fewer(cfg, cfg.eviction.policy(16), *s) is not None}) > 1
-    want = cache.clone().to(DEVICE)
-    table = table.to(DEVICE)
-    for r, (start, n, P) in zip(rows, steps):
-        h2o_ref.evict_step(want, layout, cfg, table[r], start, n, P, torch.bfloat16,
-                           compact=triton_compact, on_device=True)
-    got = cache.clone().to(DEVICE)
-    h2o_ref.evict_steps(got, layout, cfg, table, rows, *zip(*steps), torch.bfloat16)
-    assert not torch.equal(want.cpu(), cache)
-    assert torch.equal(got.cpu(), want.cpu())
+    got, want = _batched_and_per_request(cfg, layout, steps, table, cache, rows)
+    assert not torch.equal(want, cache)
+    assert torch.equal(got, want)
 
 
 # ------------------------------------------------ the backend's Triton steps
