@@ -144,7 +144,7 @@ from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
     stream_attention,
     stream_attention_reference,
 )
-from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV  # noqa: E402
+from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV, SCORE_KERNEL_ENV  # noqa: E402
 from vllm_kvcomp.layout import PageLayout, residual_block_size  # noqa: E402
 from vllm_kvcomp.policies.quest import Quest  # noqa: E402
 
@@ -1395,7 +1395,7 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
     # the references walk requests in Python: two of them on a GPU; bf16 there
     m, tol, mass_tol = (B, 2e-3, 1e-5) if a.smoke else (min(B, 2), 3e-2, 1e-2)
     label = (f"{name}+{method}{a.eviction_budget}{'+rows' if a.eviction_rows else ''}"
-             f"{'+scores' if os.environ.get('KVCOMP_SCORE_KERNEL') == '1' else ''}"
+             f"{'+scores' if os.environ.get(SCORE_KERNEL_ENV) == '1' else ''}"
              f"{'+batch' if batch else ''}")
     assert torch.isfinite(plain()).all(), f"{label}: non-finite output"
     out_kept = kept().clone()

@@ -386,11 +386,8 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
     qsl, lens, prompts = md.query_start_loc_cpu, md.seq_lens_cpu, md.prompt_lens_cpu
     nd = 0 if decode_probs is None else decode_probs.shape[0]
     if nd:
-        if md.eviction_shared is not None:  # the step's, shared; row by row the same
-            ranges = step_ranges(cfg, bs, md)[0][:nd]
-        else:
-            ranges = evicted_ranges(cfg, bs, md.seq_lens[:nd], md.query_start_loc[1:nd + 1] -
-                                    md.query_start_loc[:nd], md.prompt_lens[:nd])
+        # the step's ranges are row by row, so its leading decode rows' are theirs
+        ranges = step_ranges(cfg, bs, md)[0][:nd]
         score_adder()(decode_probs, packed_cache, layout, cfg, md.block_table[:nd],
                       md.seq_lens[:nd], ranges)
     model_dtype = ar.step_model_dtype(cfg, residual_cache, query)
