@@ -1,5 +1,6 @@
 """Helpers shared by the end-to-end tests: fresh-process engines, prompts, and
 vLLM's start-up config path for the start-up checks."""
+import atexit
 import copy
 import json
 import os
@@ -9,8 +10,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from engine_forkserver import IMPORT_ENV as FORK_IMPORT_ENV
+from engine_forkserver import MARK as FORK_MARK
 
 HERE = Path(__file__).parent
 KV_SIZE_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
@@ -20,7 +25,20 @@ def child_result(args: list, timeout: int, env: dict | None = None) -> tuple[obj
     """Run ``python *args`` in a fresh process (environment ``env``, default
     this one); return the JSON of the last ``RESULT <json>`` line it printed
     and its whole output. Fails the test, with the output's tail, if it exits
-    non-zero or prints no result."""
+    non-zero or prints no result. An engine script is forked from a process
+    that has imported vLLM already (``engine_forkserver.py``) where its
+    environment allows."""
+    env = dict(os.environ if env is None else env)
+    returncode, stdout, stderr = (_forked_child(args, timeout, env)
+                                  or _plain_child(args, timeout, env))
+    text = stdout + stderr
+    lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+    assert returncode == 0 and lines, text[-4000:]
+    return json.loads(lines[-1][len("RESULT "):]), text
+
+
+def _plain_child(args: list, timeout: int, env: dict) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``python *args`` in a fresh process."""
     # Output goes to files, not pipes, and the child gets a process group of its
     # own that is killed once it exits: an engine's worker that outlives it (a
     # tensor-parallel rank, seldom) would otherwise hold the pipes open and keep
@@ -38,11 +56,102 @@ def child_result(args: list, timeout: int, env: dict | None = None) -> tuple[obj
             proc.wait()
         out.seek(0)
         err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    text = stdout + stderr
-    lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
-    assert returncode == 0 and lines, text[-4000:]
-    return json.loads(lines[-1][len("RESULT "):]), text
+        return returncode, out.read(), err.read()
+
+
+# the scripts a fork server may run, and the defaults they give the variables
+# that the imports read (engine_runner.py, eviction_pool_child.py)
+FORKED_SCRIPTS = ("engine_runner.py", "eviction_pool_child.py")
+SCRIPT_IMPORT_DEFAULTS = {"OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
+# this process's fork server (one at a time: each holds ~0.8 GB, and the
+# machine's memory is shared with the Triton compile tests' children)
+_SERVER: list = []
+_SERVER_LOCK = threading.Lock()
+
+
+class ForkServer:
+    """A running ``engine_forkserver.py`` whose imports saw ``import_env``."""
+
+    def __init__(self, import_env: dict):
+        env = {k: v for k, v in os.environ.items() if k not in FORK_IMPORT_ENV}
+        env.update({k: v for k, v in import_env.items() if v is not None})
+        self.import_env = import_env
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "engine_forkserver.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env, start_new_session=True)
+        assert self._answer() == {"ready": True}
+
+    def fork(self, job: dict) -> int:
+        """The pid of a child running ``job`` (``engine_forkserver.py``)."""
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()["pid"]
+
+    def _answer(self) -> dict:
+        """The server's next answer (lines vLLM logged to its output skipped)."""
+        seen = []
+        for line in self.proc.stdout:
+            if line.startswith(FORK_MARK):
+                return json.loads(line[len(FORK_MARK):])
+            seen.append(line)
+        raise AssertionError("the engine fork server exited: " + "".join(seen)[-4000:])
+
+    def close(self) -> None:
+        # children run on in sessions of their own, reaped by init once it is gone
+        self.proc.stdin.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _close_server() -> None:
+    with _SERVER_LOCK:
+        while _SERVER:
+            _SERVER.pop().close()
+
+
+atexit.register(_close_server)
+
+
+def _forked_child(args: list, timeout: int, env: dict) -> tuple[int, str, str] | None:
+    """``_plain_child``'s result for an engine script, run by a child of this
+    process's fork server (started, or replaced, for the environment's
+    import-time variables); None where ``args`` is not an engine script or
+    ``KVCOMP_TEST_FORKSERVER=0``."""
+    import time
+
+    if os.environ.get("KVCOMP_TEST_FORKSERVER") == "0" or not args or \
+            Path(args[0]).name not in FORKED_SCRIPTS:
+        return None
+    import_env = {k: env.get(k, SCRIPT_IMPORT_DEFAULTS.get(k)) for k in FORK_IMPORT_ENV}
+    with tempfile.TemporaryDirectory() as d:
+        out, err, status = (os.path.join(d, n) for n in ("out", "err", "status"))
+        job = {"argv": list(args), "env": env, "out": out, "err": err, "status": status}
+        with _SERVER_LOCK:
+            if _SERVER and _SERVER[0].import_env != import_env:
+                _SERVER.pop().close()
+            if not _SERVER:
+                _SERVER.append(ForkServer(import_env))
+            pid = _SERVER[0].fork(job)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        try:  # the child's process group: an engine's workers die with it
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        while _alive(pid):
+            time.sleep(0.05)
+        returncode = int(Path(status).read_text()) if os.path.exists(status) else -9
+        read = lambda p: Path(p).read_text(errors="replace") if os.path.exists(p) else ""
+        return returncode, read(out), read(err)
 
 
 def bench_smoke(script: str, *args, out: Path) -> tuple[dict, str]:
