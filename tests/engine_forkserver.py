@@ -12,7 +12,7 @@ What the imports read from the environment at import time (the Triton
 interpreter switch, torch.compile's switch, the compute threads) is fixed
 when this process starts: ``IMPORT_ENV`` names those variables, and a job
 whose environment gives any of them another value is not run here
-(``e2e_util.child_result`` then starts a plain process).
+(``e2e_util`` replaces the server by one started with its values).
 
 Protocol (one line each way, JSON; this process's answers start with
 ``FORKSERVER``, as vLLM's import may log to the same stream): a job ``{"argv": [script, args...],
