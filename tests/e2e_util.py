@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from engine_forkserver import ENGINE_IMPORT_DEFAULTS
 from engine_forkserver import IMPORT_ENV as FORK_IMPORT_ENV
 from engine_forkserver import MARK as FORK_MARK
 
@@ -59,10 +60,8 @@ def _plain_child(args: list, timeout: int, env: dict) -> tuple[int, str, str]:
         return returncode, out.read(), err.read()
 
 
-# the scripts a fork server may run, and the defaults they give the variables
-# that the imports read (engine_runner.py, eviction_pool_child.py)
+# the scripts a fork server may run (they take ENGINE_IMPORT_DEFAULTS)
 FORKED_SCRIPTS = ("engine_runner.py", "eviction_pool_child.py")
-SCRIPT_IMPORT_DEFAULTS = {"OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
 # this process's fork server (one at a time: each holds ~0.8 GB, and the
 # machine's memory is shared with the Triton compile tests' children)
 _SERVER: list = []
@@ -104,11 +103,12 @@ class ForkServer:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie nobody reaps has finished)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    return True
 
 
 def _close_server() -> None:
@@ -130,7 +130,7 @@ def _forked_child(args: list, timeout: int, env: dict) -> tuple[int, str, str] |
     if os.environ.get("KVCOMP_TEST_FORKSERVER") == "0" or not args or \
             Path(args[0]).name not in FORKED_SCRIPTS:
         return None
-    import_env = {k: env.get(k, SCRIPT_IMPORT_DEFAULTS.get(k)) for k in FORK_IMPORT_ENV}
+    import_env = {k: env.get(k, ENGINE_IMPORT_DEFAULTS.get(k)) for k in FORK_IMPORT_ENV}
     with tempfile.TemporaryDirectory() as d:
         out, err, status = (os.path.join(d, n) for n in ("out", "err", "status"))
         job = {"argv": list(args), "env": env, "out": out, "err": err, "status": status}

@@ -1,8 +1,8 @@
 """A process that imports vLLM once and forks a fresh child for each test
 engine script (``engine_runner.py``, ``eviction_pool_child.py``).
 
-Importing vLLM takes about 7 s of a test engine's 9 to 10 s on the CI's two
-cores; the suite starts over a hundred engines. A child forked from this
+Importing vLLM takes about 7 s of a test engine's 9 to 10 s on two cores,
+and the suite starts many engines. A child forked from this
 process starts with the imports done and nothing else shared: it runs the
 script as ``python script args`` would (``__main__``, its own environment,
 its output to the files it is given), so each engine is still a fresh
@@ -15,12 +15,14 @@ whose environment gives any of them another value is not run here
 (``e2e_util`` replaces the server by one started with its values).
 
 Protocol (one line each way, JSON; this process's answers start with
-``FORKSERVER``, as vLLM's import may log to the same stream): a job ``{"argv": [script, args...],
-"env": {...}, "out": path, "err": path, "status": path}`` is answered with
-``{"pid": child pid}``; the child writes its exit code to ``status`` before
-it exits. Children are reaped here as they exit (SIGCHLD ignored), so the
-requester polls the pid and then reads the status file: no status file means
-the child was killed.
+``FORKSERVER``, as vLLM's import may log to the same stream): a job
+``{"argv": [script, args...], "env": {...}, "out": path, "err": path,
+"status": path}`` is answered with ``{"pid": child pid}``; the child writes
+its exit code to ``status`` before it exits. Children are reaped here as
+they exit (SIGCHLD ignored); one that outlives a replaced server is reaped
+by whatever adopts it, or stays a zombie, which the requester counts as
+gone. The requester polls the pid and then reads the status file: no status
+file means the child was killed.
 """
 import json
 import os
@@ -28,6 +30,23 @@ import signal
 import sys
 
 MARK = "FORKSERVER "
+# What the engine scripts give these variables unless the test does
+# (engine_runner.py, eviction_pool_child.py), before anything imports torch.
+ENGINE_IMPORT_DEFAULTS = {
+    # One compute thread, as vLLM's CPU worker takes on two cores when it binds
+    # its threads (one core is left to the engine core): two threads wait at
+    # every parallel region for a core that anything else on the machine may
+    # hold (an engine took up to 3x as long).
+    "OMP_NUM_THREADS": "1",
+    # No torch.compile: the model runs eager already, and what vLLM still compiles
+    # is its sampler's helpers (a random sample at warm-up, where these engines
+    # sample greedily, and the logprobs' rank count). Compiling them probes the
+    # CPU's vector instructions with a fresh Python process per probe, each
+    # importing torch (ten here): 12-30 s of a 20-40 s test engine on two cores.
+    # The helpers run as plain PyTorch instead, with the same results; the
+    # backend's code paths are the same.
+    "TORCH_COMPILE_DISABLE": "1",
+}
 # read by torch, Triton or vLLM's modules while they are imported
 IMPORT_ENV = ("TRITON_INTERPRET", "OMP_NUM_THREADS", "TORCH_COMPILE_DISABLE",
               "VLLM_TARGET_DEVICE", "PYTHONPATH", "CUDA_VISIBLE_DEVICES")

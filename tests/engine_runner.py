@@ -17,6 +17,8 @@ from pathlib import Path
 import os
 import sys
 
+from engine_forkserver import ENGINE_IMPORT_DEFAULTS
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # The engine core and its worker run in this process rather than in two more
 # that each import torch and vLLM again (most of a test engine's start-up on
@@ -24,19 +26,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # code either way; the soak (`vllm serve`) and quality tests run vLLM's
 # default process layout.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-# One compute thread, as vLLM's CPU worker takes on two cores when it binds
-# its threads (one core is left to the engine core): two threads wait at
-# every parallel region for a core that anything else on the machine may
-# hold (an engine took up to 3x as long).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-# No torch.compile: the model runs eager already, and what vLLM still compiles
-# is its sampler's helpers (a random sample at warm-up, where these engines
-# sample greedily, and the logprobs' rank count). Compiling them probes the
-# CPU's vector instructions with a fresh Python process per probe, each
-# importing torch (ten here): 12-30 s of a 20-40 s test engine on two cores.
-# The helpers run as plain PyTorch instead, with the same results; the
-# backend's code paths are the same.
-os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+# one compute thread, no torch.compile (engine_forkserver.py says why)
+for _name, _value in ENGINE_IMPORT_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 
 def _counter(metrics, name):

@@ -15,11 +15,13 @@ import random
 import sys
 from pathlib import Path
 
+from engine_forkserver import ENGINE_IMPORT_DEFAULTS
+
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# one compute thread and no torch.compile, as in engine_runner.py
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+# one compute thread, no torch.compile (engine_forkserver.py says why)
+for _name, _value in ENGINE_IMPORT_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 
 def _external(request_id):

@@ -74,7 +74,9 @@ def test_full_precision_prompts_are_not_cache_consistent(model):
 
 def test_fp8_window_is_cache_consistent(model):
     """A hit reads what a cold run stored: each prompt in a generate call of
-    its own, the second round's logprobs are the first's exactly.
+    its own, the second round's logprobs are the first's exactly. (Each hit
+    here, 768 and 512 tokens, ends where one of the cold run's 256-token
+    chunks ends, so the tokens after it are computed in the same shapes.)
 
     Each prompt runs alone because rounding to e4m3 on arrival turns the last
     bits of fp32 noise into whole e4m3 steps: with both prompts in one call,
