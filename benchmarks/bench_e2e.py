@@ -97,6 +97,13 @@ SETTINGS = {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
         "_env": {"KVCOMP_SCORE_KERNEL": "1", "KVCOMP_EVICTION_BATCH": "1"}},
+    # and with its decode steps captured in CUDA graphs (KVCOMP_EVICTION_GRAPHS: the
+    # eviction as fixed-shape device work, prompt steps eager)
+    "kvcomp_k4v4_h2o2048_graphs": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4,
+                   "eviction": {"method": "h2o", "budget_tokens": 2048}}},
+        "_env": {"KVCOMP_SCORE_KERNEL": "1", "KVCOMP_EVICTION_BATCH": "1",
+                 "KVCOMP_EVICTION_GRAPHS": "1"}},
     # half of each layer's KV heads streaming (sinks 64 + window 256): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map
     # written for the model at start-up marks streaming (a fixed map, not a calibrated

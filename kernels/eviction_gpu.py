@@ -95,14 +95,20 @@ def evicted_ranges(cfg: KvcompConfig, block_size: int, seq_lens: torch.Tensor,
         hi = torch.where(planned & (start >= P), hi, zero)
     else:
         assert ev.method in SCORED_EVICTION
-        policy = ev.policy(bs)
-        hi = _floor_to(torch.minimum(start - policy.rule.recent_tokens,
-                                     _q(cfg, start)).clamp(min=0), bs)
-        hi = torch.where(start >= P, hi, zero)
-        lo = torch.minimum(torch.full_like(n, policy.heavy_tokens), hi)
+        lo, hi = scored_layout(cfg, ev.policy(bs), start, P)
     some = hi > lo
     return torch.stack([torch.where(some, lo, zero), torch.where(some, hi, zero)],
                        dim=1).to(torch.int32)
+
+
+def scored_layout(cfg: KvcompConfig, policy, n: torch.Tensor,
+                  P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``policy.layout`` (``policies.h2o.PagedH2O``: ``(K, E)`` after ``n``
+    tokens of a request with prompt ``P``) on tensors of counts."""
+    bs = policy.block_size
+    e = _floor_to(torch.minimum(n - policy.rule.recent_tokens, _q(cfg, n)).clamp(min=0), bs)
+    e = torch.where(n >= P, e, torch.zeros_like(e))
+    return torch.minimum(torch.full_like(e, policy.heavy_tokens), e), e
 
 
 def evicted_ranges_reference(cfg: KvcompConfig, block_size: int, seq_lens, query_lens,
@@ -429,3 +435,79 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
     if batch:
         h2o_ref.evict_steps(packed_cache, layout, cfg, md.block_table, *zip(*batch),
                             model_dtype)
+
+
+# --------------------------------------------------------------------------
+# decode steps inside CUDA graphs
+# --------------------------------------------------------------------------
+
+
+def graph_eviction(cfg: KvcompConfig) -> bool:
+    """Whether SnapKV / H2O / A2SF's decode steps are captured in CUDA graphs
+    (``KVCOMP_EVICTION_GRAPHS=1``, ``launch_env.EVICTION_GRAPHS_ENV``): a
+    step whose every request is past its prompt needs no host decision
+    (``graph_after_attention``), and a step that holds a prompt's queries
+    (SnapKV's selection, a prompt's first eviction, its scores by the
+    reference) is never a uniform decode batch
+    (``patches/prompt_steps.py``), so it runs eagerly."""
+    import os
+
+    from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV
+
+    return selects_on_host(cfg) and os.environ.get(EVICTION_GRAPHS_ENV) == "1"
+
+
+def decode_probs_width(cfg: KvcompConfig, block_size: int) -> int:
+    """At least ``decode_read_width`` of any one-token step past its prompt
+    under H2O / A2SF: the kept ``K <= budget - R`` heavy hitters, then the
+    positions from ``E`` (a page boundary) up to the query's, which are at
+    most ``R`` plus a page or the full-precision window plus a key group and
+    a page (``policies.h2o.PagedH2O``). A captured decode step's ``probs``
+    have this width whatever the batch holds."""
+    ev = cfg.eviction
+    return ev.budget_tokens + cfg.residual_tokens + cfg.key_token_align + block_size
+
+
+def evict_decode_rows(packed_cache: torch.Tensor, layout, cfg: KvcompConfig,
+                      block_table: torch.Tensor, seq_lens: torch.Tensor,
+                      prompt_lens: torch.Tensor) -> None:
+    """``h2o_ref.evict_step`` of every row of a batch of one-token steps
+    (from ``seq_lens - 1`` to ``seq_lens`` tokens), the same bytes written,
+    in shapes fixed by the config alone, without a host sync: each row's
+    layouts on the device (``scored_layout``), then ``select_and_compact``
+    over ``heavy + (align // bs + 1) * bs`` candidates (a one-token step
+    moves ``E`` by at most that much past ``K <= heavy``). A row whose
+    layout stays, a padding row (``seq_lens`` 0) and a row whose step ends
+    its prompt (never in a captured step: ``graph_eviction``) keep nothing
+    and are left as they are."""
+    from vllm_kvcomp.kernels.h2o_ref import select_and_compact
+
+    bs = layout.block_size
+    policy = cfg.eviction.policy(bs)
+    n, P = seq_lens.long(), prompt_lens.long()
+    k0, e0 = scored_layout(cfg, policy, n - 1, P)
+    k1, e1 = scored_layout(cfg, policy, n, P)
+    count = k0 + (e1 - e0).clamp(min=0)
+    # _eviction_layouts' test: a step that moves nothing, or whose candidates are in place
+    stays = ((k1 == k0) & (e1 == e0)) | ((count == k1) & ((e1 <= e0) | (e0 == k0)))
+    steps = ~stays & (n - 1 >= P) & (n > 0)
+    zero = torch.zeros_like(n)
+    C = policy.heavy_tokens + (cfg.key_token_align // bs + 1) * bs
+    select_and_compact(packed_cache, layout, block_table, k0[:, None], e0[:, None],
+                       torch.where(steps, count, zero)[:, None],
+                       torch.where(steps, k1, zero)[:, None], C, policy.heavy_tokens)
+
+
+def graph_after_attention(packed_cache: torch.Tensor, layout, cfg: KvcompConfig, md,
+                          ranges: torch.Tensor, decode_probs: torch.Tensor | None) -> None:
+    """What eviction does after a decode step whose every row is past its
+    prompt (``md.graph_decode``), as device work of fixed shapes that a
+    CUDA graph replays: H2O / A2SF's scores from ``decode_probs`` and their
+    eviction steps (``evict_decode_rows``); SnapKV selected at the prompt's
+    end and does nothing more."""
+    if decode_probs is None:
+        return
+    B = decode_probs.shape[0]
+    table, lens = md.block_table[:B], md.seq_lens[:B]
+    score_adder()(decode_probs, packed_cache, layout, cfg, table, lens, ranges[:B])
+    evict_decode_rows(packed_cache, layout, cfg, table, lens, md.prompt_lens[:B])

@@ -163,15 +163,10 @@ def evict_steps(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfi
     """``evict_step(..., compact=triton_compact, on_device=True)`` for each
     request ``rows[i]`` of ``block_table`` (``starts[i]``, ``ns[i]``,
     ``prompt_lens[i]``: host ints), the same bytes written, in a fixed
-    number of launches for all of them: a request's launches, not its
-    work, are what an eviction step costs the host. Candidates are padded
-    to the longest request's count with scores of ``-inf``, which a stable
-    sort puts before every real (accumulated, so finite) score without
-    changing the order of those: the ``k1`` best are ``policy.select``'s.
-    Requests keeping fewer than the most drop their surplus from the
-    front of that tail. ``model_dtype`` is not read (``triton_compact``)."""
-    from vllm_kvcomp.kernels.triton_compaction import triton_compact_batch
-
+    number of launches for all of them (``select_and_compact``, candidates
+    padded to the longest request's count): a request's launches, not its
+    work, are what an eviction step costs the host. ``model_dtype`` is not
+    read (``triton_compact``)."""
     policy = cfg.eviction.policy(layout.block_size)
     plan = []
     for i, start, n, P in zip(rows, starts, ns, prompt_lens):
@@ -190,12 +185,30 @@ def evict_steps(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfi
     if dev.type == "cuda":
         host = host.pin_memory()
     row, k0, e0, count, k1 = host.to(dev, non_blocking=True)[:, :, None]
+    select_and_compact(packed_cache, layout, block_table[row[:, 0]], k0, e0, count, k1, C,
+                       kmax)
+
+
+def select_and_compact(packed_cache: torch.Tensor, layout: PageLayout,
+                       block_rows: torch.Tensor, k0: torch.Tensor, e0: torch.Tensor,
+                       count: torch.Tensor, k1: torch.Tensor, C: int, kmax: int) -> None:
+    """The eviction steps of requests ``block_rows`` (``[R, NB]``), from
+    device tensors ``[R, 1]``: candidates ``[0, k0)`` then ``[e0, ...)``,
+    ``count`` of them (at most ``C``), of which each KV head keeps its
+    ``k1`` (at most ``kmax``) best, moved to ``[0, k1)``; a request with
+    ``k1`` 0 is left as it is. Candidates are padded to ``C`` with scores of
+    ``-inf``, which a stable sort puts before every real (accumulated, so
+    finite) score without changing the order of those: the ``k1`` best are
+    ``policy.select``'s. Requests keeping fewer than ``kmax`` drop their
+    surplus from the front of that tail. Fixed shapes, no host sync."""
+    from vllm_kvcomp.kernels.triton_compaction import triton_compact_batch
+
+    dev = block_rows.device
     bs = layout.block_size
     c = torch.arange(C, device=dev)[None]
     real = c < count
     cand = torch.where(c < k0, c, c - k0 + e0)
     cand = torch.where(real, cand, cand[:, :1])  # a real slot: every block-table entry read holds
-    block_rows = block_table[row[:, 0]]
     blk = block_rows.long().gather(1, cand // bs)
     heads = torch.arange(packed_cache.shape[1], device=dev)[None, :, None]
     scores = score_view(packed_cache, layout)[blk[:, None], heads, (cand % bs)[:, None]]

@@ -31,6 +31,9 @@ UPSTREAM_FINGERPRINTS = {
     # backend_enum.py
     "vllm.v1.attention.backends.registry:register_backend": "b01ecba97fc5db23",
     "vllm.v1.attention.backends.registry:AttentionBackendEnum": "d3b90792778adb4b",
+    # prompt_steps.py (the wrapped method, and the batch state it reads)
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._determine_batch_execution_and_padding": "7b647d9f2a09e811",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._is_uniform_decode": "d79b56da8d536ab9",
     # vllm_kvcomp/spec.py (KvcompResidualManager subclasses these)
     "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.allocate_new_blocks": "a4ae9bf5c410bb0e",
     "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.remove_skipped_blocks": "d53184d3e8ecb933",
@@ -59,8 +62,9 @@ def source_fingerprint(target: str) -> str:
 
 
 def apply_all() -> None:
-    from vllm_kvcomp.patches import attention_layer, backend_enum, platform_hooks
+    from vllm_kvcomp.patches import attention_layer, backend_enum, platform_hooks, prompt_steps
 
     backend_enum.apply()
     platform_hooks.apply()
     attention_layer.apply()
+    prompt_steps.apply()

@@ -168,9 +168,11 @@ def _impl(cfg):
     return impl
 
 
-def _metadata(sim, batch, prompt_lens, rows_config=None):
+def _metadata(sim, batch, prompt_lens, rows_config=None, graph=False):
     """The step's metadata as the backend's builder makes it; ``rows_config``:
-    with the rows whose host work matters (``KVCOMP_EVICTION_ROWS``)."""
+    with the rows whose host work matters (``KVCOMP_EVICTION_ROWS``);
+    ``graph``: a step whose every row decodes past its prompt taken as a
+    captured one (``KVCOMP_EVICTION_GRAPHS``)."""
     from vllm_kvcomp.backend import KvcompMetadata
     from vllm_kvcomp.kernels.eviction_gpu import host_rows
 
@@ -188,6 +190,8 @@ def _metadata(sim, batch, prompt_lens, rows_config=None):
     if rows_config is not None:
         md.eviction_rows = host_rows(rows_config, sim.bs, md)
         md.eviction_shared = {}
+    md.graph_decode = graph and max(q_lens) == 1 and all(
+        n > p for n, p in zip(lens, prompt_lens))
     res = None
     if sim.residual is not None:
         res = KvcompMetadata(
@@ -213,7 +217,7 @@ def _freed(cfg, bs, c, P):
 
 
 def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=None,
-         by_rows=False, rows_seen=None):
+         by_rows=False, rows_seen=None, graph=False):
     """Requests (prompt lengths ``prompts``, token rows one after another in
     q/k/v) through the steps of ``schedule`` (per step, each request's new
     tokens, one-token steps first as vLLM orders them), by the reference or
@@ -223,7 +227,8 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=Non
     are all held (sinks and window stay where they were written). ``quest``:
     the layer's Quest page selection (``policies.quest.Quest``). ``by_rows``: the
     Triton path with the step's eviction rows (``host_rows``), each step's
-    appended to ``rows_seen``."""
+    appended to ``rows_seen``; ``graph``: its decode steps past the prompts
+    as captured steps (``_metadata``)."""
     from vllm_kvcomp.kernels.head_split_ref import split_step_reference
 
     R = len(prompts)
@@ -254,7 +259,7 @@ def _run(cfg, prompts, schedule, q, k, v, bs, triton, head_split=None, quest=Non
         o = torch.zeros(len(rows), q.shape[1], D, device=DEVICE if triton else "cpu")
         if triton:
             qr, kr, vr = (x[rows].to(DEVICE) for x in (q, k, v))
-            md, res = _metadata(sim, batch, list(prompts), cfg if by_rows else None)
+            md, res = _metadata(sim, batch, list(prompts), cfg if by_rows else None, graph)
             if rows_seen is not None:
                 rows_seen.append(md.eviction_rows)
             impl = _impl(cfg)
@@ -517,6 +522,7 @@ def test_builder_gives_the_eviction_rows_unless_told_not_to(monkeypatch, env):
     builder.kv_cache_spec = SimpleNamespace(block_size=16)
     builder.on_cpu, builder.host_lists = False, True
     builder.rows_config = eviction_rows_config(cfg)
+    builder.prompt_lens_buffer = None
     assert eviction_rows_config(KvcompConfig.from_dict(
         {"eviction": {"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 24}})) is None
     i32 = dict(dtype=torch.int32)

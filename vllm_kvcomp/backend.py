@@ -87,6 +87,10 @@ class KvcompMetadata:
     # first layer that needs it
     eviction_rows: list[int] | None = None
     eviction_shared: dict | None = None
+    # KVCOMP_EVICTION_GRAPHS: a one-token step whose every row is past its prompt (or a
+    # CUDA-graph capture batch), whose eviction is fixed-shape device work reading
+    # ``prompt_lens`` from the builder's persistent buffer (eviction_gpu.graph_after_attention)
+    graph_decode: bool = False
 
 
 class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
@@ -112,6 +116,17 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         self.host_lists = self.on_cpu or selects_on_host(cfg)
         # the config whose eviction rows each step's metadata carries, or None
         self.rows_config = None if self.on_cpu else eviction_rows_config(cfg)
+        from vllm_kvcomp.kernels.eviction_gpu import graph_eviction
+
+        self.prompt_lens_buffer = None
+        if not self.on_cpu and graph_eviction(cfg):
+            # a captured step reads the prompt lengths where the capture found them; rows
+            # not filled by a step count as inside a prompt far longer than any sequence
+            sc = vllm_config.scheduler_config
+            rows = max(sc.max_num_seqs,
+                       vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+            self.prompt_lens_buffer = torch.full((rows,), 2**31 - 1, dtype=torch.int32,
+                                                 device=device)
         from vllm_kvcomp.spec import KvcompSpec
 
         if not self.on_cpu and isinstance(kv_cache_spec, KvcompSpec):
@@ -130,9 +145,10 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         from vllm.platforms import current_platform
 
         from vllm_kvcomp.config import config_from_vllm_config
-        from vllm_kvcomp.kernels.eviction_gpu import selects_on_host
+        from vllm_kvcomp.kernels.eviction_gpu import graph_eviction, selects_on_host
 
-        if current_platform.is_cpu() or selects_on_host(config_from_vllm_config(vllm_config)):
+        cfg = config_from_vllm_config(vllm_config)
+        if current_platform.is_cpu() or (selects_on_host(cfg) and not graph_eviction(cfg)):
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 
@@ -160,9 +176,18 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
             md.query_start_loc_cpu = cam.query_start_loc_cpu[: num_reqs + 1].tolist()
             md.seq_lens_cpu = cam.seq_lens_cpu[:num_reqs].tolist()
             if cam.rswa_prefix_lens is not None:
-                md.prompt_lens_cpu = cam.rswa_prefix_lens[:num_reqs].tolist()
-                md.prompt_lens = cam.rswa_prefix_lens[:num_reqs].to(
-                    cam.seq_lens.device, non_blocking=True)
+                # a copy the runner does not own: its pinned rows change with the next
+                # step's batch, possibly before an asynchronous copy of them has run
+                prompt_lens = cam.rswa_prefix_lens[:num_reqs].clone()
+                md.prompt_lens_cpu = prompt_lens.tolist()
+                if self.prompt_lens_buffer is not None:
+                    md.prompt_lens = self.prompt_lens_buffer[:num_reqs]
+                    md.prompt_lens.copy_(prompt_lens, non_blocking=True)
+                    # padding rows (no tokens) read and write nothing
+                    md.graph_decode = cam.max_query_len == 1 and all(
+                        n > p or n == 0 for n, p in zip(md.seq_lens_cpu, md.prompt_lens_cpu))
+                else:
+                    md.prompt_lens = prompt_lens.to(cam.seq_lens.device, non_blocking=True)
                 if self.rows_config is not None:
                     from vllm_kvcomp.kernels.eviction_gpu import host_rows
 
@@ -175,6 +200,10 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         # the decode kernel's split-K for the longest one.
         md = self.build(0, common_attn_metadata)
         md.max_seq_len = self.max_model_len
+        if self.prompt_lens_buffer is not None:
+            # what each replay's build copies the step's prompt lengths into
+            md.prompt_lens = self.prompt_lens_buffer[: md.num_reqs]
+            md.graph_decode = True
         return md
 
 
@@ -540,7 +569,9 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
 
             if ev is not None and eviction_gpu.scores_by_decode(cfg):
                 # H2O / A2SF score from the decode kernel's own probabilities
-                width = eviction_gpu.decode_read_width(cfg, layout.block_size, md, nd)
+                width = (eviction_gpu.decode_probs_width(cfg, layout.block_size)
+                         if md.graph_decode else
+                         eviction_gpu.decode_read_width(cfg, layout.block_size, md, nd))
                 probs = torch.empty(nd, q.shape[1], width, dtype=torch.float32,
                                     device=q.device)
             kvcomp_decode_attention(
@@ -553,7 +584,9 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         if nd < md.num_reqs:
             self._prefill_triton(q, key, value, out, packed_cache, residual_cache, md, layout,
                                  res_table, bs_r, nd, ev)
-        if ev is not None:
+        if ev is not None and md.graph_decode:
+            eviction_gpu.graph_after_attention(packed_cache, layout, cfg, md, ev[0], probs)
+        elif ev is not None:
             eviction_gpu.after_attention(q, key, value, out, packed_cache, residual_cache, layout,
                                          cfg, self.scale, md, res_table, bs_r, probs)
 

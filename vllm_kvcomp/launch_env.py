@@ -36,6 +36,11 @@ SCORE_KERNEL_ENV = "KVCOMP_SCORE_KERNEL"
 # instead of a dozen small launches a request, host time that outgrew the step;
 # the same bytes written; off until a GPU has run it
 EVICTION_BATCH_ENV = "KVCOMP_EVICTION_BATCH"
+# "1": SnapKV / H2O / A2SF's decode steps are captured in CUDA graphs (uniform decode
+# batches; a step holding a prompt's queries runs eagerly, patches/prompt_steps.py),
+# their eviction as fixed-shape device work (eviction_gpu.graph_after_attention);
+# off until a GPU has run it
+EVICTION_GRAPHS_ENV = "KVCOMP_EVICTION_GRAPHS"
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
 
