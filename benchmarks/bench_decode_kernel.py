@@ -144,7 +144,6 @@ from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
     stream_attention,
     stream_attention_reference,
 )
-from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV, SCORE_KERNEL_ENV  # noqa: E402
 from vllm_kvcomp.layout import PageLayout, residual_block_size  # noqa: E402
 from vllm_kvcomp.policies.quest import Quest  # noqa: E402
 
@@ -1237,6 +1236,18 @@ def print_eviction(rows) -> None:
               f"| {f(r, 'evict_us')} | {f(r, 'evict_request_us')} "
               f"| {f(r, 'evict_amortized_step_us')} | {r['eviction_step_us']:.1f} "
               f"| {'ok' if r['checks_ok'] else 'NO'} |")
+    if any("graph_layer_us" in r for r in rows):
+        print("\n# the same layers as KVCOMP_EVICTION_GRAPHS captures them (us, CUDA-graph "
+              "replays)\n")
+        print("| config | (a) kept us | probs width | + probs us | + scores us | layer us "
+              "| selection, none evicts us | selection, all evict us |")
+        print("|---" * 8 + "|")
+        for r in rows:
+            if "graph_layer_us" in r:
+                print(f"| {r['config']} | {r['graph_kept_us']:.1f} "
+                      f"| {r['graph_probs_width']} | {r['graph_probs_us']:.1f} "
+                      f"| {r['graph_scores_us']:.1f} | {r['graph_layer_us']:.1f} "
+                      f"| {r['graph_select_idle_us']:.1f} | {f(r, 'graph_select_all_us')} |")
 
 
 def split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype, device, timer, kw, dense_us,
@@ -1328,8 +1339,8 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
       as ``after_attention`` runs it, for every request of the batch at the
       longest length whose step evicts a page (selection among the heavy
       hitters and the page leaving the in-place range, the kept set moved
-      to the front); with ``KVCOMP_EVICTION_BATCH=1`` one ``h2o_ref.evict_steps``
-      for the whole batch.
+      to the front); by default (``eviction_gpu.eviction_batch``) one
+      ``h2o_ref.evict_steps`` for the whole batch.
 
     The engine runs these steps eagerly (``eviction_gpu.selects_on_host``),
     so all three are timed eagerly (launches included, L2 flushed);
@@ -1381,7 +1392,7 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
 
     model_dtype = step_model_dtype(cfg, p.residual, p.query)
 
-    batch = os.environ.get(EVICTION_BATCH_ENV) == "1"
+    batch = eviction_gpu.eviction_batch()
 
     def evict():
         if batch:
@@ -1395,8 +1406,8 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
     # the references walk requests in Python: two of them on a GPU; bf16 there
     m, tol, mass_tol = (B, 2e-3, 1e-5) if a.smoke else (min(B, 2), 3e-2, 1e-2)
     label = (f"{name}+{method}{a.eviction_budget}{'+rows' if a.eviction_rows else ''}"
-             f"{'+scores' if os.environ.get(SCORE_KERNEL_ENV) == '1' else ''}"
-             f"{'+batch' if batch else ''}")
+             f"{'+torch-scores' if eviction_gpu.score_adder() is eviction_gpu.add_decode_scores else ''}"
+             f"{'' if batch else '+per-request'}")
     assert torch.isfinite(plain()).all(), f"{label}: non-finite output"
     out_kept = kept().clone()
     pages = table[:m].flatten().long()
@@ -1474,6 +1485,7 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
         overhead_us=scored_us - kept_us, overhead_step_us=L * (scored_us - kept_us),
         net_us=scored_us - plain_us, net_step_us=L * (scored_us - plain_us),
         **row, **checks)
+    row.update(captured_breakdown(a, cfg, p, md, ranges, n, n_evict, timer, kw))
     if n_evict is not None:
         evict_us = etimer(evict)
         # a request's in-place range moves a page every block_size of its
@@ -1486,6 +1498,58 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
         row["eviction_step_us"] = row["overhead_step_us"]
     del p
     return row
+
+
+def captured_breakdown(a, cfg, p, md, ranges, n, n_evict, timer, kw) -> dict:
+    """The GPU time of a decode layer's pieces as ``KVCOMP_EVICTION_GRAPHS``
+    captures them (``eviction_gpu.graph_after_attention``), each timed by
+    ``timer`` (``--timing graph``: CUDA-graph replays, no launch overhead):
+    the decode over the kept positions (``graph_kept_us``), with its
+    probabilities at ``decode_probs_width``
+    (``graph_probs_us``), with the scores added (``graph_scores_us``), the
+    whole layer at a length whose step moves no page (``graph_layer_us``:
+    every row's fixed-shape selection with nothing kept), and the eviction
+    step alone there (``graph_select_idle_us``) and at a length where every
+    row evicts a page (``graph_select_all_us``). Without ``--timing graph``
+    or a GPU: nothing (``--smoke`` runs them once on the host)."""
+    if a.timing != "graph" or (p.packed.device.type != "cuda" and not a.smoke):
+        return {}
+    B, Hq = p.query.shape[:2]
+    width = eviction_gpu.decode_probs_width(cfg, p.layout.block_size)
+    probs = torch.empty(B, Hq, width, dtype=torch.float32, device=p.packed.device)
+    table, lens, prompts = md.block_table, md.seq_lens, md.prompt_lens
+
+    def kept():
+        kvcomp_decode_attention(*p.args(), n, num_splits=a.num_splits, out=p.out,
+                                evicted=ranges, **kw)
+
+    def with_probs():
+        kvcomp_decode_attention(*p.args(), n, num_splits=a.num_splits, out=p.out,
+                                evicted=ranges, probs=probs, **kw)
+
+    def with_scores():
+        with_probs()
+        eviction_gpu.score_adder()(probs, p.packed, p.layout, cfg, table, lens, ranges)
+
+    def layer():
+        with_probs()
+        eviction_gpu.graph_after_attention(p.packed, p.layout, cfg, md, ranges, probs)
+
+    def select_idle():
+        eviction_gpu.evict_decode_rows(p.packed, p.layout, cfg, table, lens, prompts)
+
+    got = dict(graph_probs_width=width, graph_kept_us=timer(kept),
+               graph_probs_us=timer(with_probs),
+               graph_scores_us=timer(with_scores), graph_layer_us=timer(layer),
+               graph_select_idle_us=timer(select_idle))
+    if n_evict is not None:
+        lens_evict = torch.full_like(lens, n_evict)
+
+        def select_all():
+            eviction_gpu.evict_decode_rows(p.packed, p.layout, cfg, table, lens_evict, prompts)
+
+        got["graph_select_all_us"] = timer(select_all)
+    return got
 
 
 def _ints(csv: str) -> list[int]:

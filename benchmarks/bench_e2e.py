@@ -85,25 +85,12 @@ SETTINGS = {
     "kvcomp_k4v4_h2o2048": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}}},
-    # the same with the decode scores accumulated by one Triton launch a layer
-    # (KVCOMP_SCORE_KERNEL) instead of torch ops that made H2O slower than bf16
-    "kvcomp_k4v4_h2o2048_scores": {"attention_backend": "kvcomp", "additional_config": {
-        "kvcomp": {"k_bits": 4, "v_bits": 4,
-                   "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_SCORE_KERNEL": "1"}},
-    # and with each layer's eviction steps as one batch (KVCOMP_EVICTION_BATCH) instead of
-    # a dozen launches a request, the host time of H2O's W4 at batch 256
-    "kvcomp_k4v4_h2o2048_fused": {"attention_backend": "kvcomp", "additional_config": {
-        "kvcomp": {"k_bits": 4, "v_bits": 4,
-                   "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_SCORE_KERNEL": "1", "KVCOMP_EVICTION_BATCH": "1"}},
-    # and with its decode steps captured in CUDA graphs (KVCOMP_EVICTION_GRAPHS: the
+    # with its decode steps captured in CUDA graphs (KVCOMP_EVICTION_GRAPHS: the
     # eviction as fixed-shape device work, prompt steps eager)
     "kvcomp_k4v4_h2o2048_graphs": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_SCORE_KERNEL": "1", "KVCOMP_EVICTION_BATCH": "1",
-                 "KVCOMP_EVICTION_GRAPHS": "1"}},
+        "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}},
     # half of each layer's KV heads streaming (sinks 64 + window 256): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map
     # written for the model at start-up marks streaming (a fixed map, not a calibrated

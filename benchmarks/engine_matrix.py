@@ -106,20 +106,11 @@ SETTINGS = [
     ("k4v4_a2sf", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4,
       "eviction": {"method": "a2sf", "budget_tokens": 512, "alpha": 0.9}}),
-    # H2O with its decode scores accumulated by the Triton kernel (KVCOMP_SCORE_KERNEL;
-    # "_env": set in the engine's process before it starts)
-    ("k4v4_h2o_scores", "d128", "bfloat16",
-     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_env": {"KVCOMP_SCORE_KERNEL": "1"}}),
-    # and with each layer's eviction steps as one batch (KVCOMP_EVICTION_BATCH)
-    ("k4v4_h2o_fused", "d128", "bfloat16",
-     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_env": {"KVCOMP_SCORE_KERNEL": "1", "KVCOMP_EVICTION_BATCH": "1"}}),
-    # and with its decode steps captured in CUDA graphs (KVCOMP_EVICTION_GRAPHS)
+    # H2O with its decode steps captured in CUDA graphs (KVCOMP_EVICTION_GRAPHS; "_env":
+    # set in the engine's process before it starts)
     ("k4v4_h2o_graphs", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_env": {"KVCOMP_SCORE_KERNEL": "1", "KVCOMP_EVICTION_BATCH": "1",
-               "KVCOMP_EVICTION_GRAPHS": "1"}}),
+      "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}}),
     # a head map whose retrieval heads keep their window as an e4m3 ring
     ("k4v4_split50_ring_fp8", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3",

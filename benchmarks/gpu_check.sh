@@ -17,9 +17,9 @@
 #      DECODE_EVICTION_BUDGET tokens (default 2048): the decode step's scoring overhead, the
 #      eviction step, and both per decode step of 32 layers, the host work on the step's
 #      eviction rows as the engine does it (DECODE_EVICTION_ROWS=0: every request walked, as
-#      KVCOMP_EVICTION_ROWS=0 has it); DECODE_SCORE_KERNEL=1: the
-#      scores accumulated by the Triton kernel, KVCOMP_SCORE_KERNEL=1; DECODE_EVICTION_BATCH=1:
-#      the batch's eviction steps as one batched step, KVCOMP_EVICTION_BATCH=1);
+#      KVCOMP_EVICTION_ROWS=0 has it); DECODE_SCORE_KERNEL=0: the scores accumulated by
+#      torch ops, KVCOMP_SCORE_KERNEL=0; DECODE_EVICTION_BATCH=0: the batch's eviction steps
+#      request by request, KVCOMP_EVICTION_BATCH=0);
 #   5. (step "capacity", not by default) the KV capacity vLLM logs at CAP_WORKLOAD's length
 #      (default C32K: max_model_len 32768) for CAP_SETTINGS, engines in fast start: the
 #      capacity is fixed when the KV cache is allocated, before torch.compile or graphs;
@@ -99,7 +99,8 @@ for step in $STEPS; do
       log "capacity: $(grep -c '"kv_cache_tokens"' "$RES/capacity.json") engines" ;;
     decode)
       wait
-      env ${DECODE_SCORE_KERNEL:+KVCOMP_SCORE_KERNEL=1} ${DECODE_EVICTION_BATCH:+KVCOMP_EVICTION_BATCH=1} \
+      env ${DECODE_SCORE_KERNEL:+KVCOMP_SCORE_KERNEL=$DECODE_SCORE_KERNEL} \
+          ${DECODE_EVICTION_BATCH:+KVCOMP_EVICTION_BATCH=$DECODE_EVICTION_BATCH} \
       python3 benchmarks/bench_decode_kernel.py --batches "${DECODE_BATCHES:-32}" \
           --contexts "${DECODE_CONTEXTS:-32768}" --configs "${DECODE_CONFIGS:-k4v4,k2v2}" \
           --quest-budgets "${DECODE_QUEST:-2048}" ${DECODE_QUEST_SPLITS:+--quest-splits "$DECODE_QUEST_SPLITS"} \

@@ -29,18 +29,21 @@ captured graph, so its host loop costs no replay.
 H2O / A2SF score every step by its own attention. A decode step's
 probabilities come from the decode kernel itself (``probs``: each read
 position's logit, normalised once the splits are merged), so scoring reads
-the KV cache no second time; ``add_decode_scores`` sums them over each KV
-head's query group and adds them to the in-page score slots with torch ops
-on the device, as ``h2o_ref.add_step_scores`` does (or, with
-``KVCOMP_SCORE_KERNEL=1``, in one Triton launch: ``triton_scores``). A prefill step's
+the KV cache no second time; one Triton launch (``triton_scores``) sums them
+over each KV head's query group and adds them to the in-page score slots, as
+``h2o_ref.add_step_scores`` does (``add_decode_scores``: its torch-op
+reference, served with ``KVCOMP_SCORE_KERNEL=0``). A prefill step's
 probabilities are the reference's (``attention_ref.request_attention``, a
 second pass over the request's cache, prefills only), computed for as many
-of the chunk's queries at a time as fit ``SCORE_PIECE_BYTES``. The eviction step
-that follows is the reference's (``h2o_ref.evict_step``: the selection, per
-request on the host lists, so these steps too run eagerly,
-``selects_on_host``) with the Triton compaction; with
-``KVCOMP_EVICTION_BATCH=1`` and the eviction rows, one batch for all of a
-layer's evicting requests (``h2o_ref.evict_steps``, the same bytes).
+of the chunk's queries at a time as fit ``SCORE_PIECE_BYTES``. The eviction
+steps that follow are the reference's selection (``h2o_ref.evict_steps``:
+one batch for all of a layer's evicting requests, the bytes
+``h2o_ref.evict_step`` writes request by request, which
+``KVCOMP_EVICTION_BATCH=0`` or ``KVCOMP_EVICTION_ROWS=0`` serve instead)
+with the Triton compaction, decided from the host lists, so these steps run
+eagerly (``selects_on_host``) unless ``KVCOMP_EVICTION_GRAPHS=1`` captures
+the decode steps past the prompts (``graph_after_attention``: the same
+steps as fixed-shape device work).
 """
 
 from __future__ import annotations
@@ -305,7 +308,7 @@ def add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor, layout,
     (0 at every position not read), so block-table entries past a request's
     pages or into its freed ones, which may be any page by now, change
     nothing. The PyTorch reference of ``triton_scores.triton_add_decode_scores``
-    (one launch, chosen by ``KVCOMP_SCORE_KERNEL``: ``score_adder``)."""
+    (one launch, unless ``KVCOMP_SCORE_KERNEL=0``: ``score_adder``)."""
     from vllm_kvcomp.kernels.h2o_ref import score_view
 
     B, Hq, L = probs.shape
@@ -335,13 +338,13 @@ def add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor, layout,
 
 def score_adder():
     """The decode scores' accumulation a step runs: the Triton kernel
-    (``triton_scores.triton_add_decode_scores``) where ``KVCOMP_SCORE_KERNEL=1``
-    (``launch_env.SCORE_KERNEL_ENV``), else ``add_decode_scores``' torch ops."""
+    (``triton_scores.triton_add_decode_scores``) unless ``KVCOMP_SCORE_KERNEL=0``
+    (``launch_env.SCORE_KERNEL_ENV``) asks for ``add_decode_scores``' torch ops."""
     import os
 
     from vllm_kvcomp.launch_env import SCORE_KERNEL_ENV
 
-    if os.environ.get(SCORE_KERNEL_ENV) == "1":
+    if os.environ.get(SCORE_KERNEL_ENV, "1") != "0":
         from vllm_kvcomp.kernels.triton_scores import triton_add_decode_scores
 
         return triton_add_decode_scores
@@ -351,13 +354,13 @@ def score_adder():
 def eviction_batch() -> bool:
     """Whether a layer's H2O / A2SF eviction steps run as one batch
     (``h2o_ref.evict_steps``, the same bytes as ``evict_step`` row by row)
-    where the step has its eviction rows: ``KVCOMP_EVICTION_BATCH=1``
+    where the step has its eviction rows: unless ``KVCOMP_EVICTION_BATCH=0``
     (``launch_env.EVICTION_BATCH_ENV``)."""
     import os
 
     from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV
 
-    return os.environ.get(EVICTION_BATCH_ENV) == "1"
+    return os.environ.get(EVICTION_BATCH_ENV, "1") != "0"
 
 
 # fp32 probabilities one piece of a prefill chunk's scoring may hold (its

@@ -2,8 +2,9 @@
 request's packed pages in one launch; ``compaction.compact_kept`` is its
 PyTorch reference (the same arguments, the same bytes written).
 
-Grid ``(H, parts)``: program ``(h, part)`` owns, for KV head ``h``, a set of
-byte columns of every token's row that no other program reads or writes:
+Grid ``(H, parts, requests)``: program ``(h, part, r)`` owns, for request
+``r``'s KV head ``h``, a set of byte columns of every token's row that no
+other program reads or writes:
 
 * per-channel keys (``compaction.keys_regrouped``): a channel slice of
   ``KCB`` code bytes (and those channels' (scale, min) pairs), as the store
@@ -143,74 +144,13 @@ def _regroup_keys(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k, cb,
                       K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW, True, K_GC, K_NG, D, KPB, KCB)
 
 
+# --------------------------------------------------------------------------
+# the kernel: several requests in one launch
+# --------------------------------------------------------------------------
+
+
 @triton.jit
 def _kvcomp_compact_kernel(
-    cache_ptr, stride_cb, stride_ch, row_ptr, kept_ptr, stride_kh, k,
-    D: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    KEY_CHANNEL: tl.constexpr, K_GC: tl.constexpr, K_NG: tl.constexpr,
-    V_GC: tl.constexpr, V_NG: tl.constexpr,
-    K_CODES_OFF: tl.constexpr, K_PARAMS_OFF: tl.constexpr, K_ROW: tl.constexpr,
-    V_CODES_OFF: tl.constexpr, V_PARAMS_OFF: tl.constexpr, V_ROW: tl.constexpr,
-    BLOCK_D: tl.constexpr, G: tl.constexpr, KCB: tl.constexpr, N_KP: tl.constexpr,
-    COPIES: tl.constexpr, SUB: tl.constexpr,
-):
-    """Parts ``[0, N_KP)``: key channel slices; then one part per copied
-    region, ``COPIES[c]`` its (offset, row bytes)."""
-    h = tl.program_id(0)
-    part = tl.program_id(1)
-    kept_row = kept_ptr + h.to(tl.int64) * stride_kh
-    if KEY_CHANNEL:
-        if part < N_KP:
-            _regroup_keys(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k, part,
-                          D, BS, G, K_BITS, K_CODES_OFF, K_PARAMS_OFF, K_ROW, K_GC, K_NG, KCB)
-    for c in tl.static_range(len(COPIES)):
-        if part == N_KP + c:
-            _copy_words(cache_ptr, stride_cb, stride_ch, row_ptr, kept_row, h, k,
-                        COPIES[c][0], COPIES[c][1], BS, SUB)
-
-
-# --------------------------------------------------------------------------
-# host wrapper
-# --------------------------------------------------------------------------
-
-
-def triton_compact(cache: torch.Tensor, layout: PageLayout, block_row: torch.Tensor,
-                   kept: torch.Tensor, model_dtype: torch.dtype | None = None,
-                   sub_elems: int = SUB_ELEMS, num_warps: int = 4) -> None:
-    """``compaction.compact_kept`` in one launch, without a host sync: for
-    each KV head ``h``, the tokens at positions ``kept[h]`` (``[H, k]``,
-    ascending) of the pages in ``block_row`` moved to positions ``[0, k)``.
-    ``model_dtype`` is not read: 16-bit rows move as bytes. ``sub_elems``
-    (a power of two) bounds the elements a program holds per tile."""
-    H, k = kept.shape
-    if k == 0:
-        return
-    assert cache.dtype == torch.uint8 and cache.stride(-1) == 1
-    assert cache.shape[1] == H and cache.shape[2] == layout.head_page_bytes
-    # the word copies and (scale, min) words need 4-byte aligned page rows
-    assert cache.stride(0) % 4 == 0 and cache.stride(1) % 4 == 0
-    regions = copy_regions(layout)
-    assert all(off % 4 == 0 and row % 4 == 0 for off, row in regions), regions
-    dev = cache.device
-    kept = kept.to(dev).contiguous()
-    row = block_row.to(dev).contiguous()
-    regroup = keys_regrouped(layout)
-    kcb, n_kp = key_slices(layout, sub_elems) if regroup else (1, 0)
-    grid = (H, n_kp + len(regions))
-    _kvcomp_compact_kernel[grid](
-        cache, cache.stride(0), cache.stride(1), row, kept, kept.stride(0), k,
-        G=layout.config.group_size, KCB=kcb, N_KP=n_kp, COPIES=tuple(regions), SUB=sub_elems,
-        num_warps=num_warps, **layout_constexprs(layout),
-    )
-
-
-# --------------------------------------------------------------------------
-# several requests in one launch
-# --------------------------------------------------------------------------
-
-
-@triton.jit
-def _kvcomp_compact_batch_kernel(
     cache_ptr, stride_cb, stride_ch, rows_ptr, stride_rr, kept_ptr, stride_kr, stride_kh,
     counts_ptr,
     D: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
@@ -221,9 +161,11 @@ def _kvcomp_compact_batch_kernel(
     BLOCK_D: tl.constexpr, G: tl.constexpr, KCB: tl.constexpr, N_KP: tl.constexpr,
     COPIES: tl.constexpr, SUB: tl.constexpr,
 ):
-    """``_kvcomp_compact_kernel`` with the request as grid axis 2: its own
-    block-table row, kept positions and kept count. Requests hold their own
-    pages, so programs of different requests share no byte either."""
+    """Program ``(h, part, r)``: request ``r``'s (its own block-table row,
+    kept positions and kept count) KV head ``h``, part ``part``: parts
+    ``[0, N_KP)`` are key channel slices, then one part per copied region,
+    ``COPIES[c]`` its (offset, row bytes). Requests hold their own pages, so
+    programs of different requests share no byte either."""
     h = tl.program_id(0)
     part = tl.program_id(1)
     r = tl.program_id(2).to(tl.int64)
@@ -243,16 +185,18 @@ def _kvcomp_compact_batch_kernel(
 def triton_compact_batch(cache: torch.Tensor, layout: PageLayout, block_rows: torch.Tensor,
                          kept: torch.Tensor, counts: torch.Tensor,
                          sub_elems: int = SUB_ELEMS, num_warps: int = 4) -> None:
-    """``triton_compact`` for several requests in one launch: request ``r``
+    """The compaction of several requests in one launch: request ``r``
     (``block_rows[r]``, ``[R, NB]``) keeps, for each KV head ``h``, its
     ``counts[r]`` positions ``kept[r, h, :counts[r]]`` (``[R, H, kmax]``,
-    ascending; the entries past the count are not read). Writes the bytes
-    ``triton_compact`` writes request by request, without a host sync."""
+    ascending; the entries past the count are not read; a count of 0 leaves
+    the request as it is). Writes the bytes ``compaction.compact_kept``
+    writes request by request, without a host sync."""
     R, H, kmax = kept.shape
     if R == 0 or kmax == 0:
         return
     assert cache.dtype == torch.uint8 and cache.stride(-1) == 1
     assert cache.shape[1] == H and cache.shape[2] == layout.head_page_bytes
+    # the word copies and (scale, min) words need 4-byte aligned page rows
     assert cache.stride(0) % 4 == 0 and cache.stride(1) % 4 == 0
     regions = copy_regions(layout)
     assert all(off % 4 == 0 and row % 4 == 0 for off, row in regions), regions
@@ -263,12 +207,34 @@ def triton_compact_batch(cache: torch.Tensor, layout: PageLayout, block_rows: to
     regroup = keys_regrouped(layout)
     kcb, n_kp = key_slices(layout, sub_elems) if regroup else (1, 0)
     grid = (H, n_kp + len(regions), R)
-    _kvcomp_compact_batch_kernel[grid](
+    _kvcomp_compact_kernel[grid](
         cache, cache.stride(0), cache.stride(1), rows, rows.stride(0), kept, kept.stride(0),
         kept.stride(1), counts,
         G=layout.config.group_size, KCB=kcb, N_KP=n_kp, COPIES=tuple(regions), SUB=sub_elems,
         num_warps=num_warps, **layout_constexprs(layout),
     )
+
+
+# --------------------------------------------------------------------------
+# one request
+# --------------------------------------------------------------------------
+
+
+def triton_compact(cache: torch.Tensor, layout: PageLayout, block_row: torch.Tensor,
+                   kept: torch.Tensor, model_dtype: torch.dtype | None = None,
+                   sub_elems: int = SUB_ELEMS, num_warps: int = 4) -> None:
+    """``compaction.compact_kept`` in one launch, without a host sync: for
+    each KV head ``h``, the tokens at positions ``kept[h]`` (``[H, k]``,
+    ascending) of the pages in ``block_row`` moved to positions ``[0, k)``
+    (``triton_compact_batch`` for one request). ``model_dtype`` is not read:
+    16-bit rows move as bytes. ``sub_elems`` (a power of two) bounds the
+    elements a program holds per tile."""
+    H, k = kept.shape
+    if k == 0:
+        return
+    count = torch.full((1,), k, dtype=torch.int32, device=cache.device)
+    triton_compact_batch(cache, layout, block_row[None], kept[None], count, sub_elems,
+                         num_warps)
 
 
 __all__ = ["copy_regions", "key_slices", "triton_compact", "triton_compact_batch"]

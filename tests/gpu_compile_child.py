@@ -231,7 +231,7 @@ def compact_case(c) -> list:
     row = torch.zeros(64, dtype=torch.int32)
     kept = torch.arange(1001).expand(H, 1001).contiguous()
     with recorded_launches(triton_compaction) as calls:
-        if c.get("batch"):  # H2O / A2SF's batched step (KVCOMP_EVICTION_BATCH): 3 requests
+        if c.get("batch"):  # H2O / A2SF's batched step (h2o_ref.evict_steps): 3 requests
             triton_compaction.triton_compact_batch(
                 cache, layout, row.expand(3, 64), kept.expand(3, H, 1001),
                 torch.tensor([1001, 1001, 700]))
@@ -242,7 +242,7 @@ def compact_case(c) -> list:
 
 def scores_case(c) -> list:
     """H2O's decode scores accumulated by the Triton kernel
-    (``KVCOMP_SCORE_KERNEL=1``) as a decode step hands them over: the
+    (``triton_scores``) as a decode step hands them over: the
     default config's k4v4 pages and block size with score slots, the decode
     kernel's fp32 probabilities over a read width that is a multiple of 16
     and one that is not (Triton specializes the width and strides on that)."""

@@ -78,6 +78,11 @@ def test_decode_bench_smoke_with_eviction(tmp_path, rows_flag):
             assert r["mass_accumulated"] and r["mass_max_abs_err"] < r["mass_tol"]
             # every request evicts a page: a page's worth of candidates more than it keeps
             assert r["compacted"] and r["compact_equal"]
+            # the pieces as KVCOMP_EVICTION_GRAPHS captures them ran (timed once on the host)
+            assert r["graph_probs_width"] >= r["probs_width"]
+            assert all(r[k] > 0 for k in ("graph_kept_us", "graph_probs_us", "graph_scores_us",
+                                          "graph_layer_us", "graph_select_idle_us",
+                                          "graph_select_all_us"))
             assert r["evict_candidates"] - r["evict_kept"] == 32
             assert min(r["plain_us"], r["kept_us"], r["scored_us"], r["evict_us"]) > 0
             assert r["overhead_us"] == r["scored_us"] - r["kept_us"]
@@ -85,4 +90,5 @@ def test_decode_bench_smoke_with_eviction(tmp_path, rows_flag):
             assert r["evict_amortized_step_us"] == 4 * r["evict_us"] / 32
             assert r["eviction_step_us"] == r["overhead_step_us"] + r["evict_amortized_step_us"]
     assert "eviction overhead per decode step" in stdout
-    assert stdout.count(f"+h2o64{tag} |") == 4 and stdout.count(f"+a2sf64{tag} |") == 4
+    # the decode table, the eager eviction table and the captured one
+    assert stdout.count(f"+h2o64{tag} |") == 6 and stdout.count(f"+a2sf64{tag} |") == 6

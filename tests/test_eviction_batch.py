@@ -156,14 +156,15 @@ def _through_evictions(cfg, bs, prompts, schedule, count):
 @pytest.mark.parametrize("kvcomp,bs,prompts,schedule", SCORED_CASES)
 def test_triton_steps_with_the_batched_eviction_are_the_same(monkeypatch, kvcomp, bs, prompts,
                                                               schedule):
-    """With the eviction rows, ``KVCOMP_EVICTION_BATCH=1`` gives every
+    """With the eviction rows, the batched eviction steps (the default;
+    ``KVCOMP_EVICTION_BATCH=0`` takes them request by request) give every
     output of the Triton steps bit for bit: its eviction steps taken by
     ``evict_steps`` (compactions among them), none by ``evict_step``."""
     cfg = KvcompConfig.from_dict(kvcomp)
     total = sum(map(sum, schedule))
     q, k, v = _inputs(total, prompts, 8, seed=len(schedule))
     schedule = _through_evictions(cfg, bs, prompts, schedule, 2)
-    monkeypatch.delenv(EVICTION_BATCH_ENV, raising=False)
+    monkeypatch.setenv(EVICTION_BATCH_ENV, "0")
     plain = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True)
     compacted, single = [], []
     compact, evict_step = triton_compaction.triton_compact_batch, h2o_ref.evict_step
@@ -171,7 +172,7 @@ def test_triton_steps_with_the_batched_eviction_are_the_same(monkeypatch, kvcomp
                         lambda *a: compacted.append(1) or compact(*a))
     monkeypatch.setattr(h2o_ref, "evict_step",
                         lambda *a, **kw: single.append(1) or evict_step(*a, **kw))
-    monkeypatch.setenv(EVICTION_BATCH_ENV, "1")
+    monkeypatch.delenv(EVICTION_BATCH_ENV, raising=False)
     got = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True)
     assert torch.equal(got, plain)
     assert len(compacted) >= 2 and not single

@@ -50,10 +50,10 @@ COMPACT = [((4, 4), "channel", 128, 128, 128, "bf16", "snapkv"),
            ((2, 2), "token", 64, 16, 64, "bf16", "snapkv"),
            ((4, 2), "token", 32, 32, 256, "fp16", "a2sf")]
 COMPACT_IDS = [f"k{b[0]}v{b[1]}-{a}-g{g}-bs{bs}-d{D}-{t}-{m}" for b, a, g, bs, D, t, m in COMPACT]
-# H2O / A2SF's batched compaction (KVCOMP_EVICTION_BATCH), on those cases
+# H2O / A2SF's batched compaction (h2o_ref.evict_steps), on those cases
 COMPACT_BATCH_IDS = [i for i, c in zip(COMPACT_IDS, COMPACT) if c[-1] != "snapkv"]
-# H2O / A2SF's decode scores by the Triton kernel (KVCOMP_SCORE_KERNEL, opt-in: not
-# on the default path): the default config's k4v4 pages, 8 KV heads of 4 query heads
+# H2O / A2SF's decode scores by the Triton kernel (not on the default path, which has
+# no eviction): the default config's k4v4 pages, 8 KV heads of 4 query heads
 SCORES = dict(id="scores-k4v4-d128-h8-rep4", what="scores", D=128, H=8, rep=4)
 
 
@@ -242,10 +242,10 @@ def test_batched_compaction_compiles_for_sm90(compiled, case):
     """H2O / A2SF's compaction of several requests in one launch
     (``triton_compact_batch``, a request grid axis and each request's kept
     count read on the device) builds for sm_90, its tiles separated by
-    barriers as the one-request kernel's."""
+    barriers as for one request."""
     k = _kernels(compiled, "compact-batch-" + case)
-    assert set(k) == {"_kvcomp_compact_batch_kernel"}
-    main = k["_kvcomp_compact_batch_kernel"]
+    assert set(k) == {"_kvcomp_compact_kernel"}
+    main = k["_kvcomp_compact_kernel"]
     assert main["cubin_bytes"] > 0 and main["loop_barriers"] > 0, main
 
 

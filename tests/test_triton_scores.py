@@ -151,3 +151,22 @@ def test_without_evicted_ranges_and_empty_batch():
     assert torch.equal(sc_got != sc_old, _read_slots(layout, cache, table, lens, ranges))
     empty = _run(torch.zeros(0, 4, 5), cache, layout, table[:0], seq[:0], None, 64)
     assert torch.equal(empty, cache)
+
+
+def test_the_kernel_and_the_batched_step_are_the_defaults(monkeypatch):
+    """A GPU step adds its decode scores with the Triton kernel and takes a
+    layer's eviction steps as one batch; ``KVCOMP_SCORE_KERNEL=0`` and
+    ``KVCOMP_EVICTION_BATCH=0`` ask for the torch ops and the per-request
+    steps (the references both are compared with)."""
+    from vllm_kvcomp.kernels import eviction_gpu
+    from vllm_kvcomp.kernels.triton_scores import triton_add_decode_scores
+    from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV, SCORE_KERNEL_ENV
+
+    monkeypatch.delenv(SCORE_KERNEL_ENV, raising=False)
+    monkeypatch.delenv(EVICTION_BATCH_ENV, raising=False)
+    assert eviction_gpu.score_adder() is triton_add_decode_scores
+    assert eviction_gpu.eviction_batch()
+    monkeypatch.setenv(SCORE_KERNEL_ENV, "0")
+    monkeypatch.setenv(EVICTION_BATCH_ENV, "0")
+    assert eviction_gpu.score_adder() is eviction_gpu.add_decode_scores
+    assert not eviction_gpu.eviction_batch()

@@ -27,14 +27,14 @@ EVICTION_GPU_ENV = "KVCOMP_EVICTION_GPU"
 # same launches, so the same output (an H200 ran it:
 # benchmarks/results/2026-12-04-h200-w4-eviction-rows)
 EVICTION_ROWS_ENV = "KVCOMP_EVICTION_ROWS"
-# "1": H2O / A2SF's decode scores are accumulated by one Triton launch a layer
-# (kernels/triton_scores.py) instead of the torch ops of eviction_gpu.add_decode_scores,
-# which cost a GPU far more time than the launch; off until a GPU has run the kernel
+# "0": H2O / A2SF's decode scores are accumulated by the torch ops of
+# eviction_gpu.add_decode_scores (the kernel's reference) instead of one Triton launch a layer
+# (kernels/triton_scores.py), which an H200 ran: a third of the ops' time a layer
+# (benchmarks/results/2026-12-05-h200-h2o-fused-graphs)
 SCORE_KERNEL_ENV = "KVCOMP_SCORE_KERNEL"
-# "1": with the eviction rows, a layer's H2O / A2SF eviction steps run as one batch
-# for all of its evicting requests (h2o_ref.evict_steps, one compaction launch)
-# instead of a dozen small launches a request, host time that outgrew the step;
-# the same bytes written; off until a GPU has run it
+# "0": a layer's H2O / A2SF eviction steps run request by request (a dozen small launches
+# each) instead of as one batch for all of its evicting requests (h2o_ref.evict_steps, one
+# compaction launch); the same bytes written; the batch ran on an H200 (same results)
 EVICTION_BATCH_ENV = "KVCOMP_EVICTION_BATCH"
 # "1": SnapKV / H2O / A2SF's decode steps are captured in CUDA graphs (uniform decode
 # batches; a step holding a prompt's queries runs eagerly, patches/prompt_steps.py),
