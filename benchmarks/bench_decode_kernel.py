@@ -140,6 +140,7 @@ from vllm_kvcomp.kernels.triton_quest import (  # noqa: E402
     quest_select,
     quest_top_pages,
 )
+from vllm_kvcomp.kernels.triton_select import triton_select_and_compact  # noqa: E402
 from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
     stream_attention,
     stream_attention_reference,
@@ -1240,14 +1241,16 @@ def print_eviction(rows) -> None:
         print("\n# the same layers as KVCOMP_EVICTION_GRAPHS captures them (us, CUDA-graph "
               "replays)\n")
         print("| config | (a) kept us | probs width | + probs us | + scores us | layer us "
-              "| selection, none evicts us | selection, all evict us |")
+              "| selection, none evicts us (sort / kernel) "
+              "| selection, all evict us (sort / kernel) |")
         print("|---" * 8 + "|")
         for r in rows:
             if "graph_layer_us" in r:
                 print(f"| {r['config']} | {r['graph_kept_us']:.1f} "
                       f"| {r['graph_probs_width']} | {r['graph_probs_us']:.1f} "
                       f"| {r['graph_scores_us']:.1f} | {r['graph_layer_us']:.1f} "
-                      f"| {r['graph_select_idle_us']:.1f} | {f(r, 'graph_select_all_us')} |")
+                      f"| {r['graph_select_idle_us']:.1f} / {r['graph_select_kernel_idle_us']:.1f} "
+                      f"| {f(r, 'graph_select_all_us')} / {f(r, 'graph_select_kernel_all_us')} |")
 
 
 def split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype, device, timer, kw, dense_us,
@@ -1397,7 +1400,8 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
     def evict():
         if batch:
             h2o_ref.evict_steps(p.packed, layout, cfg, table, range(B), [n_evict - 1] * B,
-                                [n_evict] * B, [P] * B, model_dtype)
+                                [n_evict] * B, [P] * B, model_dtype,
+                                select=eviction_gpu.selector())
             return
         for i in range(B):
             h2o_ref.evict_step(p.packed, layout, cfg, table[i], n_evict - 1, n_evict, P,
@@ -1407,7 +1411,8 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
     m, tol, mass_tol = (B, 2e-3, 1e-5) if a.smoke else (min(B, 2), 3e-2, 1e-2)
     label = (f"{name}+{method}{a.eviction_budget}{'+rows' if a.eviction_rows else ''}"
              f"{'+torch-scores' if eviction_gpu.score_adder() is eviction_gpu.add_decode_scores else ''}"
-             f"{'' if batch else '+per-request'}")
+             f"{'' if batch else '+per-request'}"
+             f"{'+select' if eviction_gpu.selector() is not h2o_ref.select_and_compact else ''}")
     assert torch.isfinite(plain()).all(), f"{label}: non-finite output"
     out_kept = kept().clone()
     pages = table[:m].flatten().long()
@@ -1510,7 +1515,9 @@ def captured_breakdown(a, cfg, p, md, ranges, n, n_evict, timer, kw) -> dict:
     whole layer at a length whose step moves no page (``graph_layer_us``:
     every row's fixed-shape selection with nothing kept), and the eviction
     step alone there (``graph_select_idle_us``) and at a length where every
-    row evicts a page (``graph_select_all_us``). Without ``--timing graph``
+    row evicts a page (``graph_select_all_us``), by the stable sort and by
+    the Triton selection (``graph_select_kernel_*``, ``KVCOMP_SELECT_KERNEL``).
+    Without ``--timing graph``
     or a GPU: nothing (``--smoke`` runs them once on the host)."""
     if a.timing != "graph" or (p.packed.device.type != "cuda" and not a.smoke):
         return {}
@@ -1535,20 +1542,19 @@ def captured_breakdown(a, cfg, p, md, ranges, n, n_evict, timer, kw) -> dict:
         with_probs()
         eviction_gpu.graph_after_attention(p.packed, p.layout, cfg, md, ranges, probs)
 
-    def select_idle():
-        eviction_gpu.evict_decode_rows(p.packed, p.layout, cfg, table, lens, prompts)
-
     got = dict(graph_probs_width=width, graph_kept_us=timer(kept),
                graph_probs_us=timer(with_probs),
-               graph_scores_us=timer(with_scores), graph_layer_us=timer(layer),
-               graph_select_idle_us=timer(select_idle))
-    if n_evict is not None:
-        lens_evict = torch.full_like(lens, n_evict)
-
-        def select_all():
-            eviction_gpu.evict_decode_rows(p.packed, p.layout, cfg, table, lens_evict, prompts)
-
-        got["graph_select_all_us"] = timer(select_all)
+               graph_scores_us=timer(with_scores), graph_layer_us=timer(layer))
+    lens_evict = None if n_evict is None else torch.full_like(lens, n_evict)
+    for tag, select in (("", h2o_ref.select_and_compact),
+                        ("_kernel", triton_select_and_compact)):
+        got[f"graph_select{tag}_idle_us"] = timer(lambda select=select: (
+            eviction_gpu.evict_decode_rows(p.packed, p.layout, cfg, table, lens, prompts,
+                                           select)))
+        if lens_evict is not None:
+            got[f"graph_select{tag}_all_us"] = timer(lambda select=select: (
+                eviction_gpu.evict_decode_rows(p.packed, p.layout, cfg, table, lens_evict,
+                                               prompts, select)))
     return got
 
 

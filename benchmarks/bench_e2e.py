@@ -91,6 +91,12 @@ SETTINGS = {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
         "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}},
+    # and the kept tokens selected by one Triton launch (KVCOMP_SELECT_KERNEL) instead of a
+    # stable sort of every row's candidates in every captured layer
+    "kvcomp_k4v4_h2o2048_graphs_select": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 4,
+                   "eviction": {"method": "h2o", "budget_tokens": 2048}}},
+        "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "1"}},
     # half of each layer's KV heads streaming (sinks 64 + window 256): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map
     # written for the model at start-up marks streaming (a fixed map, not a calibrated

@@ -69,12 +69,14 @@ for step in $STEPS; do
       fi
       (python3 -P -m pytest -v -rf -n 8 -p no:cacheprovider tests/test_triton_store.py \
           tests/test_triton_prefill.py tests/test_triton_decode.py tests/test_triton_stream.py \
-          tests/test_triton_compaction.py tests/test_triton_scores.py > "$RES/kernel_tests.log" 2>&1
+          tests/test_triton_compaction.py tests/test_triton_scores.py tests/test_triton_select.py \
+          > "$RES/kernel_tests.log" 2>&1
        log "kernel tests: $(tail -n 1 "$RES/kernel_tests.log")"
        # Quest's and eviction's Triton steps against their references (engines and
        # start-up checks left out: the matrix serves them)
        python3 -P -m pytest -v -rf -n 8 -p no:cacheprovider tests/test_quest.py \
-          tests/test_eviction_gpu.py tests/test_eviction_batch.py tests/test_combinations.py \
+          tests/test_eviction_gpu.py tests/test_eviction_batch.py tests/test_eviction_graphs.py \
+          tests/test_combinations.py \
           -k "not engine and not serves and not refused and not gate" \
           > "$RES/policy_tests.log" 2>&1
        log "policy kernel tests: $(tail -n 1 "$RES/policy_tests.log")") & ;;

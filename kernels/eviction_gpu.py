@@ -363,6 +363,24 @@ def eviction_batch() -> bool:
     return os.environ.get(EVICTION_BATCH_ENV, "1") != "0"
 
 
+def selector():
+    """The batched eviction steps' selection and compaction: the Triton
+    selection (``triton_select.triton_select_and_compact``) where
+    ``KVCOMP_SELECT_KERNEL=1`` (``launch_env.SELECT_KERNEL_ENV``), else its
+    reference ``h2o_ref.select_and_compact`` (a stable sort)."""
+    import os
+
+    from vllm_kvcomp.launch_env import SELECT_KERNEL_ENV
+
+    if os.environ.get(SELECT_KERNEL_ENV) == "1":
+        from vllm_kvcomp.kernels.triton_select import triton_select_and_compact
+
+        return triton_select_and_compact
+    from vllm_kvcomp.kernels.h2o_ref import select_and_compact
+
+    return select_and_compact
+
+
 # fp32 probabilities one piece of a prefill chunk's scoring may hold (its
 # scores, probabilities and float64 sums are a few times that): a whole
 # 8K-token chunk over 32K keys with 32 query heads would be 34 GB, outside
@@ -437,7 +455,7 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
                                compact=triton_compact, on_device=md.eviction_rows is not None)
     if batch:
         h2o_ref.evict_steps(packed_cache, layout, cfg, md.block_table, *zip(*batch),
-                            model_dtype)
+                            model_dtype, select=selector())
 
 
 # --------------------------------------------------------------------------
@@ -473,18 +491,16 @@ def decode_probs_width(cfg: KvcompConfig, block_size: int) -> int:
 
 def evict_decode_rows(packed_cache: torch.Tensor, layout, cfg: KvcompConfig,
                       block_table: torch.Tensor, seq_lens: torch.Tensor,
-                      prompt_lens: torch.Tensor) -> None:
+                      prompt_lens: torch.Tensor, select=None) -> None:
     """``h2o_ref.evict_step`` of every row of a batch of one-token steps
     (from ``seq_lens - 1`` to ``seq_lens`` tokens), the same bytes written,
     in shapes fixed by the config alone, without a host sync: each row's
-    layouts on the device (``scored_layout``), then ``select_and_compact``
-    over ``heavy + (align // bs + 1) * bs`` candidates (a one-token step
+    layouts on the device (``scored_layout``), then the selection and
+    compaction (``selector``) over ``heavy + (align // bs + 1) * bs`` candidates (a one-token step
     moves ``E`` by at most that much past ``K <= heavy``). A row whose
     layout stays, a padding row (``seq_lens`` 0) and a row whose step ends
     its prompt (never in a captured step: ``graph_eviction``) keep nothing
-    and are left as they are."""
-    from vllm_kvcomp.kernels.h2o_ref import select_and_compact
-
+    and are left as they are. ``select``: ``selector()``'s by default."""
     bs = layout.block_size
     policy = cfg.eviction.policy(bs)
     n, P = seq_lens.long(), prompt_lens.long()
@@ -496,9 +512,9 @@ def evict_decode_rows(packed_cache: torch.Tensor, layout, cfg: KvcompConfig,
     steps = ~stays & (n - 1 >= P) & (n > 0)
     zero = torch.zeros_like(n)
     C = policy.heavy_tokens + (cfg.key_token_align // bs + 1) * bs
-    select_and_compact(packed_cache, layout, block_table, k0[:, None], e0[:, None],
-                       torch.where(steps, count, zero)[:, None],
-                       torch.where(steps, k1, zero)[:, None], C, policy.heavy_tokens)
+    (select or selector())(packed_cache, layout, block_table, k0[:, None], e0[:, None],
+               torch.where(steps, count, zero)[:, None], torch.where(steps, k1, zero)[:, None],
+               C, policy.heavy_tokens)
 
 
 def graph_after_attention(packed_cache: torch.Tensor, layout, cfg: KvcompConfig, md,

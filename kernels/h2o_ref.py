@@ -159,14 +159,15 @@ def _eviction_layouts(cfg: KvcompConfig, policy, start: int, n: int,
 
 def evict_steps(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
                 block_table: torch.Tensor, rows, starts, ns, prompt_lens,
-                model_dtype: torch.dtype) -> None:
+                model_dtype: torch.dtype, select=None) -> None:
     """``evict_step(..., compact=triton_compact, on_device=True)`` for each
     request ``rows[i]`` of ``block_table`` (``starts[i]``, ``ns[i]``,
     ``prompt_lens[i]``: host ints), the same bytes written, in a fixed
     number of launches for all of them (``select_and_compact``, candidates
     padded to the longest request's count): a request's launches, not its
-    work, are what an eviction step costs the host. ``model_dtype`` is not
-    read (``triton_compact``)."""
+    work, are what an eviction step costs the host. ``select``: a function
+    of ``select_and_compact``'s arguments (``triton_select.triton_select_and_compact``),
+    by default that one. ``model_dtype`` is not read (``triton_compact``)."""
     policy = cfg.eviction.policy(layout.block_size)
     plan = []
     for i, start, n, P in zip(rows, starts, ns, prompt_lens):
@@ -185,8 +186,8 @@ def evict_steps(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfi
     if dev.type == "cuda":
         host = host.pin_memory()
     row, k0, e0, count, k1 = host.to(dev, non_blocking=True)[:, :, None]
-    select_and_compact(packed_cache, layout, block_table[row[:, 0]], k0, e0, count, k1, C,
-                       kmax)
+    (select or select_and_compact)(packed_cache, layout, block_table[row[:, 0]], k0, e0,
+                                   count, k1, C, kmax)
 
 
 def select_and_compact(packed_cache: torch.Tensor, layout: PageLayout,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 from unittest import mock
 
@@ -115,6 +116,10 @@ OPT_IN_SETTINGS = [
     setting(eviction="h2o"),
     setting(eviction="h2o", head_split=0.5),
     setting(eviction="snapkv", quest=512),
+    # H2O's decode steps captured (KVCOMP_EVICTION_GRAPHS) with the selection kernel
+    # (KVCOMP_SELECT_KERNEL): the probabilities at their fixed width, the scores, every
+    # row's selection and compaction in each captured batch
+    setting(eviction="h2o", graphs=True),
     setting(head_split=0.5, residual_ring=True, residual_dtype="fp8_e4m3",
             residual_tokens=128),
 ]
@@ -224,6 +229,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     budget = kvcomp.pop("quest", None)
     streaming_share = kvcomp.pop("head_split", None)
     method = kvcomp.pop("eviction", None)
+    graphs = kvcomp.pop("graphs", False)
     cfg = KvcompConfig(**kvcomp)
     if method is not None:
         from vllm_kvcomp.config import EvictionConfig
@@ -281,6 +287,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
             md.query_start_loc_cpu = qsl[:B + 1].tolist()
             md.seq_lens_cpu = seq_lens.tolist()
             md.prompt_lens_cpu = md.prompt_lens.tolist()
+            md.graph_decode = graphs and max(qlens) == 1
         res_md = None
         if residual is not None:
             res_md = KvcompMetadata(num_actual_tokens=T, num_reqs=B, query_start_loc=qsl[:B + 1],
@@ -305,8 +312,11 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
         else:
             impl._forward_triton(q, k, v, out, packed, residual, md, res_md, lay, quest)
 
+    from vllm_kvcomp.kernels import triton_scores, triton_select
+    from vllm_kvcomp.launch_env import SELECT_KERNEL_ENV
+
     mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream,
-            triton_compaction)
+            triton_compaction, triton_scores, triton_select)
     # an opt-in setting's launches are all off the default path
     opt_in_path = s not in ENGINE_SETTINGS
     calls, default = [], [not opt_in_path]
@@ -319,7 +329,8 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     from vllm_kvcomp.kernels import eviction_gpu
 
     with recorded_launches(*mods, on_launch=seen), \
-            mock.patch.object(eviction_gpu, "after_attention", lambda *a, **k: None):
+            mock.patch.object(eviction_gpu, "after_attention", lambda *a, **k: None), \
+            mock.patch.dict(os.environ, {SELECT_KERNEL_ENV: "1"} if graphs else {}):
         impl = _impl(s, cfg, flash_attn=False)
         try:  # the builder's start-up check: its outputs are garbage here, so it raises
             decode_launch.check_decode_launch(cfg, bs, D, dtype, s.rep, torch.device("cpu"),

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from unittest import mock
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 sys.path.insert(0, str(Path(__file__).parent))
@@ -246,7 +247,6 @@ def scores_case(c) -> list:
     default config's k4v4 pages and block size with score slots, the decode
     kernel's fp32 probabilities over a read width that is a multiple of 16
     and one that is not (Triton specializes the width and strides on that)."""
-    from unittest import mock
 
     from vllm_kvcomp.backend import KvcompBackend
     from vllm_kvcomp.kernels import triton_scores
@@ -269,12 +269,34 @@ def scores_case(c) -> list:
     return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
 
 
+def select_case(c) -> list:
+    """The selection of a batch of eviction steps (``triton_select``) as a
+    captured H2O 2048 decode step gives it (8 KV heads, 1,040 candidates of
+    which 1,024 kept, 256 requests) and as a small budget does (a 64-wide
+    block)."""
+    from vllm_kvcomp.kernels import triton_select
+    from vllm_kvcomp.layout import PageLayout
+
+    cfg = KvcompConfig.from_dict({"eviction": {"method": "h2o", "budget_tokens": 2048}})
+    layout = PageLayout(cfg, cfg.group_size, 128, 2)
+    H = 8
+    cache = torch.zeros(64, H, layout.head_page_bytes, dtype=torch.uint8)
+    with recorded_launches(triton_select) as calls:
+        for R, C, kmax in ((256, 1040, 1024), (3, 48, 32)):
+            table = torch.zeros(R, 64, dtype=torch.int32)
+            col = torch.zeros(R, 1, dtype=torch.long)
+            with mock.patch("vllm_kvcomp.kernels.triton_compaction.triton_compact_batch"):
+                triton_select.triton_select_and_compact(cache, layout, table, col, col, col,
+                                                        col, C, kmax)
+    return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
+
+
 def main(cases):
     out = {}
     for c in cases:
         fn = {"decode": decode_case, "prefill_store": prefill_store_case,
               "engine": engine_case, "quest": quest_case, "compact": compact_case,
-              "scores": scores_case}[c["what"]]
+              "scores": scores_case, "select": select_case}[c["what"]]
         try:
             out[c["id"]] = fn(c)
         except Exception as e:  # reported per case; the test names it

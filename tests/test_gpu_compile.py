@@ -55,6 +55,8 @@ COMPACT_BATCH_IDS = [i for i, c in zip(COMPACT_IDS, COMPACT) if c[-1] != "snapkv
 # H2O / A2SF's decode scores by the Triton kernel (not on the default path, which has
 # no eviction): the default config's k4v4 pages, 8 KV heads of 4 query heads
 SCORES = dict(id="scores-k4v4-d128-h8-rep4", what="scores", D=128, H=8, rep=4)
+# the Triton selection of a batch of H2O / A2SF eviction steps (KVCOMP_SELECT_KERNEL, opt-in)
+SELECT = dict(id="select-h2o", what="select")
 
 
 def _cases():
@@ -83,6 +85,7 @@ def _cases():
                    dtype=t, method=m, batch=True)
               for i, (b, a, g, bs, D, t, m) in zip(COMPACT_IDS, COMPACT) if m != "snapkv"]
     cases.append(SCORES)
+    cases.append(SELECT)
     return cases
 
 
@@ -129,6 +132,8 @@ def test_engine_launches_compile_for_sm90(compiled, setting):
         assert res["builds"].count("_stream_kernel") >= 2, res
     if opt_in.get("eviction") in ("snapkv", "h2o", "a2sf"):  # compaction after a selection
         assert "_kvcomp_compact_kernel" in built, res
+    if opt_in.get("graphs"):  # a captured decode step's scores and selection
+        assert {"_kvcomp_decode_scores_kernel", "_kvcomp_select_kernel"} <= built, res
 
 
 @pytest.mark.parametrize("setting", ENGINE_IDS)
@@ -256,4 +261,13 @@ def test_score_kernel_compiles_for_sm90(compiled):
     res = compiled[SCORES["id"]]
     assert "error" not in res, res
     assert len(res) == 2 and {k["kernel"] for k in res} == {"_kvcomp_decode_scores_kernel"}, res
+    assert all(k["cubin_bytes"] > 0 for k in res), res
+
+
+def test_select_kernel_compiles_for_sm90(compiled):
+    """The selection kernel (``triton_select``) builds for sm_90 at a captured
+    H2O 2048 step's width (2,048-wide blocks, 8 warps) and a small one."""
+    res = compiled[SELECT["id"]]
+    assert "error" not in res, res
+    assert len(res) == 2 and {k["kernel"] for k in res} == {"_kvcomp_select_kernel"}, res
     assert all(k["cubin_bytes"] > 0 for k in res), res

@@ -41,6 +41,11 @@ EVICTION_BATCH_ENV = "KVCOMP_EVICTION_BATCH"
 # their eviction as fixed-shape device work (eviction_gpu.graph_after_attention);
 # off until a GPU has run it
 EVICTION_GRAPHS_ENV = "KVCOMP_EVICTION_GRAPHS"
+# "1": H2O / A2SF's batched eviction steps select their kept tokens with one Triton launch
+# (kernels/triton_select.py: a program per request and KV head, returning at once where the
+# request keeps nothing) instead of a stable sort of every row's candidates, which a captured
+# decode step runs for every row of the batch; off until a GPU has run it
+SELECT_KERNEL_ENV = "KVCOMP_SELECT_KERNEL"
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
 
