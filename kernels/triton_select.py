@@ -29,8 +29,9 @@ from vllm_kvcomp.layout import PageLayout
 @triton.jit
 def _order_key(s):
     """int64 keys ordered as the fp32 scores ``s`` (finite): the bits of a
-    non-negative float, the magnitude bits flipped for a negative one."""
-    i = s.to(tl.int32, bitcast=True)
+    non-negative float, the magnitude bits flipped for a negative one; -0.0
+    first made +0.0, the key of an equal score (as a sort compares them)."""
+    i = (s + 0.0).to(tl.int32, bitcast=True)
     return tl.where(i >= 0, i, i ^ 0x7FFFFFFF).to(tl.int64)
 
 

@@ -34,6 +34,9 @@ UPSTREAM_FINGERPRINTS = {
     # prompt_steps.py (the wrapped method, and the batch state it reads)
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner._determine_batch_execution_and_padding": "7b647d9f2a09e811",
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner._is_uniform_decode": "d79b56da8d536ab9",
+    "vllm.v1.worker.gpu.model_runner:GPUModelRunner.execute_model": "f2d75f2d8b5b616e",
+    "vllm.v1.worker.gpu.cudagraph_utils:get_uniform_token_count": "3d6eaeb0f2466c27",
+    "vllm.v1.worker.gpu.states:RequestState.__init__": "33b45b73f082331e",
     # vllm_kvcomp/spec.py (KvcompResidualManager subclasses these)
     "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.allocate_new_blocks": "a4ae9bf5c410bb0e",
     "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.remove_skipped_blocks": "d53184d3e8ecb933",

@@ -16,6 +16,7 @@ from test_eviction_batch import CASES, IDS, _config
 from test_eviction_gpu import SCORED_CASES, STEP_CASES, _inputs, _run
 from test_triton_compaction import random_pages
 
+from vllm_kvcomp.backend import PADDING_PROMPT_LEN
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import eviction_gpu, h2o_ref
 from vllm_kvcomp.kernels.eviction_gpu import (
@@ -196,7 +197,7 @@ def _builder(monkeypatch, cfg, rows=8):
     builder.on_cpu, builder.host_lists = False, True
     builder.rows_config = eviction_rows_config(cfg)
     builder.max_model_len = 4096
-    builder.prompt_lens_buffer = torch.full((rows,), 2**31 - 1, dtype=torch.int32)
+    builder.prompt_lens_buffer = torch.full((rows,), PADDING_PROMPT_LEN, dtype=torch.int32)
     return builder
 
 
@@ -223,7 +224,7 @@ def test_builder_keeps_prompt_lengths_where_a_captured_step_reads_them(monkeypat
     buf = builder.prompt_lens_buffer
     md = builder.build(0, _cam([100, 90, 0], [40, 80, 7]))
     assert md.graph_decode and md.prompt_lens.data_ptr() == buf.data_ptr()
-    assert buf[:3].tolist() == [40, 80, 7] and buf[3:].tolist() == [2**31 - 1] * 5
+    assert buf[:3].tolist() == [40, 80, 7] and buf[3:].tolist() == [PADDING_PROMPT_LEN] * 5
     # a prompt's one-token last chunk: eager
     assert not builder.build(0, _cam([100, 80], [40, 80])).graph_decode
     # a chunk: eager
@@ -291,21 +292,121 @@ def test_runner_calls_a_batch_with_a_prompt_step_not_uniform(monkeypatch, eager)
 
 
 def test_hook_installs_only_with_the_setting(monkeypatch):
-    """The runner is wrapped where KVCOMP_EVICTION_GRAPHS=1 alone, and once."""
+    """Both model runners are wrapped where KVCOMP_EVICTION_GRAPHS=1 alone, and once."""
+    from vllm.v1.worker.gpu import model_runner as v2
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_kvcomp.patches import prompt_steps
 
     orig = GPUModelRunner._determine_batch_execution_and_padding
     monkeypatch.setattr(GPUModelRunner, "_determine_batch_execution_and_padding", orig)
+    v2_execute, v2_uniform = v2.GPUModelRunner.execute_model, v2.get_uniform_token_count
+    monkeypatch.setattr(v2.GPUModelRunner, "execute_model", v2_execute)
+    monkeypatch.setattr(v2, "get_uniform_token_count", v2_uniform)
     monkeypatch.setattr(prompt_steps, "_APPLIED", False)
     monkeypatch.delenv(EVICTION_GRAPHS_ENV, raising=False)
     prompt_steps.apply()
     assert GPUModelRunner._determine_batch_execution_and_padding is orig
+    assert v2.GPUModelRunner.execute_model is v2_execute
     monkeypatch.setenv(EVICTION_GRAPHS_ENV, "1")
     prompt_steps.apply()
     wrapped = GPUModelRunner._determine_batch_execution_and_padding
     assert wrapped is not orig and wrapped.__kvcomp_wrapped__
+    assert v2.GPUModelRunner.execute_model.__kvcomp_wrapped__
+    assert v2.get_uniform_token_count is not v2_uniform
     monkeypatch.setattr(prompt_steps, "_APPLIED", False)
     prompt_steps.apply()
     assert GPUModelRunner._determine_batch_execution_and_padding is wrapped
+
+
+def test_builder_pads_prompt_lengths_of_a_padded_captured_batch(monkeypatch):
+    """Model Runner V2 gives one prompt length per scheduled request, fewer
+    than the rows of a batch padded to a captured size: the padding rows
+    count as inside an endless prompt, and the step is still a captured one."""
+    from vllm_kvcomp.backend import padded_prompt_lens
+
+    cfg = KvcompConfig.from_dict({"eviction": {"method": "a2sf", "budget_tokens": 48}})
+    builder = _builder(monkeypatch, cfg)
+    cam = _cam([100, 90, 0, 0], [40, 80, 1, 1])
+    cam.rswa_prefix_lens = cam.rswa_prefix_lens[:2]
+    md = builder.build(0, cam)
+    assert md.graph_decode and md.eviction_rows is None  # a captured step reads no host list
+    assert builder.prompt_lens_buffer[:4].tolist() == [40, 80] + [PADDING_PROMPT_LEN] * 2
+    assert md.prompt_lens_cpu == [40, 80, PADDING_PROMPT_LEN, PADDING_PROMPT_LEN]
+    # a copy, not a view of the runner's (pinned, reused) rows
+    src = torch.tensor([5, 6, 7], dtype=torch.int32)
+    got = padded_prompt_lens(src, 3)
+    src[0] = 99
+    assert got.tolist() == [5, 6, 7]
+
+
+def _v2_module():
+    """A stand-in for vLLM's Model Runner V2 module: a runner whose
+    ``execute_model`` asks the module's ``get_uniform_token_count`` after
+    updating its request states, as vLLM 0.26's does."""
+    import types
+
+    mod = types.ModuleType("v2_stand_in")
+
+    def get_uniform_token_count(num_reqs, num_tokens, max_query_len):
+        return max_query_len if num_tokens == num_reqs * max_query_len else None
+
+    class GPUModelRunner:
+        def __init__(self, computed, prompts):
+            self.vllm_config = None
+            self.req_states = SimpleNamespace(
+                req_id_to_index={f"r{i}": i for i in range(len(computed))},
+                num_computed_tokens_np=np.array(computed),
+                prompt_len=SimpleNamespace(np=np.array(prompts)))
+
+        def execute_model(self, scheduler_output):
+            counts = list(scheduler_output.num_scheduled_tokens.values())
+            return mod.get_uniform_token_count(len(counts), sum(counts), max(counts))
+
+    mod.GPUModelRunner, mod.get_uniform_token_count = GPUModelRunner, get_uniform_token_count
+    return mod
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_runner_v2_calls_a_batch_with_a_prompt_step_not_uniform(monkeypatch, eager):
+    """Model Runner V2 (vLLM 0.26's default for Llama-like models): a batch of
+    one-token steps holding a prompt's last token is not uniform, so no FULL
+    graph is replayed for it; decodes past their prompts, requests the runner
+    does not hold (dummy runs), calls outside a step and engines without the
+    setting are left as vLLM has them."""
+    from vllm_kvcomp.patches import prompt_steps
+
+    mod = _v2_module()
+    monkeypatch.setattr(prompt_steps, "eager_prompt_steps", lambda vc: eager)
+    prompt_steps._wrap_v2(mod)
+    step = SimpleNamespace(num_scheduled_tokens={"r0": 1, "r1": 1})
+    assert mod.GPUModelRunner([100, 50], [40, 50]).execute_model(step) == 1
+    ending = mod.GPUModelRunner([100, 49], [40, 50])
+    assert ending.execute_model(step) == (None if eager else 1)
+    dummy = SimpleNamespace(num_scheduled_tokens={"x0": 1, "x1": 1})
+    assert ending.execute_model(dummy) == 1
+    assert mod.get_uniform_token_count(2, 2, 1) == 1
+
+
+def test_micro_batches_with_captured_eviction_are_refused(monkeypatch):
+    """Dual batch overlap builds two micro-batches' metadata before either
+    runs, and the captured steps keep one prompt-length buffer: refused at
+    start-up, naming both."""
+    from vllm_kvcomp.config import KvcompConfigError
+    from vllm_kvcomp.validation import validate_vllm_config
+
+    vc = SimpleNamespace(
+        additional_config={"kvcomp": {"eviction": {"method": "h2o", "budget_tokens": 64}}},
+        model_config=None, speculative_config=None, kv_transfer_config=None,
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, use_ubatching=True))
+    monkeypatch.setenv(EVICTION_GRAPHS_ENV, "1")
+    with pytest.raises(KvcompConfigError, match="micro-batching.*KVCOMP_EVICTION_GRAPHS"):
+        validate_vllm_config(vc)
+    monkeypatch.delenv(EVICTION_GRAPHS_ENV)
+    try:
+        validate_vllm_config(vc)
+    except KvcompConfigError as e:
+        assert "micro-batching" not in str(e)
+    except AttributeError:
+        pass  # the checks after the parallel ones read what the stand-in lacks

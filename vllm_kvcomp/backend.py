@@ -93,6 +93,23 @@ class KvcompMetadata:
     graph_decode: bool = False
 
 
+# what a row without a request of its own counts as: inside a prompt longer than any sequence
+PADDING_PROMPT_LEN = 2**31 - 1
+
+
+def padded_prompt_lens(prompt_lens: torch.Tensor, num_reqs: int) -> torch.Tensor:
+    """The step's prompt lengths on the host, one per row of ``num_reqs``:
+    Model Runner V2 gives one per scheduled request, fewer than a padded
+    captured batch's rows (those get ``PADDING_PROMPT_LEN``). A copy the
+    runner does not own: V1's pinned rows change with the next step's batch,
+    possibly before an asynchronous copy of them has run."""
+    got = prompt_lens[:num_reqs].to("cpu", copy=True)
+    if got.shape[0] < num_reqs:
+        pad = torch.full((num_reqs - got.shape[0],), PADDING_PROMPT_LEN, dtype=got.dtype)
+        got = torch.cat([got, pad])
+    return got
+
+
 class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
     # Decode-only batches are captured whole (the decode kernel's grid depends
     # on the batch size alone); mixed batches run eagerly between graph pieces.
@@ -125,8 +142,8 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
             sc = vllm_config.scheduler_config
             rows = max(sc.max_num_seqs,
                        vllm_config.compilation_config.max_cudagraph_capture_size or 0)
-            self.prompt_lens_buffer = torch.full((rows,), 2**31 - 1, dtype=torch.int32,
-                                                 device=device)
+            self.prompt_lens_buffer = torch.full((rows,), PADDING_PROMPT_LEN,
+                                                 dtype=torch.int32, device=device)
         from vllm_kvcomp.spec import KvcompSpec
 
         if not self.on_cpu and isinstance(kv_cache_spec, KvcompSpec):
@@ -176,9 +193,7 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
             md.query_start_loc_cpu = cam.query_start_loc_cpu[: num_reqs + 1].tolist()
             md.seq_lens_cpu = cam.seq_lens_cpu[:num_reqs].tolist()
             if cam.rswa_prefix_lens is not None:
-                # a copy the runner does not own: its pinned rows change with the next
-                # step's batch, possibly before an asynchronous copy of them has run
-                prompt_lens = cam.rswa_prefix_lens[:num_reqs].clone()
+                prompt_lens = padded_prompt_lens(cam.rswa_prefix_lens, num_reqs)
                 md.prompt_lens_cpu = prompt_lens.tolist()
                 if self.prompt_lens_buffer is not None:
                     md.prompt_lens = self.prompt_lens_buffer[:num_reqs]
@@ -188,7 +203,8 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
                         n > p or n == 0 for n, p in zip(md.seq_lens_cpu, md.prompt_lens_cpu))
                 else:
                     md.prompt_lens = prompt_lens.to(cam.seq_lens.device, non_blocking=True)
-                if self.rows_config is not None:
+                # a captured step's eviction reads no host list
+                if self.rows_config is not None and not md.graph_decode:
                     from vllm_kvcomp.kernels.eviction_gpu import host_rows
 
                     md.eviction_rows = host_rows(self.rows_config, md.block_size, md)

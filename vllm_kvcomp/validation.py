@@ -285,6 +285,12 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
         problems.append(f"pipeline parallelism (pipeline_parallel_size={pc.pipeline_parallel_size})")
     if getattr(pc, "decode_context_parallel_size", 1) > 1:
         problems.append("decode context parallelism")
+    if getattr(pc, "use_ubatching", False) and cfg.eviction is not None:
+        from vllm_kvcomp.kernels.eviction_gpu import graph_eviction
+
+        if graph_eviction(cfg):  # micro-batches would share the one prompt-length buffer
+            problems.append("micro-batching (--enable-dbo / ubatch_size) with "
+                            "KVCOMP_EVICTION_GRAPHS")
     cc = vllm_config.cache_config
     if cc.cache_dtype not in ("auto", None):
         problems.append(
