@@ -140,6 +140,7 @@ from vllm_kvcomp.kernels.triton_quest import (  # noqa: E402
     quest_select,
     quest_top_pages,
 )
+from vllm_kvcomp.kernels.triton_scores import triton_add_decode_scores  # noqa: E402
 from vllm_kvcomp.kernels.triton_select import triton_select_and_compact  # noqa: E402
 from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
     stream_attention,
@@ -1240,15 +1241,17 @@ def print_eviction(rows) -> None:
     if any("graph_layer_us" in r for r in rows):
         print("\n# the same layers as KVCOMP_EVICTION_GRAPHS captures them (us, CUDA-graph "
               "replays)\n")
-        print("| config | (a) kept us | probs width | + probs us | + scores us | layer us "
+        print("| config | (a) kept us | probs width | + probs us | + scores us "
+              "| + scores, logits us | layer us "
               "| selection, none evicts us (sort / kernel) "
               "| selection, all evict us (sort / kernel) |")
-        print("|---" * 8 + "|")
+        print("|---" * 9 + "|")
         for r in rows:
             if "graph_layer_us" in r:
                 print(f"| {r['config']} | {r['graph_kept_us']:.1f} "
                       f"| {r['graph_probs_width']} | {r['graph_probs_us']:.1f} "
-                      f"| {r['graph_scores_us']:.1f} | {r['graph_layer_us']:.1f} "
+                      f"| {r['graph_scores_us']:.1f} | {r['graph_logits_us']:.1f} "
+                      f"| {r['graph_layer_us']:.1f} "
                       f"| {r['graph_select_idle_us']:.1f} / {r['graph_select_kernel_idle_us']:.1f} "
                       f"| {f(r, 'graph_select_all_us')} / {f(r, 'graph_select_kernel_all_us')} |")
 
@@ -1511,7 +1514,8 @@ def captured_breakdown(a, cfg, p, md, ranges, n, n_evict, timer, kw) -> dict:
     ``timer`` (``--timing graph``: CUDA-graph replays, no launch overhead):
     the decode over the kept positions (``graph_kept_us``), with its
     probabilities at ``decode_probs_width``
-    (``graph_probs_us``), with the scores added (``graph_scores_us``), the
+    (``graph_probs_us``), with the scores added (``graph_scores_us``; with
+    the normalisation left to the score kernel, ``probs_lse``: ``graph_logits_us``), the
     whole layer at a length whose step moves no page (``graph_layer_us``:
     every row's fixed-shape selection with nothing kept), and the eviction
     step alone there (``graph_select_idle_us``) and at a length where every
@@ -1542,9 +1546,17 @@ def captured_breakdown(a, cfg, p, md, ranges, n, n_evict, timer, kw) -> dict:
         with_probs()
         eviction_gpu.graph_after_attention(p.packed, p.layout, cfg, md, ranges, probs)
 
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=p.packed.device)
+
+    def with_logits():  # the normalisation left to the score kernel
+        kvcomp_decode_attention(*p.args(), n, num_splits=a.num_splits, out=p.out,
+                                evicted=ranges, probs=probs, probs_lse=lse, **kw)
+        triton_add_decode_scores(probs, p.packed, p.layout, cfg, table, lens, ranges, lse=lse)
+
     got = dict(graph_probs_width=width, graph_kept_us=timer(kept),
                graph_probs_us=timer(with_probs),
-               graph_scores_us=timer(with_scores), graph_layer_us=timer(layer))
+               graph_scores_us=timer(with_scores), graph_logits_us=timer(with_logits),
+               graph_layer_us=timer(layer))
     lens_evict = None if n_evict is None else torch.full_like(lens, n_evict)
     for tag, select in (("", h2o_ref.select_and_compact),
                         ("_kernel", triton_select_and_compact)):

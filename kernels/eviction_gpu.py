@@ -298,7 +298,7 @@ def decode_read_width(cfg: KvcompConfig, block_size: int, md, nd: int) -> int:
 
 def add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor, layout,
                       cfg: KvcompConfig, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                      evicted: torch.Tensor | None) -> None:
+                      evicted: torch.Tensor | None, lse: torch.Tensor | None = None) -> None:
     """``h2o_ref.add_step_scores`` for a batch of one-token steps, as torch
     ops on the device without a host sync: ``probs`` ``[B, Hq, W]`` (the
     decode kernel's: over the positions each request read, ``[0, seq_len)``
@@ -308,12 +308,16 @@ def add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor, layout,
     (0 at every position not read), so block-table entries past a request's
     pages or into its freed ones, which may be any page by now, change
     nothing. The PyTorch reference of ``triton_scores.triton_add_decode_scores``
-    (one launch, unless ``KVCOMP_SCORE_KERNEL=0``: ``score_adder``)."""
+    (one launch, unless ``KVCOMP_SCORE_KERNEL=0``: ``score_adder``). ``lse``
+    ``[B, Hq]``: ``probs`` holds base-2 logits, normalised here (the decode
+    kernel's ``probs_lse``)."""
     from vllm_kvcomp.kernels.h2o_ref import score_view
 
     B, Hq, L = probs.shape
     if B == 0:
         return
+    if lse is not None:
+        probs = torch.exp2(probs - lse[:, :, None])
     H = packed_cache.shape[1]
     bs = layout.block_size
     dev = probs.device

@@ -660,6 +660,7 @@ def kvcomp_decode_attention(
     evicted: torch.Tensor | None = None,
     probs: torch.Tensor | None = None,
     programs_per_sm: int | None = None,
+    probs_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per request; returns ``out``
     [B, Hq, D] in the query dtype (see the module docstring).
@@ -678,7 +679,11 @@ def kvcomp_decode_attention(
     query's attention probabilities over the positions it reads, in
     position order: ``[0, lo)`` then ``[hi, seq_len)`` (``evicted``), 0
     past them; ``W`` at least each request's count of those (H2O / A2SF's
-    scores, ``eviction_gpu.add_decode_scores``). ``programs_per_sm``:
+    scores, ``eviction_gpu.add_decode_scores``). ``probs_lse``: fp32
+    ``[B, Hq]``; given, ``probs`` keeps the base-2 logits of the positions
+    read (the rest left as they were) and ``probs_lse`` receives each row's
+    base-2 log-sum-exp, for a consumer that normalises as it reads (the
+    score kernel's ``lse``): two passes over ``probs`` fewer. ``programs_per_sm``:
     ``decode_num_splits``'s occupancy aim when it picks the splits.
     """
     assert layout.config == cfg
@@ -753,7 +758,8 @@ def kvcomp_decode_attention(
             probs.dtype == torch.float32 and probs.stride(2) == 1 and \
             probs.stride(0) == Hq * probs.stride(1)
         # the kernel writes the logits it reads; the rest stays at probability 0
-        probs.fill_(float("-inf"))
+        if probs_lse is None:
+            probs.fill_(float("-inf"))
         part_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=query.device)
     _kvcomp_decode_kernel[(B, H, num_splits)](
         query, query.stride(0), query.stride(1),
@@ -784,7 +790,10 @@ def kvcomp_decode_attention(
     if probs is not None:
         # the splits' base-2 log-sum-exps merged: the softmax's normaliser
         lse = torch.logsumexp(part_lse * math.log(2.0), dim=-1) / math.log(2.0)
-        probs.sub_(lse[:, :, None]).exp2_()
+        if probs_lse is not None:
+            probs_lse.copy_(lse)
+        else:
+            probs.sub_(lse[:, :, None]).exp2_()
     return out
 
 # --------------------------------------------------------------------------

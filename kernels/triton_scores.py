@@ -34,9 +34,10 @@ def _kvcomp_decode_scores_kernel(
     cache_ptr, stride_cb, stride_ch,
     table_ptr, stride_tb, stride_tp,
     lens_ptr, ev_ptr, stride_eb, stride_ee,
+    lse_ptr, stride_lb,
     W, decay,
     BS: tl.constexpr, REP: tl.constexpr, SCORES_OFF: tl.constexpr,
-    HAS_EV: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_EV: tl.constexpr, HAS_LSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -53,7 +54,11 @@ def _kvcomp_decode_scores_kernel(
     p_row = probs_ptr + b.to(tl.int64) * stride_pb + (h * REP).to(tl.int64) * stride_ph
     step = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(REP):
-        step += tl.load(p_row + r * stride_ph + t * stride_pt, mask=read, other=0.0)
+        if HAS_LSE:  # base-2 logits: normalised here, positions not read give exp2(-inf)
+            lg = tl.load(p_row + r * stride_ph + t * stride_pt, mask=read, other=float("-inf"))
+            step += tl.exp2(lg - tl.load(lse_ptr + b.to(tl.int64) * stride_lb + h * REP + r))
+        else:
+            step += tl.load(p_row + r * stride_ph + t * stride_pt, mask=read, other=0.0)
     blk = tl.load(table_ptr + b.to(tl.int64) * stride_tb + (pos // BS) * stride_tp,
                   mask=read, other=0).to(tl.int64)
     off = blk * stride_cb + h.to(tl.int64) * stride_ch + SCORES_OFF + (pos % BS) * 4
@@ -68,7 +73,8 @@ def _kvcomp_decode_scores_kernel(
 def triton_add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor,
                              layout: PageLayout, cfg: KvcompConfig, block_table: torch.Tensor,
                              seq_lens: torch.Tensor, evicted: torch.Tensor | None,
-                             block_t: int = BLOCK_T, num_warps: int = 4) -> None:
+                             block_t: int = BLOCK_T, num_warps: int = 4,
+                             lse: torch.Tensor | None = None) -> None:
     """``eviction_gpu.add_decode_scores`` (its PyTorch reference: the same
     arguments and semantics) in one launch, without a host sync: ``probs``
     ``[B, Hq, W]`` over the positions each request read (``[0, seq_len)``
@@ -76,7 +82,9 @@ def triton_add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor,
     head's query group into those positions' score slots, the request's
     newest position from nothing and the others' scores first multiplied by
     the policy's decay (1 under H2O). ``block_t``: read indices a program
-    covers (a power of two)."""
+    covers (a power of two). ``lse``: fp32 ``[B, Hq]``; given, ``probs``
+    holds base-2 logits (the decode kernel's with ``probs_lse``), each
+    normalised here as ``exp2(logit - lse)``."""
     B, Hq, W = probs.shape
     if B == 0 or W == 0:
         return
@@ -90,6 +98,8 @@ def triton_add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor,
     assert packed_cache.stride(0) % 4 == 0 and packed_cache.stride(1) % 4 == 0
     assert layout.scores_offset % 4 == 0
     assert seq_lens.stride(0) == 1
+    assert lse is None or (lse.shape == (B, Hq) and lse.stride(1) == 1
+                           and lse.dtype == torch.float32)
     bs = layout.block_size
     decay = float(cfg.eviction.policy(bs).decay)
     ev = evicted if evicted is not None else seq_lens  # not read without HAS_EV
@@ -100,9 +110,11 @@ def triton_add_decode_scores(probs: torch.Tensor, packed_cache: torch.Tensor,
         packed_cache, packed_cache.stride(0), packed_cache.stride(1),
         block_table, block_table.stride(0), block_table.stride(1),
         seq_lens, ev, *ev_strides,
+        lse if lse is not None else seq_lens, lse.stride(0) if lse is not None else 0,
         W, decay,
         BS=bs, REP=Hq // H, SCORES_OFF=layout.scores_offset,
-        HAS_EV=evicted is not None, BLOCK=block_t, num_warps=num_warps,
+        HAS_EV=evicted is not None, HAS_LSE=lse is not None, BLOCK=block_t,
+        num_warps=num_warps,
     )
 
 

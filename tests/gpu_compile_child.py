@@ -246,7 +246,8 @@ def scores_case(c) -> list:
     (``triton_scores``) as a decode step hands them over: the
     default config's k4v4 pages and block size with score slots, the decode
     kernel's fp32 probabilities over a read width that is a multiple of 16
-    and one that is not (Triton specializes the width and strides on that)."""
+    and one that is not (Triton specializes the width and strides on that),
+    and its base-2 logits with their log-sum-exps (``lse``)."""
 
     from vllm_kvcomp.backend import KvcompBackend
     from vllm_kvcomp.kernels import triton_scores
@@ -261,11 +262,12 @@ def scores_case(c) -> list:
     table = torch.zeros(1024, 64, dtype=torch.int32)
     lens = torch.full((1024,), 4000, dtype=torch.int32)
     with recorded_launches(triton_scores) as calls:
-        for B, W in ((32, 2175), (1, 2048)):
+        for B, W, lse in ((32, 2175, False), (1, 2048, False), (32, 2175, True)):
             probs = torch.zeros(B, H * rep, W)
             ranges = torch.zeros(B, 2, dtype=torch.int32)
-            triton_scores.triton_add_decode_scores(probs, cache, layout, cfg, table[:B],
-                                                   lens[:B], ranges)
+            triton_scores.triton_add_decode_scores(
+                probs, cache, layout, cfg, table[:B], lens[:B], ranges,
+                lse=torch.zeros(B, H * rep) if lse else None)
     return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
 
 

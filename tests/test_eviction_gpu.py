@@ -106,6 +106,34 @@ def test_decode_kernel_probs_are_the_reference_probs(bits, axis, G, R, D, rep, d
     assert (want[:, :, max(batch.lens):] == 0).all() and (want > 0.01).any()
 
 
+@pytest.mark.parametrize("bits,axis,G,R,D,rep,dtype,wt", [PROB_CASES[1], PROB_CASES[4]],
+                         ids=["k2v2-rep4", "k4v4-g64-wt4"])
+def test_decode_kernel_logits_with_their_lse_are_its_probs(bits, axis, G, R, D, rep, dtype, wt):
+    """With ``probs_lse`` the decode kernel leaves its base-2 logits in
+    ``probs`` (positions not read untouched) and the rows' log-sum-exps in
+    ``probs_lse``: ``exp2(logit - lse)`` is the probability the normalising
+    call writes (to an ulp or two: torch's vectorised exp2 and its scalar
+    tail round apart), and the output is the same bit for bit."""
+    from vllm_kvcomp.kernels.decode_batch import DecodeBatch, lens_for
+
+    cfg = KvcompConfig(k_bits=bits[0], v_bits=bits[1], group_size=G, residual_tokens=R,
+                       key_axis=axis)
+    batch = DecodeBatch(cfg, lens_for(cfg), D=D, rep=rep, dtype=dtype, block_size=max(32, G),
+                        seed=G + rep)
+    B, Hq, L = len(batch.lens), batch.query.shape[1], max(batch.lens) + 5
+    kw = {"warp_tiles": wt} if wt else {}
+    probs = torch.full((B, Hq, L), 7.0, device=DEVICE)
+    out = batch.triton(num_splits=3, probs=probs, device=DEVICE, **kw)
+    logits = torch.full((B, Hq, L), 7.0, device=DEVICE)
+    lse = torch.empty(B, Hq, device=DEVICE)
+    out2 = batch.triton(num_splits=3, probs=logits, probs_lse=lse, device=DEVICE, **kw)
+    assert torch.equal(out, out2)
+    for i, n in enumerate(batch.lens):
+        torch.testing.assert_close(torch.exp2(logits[i, :, :n] - lse[i, :, None]),
+                                   probs[i, :, :n], atol=0, rtol=1e-6)
+        assert (logits[i, :, n:] == 7.0).all()
+
+
 @pytest.mark.parametrize("method", ["h2o", "a2sf"])
 def test_decode_scores_are_the_reference_step_scores(method):
     """``add_decode_scores`` (device ops, one batch) leaves every score slot

@@ -257,10 +257,10 @@ def test_batched_compaction_compiles_for_sm90(compiled, case):
 def test_score_kernel_compiles_for_sm90(compiled):
     """The decode-score kernel (``triton_scores``) builds for sm_90 at both
     specializations a decode step gives it (read widths a multiple of 16
-    and not, one request and many)."""
+    and not, one request and many) and with the logits' normalisation (``lse``)."""
     res = compiled[SCORES["id"]]
     assert "error" not in res, res
-    assert len(res) == 2 and {k["kernel"] for k in res} == {"_kvcomp_decode_scores_kernel"}, res
+    assert len(res) == 3 and {k["kernel"] for k in res} == {"_kvcomp_decode_scores_kernel"}, res
     assert all(k["cubin_bytes"] > 0 for k in res), res
 
 

@@ -153,6 +153,33 @@ def test_without_evicted_ranges_and_empty_batch():
     assert torch.equal(empty, cache)
 
 
+@pytest.mark.parametrize("bits,bs,H,rep,method,block_t", [CASES[0], CASES[6]],
+                         ids=[IDS[0], IDS[6]])
+def test_kernel_normalises_logits_as_the_reference(bits, bs, H, rep, method, block_t):
+    """With ``lse`` (the decode kernel's ``probs_lse``) both the kernel and
+    its reference read base-2 logits and normalise them: the scores of the
+    normalised probabilities, to the stated tolerance; positions past a
+    request's reads hold garbage and are not read."""
+    layout = _layout(bits, bs, method)
+    cache, probs, table, seq, ev, lens, ranges = _batch(layout, H, rep, seed=bs + H + rep)
+    g = torch.Generator().manual_seed(3)
+    shift = torch.randn(probs.shape[:2], generator=g) * 4  # each row's own log-sum-exp
+    logits = torch.log2(probs) + shift[:, :, None]
+    want = cache.clone()
+    add_decode_scores(probs, want, layout, layout.config, table, seq, ev)
+    ref = cache.clone()
+    add_decode_scores(logits, ref, layout, layout.config, table, seq, ev, lse=shift)
+    got = cache.to(DEVICE, copy=True)
+    triton_add_decode_scores(logits.to(DEVICE), got, layout, layout.config, table.to(DEVICE),
+                             seq.to(DEVICE), ev.to(DEVICE), block_t=block_t,
+                             lse=shift.to(DEVICE))
+    for c in (ref, got.cpu()):
+        torch.testing.assert_close(score_view(c, layout), score_view(want, layout),
+                                   atol=ATOL, rtol=RTOL)
+    assert torch.equal(score_view(got.cpu(), layout) != score_view(cache, layout),
+                       _read_slots(layout, cache, table, lens, ranges))
+
+
 def test_the_kernel_and_the_batched_step_are_the_defaults(monkeypatch):
     """A GPU step adds its decode scores with the Triton kernel and takes a
     layer's eviction steps as one batch; ``KVCOMP_SCORE_KERNEL=0`` and
