@@ -1412,8 +1412,9 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
 
     # the references walk requests in Python: two of them on a GPU; bf16 there
     m, tol, mass_tol = (B, 2e-3, 1e-5) if a.smoke else (min(B, 2), 3e-2, 1e-2)
+    torch_scores = eviction_gpu.score_adder() is eviction_gpu.add_decode_scores
     label = (f"{name}+{method}{a.eviction_budget}{'+rows' if a.eviction_rows else ''}"
-             f"{'+torch-scores' if eviction_gpu.score_adder() is eviction_gpu.add_decode_scores else ''}"
+             f"{'+torch-scores' if torch_scores else ''}"
              f"{'' if batch else '+per-request'}"
              f"{'+select' if eviction_gpu.selector() is not h2o_ref.select_and_compact else ''}")
     assert torch.isfinite(plain()).all(), f"{label}: non-finite output"

@@ -275,8 +275,10 @@ def report(args, rows, final=False) -> None:
         st = f"{r['startup_s']:.0f}" if "startup_s" in r else "-"
         lines.append(f"| {r['name']} | {MODELS[r['model_name']][0]} | {r['dtype']} | {r['mode']} "
                      f"| {ok} | {st} | {fa} | {ta} |")
-    lines += [f"\n{r['name']} ({r['mode']}): tokens {'equal to' if r['same_tokens'] else '**differ from**'} "
-              f"{r['same_tokens_as']}'s" for r in rows if "same_tokens" in r]
+    for r in rows:
+        if "same_tokens" in r:
+            same = "equal to" if r["same_tokens"] else "**differ from**"
+            lines.append(f"\n{r['name']} ({r['mode']}): tokens {same} {r['same_tokens_as']}'s")
     with open(os.path.join(args.out, "engine_matrix.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if not final:

@@ -500,25 +500,27 @@ def evict_decode_rows(packed_cache: torch.Tensor, layout, cfg: KvcompConfig,
     (from ``seq_lens - 1`` to ``seq_lens`` tokens), the same bytes written,
     in shapes fixed by the config alone, without a host sync: each row's
     layouts on the device (``scored_layout``), then the selection and
-    compaction (``selector``) over ``heavy + (align // bs + 1) * bs`` candidates (a one-token step
-    moves ``E`` by at most that much past ``K <= heavy``). A row whose
+    compaction (``selector``) over ``heavy + (align // bs + 1) * bs``
+    candidates (a one-token step moves ``E`` by at most that much past
+    ``K <= heavy``). A row whose
     layout stays, a padding row (``seq_lens`` 0) and a row whose step ends
     its prompt (never in a captured step: ``graph_eviction``) keep nothing
     and are left as they are. ``select``: ``selector()``'s by default."""
+    from vllm_kvcomp.kernels.h2o_ref import moves_nothing
+
     bs = layout.block_size
     policy = cfg.eviction.policy(bs)
     n, P = seq_lens.long(), prompt_lens.long()
     k0, e0 = scored_layout(cfg, policy, n - 1, P)
     k1, e1 = scored_layout(cfg, policy, n, P)
     count = k0 + (e1 - e0).clamp(min=0)
-    # _eviction_layouts' test: a step that moves nothing, or whose candidates are in place
-    stays = ((k1 == k0) & (e1 == e0)) | ((count == k1) & ((e1 <= e0) | (e0 == k0)))
-    steps = ~stays & (n - 1 >= P) & (n > 0)
+    steps = ~moves_nothing(k0, e0, k1, e1, count) & (n - 1 >= P) & (n > 0)
     zero = torch.zeros_like(n)
     C = policy.heavy_tokens + (cfg.key_token_align // bs + 1) * bs
-    (select or selector())(packed_cache, layout, block_table, k0[:, None], e0[:, None],
-               torch.where(steps, count, zero)[:, None], torch.where(steps, k1, zero)[:, None],
-               C, policy.heavy_tokens)
+    (select or selector())(
+        packed_cache, layout, block_table, k0[:, None], e0[:, None],
+        torch.where(steps, count, zero)[:, None], torch.where(steps, k1, zero)[:, None],
+        C, policy.heavy_tokens)
 
 
 def graph_after_attention(packed_cache: torch.Tensor, layout, cfg: KvcompConfig, md,

@@ -151,10 +151,17 @@ def _eviction_layouts(cfg: KvcompConfig, policy, start: int, n: int,
     None where the step moves nothing."""
     k0, e0 = policy.layout(start, cfg.quantized_prefix_len(start), P)
     k1, e1 = policy.layout(n, cfg.quantized_prefix_len(n), P)
-    # candidates [0, k0) then [e0, e1): already in place where they make one run from 0
-    if (k1, e1) == (k0, e0) or (k0 + max(0, e1 - e0) == k1 and (e1 <= e0 or e0 == k0)):
+    if moves_nothing(k0, e0, k1, e1, k0 + max(0, e1 - e0)):
         return None
     return k0, e0, k1, e1
+
+
+def moves_nothing(k0, e0, k1, e1, count):
+    """Whether the step from layout ``(k0, e0)`` to ``(k1, e1)`` moves no
+    token: the layout stays, or its ``count`` candidates (``[0, k0)`` then
+    ``[e0, e1)``) are all kept and already make one run from 0. Ints or
+    tensors of them (element by element)."""
+    return ((k1 == k0) & (e1 == e0)) | ((count == k1) & ((e1 <= e0) | (e0 == k0)))
 
 
 def evict_steps(packed_cache: torch.Tensor, layout: PageLayout, cfg: KvcompConfig,
