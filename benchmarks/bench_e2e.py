@@ -97,6 +97,14 @@ SETTINGS = {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
         "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "1"}},
+    # and the decode kernel's probabilities left as logits, normalised by the score kernel
+    # as it reads them (KVCOMP_SCORE_FROM_LOGITS: two passes over them fewer a layer)
+    "kvcomp_k4v4_h2o2048_graphs_select_logits": {
+        "attention_backend": "kvcomp", "additional_config": {
+            "kvcomp": {"k_bits": 4, "v_bits": 4,
+                       "eviction": {"method": "h2o", "budget_tokens": 2048}}},
+        "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "1",
+                 "KVCOMP_SCORE_FROM_LOGITS": "1"}},
     # half of each layer's KV heads streaming (sinks 64 + window 256): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map
     # written for the model at start-up marks streaming (a fixed map, not a calibrated

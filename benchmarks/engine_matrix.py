@@ -111,6 +111,14 @@ SETTINGS = [
     ("k4v4_h2o_graphs", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}}),
+    # and with the Triton selection and the scores from the decode kernel's logits
+    # (KVCOMP_SELECT_KERNEL, KVCOMP_SCORE_FROM_LOGITS): the selection keeps the sort's
+    # tokens; the logits path's scores differ from the normalising path's in exp2's last
+    # bits, so its tokens are compared by agreement, not required equal
+    ("k4v4_h2o_graphs_select_logits", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
+      "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "1",
+               "KVCOMP_SCORE_FROM_LOGITS": "1"}}),
     # a head map whose retrieval heads keep their window as an e4m3 ring
     ("k4v4_split50_ring_fp8", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3",

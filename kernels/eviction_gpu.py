@@ -150,11 +150,9 @@ def eviction_rows_config(cfg: KvcompConfig) -> KvcompConfig | None:
     """The config whose eviction rows (``host_rows``) the GPU builder gives
     each step: SnapKV / H2O / A2SF's, unless ``KVCOMP_EVICTION_ROWS=0``
     (``launch_env.EVICTION_ROWS_ENV``) has every layer walk every request."""
-    import os
+    from vllm_kvcomp.launch_env import EVICTION_ROWS_ENV, switch
 
-    from vllm_kvcomp.launch_env import EVICTION_ROWS_ENV
-
-    if not selects_on_host(cfg) or os.environ.get(EVICTION_ROWS_ENV, "1") == "0":
+    if not selects_on_host(cfg) or not switch(EVICTION_ROWS_ENV):
         return None
     return cfg
 
@@ -215,15 +213,18 @@ def host_rows(cfg: KvcompConfig, block_size: int, md) -> list[int]:
 
 def after_attention(query, key, value, out, packed_cache, residual_cache, layout,
                     cfg: KvcompConfig, scale: float, md, residual_block_table,
-                    residual_block_size: int, decode_probs: torch.Tensor | None = None) -> None:
+                    residual_block_size: int, decode_probs: torch.Tensor | None = None,
+                    decode_lse: torch.Tensor | None = None) -> None:
     """What eviction does after a step's kernels ran (SnapKV's selection,
     H2O / A2SF's scores and eviction step); ``md``: the step's
     ``backend.KvcompMetadata`` with its host lists; ``decode_probs``: the
-    decode kernel's ``probs`` of the step's leading decode rows."""
+    decode kernel's ``probs`` of the step's leading decode rows
+    (``decode_lse``: their log-sum-exps where they hold logits,
+    ``scores_from_logits``)."""
     if cfg.eviction.method in SCORED_EVICTION:
         scored_after_attention(query, key, value, packed_cache, residual_cache, layout, cfg,
                                scale, md, residual_block_table, residual_block_size,
-                               decode_probs)
+                               decode_probs, decode_lse)
     elif cfg.eviction.method == "snapkv":
         snapkv_after_attention(query, key, value, out, packed_cache, residual_cache, layout,
                                cfg, scale, md.block_table, residual_block_table,
@@ -275,6 +276,18 @@ def snapkv_after_attention(query, key, value, out, packed_cache, residual_cache,
 def scores_by_decode(cfg: KvcompConfig) -> bool:
     """Whether the decode kernel reports its probabilities (H2O / A2SF)."""
     return cfg.eviction is not None and cfg.eviction.method in SCORED_EVICTION
+
+
+def scores_from_logits() -> bool:
+    """Whether the decode kernel leaves those probabilities as base-2 logits
+    and each row's log-sum-exp (``kvcomp_decode_attention``'s ``probs_lse``),
+    which the score accumulation normalises as it reads them (its ``lse``):
+    ``KVCOMP_SCORE_FROM_LOGITS=1`` (``launch_env.SCORE_FROM_LOGITS_ENV``).
+    The eager and the captured steps read the same switch, so a captured
+    step replays the eager step's arithmetic."""
+    from vllm_kvcomp.launch_env import SCORE_FROM_LOGITS_ENV, switch
+
+    return switch(SCORE_FROM_LOGITS_ENV)
 
 
 def decode_read_width(cfg: KvcompConfig, block_size: int, md, nd: int) -> int:
@@ -344,11 +357,9 @@ def score_adder():
     """The decode scores' accumulation a step runs: the Triton kernel
     (``triton_scores.triton_add_decode_scores``) unless ``KVCOMP_SCORE_KERNEL=0``
     (``launch_env.SCORE_KERNEL_ENV``) asks for ``add_decode_scores``' torch ops."""
-    import os
+    from vllm_kvcomp.launch_env import SCORE_KERNEL_ENV, switch
 
-    from vllm_kvcomp.launch_env import SCORE_KERNEL_ENV
-
-    if os.environ.get(SCORE_KERNEL_ENV, "1") != "0":
+    if switch(SCORE_KERNEL_ENV):
         from vllm_kvcomp.kernels.triton_scores import triton_add_decode_scores
 
         return triton_add_decode_scores
@@ -360,11 +371,9 @@ def eviction_batch() -> bool:
     (``h2o_ref.evict_steps``, the same bytes as ``evict_step`` row by row)
     where the step has its eviction rows: unless ``KVCOMP_EVICTION_BATCH=0``
     (``launch_env.EVICTION_BATCH_ENV``)."""
-    import os
+    from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV, switch
 
-    from vllm_kvcomp.launch_env import EVICTION_BATCH_ENV
-
-    return os.environ.get(EVICTION_BATCH_ENV, "1") != "0"
+    return switch(EVICTION_BATCH_ENV)
 
 
 def selector():
@@ -372,11 +381,9 @@ def selector():
     selection (``triton_select.triton_select_and_compact``) where
     ``KVCOMP_SELECT_KERNEL=1`` (``launch_env.SELECT_KERNEL_ENV``), else its
     reference ``h2o_ref.select_and_compact`` (a stable sort)."""
-    import os
+    from vllm_kvcomp.launch_env import SELECT_KERNEL_ENV, switch
 
-    from vllm_kvcomp.launch_env import SELECT_KERNEL_ENV
-
-    if os.environ.get(SELECT_KERNEL_ENV) == "1":
+    if switch(SELECT_KERNEL_ENV):
         from vllm_kvcomp.kernels.triton_select import triton_select_and_compact
 
         return triton_select_and_compact
@@ -404,7 +411,8 @@ def score_row_pieces(num_queries: int, num_query_heads: int, num_keys: int,
 
 def scored_after_attention(query, key, value, packed_cache, residual_cache, layout,
                            cfg: KvcompConfig, scale: float, md, residual_block_table,
-                           residual_block_size: int, decode_probs: torch.Tensor | None) -> None:
+                           residual_block_size: int, decode_probs: torch.Tensor | None,
+                           decode_lse: torch.Tensor | None = None) -> None:
     """H2O / A2SF's part of a step after the kernels ran (module docstring):
     the step's scores (its ``decode_probs`` rows from the decode kernel, the
     prefill rows' from the reference), then each request's eviction step
@@ -420,7 +428,7 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
         # the step's ranges are row by row, so its leading decode rows' are theirs
         ranges = step_ranges(cfg, bs, md)[0][:nd]
         score_adder()(decode_probs, packed_cache, layout, cfg, md.block_table[:nd],
-                      md.seq_lens[:nd], ranges)
+                      md.seq_lens[:nd], ranges, lse=decode_lse)
     model_dtype = ar.step_model_dtype(cfg, residual_cache, query)
     rows = range(len(qsl) - 1)
     if md.eviction_rows is not None:  # the rows whose layout moves, and the prefill rows
@@ -475,11 +483,9 @@ def graph_eviction(cfg: KvcompConfig) -> bool:
     (SnapKV's selection, a prompt's first eviction, its scores by the
     reference) is never a uniform decode batch
     (``patches/prompt_steps.py``), so it runs eagerly."""
-    import os
+    from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV, switch
 
-    from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV
-
-    return selects_on_host(cfg) and os.environ.get(EVICTION_GRAPHS_ENV) == "1"
+    return selects_on_host(cfg) and switch(EVICTION_GRAPHS_ENV)
 
 
 def decode_probs_width(cfg: KvcompConfig, block_size: int) -> int:
@@ -524,15 +530,18 @@ def evict_decode_rows(packed_cache: torch.Tensor, layout, cfg: KvcompConfig,
 
 
 def graph_after_attention(packed_cache: torch.Tensor, layout, cfg: KvcompConfig, md,
-                          ranges: torch.Tensor, decode_probs: torch.Tensor | None) -> None:
+                          ranges: torch.Tensor, decode_probs: torch.Tensor | None,
+                          decode_lse: torch.Tensor | None = None) -> None:
     """What eviction does after a decode step whose every row is past its
     prompt (``md.graph_decode``), as device work of fixed shapes that a
-    CUDA graph replays: H2O / A2SF's scores from ``decode_probs`` and their
-    eviction steps (``evict_decode_rows``); SnapKV selected at the prompt's
-    end and does nothing more."""
+    CUDA graph replays: H2O / A2SF's scores from ``decode_probs`` (logits
+    with ``decode_lse``, ``scores_from_logits``) and their eviction steps
+    (``evict_decode_rows``); SnapKV selected at the prompt's end and does
+    nothing more."""
     if decode_probs is None:
         return
     B = decode_probs.shape[0]
     table, lens = md.block_table[:B], md.seq_lens[:B]
-    score_adder()(decode_probs, packed_cache, layout, cfg, table, lens, ranges[:B])
+    score_adder()(decode_probs, packed_cache, layout, cfg, table, lens, ranges[:B],
+                  lse=decode_lse)
     evict_decode_rows(packed_cache, layout, cfg, table, lens, md.prompt_lens[:B])

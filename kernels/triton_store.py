@@ -42,8 +42,6 @@ the GPU's approximate ``/`` does not move ties.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -55,13 +53,11 @@ from vllm_kvcomp.kernels.triton_common import (
     layout_constexprs,
     page_args,
 )
+from vllm_kvcomp.launch_env import STORE_SPLIT_ENV, switch
 from vllm_kvcomp.layout import PageLayout
 
 TOKEN_UNIT = 16  # tokens per hand-over unit when no per-channel key groups
-# KVCOMP_STORE_SPLIT=1 turns on split_handover where the caller leaves it unset
-# (the serving path), for A/B runs of whole engines; untimed on a GPU so far
-STORE_SPLIT_ENV = "KVCOMP_STORE_SPLIT"
-_SPLIT_DEFAULT = os.environ.get(STORE_SPLIT_ENV, "0") == "1"
+_SPLIT_DEFAULT = switch(STORE_SPLIT_ENV)
 
 
 def handover_unit(cfg: KvcompConfig) -> int:

@@ -118,11 +118,9 @@ def _wrap_v2(module) -> None:
 def apply() -> None:
     """Installs the wrappers where ``KVCOMP_EVICTION_GRAPHS=1``."""
     global _APPLIED
-    import os
+    from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV, switch
 
-    from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV
-
-    if _APPLIED or os.environ.get(EVICTION_GRAPHS_ENV) != "1":
+    if _APPLIED or not switch(EVICTION_GRAPHS_ENV):
         return
     from vllm.v1.worker import gpu_model_runner
 

@@ -27,7 +27,7 @@ from vllm_kvcomp.kernels.eviction_gpu import (
 )
 from vllm_kvcomp.kernels.h2o_ref import score_view
 from vllm_kvcomp.kernels.triton_compaction import triton_compact
-from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV
+from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV, SCORE_FROM_LOGITS_ENV
 from vllm_kvcomp.layout import PageLayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,6 +174,45 @@ def test_graph_decode_steps_give_the_eager_steps(monkeypatch, kvcomp, bs, prompt
     assert torch.equal(got, eager)
     if scored:
         assert len(steps) >= 10 and any(steps)
+
+
+# H2O's case: A2SF's decay is applied by the same score kernel whichever way it normalises
+@pytest.mark.parametrize("kvcomp,bs,prompts,schedule", SCORED_CASES[:1],
+                         ids=[SCORED_CASES[0][0]["eviction"]["method"]])
+def test_scores_from_logits_give_the_normalising_steps(monkeypatch, kvcomp, bs, prompts,
+                                                       schedule):
+    """With ``KVCOMP_SCORE_FROM_LOGITS=1`` every decode step's scores come
+    from the decode kernel's logits and log-sum-exps (the score accumulation
+    normalises them), eager and captured steps alike: the captured steps give
+    the eager ones bit for bit, and both give the normalising path's outputs
+    (to 1e-5: the same kept tokens, scores equal up to exp2's last bits)."""
+    from test_eviction_batch import _through_evictions
+
+    cfg = KvcompConfig.from_dict(kvcomp)
+    total = sum(map(sum, schedule))
+    q, k, v = _inputs(total, prompts, 8, seed=len(schedule))
+    schedule = _through_evictions(cfg, bs, prompts, schedule, 4)
+    normalising = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True)
+    monkeypatch.setenv(SCORE_FROM_LOGITS_ENV, "1")
+    with_lse = []
+    real = eviction_gpu.score_adder
+
+    def adder():
+        add = real()
+
+        def add_logged(*args, lse=None):
+            with_lse.append(lse is not None)
+            return add(*args, lse=lse)
+
+        return add_logged
+
+    monkeypatch.setattr(eviction_gpu, "score_adder", adder)
+    eager = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True)
+    captured = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True,
+                    graph=True)
+    assert with_lse and all(with_lse)
+    assert torch.equal(captured, eager)
+    torch.testing.assert_close(eager, normalising, atol=1e-5, rtol=1e-5)
 
 
 def _only_eager(after_attention):

@@ -44,6 +44,9 @@ def test_bad_settings_fail_at_startup(llama, kvcomp, message):
      "block_rows=128,num_stages=3"),
     ("KVCOMP_DECODE_LAUNCH", "warp_tiles=3", "warp_tiles must be a power",
      "warp_tiles=2,num_warps=2"),
+    ("KVCOMP_EVICTION_GRAPHS", "yes", r"expected 1 \(on\) or 0 \(off\), got 'yes'", "1"),
+    ("KVCOMP_SCORE_KERNEL", "true", "expected 1", "0"),
+    ("KVCOMP_FORCE_TRITON", "2", "expected 1", "0"),
 ])
 def test_bad_launch_env_fails_at_startup(llama, monkeypatch, var, bad, message, good):
     monkeypatch.setenv(var, bad)
@@ -51,6 +54,19 @@ def test_bad_launch_env_fails_at_startup(llama, monkeypatch, var, bad, message, 
         engine_config(llama)
     monkeypatch.setenv(var, good)
     engine_config(llama)
+
+
+def test_switches_read_their_defaults_and_values(monkeypatch):
+    from vllm_kvcomp.launch_env import SWITCH_DEFAULTS, switch
+
+    for var, default in SWITCH_DEFAULTS.items():
+        monkeypatch.delenv(var, raising=False)
+        assert switch(var) is default, var
+        monkeypatch.setenv(var, " ")
+        assert switch(var) is default, var
+        for value, on in (("1", True), ("0", False)):
+            monkeypatch.setenv(var, value)
+            assert switch(var) is on, (var, value)
 
 
 @pytest.mark.parametrize("kvcomp", [{"k_bits": 4}, {"k_bits": 3}, {}])

@@ -9,7 +9,6 @@ full-precision residual of the recent tokens lives in a virtual sub-layer
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
@@ -30,12 +29,13 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_kvcomp.kernels.attention_ref import BatchView, kvcomp_step_reference
 from vllm_kvcomp.config import KvcompConfig, KvcompConfigError, current_config
+from vllm_kvcomp.launch_env import switch
 from vllm_kvcomp.layout import PageLayout
 from vllm_kvcomp.names import BACKEND_NAME, FORCE_TRITON_ENV, RESIDUAL_SUFFIX
 
 # Runs the GPU path (Triton store / prefill / decode) on CPU tensors too, for
 # testing the backend's kernel wiring under TRITON_INTERPRET=1 in CI.
-FORCE_TRITON = os.environ.get(FORCE_TRITON_ENV, "0") == "1"
+FORCE_TRITON = switch(FORCE_TRITON_ENV)
 
 
 @lru_cache(maxsize=None)
@@ -551,7 +551,7 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
         # A decode-only batch (the CUDA-graph case) takes all num_reqs rows,
         # padding included; a mixed one its leading decode requests.
         nd = md.num_reqs if md.max_query_len == 1 else md.num_decodes
-        ev = probs = None
+        ev = probs = lse = None
         if cfg.eviction is not None:
             from vllm_kvcomp.kernels import eviction_gpu
 
@@ -590,21 +590,25 @@ class KvcompImpl(AttentionImpl[KvcompMetadata]):
                          eviction_gpu.decode_read_width(cfg, layout.block_size, md, nd))
                 probs = torch.empty(nd, q.shape[1], width, dtype=torch.float32,
                                     device=q.device)
+                if eviction_gpu.scores_from_logits():
+                    lse = torch.empty(nd, q.shape[1], dtype=torch.float32, device=q.device)
             kvcomp_decode_attention(
                 q[:nd], key[:nd], value[:nd], packed_cache, residual_cache,
                 md.block_table[:nd], res_table[:nd] if res_table is not None else None,
                 md.seq_lens[:nd], layout, cfg, self.scale, bs_r, md.max_seq_len, out=out[:nd],
                 **self._decode_launch, **({"evicted": ev[0][:nd]} if ev else {}),
                 **({"probs": probs} if probs is not None else {}),
+                **({"probs_lse": lse} if lse is not None else {}),
             )
         if nd < md.num_reqs:
             self._prefill_triton(q, key, value, out, packed_cache, residual_cache, md, layout,
                                  res_table, bs_r, nd, ev)
         if ev is not None and md.graph_decode:
-            eviction_gpu.graph_after_attention(packed_cache, layout, cfg, md, ev[0], probs)
+            eviction_gpu.graph_after_attention(packed_cache, layout, cfg, md, ev[0], probs,
+                                               lse)
         elif ev is not None:
             eviction_gpu.after_attention(q, key, value, out, packed_cache, residual_cache, layout,
-                                         cfg, self.scale, md, res_table, bs_r, probs)
+                                         cfg, self.scale, md, res_table, bs_r, probs, lse)
 
     def _prefill_triton(self, q, key, value, out, packed_cache, residual_cache,
                         md: KvcompMetadata, layout, res_table, bs_r: int, nd: int,

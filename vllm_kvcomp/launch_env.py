@@ -1,12 +1,18 @@
-"""Launch overrides of the Triton kernels from the environment, for a GPU
-the built-in launches were not tuned on.
+"""The environment's say in how the GPU path launches: overrides of the
+Triton kernels' launches, for a GPU the built-in launches were not tuned on,
+and on/off switches between a path and its reference or its opt-in successor.
 
 Parsed without importing Triton: ``validation.validate_vllm_config`` runs the
-parsers in process 0, so a bad value stops start-up with the variable's name
-before the kernel modules (which read the variables when imported) load.
+parsers and reads every switch in process 0, so a bad value stops start-up
+with the variable's name before the kernel modules (which read the variables
+when imported or when first launched) load.
 """
 
 from __future__ import annotations
+
+import os
+
+from vllm_kvcomp.names import FORCE_TRITON_ENV
 
 # the prefill kernel's (kernels/triton_prefill.py)
 PREFILL_LAUNCH_ENV = "KVCOMP_PREFILL_LAUNCH"
@@ -46,6 +52,48 @@ EVICTION_GRAPHS_ENV = "KVCOMP_EVICTION_GRAPHS"
 # request keeps nothing) instead of a stable sort of every row's candidates, which a captured
 # decode step runs for every row of the batch; off until a GPU has run it
 SELECT_KERNEL_ENV = "KVCOMP_SELECT_KERNEL"
+# "1": the decode kernel leaves H2O / A2SF's probabilities as base-2 logits with each
+# row's log-sum-exp (kvcomp_decode_attention's probs_lse) and the score accumulation
+# normalises them as it reads: two of the four passes over them gone (~216 MB a layer
+# at a batch of 256 and a 2048-token budget); off until a GPU has run it
+SCORE_FROM_LOGITS_ENV = "KVCOMP_SCORE_FROM_LOGITS"
+# "1": the store's hand-over in a program per piece (kernels/triton_store.py
+# split_handover) where the caller leaves it unset (the serving path), for A/B runs of
+# whole engines; untimed on a GPU so far
+STORE_SPLIT_ENV = "KVCOMP_STORE_SPLIT"
+
+# every on / off switch and its reading when unset or empty
+SWITCH_DEFAULTS = {
+    FORCE_TRITON_ENV: False,
+    STORE_SPLIT_ENV: False,
+    EVICTION_GPU_ENV: False,
+    EVICTION_ROWS_ENV: True,
+    SCORE_KERNEL_ENV: True,
+    EVICTION_BATCH_ENV: True,
+    EVICTION_GRAPHS_ENV: False,
+    SELECT_KERNEL_ENV: False,
+    SCORE_FROM_LOGITS_ENV: False,
+}
+
+
+def switch(var: str) -> bool:
+    """The on / off switch ``var`` (a key of ``SWITCH_DEFAULTS``): "1" on, "0"
+    off, unset or empty its default; any other value raises a ValueError
+    naming the variable, so a typo never silently serves the other path."""
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return SWITCH_DEFAULTS[var]
+    if value not in ("0", "1"):
+        raise ValueError(f"{var}: expected 1 (on) or 0 (off), got {value!r}")
+    return value == "1"
+
+
+def check_switches() -> None:
+    """Reads every switch, raising for the first bad value (start-up)."""
+    for var in SWITCH_DEFAULTS:
+        switch(var)
+
+
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers")
 

@@ -13,8 +13,10 @@ from vllm_kvcomp.names import FORCE_TRITON_ENV
 from vllm_kvcomp.launch_env import (
     DECODE_LAUNCH_ENV,
     PREFILL_LAUNCH_ENV,
+    check_switches,
     parse_decode_launch,
     parse_prefill_launch,
+    switch,
 )
 
 
@@ -25,7 +27,7 @@ def _on_cpu_path(on_cpu: bool | None) -> bool:
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
-    return on_cpu and os.environ.get(FORCE_TRITON_ENV, "0") != "1"
+    return on_cpu and not switch(FORCE_TRITON_ENV)
 
 
 def kvcomp_selected(vllm_config) -> bool:
@@ -220,7 +222,7 @@ def check_eviction_platform(cfg: KvcompConfig, on_cpu: bool | None = None) -> No
             f"kvcomp eviction (method={method!r}) runs only on the CPU path: the GPU (Triton) "
             f"path evicts with {list(GPU_EVICTION)}; remove eviction from the kvcomp settings "
             "or choose one of those")
-    asked = os.environ.get(EVICTION_GPU_ENV, "0") == "1"
+    asked = switch(EVICTION_GPU_ENV)
     if cfg.quest is not None and cfg.head_map is not None and not asked:
         raise KvcompConfigError(
             f"kvcomp eviction (method={method!r}) with quest and a head_map runs only on the "
@@ -259,6 +261,7 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
         # the kernel modules read them only at the first prefill / decode
         parse_prefill_launch(os.environ.get(PREFILL_LAUNCH_ENV, ""))
         parse_decode_launch(os.environ.get(DECODE_LAUNCH_ENV, ""))
+        check_switches()
     except ValueError as e:
         raise KvcompConfigError(str(e)) from None
     problems: list[str] = []
