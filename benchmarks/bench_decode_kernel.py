@@ -140,7 +140,6 @@ from vllm_kvcomp.kernels.triton_quest import (  # noqa: E402
     quest_select,
     quest_top_pages,
 )
-from vllm_kvcomp.kernels.triton_scores import triton_add_decode_scores  # noqa: E402
 from vllm_kvcomp.kernels.triton_select import triton_select_and_compact  # noqa: E402
 from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
     stream_attention,
@@ -1242,7 +1241,7 @@ def print_eviction(rows) -> None:
         print("\n# the same layers as KVCOMP_EVICTION_GRAPHS captures them (us, CUDA-graph "
               "replays)\n")
         print("| config | (a) kept us | probs width | + probs us | + scores us "
-              "| + scores, logits us | layer us "
+              "| + scores, logits us | layer us (normalised / logits) "
               "| selection, none evicts us (sort / kernel) "
               "| selection, all evict us (sort / kernel) |")
         print("|---" * 9 + "|")
@@ -1251,7 +1250,7 @@ def print_eviction(rows) -> None:
                 print(f"| {r['config']} | {r['graph_kept_us']:.1f} "
                       f"| {r['graph_probs_width']} | {r['graph_probs_us']:.1f} "
                       f"| {r['graph_scores_us']:.1f} | {r['graph_logits_us']:.1f} "
-                      f"| {r['graph_layer_us']:.1f} "
+                      f"| {r['graph_layer_us']:.1f} / {r['graph_layer_logits_us']:.1f} "
                       f"| {r['graph_select_idle_us']:.1f} / {r['graph_select_kernel_idle_us']:.1f} "
                       f"| {f(r, 'graph_select_all_us')} / {f(r, 'graph_select_kernel_all_us')} |")
 
@@ -1518,7 +1517,8 @@ def captured_breakdown(a, cfg, p, md, ranges, n, n_evict, timer, kw) -> dict:
     (``graph_probs_us``), with the scores added (``graph_scores_us``; with
     the normalisation left to the score kernel, ``probs_lse``: ``graph_logits_us``), the
     whole layer at a length whose step moves no page (``graph_layer_us``:
-    every row's fixed-shape selection with nothing kept), and the eviction
+    every row's fixed-shape selection with nothing kept; from logits,
+    ``graph_layer_logits_us``), and the eviction
     step alone there (``graph_select_idle_us``) and at a length where every
     row evicts a page (``graph_select_all_us``), by the stable sort and by
     the Triton selection (``graph_select_kernel_*``, ``KVCOMP_SELECT_KERNEL``).
@@ -1549,15 +1549,23 @@ def captured_breakdown(a, cfg, p, md, ranges, n, n_evict, timer, kw) -> dict:
 
     lse = torch.empty(B, Hq, dtype=torch.float32, device=p.packed.device)
 
-    def with_logits():  # the normalisation left to the score kernel
+    def logits():  # the normalisation left to the score kernel (KVCOMP_SCORE_FROM_LOGITS)
         kvcomp_decode_attention(*p.args(), n, num_splits=a.num_splits, out=p.out,
                                 evicted=ranges, probs=probs, probs_lse=lse, **kw)
-        triton_add_decode_scores(probs, p.packed, p.layout, cfg, table, lens, ranges, lse=lse)
+
+    def with_logits():
+        logits()
+        eviction_gpu.score_adder()(probs, p.packed, p.layout, cfg, table, lens, ranges,
+                                   lse=lse)
+
+    def layer_logits():
+        logits()
+        eviction_gpu.graph_after_attention(p.packed, p.layout, cfg, md, ranges, probs, lse)
 
     got = dict(graph_probs_width=width, graph_kept_us=timer(kept),
                graph_probs_us=timer(with_probs),
                graph_scores_us=timer(with_scores), graph_logits_us=timer(with_logits),
-               graph_layer_us=timer(layer))
+               graph_layer_us=timer(layer), graph_layer_logits_us=timer(layer_logits))
     lens_evict = None if n_evict is None else torch.full_like(lens, n_evict)
     for tag, select in (("", h2o_ref.select_and_compact),
                         ("_kernel", triton_select_and_compact)):

@@ -760,6 +760,8 @@ def kvcomp_decode_attention(
         # the kernel writes the logits it reads; the rest stays at probability 0
         if probs_lse is None:
             probs.fill_(float("-inf"))
+        else:
+            assert probs_lse.shape == (B, Hq) and probs_lse.dtype == torch.float32
         part_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=query.device)
     _kvcomp_decode_kernel[(B, H, num_splits)](
         query, query.stride(0), query.stride(1),

@@ -120,7 +120,13 @@ def apply() -> None:
     global _APPLIED
     from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV, switch
 
-    if _APPLIED or not switch(EVICTION_GRAPHS_ENV):
+    try:
+        on = switch(EVICTION_GRAPHS_ENV)
+    except ValueError:
+        # the plugin loads for every engine, KVCOMP or not: a bad value is named at
+        # start-up where KVCOMP is selected (validation.check_switches), not here
+        return
+    if _APPLIED or not on:
         return
     from vllm.v1.worker import gpu_model_runner
 

@@ -82,7 +82,8 @@ def test_decode_bench_smoke_with_eviction(tmp_path, rows_flag):
             assert r["graph_probs_width"] >= r["probs_width"]
             assert all(r[k] > 0 for k in ("graph_kept_us", "graph_probs_us", "graph_scores_us",
                                           "graph_logits_us",
-                                          "graph_layer_us", "graph_select_idle_us",
+                                          "graph_layer_us", "graph_layer_logits_us",
+                                          "graph_select_idle_us",
                                           "graph_select_all_us", "graph_select_kernel_idle_us",
                                           "graph_select_kernel_all_us"))
             assert r["evict_candidates"] - r["evict_kept"] == 32

@@ -59,6 +59,14 @@ def test_bad_launch_env_fails_at_startup(llama, monkeypatch, var, bad, message, 
 def test_switches_read_their_defaults_and_values(monkeypatch):
     from vllm_kvcomp.launch_env import SWITCH_DEFAULTS, switch
 
+    # on: what has run on a GPU and is served by default; off: references and opt-ins
+    assert SWITCH_DEFAULTS == {
+        "KVCOMP_FORCE_TRITON": False, "KVCOMP_STORE_SPLIT": False,
+        "KVCOMP_EVICTION_GPU": False, "KVCOMP_EVICTION_ROWS": True,
+        "KVCOMP_SCORE_KERNEL": True, "KVCOMP_EVICTION_BATCH": True,
+        "KVCOMP_EVICTION_GRAPHS": False, "KVCOMP_SELECT_KERNEL": False,
+        "KVCOMP_SCORE_FROM_LOGITS": False}
+
     for var, default in SWITCH_DEFAULTS.items():
         monkeypatch.delenv(var, raising=False)
         assert switch(var) is default, var
@@ -204,3 +212,15 @@ def test_pairs_that_do_not_compose_are_named_at_startup(llama, tmp_path, kvcomp,
         if key == "quest" or alone.get("prompt_attention") == "as_stored":
             alone = {**alone, "block_size": 128}
         engine_config(llama, alone)
+
+
+def test_a_bad_switch_does_not_stop_the_plugin_loading(monkeypatch):
+    """vLLM loads the plugin (and its hooks) for every engine, KVCOMP or not:
+    a bad value leaves the prompt-step hook uninstalled instead of raising
+    there; a KVCOMP start-up names it (above)."""
+    from vllm_kvcomp.patches import prompt_steps
+
+    monkeypatch.setattr(prompt_steps, "_APPLIED", False)
+    monkeypatch.setenv("KVCOMP_EVICTION_GRAPHS", "yes")
+    prompt_steps.apply()
+    assert not prompt_steps._APPLIED
