@@ -120,10 +120,92 @@ def test_stream_manager_holds_only_sinks_and_windows(sink, recent, bs, lag):
     assert pool.get_num_free_blocks() == free0
 
 
-def test_stream_manager_never_reports_a_prefix_hit():
-    spec, pool, mgr = _stream_manager(4, 64, 16, 20)
-    blocks, h = type(mgr).find_longest_cache_hit(list(range(8)), 128, [0], pool, spec, False, 16)
-    assert h == 0 and blocks == ([],)
+def _held_pages(spec, n):
+    """The pages the manager keeps once ``n`` tokens are processed."""
+    sinks, lo, hi = spec.live_pages(n)
+    return set(range(min(sinks, hi))) | set(range(max(lo, sinks), hi))
+
+
+def _expected_hit(spec, cached, max_length, alignment):
+    bs = spec.block_size
+    for n in range(max_length // bs, 0, -1):
+        h = n * bs
+        if h % alignment == 0 and _held_pages(spec, h) <= cached:
+            return h
+    return 0
+
+
+@pytest.mark.parametrize("sink, recent, bs", [(4, 40, 8), (64, 256, 32), (1, 8, 16),
+                                               (20, 24, 4), (3, 100, 32)])
+def test_stream_hit_is_the_longest_prefix_whose_sinks_and_window_are_cached(sink, recent,
+                                                                           bs):
+    """A hit of ``h`` tokens needs the pages the manager would hold at ``h``
+    (which hold every position a query from ``h`` on reads: the sinks and
+    the window before ``h``) cached, and nothing else: the longest such
+    prefix over random sets of cached pages, the others null."""
+    from test_residual_manager import _Pool
+
+    from vllm_kvcomp.spec import KvcompStreamManager, KvcompStreamSpec
+
+    spec = KvcompStreamSpec(block_size=bs, num_kv_heads=1, head_size=64, dtype=torch.float32,
+                            sink_tokens=sink, recent_tokens=recent)
+    rng = random.Random(sink + recent + bs)
+    hits = 0
+    for _ in range(300):
+        n = rng.randrange(1, 60)
+        cached = {i for i in range(n) if rng.random() < 0.85}
+        max_length = rng.randrange(0, n * bs + 1)
+        alignment = bs * rng.choice([1, 2])
+        blocks, h = KvcompStreamManager.find_longest_cache_hit(
+            list(range(n)), max_length, [1, 2], _Pool(cached, bs), spec, False, alignment)
+        assert h == _expected_hit(spec, cached, max_length, alignment)
+        hits += h > 0
+        assert all(len(b) == h // bs for b in blocks)
+        live = _held_pages(spec, h)
+        assert _needed_pages(spec, h) <= live
+        for i, blk in enumerate(blocks[0]):
+            assert blk.is_null == (i not in live)
+    assert hits > 30
+
+
+def test_a_finished_requests_pages_give_the_next_one_a_hit():
+    """A request's chunks and decodes hash its full live pages; once it ends,
+    another with the same tokens hits at the longest prefix whose sinks and
+    window are still in the pool (its last full page), takes exactly the
+    pages its allocation count said, and a request with other tokens hits
+    nothing."""
+    from types import SimpleNamespace
+
+    spec, pool, mgr = _stream_manager(16, 64, 16, 200)
+    bs = spec.block_size
+    free0 = pool.get_num_free_blocks()
+    hashes = [f"h{i}".encode() for i in range(40)]
+    req = SimpleNamespace(request_id="a", num_prompt_tokens=400, shared_prefix_boundary=None,
+                          block_hashes=hashes)
+    c = 0
+    for n in (150, 300, 400, *range(401, 421)):
+        mgr.remove_skipped_blocks("a", c)
+        mgr.get_num_blocks_to_allocate("a", n, [], c, c, n)
+        mgr.allocate_new_blocks("a", n, n)
+        mgr.cache_blocks(req, n)
+        c = n
+    mgr.free("a")
+    assert pool.get_num_free_blocks() == free0
+    blocks, h = type(mgr).find_longest_cache_hit(hashes, 39 * bs, [0], pool, spec, False, bs)
+    assert h == 420 // bs * bs
+    assert _needed_pages(spec, h) <= {i for i, b in enumerate(blocks[0]) if not b.is_null}
+    # the next request hits and continues: the count is what the pool gives
+    need = mgr.get_num_blocks_to_allocate("b", h + 50, blocks[0], h, h, h + 50)
+    before = pool.get_num_free_blocks()
+    mgr.add_local_computed_blocks("b", blocks[0], h, 0)
+    mgr.allocate_new_blocks("b", h + 50, h + 50)
+    assert need == before - pool.get_num_free_blocks()
+    held = {i for i, b in enumerate(mgr.req_to_blocks["b"]) if not b.is_null}
+    assert _needed_pages(spec, h + 50) <= held
+    mgr.free("b")
+    assert pool.get_num_free_blocks() == free0
+    other = [f"x{i}".encode() for i in range(40)]
+    assert type(mgr).find_longest_cache_hit(other, 39 * bs, [0], pool, spec, False, bs)[1] == 0
 
 
 def test_stream_spec_has_its_own_group():
@@ -407,8 +489,8 @@ def test_engine_with_a_head_map_end_to_end(tiny_llama, tmp_path):
         dict(spec=spec(POLICY_BASE), shared=True),
         dict(spec=spec({**POLICY_BASE, "head_map": all_r})),
         # together, then each alone: a request within max_model_len is never
-        # preempted when it runs alone, and its second pass finds no prefix
-        # hit (streaming heads keep no whole prefix)
+        # preempted when it runs alone (prefix hits, where the tight pool kept
+        # the pages, give the same tokens: test_prefix_consistency.py)
         dict(spec=spec({**POLICY_BASE, "head_map": half, "sink_tokens": 16, "recent_tokens": 64},
                        batches=[[0, 1, 2, 3], [0], [1], [2], [3]], num_gpu_blocks_override=140)))
     assert k16_all["tokens"] == k16["tokens"]
@@ -417,7 +499,7 @@ def test_engine_with_a_head_map_end_to_end(tiny_llama, tmp_path):
     assert [len(t) for t in small["tokens"]] == [24] * 8
     assert small["preemptions"] >= 1
     assert small["tokens"][:4] == small["tokens"][4:]
-    assert small["prefix_cache_hits"] == 0 and small["kv_cache_usage"] == 0
+    assert small["kv_cache_usage"] == 0
     assert small["tokens"][:4] != k4["tokens"]  # the window changed long requests
 
 

@@ -52,6 +52,23 @@ def test_same_tokens_with_and_without_a_prefix_hit(model, kv):
     assert _worst(lp1, lp2) < 1e-4
 
 
+def test_same_tokens_with_a_head_map_and_a_prefix_hit(model, tmp_path):
+    """Half of every layer's KV heads streaming (16 sinks + 64 recent tokens):
+    a hit takes the retrieval heads' pages and the streaming heads' sinks and
+    window where the first round's chunks ended, and gives the first round's
+    tokens and logprobs."""
+    import json
+
+    head_map = tmp_path / "map.json"
+    head_map.write_text(json.dumps(
+        {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]] * 2}))
+    first, second, lp1, lp2 = _rounds(model, {"k_bits": 4, "v_bits": 4,
+                                              "head_map": str(head_map),
+                                              "sink_tokens": 16, "recent_tokens": 64})
+    assert first == second
+    assert _worst(lp1, lp2) < 1e-4
+
+
 def test_k2v2_default_ring_gets_no_hits(model):
     """k2v2's default window (a ring of 160..287 e4m3 tokens) is never empty:
     the second round finds no hit and gives the first round's tokens."""

@@ -554,9 +554,55 @@ class KvcompStreamManager(_BoundedPagesManager, FullAttentionManager):
     when some later query will read it (a sink page, or one in the recent
     window of the step's end), the others are ``null_block`` placeholders, and
     pages leave for the pool, in place, once the processed tokens' window has
-    passed them. No prefix-cache hits (the middle of a cached prefix is gone)."""
+    passed them. Full pages are hashed as vLLM hashes full attention's, so a
+    prefix of ``h`` tokens hits where its sink pages and the pages of the
+    window before ``h`` are still cached (where an earlier request's chunk
+    or decode ended, as a sliding window's hits); the pages between are
+    placeholders, never read."""
 
     kv_cache_spec: KvcompStreamSpec
+    # hits are whole pages (find_longest_cache_hit)
+    supports_fine_grained_hash_lookup = False
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+                               kv_cache_spec, drop_eagle_block, alignment_tokens,
+                               dcp_world_size=1, pcp_world_size=1):
+        """Longest ``h`` whose pages ``live_pages(h)`` (the sinks and the window
+        every query from ``h`` on reads) are all cached; the others are null."""
+        assert not drop_eagle_block, "KVCOMP does not support speculative decoding"
+        assert dcp_world_size == 1 and pcp_world_size == 1
+        spec = kv_cache_spec
+        bs = spec.block_size
+        assert alignment_tokens % bs == 0
+        block_hashes = resolve_block_hashes(
+            block_hashes, block_pool.hash_block_size, bs,
+            supports_fine_grained_hash_lookup=cls.supports_fine_grained_hash_lookup,
+            alignment_tokens=alignment_tokens,
+        )
+        lookup: dict[int, list] = {}
+
+        def cached(i):
+            if i not in lookup:
+                lookup[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
+            return lookup[i]
+
+        for num_blocks in range(max_length // bs, 0, -1):
+            h = num_blocks * bs
+            if h % alignment_tokens:
+                continue
+            sink, lo, _ = spec.live_pages(h)
+            live = [*range(min(sink, num_blocks)), *range(max(lo, sink), num_blocks)]
+            if not cached(0):  # every hit needs the first sink page
+                break
+            if all(cached(i) for i in live):
+                computed = tuple([block_pool.null_block] * num_blocks
+                                 for _ in kv_cache_group_ids)
+                for i in live:
+                    for blocks, blk in zip(computed, cached(i)):
+                        blocks[i] = blk
+                return computed, h
+        return tuple([] for _ in kv_cache_group_ids), 0
 
     def _num_new_live(self, held: int, num_tokens: int) -> int:
         sink, lo, hi = self.kv_cache_spec.live_pages(num_tokens)
@@ -565,8 +611,10 @@ class KvcompStreamManager(_BoundedPagesManager, FullAttentionManager):
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, num_local_computed_tokens,
                                    num_tokens_main_model, apply_admission_cap: bool = False):
-        assert len(new_computed_blocks) == 0, "streaming heads never have prefix hits"
-        return self._num_new_live(len(self.req_to_blocks.get(request_id, ())), num_tokens)
+        held = len(self.req_to_blocks.get(request_id, ())) + len(new_computed_blocks)
+        # cached hit pages with no other user leave the free queue when touched
+        return (self._num_new_live(held, num_tokens)
+                + self._get_num_evictable_blocks(new_computed_blocks))
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         sink, lo, hi = self.kv_cache_spec.live_pages(num_tokens)
@@ -595,11 +643,10 @@ class KvcompStreamManager(_BoundedPagesManager, FullAttentionManager):
         if freed:
             self.block_pool.free_blocks(freed)
 
-    def cache_blocks(self, request, num_tokens, *args, **kwargs):
-        # nothing is hashed: nothing can hit it, and a freed page goes back
-        # to the pool as a plain free page
-        self.num_cached_block[request.request_id] = len(
-            self.req_to_blocks.get(request.request_id, ()))
+    def _cache_partial_tail_block(self, request, num_tokens) -> None:
+        # a prompt's partly filled last page is never looked up (hits are whole
+        # pages), and the page there may be a placeholder
+        return
 
 
 _REGISTERED = False

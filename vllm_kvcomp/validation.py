@@ -103,7 +103,7 @@ def log_startup(cfg: KvcompConfig, vllm_config) -> None:
     elif served_head_split(cfg):
         split = served_head_split(cfg)
         resolved["head_split"] = (f"{split.num_retrieval} retrieval + {split.num_streaming} "
-                                  "streaming KV heads per layer, no prefix-cache hits")
+                                  "streaming KV heads per layer")
     if resolved.get("eviction") is None:
         resolved.pop("eviction", None)
     else:  # the method's own settings, not the other methods' defaults
