@@ -117,6 +117,27 @@ def test_startup_logs_settings_and_capacity(llama, caplog):
     assert f"{ratio:.2f}x" in line, (line, ratio)
 
 
+@pytest.mark.parametrize("kvcomp, reason", [
+    ({"k_bits": 4, "v_bits": 4}, None),
+    ({"k_bits": 4, "v_bits": 4, "eviction": {"method": "snapkv", "budget_tokens": 512}},
+     "no hits (eviction snapkv drops or moves"),
+    ({"k_bits": 2, "v_bits": 2}, "no hits (the window ring always holds at least 160 tokens"),
+    ({"k_bits": 2, "v_bits": 2, "residual_ring": False}, None),
+])
+def test_startup_names_settings_that_get_no_prefix_hits(llama, caplog, kvcomp, reason):
+    import logging
+
+    logging.getLogger("vllm.kvcomp").addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="vllm.kvcomp"):
+        engine_config(llama, kvcomp, enable_prefix_caching=True)
+    line = next(r.getMessage() for r in caplog.records
+                if "KVCOMP attention backend" in r.getMessage())
+    if reason is None:
+        assert "prefix_caching" not in line, line
+    else:
+        assert f"prefix_caching={reason}" in line, line
+
+
 def test_good_settings_pass_and_set_block_size(llama):
     vc = engine_config(llama, {"k_bits": 2, "v_bits": 4, "group_size": 64})
     assert vc.cache_config.block_size % 64 == 0

@@ -114,6 +114,9 @@ def log_startup(cfg: KvcompConfig, vllm_config) -> None:
                                 if ev[k] is not None}
     if resolved.get("quest") is None:
         resolved.pop("quest", None)
+    no_hits = prefix_hits_refused(cfg)
+    if no_hits and vllm_config.cache_config.enable_prefix_caching:
+        resolved["prefix_caching"] = f"no hits ({no_hits})"
     settings = ", ".join(f"{k}={v}" for k, v in resolved.items())
     ratio = capacity_ratio(cfg, vllm_config) if mc is not None else float("nan")
     init_logger("vllm.kvcomp").info(
@@ -121,6 +124,19 @@ def log_startup(cfg: KvcompConfig, vllm_config) -> None:
         "max_model_len %d", settings, ratio,
         str(mc.dtype).replace("torch.", "") if mc is not None else "model dtype",
         mc.max_model_len if mc is not None else 0)
+
+
+def prefix_hits_refused(cfg: KvcompConfig) -> str | None:
+    """Why settings get no prefix-cache hits with prefix caching on, if they
+    get none: the start-up line says so rather than leave a user to find it
+    in the hit rate."""
+    if cfg.eviction is not None:
+        return (f"eviction {cfg.eviction.method} drops or moves a request's tokens once "
+                "cached, so its pages are never hashed")
+    if cfg.residual_ring and cfg.residual_tokens > 0:
+        return (f"the window ring always holds at least {cfg.residual_tokens} tokens and is "
+                "never hashed; \"residual_ring\": false keeps hits")
+    return None
 
 
 def _sliding_window_layers(hf_config) -> str | None:
