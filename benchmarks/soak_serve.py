@@ -12,6 +12,10 @@ mid-stream, on a pool small enough (``--blocks``) to force preemption. Checks:
   gauge (1 - free blocks / pool, from the scheduler's block pool) reads 0
   and no request is running or waiting.
 
+With ``--shared-prefix F`` that share of the prompts starts with a piece of
+one of four fixed token sequences, so that prefix caching finds hits
+(``vllm:prefix_cache_hits_total`` is reported).
+
 With ``--burst N`` the random load is followed by N requests sent at once,
 each a distinct ``max_model_len / 8``-token prompt asking for
 ``max_model_len / 4`` tokens: their prompts fit the pool together, their
@@ -48,7 +52,8 @@ def _free_port() -> int:
 def _metrics(text: str) -> dict[str, float]:
     out = {}
     for name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running",
-                 "vllm:num_requests_waiting", "vllm:num_preemptions_total"):
+                 "vllm:num_requests_waiting", "vllm:num_preemptions_total",
+                 "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"):
         vals = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
         out[name] = sum(float(v) for v in vals) if vals else None
     return out
@@ -66,7 +71,12 @@ async def _one(session, url, model, rng, args, stats, fixed=None):
         n = min(n, args.max_model_len - max_tokens)
     stream = rng.random() < 0.5
     cancel_after = rng.randrange(1, max_tokens + 1) if stream and rng.random() < args.cancel else None
-    body = dict(model=model, prompt=[rng.randrange(3, args.vocab) for _ in range(n)],
+    prompt = [rng.randrange(3, args.vocab) for _ in range(n)]
+    if not fixed and not too_long and rng.random() < args.shared_prefix:
+        shared = rng.choice(args.prefixes)
+        k = rng.randrange(1, min(n, len(shared)) + 1)
+        prompt[:k] = shared[:k]
+    body = dict(model=model, prompt=prompt,
                 max_tokens=max_tokens, temperature=0, ignore_eos=True, stream=stream)
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -161,9 +171,15 @@ def main() -> int:
                     help="requests sent at once after the load, sized to force preemption")
     ap.add_argument("--serve-arg", action="append", default=[],
                     help="extra `vllm serve` argument (repeatable)")
+    ap.add_argument("--shared-prefix", type=float, default=0.0,
+                    help="share of prompts that start with a piece of one of four fixed "
+                         "token sequences (prefix-cache hits)")
     args = ap.parse_args()
     with open(os.path.join(args.model, "config.json")) as f:
         args.vocab = json.load(f)["vocab_size"]
+    fixed_rng = random.Random(args.seed + 1)
+    args.prefixes = [[fixed_rng.randrange(3, args.vocab) for _ in range(args.max_model_len)]
+                     for _ in range(4)]
 
     port = _free_port()
     cli = os.path.join(os.path.dirname(sys.executable), "vllm-kvcomp")
