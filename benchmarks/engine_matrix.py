@@ -63,6 +63,12 @@ SETTINGS = [
     ("k4v4_split50", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4,
       "head_map": {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]]}}),
+    # the same, its prompts served twice ("_rounds"): the second round hits the streaming
+    # heads' sinks + window and the retrieval heads' pages the first one cached (reported:
+    # hit tokens, and how many tokens the rounds share)
+    ("k4v4_split50_prefix", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "_rounds": 2,
+      "head_map": {"layers": [["retrieval", "streaming"], ["streaming", "retrieval"]]}}),
     ("k4v2_g32_split50", "d64", "float16",
      {"k_bits": 4, "v_bits": 2, "group_size": 32, "sink_tokens": 16, "recent_tokens": 100,
       "head_map": {"layers": [["streaming", "retrieval"], ["retrieval", "streaming"]]}}),
@@ -161,6 +167,10 @@ def run_one(spec: dict) -> None:
     if kvcomp is not None and "_env" in kvcomp:  # set before the engine's processes start
         kvcomp = dict(kvcomp)
         os.environ.update(kvcomp.pop("_env"))
+    rounds = 1
+    if kvcomp is not None and "_rounds" in kvcomp:
+        kvcomp = dict(kvcomp)
+        rounds = kvcomp.pop("_rounds")
     if kvcomp is not None and "eviction" in kvcomp:
         from vllm_kvcomp.launch_env import EVICTION_GPU_ENV
 
@@ -189,7 +199,14 @@ def run_one(spec: dict) -> None:
                             detokenize=False)
     outs = llm.generate(prompts, params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
-    print("RESULT " + json.dumps(dict(startup_s=startup, tokens=tokens)), flush=True)
+    result = dict(startup_s=startup, tokens=tokens)
+    for _ in range(rounds - 1):  # the same prompts again: prefix-cache hits
+        again = llm.generate(prompts, params, use_tqdm=False)
+        result["rounds_hit_tokens"] = sum(o.num_cached_tokens or 0 for o in again)
+        result["rounds_token_agreement"] = sum(
+            x == y for o, t in zip(again, tokens) for x, y in zip(o.outputs[0].token_ids, t)
+        ) / (len(tokens) * OUTPUT_LEN)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def launch(spec: dict, timeout: int) -> dict:
@@ -287,6 +304,10 @@ def report(args, rows, final=False) -> None:
         if "same_tokens" in r:
             same = "equal to" if r["same_tokens"] else "**differ from**"
             lines.append(f"\n{r['name']} ({r['mode']}): tokens {same} {r['same_tokens_as']}'s")
+        if "rounds_hit_tokens" in r:
+            lines.append(f"\n{r['name']} ({r['mode']}): second round {r['rounds_hit_tokens']} "
+                         f"prefix-hit tokens, token agreement with the first "
+                         f"{r['rounds_token_agreement']:.3f}")
     with open(os.path.join(args.out, "engine_matrix.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if not final:
