@@ -50,6 +50,44 @@ from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.layout import PageLayout
 
 
+def longest_hit(manager_cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+                block_size: int, drop_eagle_block: bool, alignment_tokens: int,
+                dcp_world_size: int, pcp_world_size: int, held_pages) -> tuple:
+    """``find_longest_cache_hit`` of a manager that holds, at ``h`` tokens,
+    only the pages ``held_pages(h, h // block_size)`` (null placeholders
+    elsewhere): the longest ``h`` (whole pages, a multiple of
+    ``alignment_tokens``, at most ``max_length``) whose held pages are all
+    cached, as ``(per group: those pages, null elsewhere), h``."""
+    assert not drop_eagle_block, "KVCOMP does not support speculative decoding"
+    assert dcp_world_size == 1 and pcp_world_size == 1
+    bs = block_size
+    assert alignment_tokens % bs == 0
+    block_hashes = resolve_block_hashes(
+        block_hashes, block_pool.hash_block_size, bs,
+        supports_fine_grained_hash_lookup=manager_cls.supports_fine_grained_hash_lookup,
+        alignment_tokens=alignment_tokens,
+    )
+    lookup: dict[int, list] = {}
+
+    def cached(i):
+        if i not in lookup:
+            lookup[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
+        return lookup[i]
+
+    for num_blocks in range(max_length // bs, 0, -1):
+        h = num_blocks * bs
+        if h % alignment_tokens:
+            continue
+        held = held_pages(h, num_blocks)
+        if all(cached(i) for i in held):
+            computed = tuple([block_pool.null_block] * num_blocks for _ in kv_cache_group_ids)
+            for i in held:
+                for blocks, blk in zip(computed, cached(i)):
+                    blocks[i] = blk
+            return computed, h
+    return tuple([] for _ in kv_cache_group_ids), 0
+
+
 class _OneSpecPerGroup:
     """A spec that every layer of its KV cache group holds alike: no
     per-layer field to reconcile, so merging keeps the first."""
@@ -208,36 +246,11 @@ class KvcompResidualManager(SlidingWindowManager):
         key group, and blocks below ``Q`` at allocation time were never taken
         from the pool (null placeholders), so a fixed run longer than
         ``h - Q(h)`` misses hits that are really there."""
-        assert not drop_eagle_block, "KVCOMP does not support speculative decoding"
-        assert dcp_world_size == 1 and pcp_world_size == 1
         spec = kv_cache_spec
-        bs = spec.block_size
-        assert alignment_tokens % bs == 0
-        block_hashes = resolve_block_hashes(
-            block_hashes, block_pool.hash_block_size, bs,
-            supports_fine_grained_hash_lookup=cls.supports_fine_grained_hash_lookup,
-            alignment_tokens=alignment_tokens,
-        )
-        lookup: dict[int, list] = {}
-
-        def cached(i):
-            if i not in lookup:
-                lookup[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
-            return lookup[i]
-
-        for num_blocks in range(max_length // bs, 0, -1):
-            h = num_blocks * bs
-            if h % alignment_tokens:
-                continue
-            first = spec.quantized_prefix_len(h) // bs
-            if all(cached(i) for i in range(first, num_blocks)):
-                computed = tuple([block_pool.null_block] * num_blocks
-                                 for _ in kv_cache_group_ids)
-                for i in range(first, num_blocks):
-                    for blocks, blk in zip(computed, cached(i)):
-                        blocks[i] = blk
-                return computed, h
-        return tuple([] for _ in kv_cache_group_ids), 0
+        return longest_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+                           spec.block_size, drop_eagle_block, alignment_tokens,
+                           dcp_world_size, pcp_world_size,
+                           lambda h, n: range(spec.quantized_prefix_len(h) // spec.block_size, n))
 
     def get_num_blocks_to_allocate(
         self,
@@ -570,39 +583,15 @@ class KvcompStreamManager(_BoundedPagesManager, FullAttentionManager):
                                dcp_world_size=1, pcp_world_size=1):
         """Longest ``h`` whose pages ``live_pages(h)`` (the sinks and the window
         every query from ``h`` on reads) are all cached; the others are null."""
-        assert not drop_eagle_block, "KVCOMP does not support speculative decoding"
-        assert dcp_world_size == 1 and pcp_world_size == 1
         spec = kv_cache_spec
-        bs = spec.block_size
-        assert alignment_tokens % bs == 0
-        block_hashes = resolve_block_hashes(
-            block_hashes, block_pool.hash_block_size, bs,
-            supports_fine_grained_hash_lookup=cls.supports_fine_grained_hash_lookup,
-            alignment_tokens=alignment_tokens,
-        )
-        lookup: dict[int, list] = {}
 
-        def cached(i):
-            if i not in lookup:
-                lookup[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
-            return lookup[i]
-
-        for num_blocks in range(max_length // bs, 0, -1):
-            h = num_blocks * bs
-            if h % alignment_tokens:
-                continue
+        def held(h, n):
             sink, lo, _ = spec.live_pages(h)
-            live = [*range(min(sink, num_blocks)), *range(max(lo, sink), num_blocks)]
-            if not cached(0):  # every hit needs the first sink page
-                break
-            if all(cached(i) for i in live):
-                computed = tuple([block_pool.null_block] * num_blocks
-                                 for _ in kv_cache_group_ids)
-                for i in live:
-                    for blocks, blk in zip(computed, cached(i)):
-                        blocks[i] = blk
-                return computed, h
-        return tuple([] for _ in kv_cache_group_ids), 0
+            return [*range(min(sink, n)), *range(max(lo, sink), n)]
+
+        return longest_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+                           spec.block_size, drop_eagle_block, alignment_tokens,
+                           dcp_world_size, pcp_world_size, held)
 
     def _num_new_live(self, held: int, num_tokens: int) -> int:
         sink, lo, hi = self.kv_cache_spec.live_pages(num_tokens)
