@@ -32,16 +32,11 @@ published = razor.repeated_random_tokens
 
 
 def from_pool(pool):
+    """The published draw with every token outside ``pool`` made special."""
+    outside = set(range(model.config.vocab_size)) - set(pool)
+
     def draw(batch, period, repeats, vocab, special, prefix, generator):
-        allowed = torch.tensor(pool)
-        rows = []
-        for _ in range(batch):
-            if len(allowed) >= period:
-                run = allowed[torch.randperm(len(allowed), generator=generator)[:period]]
-            else:
-                run = allowed[torch.randint(len(allowed), (period,), generator=generator)]
-            rows.append(torch.cat([torch.tensor(prefix, dtype=torch.long), run.repeat(repeats)]))
-        return torch.stack(rows)
+        return published(batch, period, repeats, vocab, special | outside, prefix, generator)
     return draw
 
 
