@@ -164,13 +164,11 @@ def run_one(spec: dict) -> None:
 
     kw = {}
     kvcomp = spec["kvcomp"]
-    if kvcomp is not None and "_env" in kvcomp:  # set before the engine's processes start
-        kvcomp = dict(kvcomp)
-        os.environ.update(kvcomp.pop("_env"))
     rounds = 1
-    if kvcomp is not None and "_rounds" in kvcomp:
+    if kvcomp is not None:  # the row's own keys, not settings
         kvcomp = dict(kvcomp)
-        rounds = kvcomp.pop("_rounds")
+        os.environ.update(kvcomp.pop("_env", {}))  # before the engine's processes start
+        rounds = kvcomp.pop("_rounds", 1)
     if kvcomp is not None and "eviction" in kvcomp:
         from vllm_kvcomp.launch_env import EVICTION_GPU_ENV
 
