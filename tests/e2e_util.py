@@ -30,12 +30,33 @@ def child_result(args: list, timeout: int, env: dict | None = None) -> tuple[obj
     that has imported vLLM already (``engine_forkserver.py``) where its
     environment allows."""
     env = dict(os.environ if env is None else env)
+    env.setdefault("VLLM_PORT", str(next_port_base()))
     returncode, stdout, stderr = (_forked_child(args, timeout, env)
                                   or _plain_child(args, timeout, env))
     text = stdout + stderr
     lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
     assert returncode == 0 and lines, text[-4000:]
     return json.loads(lines[-1][len("RESULT "):]), text
+
+
+# Each engine child scans for its ports from a base of its own, below Linux's
+# ephemeral range (32768-60999): an engine left to vLLM's default binds port 0,
+# closes it and binds it again for its process-group store, and between the two
+# an engine of the other pytest worker (or any outgoing connection) can take the
+# same ephemeral port (EADDRINUSE at start-up). Bases are spaced per pytest
+# worker and per call, so engines running at the same time never scan the same ports.
+_PORT_FIRST, _PORT_WORKER_SPAN, _PORT_CALL_SPAN = 20000, 3000, 20
+_PORT_CALLS = iter(range(1 << 30))
+_PORT_LOCK = threading.Lock()
+
+
+def next_port_base() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    with _PORT_LOCK:
+        call = next(_PORT_CALLS)
+    slots = _PORT_WORKER_SPAN // _PORT_CALL_SPAN
+    return _PORT_FIRST + (index % 4) * _PORT_WORKER_SPAN + (call % slots) * _PORT_CALL_SPAN
 
 
 def _plain_child(args: list, timeout: int, env: dict) -> tuple[int, str, str]:

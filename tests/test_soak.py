@@ -6,10 +6,12 @@ rejected with a 4xx; a burst sized so that its outputs outgrow the pool
 preempts and still completes exactly; no 5xx, no time-outs; at the end vLLM's pool is back
 to full and nothing runs or waits."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from e2e_util import next_port_base
 from vllm_kvcomp.tiny_model import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +23,8 @@ def test_soak_serve_small(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "soak_serve.py"), "--model", model,
          "--requests", "80", "--concurrency", "8", "--too-long", "0.08", "--cancel", "0.3",
          "--deadline", "900", "--seed", "1", "--burst", "8"],
-        capture_output=True, text=True, timeout=1200)
+        capture_output=True, text=True, timeout=1200,
+        env={**os.environ, "VLLM_PORT": str(next_port_base())})
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, out.stdout[-3000:] + out.stderr[-3000:]
     r = json.loads(lines[-1][7:])
