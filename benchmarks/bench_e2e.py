@@ -91,20 +91,14 @@ SETTINGS = {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
         "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}},
-    # and the kept tokens selected by one Triton launch (KVCOMP_SELECT_KERNEL) instead of a
-    # stable sort of every row's candidates in every captured layer
-    "kvcomp_k4v4_h2o2048_graphs_select": {"attention_backend": "kvcomp", "additional_config": {
+    # and the kept tokens selected by a stable sort of every row's candidates in every
+    # captured layer (KVCOMP_SELECT_KERNEL=0), the probabilities normalised in a pass of
+    # their own (KVCOMP_SCORE_FROM_LOGITS=0): the steps before their defaults, for A/B runs
+    "kvcomp_k4v4_h2o2048_graphs_sort": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "1"}},
-    # and the decode kernel's probabilities left as logits, normalised by the score kernel
-    # as it reads them (KVCOMP_SCORE_FROM_LOGITS: two passes over them fewer a layer)
-    "kvcomp_k4v4_h2o2048_graphs_select_logits": {
-        "attention_backend": "kvcomp", "additional_config": {
-            "kvcomp": {"k_bits": 4, "v_bits": 4,
-                       "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "1",
-                 "KVCOMP_SCORE_FROM_LOGITS": "1"}},
+        "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "0",
+                 "KVCOMP_SCORE_FROM_LOGITS": "0"}},
     # half of each layer's KV heads streaming (sinks 64 + window 256): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map
     # written for the model at start-up marks streaming (a fixed map, not a calibrated

@@ -282,7 +282,7 @@ def scores_from_logits() -> bool:
     """Whether the decode kernel leaves those probabilities as base-2 logits
     and each row's log-sum-exp (``kvcomp_decode_attention``'s ``probs_lse``),
     which the score accumulation normalises as it reads them (its ``lse``):
-    ``KVCOMP_SCORE_FROM_LOGITS=1`` (``launch_env.SCORE_FROM_LOGITS_ENV``).
+    unless ``KVCOMP_SCORE_FROM_LOGITS=0`` (``launch_env.SCORE_FROM_LOGITS_ENV``).
     The eager and the captured steps read the same switch, so a captured
     step replays the eager step's arithmetic."""
     from vllm_kvcomp.launch_env import SCORE_FROM_LOGITS_ENV, switch
@@ -379,7 +379,7 @@ def eviction_batch() -> bool:
 def selector():
     """The batched eviction steps' selection and compaction: the Triton
     selection (``triton_select.triton_select_and_compact``) where
-    ``KVCOMP_SELECT_KERNEL=1`` (``launch_env.SELECT_KERNEL_ENV``), else its
+    unless ``KVCOMP_SELECT_KERNEL=0`` (``launch_env.SELECT_KERNEL_ENV``), else its
     reference ``h2o_ref.select_and_compact`` (a stable sort)."""
     from vllm_kvcomp.launch_env import SELECT_KERNEL_ENV, switch
 

@@ -181,7 +181,7 @@ def test_graph_decode_steps_give_the_eager_steps(monkeypatch, kvcomp, bs, prompt
                          ids=[SCORED_CASES[0][0]["eviction"]["method"]])
 def test_scores_from_logits_give_the_normalising_steps(monkeypatch, kvcomp, bs, prompts,
                                                        schedule):
-    """With ``KVCOMP_SCORE_FROM_LOGITS=1`` every decode step's scores come
+    """With ``KVCOMP_SCORE_FROM_LOGITS`` on (the default) every decode step's scores come
     from the decode kernel's logits and log-sum-exps (the score accumulation
     normalises them), eager and captured steps alike: the captured steps give
     the eager ones bit for bit, and both give the normalising path's outputs
@@ -192,6 +192,7 @@ def test_scores_from_logits_give_the_normalising_steps(monkeypatch, kvcomp, bs, 
     total = sum(map(sum, schedule))
     q, k, v = _inputs(total, prompts, 8, seed=len(schedule))
     schedule = _through_evictions(cfg, bs, prompts, schedule, 4)
+    monkeypatch.setenv(SCORE_FROM_LOGITS_ENV, "0")
     normalising = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True)
     monkeypatch.setenv(SCORE_FROM_LOGITS_ENV, "1")
     with_lse = []

@@ -55,7 +55,7 @@ COMPACT_BATCH_IDS = [i for i, c in zip(COMPACT_IDS, COMPACT) if c[-1] != "snapkv
 # H2O / A2SF's decode scores by the Triton kernel (not on the default path, which has
 # no eviction): the default config's k4v4 pages, 8 KV heads of 4 query heads
 SCORES = dict(id="scores-k4v4-d128-h8-rep4", what="scores", D=128, H=8, rep=4)
-# the Triton selection of a batch of H2O / A2SF eviction steps (KVCOMP_SELECT_KERNEL, opt-in)
+# the Triton selection of a batch of H2O / A2SF eviction steps (KVCOMP_SELECT_KERNEL)
 SELECT = dict(id="select-h2o", what="select")
 
 

@@ -114,7 +114,9 @@ def test_batched_steps_with_the_kernel_are_the_per_request_steps(monkeypatch, bi
     assert torch.equal(got.cpu(), want.cpu())
 
 
-def test_selection_is_off_unless_asked(monkeypatch):
-    """The stable sort serves unless ``KVCOMP_SELECT_KERNEL=1``."""
+def test_selection_kernel_serves_unless_switched_off(monkeypatch):
+    """The Triton selection serves unless ``KVCOMP_SELECT_KERNEL=0``."""
     monkeypatch.delenv(SELECT_KERNEL_ENV, raising=False)
+    assert eviction_gpu.selector() is triton_select_and_compact
+    monkeypatch.setenv(SELECT_KERNEL_ENV, "0")
     assert eviction_gpu.selector() is h2o_ref.select_and_compact

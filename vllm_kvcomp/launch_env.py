@@ -45,17 +45,20 @@ EVICTION_BATCH_ENV = "KVCOMP_EVICTION_BATCH"
 # "1": SnapKV / H2O / A2SF's decode steps are captured in CUDA graphs (uniform decode
 # batches; a step holding a prompt's queries runs eagerly, patches/prompt_steps.py),
 # their eviction as fixed-shape device work (eviction_gpu.graph_after_attention);
-# off until a GPU has run it
+# a GPU served it to the eager steps' tokens, but not yet a prompt's one-token last
+# chunk among decodes (the step prompt_steps keeps eager), so it stays off
 EVICTION_GRAPHS_ENV = "KVCOMP_EVICTION_GRAPHS"
-# "1": H2O / A2SF's batched eviction steps select their kept tokens with one Triton launch
-# (kernels/triton_select.py: a program per request and KV head, returning at once where the
-# request keeps nothing) instead of a stable sort of every row's candidates, which a captured
-# decode step runs for every row of the batch; off until a GPU has run it
+# "0": H2O / A2SF's batched eviction steps select their kept tokens by a stable sort of
+# every row's candidates instead of one Triton launch (kernels/triton_select.py: a program
+# per request and KV head, returning at once where the request keeps nothing); the same
+# kept tokens. On an H100 the launch took a captured layer's selection from 184 to 71 us
+# (benchmarks/results/2026-12-05-h100-h2o-breakdown-w4-split50)
 SELECT_KERNEL_ENV = "KVCOMP_SELECT_KERNEL"
-# "1": the decode kernel leaves H2O / A2SF's probabilities as base-2 logits with each
-# row's log-sum-exp (kvcomp_decode_attention's probs_lse) and the score accumulation
-# normalises them as it reads: two of the four passes over them gone (~216 MB a layer
-# at a batch of 256 and a 2048-token budget); off until a GPU has run it
+# "0": the decode kernel normalises H2O / A2SF's probabilities in a pass of its own
+# instead of leaving base-2 logits with each row's log-sum-exp (kvcomp_decode_attention's
+# probs_lse) for the score accumulation to normalise as it reads: two of the four passes
+# over them (~216 MB a layer at a batch of 256 and a 2048-token budget); on an H100 the
+# scored decode went from 105 to 89 us a layer (same results folder)
 SCORE_FROM_LOGITS_ENV = "KVCOMP_SCORE_FROM_LOGITS"
 # "1": the store's hand-over in a program per piece (kernels/triton_store.py
 # split_handover) where the caller leaves it unset (the serving path), for A/B runs of
@@ -71,8 +74,8 @@ SWITCH_DEFAULTS = {
     SCORE_KERNEL_ENV: True,
     EVICTION_BATCH_ENV: True,
     EVICTION_GRAPHS_ENV: False,
-    SELECT_KERNEL_ENV: False,
-    SCORE_FROM_LOGITS_ENV: False,
+    SELECT_KERNEL_ENV: True,
+    SCORE_FROM_LOGITS_ENV: True,
 }
 
 
