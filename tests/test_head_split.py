@@ -163,6 +163,8 @@ def test_stream_hit_is_the_longest_prefix_whose_sinks_and_window_are_cached(sink
         assert all(len(b) == h // bs for b in blocks)
         live = _held_pages(spec, h)
         assert _needed_pages(spec, h) <= live
+        start = rng.randrange(0, n + 1)
+        assert spec.held_pages(h, start) == sorted(i for i in live if i >= start)
         for i, blk in enumerate(blocks[0]):
             assert blk.is_null == (i not in live)
     assert hits > 30

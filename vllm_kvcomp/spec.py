@@ -54,7 +54,7 @@ def longest_hit(manager_cls, block_hashes, max_length, kv_cache_group_ids, block
                 block_size: int, drop_eagle_block: bool, alignment_tokens: int,
                 dcp_world_size: int, pcp_world_size: int, held_pages) -> tuple:
     """``find_longest_cache_hit`` of a manager that holds, at ``h`` tokens,
-    only the pages ``held_pages(h, h // block_size)`` (null placeholders
+    only the pages ``held_pages(h)`` (null placeholders
     elsewhere): the longest ``h`` (whole pages, a multiple of
     ``alignment_tokens``, at most ``max_length``) whose held pages are all
     cached, as ``(per group: those pages, null elsewhere), h``."""
@@ -78,7 +78,7 @@ def longest_hit(manager_cls, block_hashes, max_length, kv_cache_group_ids, block
         h = num_blocks * bs
         if h % alignment_tokens:
             continue
-        held = held_pages(h, num_blocks)
+        held = held_pages(h)
         if all(cached(i) for i in held):
             computed = tuple([block_pool.null_block] * num_blocks for _ in kv_cache_group_ids)
             for i in held:
@@ -250,7 +250,8 @@ class KvcompResidualManager(SlidingWindowManager):
         return longest_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
                            spec.block_size, drop_eagle_block, alignment_tokens,
                            dcp_world_size, pcp_world_size,
-                           lambda h, n: range(spec.quantized_prefix_len(h) // spec.block_size, n))
+                           lambda h: range(spec.quantized_prefix_len(h) // spec.block_size,
+                                           h // spec.block_size))
 
     def get_num_blocks_to_allocate(
         self,
@@ -552,6 +553,13 @@ class KvcompStreamSpec(_BoundedPagesSpec, AttentionSpec):
         return (self.policy.sink_pages, max(0, num_tokens - self.recent_tokens) // bs,
                 cdiv(num_tokens, bs))
 
+    def held_pages(self, num_tokens: int, start: int = 0) -> list[int]:
+        """The pages from ``start`` on that a request holds from the pool
+        after a step ending at ``num_tokens``: ``live_pages``' sinks and
+        window; the pages between are null placeholders."""
+        sink, lo, hi = self.live_pages(num_tokens)
+        return [*range(start, min(sink, hi)), *range(max(lo, sink, start), hi)]
+
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
                                          max_model_len: int) -> int:
         # sinks, the window still read by the oldest unsettled step, and the
@@ -583,35 +591,26 @@ class KvcompStreamManager(_BoundedPagesManager, FullAttentionManager):
                                dcp_world_size=1, pcp_world_size=1):
         """Longest ``h`` whose pages ``live_pages(h)`` (the sinks and the window
         every query from ``h`` on reads) are all cached; the others are null."""
-        spec = kv_cache_spec
-
-        def held(h, n):
-            sink, lo, _ = spec.live_pages(h)
-            return [*range(min(sink, n)), *range(max(lo, sink), n)]
-
         return longest_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
-                           spec.block_size, drop_eagle_block, alignment_tokens,
-                           dcp_world_size, pcp_world_size, held)
-
-    def _num_new_live(self, held: int, num_tokens: int) -> int:
-        sink, lo, hi = self.kv_cache_spec.live_pages(num_tokens)
-        return max(0, min(sink, hi) - held) + max(0, hi - max(lo, sink, held))
+                           kv_cache_spec.block_size, drop_eagle_block, alignment_tokens,
+                           dcp_world_size, pcp_world_size, kv_cache_spec.held_pages)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, num_local_computed_tokens,
                                    num_tokens_main_model, apply_admission_cap: bool = False):
         held = len(self.req_to_blocks.get(request_id, ())) + len(new_computed_blocks)
         # cached hit pages with no other user leave the free queue when touched
-        return (self._num_new_live(held, num_tokens)
+        return (len(self.kv_cache_spec.held_pages(num_tokens, start=held))
                 + self._get_num_evictable_blocks(new_computed_blocks))
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
-        sink, lo, hi = self.kv_cache_spec.live_pages(num_tokens)
         blocks = self.req_to_blocks[request_id]
         prev = len(blocks)
-        for i in range(prev, hi):
-            live = i < sink or i >= lo
-            blocks.append(self.block_pool.get_new_blocks(1)[0] if live else self._null_block)
+        held = self.kv_cache_spec.held_pages(num_tokens, start=prev)
+        hi = cdiv(num_tokens, self.block_size)
+        new = iter(self.block_pool.get_new_blocks(len(held)))
+        live = set(held)
+        blocks.extend(next(new) if i in live else self._null_block for i in range(prev, hi))
         # the worker appends every entry to its block-table row: positions stay
         # page-indexed, null placeholders included
         return blocks[prev:]
