@@ -117,14 +117,26 @@ SETTINGS = [
     ("k4v4_h2o_graphs", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}}),
-    # and with the Triton selection and the scores from the decode kernel's logits
-    # (KVCOMP_SELECT_KERNEL, KVCOMP_SCORE_FROM_LOGITS): the selection keeps the sort's
-    # tokens; the logits path's scores differ from the normalising path's in exp2's last
-    # bits, so its tokens are compared by agreement, not required equal
-    ("k4v4_h2o_graphs_select_logits", "d128", "bfloat16",
+    # both with at most 8 requests running, the 1-token prompt served apart
+    # ("_late_one_token", one_token_among_decodes): it joins seven requests that are
+    # decoding, a step of one query a request of which one ends a prompt, the step that
+    # patches/prompt_steps.py keeps out of the captured graphs; batches of 3, 5, 6 and 7
+    # requests are padded to a captured size. The captured engine's tokens must be the
+    # eager one's (SAME_TOKENS)
+    ("k4v4_h2o_late", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "1",
-               "KVCOMP_SCORE_FROM_LOGITS": "1"}}),
+      "_late_one_token": True}),
+    ("k4v4_h2o_graphs_late", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
+      "_late_one_token": True, "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}}),
+    # and with the selection by a stable sort and the probabilities normalised in a pass of
+    # their own (KVCOMP_SELECT_KERNEL=0, KVCOMP_SCORE_FROM_LOGITS=0): the sort keeps the
+    # Triton selection's tokens; the normalising path's scores differ from the logits
+    # path's in exp2's last bits, so its tokens are compared by agreement, not required equal
+    ("k4v4_h2o_graphs_sort", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
+      "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "0",
+               "KVCOMP_SCORE_FROM_LOGITS": "0"}}),
     # a head map whose retrieval heads keep their window as an e4m3 ring
     ("k4v4_split50_ring_fp8", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3",
@@ -164,11 +176,12 @@ def run_one(spec: dict) -> None:
 
     kw = {}
     kvcomp = spec["kvcomp"]
-    rounds = 1
+    rounds, late_one_token = 1, False
     if kvcomp is not None:  # the row's own keys, not settings
         kvcomp = dict(kvcomp)
         os.environ.update(kvcomp.pop("_env", {}))  # before the engine's processes start
         rounds = kvcomp.pop("_rounds", 1)
+        late_one_token = kvcomp.pop("_late_one_token", False)
     if kvcomp is not None and "eviction" in kvcomp:
         from vllm_kvcomp.launch_env import EVICTION_GPU_ENV
 
@@ -188,15 +201,18 @@ def run_one(spec: dict) -> None:
     # share the GPU, so each asks for a small share (vLLM checks it is free at start)
     llm = LLM(spec["model"], dtype=spec["dtype"], max_model_len=MAX_MODEL_LEN, seed=0,
               skip_tokenizer_init=True, gpu_memory_utilization=0.1,
-              kv_cache_memory_bytes=2 << 30, max_num_seqs=128, **kw)
+              kv_cache_memory_bytes=2 << 30, max_num_seqs=8 if late_one_token else 128, **kw)
     startup = time.perf_counter() - t0
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 500) for _ in range(n)]}
                for n in PROMPT_LENS]
     params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0, ignore_eos=True,
                             detokenize=False)
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    if late_one_token:
+        tokens = one_token_among_decodes(llm, prompts, params)
+    else:
+        tokens = [list(o.outputs[0].token_ids)
+                  for o in llm.generate(prompts, params, use_tqdm=False)]
     result = dict(startup_s=startup, tokens=tokens)
     for _ in range(rounds - 1):  # the same prompts again: prefix-cache hits
         again = llm.generate(prompts, params, use_tqdm=False)
@@ -205,6 +221,43 @@ def run_one(spec: dict) -> None:
             x == y for o, t in zip(again, tokens) for x, y in zip(o.outputs[0].token_ids, t)
         ) / (len(tokens) * OUTPUT_LEN)
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def one_token_among_decodes(llm, prompts: list, params) -> list:
+    """The tokens of ``prompts`` (in their order), the 1-token prompts served
+    apart: each added to the engine once seven requests of 50-token prompts
+    are all decoding (a step of one query a request, one of which ends its
+    prompt); those seven requests' tokens follow, beyond the prompts' count."""
+    late = [i for i, n in enumerate(PROMPT_LENS) if n == 1]
+    rest = [i for i in range(len(prompts)) if i not in late]
+    tokens = [None] * len(prompts)
+    for i, o in zip(rest, llm.generate([prompts[i] for i in rest], params, use_tqdm=False)):
+        tokens[i] = list(o.outputs[0].token_ids)
+    companions = [prompts[i] for i, n in enumerate(PROMPT_LENS) if n == 50][:7]
+    engine, extra = llm.llm_engine, []
+    for n_late, i in enumerate(late):
+        # outputs carry the ids given here (the engine's own have a suffix)
+        ids = [f"late{n_late}-c{j}" for j in range(len(companions))]
+        for r, p in zip(ids, companions):
+            engine.add_request(r, p, params)
+        produced, done = {}, {}
+
+        def step():
+            assert engine.has_unfinished_requests(), (produced, ids)
+            for o in engine.step():
+                produced[o.request_id] = len(o.outputs[0].token_ids)
+                if o.finished:
+                    done[o.request_id] = list(o.outputs[0].token_ids)
+
+        while min(produced.get(r, 0) for r in ids) < 2:  # every companion past its prompt
+            step()
+        late_id = f"late{n_late}"
+        engine.add_request(late_id, prompts[i], params)
+        while engine.has_unfinished_requests():
+            step()
+        tokens[i] = done[late_id]
+        extra += [done[r] for r in ids]
+    return tokens + extra
 
 
 def launch(spec: dict, timeout: int) -> dict:
@@ -265,7 +318,7 @@ def main() -> None:
 
 # rows whose tokens must be another row's, token for token (the same computation on another
 # path: a captured decode step against the eager one), reported as "same tokens as"
-SAME_TOKENS = {"k4v4_h2o_graphs": "k4v4_h2o"}
+SAME_TOKENS = {"k4v4_h2o_graphs": "k4v4_h2o", "k4v4_h2o_graphs_late": "k4v4_h2o_late"}
 
 
 def report(args, rows, final=False) -> None:
