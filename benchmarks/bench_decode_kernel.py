@@ -140,7 +140,8 @@ from vllm_kvcomp.kernels.triton_quest import (  # noqa: E402
     quest_select,
     quest_top_pages,
 )
-from vllm_kvcomp.kernels.triton_select import triton_select_and_compact  # noqa: E402
+from vllm_kvcomp.kernels.triton_select import (  # noqa: E402
+    triton_select_and_compact, triton_select_decode_rows)
 from vllm_kvcomp.kernels.triton_stream import (  # noqa: E402
     stream_attention,
     stream_attention_reference,
@@ -1242,8 +1243,8 @@ def print_eviction(rows) -> None:
               "replays)\n")
         print("| config | (a) kept us | probs width | + probs us | + scores us "
               "| + scores, logits us | layer us (normalised / logits) "
-              "| selection, none evicts us (sort / kernel) "
-              "| selection, all evict us (sort / kernel) |")
+              "| selection, none evicts us (sort / kernel / rows in kernel) "
+              "| selection, all evict us (sort / kernel / rows in kernel) |")
         print("|---" * 9 + "|")
         for r in rows:
             if "graph_layer_us" in r:
@@ -1252,7 +1253,9 @@ def print_eviction(rows) -> None:
                       f"| {r['graph_scores_us']:.1f} | {r['graph_logits_us']:.1f} "
                       f"| {r['graph_layer_us']:.1f} / {r['graph_layer_logits_us']:.1f} "
                       f"| {r['graph_select_idle_us']:.1f} / {r['graph_select_kernel_idle_us']:.1f} "
-                      f"| {f(r, 'graph_select_all_us')} / {f(r, 'graph_select_kernel_all_us')} |")
+                      f"/ {r['graph_select_rows_idle_us']:.1f} "
+                      f"| {f(r, 'graph_select_all_us')} / {f(r, 'graph_select_kernel_all_us')} "
+                      f"/ {f(r, 'graph_select_rows_all_us')} |")
 
 
 def split_row(a, cfg, name, share, B, ctx, Hq, H, D, bs, dtype, device, timer, kw, dense_us,
@@ -1389,11 +1392,14 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
         ev = eviction_gpu.step_ranges(cfg, bs, md)
         probs = torch.empty(B, Hq, eviction_gpu.decode_read_width(cfg, bs, md, B),
                             dtype=torch.float32, device=device)
+        # as the backend's eager step: logits and log-sum-exps unless KVCOMP_SCORE_FROM_LOGITS=0
+        lse = (torch.empty(B, Hq, dtype=torch.float32, device=device)
+               if eviction_gpu.scores_from_logits() else None)
         kvcomp_decode_attention(*p.args(), n, num_splits=a.num_splits, out=p.out,
-                                evicted=ev[0], probs=probs, **kw)
+                                evicted=ev[0], probs=probs, probs_lse=lse, **kw)
         eviction_gpu.after_attention(p.query, p.key_new, p.value_new, p.out, p.packed,
                                      p.residual, layout, cfg, p.scale, md, res_table, p.bs_r,
-                                     probs)
+                                     probs, lse)
 
     model_dtype = step_model_dtype(cfg, p.residual, p.query)
 
@@ -1415,7 +1421,7 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
     label = (f"{name}+{method}{a.eviction_budget}{'+rows' if a.eviction_rows else ''}"
              f"{'+torch-scores' if torch_scores else ''}"
              f"{'' if batch else '+per-request'}"
-             f"{'+select' if eviction_gpu.selector() is not h2o_ref.select_and_compact else ''}")
+             f"{'+sort' if eviction_gpu.selector() is h2o_ref.select_and_compact else ''}")
     assert torch.isfinite(plain()).all(), f"{label}: non-finite output"
     out_kept = kept().clone()
     pages = table[:m].flatten().long()
@@ -1576,6 +1582,12 @@ def captured_breakdown(a, cfg, p, md, ranges, n, n_evict, timer, kw) -> dict:
             got[f"graph_select{tag}_all_us"] = timer(lambda select=select: (
                 eviction_gpu.evict_decode_rows(p.packed, p.layout, cfg, table, lens_evict,
                                                prompts, select)))
+    # the rows' steps worked out inside the selection launch (KVCOMP_DECODE_ROWS_KERNEL)
+    got["graph_select_rows_idle_us"] = timer(lambda: triton_select_decode_rows(
+        p.packed, p.layout, cfg, table, lens, prompts))
+    if lens_evict is not None:
+        got["graph_select_rows_all_us"] = timer(lambda: triton_select_decode_rows(
+            p.packed, p.layout, cfg, table, lens_evict, prompts))
     return got
 
 

@@ -233,8 +233,14 @@ def one_token_among_decodes(llm, prompts: list, params) -> list:
     tokens = [None] * len(prompts)
     for i, o in zip(rest, llm.generate([prompts[i] for i in rest], params, use_tqdm=False)):
         tokens[i] = list(o.outputs[0].token_ids)
+    from vllm.sampling_params import RequestOutputKind
+
     companions = [prompts[i] for i, n in enumerate(PROMPT_LENS) if n == 50][:7]
     engine, extra = llm.llm_engine, []
+    # LLM.generate left params' output kind at FINAL_ONLY; each step's tokens so far
+    # are what says the companions are decoding
+    params = params.clone()
+    params.output_kind = RequestOutputKind.CUMULATIVE
     for n_late, i in enumerate(late):
         # outputs carry the ids given here (the engine's own have a suffix)
         ids = [f"late{n_late}-c{j}" for j in range(len(companions))]
@@ -253,6 +259,10 @@ def one_token_among_decodes(llm, prompts: list, params) -> list:
             step()
         late_id = f"late{n_late}"
         engine.add_request(late_id, prompts[i], params)
+        while late_id not in produced:
+            step()
+        # its first token came from a step in which the companions were decoding
+        assert all(produced[r] < OUTPUT_LEN for r in ids), produced
         while engine.has_unfinished_requests():
             step()
         tokens[i] = done[late_id]

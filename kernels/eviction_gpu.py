@@ -378,9 +378,10 @@ def eviction_batch() -> bool:
 
 def selector():
     """The batched eviction steps' selection and compaction: the Triton
-    selection (``triton_select.triton_select_and_compact``) where
-    unless ``KVCOMP_SELECT_KERNEL=0`` (``launch_env.SELECT_KERNEL_ENV``), else its
-    reference ``h2o_ref.select_and_compact`` (a stable sort)."""
+    selection (``triton_select.triton_select_and_compact``, which sorts
+    where a step has more candidates than it takes), or with
+    ``KVCOMP_SELECT_KERNEL=0`` (``launch_env.SELECT_KERNEL_ENV``) its reference
+    ``h2o_ref.select_and_compact`` (a stable sort)."""
     from vllm_kvcomp.launch_env import SELECT_KERNEL_ENV, switch
 
     if switch(SELECT_KERNEL_ENV):
@@ -511,10 +512,20 @@ def evict_decode_rows(packed_cache: torch.Tensor, layout, cfg: KvcompConfig,
     ``K <= heavy``). A row whose
     layout stays, a padding row (``seq_lens`` 0) and a row whose step ends
     its prompt (never in a captured step: ``graph_eviction``) keep nothing
-    and are left as they are. ``select``: ``selector()``'s by default."""
+    and are left as they are. ``select``: ``selector()``'s by default; with
+    neither it nor ``KVCOMP_SELECT_KERNEL=0``, ``KVCOMP_DECODE_ROWS_KERNEL=1``
+    has the selection launch work out the rows' steps
+    (``triton_select.triton_select_decode_rows``)."""
+    from vllm_kvcomp.kernels import triton_select
     from vllm_kvcomp.kernels.h2o_ref import moves_nothing
+    from vllm_kvcomp.launch_env import DECODE_ROWS_KERNEL_ENV, SELECT_KERNEL_ENV, switch
 
     bs = layout.block_size
+    C = triton_select.decode_rows_candidates(cfg, bs)
+    if select is None and switch(SELECT_KERNEL_ENV) and switch(DECODE_ROWS_KERNEL_ENV) \
+            and C <= triton_select.MAX_CANDIDATES:
+        return triton_select.triton_select_decode_rows(packed_cache, layout, cfg, block_table,
+                                                       seq_lens, prompt_lens)
     policy = cfg.eviction.policy(bs)
     n, P = seq_lens.long(), prompt_lens.long()
     k0, e0 = scored_layout(cfg, policy, n - 1, P)
@@ -522,7 +533,6 @@ def evict_decode_rows(packed_cache: torch.Tensor, layout, cfg: KvcompConfig,
     count = k0 + (e1 - e0).clamp(min=0)
     steps = ~moves_nothing(k0, e0, k1, e1, count) & (n - 1 >= P) & (n > 0)
     zero = torch.zeros_like(n)
-    C = policy.heavy_tokens + (cfg.key_token_align // bs + 1) * bs
     (select or selector())(
         packed_cache, layout, block_table, k0[:, None], e0[:, None],
         torch.where(steps, count, zero)[:, None], torch.where(steps, k1, zero)[:, None],

@@ -45,7 +45,7 @@ def child_result(args: list, timeout: int, env: dict | None = None) -> tuple[obj
 # an engine of the other pytest worker (or any outgoing connection) can take the
 # same ephemeral port (EADDRINUSE at start-up). Bases are spaced per pytest
 # worker and per call, so engines running at the same time never scan the same ports.
-_PORT_FIRST, _PORT_WORKER_SPAN, _PORT_CALL_SPAN = 20000, 3000, 20
+_PORT_FIRST, _PORT_RANGE, _PORT_CALL_SPAN = 20000, 12000, 20
 _PORT_CALLS = iter(range(1 << 30))
 _PORT_LOCK = threading.Lock()
 
@@ -53,10 +53,11 @@ _PORT_LOCK = threading.Lock()
 def next_port_base() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker[2:].isdigit() else 0
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
     with _PORT_LOCK:
         call = next(_PORT_CALLS)
-    slots = _PORT_WORKER_SPAN // _PORT_CALL_SPAN
-    return _PORT_FIRST + (index % 4) * _PORT_WORKER_SPAN + (call % slots) * _PORT_CALL_SPAN
+    span = _PORT_RANGE // workers
+    return _PORT_FIRST + index * span + (call % (span // _PORT_CALL_SPAN)) * _PORT_CALL_SPAN
 
 
 def _plain_child(args: list, timeout: int, env: dict) -> tuple[int, str, str]:

@@ -118,8 +118,10 @@ OPT_IN_SETTINGS = [
     setting(eviction="snapkv", quest=512),
     # H2O's decode steps captured (KVCOMP_EVICTION_GRAPHS) with the selection kernel
     # (KVCOMP_SELECT_KERNEL): the probabilities at their fixed width, the scores, every
-    # row's selection and compaction in each captured batch
+    # row's selection and compaction in each captured batch; "rows": the rows' steps
+    # worked out in the selection launch (KVCOMP_DECODE_ROWS_KERNEL)
     setting(eviction="h2o", graphs=True),
+    setting(eviction="h2o", graphs="rows"),
     setting(head_split=0.5, residual_ring=True, residual_dtype="fp8_e4m3",
             residual_tokens=128),
 ]
@@ -313,7 +315,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
             impl._forward_triton(q, k, v, out, packed, residual, md, res_md, lay, quest)
 
     from vllm_kvcomp.kernels import triton_scores, triton_select
-    from vllm_kvcomp.launch_env import SELECT_KERNEL_ENV
+    from vllm_kvcomp.launch_env import DECODE_ROWS_KERNEL_ENV
 
     mods = (triton_decode, triton_prefill, triton_store, triton_quest, triton_stream,
             triton_compaction, triton_scores, triton_select)
@@ -330,7 +332,8 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
 
     with recorded_launches(*mods, on_launch=seen), \
             mock.patch.object(eviction_gpu, "after_attention", lambda *a, **k: None), \
-            mock.patch.dict(os.environ, {SELECT_KERNEL_ENV: "1"} if graphs else {}):
+            mock.patch.dict(os.environ,
+                            {DECODE_ROWS_KERNEL_ENV: "1"} if graphs == "rows" else {}):
         impl = _impl(s, cfg, flash_attn=False)
         try:  # the builder's start-up check: its outputs are garbage here, so it raises
             decode_launch.check_decode_launch(cfg, bs, D, dtype, s.rep, torch.device("cpu"),

@@ -275,7 +275,9 @@ def select_case(c) -> list:
     """The selection of a batch of eviction steps (``triton_select``) as a
     captured H2O 2048 decode step gives it (8 KV heads, 1,040 candidates of
     which 1,024 kept, 256 requests) and as a small budget does (a 64-wide
-    block)."""
+    block); the same with the rows' steps worked out in the launch
+    (``triton_select_decode_rows``, ``KVCOMP_DECODE_ROWS_KERNEL``) for H2O 2048
+    and 256."""
     from vllm_kvcomp.kernels import triton_select
     from vllm_kvcomp.layout import PageLayout
 
@@ -290,6 +292,13 @@ def select_case(c) -> list:
             with mock.patch("vllm_kvcomp.kernels.triton_compaction.triton_compact_batch"):
                 triton_select.triton_select_and_compact(cache, layout, table, col, col, col,
                                                         col, C, kmax)
+        for budget, R in ((2048, 256), (256, 3)):
+            rows_cfg = KvcompConfig.from_dict(
+                {"eviction": {"method": "h2o", "budget_tokens": budget}})
+            lens = torch.zeros(R, dtype=torch.int32)
+            with mock.patch("vllm_kvcomp.kernels.triton_compaction.triton_compact_batch"):
+                triton_select.triton_select_decode_rows(
+                    cache, layout, rows_cfg, torch.zeros(R, 64, dtype=torch.int32), lens, lens)
     return [summary(jit, compile_sm90(jit, a, kw)) for jit, a, kw in calls]
 
 

@@ -85,7 +85,9 @@ def test_decode_bench_smoke_with_eviction(tmp_path, rows_flag):
                                           "graph_layer_us", "graph_layer_logits_us",
                                           "graph_select_idle_us",
                                           "graph_select_all_us", "graph_select_kernel_idle_us",
-                                          "graph_select_kernel_all_us"))
+                                          "graph_select_kernel_all_us",
+                                          "graph_select_rows_idle_us",
+                                          "graph_select_rows_all_us"))
             assert r["evict_candidates"] - r["evict_kept"] == 32
             assert min(r["plain_us"], r["kept_us"], r["scored_us"], r["evict_us"]) > 0
             assert r["overhead_us"] == r["scored_us"] - r["kept_us"]

@@ -27,7 +27,8 @@ from vllm_kvcomp.kernels.eviction_gpu import (
 )
 from vllm_kvcomp.kernels.h2o_ref import score_view
 from vllm_kvcomp.kernels.triton_compaction import triton_compact
-from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV, SCORE_FROM_LOGITS_ENV
+from vllm_kvcomp.launch_env import (DECODE_ROWS_KERNEL_ENV, EVICTION_GRAPHS_ENV,
+                                    SCORE_FROM_LOGITS_ENV, SELECT_KERNEL_ENV)
 from vllm_kvcomp.layout import PageLayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,12 +53,25 @@ def _decode_rows(cfg, bs):
     return rows
 
 
+@pytest.mark.parametrize("select_kernel,rows_kernel", [("0", "0"), ("1", "0"), ("1", "1")],
+                         ids=["sort", "kernel", "rows-in-kernel"])
 @pytest.mark.parametrize("bits,axis,G,bs,H,method", CASES, ids=IDS)
-def test_fixed_shape_step_is_the_per_row_steps(bits, axis, G, bs, H, method):
+def test_fixed_shape_step_is_the_per_row_steps(monkeypatch, bits, axis, G, bs, H, method,
+                                               select_kernel, rows_kernel):
     """``evict_decode_rows`` over a batch of decodes (some moving, some not),
     a padding row (no tokens), a row whose step ends its prompt and one
     inside its prompt: byte for byte the cache ``evict_step`` leaves for the
-    decodes; the other rows' pages, and pages of no row, untouched."""
+    decodes; the other rows' pages, and pages of no row, untouched. The rows'
+    steps worked out by torch ops and selected by the sort or the launch, or
+    worked out inside the launch (``KVCOMP_DECODE_ROWS_KERNEL``)."""
+    monkeypatch.setenv(DECODE_ROWS_KERNEL_ENV, rows_kernel)
+    monkeypatch.setenv(SELECT_KERNEL_ENV, select_kernel)
+    if rows_kernel == "1":  # the launch is what runs
+        from vllm_kvcomp.kernels import triton_select
+
+        real, calls = triton_select.triton_select_decode_rows, []
+        monkeypatch.setattr(triton_select, "triton_select_decode_rows",
+                            lambda *a: calls.append(1) or real(*a))
     cfg = _config(bits, axis, G, bs, method)
     policy = cfg.eviction.policy(bs)
     layout = PageLayout(cfg, bs, 64, 2)
@@ -88,6 +102,7 @@ def test_fixed_shape_step_is_the_per_row_steps(bits, axis, G, bs, H, method):
     seq_lens = torch.tensor([n for _, n, _ in rows] + [0], **i32)
     prompts = torch.tensor([P for _, _, P in rows] + [0], **i32)
     evict_decode_rows(got, layout, cfg, dev_table, seq_lens, prompts)
+    assert rows_kernel == "0" or calls
     got, want = got.cpu(), want.cpu()
     assert not torch.equal(want, cache)
     bad = (got != want).nonzero()
@@ -185,7 +200,8 @@ def test_scores_from_logits_give_the_normalising_steps(monkeypatch, kvcomp, bs, 
     from the decode kernel's logits and log-sum-exps (the score accumulation
     normalises them), eager and captured steps alike: the captured steps give
     the eager ones bit for bit, and both give the normalising path's outputs
-    (to 1e-5: the same kept tokens, scores equal up to exp2's last bits)."""
+    (to 1e-5: the same kept tokens, scores equal up to exp2's last bits); the
+    normalising path's captured steps give its eager ones bit for bit."""
     from test_eviction_batch import _through_evictions
 
     cfg = KvcompConfig.from_dict(kvcomp)
@@ -194,6 +210,8 @@ def test_scores_from_logits_give_the_normalising_steps(monkeypatch, kvcomp, bs, 
     schedule = _through_evictions(cfg, bs, prompts, schedule, 4)
     monkeypatch.setenv(SCORE_FROM_LOGITS_ENV, "0")
     normalising = _run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True)
+    assert torch.equal(_run(cfg, prompts, schedule, q, k, v, bs, triton=True, by_rows=True,
+                            graph=True), normalising)
     monkeypatch.setenv(SCORE_FROM_LOGITS_ENV, "1")
     with_lse = []
     real = eviction_gpu.score_adder

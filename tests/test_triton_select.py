@@ -114,6 +114,21 @@ def test_batched_steps_with_the_kernel_are_the_per_request_steps(monkeypatch, bi
     assert torch.equal(got.cpu(), want.cpu())
 
 
+def test_a_selection_past_the_launch_bound_is_sorted(monkeypatch):
+    """More candidates than ``MAX_CANDIDATES`` (a prompt's last chunk can bring
+    its whole length) go to the reference's sort, not to a launch whose block
+    would hold them all."""
+    from vllm_kvcomp.kernels import triton_select
+
+    calls = []
+    monkeypatch.setattr(h2o_ref, "select_and_compact", lambda *a: calls.append(a[-2:]))
+    monkeypatch.setattr(triton_select, "_kvcomp_select_kernel", None)  # never launched
+    layout, table, cache, cols = _batch(16, 2, 3, 48, 32, SCORE_KINDS["ties"], seed=1)
+    C = triton_select.MAX_CANDIDATES + 1
+    triton_select_and_compact(cache, layout, table, *cols, C, 32)
+    assert calls == [(C, 32)]
+
+
 def test_selection_kernel_serves_unless_switched_off(monkeypatch):
     """The Triton selection serves unless ``KVCOMP_SELECT_KERNEL=0``."""
     monkeypatch.delenv(SELECT_KERNEL_ENV, raising=False)

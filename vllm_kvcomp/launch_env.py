@@ -54,6 +54,12 @@ EVICTION_GRAPHS_ENV = "KVCOMP_EVICTION_GRAPHS"
 # kept tokens. On an H100 the launch took a captured layer's selection from 184 to 71 us
 # (benchmarks/results/2026-12-05-h100-h2o-breakdown-w4-split50)
 SELECT_KERNEL_ENV = "KVCOMP_SELECT_KERNEL"
+# "1": a captured decode step's rows work out their eviction steps (layouts before and
+# after the step, which rows move) inside that selection launch
+# (triton_select.triton_select_decode_rows) instead of by about fifty elementwise torch
+# launches a layer, most of a captured layer's selection time when no row moves (71 us
+# on an H100); off until a GPU has run it
+DECODE_ROWS_KERNEL_ENV = "KVCOMP_DECODE_ROWS_KERNEL"
 # "0": the decode kernel normalises H2O / A2SF's probabilities in a pass of its own
 # instead of leaving base-2 logits with each row's log-sum-exp (kvcomp_decode_attention's
 # probs_lse) for the score accumulation to normalise as it reads: two of the four passes
@@ -75,6 +81,7 @@ SWITCH_DEFAULTS = {
     EVICTION_BATCH_ENV: True,
     EVICTION_GRAPHS_ENV: False,
     SELECT_KERNEL_ENV: True,
+    DECODE_ROWS_KERNEL_ENV: False,
     SCORE_FROM_LOGITS_ENV: True,
 }
 
