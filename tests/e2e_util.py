@@ -31,8 +31,11 @@ def child_result(args: list, timeout: int, env: dict | None = None) -> tuple[obj
     environment allows."""
     env = dict(os.environ if env is None else env)
     env.setdefault("VLLM_PORT", str(next_port_base()))
-    returncode, stdout, stderr = (_forked_child(args, timeout, env)
-                                  or _plain_child(args, timeout, env))
+    try:
+        returncode, stdout, stderr = (_forked_child(args, timeout, env)
+                                      or _plain_child(args, timeout, env))
+    finally:
+        _remove_shared_memory(int(env["VLLM_PORT"]))
     text = stdout + stderr
     lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
     assert returncode == 0 and lines, text[-4000:]
@@ -45,8 +48,10 @@ def child_result(args: list, timeout: int, env: dict | None = None) -> tuple[obj
 # an engine of the other pytest worker (or any outgoing connection) can take the
 # same ephemeral port (EADDRINUSE at start-up). Bases are spaced per pytest
 # worker and per call, so engines running at the same time never scan the same ports.
+# The first slot is drawn per process: a run cut short leaves vLLM's CPU
+# tensor-parallel shared memory, named after the engine's port, behind.
 _PORT_FIRST, _PORT_RANGE, _PORT_CALL_SPAN = 20000, 12000, 20
-_PORT_CALLS = iter(range(1 << 30))
+_PORT_CALLS = iter(range(random.SystemRandom().randrange(1 << 16), 1 << 30))
 _PORT_LOCK = threading.Lock()
 
 
@@ -58,6 +63,25 @@ def next_port_base() -> int:
         call = next(_PORT_CALLS)
     span = _PORT_RANGE // workers
     return _PORT_FIRST + index * span + (call % (span // _PORT_CALL_SPAN)) * _PORT_CALL_SPAN
+
+
+def _remove_shared_memory(port_base: int) -> None:
+    """Remove what vLLM's CPU tensor-parallel all-reduce left in /dev/shm for
+    an engine whose ports start at ``port_base`` (``<port>-...-cpushm_<rank>``):
+    its workers are killed, not shut down, so nothing else unlinks it, and a
+    later engine on the same port would fail to create it (EEXIST)."""
+    ports = range(port_base, port_base + _PORT_CALL_SPAN)
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for name in names:
+        port = name.split("-", 1)[0]
+        if "cpushm" in name and port.isdigit() and int(port) in ports:
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
 
 
 def _plain_child(args: list, timeout: int, env: dict) -> tuple[int, str, str]:
