@@ -20,6 +20,8 @@
 #      KVCOMP_EVICTION_ROWS=0 has it); DECODE_SCORE_KERNEL=0: the scores accumulated by
 #      torch ops, KVCOMP_SCORE_KERNEL=0; DECODE_EVICTION_BATCH=0: the batch's eviction steps
 #      request by request, KVCOMP_EVICTION_BATCH=0);
+#   4b. (step "sweep", not by default) bench_decode_kernel.py --sweep for SWEEP_CONFIGS
+#      (default k4v4) at the first of DECODE_BATCHES x DECODE_CONTEXTS; SWEEP_ARGS adds flags;
 #   5. (step "capacity", not by default) the KV capacity vLLM logs at CAP_WORKLOAD's length
 #      (default C32K: max_model_len 32768) for CAP_SETTINGS, engines in fast start: the
 #      capacity is fixed when the KV cache is allocated, before torch.compile or graphs;
@@ -113,6 +115,14 @@ for step in $STEPS; do
           --baselines "${DECODE_BASELINES:-fa3_bf16}" \
           --out "$RES/decode.json" > "$RES/decode.md" 2>&1
       log "decode: $(grep -c '"config":' "$RES/decode.json") rows" ;;
+    sweep)
+      wait
+      # the decode kernel's tuning grid at one shape (tile, warps, stages, splits): what a card
+      # needs beyond the launch heuristic (KVCOMP_DECODE_LAUNCH carries a better launch)
+      python3 benchmarks/bench_decode_kernel.py --batches "${DECODE_BATCHES:-32}" \
+          --contexts "${DECODE_CONTEXTS:-32768}" --configs "${SWEEP_CONFIGS:-k4v4}" --sweep \
+          ${SWEEP_ARGS:-} --out "$RES/sweep.json" > "$RES/sweep.md" 2>&1
+      log "sweep: $(grep -c '"us":' "$RES/sweep.json") launches" ;;
     calibrate)
       wait
       # the e2e step's model directory (config.json only), made here too when it runs alone
