@@ -517,11 +517,11 @@ def evict_decode_rows(packed_cache: torch.Tensor, layout, cfg: KvcompConfig,
     has the selection launch work out the rows' steps
     (``triton_select.triton_select_decode_rows``)."""
     from vllm_kvcomp.kernels import triton_select
-    from vllm_kvcomp.kernels.h2o_ref import moves_nothing
+    from vllm_kvcomp.kernels.h2o_ref import decode_rows_candidates, moves_nothing
     from vllm_kvcomp.launch_env import DECODE_ROWS_KERNEL_ENV, SELECT_KERNEL_ENV, switch
 
     bs = layout.block_size
-    C = triton_select.decode_rows_candidates(cfg, bs)
+    C = decode_rows_candidates(cfg, bs)
     if select is None and switch(SELECT_KERNEL_ENV) and switch(DECODE_ROWS_KERNEL_ENV) \
             and C <= triton_select.MAX_CANDIDATES:
         return triton_select.triton_select_decode_rows(packed_cache, layout, cfg, block_table,

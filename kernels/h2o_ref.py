@@ -156,6 +156,14 @@ def _eviction_layouts(cfg: KvcompConfig, policy, start: int, n: int,
     return k0, e0, k1, e1
 
 
+def decode_rows_candidates(cfg, block_size: int) -> int:
+    """The most candidates a one-token step's eviction weighs: the heavy
+    hitters and the span a step moves ``E`` past them (``key_token_align``
+    rounded up to pages, plus one)."""
+    heavy = cfg.eviction.policy(block_size).heavy_tokens
+    return heavy + (cfg.key_token_align // block_size + 1) * block_size
+
+
 def moves_nothing(k0, e0, k1, e1, count):
     """Whether the step from layout ``(k0, e0)`` to ``(k1, e1)`` moves no
     token: the layout stays, or its ``count`` candidates (``[0, k0)`` then

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvcomp.kernels.h2o_ref import decode_rows_candidates
 from vllm_kvcomp.layout import PageLayout
 
 # the most candidates a launch holds: its block (the next power of two) compiles in
@@ -177,14 +178,6 @@ def triton_select_and_compact(packed_cache: torch.Tensor, layout: PageLayout,
     triton_compact_batch(packed_cache, layout, rows, kept, k1)
 
 
-def decode_rows_candidates(cfg, block_size: int) -> int:
-    """The most candidates a one-token step's eviction weighs: the heavy
-    hitters and the span a step moves ``E`` past them (``key_token_align``
-    rounded up to pages, plus one)."""
-    heavy = cfg.eviction.policy(block_size).heavy_tokens
-    return heavy + (cfg.key_token_align // block_size + 1) * block_size
-
-
 def triton_select_decode_rows(packed_cache: torch.Tensor, layout: PageLayout, cfg,
                               block_table: torch.Tensor, seq_lens: torch.Tensor,
                               prompt_lens: torch.Tensor) -> None:
@@ -221,5 +214,4 @@ def triton_select_decode_rows(packed_cache: torch.Tensor, layout: PageLayout, cf
     triton_compact_batch(packed_cache, layout, rows, kept, counts)
 
 
-__all__ = ["MAX_CANDIDATES", "decode_rows_candidates", "triton_select_and_compact",
-           "triton_select_decode_rows"]
+__all__ = ["MAX_CANDIDATES", "triton_select_and_compact", "triton_select_decode_rows"]
