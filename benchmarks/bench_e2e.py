@@ -148,6 +148,10 @@ SETTINGS = {
                    "residual_dtype": "fp8_e4m3"}}},
     "kvcomp_k2v2": {"attention_backend": "kvcomp",
                     "additional_config": {"kvcomp": {"k_bits": 2, "v_bits": 2}}},
+    # 4-bit keys, 2-bit values in 32-token key groups (keys carry the outliers, values
+    # tolerate fewer bits: KIVI's asymmetry): the all-format table's middle format
+    "kvcomp_k4v2_g32": {"attention_backend": "kvcomp", "additional_config": {
+        "kvcomp": {"k_bits": 4, "v_bits": 2, "group_size": 32}}},
     # the quality-recommended 2-bit setting (KIVI: 32-token key groups, 32-channel value
     # groups); kvcomp_k2v2 above keeps 128, which costs more quality (docs/quality.md)
     "kvcomp_k2v2_kivi": {"attention_backend": "kvcomp", "additional_config": {
