@@ -213,6 +213,31 @@ def write_head_map(model: str, share: float) -> str:
     return path
 
 
+def engine_identity(setting: str, environ=None) -> str:
+    """What a setting's engine runs, as text that is equal for equal engines:
+    its engine arguments, the kvcomp config as the backend resolves it (the
+    defaults filled in as they stand in this checkout) and every KVCOMP_ switch
+    as it reads under ``environ`` (default: the setting's own ``_env`` alone)."""
+    from vllm_kvcomp.config import KvcompConfig
+    from vllm_kvcomp.launch_env import SWITCH_DEFAULTS
+
+    spec = copy.deepcopy(SETTINGS[setting])
+    env = dict(spec.pop("_env", {})) if environ is None else dict(environ)
+    share = spec.pop("_head_map_streaming", None)
+    kvcomp = spec.get("additional_config", {}).pop("kvcomp", None)
+    if kvcomp is not None:
+        if share is not None:
+            kvcomp["head_map"] = f"<{share:g} of each layer's KV heads streaming>"
+        spec["kvcomp"] = repr(KvcompConfig(**kvcomp))
+        def reads(var):  # launch_env.switch's rule, over env
+            value = env.get(var, "").strip()
+            return SWITCH_DEFAULTS[var] if not value else value == "1"
+
+        spec["switches"] = {var: reads(var) for var in SWITCH_DEFAULTS}
+        spec["decode_launch"] = env.get("KVCOMP_DECODE_LAUNCH", "")
+    return json.dumps(spec, sort_keys=True)
+
+
 def _pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
@@ -294,7 +319,11 @@ def run_one(args):
                    completed=sum(len(o.outputs[0].token_ids) == out_len for o in outs),
                    # which GPU of the host and which decode launch (kvcomp) ran it
                    gpu=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-                   decode_launch=os.environ.get("KVCOMP_DECODE_LAUNCH", ""))
+                   decode_launch=os.environ.get("KVCOMP_DECODE_LAUNCH", ""),
+                   # what ran, so that tables of later days tell this engine from one of
+                   # the same name whose defaults have changed since (side_by_side.py)
+                   engine=engine_identity(args.setting, os.environ),
+                   finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         print("RESULT " + json.dumps(res), flush=True)
 
 

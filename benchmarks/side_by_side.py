@@ -2,13 +2,18 @@
 
 A GPU session's device time holds a few workload runs, not all of them, so the table is
 put together from the ``e2e.json`` files under ``benchmarks/results/``: for each setting and
-workload, the newest complete run on the named card at vLLM's default engine settings
-(runs with ``--fast-start`` are left out), with the folder it came from. A setting's cell takes runs of any setting that resolves to the same
-engine (kvcomp settings whose config comes out equal once the defaults fill it in, e.g. the
-window layout a default now has, measured under its own name before it became the default).
-Ratios are against
-bf16 on the same card; where bf16's run is from another day, the table says so, since the
-code under test may have changed in between.
+workload, the newest complete run on the named card with vLLM's default engine settings
+(runs with ``--fast-start``, ``--eager``, ``--capture-sizes``, ``--profile`` or ``--layers``,
+or another KV size or sequence cap, are left out), with the folder it came from.
+
+A cell takes the run of any setting that started the same engine (``bench_e2e.
+engine_identity``: engine arguments, the kvcomp config with its defaults filled in, every
+KVCOMP_ switch), e.g. a window layout measured under its own name before it became the
+default. Rows record that identity when they run; for older rows it is worked out from
+their setting's name as this checkout defines it, which holds only since the day the
+defaults under test came in: ``--since``, below which such rows are left out.
+Ratios are against bf16 on the same card; where bf16's run is from another day, the
+table says so, since the code under test may have changed in between.
 
     python benchmarks/side_by_side.py --device H200 --since 2026-12-04 > table.md
 """
@@ -16,79 +21,89 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import SETTINGS, engine_identity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("bf16,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,"
            "kvcomp_k4v4,kvcomp_k2v2,kvcomp_k4v2_g32")
+# flags that make a run something other than vLLM's default engine settings
+NOT_DEFAULT = ("--fast-start", "--eager", "--capture-sizes", "--profile", "--layers")
 
 
-def complete_runs(results: Path, device: str, since: str):
-    """(folder, date, row) of every finished run at vLLM's default engine settings on a
-    card whose name holds ``device``, oldest folder first."""
+def _flag(command: str, name: str) -> str | None:
+    m = re.search(rf"{name}[ =](\S+)", command)
+    return m.group(1) if m else None
+
+
+def default_runs(results: Path, device: str, kv_gib: float, max_num_seqs: int):
+    """(folder, date, e2e.json) of the runs on a card whose name holds ``device`` at
+    vLLM's default engine settings with this KV size and sequence cap."""
     for path in sorted(results.glob("*/e2e.json")):
         run = json.loads(path.read_text())
-        if device.lower() not in run.get("device", "").lower() or "--fast-start" in run.get(
-                "command", "") or run.get("date", "") < since:
-            continue
+        cmd = run.get("command", "")
+        if (device.lower() in run.get("device", "").lower()
+                and not any(flag in cmd.split() for flag in NOT_DEFAULT)
+                and _flag(cmd, "--kv-gib") is not None
+                and float(_flag(cmd, "--kv-gib")) == kv_gib
+                and int(_flag(cmd, "--max-num-seqs") or 0) == max_num_seqs):
+            yield path.parent.name, run["date"], run
+
+
+def newest(results: Path, device: str, since: str, kv_gib: float = 54.3,
+           max_num_seqs: int = 512) -> dict:
+    """{(engine identity, workload): (folder, date, row)}: the newest complete run of
+    each engine (by date, then the time a row finished where recorded, then folder)."""
+    found = []
+    for folder, date, run in default_runs(results, device, kv_gib, max_num_seqs):
         for row in run["rows"]:
-            if row.get("output_tok_s") and row.get("completed") == row.get("requests"):
-                yield path.parent.name, run["date"], row
+            if not row.get("output_tok_s") or row.get("completed") != row.get("requests"):
+                continue
+            engine = row.get("engine")
+            if engine is None:
+                if date < since or row["setting"] not in SETTINGS:
+                    continue
+                engine = engine_identity(row["setting"])
+            found.append(((date, row.get("finished", ""), folder),
+                          (engine, row["workload"]), (folder, date, row)))
+    found.sort(key=lambda f: f[0])
+    return {key: cell for _, key, cell in found}
 
 
-def engine_key(setting: str) -> str:
-    """What a bench_e2e setting starts: its settings with the kvcomp config as the
-    backend resolves it (unknown names stand for themselves)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_e2e import SETTINGS
-
-    from vllm_kvcomp.config import KvcompConfig
-    spec = SETTINGS.get(setting)
-    if spec is None:
-        return setting
-    spec = json.loads(json.dumps(spec))
-    kvcomp = spec.get("additional_config", {}).pop("kvcomp", None)
-    if kvcomp is not None:
-        spec["kvcomp"] = repr(KvcompConfig(**kvcomp))
-    return json.dumps(spec, sort_keys=True)
-
-
-def newest(results: Path, device: str, since: str) -> dict:
-    """{(engine_key, workload): (folder, date, row)}, the newest run of each engine."""
-    table = {}
-    for folder, date, row in complete_runs(results, device, since):
-        table[engine_key(row["setting"]), row["workload"]] = (folder, date, row)
-    return table
+def _num(x, fmt: str, scale: float = 1.0) -> str:
+    return "?" if x is None else format(scale * x, fmt)
 
 
 def render(table: dict, settings: list[str], workloads: list[str]) -> str:
     out = []
     for w in workloads:
-        base = table.get((engine_key("bf16"), w))
+        base = table.get((engine_identity("bf16"), w))
         out += [f"### {w}", "",
                 "| setting | KV tokens | output tok/s | vs bf16 | TTFT p50/p99 s "
                 "| TPOT p50/p99 ms | run |",
                 "|---|---|---|---|---|---|---|"]
         for s in settings:
-            if (engine_key(s), w) not in table:
+            cell = table.get((engine_identity(s), w))
+            if cell is None:
                 out.append(f"| {s} | | not measured | | | | |")
                 continue
-            folder, date, r = table[engine_key(s), w]
-            if r["setting"] != s:
-                folder_note = f" as {r['setting']}"
-            else:
-                folder_note = ""
+            folder, date, r = cell
             ratio = ""
             if base is not None:
                 ratio = f"{r['output_tok_s'] / base[2]['output_tok_s']:.2f}x"
                 if base[1] != date:
                     ratio += f" (bf16 of {base[1]})"
+            named = f" as {r['setting']}" if r["setting"] != s else ""
             out.append(
-                f"| {s} | {r['kv_cache_tokens']:,} | {r['output_tok_s']:,.0f} | {ratio} "
-                f"| {r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} "
-                f"| {1e3 * r['tpot_p50']:.1f}/{1e3 * r['tpot_p99']:.1f} "
-                f"| [{date}]({folder}/README.md){folder_note} |")
+                f"| {s} | {_num(r.get('kv_cache_tokens'), ',.0f')} "
+                f"| {r['output_tok_s']:,.0f} | {ratio} "
+                f"| {_num(r.get('ttft_p50'), '.2f')}/{_num(r.get('ttft_p99'), '.2f')} "
+                f"| {_num(r.get('tpot_p50'), '.1f', 1e3)}/{_num(r.get('tpot_p99'), '.1f', 1e3)} "
+                f"| [{date}]({folder}/README.md){named} |")
         out.append("")
     return "\n".join(out)
 
@@ -96,15 +111,20 @@ def render(table: dict, settings: list[str], workloads: list[str]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", required=True, help="part of the card's name, e.g. H200")
-    ap.add_argument("--since", default="", help="oldest run date taken (YYYY-MM-DD): the "
-                                                "day the defaults under test came in")
+    ap.add_argument("--since", required=True,
+                    help="YYYY-MM-DD: the day the defaults under test came in; older rows "
+                         "that do not record their engine are left out")
     ap.add_argument("--settings", default=FORMATS, help="comma list, in table order")
     ap.add_argument("--workloads", default="W1,W2,W4")
+    ap.add_argument("--kv-gib", type=float, default=54.3)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--results", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
-    table = newest(a.results, a.device, a.since)
-    print(f"{a.device}, vLLM's default engine settings, runs since {a.since or 'the first'}; "
-          "each cell the newest complete run, ratios against bf16 on the same card.\n")
+    table = newest(a.results, a.device, a.since, a.kv_gib, a.max_num_seqs)
+    print(f"{a.device}, vLLM's default engine settings, {a.kv_gib:g} GiB of KV, "
+          f"max_num_seqs {a.max_num_seqs}, runs since {a.since} (and later rows that record "
+          "their engine); each cell the newest complete run of the engine the setting "
+          "starts, ratios against bf16 on the same card.\n")
     print(render(table, a.settings.split(","), a.workloads.split(",")))
 
 

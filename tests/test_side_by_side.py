@@ -1,56 +1,96 @@
 """``benchmarks/side_by_side.py`` puts the all-format table together from recorded runs:
 the newest complete run a cell, vLLM's default engine settings only, one card, and a
-setting's cell filled by a run of another name that starts the same engine."""
+setting's cell filled by a run of another name that started the same engine, never by a
+run of the same name whose engine has changed since."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import side_by_side  # noqa: E402
+from bench_e2e import engine_identity  # noqa: E402
+
+DEFAULT_RUN = "bench_e2e.py --max-num-seqs 512 --kv-gib 54.3 --workload W4"
 
 
-def row(setting, workload, tok_s, completed=256, requests=256):
-    return dict(setting=setting, workload=workload, output_tok_s=tok_s, completed=completed,
-                requests=requests, kv_cache_tokens=1000, ttft_p50=1.0, ttft_p99=2.0,
-                tpot_p50=0.02, tpot_p99=0.03)
+def row(setting, tok_s, completed=256, engine=None, **kw):
+    r = dict(setting=setting, workload="W4", output_tok_s=tok_s, completed=completed,
+             requests=256, kv_cache_tokens=1000.0, ttft_p50=1.0, ttft_p99=2.0,
+             tpot_p50=0.02, tpot_p99=0.03, **kw)
+    if engine is not None:
+        r["engine"] = engine
+    return r
 
 
-def record(results: Path, folder: str, date: str, rows, device="NVIDIA H200", fast=False):
+def record(results: Path, folder: str, date: str, rows, device="NVIDIA H200",
+           command=DEFAULT_RUN):
     (results / folder).mkdir(parents=True)
-    command = "bench_e2e.py --workload W4" + (" --fast-start" if fast else "")
     (results / folder / "e2e.json").write_text(json.dumps(
         dict(device=device, date=date, workload="W4", command=command, rows=rows)))
 
 
+def cells(table, settings):
+    out = side_by_side.render(table, settings, ["W4"])
+    return {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines()
+            if line.startswith("| ") and "setting" not in line}
+
+
 def test_table_takes_the_newest_complete_default_run_of_each_engine(tmp_path):
-    record(tmp_path, "2026-12-01-h200", "2026-12-01",
-           [row("bf16", "W4", 4000.0), row("kvcomp_k4v4", "W4", 7000.0)])
-    # newer: bf16 again, a k4v4 run cut short (left out), the default k4v4 engine under the
-    # name it was measured by before it became the default
     record(tmp_path, "2026-12-04-h200", "2026-12-04",
-           [row("bf16", "W4", 4400.0), row("kvcomp_k4v4", "W4", 9000.0, completed=200),
-            row("kvcomp_k4v4_ring_g64", "W4", 8800.0)])
-    # fast start, another card, and a run before --since: none of them counts
-    record(tmp_path, "2026-12-05-h200-fast", "2026-12-05", [row("bf16", "W4", 9999.0)],
-           fast=True)
-    record(tmp_path, "2026-12-05-h100", "2026-12-05", [row("bf16", "W4", 1.0)],
+           [row("bf16", 4000.0), row("kvcomp_k4v4", 7000.0)])
+    # newer: bf16 again, a k4v4 run cut short (left out), the default k4v4 engine under the
+    # name it was measured by before it became the default, with its KV tokens unknown
+    record(tmp_path, "2026-12-05-h200", "2026-12-05",
+           [row("bf16", 4400.0), row("kvcomp_k4v4", 9000.0, completed=200),
+            dict(row("kvcomp_k4v4_ring_g64", 8800.0), kv_cache_tokens=None)])
+    # none of these counts: fast start, eager, another KV size, another card
+    for i, cmd in enumerate((DEFAULT_RUN + " --fast-start", DEFAULT_RUN + " --eager",
+                             DEFAULT_RUN.replace("54.3", "20"))):
+        record(tmp_path, f"2026-12-06-h200-{i}", "2026-12-06", [row("bf16", 9999.0)],
+               command=cmd)
+    record(tmp_path, "2026-12-06-h100", "2026-12-06", [row("bf16", 1.0)],
            device="NVIDIA H100 80GB HBM3")
-    table = side_by_side.newest(tmp_path, "H200", "2026-12-01")
-    out = side_by_side.render(table, ["bf16", "kvcomp_k4v4", "fp8"], ["W4"])
-    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines()
-             if line.startswith("| ") and "setting" not in line}
+    lines = cells(side_by_side.newest(tmp_path, "H200", "2026-12-04"),
+                  ["bf16", "kvcomp_k4v4", "fp8"])
     assert "| 4,400 | 1.00x |" in lines["bf16"]
-    assert "| 8,800 | 2.00x |" in lines["kvcomp_k4v4"]
-    assert "as kvcomp_k4v4_ring_g64" in lines["kvcomp_k4v4"]
+    assert "| ? | 8,800 | 2.00x |" in lines["kvcomp_k4v4"]
+    assert "2026-12-05-h200/README.md) as kvcomp_k4v4_ring_g64" in lines["kvcomp_k4v4"]
     assert "not measured" in lines["fp8"]
-    assert "2026-12-04-h200/README.md" in lines["kvcomp_k4v4"]
-    # --since after the newer runs leaves no cell
-    assert side_by_side.newest(tmp_path, "H200", "2026-12-06") == {}
 
 
-def test_a_ratio_against_another_days_bf16_says_so(tmp_path):
-    record(tmp_path, "2026-12-01-h200", "2026-12-01", [row("bf16", "W4", 4000.0)])
-    record(tmp_path, "2026-12-03-h200", "2026-12-03", [row("kvcomp_k2v2", "W4", 6000.0)])
-    out = side_by_side.render(side_by_side.newest(tmp_path, "H200", ""),
+def test_rows_without_their_engine_count_only_since_the_defaults_came_in(tmp_path):
+    record(tmp_path, "2026-12-01-h200", "2026-12-01",
+           [row("bf16", 4000.0), row("kvcomp_k2v2", 6000.0)])
+    assert side_by_side.newest(tmp_path, "H200", "2026-12-02") == {}
+    out = side_by_side.render(side_by_side.newest(tmp_path, "H200", "2026-12-01"),
                               ["kvcomp_k2v2"], ["W4"])
-    assert "1.50x (bf16 of 2026-12-01)" in out
+    assert "1.50x" in out
+
+
+def test_a_recorded_engine_decides_the_cell_not_the_name(tmp_path):
+    """A run of kvcomp_k4v4 recorded under an older default layout (its engine text says
+    so) does not fill today's kvcomp_k4v4 cell, whatever --since says; a run recorded
+    with today's identity does, with a ratio that names bf16's other day."""
+    record(tmp_path, "2026-12-01-h200", "2026-12-01", [row("bf16", 4000.0)])
+    stale = engine_identity("kvcomp_k4v4").replace("group_size=64", "group_size=128")
+    assert stale != engine_identity("kvcomp_k4v4")
+    record(tmp_path, "2026-12-02-h200", "2026-12-02",
+           [row("kvcomp_k4v4", 9000.0, engine=stale)])
+    assert "not measured" in cells(side_by_side.newest(tmp_path, "H200", "2026-12-01"),
+                                   ["kvcomp_k4v4"])["kvcomp_k4v4"]
+    record(tmp_path, "2026-12-03-h200", "2026-12-03",
+           [row("kvcomp_k4v4", 6000.0, engine=engine_identity("kvcomp_k4v4"))])
+    line = cells(side_by_side.newest(tmp_path, "H200", "2026-12-09"),
+                 ["kvcomp_k4v4"])["kvcomp_k4v4"]
+    assert "| 6,000 |" in line and "not measured" not in line
+
+
+def test_engine_identity_reads_the_switches_as_the_engine_does():
+    """A setting's _env that names a switch's default starts the engine its plain twin
+    does; one that turns a switch over starts another."""
+    plain = engine_identity("kvcomp_k4v4_h2o2048")
+    assert engine_identity("kvcomp_k4v4_h2o2048", {"KVCOMP_SELECT_KERNEL": "1"}) == plain
+    assert engine_identity("kvcomp_k4v4_h2o2048_graphs") != plain
+    assert engine_identity("kvcomp_k4v4_h2o2048_graphs_rows") != \
+        engine_identity("kvcomp_k4v4_h2o2048_graphs")
+    assert engine_identity("kvcomp_k4v4_split50") != engine_identity("kvcomp_k4v4")
