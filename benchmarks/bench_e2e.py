@@ -91,12 +91,13 @@ SETTINGS = {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
         "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}},
-    # and each row's step worked out inside the selection launch (KVCOMP_DECODE_ROWS_KERNEL):
-    # two launches a layer where the rows' layouts took about fifty
-    "kvcomp_k4v4_h2o2048_graphs_rows": {"attention_backend": "kvcomp", "additional_config": {
+    # and each row's step found by torch ops before the selection launch
+    # (KVCOMP_DECODE_ROWS_KERNEL=0; by default the launch works them out): for A/B runs
+    "kvcomp_k4v4_h2o2048_graphs_torch_rows": {"attention_backend": "kvcomp",
+                                              "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_DECODE_ROWS_KERNEL": "1"}},
+        "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_DECODE_ROWS_KERNEL": "0"}},
     # and the kept tokens selected by a stable sort of every row's candidates in every
     # captured layer (KVCOMP_SELECT_KERNEL=0), the probabilities normalised in a pass of
     # their own (KVCOMP_SCORE_FROM_LOGITS=0): the steps before their defaults, for A/B runs

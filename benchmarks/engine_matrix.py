@@ -117,11 +117,11 @@ SETTINGS = [
     ("k4v4_h2o_graphs", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}}),
-    # and with the rows' eviction steps worked out inside the selection launch
-    # (KVCOMP_DECODE_ROWS_KERNEL): the same bytes, so k4v4_h2o's tokens (SAME_TOKENS)
-    ("k4v4_h2o_graphs_rows", "d128", "bfloat16",
+    # and with the rows' eviction steps found by torch ops before the selection launch
+    # (KVCOMP_DECODE_ROWS_KERNEL=0): the same bytes, so k4v4_h2o's tokens (SAME_TOKENS)
+    ("k4v4_h2o_graphs_torch_rows", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_DECODE_ROWS_KERNEL": "1"}}),
+      "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_DECODE_ROWS_KERNEL": "0"}}),
     # both with at most 8 requests running, the 1-token prompt served apart
     # ("_late_one_token", one_token_among_decodes): it joins seven requests that are
     # decoding, a step of one query a request of which one ends a prompt, the step that
@@ -333,7 +333,7 @@ def main() -> None:
 
 # rows whose tokens must be another row's, token for token (the same computation on another
 # path: a captured decode step against the eager one), reported as "same tokens as"
-SAME_TOKENS = {"k4v4_h2o_graphs": "k4v4_h2o", "k4v4_h2o_graphs_rows": "k4v4_h2o",
+SAME_TOKENS = {"k4v4_h2o_graphs": "k4v4_h2o", "k4v4_h2o_graphs_torch_rows": "k4v4_h2o",
                "k4v4_h2o_graphs_late": "k4v4_h2o_late"}
 
 

@@ -512,10 +512,10 @@ def evict_decode_rows(packed_cache: torch.Tensor, layout, cfg: KvcompConfig,
     ``K <= heavy``). A row whose
     layout stays, a padding row (``seq_lens`` 0) and a row whose step ends
     its prompt (never in a captured step: ``graph_eviction``) keep nothing
-    and are left as they are. ``select``: ``selector()``'s by default; with
-    neither it nor ``KVCOMP_SELECT_KERNEL=0``, ``KVCOMP_DECODE_ROWS_KERNEL=1``
-    has the selection launch work out the rows' steps
-    (``triton_select.triton_select_decode_rows``)."""
+    and are left as they are. ``select``: given, it selects after the
+    rows' steps are found by torch ops (as ``KVCOMP_DECODE_ROWS_KERNEL=0`` or
+    ``KVCOMP_SELECT_KERNEL=0`` have it); by default the selection launch
+    works them out itself (``triton_select.triton_select_decode_rows``)."""
     from vllm_kvcomp.kernels import triton_select
     from vllm_kvcomp.kernels.h2o_ref import decode_rows_candidates, moves_nothing
     from vllm_kvcomp.launch_env import DECODE_ROWS_KERNEL_ENV, SELECT_KERNEL_ENV, switch

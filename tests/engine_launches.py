@@ -116,12 +116,12 @@ OPT_IN_SETTINGS = [
     setting(eviction="h2o"),
     setting(eviction="h2o", head_split=0.5),
     setting(eviction="snapkv", quest=512),
-    # H2O's decode steps captured (KVCOMP_EVICTION_GRAPHS) with the selection kernel
-    # (KVCOMP_SELECT_KERNEL): the probabilities at their fixed width, the scores, every
-    # row's selection and compaction in each captured batch; "rows": the rows' steps
-    # worked out in the selection launch (KVCOMP_DECODE_ROWS_KERNEL)
+    # H2O's decode steps captured (KVCOMP_EVICTION_GRAPHS): the probabilities at their
+    # fixed width, the scores, every row's selection and compaction in each captured batch,
+    # the rows' steps worked out in the selection launch (KVCOMP_DECODE_ROWS_KERNEL);
+    # "torch_rows": found by torch ops, the selection launch given them
     setting(eviction="h2o", graphs=True),
-    setting(eviction="h2o", graphs="rows"),
+    setting(eviction="h2o", graphs="torch_rows"),
     setting(head_split=0.5, residual_ring=True, residual_dtype="fp8_e4m3",
             residual_tokens=128),
 ]
@@ -333,7 +333,7 @@ def engine_launches(s: Setting, on_launch=None, max_model_len: int | None = None
     with recorded_launches(*mods, on_launch=seen), \
             mock.patch.object(eviction_gpu, "after_attention", lambda *a, **k: None), \
             mock.patch.dict(os.environ,
-                            {DECODE_ROWS_KERNEL_ENV: "1"} if graphs == "rows" else {}):
+                            {DECODE_ROWS_KERNEL_ENV: "0"} if graphs == "torch_rows" else {}):
         impl = _impl(s, cfg, flash_attn=False)
         try:  # the builder's start-up check: its outputs are garbage here, so it raises
             decode_launch.check_decode_launch(cfg, bs, D, dtype, s.rep, torch.device("cpu"),

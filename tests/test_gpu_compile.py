@@ -133,8 +133,8 @@ def test_engine_launches_compile_for_sm90(compiled, setting):
     if opt_in.get("eviction") in ("snapkv", "h2o", "a2sf"):  # compaction after a selection
         assert "_kvcomp_compact_kernel" in built, res
     if opt_in.get("graphs"):  # a captured decode step's scores and selection
-        select = ("_kvcomp_select_rows_kernel" if opt_in["graphs"] == "rows" else
-                  "_kvcomp_select_kernel")
+        select = ("_kvcomp_select_kernel" if opt_in["graphs"] == "torch_rows" else
+                  "_kvcomp_select_rows_kernel")
         assert {"_kvcomp_decode_scores_kernel", select} <= built, res
 
 

@@ -91,6 +91,6 @@ def test_engine_identity_reads_the_switches_as_the_engine_does():
     plain = engine_identity("kvcomp_k4v4_h2o2048")
     assert engine_identity("kvcomp_k4v4_h2o2048", {"KVCOMP_SELECT_KERNEL": "1"}) == plain
     assert engine_identity("kvcomp_k4v4_h2o2048_graphs") != plain
-    assert engine_identity("kvcomp_k4v4_h2o2048_graphs_rows") != \
+    assert engine_identity("kvcomp_k4v4_h2o2048_graphs_torch_rows") != \
         engine_identity("kvcomp_k4v4_h2o2048_graphs")
     assert engine_identity("kvcomp_k4v4_split50") != engine_identity("kvcomp_k4v4")

@@ -65,7 +65,7 @@ def test_switches_read_their_defaults_and_values(monkeypatch):
         "KVCOMP_EVICTION_GPU": False, "KVCOMP_EVICTION_ROWS": True,
         "KVCOMP_SCORE_KERNEL": True, "KVCOMP_EVICTION_BATCH": True,
         "KVCOMP_EVICTION_GRAPHS": False, "KVCOMP_SELECT_KERNEL": True,
-        "KVCOMP_SCORE_FROM_LOGITS": True, "KVCOMP_DECODE_ROWS_KERNEL": False}
+        "KVCOMP_SCORE_FROM_LOGITS": True, "KVCOMP_DECODE_ROWS_KERNEL": True}
 
     for var, default in SWITCH_DEFAULTS.items():
         monkeypatch.delenv(var, raising=False)

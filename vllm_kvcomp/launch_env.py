@@ -54,11 +54,12 @@ EVICTION_GRAPHS_ENV = "KVCOMP_EVICTION_GRAPHS"
 # kept tokens. On an H100 the launch took a captured layer's selection from 184 to 71 us
 # (benchmarks/results/2026-12-05-h100-h2o-breakdown-w4-split50)
 SELECT_KERNEL_ENV = "KVCOMP_SELECT_KERNEL"
-# "1": a captured decode step's rows work out their eviction steps (layouts before and
-# after the step, which rows move) inside that selection launch
-# (triton_select.triton_select_decode_rows) instead of by about fifty elementwise torch
-# launches a layer, most of a captured layer's selection time when no row moves (71 us
-# on an H100); off until a GPU has run it
+# "0": a captured decode step's rows find their eviction steps (layouts before and after
+# the step, which rows move) by about fifty elementwise torch launches a layer instead of
+# inside that selection launch (triton_select.triton_select_decode_rows); the same bytes.
+# On an H200 the launch took a captured layer's selection from 69 to 3.8 us when no row
+# moves, 290 to 216 us when every row does, and an engine served the eager engine's
+# tokens (benchmarks/results/2026-12-05-h200-late-rows-sweep-calibrate)
 DECODE_ROWS_KERNEL_ENV = "KVCOMP_DECODE_ROWS_KERNEL"
 # "0": the decode kernel normalises H2O / A2SF's probabilities in a pass of its own
 # instead of leaving base-2 logits with each row's log-sum-exp (kvcomp_decode_attention's
@@ -81,7 +82,7 @@ SWITCH_DEFAULTS = {
     EVICTION_BATCH_ENV: True,
     EVICTION_GRAPHS_ENV: False,
     SELECT_KERNEL_ENV: True,
-    DECODE_ROWS_KERNEL_ENV: False,
+    DECODE_ROWS_KERNEL_ENV: True,
     SCORE_FROM_LOGITS_ENV: True,
 }
 
