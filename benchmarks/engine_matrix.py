@@ -134,6 +134,17 @@ SETTINGS = [
     ("k4v4_h2o_graphs_late", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "_late_one_token": True, "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}}),
+    # the pair again with every decode step at 4 splits (KVCOMP_DECODE_LAUNCH num_splits): a
+    # captured step sizes its split-K for max_model_len, an eager one for its longest
+    # request, so at these batches the two sum attention in different orders; with one
+    # count for both, what is left to differ is the captured eviction itself
+    ("k4v4_h2o_late_s4", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
+      "_late_one_token": True, "_env": {"KVCOMP_DECODE_LAUNCH": "num_splits=4"}}),
+    ("k4v4_h2o_graphs_late_s4", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
+      "_late_one_token": True,
+      "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_DECODE_LAUNCH": "num_splits=4"}}),
     # and with the selection by a stable sort and the probabilities normalised in a pass of
     # their own (KVCOMP_SELECT_KERNEL=0, KVCOMP_SCORE_FROM_LOGITS=0): the sort keeps the
     # Triton selection's tokens; the normalising path's scores differ from the logits
@@ -334,7 +345,8 @@ def main() -> None:
 # rows whose tokens must be another row's, token for token (the same computation on another
 # path: a captured decode step against the eager one), reported as "same tokens as"
 SAME_TOKENS = {"k4v4_h2o_graphs": "k4v4_h2o", "k4v4_h2o_graphs_torch_rows": "k4v4_h2o",
-               "k4v4_h2o_graphs_late": "k4v4_h2o_late"}
+               "k4v4_h2o_graphs_late": "k4v4_h2o_late",
+               "k4v4_h2o_graphs_late_s4": "k4v4_h2o_late_s4"}
 
 
 def report(args, rows, final=False) -> None:
@@ -354,6 +366,13 @@ def report(args, rows, final=False) -> None:
         if r.get("tokens") and other:
             r["same_tokens_as"] = twin
             r["same_tokens"] = r["tokens"] == other
+            # where they part: (request, token) of the first difference, and how many of
+            # the requests differ (a near-tie flipped once, or a path that is wrong)
+            diff = [(i, next((j for j, (x, y) in enumerate(zip(a, b)) if x != y),
+                             min(len(a), len(b))))
+                    for i, (a, b) in enumerate(zip(r["tokens"], other)) if a != b]
+            r["requests_differing"] = len(diff)
+            r["first_difference"] = diff[0] if diff else None
     with open(os.path.join(args.out, "engine_matrix.json"), "w") as f:
         json.dump(dict(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"),
                        rows=[{k: v for k, v in r.items() if k != "tokens"} for r in rows]), f,
@@ -370,7 +389,11 @@ def report(args, rows, final=False) -> None:
     for r in rows:
         if "same_tokens" in r:
             same = "equal to" if r["same_tokens"] else "**differ from**"
-            lines.append(f"\n{r['name']} ({r['mode']}): tokens {same} {r['same_tokens_as']}'s")
+            where = "" if r["same_tokens"] else (
+                f" in {r['requests_differing']} of {len(r['tokens'])} requests, first at "
+                f"request {r['first_difference'][0]}, token {r['first_difference'][1]}")
+            lines.append(f"\n{r['name']} ({r['mode']}): tokens {same} "
+                         f"{r['same_tokens_as']}'s{where}")
         if "rounds_hit_tokens" in r:
             lines.append(f"\n{r['name']} ({r['mode']}): second round {r['rounds_hit_tokens']} "
                          f"prefix-hit tokens, token agreement with the first "

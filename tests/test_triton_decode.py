@@ -378,6 +378,28 @@ def test_startup_check_keeps_a_correct_launch(monkeypatch):
     assert len(calls) == 2
 
 
+def test_startup_check_runs_a_named_split_count_alone(monkeypatch):
+    """A launch that names its split count (one for every step) is checked
+    with that count, not with one split and three, and served with it."""
+    splits = []
+    real = triton_decode.kvcomp_decode_attention
+
+    def wrapped(*args, **kw):
+        splits.append(kw.get("num_splits"))
+        out = real(*args, **kw)
+        return out + 1.0 if kw.get("num_splits") != 2 else out
+
+    monkeypatch.setattr(triton_decode, "kvcomp_decode_attention", wrapped)
+    monkeypatch.setattr(decode_launch, "_CHECKED_LAUNCHES", {})
+    launch = {**DEFAULT_LAUNCH, "num_splits": 2}
+    assert _check(launch) == launch
+    assert splits == [2]
+    # the same count that the check's reference disagrees with is refused
+    monkeypatch.setattr(decode_launch, "_CHECKED_LAUNCHES", {})
+    with pytest.raises(RuntimeError, match="Refusing to serve wrong attention"):
+        _check({**DEFAULT_LAUNCH, "num_splits": 3})
+
+
 def test_startup_check_falls_back_to_the_shared_tile(monkeypatch, caplog):
     calls = _corrupting(monkeypatch, lambda kw: kw.get("warp_tiles") != 1)
     assert _check(DEFAULT_LAUNCH) == {**DEFAULT_LAUNCH, "warp_tiles": 1}

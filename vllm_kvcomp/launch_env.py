@@ -19,9 +19,14 @@ PREFILL_LAUNCH_ENV = "KVCOMP_PREFILL_LAUNCH"
 PREFILL_LAUNCH_KEYS = ("block_rows", "block_n", "num_warps", "num_stages")
 
 # the decode kernel's (kernels/decode_launch.py): its tile, warps, stages, warp
-# tiles (``kvcomp_decode_attention``'s warp_tiles) and register cap
+# tiles (``kvcomp_decode_attention``'s warp_tiles), register cap and split count.
+# num_splits holds every step to one split-K count where decode_num_splits picks one per
+# step from its batch and longest context (a captured step's from max_model_len): eager
+# and captured steps then sum attention in the same order, what a token-for-token
+# comparison of the two paths needs; it costs speed where the count does not suit a step
 DECODE_LAUNCH_ENV = "KVCOMP_DECODE_LAUNCH"
-DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_registers")
+DECODE_LAUNCH_KEYS = ("block_n", "num_warps", "num_stages", "warp_tiles", "max_registers",
+                      "num_splits")
 # "1": a GPU serves eviction methods whose engines have not yet run on a GPU
 # (validation.GPU_RUN_EVICTION names those that have) with the Triton path
 # (kernels/eviction_gpu.py); otherwise a GPU start-up refuses them
@@ -106,7 +111,7 @@ def check_switches() -> None:
 
 
 # keys that take any positive count; the others are tile shapes / warp counts
-_ANY_COUNT = ("num_stages", "max_registers")
+_ANY_COUNT = ("num_stages", "max_registers", "num_splits")
 
 
 def _parse_launch(spec: str, var: str, keys: tuple[str, ...]) -> dict[str, int]:
@@ -137,7 +142,7 @@ def parse_prefill_launch(spec: str, var: str = PREFILL_LAUNCH_ENV) -> dict[str, 
 
 def parse_decode_launch(spec: str, var: str = DECODE_LAUNCH_ENV) -> dict[str, int]:
     """``"warp_tiles=2,num_warps=2,num_stages=2"`` (any subset of
-    ``DECODE_LAUNCH_KEYS``) -> dict of ints; ``num_stages`` and
-    ``max_registers`` >= 1, the others powers of two; anything else raises a
+    ``DECODE_LAUNCH_KEYS``) -> dict of ints; ``num_stages``,
+    ``max_registers`` and ``num_splits`` >= 1, the others powers of two; anything else raises a
     ValueError naming ``var``."""
     return _parse_launch(spec, var, DECODE_LAUNCH_KEYS)
