@@ -389,7 +389,7 @@ def report(args, rows, final=False) -> None:
     for r in rows:
         if "same_tokens" in r:
             same = "equal to" if r["same_tokens"] else "**differ from**"
-            where = "" if r["same_tokens"] else (
+            where = "" if r["same_tokens"] or not r["first_difference"] else (
                 f" in {r['requests_differing']} of {len(r['tokens'])} requests, first at "
                 f"request {r['first_difference'][0]}, token {r['first_difference'][1]}")
             lines.append(f"\n{r['name']} ({r['mode']}): tokens {same} "

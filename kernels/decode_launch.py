@@ -24,7 +24,7 @@ import triton
 
 from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels.decode_batch import TOL, DecodeBatch, lens_for
-from vllm_kvcomp.launch_env import DECODE_LAUNCH_ENV, parse_decode_launch
+from vllm_kvcomp.launch_env import DECODE_LAUNCH_ENV, MAX_DECODE_SPLITS, parse_decode_launch
 from vllm_kvcomp.layout import PageLayout
 
 
@@ -132,7 +132,7 @@ def decode_num_splits(
     num_sms: int = 132,
     programs_per_sm: int = 8,
     min_tiles_per_split: int = 2,
-    max_splits: int = 64,
+    max_splits: int = MAX_DECODE_SPLITS,
 ) -> int:
     """Splits per (request, KV head): enough programs to fill the GPU
     (``programs_per_sm`` per SM keeps several tile loads in flight per SM),
@@ -185,7 +185,8 @@ def check_decode_launch(cfg: KvcompConfig, block_size: int, head_size: int,
     after one comparison on this GPU against
     ``triton_decode.decode_attention_reference`` on a small batch of this
     model's page format and head shape (``decode_batch.DecodeBatch``,
-    ``decode_batch.TOL``), with one split and with three. CI has no GPU and the interpreter runs only fp32 dots, so the
+    ``decode_batch.TOL``), with one split and with three (a launch that names
+    its split count: with that count). CI has no GPU and the interpreter runs only fp32 dots, so the
     16-bit tensor-core paths are otherwise checked only by the device runs of
     the kernel tests; a launch that fails here is replaced by the shared tile
     (``warp_tiles=1``) with a warning, and if that fails too the engine

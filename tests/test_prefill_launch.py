@@ -79,6 +79,7 @@ def test_parse_decode_launch():
     ("warp_tiles=3", "power of two"),
     ("max_registers=0", ">= 1"),
     ("num_splits=0", ">= 1"),
+    ("num_splits=65", "<= 64"),
 ])
 def test_parse_decode_launch_rejects_bad_specs(spec, what):
     with pytest.raises(ValueError, match=DECODE_LAUNCH_ENV) as e:

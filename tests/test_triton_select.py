@@ -13,7 +13,7 @@ from test_triton_compaction import random_pages
 from vllm_kvcomp.kernels import eviction_gpu, h2o_ref
 from vllm_kvcomp.kernels.h2o_ref import score_view
 from vllm_kvcomp.kernels.triton_select import triton_select_and_compact
-from vllm_kvcomp.launch_env import SELECT_KERNEL_ENV
+from vllm_kvcomp.launch_env import DECODE_ROWS_KERNEL_ENV, SELECT_KERNEL_ENV
 from vllm_kvcomp.layout import PageLayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,14 +78,17 @@ def test_selection_is_the_stable_sort(kind, bs, H, R, C, kmax):
 def test_batched_steps_with_the_kernel_are_the_per_request_steps(monkeypatch, bits, axis, G,
                                                                   bs, H, method):
     """``evict_steps`` and ``evict_decode_rows`` with ``KVCOMP_SELECT_KERNEL=1``
-    leave the bytes of ``evict_step`` request by request (every format's
-    compaction after the kernel's selection)."""
+    (and the rows' steps found by torch ops, ``KVCOMP_DECODE_ROWS_KERNEL=0``:
+    test_eviction_graphs covers the rows worked out in the launch) leave the
+    bytes of ``evict_step`` request by request (every format's compaction
+    after the kernel's selection)."""
     from test_eviction_batch import _setup
     from test_eviction_graphs import _decode_rows
 
     from vllm_kvcomp.kernels.triton_compaction import triton_compact
 
     monkeypatch.setenv(SELECT_KERNEL_ENV, "1")
+    monkeypatch.setenv(DECODE_ROWS_KERNEL_ENV, "0")
     assert eviction_gpu.selector() is triton_select_and_compact
     cfg, layout, steps, table, cache, rows = _setup(bits, axis, G, bs, H, method, seed=bs + H)
     decodes = _decode_rows(cfg, bs)

@@ -50,8 +50,9 @@ EVICTION_BATCH_ENV = "KVCOMP_EVICTION_BATCH"
 # "1": SnapKV / H2O / A2SF's decode steps are captured in CUDA graphs (uniform decode
 # batches; a step holding a prompt's queries runs eagerly, patches/prompt_steps.py),
 # their eviction as fixed-shape device work (eviction_gpu.graph_after_attention);
-# a GPU served it to the eager steps' tokens, but not yet a prompt's one-token last
-# chunk among decodes (the step prompt_steps keeps eager), so it stays off
+# a GPU served it to the eager steps' tokens, but with a prompt's one-token last chunk
+# among decodes (the step prompt_steps keeps eager) one token of 1,704 differed, likely
+# the split-K order (KVCOMP_DECODE_LAUNCH's num_splits tells), not yet shown: off
 EVICTION_GRAPHS_ENV = "KVCOMP_EVICTION_GRAPHS"
 # "0": H2O / A2SF's batched eviction steps select their kept tokens by a stable sort of
 # every row's candidates instead of one Triton launch (kernels/triton_select.py: a program
@@ -110,6 +111,8 @@ def check_switches() -> None:
         switch(var)
 
 
+# the most decode splits a step takes: decode_num_splits's cap, and a named count's
+MAX_DECODE_SPLITS = 64
 # keys that take any positive count; the others are tile shapes / warp counts
 _ANY_COUNT = ("num_stages", "max_registers", "num_splits")
 
@@ -126,6 +129,9 @@ def _parse_launch(spec: str, var: str, keys: tuple[str, ...]) -> dict[str, int]:
             raise ValueError(f"{var}: {key} must be an integer, got {val!r}") from None
         if key in _ANY_COUNT and n < 1:
             raise ValueError(f"{var}: {key} must be >= 1, got {n}")
+        if key == "num_splits" and n > MAX_DECODE_SPLITS:
+            # partial outputs scale with it: 1024 at a captured batch of 512 is ~8 GB
+            raise ValueError(f"{var}: num_splits must be <= {MAX_DECODE_SPLITS}, got {n}")
         if key not in _ANY_COUNT and (n < 1 or n & (n - 1)):
             raise ValueError(f"{var}: {key} must be a power of two, got {n}")
         launch[key] = n
