@@ -220,7 +220,7 @@ def engine_identity(setting: str, environ=None) -> str:
     defaults filled in as they stand in this checkout) and every KVCOMP_ switch
     as it reads under ``environ`` (default: the setting's own ``_env`` alone)."""
     from vllm_kvcomp.config import KvcompConfig
-    from vllm_kvcomp.launch_env import SWITCH_DEFAULTS
+    from vllm_kvcomp.launch_env import DECODE_LAUNCH_ENV, SWITCH_DEFAULTS, switch
 
     spec = copy.deepcopy(SETTINGS[setting])
     env = dict(spec.pop("_env", {})) if environ is None else dict(environ)
@@ -230,12 +230,8 @@ def engine_identity(setting: str, environ=None) -> str:
         if share is not None:
             kvcomp["head_map"] = f"<{share:g} of each layer's KV heads streaming>"
         spec["kvcomp"] = repr(KvcompConfig(**kvcomp))
-        def reads(var):  # launch_env.switch's rule, over env
-            value = env.get(var, "").strip()
-            return SWITCH_DEFAULTS[var] if not value else value == "1"
-
-        spec["switches"] = {var: reads(var) for var in SWITCH_DEFAULTS}
-        spec["decode_launch"] = env.get("KVCOMP_DECODE_LAUNCH", "")
+        spec["switches"] = {var: switch(var, env) for var in SWITCH_DEFAULTS}
+        spec["decode_launch"] = env.get(DECODE_LAUNCH_ENV, "")
     return json.dumps(spec, sort_keys=True)
 
 

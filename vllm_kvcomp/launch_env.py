@@ -93,11 +93,12 @@ SWITCH_DEFAULTS = {
 }
 
 
-def switch(var: str) -> bool:
-    """The on / off switch ``var`` (a key of ``SWITCH_DEFAULTS``): "1" on, "0"
-    off, unset or empty its default; any other value raises a ValueError
-    naming the variable, so a typo never silently serves the other path."""
-    value = os.environ.get(var, "").strip()
+def switch(var: str, environ=None) -> bool:
+    """The on / off switch ``var`` (a key of ``SWITCH_DEFAULTS``) as it reads in
+    ``environ`` (default: this process's environment): "1" on, "0" off, unset
+    or empty its default; any other value raises a ValueError naming the
+    variable, so a typo never silently serves the other path."""
+    value = (os.environ if environ is None else environ).get(var, "").strip()
     if not value:
         return SWITCH_DEFAULTS[var]
     if value not in ("0", "1"):
