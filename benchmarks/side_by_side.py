@@ -1,8 +1,8 @@
 """The all-format table (W1 / W2 / W4 x KV formats) from recorded end-to-end runs.
 
-A GPU session's device time holds a few workload runs, not all of them, so the table is
-put together from the ``e2e.json`` files under ``benchmarks/results/``: for each setting and
-workload, the newest complete run on the named card with vLLM's default engine settings
+Each workload run takes minutes of GPU time (W4: 4-15 per format), so the runs come on
+different days and the table is put together from the ``e2e.json`` files under
+``benchmarks/results/``: for each setting and workload, the newest complete run on the named card with vLLM's default engine settings
 (runs with ``--fast-start``, ``--eager``, ``--capture-sizes``, ``--profile`` or ``--layers``,
 or another KV size or sequence cap, are left out), with the folder it came from.
 
