@@ -1350,7 +1350,8 @@ def eviction_row(a, base, name, method, B, ctx, Hq, H, D, bs, dtype, device, tim
       to the front); by default (``eviction_gpu.eviction_batch``) one
       ``h2o_ref.evict_steps`` for the whole batch.
 
-    The engine runs these steps eagerly (``eviction_gpu.selects_on_host``),
+    These are the engine's eager steps (``eviction_gpu.selects_on_host``;
+    ``KVCOMP_EVICTION_GRAPHS=0``, or a setting not captured by default),
     so all three are timed eagerly (launches included, L2 flushed);
     ``plain_graph_us`` is the plain launch under the run's ``--timing``,
     what a captured decode without eviction costs. Checks: (b)'s output is

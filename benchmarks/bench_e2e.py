@@ -85,27 +85,25 @@ SETTINGS = {
     "kvcomp_k4v4_h2o2048": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}}},
-    # with its decode steps captured in CUDA graphs (KVCOMP_EVICTION_GRAPHS: the
-    # eviction as fixed-shape device work, prompt steps eager)
-    "kvcomp_k4v4_h2o2048_graphs": {"attention_backend": "kvcomp", "additional_config": {
+    # with its decode steps eager (KVCOMP_EVICTION_GRAPHS=0; by default they are captured
+    # in CUDA graphs, the eviction as fixed-shape device work): for A/B runs
+    "kvcomp_k4v4_h2o2048_eager": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}},
-    # and each row's step found by torch ops before the selection launch
+        "_env": {"KVCOMP_EVICTION_GRAPHS": "0"}},
+    # with each row's step found by torch ops before the selection launch
     # (KVCOMP_DECODE_ROWS_KERNEL=0; by default the launch works them out): for A/B runs
-    "kvcomp_k4v4_h2o2048_graphs_torch_rows": {"attention_backend": "kvcomp",
-                                              "additional_config": {
+    "kvcomp_k4v4_h2o2048_torch_rows": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_DECODE_ROWS_KERNEL": "0"}},
+        "_env": {"KVCOMP_DECODE_ROWS_KERNEL": "0"}},
     # and the kept tokens selected by a stable sort of every row's candidates in every
     # captured layer (KVCOMP_SELECT_KERNEL=0), the probabilities normalised in a pass of
     # their own (KVCOMP_SCORE_FROM_LOGITS=0): the steps before their defaults, for A/B runs
-    "kvcomp_k4v4_h2o2048_graphs_sort": {"attention_backend": "kvcomp", "additional_config": {
+    "kvcomp_k4v4_h2o2048_sort": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 4,
                    "eviction": {"method": "h2o", "budget_tokens": 2048}}},
-        "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "0",
-                 "KVCOMP_SCORE_FROM_LOGITS": "0"}},
+        "_env": {"KVCOMP_SELECT_KERNEL": "0", "KVCOMP_SCORE_FROM_LOGITS": "0"}},
     # half of each layer's KV heads streaming (sinks 64 + window 256): W4 beside kvcomp_k4v4
     # and bf16. "_head_map_streaming": the share of each layer's KV heads that a map
     # written for the model at start-up marks streaming (a fixed map, not a calibrated
@@ -218,9 +216,13 @@ def engine_identity(setting: str, environ=None) -> str:
     """What a setting's engine runs, as text that is equal for equal engines:
     its engine arguments, the kvcomp config as the backend resolves it (the
     defaults filled in as they stand in this checkout) and every KVCOMP_ switch
-    as it reads under ``environ`` (default: the setting's own ``_env`` alone)."""
+    that acts on it as it reads under ``environ`` (default: the setting's own
+    ``_env`` alone), ``KVCOMP_EVICTION_GRAPHS`` as whether its decode steps are
+    captured (``eviction_gpu.graph_eviction``)."""
     from vllm_kvcomp.config import KvcompConfig
-    from vllm_kvcomp.launch_env import DECODE_LAUNCH_ENV, SWITCH_DEFAULTS, switch
+    from vllm_kvcomp.kernels.eviction_gpu import graph_eviction
+    from vllm_kvcomp.launch_env import (DECODE_LAUNCH_ENV, EVICTION_GRAPHS_ENV,
+                                        SWITCH_DEFAULTS, switch)
 
     spec = copy.deepcopy(SETTINGS[setting])
     env = dict(spec.pop("_env", {})) if environ is None else dict(environ)
@@ -229,9 +231,26 @@ def engine_identity(setting: str, environ=None) -> str:
     if kvcomp is not None:
         if share is not None:
             kvcomp["head_map"] = f"<{share:g} of each layer's KV heads streaming>"
-        spec["kvcomp"] = repr(KvcompConfig(**kvcomp))
+        cfg = KvcompConfig(**kvcomp)
+        spec["kvcomp"] = repr(cfg)
         spec["switches"] = {var: switch(var, env) for var in SWITCH_DEFAULTS}
+        spec["switches"][EVICTION_GRAPHS_ENV] = graph_eviction(cfg, None, env)
         spec["decode_launch"] = env.get(DECODE_LAUNCH_ENV, "")
+    return comparable_identity(json.dumps(spec, sort_keys=True))
+
+
+def comparable_identity(identity: str) -> str:
+    """``identity`` (``engine_identity``'s text, or one a run recorded) without the
+    switches that do not act on its engine: an engine without eviction is the same
+    engine whatever the eviction switches read. Runs recorded every switch as it read
+    (``KVCOMP_EVICTION_GRAPHS`` was whether decode steps were captured then too)."""
+    from vllm_kvcomp.launch_env import EVICTION_SWITCHES
+
+    spec = json.loads(identity)
+    # the config's repr names eviction=None where it has none
+    if "switches" in spec and "eviction=None" in spec.get("kvcomp", ""):
+        spec["switches"] = {var: on for var, on in spec["switches"].items()
+                            if var not in EVICTION_SWITCHES}
     return json.dumps(spec, sort_keys=True)
 
 

@@ -105,54 +105,54 @@ SETTINGS = [
      {"k_bits": 4, "v_bits": 2, "group_size": 32,
       "eviction": {"method": "streamingllm", "sink_tokens": 4, "recent_tokens": 256}}),
     # H2O keeps 512 tokens a KV head (256 heavy hitters
-    # scored by the decode kernel's own probabilities, 256 recent)
+    # scored by the decode kernel's own probabilities, 256 recent), its decode steps
+    # captured in CUDA graphs (the eviction as fixed-shape device work)
     ("k4v4_h2o", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512}}),
     # A2SF (H2O with a forgetting factor)
     ("k4v4_a2sf", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4,
       "eviction": {"method": "a2sf", "budget_tokens": 512, "alpha": 0.9}}),
-    # H2O with its decode steps captured in CUDA graphs (KVCOMP_EVICTION_GRAPHS; "_env":
-    # set in the engine's process before it starts): the same tokens as k4v4_h2o (SAME_TOKENS)
-    ("k4v4_h2o_graphs", "d128", "bfloat16",
+    # H2O with its decode steps eager (KVCOMP_EVICTION_GRAPHS=0; "_env": set in the
+    # engine's process before it starts): the captured engine's tokens (SAME_TOKENS)
+    ("k4v4_h2o_eager", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}}),
-    # and with the rows' eviction steps found by torch ops before the selection launch
-    # (KVCOMP_DECODE_ROWS_KERNEL=0): the same bytes, so k4v4_h2o's tokens (SAME_TOKENS)
-    ("k4v4_h2o_graphs_torch_rows", "d128", "bfloat16",
+      "_env": {"KVCOMP_EVICTION_GRAPHS": "0"}}),
+    # the rows' eviction steps found by torch ops before the selection launch
+    # (KVCOMP_DECODE_ROWS_KERNEL=0): the same bytes, so the eager engine's tokens (SAME_TOKENS)
+    ("k4v4_h2o_torch_rows", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_DECODE_ROWS_KERNEL": "0"}}),
-    # both with at most 8 requests running, the 1-token prompt served apart
+      "_env": {"KVCOMP_DECODE_ROWS_KERNEL": "0"}}),
+    # captured and eager with at most 8 requests running, the 1-token prompt served apart
     # ("_late_one_token", one_token_among_decodes): it joins seven requests that are
     # decoding, a step of one query a request of which one ends a prompt, the step that
     # patches/prompt_steps.py keeps out of the captured graphs; batches of 3, 5, 6 and 7
-    # requests are padded to a captured size. The captured engine's tokens must be the
-    # eager one's (SAME_TOKENS)
+    # requests are padded to a captured size. A captured step sizes its split-K for
+    # max_model_len, an eager one for its longest request, so at these batches the two sum
+    # attention in different orders and H2O's near-ties may go either way: compared by
+    # agreement. With every decode step at 4 splits (KVCOMP_DECODE_LAUNCH num_splits) what
+    # is left to differ is the captured eviction itself: the tokens must be equal
+    # (SAME_TOKENS)
     ("k4v4_h2o_late", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "_late_one_token": True}),
-    ("k4v4_h2o_graphs_late", "d128", "bfloat16",
+    ("k4v4_h2o_eager_late", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_late_one_token": True, "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}}),
-    # the pair again with every decode step at 4 splits (KVCOMP_DECODE_LAUNCH num_splits): a
-    # captured step sizes its split-K for max_model_len, an eager one for its longest
-    # request, so at these batches the two sum attention in different orders; with one
-    # count for both, what is left to differ is the captured eviction itself
+      "_late_one_token": True, "_env": {"KVCOMP_EVICTION_GRAPHS": "0"}}),
     ("k4v4_h2o_late_s4", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "_late_one_token": True, "_env": {"KVCOMP_DECODE_LAUNCH": "num_splits=4"}}),
-    ("k4v4_h2o_graphs_late_s4", "d128", "bfloat16",
+    ("k4v4_h2o_eager_late_s4", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
       "_late_one_token": True,
-      "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_DECODE_LAUNCH": "num_splits=4"}}),
-    # and with the selection by a stable sort and the probabilities normalised in a pass of
-    # their own (KVCOMP_SELECT_KERNEL=0, KVCOMP_SCORE_FROM_LOGITS=0): the sort keeps the
+      "_env": {"KVCOMP_EVICTION_GRAPHS": "0", "KVCOMP_DECODE_LAUNCH": "num_splits=4"}}),
+    # H2O captured with the selection by a stable sort and the probabilities normalised in a
+    # pass of their own (KVCOMP_SELECT_KERNEL=0, KVCOMP_SCORE_FROM_LOGITS=0): the sort keeps the
     # Triton selection's tokens; the normalising path's scores differ from the logits
     # path's in exp2's last bits, so its tokens are compared by agreement, not required equal
-    ("k4v4_h2o_graphs_sort", "d128", "bfloat16",
+    ("k4v4_h2o_sort", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "h2o", "budget_tokens": 512},
-      "_env": {"KVCOMP_EVICTION_GRAPHS": "1", "KVCOMP_SELECT_KERNEL": "0",
-               "KVCOMP_SCORE_FROM_LOGITS": "0"}}),
+      "_env": {"KVCOMP_SELECT_KERNEL": "0", "KVCOMP_SCORE_FROM_LOGITS": "0"}}),
     # a head map whose retrieval heads keep their window as an e4m3 ring
     ("k4v4_split50_ring_fp8", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3",
@@ -169,6 +169,13 @@ SETTINGS = [
      {"k_bits": 4, "v_bits": 4, "eviction": {"method": "snapkv", "budget_tokens": 512},
       "head_map": {"layers": [["streaming", "retrieval"], ["retrieval", "streaming"]]}}),
 ]
+# the eviction settings whose decode steps run eagerly by default, captured
+# (KVCOMP_EVICTION_GRAPHS=1): their eager twins' tokens (SAME_TOKENS); a setting that serves
+# so can join eviction_gpu.captured_by_default
+EAGER_BY_DEFAULT = ("k4v4_snapkv", "k4v4_a2sf", "k4v4_split50_h2o", "k4v4_snapkv_quest256",
+                    "k4v4_split50_snapkv")
+SETTINGS += [(name + "_graphs", model, dtype, {**kv, "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}})
+             for name, model, dtype, kv in SETTINGS if name in EAGER_BY_DEFAULT]
 REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
 MAX_MODEL_LEN = 4096
 PROMPT_LENS = [1, 7, 130, 300, 1000, 2100, 4000] + [50] * 64
@@ -344,9 +351,9 @@ def main() -> None:
 
 # rows whose tokens must be another row's, token for token (the same computation on another
 # path: a captured decode step against the eager one), reported as "same tokens as"
-SAME_TOKENS = {"k4v4_h2o_graphs": "k4v4_h2o", "k4v4_h2o_graphs_torch_rows": "k4v4_h2o",
-               "k4v4_h2o_graphs_late": "k4v4_h2o_late",
-               "k4v4_h2o_graphs_late_s4": "k4v4_h2o_late_s4"}
+SAME_TOKENS = {"k4v4_h2o": "k4v4_h2o_eager", "k4v4_h2o_torch_rows": "k4v4_h2o_eager",
+               "k4v4_h2o_late_s4": "k4v4_h2o_eager_late_s4",
+               **{name + "_graphs": name for name in EAGER_BY_DEFAULT}}
 
 
 def report(args, rows, final=False) -> None:

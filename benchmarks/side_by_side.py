@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import SETTINGS, engine_identity  # noqa: E402
+from bench_e2e import SETTINGS, comparable_identity, engine_identity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("bf16,fp8,int4_per_token_head,turboquant_k3v4_nc,turboquant_4bit_nc,"
@@ -64,7 +64,9 @@ def newest(results: Path, device: str, since: str, kv_gib: float = 54.3,
             if not row.get("output_tok_s") or row.get("completed") != row.get("requests"):
                 continue
             engine = row.get("engine")
-            if engine is None:
+            if engine is not None:
+                engine = comparable_identity(engine)
+            else:
                 if date < since or row["setting"] not in SETTINGS:
                     continue
                 engine = engine_identity(row["setting"])

@@ -40,10 +40,11 @@ steps that follow are the reference's selection (``h2o_ref.evict_steps``:
 one batch for all of a layer's evicting requests, the bytes
 ``h2o_ref.evict_step`` writes request by request, which
 ``KVCOMP_EVICTION_BATCH=0`` or ``KVCOMP_EVICTION_ROWS=0`` serve instead)
-with the Triton compaction, decided from the host lists, so these steps run
-eagerly (``selects_on_host``) unless ``KVCOMP_EVICTION_GRAPHS=1`` captures
-the decode steps past the prompts (``graph_after_attention``: the same
-steps as fixed-shape device work).
+with the Triton compaction, decided from the host lists, so steps holding a
+prompt's queries run eagerly (``selects_on_host``); the decode steps past
+the prompts can be captured in CUDA graphs (``graph_eviction``: H2O's by
+default, ``KVCOMP_EVICTION_GRAPHS`` 1 / 0 for every setting or none) as the
+same steps in fixed-shape device work (``graph_after_attention``).
 """
 
 from __future__ import annotations
@@ -140,9 +141,10 @@ def evicted_ranges_reference(cfg: KvcompConfig, block_size: int, seq_lens, query
 
 def selects_on_host(cfg: KvcompConfig) -> bool:
     """Whether the GPU path's eviction selects with host-side torch ops
-    (SnapKV, H2O, A2SF): its steps then run eagerly, never replayed from a
-    captured graph, which would skip the selection (a prompt's last chunk
-    can be a one-token step inside a uniform decode batch)."""
+    (SnapKV, H2O, A2SF): a step that does so runs eagerly, never replayed
+    from a captured graph, which would skip the selection (a prompt's last
+    chunk can be a one-token step inside a uniform decode batch); only
+    ``graph_eviction``'s decode steps are captured, as device work."""
     return cfg.eviction is not None and cfg.eviction.method != "streamingllm"
 
 
@@ -476,17 +478,36 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
 # --------------------------------------------------------------------------
 
 
-def graph_eviction(cfg: KvcompConfig) -> bool:
-    """Whether SnapKV / H2O / A2SF's decode steps are captured in CUDA graphs
-    (``KVCOMP_EVICTION_GRAPHS=1``, ``launch_env.EVICTION_GRAPHS_ENV``): a
-    step whose every request is past its prompt needs no host decision
-    (``graph_after_attention``), and a step that holds a prompt's queries
-    (SnapKV's selection, a prompt's first eviction, its scores by the
-    reference) is never a uniform decode batch
-    (``patches/prompt_steps.py``), so it runs eagerly."""
-    from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV, switch
+# the settings whose captured decode steps an engine has served on a GPU, at vLLM's default
+# settings, to the eager engine's tokens: captured by default (the others with the switch
+# set to 1); benchmarks/results/2026-12-05-h100-late-splits-w4-whole
+def captured_by_default(cfg: KvcompConfig) -> bool:
+    return cfg.eviction.method == "h2o" and cfg.head_map is None
 
-    return selects_on_host(cfg) and switch(EVICTION_GRAPHS_ENV)
+
+def graph_eviction(cfg: KvcompConfig, vllm_config, environ=None) -> bool:
+    """Whether SnapKV / H2O / A2SF's decode steps are captured in CUDA graphs
+    (``launch_env.EVICTION_GRAPHS_ENV``): a step whose every request is past
+    its prompt needs no host decision (``graph_after_attention``), and a step
+    that holds a prompt's queries (SnapKV's selection, a prompt's first
+    eviction, its scores by the reference) is never a uniform decode batch
+    (``patches/prompt_steps.py``), so it runs eagerly. Set to 1: always; to 0:
+    never; unset: for ``captured_by_default``'s settings, where vLLM captures
+    at all (not with ``enforce_eager``, whose engines keep the host-side steps)
+    and without micro-batching (``--enable-dbo`` / ``ubatch_size``: its
+    micro-batches would share the captured steps' one prompt-length buffer,
+    so start-up refuses it with the switch set to 1). ``environ``: where the
+    switch is read (default: this process's environment)."""
+    from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV, switch, switch_named
+
+    if not selects_on_host(cfg) or not switch(EVICTION_GRAPHS_ENV, environ):
+        return False
+    if switch_named(EVICTION_GRAPHS_ENV, environ):
+        return True
+    micro_batches = getattr(getattr(vllm_config, "parallel_config", None), "use_ubatching",
+                            False)
+    eager = getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False)
+    return captured_by_default(cfg) and not micro_batches and not eager
 
 
 def decode_probs_width(cfg: KvcompConfig, block_size: int) -> int:

@@ -3,7 +3,7 @@
 vLLM's GPU model runners replay a FULL CUDA graph for any batch of one-token
 steps, a prompt's last chunk of one token included: a prefix-cache hit of
 all but the prompt's last token, or a chunk cut one token before the
-prompt's end. Under ``KVCOMP_EVICTION_GRAPHS``
+prompt's end. Where eviction's decode steps are captured
 (``kernels/eviction_gpu.graph_eviction``) such a step must not be replayed:
 it is where SnapKV selects and where H2O / A2SF take the whole prompt as
 candidates of their first eviction, work whose shape the prompt decides.
@@ -19,8 +19,9 @@ none), as every batch with a longer chunk does:
   (after the step's request states are updated) answers None for such a
   batch.
 
-Nothing changes for any other backend or setting, and the wrappers are
-installed only where the variable is set.
+Nothing changes for any other backend or setting: the wrappers are
+installed when the plugin loads, and each runner asks once whether its
+engine is such an engine.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def eager_prompt_steps(vllm_config) -> bool:
     from vllm_kvcomp.validation import kvcomp_selected
 
     return (not current_platform.is_cpu() and kvcomp_selected(vllm_config)
-            and graph_eviction(config_from_vllm_config(vllm_config)))
+            and graph_eviction(config_from_vllm_config(vllm_config), vllm_config))
 
 
 def _eager(runner) -> bool:
@@ -110,23 +111,18 @@ def _wrap_v2(module) -> None:
             return None
         return got
 
-    execute_model.__kvcomp_wrapped__ = True
+    execute_model.__kvcomp_wrapped__ = get_uniform_token_count.__kvcomp_wrapped__ = True
     module.GPUModelRunner.execute_model = execute_model
     module.get_uniform_token_count = get_uniform_token_count
 
 
 def apply() -> None:
-    """Installs the wrappers where ``KVCOMP_EVICTION_GRAPHS=1``."""
+    """Installs the wrappers, once. Each runner asks when it first steps
+    whether its engine's eviction steps are captured (``_eager``), so the
+    answer is the engine's own at its start-up, whatever the environment
+    held when the plugin loaded."""
     global _APPLIED
-    from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV, switch
-
-    try:
-        on = switch(EVICTION_GRAPHS_ENV)
-    except ValueError:
-        # the plugin loads for every engine, KVCOMP or not: a bad value is named at
-        # start-up where KVCOMP is selected (validation.check_switches), not here
-        return
-    if _APPLIED or not on:
+    if _APPLIED:
         return
     from vllm.v1.worker import gpu_model_runner
 

@@ -113,10 +113,11 @@ OPT_IN_SETTINGS = [
             residual_tokens=224, head_size=64, dtype="fp16", rep=8),
     setting(eviction="snapkv"),
     setting(eviction="streamingllm", k_bits=2, v_bits=2, head_size=64, dtype="fp16", rep=8),
+    # eager decode steps (KVCOMP_EVICTION_GRAPHS=0, or a setting not captured by default)
     setting(eviction="h2o"),
     setting(eviction="h2o", head_split=0.5),
     setting(eviction="snapkv", quest=512),
-    # H2O's decode steps captured (KVCOMP_EVICTION_GRAPHS): the probabilities at their
+    # H2O's decode steps captured (its default): the probabilities at their
     # fixed width, the scores, every row's selection and compaction in each captured batch,
     # the rows' steps worked out in the selection launch (KVCOMP_DECODE_ROWS_KERNEL);
     # "torch_rows": found by torch ops, the selection launch given them

@@ -6,6 +6,7 @@ holds every read; the backend's Triton steps with their decode steps taken
 that way give the eager steps' outputs bit for bit; the builder's persistent
 prompt lengths; and the runner hook that keeps a prompt's one-token step out
 of a captured graph."""
+import json
 import random
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import eviction_gpu, h2o_ref
 from vllm_kvcomp.kernels.eviction_gpu import (
     decode_probs_width,
+    graph_eviction,
     evict_decode_rows,
     evicted_ranges,
     scored_layout,
@@ -292,22 +294,45 @@ def test_builder_keeps_prompt_lengths_where_a_captured_step_reads_them(monkeypat
     assert cap.max_seq_len == 4096 and cap.prompt_lens.shape == (4,)
 
 
-def test_cudagraph_support_follows_the_setting(monkeypatch):
-    """Without the setting SnapKV / H2O / A2SF are never captured (their
-    steps decide on the host); with it, uniform decode batches are."""
+def test_cudagraph_support_follows_the_setting(monkeypatch, tmp_path):
+    """Uniform decode batches are captured for H2O without a head map by
+    default, for SnapKV / H2O / A2SF with KVCOMP_EVICTION_GRAPHS=1, never with
+    0; left unset, never with micro-batching or enforce_eager either (their
+    steps decide on the host)."""
     from vllm.platforms import current_platform
     from vllm.v1.attention.backend import AttentionCGSupport
 
     from vllm_kvcomp.backend import KvcompMetadataBuilder
 
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda *a: False)
-    vc = SimpleNamespace(additional_config={"kvcomp": {
-        "eviction": {"method": "a2sf", "budget_tokens": 64}}})
-    monkeypatch.delenv(EVICTION_GRAPHS_ENV, raising=False)
-    assert KvcompMetadataBuilder.get_cudagraph_support(vc, None) == AttentionCGSupport.NEVER
-    monkeypatch.setenv(EVICTION_GRAPHS_ENV, "1")
-    assert KvcompMetadataBuilder.get_cudagraph_support(vc, None) == \
-        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    captured, never = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE, AttentionCGSupport.NEVER
+
+    def support(eviction, env=None, head_map=None, **configs):
+        kvcomp = {"eviction": eviction, **({"head_map": head_map} if head_map else {})}
+        vc = SimpleNamespace(additional_config={"kvcomp": kvcomp}, **configs)
+        if env is None:
+            monkeypatch.delenv(EVICTION_GRAPHS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(EVICTION_GRAPHS_ENV, env)
+        return KvcompMetadataBuilder.get_cudagraph_support(vc, None)
+
+    h2o = {"method": "h2o", "budget_tokens": 64}
+    a2sf = {"method": "a2sf", "budget_tokens": 64}
+    snap = {"method": "snapkv", "budget_tokens": 64}
+    split = tmp_path / "map.json"
+    split.write_text(json.dumps({"layers": [["retrieval", "streaming"]]}))
+    split = str(split)
+    assert support(h2o) == captured
+    assert support(a2sf) == support(snap) == support(h2o, head_map=split) == never
+    assert support(h2o, "0") == never
+    assert support(a2sf, "1") == support(snap, "1") == support(h2o, "1", head_map=split) == \
+        captured
+    ubatch = {"parallel_config": SimpleNamespace(use_ubatching=True)}
+    eager = {"model_config": SimpleNamespace(enforce_eager=True)}
+    assert support(h2o, **ubatch) == support(h2o, **eager) == never
+    assert support(h2o, "1", **ubatch) == captured  # refused at start-up (below)
+    # StreamingLLM decides nothing on the host: its decode steps are captured as any
+    assert support({"method": "streamingllm"}, "0") == captured
 
 
 # ------------------------------------------------ the runner hook
@@ -349,29 +374,30 @@ def test_runner_calls_a_batch_with_a_prompt_step_not_uniform(monkeypatch, eager)
     assert prompt_steps.holds_prompt_step(np.array([5, 9]), np.array([5, 10]), 1) is False
 
 
-def test_hook_installs_only_with_the_setting(monkeypatch):
-    """Both model runners are wrapped where KVCOMP_EVICTION_GRAPHS=1 alone, and once."""
+def test_hook_installs_once_whatever_the_switch(monkeypatch):
+    """Both model runners are wrapped when the plugin loads, and once; the
+    switch is read per engine (``eager_prompt_steps``), not here."""
     from vllm.v1.worker.gpu import model_runner as v2
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_kvcomp.patches import prompt_steps
 
-    orig = GPUModelRunner._determine_batch_execution_and_padding
+    def unwrapped(fn):  # the plugin, loaded with the switch unset, has wrapped them
+        return fn.__wrapped__ if getattr(fn, "__kvcomp_wrapped__", False) else fn
+
+    orig = unwrapped(GPUModelRunner._determine_batch_execution_and_padding)
     monkeypatch.setattr(GPUModelRunner, "_determine_batch_execution_and_padding", orig)
-    v2_execute, v2_uniform = v2.GPUModelRunner.execute_model, v2.get_uniform_token_count
+    v2_execute = unwrapped(v2.GPUModelRunner.execute_model)
+    v2_uniform = unwrapped(v2.get_uniform_token_count)
     monkeypatch.setattr(v2.GPUModelRunner, "execute_model", v2_execute)
     monkeypatch.setattr(v2, "get_uniform_token_count", v2_uniform)
     monkeypatch.setattr(prompt_steps, "_APPLIED", False)
-    monkeypatch.delenv(EVICTION_GRAPHS_ENV, raising=False)
-    prompt_steps.apply()
-    assert GPUModelRunner._determine_batch_execution_and_padding is orig
-    assert v2.GPUModelRunner.execute_model is v2_execute
-    monkeypatch.setenv(EVICTION_GRAPHS_ENV, "1")
+    monkeypatch.setenv(EVICTION_GRAPHS_ENV, "0")
     prompt_steps.apply()
     wrapped = GPUModelRunner._determine_batch_execution_and_padding
     assert wrapped is not orig and wrapped.__kvcomp_wrapped__
     assert v2.GPUModelRunner.execute_model.__kvcomp_wrapped__
-    assert v2.get_uniform_token_count is not v2_uniform
+    assert v2.get_uniform_token_count.__kvcomp_wrapped__
     monkeypatch.setattr(prompt_steps, "_APPLIED", False)
     prompt_steps.apply()
     assert GPUModelRunner._determine_batch_execution_and_padding is wrapped
@@ -448,8 +474,9 @@ def test_runner_v2_calls_a_batch_with_a_prompt_step_not_uniform(monkeypatch, eag
 
 def test_micro_batches_with_captured_eviction_are_refused(monkeypatch):
     """Dual batch overlap builds two micro-batches' metadata before either
-    runs, and the captured steps keep one prompt-length buffer: refused at
-    start-up, naming both."""
+    runs, and the captured steps keep one prompt-length buffer: with the
+    switch set to 1, refused at start-up naming both; unset or 0, accepted
+    and served eagerly."""
     from vllm_kvcomp.config import KvcompConfigError
     from vllm_kvcomp.validation import validate_vllm_config
 
@@ -461,10 +488,13 @@ def test_micro_batches_with_captured_eviction_are_refused(monkeypatch):
     monkeypatch.setenv(EVICTION_GRAPHS_ENV, "1")
     with pytest.raises(KvcompConfigError, match="micro-batching.*KVCOMP_EVICTION_GRAPHS"):
         validate_vllm_config(vc)
-    monkeypatch.delenv(EVICTION_GRAPHS_ENV)
-    try:
-        validate_vllm_config(vc)
-    except KvcompConfigError as e:
-        assert "micro-batching" not in str(e)
-    except AttributeError:
-        pass  # the checks after the parallel ones read what the stand-in lacks
+    cfg = KvcompConfig.from_dict(vc.additional_config["kvcomp"])
+    for unset_or_off in ("", "0"):
+        monkeypatch.setenv(EVICTION_GRAPHS_ENV, unset_or_off)
+        assert not graph_eviction(cfg, vc)
+        try:
+            validate_vllm_config(vc)
+        except KvcompConfigError as e:
+            assert "micro-batching" not in str(e)
+        except AttributeError:
+            pass  # the checks after the parallel ones read what the stand-in lacks

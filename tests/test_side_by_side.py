@@ -90,7 +90,29 @@ def test_engine_identity_reads_the_switches_as_the_engine_does():
     does; one that turns a switch over starts another."""
     plain = engine_identity("kvcomp_k4v4_h2o2048")
     assert engine_identity("kvcomp_k4v4_h2o2048", {"KVCOMP_SELECT_KERNEL": "1"}) == plain
-    assert engine_identity("kvcomp_k4v4_h2o2048_graphs") != plain
-    assert engine_identity("kvcomp_k4v4_h2o2048_graphs_torch_rows") != \
-        engine_identity("kvcomp_k4v4_h2o2048_graphs")
+    assert engine_identity("kvcomp_k4v4_h2o2048", {"KVCOMP_EVICTION_GRAPHS": "1"}) == plain
+    assert engine_identity("kvcomp_k4v4_h2o2048_eager") != plain
+    assert engine_identity("kvcomp_k4v4_h2o2048_torch_rows") != plain
     assert engine_identity("kvcomp_k4v4_split50") != engine_identity("kvcomp_k4v4")
+
+
+def test_switches_that_do_not_act_on_an_engine_do_not_split_its_cells(tmp_path):
+    """A run recorded every switch as it read: one without eviction, recorded while
+    eviction's decode steps were eager by default, fills today's cell; an H2O run
+    recorded with eager decode steps does not fill today's H2O cell (captured), but
+    fills the cell of the setting that names eager steps."""
+    old = json.loads(engine_identity("kvcomp_k4v4"))
+    old["switches"] = {"KVCOMP_FORCE_TRITON": False, "KVCOMP_STORE_SPLIT": False,
+                       "KVCOMP_EVICTION_GRAPHS": False, "KVCOMP_SELECT_KERNEL": True}
+    h2o_eager = json.loads(engine_identity("kvcomp_k4v4_h2o2048_eager"))
+    assert h2o_eager["switches"]["KVCOMP_EVICTION_GRAPHS"] is False
+    assert json.loads(engine_identity("kvcomp_k4v4_h2o2048"))["switches"][
+        "KVCOMP_EVICTION_GRAPHS"] is True
+    record(tmp_path, "2026-12-05-h200", "2026-12-05",
+           [row("kvcomp_k4v4", 7000.0, engine=json.dumps(old)),
+            row("kvcomp_k4v4_h2o2048", 6000.0, engine=json.dumps(h2o_eager))])
+    lines = cells(side_by_side.newest(tmp_path, "H200", "2026-12-09"),
+                  ["kvcomp_k4v4", "kvcomp_k4v4_h2o2048", "kvcomp_k4v4_h2o2048_eager"])
+    assert "| 7,000 |" in lines["kvcomp_k4v4"]
+    assert "not measured" in lines["kvcomp_k4v4_h2o2048"]
+    assert "| 6,000 |" in lines["kvcomp_k4v4_h2o2048_eager"]

@@ -57,24 +57,24 @@ def test_bad_launch_env_fails_at_startup(llama, monkeypatch, var, bad, message, 
 
 
 def test_switches_read_their_defaults_and_values(monkeypatch):
-    from vllm_kvcomp.launch_env import SWITCH_DEFAULTS, switch
+    from vllm_kvcomp.launch_env import SWITCH_DEFAULTS, switch, switch_named
 
     # on: what has run on a GPU and is served by default; off: references and opt-ins
     assert SWITCH_DEFAULTS == {
         "KVCOMP_FORCE_TRITON": False, "KVCOMP_STORE_SPLIT": False,
         "KVCOMP_EVICTION_GPU": False, "KVCOMP_EVICTION_ROWS": True,
         "KVCOMP_SCORE_KERNEL": True, "KVCOMP_EVICTION_BATCH": True,
-        "KVCOMP_EVICTION_GRAPHS": False, "KVCOMP_SELECT_KERNEL": True,
+        "KVCOMP_EVICTION_GRAPHS": True, "KVCOMP_SELECT_KERNEL": True,
         "KVCOMP_SCORE_FROM_LOGITS": True, "KVCOMP_DECODE_ROWS_KERNEL": True}
 
     for var, default in SWITCH_DEFAULTS.items():
         monkeypatch.delenv(var, raising=False)
-        assert switch(var) is default, var
+        assert switch(var) is default and not switch_named(var), var
         monkeypatch.setenv(var, " ")
-        assert switch(var) is default, var
+        assert switch(var) is default and not switch_named(var), var
         for value, on in (("1", True), ("0", False)):
             monkeypatch.setenv(var, value)
-            assert switch(var) is on, (var, value)
+            assert switch(var) is on and switch_named(var), (var, value)
 
 
 @pytest.mark.parametrize("kvcomp", [{"k_bits": 4}, {"k_bits": 3}, {}])
@@ -237,11 +237,11 @@ def test_pairs_that_do_not_compose_are_named_at_startup(llama, tmp_path, kvcomp,
 
 def test_a_bad_switch_does_not_stop_the_plugin_loading(monkeypatch):
     """vLLM loads the plugin (and its hooks) for every engine, KVCOMP or not:
-    a bad value leaves the prompt-step hook uninstalled instead of raising
-    there; a KVCOMP start-up names it (above)."""
+    the prompt-step hook installs without reading the switch, so a bad value
+    raises nowhere but at a KVCOMP start-up, which names it (above)."""
     from vllm_kvcomp.patches import prompt_steps
 
     monkeypatch.setattr(prompt_steps, "_APPLIED", False)
     monkeypatch.setenv("KVCOMP_EVICTION_GRAPHS", "yes")
     prompt_steps.apply()
-    assert not prompt_steps._APPLIED
+    assert prompt_steps._APPLIED

@@ -136,7 +136,7 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         from vllm_kvcomp.kernels.eviction_gpu import graph_eviction
 
         self.prompt_lens_buffer = None
-        if not self.on_cpu and graph_eviction(cfg):
+        if not self.on_cpu and graph_eviction(cfg, vllm_config):
             # a captured step reads the prompt lengths where the capture found them; rows
             # not filled by a step count as inside a prompt far longer than any sequence
             sc = vllm_config.scheduler_config
@@ -165,7 +165,8 @@ class KvcompMetadataBuilder(AttentionMetadataBuilder[KvcompMetadata]):
         from vllm_kvcomp.kernels.eviction_gpu import graph_eviction, selects_on_host
 
         cfg = config_from_vllm_config(vllm_config)
-        if current_platform.is_cpu() or (selects_on_host(cfg) and not graph_eviction(cfg)):
+        if current_platform.is_cpu() or (selects_on_host(cfg)
+                                           and not graph_eviction(cfg, vllm_config)):
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 

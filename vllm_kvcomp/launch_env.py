@@ -47,12 +47,16 @@ SCORE_KERNEL_ENV = "KVCOMP_SCORE_KERNEL"
 # each) instead of as one batch for all of its evicting requests (h2o_ref.evict_steps, one
 # compaction launch); the same bytes written; the batch ran on an H200 (same results)
 EVICTION_BATCH_ENV = "KVCOMP_EVICTION_BATCH"
-# "1": SnapKV / H2O / A2SF's decode steps are captured in CUDA graphs (uniform decode
-# batches; a step holding a prompt's queries runs eagerly, patches/prompt_steps.py),
-# their eviction as fixed-shape device work (eviction_gpu.graph_after_attention);
-# a GPU served it to the eager steps' tokens, but with a prompt's one-token last chunk
-# among decodes (the step prompt_steps keeps eager) one token of 1,704 differed, likely
-# the split-K order (KVCOMP_DECODE_LAUNCH's num_splits tells), not yet shown: off
+# "1": SnapKV / H2O / A2SF's decode steps are captured in CUDA graphs, their eviction as
+# fixed-shape device work (eviction_gpu.graph_after_attention; a step holding a prompt's
+# queries runs eagerly either way, patches/prompt_steps.py); "0": eager. Unset: captured for
+# the settings an engine has served captured on a GPU (eviction_gpu.captured_by_default:
+# H2O without a head map), eager for the others, with enforce_eager and with micro-batching
+# (which start-up refuses with "1"). On an H100 and an H200 a captured H2O engine served the
+# eager engine's tokens; where a prompt's one-token last chunk joins captured decodes, the
+# two differ only by the split-K count (a captured step sizes it for max_model_len, an eager
+# one for its longest request): at one count for both (KVCOMP_DECODE_LAUNCH num_splits) the
+# tokens were equal (benchmarks/results/2026-12-05-h100-late-splits-w4-whole)
 EVICTION_GRAPHS_ENV = "KVCOMP_EVICTION_GRAPHS"
 # "0": H2O / A2SF's batched eviction steps select their kept tokens by a stable sort of
 # every row's candidates instead of one Triton launch (kernels/triton_select.py: a program
@@ -86,11 +90,17 @@ SWITCH_DEFAULTS = {
     EVICTION_ROWS_ENV: True,
     SCORE_KERNEL_ENV: True,
     EVICTION_BATCH_ENV: True,
-    EVICTION_GRAPHS_ENV: False,
+    EVICTION_GRAPHS_ENV: True,
     SELECT_KERNEL_ENV: True,
     DECODE_ROWS_KERNEL_ENV: True,
     SCORE_FROM_LOGITS_ENV: True,
 }
+
+
+# the switches that change nothing in an engine without eviction
+EVICTION_SWITCHES = (EVICTION_GPU_ENV, EVICTION_ROWS_ENV, SCORE_KERNEL_ENV, EVICTION_BATCH_ENV,
+                     EVICTION_GRAPHS_ENV, SELECT_KERNEL_ENV, DECODE_ROWS_KERNEL_ENV,
+                     SCORE_FROM_LOGITS_ENV)
 
 
 def switch(var: str, environ=None) -> bool:
@@ -104,6 +114,11 @@ def switch(var: str, environ=None) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{var}: expected 1 (on) or 0 (off), got {value!r}")
     return value == "1"
+
+
+def switch_named(var: str, environ=None) -> bool:
+    """Whether the user set ``var`` rather than leaving it to its default."""
+    return bool((os.environ if environ is None else environ).get(var, "").strip())
 
 
 def check_switches() -> None:

@@ -307,9 +307,11 @@ def validate_vllm_config(vllm_config) -> KvcompConfig:
     if getattr(pc, "use_ubatching", False) and cfg.eviction is not None:
         from vllm_kvcomp.kernels.eviction_gpu import graph_eviction
 
-        if graph_eviction(cfg):  # micro-batches would share the one prompt-length buffer
+        # micro-batches would share the one prompt-length buffer (unset: eager)
+        if graph_eviction(cfg, vllm_config):
             problems.append("micro-batching (--enable-dbo / ubatch_size) with "
-                            "KVCOMP_EVICTION_GRAPHS")
+                            "KVCOMP_EVICTION_GRAPHS=1 (unset or 0, such an engine runs "
+                            "eviction's decode steps eagerly)")
     cc = vllm_config.cache_config
     if cc.cache_dtype not in ("auto", None):
         problems.append(
