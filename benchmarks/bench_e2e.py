@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 SETTINGS = {
     "bf16": {},
@@ -212,13 +213,14 @@ def write_head_map(model: str, share: float) -> str:
     return path
 
 
-def engine_identity(setting: str, environ=None) -> str:
+def engine_identity(setting: str, environ=None, enforce_eager: bool = False) -> str:
     """What a setting's engine runs, as text that is equal for equal engines:
     its engine arguments, the kvcomp config as the backend resolves it (the
-    defaults filled in as they stand in this checkout) and every KVCOMP_ switch
-    that acts on it as it reads under ``environ`` (default: the setting's own
-    ``_env`` alone), ``KVCOMP_EVICTION_GRAPHS`` as whether its decode steps are
-    captured (``eviction_gpu.graph_eviction``)."""
+    defaults filled in as they stand in this checkout) and the KVCOMP_ switches
+    as they read under ``environ`` (default: the setting's own ``_env`` alone),
+    ``KVCOMP_EVICTION_GRAPHS`` as whether its decode steps are captured
+    (``eviction_gpu.graph_eviction``, with vLLM's default graphs or none under
+    ``enforce_eager``), without those that do not act on it (``comparable_identity``)."""
     from vllm_kvcomp.config import KvcompConfig
     from vllm_kvcomp.kernels.eviction_gpu import graph_eviction
     from vllm_kvcomp.launch_env import (DECODE_LAUNCH_ENV, EVICTION_GRAPHS_ENV,
@@ -234,21 +236,22 @@ def engine_identity(setting: str, environ=None) -> str:
         cfg = KvcompConfig(**kvcomp)
         spec["kvcomp"] = repr(cfg)
         spec["switches"] = {var: switch(var, env) for var in SWITCH_DEFAULTS}
-        spec["switches"][EVICTION_GRAPHS_ENV] = graph_eviction(cfg, None, env)
+        engine = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=enforce_eager))
+        spec["switches"][EVICTION_GRAPHS_ENV] = graph_eviction(cfg, engine, env)
         spec["decode_launch"] = env.get(DECODE_LAUNCH_ENV, "")
     return comparable_identity(json.dumps(spec, sort_keys=True))
 
 
 def comparable_identity(identity: str) -> str:
     """``identity`` (``engine_identity``'s text, or one a run recorded) without the
-    switches that do not act on its engine: an engine without eviction is the same
-    engine whatever the eviction switches read. Runs recorded every switch as it read
+    eviction switches where its engine has no eviction: such an engine is the same
+    engine whatever they read. Runs recorded every switch as it read
     (``KVCOMP_EVICTION_GRAPHS`` was whether decode steps were captured then too)."""
     from vllm_kvcomp.launch_env import EVICTION_SWITCHES
 
     spec = json.loads(identity)
-    # the config's repr names eviction=None where it has none
-    if "switches" in spec and "eviction=None" in spec.get("kvcomp", ""):
+    # the config's dataclass repr says eviction=None where it has none
+    if "switches" in spec and re.search(r"\beviction=None\b", spec.get("kvcomp", "")):
         spec["switches"] = {var: on for var, on in spec["switches"].items()
                             if var not in EVICTION_SWITCHES}
     return json.dumps(spec, sort_keys=True)
@@ -338,7 +341,7 @@ def run_one(args):
                    decode_launch=os.environ.get("KVCOMP_DECODE_LAUNCH", ""),
                    # what ran, so that tables of later days tell this engine from one of
                    # the same name whose defaults have changed since (side_by_side.py)
-                   engine=engine_identity(args.setting, os.environ),
+                   engine=engine_identity(args.setting, os.environ, args.eager),
                    finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         print("RESULT " + json.dumps(res), flush=True)
 

@@ -170,11 +170,12 @@ SETTINGS = [
       "head_map": {"layers": [["streaming", "retrieval"], ["retrieval", "streaming"]]}}),
 ]
 # the eviction settings whose decode steps run eagerly by default, captured
-# (KVCOMP_EVICTION_GRAPHS=1): their eager twins' tokens (SAME_TOKENS); a setting that serves
-# so can join eviction_gpu.captured_by_default
+# (KVCOMP_EVICTION_GRAPHS=1): their eager twins' tokens (SAME_TOKENS), what
+# eviction_gpu.captured_by_default asks of a setting before capturing it by default
 EAGER_BY_DEFAULT = ("k4v4_snapkv", "k4v4_a2sf", "k4v4_split50_h2o", "k4v4_snapkv_quest256",
                     "k4v4_split50_snapkv")
-SETTINGS += [(name + "_graphs", model, dtype, {**kv, "_env": {"KVCOMP_EVICTION_GRAPHS": "1"}})
+SETTINGS += [(name + "_graphs", model, dtype,
+              {**kv, "_env": {**kv.get("_env", {}), "KVCOMP_EVICTION_GRAPHS": "1"}})
              for name, model, dtype, kv in SETTINGS if name in EAGER_BY_DEFAULT]
 REFERENCES = [("reference", m, dt, None) for m in MODELS for dt in ("bfloat16", "float16")]
 MAX_MODEL_LEN = 4096

@@ -7,8 +7,9 @@ different days and the table is put together from the ``e2e.json`` files under
 or another KV size or sequence cap, are left out), with the folder it came from.
 
 A cell takes the run of any setting that started the same engine (``bench_e2e.
-engine_identity``: engine arguments, the kvcomp config with its defaults filled in, every
-KVCOMP_ switch), e.g. a window layout measured under its own name before it became the
+engine_identity``: engine arguments, the kvcomp config with its defaults filled in, the
+KVCOMP_ switches that act on it, whether eviction's decode steps are captured), e.g. a
+window layout measured under its own name before it became the
 default. Rows record that identity when they run; for older rows it is worked out from
 their setting's name as this checkout defines it, which holds only since the day the
 defaults under test came in: ``--since``, below which such rows are left out.

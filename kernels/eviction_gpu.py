@@ -478,9 +478,12 @@ def scored_after_attention(query, key, value, packed_cache, residual_cache, layo
 # --------------------------------------------------------------------------
 
 
-# the settings whose captured decode steps an engine has served on a GPU, at vLLM's default
-# settings, to the eager engine's tokens: captured by default (the others with the switch
-# set to 1); benchmarks/results/2026-12-05-h100-late-splits-w4-whole
+# captured by default (the others with the switch set to 1): the method whose captured
+# engine has served on a GPU at vLLM's default settings to the eager engine's tokens (k4v4,
+# bf16, head size 128: benchmarks/results/2026-12-05-h100-late-splits-w4-whole; W4 at the
+# Llama-3.1-8B shape), the fixed-shape steps of every bit width, axis and group size having
+# matched the eager ones on GPUs (tests/test_eviction_graphs.py); SnapKV, A2SF and a head
+# map's split layer have not served captured
 def captured_by_default(cfg: KvcompConfig) -> bool:
     return cfg.eviction.method == "h2o" and cfg.head_map is None
 
@@ -493,11 +496,13 @@ def graph_eviction(cfg: KvcompConfig, vllm_config, environ=None) -> bool:
     eviction, its scores by the reference) is never a uniform decode batch
     (``patches/prompt_steps.py``), so it runs eagerly. Set to 1: always; to 0:
     never; unset: for ``captured_by_default``'s settings, where vLLM captures
-    at all (not with ``enforce_eager``, whose engines keep the host-side steps)
-    and without micro-batching (``--enable-dbo`` / ``ubatch_size``: its
-    micro-batches would share the captured steps' one prompt-length buffer,
-    so start-up refuses it with the switch set to 1). ``environ``: where the
-    switch is read (default: this process's environment)."""
+    full decode graphs (not under ``enforce_eager``, ``-O0`` / ``-O1`` or a
+    ``cudagraph_mode`` without full graphs: the fixed-shape steps would run
+    uncaptured, every row's selection each step, where the host-side steps
+    serve) and without micro-batching (``--enable-dbo`` / ``ubatch_size``:
+    its micro-batches would share the captured steps' one prompt-length
+    buffer, so start-up refuses it with the switch set to 1). ``environ``:
+    where the switch is read (default: this process's environment)."""
     from vllm_kvcomp.launch_env import EVICTION_GRAPHS_ENV, switch, switch_named
 
     if not selects_on_host(cfg) or not switch(EVICTION_GRAPHS_ENV, environ):
@@ -507,6 +512,10 @@ def graph_eviction(cfg: KvcompConfig, vllm_config, environ=None) -> bool:
     micro_batches = getattr(getattr(vllm_config, "parallel_config", None), "use_ubatching",
                             False)
     eager = getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False)
+    # settled before the platform hook and the builders read it (enforce_eager forces NONE)
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    if mode is not None and not mode.has_full_cudagraphs():
+        eager = True
     return captured_by_default(cfg) and not micro_batches and not eager
 
 

@@ -124,7 +124,11 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    from vllm.v1.worker import gpu_model_runner
+    try:
+        from vllm.v1.worker import gpu_model_runner
+    except ImportError:  # a build without the GPU model runner has nothing to wrap
+        _APPLIED = True
+        return
 
     if not getattr(gpu_model_runner.GPUModelRunner._determine_batch_execution_and_padding,
                    "__kvcomp_wrapped__", False):

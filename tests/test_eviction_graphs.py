@@ -22,9 +22,9 @@ from vllm_kvcomp.config import KvcompConfig
 from vllm_kvcomp.kernels import eviction_gpu, h2o_ref
 from vllm_kvcomp.kernels.eviction_gpu import (
     decode_probs_width,
-    graph_eviction,
     evict_decode_rows,
     evicted_ranges,
+    graph_eviction,
     scored_layout,
 )
 from vllm_kvcomp.kernels.h2o_ref import score_view
@@ -275,7 +275,7 @@ def _cam(lens, prompts, q_lens=None):
 
 
 def test_builder_keeps_prompt_lengths_where_a_captured_step_reads_them(monkeypatch):
-    """Under KVCOMP_EVICTION_GRAPHS the builder writes each step's prompt
+    """Where decode steps are captured (graph_eviction) the builder writes each step's prompt
     lengths into one persistent buffer (what a capture's kernels read) and
     calls a step a captured one only where every row is past its prompt
     (padding rows apart); a capture batch reads that buffer too."""
@@ -297,24 +297,33 @@ def test_builder_keeps_prompt_lengths_where_a_captured_step_reads_them(monkeypat
 def test_cudagraph_support_follows_the_setting(monkeypatch, tmp_path):
     """Uniform decode batches are captured for H2O without a head map by
     default, for SnapKV / H2O / A2SF with KVCOMP_EVICTION_GRAPHS=1, never with
-    0; left unset, never with micro-batching or enforce_eager either (their
-    steps decide on the host)."""
+    0; left unset, never with micro-batching, enforce_eager or graphs without
+    full decode graphs either (their steps decide on the host). The runner
+    hook keeps prompt steps eager in exactly the engines that capture."""
+    from vllm.config import CUDAGraphMode
     from vllm.platforms import current_platform
     from vllm.v1.attention.backend import AttentionCGSupport
 
     from vllm_kvcomp.backend import KvcompMetadataBuilder
+    from vllm_kvcomp.names import BACKEND_NAME
+    from vllm_kvcomp.patches.prompt_steps import eager_prompt_steps
 
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda *a: False)
     captured, never = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE, AttentionCGSupport.NEVER
 
     def support(eviction, env=None, head_map=None, **configs):
         kvcomp = {"eviction": eviction, **({"head_map": head_map} if head_map else {})}
-        vc = SimpleNamespace(additional_config={"kvcomp": kvcomp}, **configs)
+        vc = SimpleNamespace(additional_config={"kvcomp": kvcomp}, **configs,
+                             attention_config=SimpleNamespace(
+                                 backend=SimpleNamespace(name=BACKEND_NAME)))
         if env is None:
             monkeypatch.delenv(EVICTION_GRAPHS_ENV, raising=False)
         else:
             monkeypatch.setenv(EVICTION_GRAPHS_ENV, env)
-        return KvcompMetadataBuilder.get_cudagraph_support(vc, None)
+        got = KvcompMetadataBuilder.get_cudagraph_support(vc, None)
+        if eviction["method"] != "streamingllm":
+            assert eager_prompt_steps(vc) is (got == captured), (eviction, env, configs)
+        return got
 
     h2o = {"method": "h2o", "budget_tokens": 64}
     a2sf = {"method": "a2sf", "budget_tokens": 64}
@@ -330,6 +339,12 @@ def test_cudagraph_support_follows_the_setting(monkeypatch, tmp_path):
     ubatch = {"parallel_config": SimpleNamespace(use_ubatching=True)}
     eager = {"model_config": SimpleNamespace(enforce_eager=True)}
     assert support(h2o, **ubatch) == support(h2o, **eager) == never
+    for mode, want in ((CUDAGraphMode.NONE, never), (CUDAGraphMode.PIECEWISE, never),
+                       (CUDAGraphMode.FULL_DECODE_ONLY, captured),
+                       (CUDAGraphMode.FULL_AND_PIECEWISE, captured)):
+        assert support(h2o, compilation_config=SimpleNamespace(cudagraph_mode=mode)) == want
+    assert support(h2o, "1", compilation_config=SimpleNamespace(
+        cudagraph_mode=CUDAGraphMode.PIECEWISE)) == captured
     assert support(h2o, "1", **ubatch) == captured  # refused at start-up (below)
     # StreamingLLM decides nothing on the host: its decode steps are captured as any
     assert support({"method": "streamingllm"}, "0") == captured
@@ -382,7 +397,7 @@ def test_hook_installs_once_whatever_the_switch(monkeypatch):
 
     from vllm_kvcomp.patches import prompt_steps
 
-    def unwrapped(fn):  # the plugin, loaded with the switch unset, has wrapped them
+    def unwrapped(fn):  # the plugin, loaded for this session, has wrapped them
         return fn.__wrapped__ if getattr(fn, "__kvcomp_wrapped__", False) else fn
 
     orig = unwrapped(GPUModelRunner._determine_batch_execution_and_padding)

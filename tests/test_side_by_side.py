@@ -98,8 +98,8 @@ def test_engine_identity_reads_the_switches_as_the_engine_does():
 
 def test_switches_that_do_not_act_on_an_engine_do_not_split_its_cells(tmp_path):
     """A run recorded every switch as it read: one without eviction, recorded while
-    eviction's decode steps were eager by default, fills today's cell; an H2O run
-    recorded with eager decode steps does not fill today's H2O cell (captured), but
+    eviction's decode steps were eager by default, fills the current cell; an H2O run
+    recorded with eager decode steps does not fill the current H2O cell (captured), but
     fills the cell of the setting that names eager steps."""
     old = json.loads(engine_identity("kvcomp_k4v4"))
     old["switches"] = {"KVCOMP_FORCE_TRITON": False, "KVCOMP_STORE_SPLIT": False,

@@ -235,13 +235,24 @@ def test_pairs_that_do_not_compose_are_named_at_startup(llama, tmp_path, kvcomp,
         engine_config(llama, alone)
 
 
-def test_a_bad_switch_does_not_stop_the_plugin_loading(monkeypatch):
-    """vLLM loads the plugin (and its hooks) for every engine, KVCOMP or not:
-    the prompt-step hook installs without reading the switch, so a bad value
-    raises nowhere but at a KVCOMP start-up, which names it (above)."""
+def test_a_bad_switch_does_not_stop_other_engines(monkeypatch):
+    """vLLM loads the plugin (and its runner hooks) for every engine, KVCOMP or
+    not: a runner of another backend asks the hook's question without reading
+    the switch, so a bad value raises nowhere but at a KVCOMP start-up, which
+    names it (above)."""
+    from types import SimpleNamespace
+
+    from vllm.platforms import current_platform
+
     from vllm_kvcomp.patches import prompt_steps
 
-    monkeypatch.setattr(prompt_steps, "_APPLIED", False)
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda *a: False)
     monkeypatch.setenv("KVCOMP_EVICTION_GRAPHS", "yes")
-    prompt_steps.apply()
-    assert prompt_steps._APPLIED
+    other = SimpleNamespace(attention_config=SimpleNamespace(backend=None),
+                            additional_config={})
+    assert prompt_steps.eager_prompt_steps(other) is False
+    kvcomp = SimpleNamespace(
+        attention_config=SimpleNamespace(backend=SimpleNamespace(name="KVCOMP")),
+        additional_config={"kvcomp": {"eviction": {"method": "h2o", "budget_tokens": 64}}})
+    with pytest.raises(ValueError, match="KVCOMP_EVICTION_GRAPHS"):
+        prompt_steps.eager_prompt_steps(kvcomp)

@@ -87,8 +87,9 @@ class KvcompMetadata:
     # first layer that needs it
     eviction_rows: list[int] | None = None
     eviction_shared: dict | None = None
-    # KVCOMP_EVICTION_GRAPHS: a one-token step whose every row is past its prompt (or a
-    # CUDA-graph capture batch), whose eviction is fixed-shape device work reading
+    # where eviction's decode steps are captured (eviction_gpu.graph_eviction): a one-token
+    # step whose every row is past its prompt (or a CUDA-graph capture batch), whose
+    # eviction is fixed-shape device work reading
     # ``prompt_lens`` from the builder's persistent buffer (eviction_gpu.graph_after_attention)
     graph_decode: bool = False
 

@@ -82,7 +82,8 @@ SCORE_FROM_LOGITS_ENV = "KVCOMP_SCORE_FROM_LOGITS"
 # whole engines; untimed on a GPU so far
 STORE_SPLIT_ENV = "KVCOMP_STORE_SPLIT"
 
-# every on / off switch and its reading when unset or empty
+# every on / off switch and its reading when unset or empty (KVCOMP_EVICTION_GRAPHS: not
+# turned off; eviction_gpu.graph_eviction decides per setting)
 SWITCH_DEFAULTS = {
     FORCE_TRITON_ENV: False,
     STORE_SPLIT_ENV: False,
