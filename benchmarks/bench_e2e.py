@@ -220,7 +220,7 @@ def engine_identity(setting: str, environ=None, enforce_eager: bool = False) -> 
     as they read under ``environ`` (default: the setting's own ``_env`` alone),
     ``KVCOMP_EVICTION_GRAPHS`` as whether its decode steps are captured
     (``eviction_gpu.graph_eviction``, with vLLM's default graphs or none under
-    ``enforce_eager``), without those that do not act on it (``comparable_identity``)."""
+    ``enforce_eager``), without those that do not act on it (``_without_idle_switches``)."""
     from vllm_kvcomp.config import KvcompConfig
     from vllm_kvcomp.kernels.eviction_gpu import graph_eviction
     from vllm_kvcomp.launch_env import (DECODE_LAUNCH_ENV, EVICTION_GRAPHS_ENV,
@@ -239,22 +239,26 @@ def engine_identity(setting: str, environ=None, enforce_eager: bool = False) -> 
         engine = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=enforce_eager))
         spec["switches"][EVICTION_GRAPHS_ENV] = graph_eviction(cfg, engine, env)
         spec["decode_launch"] = env.get(DECODE_LAUNCH_ENV, "")
-    return comparable_identity(json.dumps(spec, sort_keys=True))
+    return json.dumps(_without_idle_switches(spec), sort_keys=True)
 
 
-def comparable_identity(identity: str) -> str:
-    """``identity`` (``engine_identity``'s text, or one a run recorded) without the
-    eviction switches where its engine has no eviction: such an engine is the same
-    engine whatever they read. Runs recorded every switch as it read
-    (``KVCOMP_EVICTION_GRAPHS`` was whether decode steps were captured then too)."""
+def _without_idle_switches(spec: dict) -> dict:
+    """``spec`` without the eviction switches where its engine has no eviction:
+    such an engine is the same engine whatever they read."""
     from vllm_kvcomp.launch_env import EVICTION_SWITCHES
 
-    spec = json.loads(identity)
     # the config's dataclass repr says eviction=None where it has none
     if "switches" in spec and re.search(r"\beviction=None\b", spec.get("kvcomp", "")):
         spec["switches"] = {var: on for var, on in spec["switches"].items()
                             if var not in EVICTION_SWITCHES}
-    return json.dumps(spec, sort_keys=True)
+    return spec
+
+
+def comparable_identity(identity: str) -> str:
+    """A recorded ``engine_identity`` text as this checkout writes it: runs
+    recorded every switch as it read (``KVCOMP_EVICTION_GRAPHS`` was whether
+    decode steps were captured then too)."""
+    return json.dumps(_without_idle_switches(json.loads(identity)), sort_keys=True)
 
 
 def _pct(xs, q):

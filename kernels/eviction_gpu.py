@@ -511,12 +511,11 @@ def graph_eviction(cfg: KvcompConfig, vllm_config, environ=None) -> bool:
         return True
     micro_batches = getattr(getattr(vllm_config, "parallel_config", None), "use_ubatching",
                             False)
-    eager = getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False)
     # settled before the platform hook and the builders read it (enforce_eager forces NONE)
     mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
-    if mode is not None and not mode.has_full_cudagraphs():
-        eager = True
-    return captured_by_default(cfg) and not micro_batches and not eager
+    no_full_graphs = (getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False)
+                      or (mode is not None and not mode.has_full_cudagraphs()))
+    return captured_by_default(cfg) and not micro_batches and not no_full_graphs
 
 
 def decode_probs_width(cfg: KvcompConfig, block_size: int) -> int:

@@ -104,12 +104,16 @@ EVICTION_SWITCHES = (EVICTION_GPU_ENV, EVICTION_ROWS_ENV, SCORE_KERNEL_ENV, EVIC
                      SCORE_FROM_LOGITS_ENV)
 
 
+def _reading(var: str, environ) -> str:
+    return (os.environ if environ is None else environ).get(var, "").strip()
+
+
 def switch(var: str, environ=None) -> bool:
     """The on / off switch ``var`` (a key of ``SWITCH_DEFAULTS``) as it reads in
     ``environ`` (default: this process's environment): "1" on, "0" off, unset
     or empty its default; any other value raises a ValueError naming the
     variable, so a typo never silently serves the other path."""
-    value = (os.environ if environ is None else environ).get(var, "").strip()
+    value = _reading(var, environ)
     if not value:
         return SWITCH_DEFAULTS[var]
     if value not in ("0", "1"):
@@ -119,7 +123,7 @@ def switch(var: str, environ=None) -> bool:
 
 def switch_named(var: str, environ=None) -> bool:
     """Whether the user set ``var`` rather than leaving it to its default."""
-    return bool((os.environ if environ is None else environ).get(var, "").strip())
+    return bool(_reading(var, environ))
 
 
 def check_switches() -> None:
