@@ -397,7 +397,7 @@ def test_hook_installs_once_whatever_the_switch(monkeypatch):
 
     from vllm_kvcomp.patches import prompt_steps
 
-    def unwrapped(fn):  # the plugin, loaded for this session, has wrapped them
+    def unwrapped(fn):  # the plugin, loaded as the tests started, has wrapped them
         return fn.__wrapped__ if getattr(fn, "__kvcomp_wrapped__", False) else fn
 
     orig = unwrapped(GPUModelRunner._determine_batch_execution_and_padding)
