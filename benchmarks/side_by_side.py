@@ -1,7 +1,7 @@
 """The all-format table (W1 / W2 / W4 x KV formats) from recorded end-to-end runs.
 
 Each workload run takes minutes of GPU time (W4: 4-15 per format), so the runs come on
-different days and the table is put together from the ``e2e.json`` files under
+different days and the table is put together from the ``e2e.json`` / ``e2e2.json`` files under
 ``benchmarks/results/``: for each setting and workload, the newest complete run on the named card with vLLM's default engine settings
 (runs with ``--fast-start``, ``--eager``, ``--capture-sizes``, ``--profile`` or ``--layers``,
 or another KV size or sequence cap, are left out), with the folder it came from.
@@ -44,7 +44,7 @@ def _flag(command: str, name: str) -> str | None:
 def default_runs(results: Path, device: str, kv_gib: float, max_num_seqs: int):
     """(folder, date, e2e.json) of the runs on a card whose name holds ``device`` at
     vLLM's default engine settings with this KV size and sequence cap."""
-    for path in sorted(results.glob("*/e2e.json")):
+    for path in sorted([*results.glob("*/e2e.json"), *results.glob("*/e2e2.json")]):
         run = json.loads(path.read_text())
         cmd = run.get("command", "")
         if (device.lower() in run.get("device", "").lower()

@@ -23,9 +23,9 @@ def row(setting, tok_s, completed=256, engine=None, **kw):
 
 
 def record(results: Path, folder: str, date: str, rows, device="NVIDIA H200",
-           command=DEFAULT_RUN):
-    (results / folder).mkdir(parents=True)
-    (results / folder / "e2e.json").write_text(json.dumps(
+           command=DEFAULT_RUN, name="e2e.json"):
+    (results / folder).mkdir(parents=True, exist_ok=True)
+    (results / folder / name).write_text(json.dumps(
         dict(device=device, date=date, workload="W4", command=command, rows=rows)))
 
 
@@ -116,3 +116,14 @@ def test_switches_that_do_not_act_on_an_engine_do_not_split_its_cells(tmp_path):
     assert "| 7,000 |" in lines["kvcomp_k4v4"]
     assert "not measured" in lines["kvcomp_k4v4_h2o2048"]
     assert "| 6,000 |" in lines["kvcomp_k4v4_h2o2048_eager"]
+
+
+def test_a_runs_second_group_fills_cells_and_other_files_do_not(tmp_path):
+    """``gpu_check.sh``'s step e2e2 writes a second group of runs to ``e2e2.json`` beside
+    ``e2e.json``; older folders hold other JSON files of other shapes, never read."""
+    record(tmp_path, "2026-12-05-h200", "2026-12-05", [row("bf16", 4000.0)])
+    record(tmp_path, "2026-12-05-h200", "2026-12-05", [row("kvcomp_k2v2", 10000.0)],
+           name="e2e2.json")
+    (tmp_path / "2026-12-05-h200" / "e2e_w4_old.json").write_text(json.dumps([1, 2]))
+    lines = cells(side_by_side.newest(tmp_path, "H200", "2026-12-04"), ["bf16", "kvcomp_k2v2"])
+    assert "| 10,000 | 2.50x |" in lines["kvcomp_k2v2"]
