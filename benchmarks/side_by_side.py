@@ -17,6 +17,8 @@ Ratios are against bf16 on the same card; where bf16's run is from another day, 
 table says so, since the code under test may have changed in between.
 
     python benchmarks/side_by_side.py --device H200 --since 2026-12-04 > table.md
+    python benchmarks/side_by_side.py --device H100,H200 --since 2026-12-04 \
+        > benchmarks/results/all-formats.md
 """
 from __future__ import annotations
 
@@ -113,7 +115,8 @@ def render(table: dict, settings: list[str], workloads: list[str]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", required=True, help="part of the card's name, e.g. H200")
+    ap.add_argument("--device", required=True,
+                    help="part of the card's name, e.g. H200; a comma list: a section each")
     ap.add_argument("--since", required=True,
                     help="YYYY-MM-DD: the day the defaults under test came in; older rows "
                          "that do not record their engine are left out")
@@ -123,12 +126,21 @@ def main(argv=None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--results", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
-    table = newest(a.results, a.device, a.since, a.kv_gib, a.max_num_seqs)
-    print(f"{a.device}, vLLM's default engine settings, {a.kv_gib:g} GiB of KV, "
-          f"max_num_seqs {a.max_num_seqs}, runs since {a.since} (and later rows that record "
-          "their engine); each cell the newest complete run of the engine the setting "
-          "starts, ratios against bf16 on the same card.\n")
-    print(render(table, a.settings.split(","), a.workloads.split(",")))
+    devices = a.device.split(",")
+    if len(devices) > 1:
+        print("# The all-format table, as the recorded runs have it\n\n"
+              f"`python benchmarks/side_by_side.py {' '.join(argv or sys.argv[1:])}`; "
+              "\"not measured\": no complete run at vLLM's default engine settings on that "
+              "card yet.\n")
+    for device in devices:
+        table = newest(a.results, device, a.since, a.kv_gib, a.max_num_seqs)
+        if len(devices) > 1:
+            print(f"## {device}\n")
+        print(f"{device}, vLLM's default engine settings, {a.kv_gib:g} GiB of KV, "
+              f"max_num_seqs {a.max_num_seqs}, runs since {a.since} (and later rows that record "
+              "their engine); each cell the newest complete run of the engine the setting "
+              "starts, ratios against bf16 on the same card.\n")
+        print(render(table, a.settings.split(","), a.workloads.split(",")))
 
 
 if __name__ == "__main__":

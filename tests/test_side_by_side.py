@@ -127,3 +127,15 @@ def test_a_runs_second_group_fills_cells_and_other_files_do_not(tmp_path):
     (tmp_path / "2026-12-05-h200" / "e2e_w4_old.json").write_text(json.dumps([1, 2]))
     lines = cells(side_by_side.newest(tmp_path, "H200", "2026-12-04"), ["bf16", "kvcomp_k2v2"])
     assert "| 10,000 | 2.50x |" in lines["kvcomp_k2v2"]
+
+
+def test_a_comma_list_of_cards_gives_a_section_each(tmp_path, capsys):
+    record(tmp_path, "2026-12-05-h200", "2026-12-05", [row("bf16", 4000.0)])
+    record(tmp_path, "2026-12-05-h100", "2026-12-05", [row("bf16", 3000.0)],
+           device="NVIDIA H100 80GB HBM3")
+    side_by_side.main(["--device", "H100,H200", "--since", "2026-12-04", "--workloads", "W4",
+                       "--settings", "bf16", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    h100, h200 = out.split("## H100")[1].split("## H200")
+    assert "| 3,000 | 1.00x |" in h100 and "4,000" not in h100
+    assert "| 4,000 | 1.00x |" in h200 and "3,000" not in h200
