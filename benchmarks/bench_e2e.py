@@ -17,6 +17,9 @@ to its full output length):
         full workloads do on a whole H100.
     W1p: W1's prompts with one output token (its prefill time alone)
 Reports KV capacity (vLLM's log line), output tok/s, TTFT and TPOT p50/p99.
+``--cut-after S`` stops each workload S seconds after it starts and aborts what still runs
+(a cut run, for a format too slow to finish W4 within a GPU session): its rows report the
+tokens made in those S seconds, the requests done and ``cut_after_s``.
 
 ``--kv-gib`` gives every format the same KV cache memory (vLLM's
 ``kv_cache_memory_bytes``), so capacity differences come from the format
@@ -266,6 +269,37 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
 
+def generate_until(engine, prompts, params, deadline_s: float, clock=time.perf_counter):
+    """Serve ``prompts`` on ``engine`` (vLLM's ``LLMEngine``, ``params`` with
+    ``RequestOutputKind.DELTA``) step by step until every request has finished or
+    ``deadline_s`` seconds have passed, then abort the rest: a workload too long
+    for a GPU session still tells how fast its first ``deadline_s`` seconds went.
+    -> (tokens, first, last, finished, seconds): output tokens per request, when
+    (seconds from the start, at the end of the engine step that made them) each
+    request's first and last tokens came, the finished requests' indices."""
+    ids = [str(i) for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, params)
+    tokens, first, last, finished = [0] * len(ids), {}, {}, set()
+    t0 = clock()
+    while engine.has_unfinished_requests():
+        if clock() - t0 >= deadline_s:
+            engine.abort_request([rid for i, rid in enumerate(ids) if i not in finished])
+            break
+        outs = engine.step()
+        now = clock() - t0
+        for out in outs:
+            i = int(out.request_id)
+            n = len(out.outputs[0].token_ids)
+            if n:
+                first.setdefault(i, now)
+                last[i] = now
+                tokens[i] += n
+            if out.finished:
+                finished.add(i)
+    return tokens, first, last, finished, clock() - t0
+
+
 def run_one(args):
     """One engine (one setting) runs every workload in ``args.workload``
     (comma-separated) in turn: engine start-up is paid once."""
@@ -274,6 +308,13 @@ def run_one(args):
     import random
 
     workloads = args.workload.split(",")
+    # a cut run counts each step's new tokens (cumulative outputs would copy every
+    # request's whole output at every step)
+    stream = {}
+    if args.cut_after:
+        from vllm.sampling_params import RequestOutputKind
+
+        stream = {"output_kind": RequestOutputKind.DELTA}
     max_len = max(WORKLOADS[w][1] + WORKLOADS[w][2] for w in workloads) + 16
     kwargs = copy.deepcopy(SETTINGS[args.setting])
     os.environ.update(kwargs.pop("_env", {}))  # before the engine's processes start
@@ -316,30 +357,42 @@ def run_one(args):
         prompts = [{"prompt_token_ids": [rng.randrange(1000, 120000) for _ in range(prompt_len)]}
                    for _ in range(n)]
         params = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0,
-                                detokenize=False)
+                                detokenize=False, **stream)
         if args.profile:
             llm.start_profile()
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - t0
+        cut = {}
+        if args.cut_after:
+            counts, first, last, done, elapsed = generate_until(
+                llm.llm_engine, prompts, params, args.cut_after)
+            out_tokens, completed = sum(counts), sum(c == out_len for c in counts)
+            # step-end times: the same clock for every setting of a cut run
+            ttft = list(first.values())
+            tpot = [(last[i] - first[i]) / (counts[i] - 1) for i in first if counts[i] > 1]
+            cut = dict(cut_after_s=args.cut_after, output_tokens=out_tokens)
+        else:
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            elapsed = time.perf_counter() - t0
+            out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            completed = sum(len(o.outputs[0].token_ids) == out_len for o in outs)
+            ttft, tpot = [], []
+            for o in outs:
+                m = o.metrics
+                if m is None:
+                    continue
+                ttft.append(m.first_token_latency)
+                if m.num_generation_tokens > 1:
+                    tpot.append((m.last_token_ts - m.first_token_ts)
+                                / (m.num_generation_tokens - 1))
         if args.profile:
             llm.stop_profile()
-        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        ttft, tpot = [], []
-        for o in outs:
-            m = o.metrics
-            if m is None:
-                continue
-            ttft.append(m.first_token_latency)
-            if m.num_generation_tokens > 1:
-                tpot.append((m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1))
         res = dict(setting=args.setting, workload=w, startup_s=startup_s, requests=n,
                    prompt_len=prompt_len,
                    output_len=out_len, elapsed_s=elapsed, output_tok_s=out_tokens / elapsed,
                    total_tok_s=(out_tokens + n * prompt_len) / elapsed,
                    ttft_p50=_pct(ttft, 0.5), ttft_p99=_pct(ttft, 0.99),
                    tpot_p50=_pct(tpot, 0.5), tpot_p99=_pct(tpot, 0.99),
-                   completed=sum(len(o.outputs[0].token_ids) == out_len for o in outs),
+                   completed=completed, **cut,
                    # which GPU of the host and which decode launch (kvcomp) ran it
                    gpu=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                    decode_launch=os.environ.get("KVCOMP_DECODE_LAUNCH", ""),
@@ -373,7 +426,8 @@ def print_tables(rows, device, workloads, kv_gib, fast_start, date):
             kvt = f"{r['kv_cache_tokens']:,}" if r["kv_cache_tokens"] else "?"
             print(f"| {r['setting']} | {kvt} | {r['output_tok_s']:.0f} | {rel} | "
                   f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | "
-                  f"{_ms(r['tpot_p50'])}/{_ms(r['tpot_p99'])} | {r['completed']}/{r['requests']} |")
+                  f"{_ms(r['tpot_p50'])}/{_ms(r['tpot_p99'])} | {r['completed']}/{r['requests']}"
+                  + (f" (cut at {r['cut_after_s']:g} s)" if r.get("cut_after_s") else "") + " |")
 
 
 def merge(paths, order):
@@ -414,6 +468,8 @@ def run_setting(args, s, gpu):
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
     if args.capture_sizes:
         cmd += ["--capture-sizes", args.capture_sizes]
+    if args.cut_after:
+        cmd += ["--cut-after", str(args.cut_after)]
     if args.profile:
         cmd += ["--profile", args.profile, "--profile-delay", str(args.profile_delay),
                 "--profile-iters", str(args.profile_iters)]
@@ -481,6 +537,11 @@ def main():
                          "--settings order) and exit")
     ap.add_argument("--setting", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--cut-after", type=float, default=None, metavar="S",
+                    help="stop each workload S seconds after its first request and abort "
+                         "the rest (a cut run: output tok/s over those S seconds, the "
+                         "requests done by then); for a workload longer than a GPU "
+                         "session allows. --timeout still bounds the whole process")
     ap.add_argument("--gpus", type=int, default=1,
                     help="run up to this many settings at once, one GPU each (a multi-GPU "
                          "host); 1: one after another on the visible device")

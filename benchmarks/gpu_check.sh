@@ -8,7 +8,8 @@
 #   3. W1 + W2 (bench_e2e.py) for kvcomp k4v4 and bf16 with vLLM's default engine settings
 #      (torch.compile, default CUDA graphs), the same KV memory for both (KV_GIB);
 #      E2E_GPUS=N on a multi-GPU host runs N settings side by side, one GPU each; step "e2e2"
-#      runs E2E2_WORKLOADS x E2E2_SETTINGS the same way into e2e2.json;
+#      runs E2E2_WORKLOADS x E2E2_SETTINGS the same way into e2e2.json; E2E_CUT_AFTER=S
+#      (E2E2_CUT_AFTER) stops each workload S seconds in (bench_e2e.py --cut-after: a cut run);
 #   4. (step "decode", not by default) bench_decode_kernel.py at DECODE_BATCHES x DECODE_CONTEXTS
 #      (default 32 x 32768) for DECODE_CONFIGS, Quest at DECODE_QUEST budgets, a head map's split
 #      layer at DECODE_SPLIT shares of streaming KV heads (sinks 64 + window 256), FA3 bf16 beside;
@@ -92,11 +93,13 @@ for step in $STEPS; do
       wait  # the kernel tests and the e2e engines would share the GPU
       # e2e2: a second group of workloads x settings (E2E2_WORKLOADS, E2E2_SETTINGS), e.g. one
       # eviction setting on W4 after every format on W1
-      if [ $step = e2e ]; then w=${E2E_WORKLOADS:-W1,W2} s=${E2E_SETTINGS:-kvcomp_k4v4,bf16}
-      else w=${E2E2_WORKLOADS:-W4} s=${E2E2_SETTINGS:-kvcomp_k4v4}; fi
+      if [ $step = e2e ]; then
+        w=${E2E_WORKLOADS:-W1,W2} s=${E2E_SETTINGS:-kvcomp_k4v4,bf16} c=${E2E_CUT_AFTER:-}
+      else w=${E2E2_WORKLOADS:-W4} s=${E2E2_SETTINGS:-kvcomp_k4v4} c=${E2E2_CUT_AFTER:-}; fi
       python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
           --workload "$w" --settings "$s" \
           --timeout "${E2E_TIMEOUT:-900}" --gpus "${E2E_GPUS:-1}" \
+          ${c:+--cut-after "$c"} \
           --out "$RES/$step.json" > "$RES/$step.md" 2>&1
       log "$step: $(grep -c '"output_tok_s"' "$RES/$step.json") runs" ;;
     capacity)

@@ -1,10 +1,15 @@
 """The all-format table (W1 / W2 / W4 x KV formats) from recorded end-to-end runs.
 
-Each workload run takes minutes of GPU time (W4: 4-15 per format), so the runs come on
-different days and the table is put together from the ``e2e.json`` / ``e2e2.json`` files under
-``benchmarks/results/``: for each setting and workload, the newest complete run on the named card with vLLM's default engine settings
-(runs with ``--fast-start``, ``--eager``, ``--capture-sizes``, ``--profile`` or ``--layers``,
-or another KV size or sequence cap, are left out), with the folder it came from.
+Each workload run takes minutes of GPU time (W4: 4-30 per format), so the runs come on
+different days and the table is put together from the ``e2e.json`` / ``e2e2.json`` files
+under ``benchmarks/results/``: for each setting and workload, the newest complete run on the
+named card with vLLM's default engine settings (runs with ``--fast-start``, ``--eager``,
+``--capture-sizes``, ``--profile`` or ``--layers``, or another KV size or sequence cap, are
+left out), with the folder it came from. Where no complete run exists, the newest cut run
+(``bench_e2e.py --cut-after S``: output tok/s over its first S seconds) fills the cell, marked
+as such. It is not a whole run's rate: in W4, after a few seconds of prefill, steps grow
+slower as contexts grow, the pool fills and the last requests run at small batches, so a
+whole run's rate is lower.
 
 A cell takes the run of any setting that started the same engine (``bench_e2e.
 engine_identity``: engine arguments, the kvcomp config with its defaults filled in, the
@@ -60,11 +65,15 @@ def default_runs(results: Path, device: str, kv_gib: float, max_num_seqs: int):
 def newest(results: Path, device: str, since: str, kv_gib: float = 54.3,
            max_num_seqs: int = 512) -> dict:
     """{(engine identity, workload): (folder, date, row)}: the newest complete run of
-    each engine (by date, then the time a row finished where recorded, then folder)."""
+    each engine (by date, then the time a row finished where recorded, then folder),
+    else its newest cut run."""
     found = []
     for folder, date, run in default_runs(results, device, kv_gib, max_num_seqs):
         for row in run["rows"]:
-            if not row.get("output_tok_s") or row.get("completed") != row.get("requests"):
+            whole = row.get("completed") == row.get("requests")
+            # a run stopped at its deadline (bench_e2e.py --cut-after) fills a cell
+            # that no whole run fills; one cut by --timeout tells no rate
+            if not row.get("output_tok_s") or not (whole or row.get("cut_after_s")):
                 continue
             engine = row.get("engine")
             if engine is not None:
@@ -73,7 +82,7 @@ def newest(results: Path, device: str, since: str, kv_gib: float = 54.3,
                 if date < since or row["setting"] not in SETTINGS:
                     continue
                 engine = engine_identity(row["setting"])
-            found.append(((date, row.get("finished", ""), folder),
+            found.append(((whole, date, row.get("finished", ""), folder),
                           (engine, row["workload"]), (folder, date, row)))
     found.sort(key=lambda f: f[0])
     return {key: cell for _, key, cell in found}
@@ -97,15 +106,22 @@ def render(table: dict, settings: list[str], workloads: list[str]) -> str:
                 out.append(f"| {s} | | not measured | | | | |")
                 continue
             folder, date, r = cell
+            cut = r["completed"] != r["requests"]
             ratio = ""
             if base is not None:
                 ratio = f"{r['output_tok_s'] / base[2]['output_tok_s']:.2f}x"
                 if base[1] != date:
                     ratio += f" (bf16 of {base[1]})"
+                if cut:
+                    ratio += " (cut run)"
+            rate = f"{r['output_tok_s']:,.0f}"
+            if cut:
+                rate += (f" over the first {r['cut_after_s']:g} s "
+                         f"({r['completed']}/{r['requests']} done)")
             named = f" as {r['setting']}" if r["setting"] != s else ""
             out.append(
                 f"| {s} | {_num(r.get('kv_cache_tokens'), ',.0f')} "
-                f"| {r['output_tok_s']:,.0f} | {ratio} "
+                f"| {rate} | {ratio} "
                 f"| {_num(r.get('ttft_p50'), '.2f')}/{_num(r.get('ttft_p99'), '.2f')} "
                 f"| {_num(r.get('tpot_p50'), '.1f', 1e3)}/{_num(r.get('tpot_p99'), '.1f', 1e3)} "
                 f"| [{date}]({folder}/README.md){named} |")

@@ -139,3 +139,18 @@ def test_a_comma_list_of_cards_gives_a_section_each(tmp_path, capsys):
     h100, h200 = out.split("## H100")[1].split("## H200")
     assert "| 3,000 | 1.00x |" in h100 and "4,000" not in h100
     assert "| 4,000 | 1.00x |" in h200 and "3,000" not in h200
+
+
+def test_a_cut_run_fills_only_a_cell_no_whole_run_fills_and_says_so(tmp_path):
+    record(tmp_path, "2026-12-05-h200", "2026-12-05",
+           [row("bf16", 4000.0), row("fp8", 5000.0),
+            # cut by --timeout: no rate of its own
+            {"setting": "int4_per_token_head", "workload": "W4", "error": "timed out"}])
+    record(tmp_path, "2026-12-06-h200", "2026-12-06",
+           [row("fp8", 9000.0, completed=30, cut_after_s=420.0),
+            row("int4_per_token_head", 1000.0, completed=12, cut_after_s=420.0)])
+    lines = cells(side_by_side.newest(tmp_path, "H200", "2026-12-04"),
+                  ["fp8", "int4_per_token_head"])
+    assert "| 5,000 | 1.25x |" in lines["fp8"]  # the older whole run wins
+    assert ("| 1,000 over the first 420 s (12/256 done) | 0.25x (bf16 of 2026-12-05) (cut run) |"
+            in lines["int4_per_token_head"])
