@@ -29,6 +29,9 @@ from collections import defaultdict
 # First match wins: the order matters where names overlap (kvcomp's own
 # kernels before the generic "attention" patterns).
 FAMILIES = [
+    # H2O / A2SF's score accumulation, selection and compaction (the score kernel's name
+    # starts like the decode kernel's)
+    ("kvcomp eviction", r"_kvcomp_decode_scores|_kvcomp_select|_kvcomp_compact"),
     ("kvcomp decode", r"_kvcomp_decode|_decode_reduce|kvcomp.*decode"),
     ("kvcomp store", r"_kvcomp_store|kvcomp.*store"),
     ("kvcomp prefill", r"_kvcomp_prefill"),

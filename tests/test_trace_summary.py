@@ -47,3 +47,17 @@ def test_summary_of_a_trace(tmp_path):
                                 "ms_per_step": pytest.approx(0.040)}]
     md = to_markdown(s, "t")
     assert "| `schedule: allocate_slots` | 2 | 0.04 |" in md and "GPU busy 0.08 ms/step" in md
+
+
+def test_eviction_kernels_are_a_family_of_their_own(tmp_path):
+    """The score accumulation's kernel name starts like the decode kernel's; it and the
+    selection and compaction count as eviction, not as decode."""
+    names = ["_kvcomp_decode_kernel", "_kvcomp_decode_scores_kernel",
+             "_kvcomp_select_rows_kernel", "_kvcomp_compact_kernel"]
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": 10 * i, "dur": 10}
+              for i, n in enumerate(names)]
+    path = tmp_path / "t.pt.trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    fam = summarize(load_events(str(path)), steps=1)["families_ms_per_step"]
+    assert fam["kvcomp decode"] == pytest.approx(0.010)
+    assert fam["kvcomp eviction"] == pytest.approx(0.030)
