@@ -427,7 +427,8 @@ def print_tables(rows, device, workloads, kv_gib, fast_start, date):
             print(f"| {r['setting']} | {kvt} | {r['output_tok_s']:.0f} | {rel} | "
                   f"{r['ttft_p50']:.2f}/{r['ttft_p99']:.2f} | "
                   f"{_ms(r['tpot_p50'])}/{_ms(r['tpot_p99'])} | {r['completed']}/{r['requests']}"
-                  + (f" (cut at {r['cut_after_s']:g} s)" if r.get("cut_after_s") else "") + " |")
+                  + (f" (cut at {r['cut_after_s']:g} s)" if r["completed"] < r["requests"] else "")
+                  + " |")
 
 
 def merge(paths, order):
