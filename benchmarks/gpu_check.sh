@@ -24,10 +24,11 @@
 #      request by request, KVCOMP_EVICTION_BATCH=0);
 #   4b. (step "sweep", not by default) bench_decode_kernel.py --sweep for SWEEP_CONFIGS
 #      (default k4v4) at the first of DECODE_BATCHES x DECODE_CONTEXTS; SWEEP_ARGS adds flags;
-#   4c. (step "profile", not by default) PROFILE_SETTINGS (default kvcomp_k4v4_h2o2048 and
-#      kvcomp_k4v4) profiled for PROFILE_ITERS engine steps from step PROFILE_DELAY of a cut run of
-#      PROFILE_WORKLOAD (default W4), vLLM's default engine settings: GPU time per step by
-#      kernel family, eviction's kernels apart (trace_summary.py; the traces are not kept);
+#   4c. (step "profile", not by default) PROFILE_SETTINGS (a comma list, default
+#      kvcomp_k4v4_h2o2048,kvcomp_k4v4) profiled for PROFILE_ITERS (20) engine steps from step
+#      PROFILE_DELAY (2500) of a run of PROFILE_WORKLOAD (W4) cut PROFILE_CUT_AFTER (150) s in,
+#      vLLM's default engine settings: GPU time per step by kernel family, eviction's kernels
+#      apart (trace_summary.py; the traces are not kept);
 #   5. (step "capacity", not by default) the KV capacity vLLM logs at CAP_WORKLOAD's length
 #      (default C32K: max_model_len 32768) for CAP_SETTINGS, engines in fast start: the
 #      capacity is fixed when the KV cache is allocated, before torch.compile or graphs;
@@ -108,23 +109,24 @@ for step in $STEPS; do
       log "$step: $(grep -c '"output_tok_s"' "$RES/$step.json") runs" ;;
     profile)
       wait
-      # a window of PROFILE_ITERS engine steps, PROFILE_DELAY steps into PROFILE_WORKLOAD (default
-      # W4: 3000 steps, contexts ~3.5K, H2O 2048 evicting every step), for each of
-      # PROFILE_SETTINGS at vLLM's default engine settings, the run cut PROFILE_CUT_AFTER s in:
-      # GPU time per step by kernel family and the GPU's idle share (trace_summary.py)
-      for s in ${PROFILE_SETTINGS:-kvcomp_k4v4_h2o2048 kvcomp_k4v4}; do
+      # W4 from step 2500: contexts ~3K, every H2O request past its budget (an eviction step
+      # each engine step, a page moved every 128), so the window shows H2O's steady cost
+      pw=${PROFILE_WORKLOAD:-W4} pd=${PROFILE_DELAY:-2500} pi=${PROFILE_ITERS:-20}
+      ps=${PROFILE_SETTINGS:-kvcomp_k4v4_h2o2048,kvcomp_k4v4}
+      for s in ${ps//,/ }; do
+        rm -rf "$RES/profile/$s"
         VLLM_CUSTOM_SCOPES_FOR_PROFILING=1 \
         python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
-            --workload "${PROFILE_WORKLOAD:-W4}" --settings "$s" --profile "$RES/profile" \
-            --profile-delay "${PROFILE_DELAY:-3000}" --profile-iters "${PROFILE_ITERS:-20}" \
+            --workload "$pw" --settings "$s" --profile "$RES/profile" \
+            --profile-delay "$pd" --profile-iters "$pi" \
             --cut-after "${PROFILE_CUT_AFTER:-150}" --timeout 600 \
             --out "$RES/profile_$s.json" > "$RES/profile_$s.md" 2>&1
         t=$(ls "$RES/profile/$s"/*.pt.trace.json* 2>/dev/null | head -n 1)
-        [ -n "$t" ] && python3 benchmarks/trace_summary.py "$t" --steps "${PROFILE_ITERS:-20}" \
-            --title "$s, ${PROFILE_WORKLOAD:-W4} from step ${PROFILE_DELAY:-3000}" \
+        if [ -z "$t" ]; then log "profile $s: no trace (the run ended before step $pd?)"; continue; fi
+        python3 benchmarks/trace_summary.py "$t" --steps "$pi" --title "$s, $pw from step $pd" \
             --json "$RES/profile/$s/summary.json" >> "$RES/profile.md" 2>&1
         rm -f "$RES/profile/$s"/*.pt.trace.json*  # too big to bring back
-        log "profile $s: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print({k: round(v, 2) for k, v in d.items() if k.endswith("per_step") and not isinstance(v, dict)})' "$RES/profile/$s/summary.json" 2>&1 | cut -c1-200)"
+        log "profile $s: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print({k: round(v, 2) for k, v in d.items() if k.endswith("per_step") and not isinstance(v, dict)})' "$RES/profile/$s/summary.json" 2>&1 | tail -n 1 | cut -c1-200)"
       done ;;
     capacity)
       wait

@@ -7,9 +7,9 @@ named card with vLLM's default engine settings (runs with ``--fast-start``, ``--
 ``--capture-sizes``, ``--profile`` or ``--layers``, or another KV size or sequence cap, are
 left out), with the folder it came from. Where no complete run exists, the newest cut run
 (``bench_e2e.py --cut-after S``: output tok/s over its first S seconds) fills the cell, marked
-as such. It is not a whole run's rate: in W4, after a few seconds of prefill, steps grow
-slower as contexts grow, the pool fills and the last requests run at small batches, so a
-whole run's rate is lower.
+as such. It is not a whole run's rate: in W4, once the cut is well past the first seconds of
+prefill, a whole run's rate is usually lower, since its steps grow slower as contexts grow,
+the pool fills and the last requests run at small batches.
 
 A cell takes the run of any setting that started the same engine (``bench_e2e.
 engine_identity``: engine arguments, the kvcomp config with its defaults filled in, the
@@ -114,6 +114,8 @@ def render(table: dict, settings: list[str], workloads: list[str]) -> str:
                     ratio += f" (bf16 of {base[1]})"
                 if cut:
                     ratio += " (cut run)"
+                if base is not cell and base[2]["completed"] != base[2]["requests"]:
+                    ratio += " (bf16 cut)"
             rate = f"{r['output_tok_s']:,.0f}"
             if cut:
                 rate += (f" over the first {r['cut_after_s']:g} s "
@@ -146,8 +148,8 @@ def main(argv=None) -> None:
     if len(devices) > 1:
         print("# The all-format table, as the recorded runs have it\n\n"
               f"`python benchmarks/side_by_side.py {' '.join(argv or sys.argv[1:])}`; "
-              "\"not measured\": no complete run at vLLM's default engine settings on that "
-              "card yet.\n")
+              "\"not measured\": no complete or cut run at vLLM's default engine settings on "
+              "that card.\n")
     for device in devices:
         table = newest(a.results, device, a.since, a.kv_gib, a.max_num_seqs)
         if len(devices) > 1:
@@ -155,7 +157,8 @@ def main(argv=None) -> None:
         print(f"{device}, vLLM's default engine settings, {a.kv_gib:g} GiB of KV, "
               f"max_num_seqs {a.max_num_seqs}, runs since {a.since} (and later rows that record "
               "their engine); each cell the newest complete run of the engine the setting "
-              "starts, ratios against bf16 on the same card.\n")
+              "starts, else its newest cut run (marked), ratios against bf16 on the same "
+              "card.\n")
         print(render(table, a.settings.split(","), a.workloads.split(",")))
 
 

@@ -64,3 +64,15 @@ def test_the_deadline_aborts_what_still_runs_and_counts_what_was_made():
     assert tokens == [3, 3, 1, 1] and finished == {0, 1}
     assert sorted(eng.aborted) == ["2", "3"] and not eng.has_unfinished_requests()
     assert first[2] == 4.0 and 3 in last and secs == 4.0
+
+
+def test_the_table_marks_only_runs_the_deadline_cut(capsys):
+    from bench_e2e import print_tables
+
+    base = dict(workload="W4", requests=256, kv_cache_tokens=1000, ttft_p50=1.0, ttft_p99=2.0,
+                tpot_p50=0.02, tpot_p99=0.03, cut_after_s=420.0)
+    print_tables([dict(base, setting="bf16", output_tok_s=100.0, completed=256),
+                  dict(base, setting="fp8", output_tok_s=150.0, completed=40)],
+                 "H200", ["W4"], 54.3, False, "2026-12-05")
+    out = capsys.readouterr().out
+    assert "| 256/256 |" in out and "| 40/256 (cut at 420 s) |" in out

@@ -154,3 +154,11 @@ def test_a_cut_run_fills_only_a_cell_no_whole_run_fills_and_says_so(tmp_path):
     assert "| 5,000 | 1.25x |" in lines["fp8"]  # the older whole run wins
     assert ("| 1,000 over the first 420 s (12/256 done) | 0.25x (bf16 of 2026-12-05) (cut run) |"
             in lines["int4_per_token_head"])
+
+
+def test_a_ratio_against_a_cut_bf16_says_so(tmp_path):
+    record(tmp_path, "2026-12-05-h200", "2026-12-05",
+           [row("bf16", 2000.0, completed=100, cut_after_s=420.0), row("kvcomp_k4v4", 8000.0)])
+    lines = cells(side_by_side.newest(tmp_path, "H200", "2026-12-04"), ["bf16", "kvcomp_k4v4"])
+    assert "| 4.00x (bf16 cut) |" in lines["kvcomp_k4v4"]
+    assert "| 1.00x (cut run) |" in lines["bf16"]
