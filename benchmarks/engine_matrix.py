@@ -76,6 +76,8 @@ SETTINGS = [
     # its residual write after the attention; the longer prompts' chunks outrun the ring
     ("k4v4_ring", "d128", "bfloat16", {"k_bits": 4, "v_bits": 4, "residual_ring": True}),
     ("k2v2_ring", "d256", "float16", {"k_bits": 2, "v_bits": 2, "residual_ring": True}),
+    ("k4v2_g32_ring", "d128", "bfloat16",
+     {"k_bits": 4, "v_bits": 2, "group_size": 32, "residual_ring": True}),
     # opt-in: the ring in float8 e4m3 (residual_dtype), the capacity bar's setting
     ("k4v4_ring_fp8", "d128", "bfloat16",
      {"k_bits": 4, "v_bits": 4, "residual_ring": True, "residual_dtype": "fp8_e4m3"}),

@@ -10,6 +10,8 @@ repeat one ring of pages per request, as ``KvcompRingWindowManager``'s do.
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import torch
 
@@ -97,34 +99,6 @@ def manager_on_pool(spec, num_blocks: int, max_in_flight_tokens: int = 512,
 
 # ------------------------------------------------------------------ capacity
 
-# (layers, KV heads, KV memory): the CPU demo's tiny Llama on 1 GiB, and
-# Llama-3.1-8B's shape on an H100's 54.3 GiB of KV
-CAPACITY_SHAPES = {"tiny": (4, 2, 1 << 30), "llama8b": (32, 8, int(54.3 * (1 << 30)))}
-
-
-def shape_specs(cfg: KvcompConfig | None, layers: int, heads: int, steps: int) -> dict:
-    """Per-layer KV cache specs of a model shape (head size 128, 128-token
-    pages, bf16): vLLM's full-attention spec where ``cfg`` is None, else the
-    packed spec and its window sub-layer for ``steps`` unsettled steps."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-    from vllm_kvcomp.residual_layer import packed_spec, residual_spec
-
-    if cfg is None:
-        return {f"l.{i}": FullAttentionSpec(block_size=128, num_kv_heads=heads, head_size=128,
-                                            dtype=torch.bfloat16) for i in range(layers)}
-    packed = packed_spec(cfg, 128, heads, 128, torch.bfloat16)
-    res = residual_spec(packed, steps)
-    specs = {}
-    for i in range(layers):
-        specs[f"l.{i}"] = packed
-        specs[f"l.{i}.kvcomp_residual"] = res
-    return specs
-
-
-def reported_tokens(vc, specs: dict, memory: int) -> int:
-    """The capacity vLLM reports (``get_kv_cache_capacity``, behind its "GPU
-    KV cache size" log line) for ``specs`` on ``memory`` bytes."""
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity, get_kv_cache_configs
-
-    return get_kv_cache_capacity(vc, get_kv_cache_configs(vc, [specs], [memory])[0])[0]
+# the capacity vLLM reports for a shape's specs: one computation for the tests and the tool
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from quality.capacity import CAPACITY_SHAPES, reported_tokens, shape_specs  # noqa: E402,F401
