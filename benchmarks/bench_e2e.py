@@ -156,7 +156,8 @@ SETTINGS = {
     "kvcomp_k4v2_g32": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 2, "group_size": 32}}},
     # the same with its 128..159-token window as a ring: 3.56x bf16's KV tokens at 4096
-    # against 2.78x by position, the same tokens attended (quality/results/...-k4v2-window)
+    # against 2.78x by position, the same tokens attended
+    # (quality/results/2026-12-05-cpu-6m-k4v2-window)
     "kvcomp_k4v2_g32_ring": {"attention_backend": "kvcomp", "additional_config": {
         "kvcomp": {"k_bits": 4, "v_bits": 2, "group_size": 32, "residual_ring": True}}},
     # the quality-recommended 2-bit setting (KIVI: 32-token key groups, 32-channel value

@@ -8,6 +8,8 @@ the third digit; the 8B shape's matches what GPU engines log (k4v4's 1,531,060 t
 
     python -m quality.capacity --settings kvcomp_k4v2_r128_channel_g32_ring [--max-model-len 4096]
 
+(``--max-model-len`` up to 65536, the tiny Llama's positions.)
+
 Settings are the quality harness's names (``quality.evaluate``), so a grid's capacity and
 its quality are of the same settings.
 """
@@ -37,11 +39,13 @@ def shape_specs(cfg, layers: int, heads: int, steps: int) -> dict:
         return {f"l.{i}": FullAttentionSpec(block_size=128, num_kv_heads=heads, head_size=128,
                                             dtype=torch.bfloat16) for i in range(layers)}
     packed = packed_spec(cfg, 128, heads, 128, torch.bfloat16)
-    res = residual_spec(packed, steps)
+    # the backend registers the window's sub-layer only for a setting that has a window
+    res = residual_spec(packed, steps) if cfg.needs_residual_cache else None
     specs = {}
     for i in range(layers):
         specs[f"l.{i}"] = packed
-        specs[f"l.{i}.kvcomp_residual"] = res
+        if res is not None:
+            specs[f"l.{i}.kvcomp_residual"] = res
     return specs
 
 
@@ -53,20 +57,25 @@ def reported_tokens(vc, specs: dict, memory: int) -> int:
     return get_kv_cache_capacity(vc, get_kv_cache_configs(vc, [specs], [memory])[0])[0]
 
 
-def capacity_rows(names: list[str], max_model_len: int) -> list[dict]:
-    """For each harness setting name: its KV tokens and ratio to bf16 on each shape."""
+def capacity_rows(names: list[str], max_model_len: int, model: str | None = None) -> list[dict]:
+    """For each harness setting name (``quality.evaluate``'s aliases resolved: ``kvcomp_k4v4``
+    is the harness's 128-token window by position, not the backend's k4v4 default): its KV
+    tokens and ratio to bf16 on each shape. ``model``: a tiny Llama's folder (one is made in
+    the temp dir without it), whose config sets vLLM's engine config."""
     from vllm.engine.arg_utils import EngineArgs
 
     import vllm_kvcomp
-    from quality.evaluate import ALIASES, settings_for
+    from quality.evaluate import select_settings, settings_for
     from vllm_kvcomp.config import KvcompConfig
     from vllm_kvcomp.tiny_model import make_tiny_llama
 
     vllm_kvcomp.register()
-    model = make_tiny_llama(os.path.join(tempfile.gettempdir(), "kvcomp-capacity-tiny"))
+    if model is None:
+        model = make_tiny_llama(os.path.join(tempfile.gettempdir(), "kvcomp-capacity-tiny"))
     vc = EngineArgs(model=model, max_model_len=max_model_len, block_size=128,
                     max_num_batched_tokens=max(8192, max_model_len)).create_engine_config()
-    names = [ALIASES.get(n, n) for n in names]
+    # the harness's checks and names (it adds its baseline, which has no kvcomp setting)
+    names = [n for n in select_settings(",".join(names), quick=False) if n != "baseline"]
     catalogue = settings_for(names)
     bf16 = {s: reported_tokens(vc, shape_specs(None, layers, heads, 2), memory)
             for s, (layers, heads, memory) in CAPACITY_SHAPES.items()}
@@ -75,8 +84,15 @@ def capacity_rows(names: list[str], max_model_len: int) -> list[dict]:
         kv = catalogue[name].get("kvcomp")
         if kv is None:
             raise SystemExit(f"{name}: not a kvcomp setting")
+        # a head map's streaming sub-layer and the policies' freed pages are not modelled
+        unmodelled = [k for k in ("head_map", "eviction", "quest") if kv.get(k) is not None]
+        if unmodelled:
+            raise SystemExit(f"{name}: capacity with {', '.join(unmodelled)} is not modelled "
+                             "here (start an engine: its log line says it)")
         cfg = KvcompConfig(**kv)
-        row = {"setting": name, "window": f"{cfg.residual_tokens}..{cfg.residual_window}"}
+        window = (f"{cfg.residual_tokens}..{cfg.residual_window}" if cfg.needs_residual_cache
+                  else "none")
+        row = {"setting": name, "window": window}
         for s, (layers, heads, memory) in CAPACITY_SHAPES.items():
             row[s] = reported_tokens(vc, shape_specs(cfg, layers, heads, 2), memory)
             row[f"{s}_x"] = row[s] / bf16[s]
