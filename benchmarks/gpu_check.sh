@@ -64,6 +64,10 @@ rm -rf /tmp/job && mkdir /tmp/job && cp -r . /tmp/job && cd /tmp/job
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$RES/check.log"
 bash scripts/install_gpu_device.sh >> "$RES/check.log" 2>&1 || { log "install failed"; exit 1; }
 log "steps: ${STEPS:=tests matrix e2e}"
+# every end-to-end engine of the job: the same model, sequence cap and KV memory (the
+# all-format table takes runs of this cap and KV size only)
+bench_e2e=(python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512
+           --kv-gib "${KV_GIB:-54.3}")
 # steps run in the order given (the kernel tests beside the next step): a run that may be cut
 # short names the step it needs most first
 for step in $STEPS; do
@@ -101,7 +105,7 @@ for step in $STEPS; do
       if [ $step = e2e ]; then
         w=${E2E_WORKLOADS:-W1,W2} s=${E2E_SETTINGS:-kvcomp_k4v4,bf16} c=${E2E_CUT_AFTER:-}
       else w=${E2E2_WORKLOADS:-W4} s=${E2E2_SETTINGS:-kvcomp_k4v4} c=${E2E2_CUT_AFTER:-}; fi
-      python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
+      "${bench_e2e[@]}" \
           --workload "$w" --settings "$s" \
           --timeout "${E2E_TIMEOUT:-900}" --gpus "${E2E_GPUS:-1}" \
           ${c:+--cut-after "$c"} \
@@ -116,7 +120,7 @@ for step in $STEPS; do
       for s in ${ps//,/ }; do
         rm -rf "$RES/profile/$s"
         VLLM_CUSTOM_SCOPES_FOR_PROFILING=1 \
-        python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
+        "${bench_e2e[@]}" \
             --workload "$pw" --settings "$s" --profile "$RES/profile" \
             --profile-delay "$pd" --profile-iters "$pi" \
             --cut-after "${PROFILE_CUT_AFTER:-150}" --timeout 600 \
@@ -130,7 +134,7 @@ for step in $STEPS; do
       done ;;
     capacity)
       wait
-      python3 benchmarks/bench_e2e.py --model /tmp/l32 --max-num-seqs 512 --kv-gib "${KV_GIB:-54.3}" \
+      "${bench_e2e[@]}" \
           --workload "${CAP_WORKLOAD:-C32K}" --fast-start \
           --settings "${CAP_SETTINGS:-kvcomp_k4v4,kvcomp_k4v4_split50}" --timeout 600 \
           --out "$RES/capacity.json" > "$RES/capacity.md" 2>&1

@@ -62,6 +62,11 @@ def default_runs(results: Path, device: str, kv_gib: float, max_num_seqs: int):
             yield path.parent.name, run["date"], run
 
 
+def _whole(row: dict) -> bool:
+    """Whether every request of ``row``'s run finished (else it was cut)."""
+    return row.get("completed") == row.get("requests")
+
+
 def newest(results: Path, device: str, since: str, kv_gib: float = 54.3,
            max_num_seqs: int = 512) -> dict:
     """{(engine identity, workload): (folder, date, row)}: the newest complete run of
@@ -70,7 +75,7 @@ def newest(results: Path, device: str, since: str, kv_gib: float = 54.3,
     found = []
     for folder, date, run in default_runs(results, device, kv_gib, max_num_seqs):
         for row in run["rows"]:
-            whole = row.get("completed") == row.get("requests")
+            whole = _whole(row)
             # a run stopped at its deadline (bench_e2e.py --cut-after) fills a cell
             # that no whole run fills; one cut by --timeout tells no rate
             if not row.get("output_tok_s") or not (whole or row.get("cut_after_s")):
@@ -106,7 +111,7 @@ def render(table: dict, settings: list[str], workloads: list[str]) -> str:
                 out.append(f"| {s} | | not measured | | | | |")
                 continue
             folder, date, r = cell
-            cut = r["completed"] != r["requests"]
+            cut = not _whole(r)
             ratio = ""
             if base is not None:
                 ratio = f"{r['output_tok_s'] / base[2]['output_tok_s']:.2f}x"
@@ -114,7 +119,7 @@ def render(table: dict, settings: list[str], workloads: list[str]) -> str:
                     ratio += f" (bf16 of {base[1]})"
                 if cut:
                     ratio += " (cut run)"
-                if base is not cell and base[2]["completed"] != base[2]["requests"]:
+                if base is not cell and not _whole(base[2]):
                     ratio += " (bf16 cut)"
             rate = f"{r['output_tok_s']:,.0f}"
             if cut:

@@ -57,6 +57,13 @@ def reported_tokens(vc, specs: dict, memory: int) -> int:
     return get_kv_cache_capacity(vc, get_kv_cache_configs(vc, [specs], [memory])[0])[0]
 
 
+def capacity_of(vc, cfg) -> dict:
+    """{shape: the KV tokens vLLM reports} for ``cfg`` (None: vLLM's bf16 cache) on each of
+    ``CAPACITY_SHAPES``, under the engine config ``vc``."""
+    return {s: reported_tokens(vc, shape_specs(cfg, layers, heads, 2), memory)
+            for s, (layers, heads, memory) in CAPACITY_SHAPES.items()}
+
+
 def capacity_rows(names: list[str], max_model_len: int, model: str | None = None) -> list[dict]:
     """For each harness setting name (``quality.evaluate``'s aliases resolved: ``kvcomp_k4v4``
     is the harness's 128-token window by position, not the backend's k4v4 default): its KV
@@ -77,8 +84,7 @@ def capacity_rows(names: list[str], max_model_len: int, model: str | None = None
     # the harness's checks and names (it adds its baseline, which has no kvcomp setting)
     names = [n for n in select_settings(",".join(names), quick=False) if n != "baseline"]
     catalogue = settings_for(names)
-    bf16 = {s: reported_tokens(vc, shape_specs(None, layers, heads, 2), memory)
-            for s, (layers, heads, memory) in CAPACITY_SHAPES.items()}
+    bf16 = capacity_of(vc, None)
     rows = []
     for name in names:
         kv = catalogue[name].get("kvcomp")
@@ -92,10 +98,8 @@ def capacity_rows(names: list[str], max_model_len: int, model: str | None = None
         cfg = KvcompConfig(**kv)
         window = (f"{cfg.residual_tokens}..{cfg.residual_window}" if cfg.needs_residual_cache
                   else "none")
-        row = {"setting": name, "window": window}
-        for s, (layers, heads, memory) in CAPACITY_SHAPES.items():
-            row[s] = reported_tokens(vc, shape_specs(cfg, layers, heads, 2), memory)
-            row[f"{s}_x"] = row[s] / bf16[s]
+        row = {"setting": name, "window": window, **capacity_of(vc, cfg)}
+        row.update({f"{s}_x": row[s] / bf16[s] for s in CAPACITY_SHAPES})
         rows.append(row)
     return rows
 

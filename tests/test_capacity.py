@@ -185,7 +185,7 @@ def test_k4v2_with_its_window_as_a_ring_holds_more_than_the_k4v4_default(tiny_ll
     groups, KIVI's 128..159-token window held as a ring) holds more tokens at max_model_len
     4096 than the k4v4 default, on both shapes (``quality.capacity``, the tool its numbers
     come from); by position it holds fewer."""
-    from quality.capacity import capacity_rows
+    from quality.capacity import capacity_of, capacity_rows
 
     rows = {r["setting"]: r for r in capacity_rows(
         ["kvcomp_k4v2_r128_channel_g32_ring", "kvcomp_k4v2_r128_channel_g32"], 4096,
@@ -193,10 +193,9 @@ def test_k4v2_with_its_window_as_a_ring_holds_more_than_the_k4v4_default(tiny_ll
     ring = rows["kvcomp_k4v2_r128_channel_g32_ring"]
     by_position = rows["kvcomp_k4v2_r128_channel_g32"]
     vc = _vllm_config(tiny_llama, 4096)
-    for shape, (layers, heads, memory) in CAPACITY_SHAPES.items():
-        default = (reported_tokens(vc, shape_specs(KvcompConfig(k_bits=4, v_bits=4), layers,
-                                                   heads, 2), memory)
-                   / reported_tokens(vc, shape_specs(None, layers, heads, 2), memory))
+    bf16, k4v4 = capacity_of(vc, None), capacity_of(vc, KvcompConfig(k_bits=4, v_bits=4))
+    for shape in CAPACITY_SHAPES:
+        default = k4v4[shape] / bf16[shape]
         assert ring[f"{shape}_x"] == pytest.approx(3.556, abs=1e-3)
         assert ring[f"{shape}_x"] > default + 0.1
         assert by_position[f"{shape}_x"] < 3.0
