@@ -18,7 +18,7 @@ to its full output length):
     W1p: W1's prompts with one output token (its prefill time alone)
 Reports KV capacity (vLLM's log line), output tok/s, TTFT and TPOT p50/p99.
 ``--cut-after S`` stops each workload S seconds after it starts and aborts what still runs
-(a cut run, for a format too slow to finish W4 within a GPU session): its rows report the
+(a cut run, for a format too slow to run W4 whole on a time-limited GPU): its rows report the
 tokens made in those S seconds, the requests done and ``cut_after_s``.
 
 ``--kv-gib`` gives every format the same KV cache memory (vLLM's
@@ -278,7 +278,7 @@ def generate_until(engine, prompts, params, deadline_s: float, clock=time.perf_c
     """Serve ``prompts`` on ``engine`` (vLLM's ``LLMEngine``, ``params`` with
     ``RequestOutputKind.DELTA``) step by step until every request has finished or
     ``deadline_s`` seconds have passed, then abort the rest: a workload too long
-    for a GPU session still tells how fast its first ``deadline_s`` seconds went.
+    to run whole still tells how fast its first ``deadline_s`` seconds went.
     -> (tokens, first, last, finished, seconds): output tokens per request, when
     (seconds from the start, at the end of the engine step that made them) each
     request's first and last tokens came, the finished requests' indices."""
@@ -550,8 +550,8 @@ def main():
     ap.add_argument("--cut-after", type=float, default=None, metavar="S",
                     help="stop each workload S seconds after its first request and abort "
                          "the rest (a cut run: output tok/s over those S seconds, the "
-                         "requests done by then); for a workload longer than a GPU "
-                         "session allows. --timeout still bounds the whole process")
+                         "requests done by then); for a workload longer than the GPU time "
+                         "at hand. --timeout still bounds the whole process")
     ap.add_argument("--gpus", type=int, default=1,
                     help="run up to this many settings at once, one GPU each (a multi-GPU "
                          "host); 1: one after another on the visible device")
